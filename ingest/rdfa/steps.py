@@ -1,0 +1,218 @@
+"""The step functions of shared/RDFA.md, vectorized over prompts, positions and features.
+
+Each returns an EdgeTable of kept edges (pruned per target) and, per target, the sum of what was
+kept, so the caller can add the bias and REST edges that make every node's inputs sum to its
+pre-activation. Python loops run over layers and memory chunks only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning, SourceRows
+from ingest.rdfa.types import SaeWeights
+
+CHUNK_ELEMENTS = 1 << 24  # floats per intermediate block (64 MB in float32)
+
+
+def active_set(sae: SaeWeights, x: torch.Tensor, valid: torch.Tensor) -> ActiveSet:
+    """Encode ``x`` [B, T, d_in]; keep the nonzero features of each valid position, padded to K."""
+    pre = sae.pre_activation(x)
+    act = sae.activation(pre) * valid[..., None]
+    K = max(1, int((act != 0).sum(-1).max()))
+    top, idx = act.abs().topk(K, dim=-1)
+    mask = top > 0
+    return ActiveSet(idx * mask, act.gather(-1, idx) * mask, pre.gather(-1, idx), mask)
+
+
+def center(v: torch.Tensor) -> torch.Tensor:
+    """LayerNorm's centering over the last (d_model) axis."""
+    return v - v.mean(-1, keepdim=True)
+
+
+def resid_sae_rows(sae: SaeWeights, x: torch.Tensor, active: ActiveSet, valid: torch.Tensor) -> SourceRows:
+    """Step 2's sources at every position: x = sum_j a_j W_dec[j] + b_dec + error, as rows [B,T,K+2,d]."""
+    B, T, K = active.index.shape
+    feats = active.act[..., None] * sae.W_dec[active.index]  # [B,T,K,d]
+    bias = sae.b_dec.expand(B, T, -1)
+    err = x - feats.sum(2) - bias
+    vec = torch.cat([feats, err[:, :, None], bias[:, :, None]], dim=2)
+    dev = x.device
+    code = torch.tensor([Code.RESID] * K + [Code.ERR_R, Code.BIAS_R], device=dev)
+    layer = torch.full((K + 2,), sae.layer, device=dev)
+    index = torch.cat([active.index, torch.full((B, T, 2), -1, device=dev)], dim=2)
+    ok = torch.cat([active.mask, valid[..., None].expand(B, T, 2)], dim=2)
+    return SourceRows(vec, code, layer, index, ok)
+
+
+def _causal_ok(T_dst: torch.Tensor, S: int) -> torch.Tensor:
+    """[Tc, S] True where source position s <= destination t."""
+    return torch.arange(S, device=T_dst.device)[None, :] <= T_dst[:, None]
+
+
+def _select(score: torch.Tensor, pruning: Pruning) -> torch.Tensor:
+    """Boolean keep-mask over the last axis of ``score`` (|value|, -1 where invalid)."""
+    keep = score >= max(pruning.min_abs, 0.0)
+    if pruning.top_k is not None and pruning.top_k < score.shape[-1]:
+        thresh = score.topk(pruning.top_k, dim=-1).values[..., -1:]
+        keep &= score >= thresh
+        # ties at the threshold may keep more than k; break them by position in the candidate list
+        keep &= keep.cumsum(-1) <= pruning.top_k
+    return keep
+
+
+def attn_in(rows: SourceRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
+            sae: SaeWeights, targets: ActiveSet, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 2: per-head edges from every source row at every s <= t into every active feature at t.
+
+    value[b,t,k,h,s,r] = A[b,h,t,s] * (center(vec[b,s,r]) / sigma[b,s]) W_V[h] . W_enc[h-slice, f]
+    Returns kept edges and the kept sum per target [B, T, K].
+    """
+    B, T, K = targets.index.shape
+    H, d, dh = W_V.shape
+    R = rows.vec.shape[2]
+    P = torch.einsum("bsrd,hde->bhsre", center(rows.vec) / sigma[:, :, None, None], W_V)  # [B,H,S,R,dh]
+    E = sae.W_enc.view(H, dh, -1)[:, :, targets.index].permute(2, 0, 3, 4, 1)  # [B,H,T,K,dh]
+    kept_sum = torch.zeros(B, T, K, device=W_V.device)
+    tables = []
+    tc = max(1, CHUNK_ELEMENTS // max(1, B * H * K * T * R))
+    for t0 in range(0, T, tc):
+        t1 = min(T, t0 + tc)
+        S = t1  # causal: no source after the chunk's last destination
+        Y = E[:, :, t0:t1].reshape(B, H, (t1 - t0) * K, dh) @ P[:, :, :S].reshape(B, H, S * R, dh).transpose(-1, -2)
+        Y = Y.view(B, H, t1 - t0, K, S, R) * pattern[:, :, t0:t1, None, :S, None]
+        ok = (targets.mask[:, None, t0:t1, :, None, None] & rows.valid[:, None, None, None, :S, :]
+              & _causal_ok(torch.arange(t0, t1, device=Y.device), S)[None, None, :, None, :, None])
+        value = Y.permute(0, 2, 3, 1, 4, 5).reshape(B, t1 - t0, K, H * S * R)
+        okf = ok.expand(B, H, t1 - t0, K, S, R).permute(0, 2, 3, 1, 4, 5).reshape(B, t1 - t0, K, H * S * R)
+        keep = _select(torch.where(okf, value.abs(), -1.0), pruning)
+        kept_sum[:, t0:t1] = (value * keep).sum(-1)
+        b, tt, k, flat = keep.nonzero(as_tuple=True)
+        h, rest = flat // (S * R), flat % (S * R)
+        s, r = rest // R, rest % R
+        t = tt + t0
+        tables.append(_edges(b, rows, s, r, Code.ATTN, sae.layer, targets.index[b, t, k], t, h,
+                             value[b, tt, k, flat], EdgeKind.ATTN_IN))
+    return EdgeTable.cat(tables), kept_sum
+
+
+def _edges(b, rows: SourceRows, s, r, dst_code, dst_layer, dst_index, dst_pos, head, value, kind) -> EdgeTable:
+    n = b.shape[0]
+    full = lambda v: torch.full((n,), int(v), device=b.device, dtype=torch.long)  # noqa: E731
+    return EdgeTable(b, rows.code[r], rows.layer[r], rows.index[b, s, r], s, full(dst_code), full(dst_layer),
+                     dst_index, dst_pos, head, value, full(kind))
+
+
+def component_rows(cap, weights, attn_saes: dict[int, tuple[SaeWeights, ActiveSet]], n_layers: int
+                   ) -> tuple[SourceRows, list[int]]:
+    """Steps 3-4's sources at every position, ordered EMB, POS, then per layer l its attention
+    output (features c_k W_dec[k] W_O, error, bias b_dec W_O + b_O; or the whole output when layer l
+    has no attention SAE) and its MLP output. ``ends[L]`` is the row count of layers < L, so
+    ``rows.prefix(ends[L])`` sums to resid_pre of layer L at every position.
+    """
+    B, T, d = cap.embed.shape
+    dev = cap.embed.device
+    vecs, codes, layers, indices, oks = [cap.embed[:, :, None], cap.pos_embed[:, :, None]], [Code.EMB, Code.POS], [-1, -1], [], []
+    none = torch.full((B, T, 1), -1, device=dev)
+    valid = cap.valid[..., None]
+    indices += [none, none]
+    oks += [valid, valid]
+    ends = [2]
+    for l in range(n_layers):
+        W_O = weights.W_O[l].reshape(-1, d)  # [H*dh, d]
+        if l in attn_saes:
+            sae, act = attn_saes[l]
+            feats_z = act.act[..., None] * sae.W_dec[act.index]  # [B,T,K,H*dh]
+            z = cap.z[l].flatten(-2)
+            err_z = z - feats_z.sum(2) - sae.b_dec
+            vecs += [feats_z @ W_O, (err_z @ W_O)[:, :, None], (sae.b_dec @ W_O + weights.b_O[l]).expand(B, T, 1, d)]
+            codes += [Code.ATTN] * act.K + [Code.ERR_A, Code.BIAS_A]
+            layers += [l] * (act.K + 2)
+            indices += [act.index, none, none]
+            oks += [act.mask, valid, valid]
+        else:
+            vecs.append(cap.attn_out[l][:, :, None])
+            codes.append(Code.ATTN_OUT)
+            layers.append(l)
+            indices.append(none)
+            oks.append(valid)
+        vecs.append(cap.mlp_out[l][:, :, None])
+        codes.append(Code.MLP)
+        layers.append(l)
+        indices.append(none)
+        oks.append(valid)
+        ends.append(len(codes))
+    rows = SourceRows(torch.cat(vecs, 2), torch.tensor([int(c) for c in codes], device=dev),
+                      torch.tensor(layers, device=dev), torch.cat(indices, 2), torch.cat(oks, 2))
+    return rows, ends
+
+
+def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pruning
+             ) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 4: edges into every active residual feature j at s from the rows at s.
+
+    value[b,s,k,r] = vec[b,s,r] . W_enc[:, j]. Returns kept edges and the kept sum per target [B,T,K].
+    """
+    B, T, K = targets.index.shape
+    R = rows.vec.shape[2]
+    enc = sae.W_enc.T[targets.index]  # [B,T,K,d]
+    value = enc @ rows.vec.transpose(-1, -2)  # [B,T,K,R]
+    ok = targets.mask[..., None] & rows.valid[:, :, None, :]
+    keep = _select(torch.where(ok, value.abs(), -1.0), pruning)
+    b, s, k, r = keep.nonzero(as_tuple=True)
+    table = _edges(b, rows, s, r, Code.RESID, sae.layer, targets.index[b, s, k], s,
+                   torch.full_like(b, -1), value[b, s, k, r], EdgeKind.RESID_IN)
+    return table, (value * keep).sum(-1)
+
+
+def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Tensor, W_V, b_V,
+           sae: SaeWeights, tb: torch.Tensor, tt: torch.Tensor, tf: torch.Tensor, pruning: Pruning
+           ) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 5: per-head direct edges from upstream components (rows, no residual SAE) into the
+    attention features (tb, tt, tf) [N] = (prompt, position, feature).
+
+    Sources are taken through the top ``pruning.direct_positions`` (s, h) pairs of each target by
+    step-1 DFA, A[h,t,s] v[s,h] . W_enc[h,:,f] (all pairs when None: exact).
+    value = A[b,h,t,s] / sigma[b,s] * vec[b,s,r] . center(W_V[h] W_enc[h-slice, f]).
+    Returns kept edges and the kept sum per target [N].
+    """
+    H, d, dh = W_V.shape
+    B, S, R, _ = rows.vec.shape
+    N = tb.shape[0]
+    E = sae.W_enc.view(H, dh, -1)[:, :, tf].permute(2, 0, 1)  # [N,H,dh]
+    v = torch.einsum("bsd,hde->bshe", center(cap_resid) / sigma[..., None], W_V) + b_V  # [B,S,H,dh]
+    n_pairs = S * H if pruning.direct_positions is None else min(S * H, pruning.direct_positions)
+    kept_sum = torch.zeros(N, device=W_V.device)
+    tables = []
+    chunk = max(1, CHUNK_ELEMENTS // max(1, n_pairs * R * d + S * H * dh))
+    for n0 in range(0, N, chunk):
+        sl = slice(n0, min(N, n0 + chunk))
+        b, t, f, e = tb[sl], tt[sl], tf[sl], E[sl]
+        A = pattern[b, :, t, :]  # [n,H,S]
+        dfa = torch.einsum("nshe,nhe->nhs", v[b], e) * A
+        causal = torch.arange(S, device=b.device)[None, None, :] <= t[:, None, None]
+        score = torch.where(causal & rows.valid[b, :, 0][:, None, :], dfa.abs(), -1.0).reshape(len(b), H * S)
+        pairs = score.topk(n_pairs, dim=-1).indices  # [n,P]
+        h, s = pairs // S, pairs % S
+        Q = center(torch.einsum("hde,nhe->nhd", W_V, e))  # [n,H,d]
+        q = Q.gather(1, h[..., None].expand(-1, -1, d))  # [n,P,d]
+        vec = rows.vec[b[:, None], s]  # [n,P,R,d]
+        scale = A[torch.arange(len(b), device=b.device)[:, None], h, s]  # [n,P]
+        value = (vec @ q[..., None]).squeeze(-1) * (scale / sigma[b[:, None], s])[..., None]  # [n,P,R]
+        ok = rows.valid[b[:, None], s] & (s <= t[:, None])[..., None]
+        flat = value.reshape(len(b), -1)
+        keep = _select(torch.where(ok.reshape(len(b), -1), flat.abs(), -1.0), pruning)
+        kept_sum[sl] = (flat * keep).sum(-1)
+        n, j = keep.nonzero(as_tuple=True)
+        p, r = j // R, j % R
+        bn, sn = b[n], s[n, p]
+        tables.append(_edges(bn, rows, sn, r, Code.ATTN, sae.layer, f[n], t[n], h[n, p], flat[n, j],
+                             EdgeKind.DIRECT))
+    return EdgeTable.cat(tables), kept_sum
+
+
+def attn_constant(sae: SaeWeights, b_V: torch.Tensor) -> torch.Tensor:
+    """Step 1's bias node: b_enc - b_dec.W_enc plus the b_V term (zero once b_V is folded), [d_sae]."""
+    H, dh = b_V.shape
+    return sae.encoder_constant() + torch.einsum("he,hef->f", b_V, sae.W_enc.view(H, dh, -1))
+

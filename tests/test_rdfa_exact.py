@@ -1,0 +1,240 @@
+"""Every RDFA edge equals gradient x input of its target's pre-activation (patterns and LN
+scales frozen) computed through TransformerLens's forward pass; every node's inputs sum to its
+pre-activation; per-head pieces sum to per-source totals."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from frozen import frozen_forward, grad_x_input
+from ingest.forward import capture, hook_names, weights_of
+from ingest.rdfa.graph import full_graph
+from ingest.rdfa.tensors import Code, EdgeKind, Pruning
+from tiny import random_saes, tiny_model
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = tiny_model(0)
+    attn, resid = random_saes(model, jump_layers=(1,))
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 8))
+    lengths = torch.tensor([8, 6])
+    _, cap = capture(model, tokens, lengths)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hook_names(model.cfg.n_layers))
+    graph = full_graph(cap, weights_of(model), attn, resid, Pruning())
+    return model, attn, resid, tokens, lengths, cache, graph
+
+
+def _edge_dict(table, kind):
+    out = {}
+    for i in torch.nonzero(table.kind == kind).flatten().tolist():
+        key = tuple(int(getattr(table, c)[i]) for c in table.COLUMNS if c not in ("value", "kind"))
+        assert key not in out, f"duplicate edge {key}"
+        out[key] = float(table.value[i])
+    return out
+
+
+def _leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def _attn_leaves(model, attn, cache, layers):
+    """hook_z of each layer in ``layers`` rebuilt from leaf feature activations, error and b_dec."""
+    leaves, repl = {}, {}
+    for l in layers:
+        sae = attn[l]
+        z = cache[f"blocks.{l}.attn.hook_z"]
+        acts = sae.activation(sae.pre_activation(z.flatten(-2)))
+        err = z.flatten(-2) - sae.decode(acts)
+        leaves[f"a{l}"], leaves[f"ea{l}"], leaves[f"ba{l}"] = _leaf(acts), _leaf(err), _leaf(sae.b_dec)
+        leaves[f"bo{l}"] = _leaf(model.blocks[l].attn.b_O)
+        repl[f"blocks.{l}.attn.hook_z"] = (leaves[f"a{l}"] @ sae.W_dec + leaves[f"ba{l}"] + leaves[f"ea{l}"]).view_as(z)
+    return leaves, repl
+
+
+def _component_leaves(model, attn, cache, upto):
+    """Leaves for every direct-path source of resid_pre[upto]: EMB, POS, attention parts, MLP outputs."""
+    leaves, repl = _attn_leaves(model, attn, cache, range(upto))
+    for name in ("hook_embed", "hook_pos_embed"):
+        leaves[name] = _leaf(cache[name])
+        repl[name] = leaves[name]
+    for l in range(upto):
+        leaves[f"m{l}"] = _leaf(cache[f"blocks.{l}.hook_mlp_out"])
+        repl[f"blocks.{l}.hook_mlp_out"] = leaves[f"m{l}"]
+    return leaves, repl
+
+
+def _with_b_o(model, leaves, repl, layers, fn):
+    """Run ``fn`` with each layer's b_O swapped for its leaf so its grad x input is measurable."""
+    saved = {l: model.blocks[l].attn.b_O for l in layers}
+    try:
+        for l in layers:
+            model.blocks[l].attn.b_O = torch.nn.Parameter(leaves[f"bo{l}"], requires_grad=True)
+            leaves[f"bo{l}"] = model.blocks[l].attn.b_O
+        return fn()
+    finally:
+        for l, p in saved.items():
+            model.blocks[l].attn.b_O = p
+
+
+def _component_expect(gx, b, s, upto):
+    """Map gradient x input of component leaves to (src_code, src_layer, src_index, src_pos) values at s."""
+    out = {(Code.EMB, -1, -1, s): gx["hook_embed"][b, s].sum(), (Code.POS, -1, -1, s): gx["hook_pos_embed"][b, s].sum()}
+    for l in range(upto):
+        for j in torch.nonzero(gx[f"a{l}"][b, s]).flatten().tolist():
+            out[(Code.ATTN, l, j, s)] = gx[f"a{l}"][b, s, j]
+        out[(Code.ERR_A, l, -1, s)] = gx[f"ea{l}"][b, s].sum()
+        # the bias row is b_dec W_O + b_O: two leaves, one node (both reach s only through position s)
+        out[(Code.BIAS_A, l, -1, s)] = gx[f"ba{l}"].sum() + gx[f"bo{l}"].sum()
+        out[(Code.MLP, l, -1, s)] = gx[f"m{l}"][b, s].sum()
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
+def test_resid_in_edges_equal_gradient_times_input(setup):
+    model, attn, resid, tokens, lengths, cache, graph = setup
+    edges = _edge_dict(graph.edges, EdgeKind.RESID_IN)
+    checked = 0
+    for L, sae in resid.items():
+        leaves, repl = _component_leaves(model, attn, cache, L)
+        name = f"blocks.{L}.hook_resid_pre"
+        x = _with_b_o(model, leaves, repl, range(L),
+                      lambda: frozen_forward(model, tokens, cache, repl, [name])[name])
+        pre = sae.pre_activation(x)
+        acts = sae.activation(pre.detach())
+        for b in range(len(lengths)):
+            for s in range(int(lengths[b])):
+                for j in torch.nonzero(acts[b, s]).flatten().tolist():
+                    gx = grad_x_input(pre[b, s, j], leaves)
+                    expect = _component_expect(gx, b, s, L)
+                    for (code, l, idx, sp), v in expect.items():
+                        got = edges.get((b, code, l, idx, sp, Code.RESID, L, j, s, -1))
+                        assert got is not None, f"missing resid_in edge {(code, l, idx, sp)} -> R{L}.{j}@{s}"
+                        assert got == pytest.approx(v, rel=RTOL, abs=ATOL)
+                        checked += 1
+    assert checked > 200
+
+
+def test_attn_in_edges_equal_gradient_times_input_per_head(setup):
+    model, attn, resid, tokens, lengths, cache, graph = setup
+    edges = _edge_dict(graph.edges, EdgeKind.ATTN_IN)
+    H, dh = model.cfg.n_heads, model.cfg.d_head
+    checked = 0
+    for L, sae in attn.items():
+        rsae = resid[L]
+        x = cache[f"blocks.{L}.hook_resid_pre"]
+        racts = rsae.activation(rsae.pre_activation(x))
+        leaves = {"a": _leaf(racts), "err": _leaf(x - rsae.decode(racts)), "bdec": _leaf(rsae.b_dec)}
+        rebuilt = leaves["a"] @ rsae.W_dec + leaves["bdec"] + leaves["err"]
+        zname = f"blocks.{L}.attn.hook_z"
+        z = frozen_forward(model, tokens, cache, {f"blocks.{L}.hook_resid_pre": rebuilt}, [zname])[zname]
+        per_head = torch.einsum("bthe,hef->bthf", z, sae.W_enc.view(H, dh, -1))
+        acts = sae.activation(sae.pre_activation(z.detach().flatten(-2)))
+        for b in range(len(lengths)):
+            for t in range(int(lengths[b])):
+                for f in torch.nonzero(acts[b, t]).flatten().tolist():
+                    for h in range(H):
+                        gx = grad_x_input(per_head[b, t, h, f], leaves)
+                        for s in range(t + 1):
+                            for j in torch.nonzero(racts[b, s]).flatten().tolist():
+                                got = edges[(b, Code.RESID, L, j, s, Code.ATTN, L, f, t, h)]
+                                assert got == pytest.approx(float(gx["a"][b, s, j]), rel=RTOL, abs=ATOL)
+                                checked += 1
+                            got_err = edges[(b, Code.ERR_R, L, -1, s, Code.ATTN, L, f, t, h)]
+                            assert got_err == pytest.approx(float(gx["err"][b, s].sum()), rel=RTOL, abs=ATOL)
+                    # the b_dec leaf is shared by all positions: compare its total over s
+                    total_bias = sum(v for k, v in edges.items()
+                                     if k[0] == b and k[1] == Code.BIAS_R and k[5:9] == (Code.ATTN, L, f, t))
+                    g_all = sum(float(grad_x_input(per_head[b, t, h, f], leaves)["bdec"].sum()) for h in range(H))
+                    assert total_bias == pytest.approx(g_all, rel=RTOL, abs=ATOL)
+    assert checked > 500
+
+
+def test_direct_edges_equal_gradient_times_input_per_head(setup):
+    model, attn, resid, tokens, lengths, cache, graph = setup
+    edges = _edge_dict(graph.direct, EdgeKind.DIRECT)
+    H, dh = model.cfg.n_heads, model.cfg.d_head
+    checked = 0
+    for L in (1, 2):
+        sae = attn[L]
+        leaves, repl = _component_leaves(model, attn, cache, L)
+        zname = f"blocks.{L}.attn.hook_z"
+        z = _with_b_o(model, leaves, repl, range(L),
+                      lambda: frozen_forward(model, tokens, cache, repl, [zname])[zname])
+        per_head = torch.einsum("bthe,hef->bthf", z, sae.W_enc.view(H, dh, -1))
+        acts = sae.activation(sae.pre_activation(z.detach().flatten(-2)))
+        for b in range(len(lengths)):
+            t = int(lengths[b]) - 1
+            for f in torch.nonzero(acts[b, t]).flatten().tolist():
+                for h in range(H):
+                    gx = grad_x_input(per_head[b, t, h, f], leaves)
+                    for l in range(L):
+                        for s in range(t + 1):
+                            for j in torch.nonzero(gx[f"a{l}"][b, s]).flatten().tolist():
+                                got = edges[(b, Code.ATTN, l, j, s, Code.ATTN, L, f, t, h)]
+                                assert got == pytest.approx(float(gx[f"a{l}"][b, s, j]), rel=RTOL, abs=ATOL)
+                                checked += 1
+                            got = edges[(b, Code.MLP, l, -1, s, Code.ATTN, L, f, t, h)]
+                            assert got == pytest.approx(float(gx[f"m{l}"][b, s].sum()), rel=RTOL, abs=ATOL)
+                    for s in range(t + 1):
+                        got = edges[(b, Code.EMB, -1, -1, s, Code.ATTN, L, f, t, h)]
+                        assert got == pytest.approx(float(gx["hook_embed"][b, s].sum()), rel=RTOL, abs=ATOL)
+    assert checked > 100
+
+
+def _sums_by_target(table):
+    sums = defaultdict(float)
+    for i in range(len(table)):
+        key = (int(table.prompt[i]), int(table.dst_code[i]), int(table.dst_layer[i]), int(table.dst_index[i]),
+               int(table.dst_pos[i]))
+        sums[key] += float(table.value[i])
+    return sums
+
+
+@pytest.mark.parametrize("pruning", [Pruning(), Pruning(top_k=3, min_abs=1e-3, direct_positions=2)])
+def test_completeness_every_node(setup, pruning):
+    """Incoming edges (features, error, bias, REST) sum to the pre-activation recomputed from the cache."""
+    model, attn, resid, tokens, lengths, cache, _ = setup
+    _, cap = capture(model, tokens, lengths)
+    graph = full_graph(cap, weights_of(model), attn, resid, pruning)
+    edge_sums, direct_sums = _sums_by_target(graph.edges), _sums_by_target(graph.direct)
+    n = graph.nodes
+    assert len(n) > 100
+    for i in range(len(n)):
+        b, code, L, f, t = (int(n.prompt[i]), int(n.code[i]), int(n.layer[i]), int(n.index[i]), int(n.pos[i]))
+        if code == Code.ATTN:
+            pre = attn[L].pre_activation(cache[f"blocks.{L}.attn.hook_z"][b, t].flatten())[f]
+            assert direct_sums[(b, code, L, f, t)] == pytest.approx(float(pre), rel=RTOL, abs=ATOL)
+        else:
+            pre = resid[L].pre_activation(cache[f"blocks.{L}.hook_resid_pre"][b, t])[f]
+        assert edge_sums[(b, code, L, f, t)] == pytest.approx(float(pre), rel=RTOL, abs=ATOL)
+    rest = graph.edges.value[graph.edges.src_code == Code.REST]
+    if pruning.top_k is None:
+        assert rest.abs().max() < 1e-4  # nothing pruned: the edges alone are complete
+    else:
+        assert rest.abs().max() > 1e-3  # pruning really removed something and REST carries it
+
+
+def test_per_head_pieces_sum_to_step1_dfa_per_source_position(setup):
+    """Sum over heads, features, error and bias at s of the attn_in edges = A[h,t,s] v_s,h . W_enc (step 1)."""
+    model, attn, resid, tokens, lengths, cache, graph = setup
+    H, dh = model.cfg.n_heads, model.cfg.d_head
+    L = 2
+    v = cache[f"blocks.{L}.attn.hook_pattern"]  # [B,H,T,S]
+    x = cache[f"blocks.{L}.hook_resid_pre"]
+    xc = (x - x.mean(-1, keepdim=True)) / cache[f"blocks.{L}.ln1.hook_scale"]
+    vals = torch.einsum("bsd,hde->bshe", xc, model.blocks[L].attn.W_V) + model.blocks[L].attn.b_V
+    per = defaultdict(float)
+    e = graph.edges
+    for i in torch.nonzero((e.kind == EdgeKind.ATTN_IN) & (e.dst_layer == L) & (e.head >= 0)).flatten().tolist():
+        per[(int(e.prompt[i]), int(e.dst_index[i]), int(e.dst_pos[i]), int(e.src_pos[i]), int(e.head[i]))] += float(e.value[i])
+    assert len(per) > 50
+    W = attn[L].W_enc.view(H, dh, -1)
+    for (b, f, t, s, h), got in per.items():
+        want = v[b, h, t, s] * (vals[b, s, h] @ W[h, :, f])
+        assert got == pytest.approx(float(want), rel=RTOL, abs=ATOL)
