@@ -158,7 +158,7 @@ def save_sae(w: dict[str, torch.Tensor], folder: Path, hook_name: str, reshape: 
     sae.save_model(folder)
 
 
-def make_toy(out: Path, seed: int = 0, model_steps: int = 3000, sae_steps: int = 3000, log=print) -> dict:
+def make_toy(out: Path, seed: int = 0, model_steps: int = 1000, sae_steps: int = 1500, log=print) -> dict:
     """Train and save everything under ``out`` (model/, saes/, metrics.json); returns the metrics."""
     t0 = time.time()
     torch.manual_seed(seed)

@@ -1,0 +1,197 @@
+"""Store-independent questions with one answer format: fixed ordering (metric, then id), floats
+rounded the same way, so equal queries print byte-identical JSON on SQLite and Neo4j."""
+
+from __future__ import annotations
+
+import math
+
+from catalog.ids import NodeRefError, format_ref, parse_ref
+from catalog.schema import EDGE_KINDS, EdgeDelta, Evidence, NodeInfo, NodeStats
+from catalog.stores.base import ORDERS, EdgeQuery, StoreError
+
+MAX_LIMIT = 1000
+SIG_DIGITS = 6
+
+
+class NotFound(StoreError):
+    """A well-formed reference that names nothing in this catalog."""
+
+
+class Ambiguous(StoreError):
+    """A reference that names nodes of several models/releases; pass model= to choose."""
+
+
+def rnd(x: float | None) -> float | None:
+    """Round to SIG_DIGITS significant digits (the one rounding both stores' answers go through)."""
+    if x is None or not math.isfinite(x):
+        return x
+    return float(f"{x:.{SIG_DIGITS}g}")
+
+
+def resolve(store, ref: str, model: str | None = None) -> NodeInfo:
+    """A user reference (A5.44256, L5.F44256, R3.ERR, ...) -> the catalog node it names."""
+    canonical = format_ref(parse_ref(ref).at(None))
+    if parse_ref(ref).pos is not None:
+        raise NodeRefError(f"{ref!r} names a position; catalog nodes aggregate over positions (drop '@...')")
+    found = store.find_nodes(canonical, model)
+    if not found:
+        raise NotFound(f"no node {canonical} in {store.url}" + (f" for model {model}" if model else ""))
+    if len(found) > 1:
+        raise Ambiguous(f"{canonical} exists for several models/releases: " + ", ".join(n.uid for n in found)
+                        + "; pass --model")
+    return found[0]
+
+
+def edge_stats(e: EdgeDelta) -> dict:
+    mean = e.sum / e.n_obs if e.n_obs else 0.0
+    var = max(0.0, e.sumsq / e.n_obs - mean * mean) if e.n_obs else 0.0
+    return {"edge_kind": e.kind, "n_prompts": e.n_prompts, "n_obs": e.n_obs, "sum": rnd(e.sum), "mean": rnd(mean),
+            "std": rnd(math.sqrt(var)), "sum_abs": rnd(e.sum_abs), "min": rnd(e.min), "max": rnd(e.max),
+            "sign_share": rnd(max(e.n_pos, e.n_obs - e.n_pos) / e.n_obs if e.n_obs else 0.0),
+            "heads": {str(h): rnd(v) for h, v in sorted(e.head_sums.items()) if v != 0.0}}
+
+
+def node_json(n: NodeInfo, stats: NodeStats | None = None) -> dict:
+    out = {"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "index": n.index, "model": n.model,
+           "release": n.release}
+    if stats is not None:
+        out["activation"] = {"n_positions": stats.n_obs, "n_prompts": stats.n_prompts,
+                             "mean": rnd(stats.sum_act / stats.n_obs if stats.n_obs else 0.0), "max": rnd(stats.max_act)}
+    return out
+
+
+def edge_query(*, edge_kinds=None, node_kinds=None, layers=None, min_count=0, order="abs", limit=20,
+               offset=0) -> EdgeQuery:
+    """Validate filters; raise ValueError naming the bad one."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    bad = [k for k in edge_kinds or () if k not in EDGE_KINDS]
+    if bad:
+        raise ValueError(f"unknown edge kind(s) {bad}: expected {', '.join(EDGE_KINDS)}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    if offset < 0 or min_count < 0:
+        raise ValueError("offset and min_count must be >= 0")
+    return EdgeQuery(tuple(edge_kinds) if edge_kinds else None, tuple(node_kinds) if node_kinds else None,
+                     tuple(layers) if layers else None, min_count, order, limit, offset)
+
+
+def neighbours(store, ref: str, direction: str, *, model: str | None = None, **filters) -> list[dict]:
+    """Upstream (direction 'up') or downstream ('down') edges of a node, as JSON-ready dicts, id first."""
+    node = resolve(store, ref, model)
+    rows = store.neighbours(node.uid, direction, edge_query(**filters))
+    return [{"id": other.ref, "uid": other.uid, "kind": other.kind, "layer": other.layer, **edge_stats(e)}
+            for other, e in rows]
+
+
+def upstream(store, ref: str, **kw) -> list[dict]:
+    return neighbours(store, ref, "up", **kw)
+
+
+def downstream(store, ref: str, **kw) -> list[dict]:
+    return neighbours(store, ref, "down", **kw)
+
+
+def evidence_json(evidence: list[Evidence], prompts: dict) -> list[dict]:
+    out = []
+    for v in evidence:
+        p = prompts.get(v.prompt)
+        tokens = p.tokens if p else []
+        tok = lambda i: tokens[i] if 0 <= i < len(tokens) else None  # noqa: E731
+        out.append({"prompt": v.prompt, "text": p.text if p else None, "src_pos": v.src_pos, "src_token": tok(v.src_pos),
+                    "dst_pos": v.dst_pos, "dst_token": tok(v.dst_pos), "head": v.head, "value": rnd(v.value)})
+    return out
+
+
+def edge(store, src: str, dst: str, *, model: str | None = None, evidence_limit: int = 20) -> dict:
+    """Statistics of every edge kind between two nodes, with per-head split and evidence (prompts, tokens)."""
+    s, d = resolve(store, src, model), resolve(store, dst, model)
+    found = store.edges_between(s.uid, d.uid)
+    if not found:
+        raise NotFound(f"no edge {s.ref} -> {d.ref} in {store.url}")
+    kinds = []
+    for e in found:
+        ev = store.evidence(s.uid, d.uid, e.kind, min(evidence_limit, MAX_LIMIT))
+        kinds.append({**edge_stats(e), "evidence": evidence_json(ev, store.prompts([v.prompt for v in ev]))})
+    return {"source": s.ref, "target": d.ref, "source_uid": s.uid, "target_uid": d.uid, "kinds": kinds}
+
+
+def feature(store, ref: str, *, model: str | None = None) -> dict:
+    node = resolve(store, ref, model)
+    info, stats = store.node(node.uid)
+    return node_json(info, stats)
+
+
+def prompt(store, uid: str) -> dict:
+    p = store.prompt(uid)
+    if p is None:
+        raise NotFound(f"no prompt {uid!r} in {store.url}")
+    return {"uid": p.uid, "run": p.run, "prompt_id": p.prompt_id, "text": p.text, "tokens": p.tokens,
+            "corpus": p.corpus, "content_hash": p.content_hash, "meta": p.meta}
+
+
+def prompt_graph(store, uid: str, limit: int = 200) -> dict:
+    """The stored observations of one prompt (evidence kept by the store), with token positions."""
+    p = prompt(store, uid)
+    ev = store.prompt_evidence(uid, min(limit, MAX_LIMIT * 10))
+    edges = [{"source": f"{v.src.split('|')[2]}@{v.src_pos}", "target": f"{v.dst.split('|')[2]}@{v.dst_pos}",
+              "kind": v.kind, "head": v.head, "value": rnd(v.value)} for v in ev]
+    return {"prompt": p, "edges": edges}
+
+
+def top_features(store, *, kind: str | None = None, by: str = "degree", limit: int = 20) -> list[dict]:
+    if by not in ("degree", "total"):
+        raise ValueError(f"by must be degree or total, got {by!r}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    return [{"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "degree": deg, "total_abs": rnd(total)}
+            for n, total, deg in store.top_nodes(kind, by, limit)]
+
+
+def composition_counts(store) -> list[dict]:
+    """Attention->attention composition per (source layer, target layer): direct edges, and two-hop
+    paths through one residual feature (A_l -> R_m -> A_L, l < m = L)."""
+    counts: dict[tuple[int, int, str], list] = {}
+    into_resid: dict[str, list[tuple[int, float]]] = {}
+    for e in store.all_edges(("resid_in",)):
+        if "|A" in e.src and ".ERR" not in e.src and ".BIAS" not in e.src:
+            into_resid.setdefault(e.dst, []).append((_layer(e.src), e.sum))
+    for e in store.all_edges(("direct", "attn_in")):
+        if not _is_attn_feature(e.dst):
+            continue
+        L = _layer(e.dst)
+        if e.kind == "direct" and _is_attn_feature(e.src):
+            c = counts.setdefault((_layer(e.src), L, "direct"), [0, 0.0])
+            c[0] += 1
+            c[1] += abs(e.sum)
+        elif e.kind == "attn_in" and e.src in into_resid:
+            for l, s in into_resid[e.src]:
+                c = counts.setdefault((l, L, "via_resid"), [0, 0.0])
+                c[0] += 1
+                c[1] += abs(s * e.sum)
+    return [{"source_layer": l, "target_layer": L, "path": path, "n_pairs": n, "total_abs": rnd(t)}
+            for (l, L, path), (n, t) in sorted(counts.items())]
+
+
+def _is_attn_feature(uid: str) -> bool:
+    ref = uid.split("|")[2]
+    return ref.startswith("A") and ".ERR" not in ref and ".BIAS" not in ref and not ref.startswith("ATTN")
+
+
+def _layer(uid: str) -> int:
+    return parse_ref(uid.split("|")[2]).layer
+
+
+def runs(store) -> list[dict]:
+    return [{"run_id": r.run_id, "status": r.status, "manifest": r.manifest} for r in store.runs()]
+
+
+def run(store, run_id: str) -> dict:
+    r = store.run(run_id)
+    if r is None:
+        raise NotFound(f"no run {run_id!r} in {store.url}")
+    return {"run_id": r.run_id, "status": r.status, "manifest": r.manifest}
+
+
+__all__ = ["upstream", "downstream", "edge", "feature", "prompt", "prompt_graph", "top_features",
+           "composition_counts", "runs", "run", "resolve", "NotFound", "Ambiguous", "NodeRefError"]

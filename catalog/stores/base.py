@@ -1,0 +1,101 @@
+"""The Store protocol and the URL that picks an implementation.
+
+``sqlite:///path/to/catalog.db`` (the default, embedded) or ``neo4j://host:port[/database]`` /
+``bolt://...`` (credentials from the URL or NEO4J_USER / NEO4J_PASSWORD).
+Both implementations pass the same conformance suite (tests/test_store_conformance.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+from urllib.parse import unquote, urlparse
+
+from catalog.schema import Batch, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run
+
+DEFAULT_URL = "sqlite:///catalog.db"
+ORDERS = ("sum", "mean", "count", "abs")
+
+
+class StoreError(Exception):
+    """A store refused an operation; the message says why."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (server down, file not writable)."""
+
+
+class CypherUnsupported(StoreError):
+    """Cypher was asked of a store that has no Cypher engine."""
+
+
+class CypherRefused(StoreError):
+    """A Cypher query that is not read-only, or otherwise not allowed."""
+
+
+@dataclass
+class EdgeQuery:
+    """Filters and ordering for upstream/downstream; validated by catalog.queries."""
+
+    edge_kinds: tuple[str, ...] | None = None
+    node_kinds: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    min_count: int = 0
+    order: str = "abs"
+    limit: int = 20
+    offset: int = 0
+
+
+class Store(Protocol):
+    url: str
+    evidence_per_edge: int | None
+
+    def write_batch(self, batch: Batch) -> bool:
+        """Store whole prompts of one run in one transaction; False if they were all stored already."""
+
+    def done_prompts(self, run: str) -> set[str]: ...
+    def start_run(self, run_id: str, manifest: dict, resume: bool) -> None: ...
+    def finish_run(self, run_id: str, status: str, updates: dict) -> None: ...
+    def runs(self) -> list[Run]: ...
+    def run(self, run_id: str) -> Run | None: ...
+    def find_nodes(self, ref: str, model: str | None = None) -> list[NodeInfo]: ...
+    def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None: ...
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeDelta]]: ...
+    def edges_between(self, src: str, dst: str) -> list[EdgeDelta]: ...
+    def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]: ...
+    def prompt(self, uid: str) -> Prompt | None: ...
+    def prompts(self, uids: list[str]) -> dict[str, Prompt]: ...
+    def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]: ...
+    def top_nodes(self, node_kind: str | None, by: str, limit: int) -> list[tuple[NodeInfo, float, int]]: ...
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeDelta]: ...
+    def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]: ...
+    def all_prompts(self) -> Iterator[Prompt]: ...
+    def all_evidence(self) -> Iterator[Evidence]: ...
+    def import_rows(self, nodes, stats, edges, evidence, prompts, runs) -> None: ...
+    def cypher(self, query: str, params: dict, limit: int, timeout_s: float) -> list[dict]: ...
+    def close(self) -> None: ...
+
+
+def open_store(url: str | None = None, *, evidence_per_edge: int | None = 32, create: bool = True) -> Store:
+    """Open the store named by ``url`` (see the module docstring)."""
+    url = url or DEFAULT_URL
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        from catalog.stores.sqlite import SqliteStore
+
+        if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+            raise StoreError(f"store URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        path = unquote(url[len("sqlite:///"):])  # SQLAlchemy's convention: four slashes = absolute
+        return SqliteStore(path, url=url, evidence_per_edge=evidence_per_edge, create=create)
+    if parsed.scheme in ("neo4j", "bolt", "neo4j+s", "bolt+s", "neo4j+ssc", "bolt+ssc"):
+        from catalog.stores.neo4j import Neo4jStore
+
+        user = unquote(parsed.username) if parsed.username else os.environ.get("NEO4J_USER")
+        password = unquote(parsed.password) if parsed.password else os.environ.get("NEO4J_PASSWORD")
+        database = parsed.path.strip("/") or os.environ.get("NEO4J_DATABASE", "neo4j")
+        host = parsed.hostname or "127.0.0.1"
+        bolt = f"{parsed.scheme}://{host}:{parsed.port or 7687}"
+        return Neo4jStore(bolt, user, password, database, url=url, evidence_per_edge=evidence_per_edge)
+    raise StoreError(f"store URL {url!r} not understood: use sqlite:///path/to/catalog.db or "
+                     "neo4j://host:port (bolt:// also works)")

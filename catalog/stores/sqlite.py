@@ -1,0 +1,316 @@
+"""The embedded store: one SQLite file in WAL mode, so readers (the API) keep working while one
+writer ingests. Every batch is one IMMEDIATE transaction: all of it lands or none of it does."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from catalog.schema import Batch, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run
+from catalog.stores.base import CypherUnsupported, EdgeQuery, StoreError, StoreUnavailable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NULL, model TEXT, release TEXT,
+    ref TEXT, kind TEXT, layer INTEGER, idx INTEGER);
+CREATE INDEX IF NOT EXISTS nodes_ref ON nodes(ref);
+CREATE TABLE IF NOT EXISTS node_stats (node INTEGER PRIMARY KEY, n_obs INTEGER, n_prompts INTEGER,
+    sum_act REAL, max_act REAL);
+CREATE TABLE IF NOT EXISTS edges (id INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,
+    kind TEXT NOT NULL, n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL,
+    max REAL, n_pos INTEGER, UNIQUE(dst, src, kind));
+CREATE INDEX IF NOT EXISTS edges_src ON edges(src);
+CREATE TABLE IF NOT EXISTS edge_heads (edge INTEGER, head INTEGER, sum REAL, PRIMARY KEY(edge, head)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evidence (edge INTEGER NOT NULL, prompt TEXT NOT NULL, src_pos INTEGER,
+    dst_pos INTEGER, head INTEGER, value REAL);
+CREATE INDEX IF NOT EXISTS evidence_edge ON evidence(edge);
+CREATE INDEX IF NOT EXISTS evidence_prompt ON evidence(prompt);
+CREATE TABLE IF NOT EXISTS prompts (uid TEXT PRIMARY KEY, run TEXT, prompt_id TEXT, text TEXT, tokens TEXT,
+    corpus TEXT, content_hash TEXT, meta TEXT);
+CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
+CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT);
+"""
+EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
+METRIC = {"sum": "e.sum", "mean": "e.sum / e.n_obs", "count": "e.n_prompts", "abs": "abs(e.sum)"}
+EDGE_COLS = "e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs, e.min, e.max, e.n_pos, e.id"
+NODE_COLS = "{a}.uid, {a}.model, {a}.release, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
+
+
+class SqliteStore:
+    def __init__(self, path: str, *, url: str, evidence_per_edge: int | None, create: bool = True):
+        self.url, self.path, self.evidence_per_edge = url, path, evidence_per_edge
+        if not create and not Path(path).exists():
+            raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
+        self._local = threading.local()
+        try:
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite catalog {path}: {exc}") from None
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections are not shared across threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ---- writes -------------------------------------------------------------------------------
+    def write_batch(self, batch: Batch) -> bool:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._claim_prompts(c, batch):
+                c.execute("ROLLBACK")
+                return False
+            self._write_nodes(c, batch.nodes)
+            self._write_stats(c, batch.node_stats)
+            self._write_edges(c, batch.edges)
+            self._write_evidence(c, batch.evidence)
+            c.execute("COMMIT")
+            return True
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def _claim_prompts(self, c, batch: Batch) -> bool:
+        uids = [p.uid for p in batch.prompts]
+        have = {r[0] for r in c.execute(f"SELECT uid FROM prompts WHERE uid IN ({','.join('?' * len(uids))})", uids)}
+        if have and len(have) == len(set(uids)):
+            return False
+        if have:
+            raise StoreError(f"batch overlaps {len(have)} prompts already stored for run {batch.run} "
+                             "(resume filters stored prompts before batching)")
+        c.executemany("INSERT INTO prompts VALUES (?,?,?,?,?,?,?,?)",
+                      [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
+                        json.dumps(p.meta, sort_keys=True)) for p in batch.prompts])
+        return True
+
+    def _write_nodes(self, c, nodes: list[NodeInfo]) -> None:
+        c.executemany("INSERT OR IGNORE INTO nodes(uid, model, release, ref, kind, layer, idx) VALUES (?,?,?,?,?,?,?)",
+                      [(n.uid, n.model, n.release, n.ref, n.kind, n.layer, n.index) for n in nodes])
+
+    def _write_stats(self, c, stats: list[NodeStats]) -> None:
+        c.executemany(
+            "INSERT INTO node_stats SELECT id, ?, ?, ?, ? FROM nodes WHERE uid = ? ON CONFLICT(node) DO UPDATE SET "
+            "n_obs = n_obs + excluded.n_obs, n_prompts = n_prompts + excluded.n_prompts, "
+            "sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)",
+            [(s.n_obs, s.n_prompts, s.sum_act, s.max_act, s.uid) for s in stats])
+
+    def _write_edges(self, c, edges: list[EdgeDelta]) -> None:
+        c.execute("CREATE TEMP TABLE IF NOT EXISTS b_edges (src TEXT, dst TEXT, kind TEXT, n_prompts INTEGER, "
+                  "n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER, heads TEXT)")
+        c.execute("DELETE FROM b_edges")
+        c.executemany("INSERT INTO b_edges VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                      [(e.src, e.dst, e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs, e.min, e.max, e.n_pos,
+                        json.dumps(e.head_sums)) for e in edges])
+        c.execute(
+            "INSERT INTO edges(src, dst, kind, n_prompts, n_obs, sum, sumsq, sum_abs, min, max, n_pos) "
+            "SELECT s.id, d.id, b.kind, b.n_prompts, b.n_obs, b.sum, b.sumsq, b.sum_abs, b.min, b.max, b.n_pos "
+            "FROM b_edges b JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst WHERE true "
+            "ON CONFLICT(dst, src, kind) DO UPDATE SET n_prompts = n_prompts + excluded.n_prompts, "
+            "n_obs = n_obs + excluded.n_obs, sum = sum + excluded.sum, sumsq = sumsq + excluded.sumsq, "
+            "sum_abs = sum_abs + excluded.sum_abs, min = min(min, excluded.min), max = max(max, excluded.max), "
+            "n_pos = n_pos + excluded.n_pos")
+        c.execute(
+            "INSERT INTO edge_heads SELECT e.id, CAST(j.key AS INTEGER), j.value FROM b_edges b "
+            "JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
+            "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind, json_each(b.heads) j WHERE true "
+            "ON CONFLICT(edge, head) DO UPDATE SET sum = sum + excluded.sum")
+
+    def _write_evidence(self, c, evidence: list[Evidence]) -> None:
+        c.execute("CREATE TEMP TABLE IF NOT EXISTS b_ev (src TEXT, dst TEXT, kind TEXT, prompt TEXT, src_pos INTEGER, "
+                  "dst_pos INTEGER, head INTEGER, value REAL)")
+        c.execute("DELETE FROM b_ev")
+        c.executemany("INSERT INTO b_ev VALUES (?,?,?,?,?,?,?,?)",
+                      [(v.src, v.dst, v.kind, v.prompt, v.src_pos, v.dst_pos, -1 if v.head is None else v.head,
+                        v.value) for v in evidence])
+        c.execute("INSERT INTO evidence SELECT e.id, b.prompt, b.src_pos, b.dst_pos, b.head, b.value FROM b_ev b "
+                  "JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
+                  "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind")
+        if self.evidence_per_edge is not None:
+            c.execute(
+                f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
+                f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.edge IN "
+                "(SELECT DISTINCT e.id FROM b_ev b JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
+                "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind)) WHERE rn > ?)",
+                (self.evidence_per_edge,))
+
+    def start_run(self, run_id: str, manifest: dict, resume: bool) -> None:
+        c = self._conn
+        row = c.execute("SELECT status, manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row and not resume:
+            raise StoreError(f"run {run_id!r} already exists in {self.url} (status {row[0]}); pass --resume to "
+                             "continue it or choose another --run")
+        if row:
+            merged = {**json.loads(row[1]), "resumed": json.loads(row[1]).get("resumed", 0) + 1}
+            c.execute("UPDATE runs SET status = 'running', manifest = ? WHERE run_id = ?",
+                      (json.dumps(merged, sort_keys=True), run_id))
+        else:
+            c.execute("INSERT INTO runs VALUES (?, 'running', ?)", (run_id, json.dumps(manifest, sort_keys=True)))
+
+    def finish_run(self, run_id: str, status: str, updates: dict) -> None:
+        row = self._conn.execute("SELECT manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        manifest = {**json.loads(row[0]), **updates} if row else updates
+        self._conn.execute("UPDATE runs SET status = ?, manifest = ? WHERE run_id = ?",
+                           (status, json.dumps(manifest, sort_keys=True), run_id))
+
+    # ---- reads --------------------------------------------------------------------------------
+    def done_prompts(self, run: str) -> set[str]:
+        return {r[0] for r in self._conn.execute("SELECT prompt_id FROM prompts WHERE run = ?", (run,))}
+
+    def runs(self) -> list[Run]:
+        return [Run(r[0], r[1], json.loads(r[2])) for r in self._conn.execute("SELECT * FROM runs ORDER BY run_id")]
+
+    def run(self, run_id: str) -> Run | None:
+        r = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return Run(r[0], r[1], json.loads(r[2])) if r else None
+
+    def find_nodes(self, ref: str, model: str | None = None) -> list[NodeInfo]:
+        sql = f"SELECT {NODE_COLS.format(a='n')} FROM nodes n WHERE n.ref = ?" + (" AND n.model = ?" if model else "")
+        return [NodeInfo(*r) for r in self._conn.execute(sql + " ORDER BY n.uid", (ref, model) if model else (ref,))]
+
+    def node(self, uid: str):
+        r = self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
+                               "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id WHERE n.uid = ?", (uid,)).fetchone()
+        if r is None:
+            return None
+        return NodeInfo(*r[:7]), (NodeStats(uid, *r[7:]) if r[7] is not None else None)
+
+    def _heads(self, edge_ids: list[int]) -> dict[int, dict[int, float]]:
+        out: dict[int, dict[int, float]] = {}
+        for i in range(0, len(edge_ids), 900):
+            part = edge_ids[i:i + 900]
+            for e, h, s in self._conn.execute(
+                    f"SELECT edge, head, sum FROM edge_heads WHERE edge IN ({','.join('?' * len(part))})", part):
+                out.setdefault(e, {})[h] = s
+        return out
+
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery):
+        this, other = ("dst", "src") if direction == "up" else ("src", "dst")
+        where, args = [f"e.{this} = (SELECT id FROM nodes WHERE uid = ?)", "e.n_prompts >= ?"], [uid, q.min_count]
+        for col, values in (("e.kind", q.edge_kinds), ("o.kind", q.node_kinds), ("o.layer", q.layers)):
+            if values:
+                where.append(f"{col} IN ({','.join('?' * len(values))})")
+                args += list(values)
+        rows = self._conn.execute(
+            f"SELECT {NODE_COLS.format(a='o')}, {EDGE_COLS} FROM edges e JOIN nodes o ON o.id = e.{other} "
+            f"WHERE {' AND '.join(where)} ORDER BY {METRIC[q.order]} DESC, o.uid, e.kind LIMIT ? OFFSET ?",
+            args + [q.limit, q.offset]).fetchall()
+        heads = self._heads([r[-1] for r in rows])
+        out = []
+        for r in rows:
+            node = NodeInfo(*r[:7])
+            src, dst = (node.uid, uid) if direction == "up" else (uid, node.uid)
+            out.append((node, EdgeDelta(src, dst, *r[7:16], heads.get(r[16], {}))))
+        return out
+
+    def edges_between(self, src: str, dst: str) -> list[EdgeDelta]:
+        rows = self._conn.execute(
+            f"SELECT {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
+            "WHERE s.uid = ? AND d.uid = ? ORDER BY e.kind", (src, dst)).fetchall()
+        heads = self._heads([r[-1] for r in rows])
+        return [EdgeDelta(src, dst, *r[:9], heads.get(r[9], {})) for r in rows]
+
+    def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]:
+        rows = self._conn.execute(
+            f"SELECT prompt, src_pos, dst_pos, head, value FROM evidence WHERE edge = (SELECT e.id FROM edges e "
+            "JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst WHERE s.uid = ? AND d.uid = ? AND e.kind = ?) "
+            f"ORDER BY {EVIDENCE_ORDER} LIMIT ?", (src, dst, kind, limit)).fetchall()
+        return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
+
+    def _prompt(self, r) -> Prompt:
+        return Prompt(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], json.loads(r[7]))
+
+    def prompt(self, uid: str) -> Prompt | None:
+        r = self._conn.execute("SELECT * FROM prompts WHERE uid = ?", (uid,)).fetchone()
+        return self._prompt(r) if r else None
+
+    def prompts(self, uids: list[str]) -> dict[str, Prompt]:
+        uids = sorted(set(uids))
+        rows = self._conn.execute(f"SELECT * FROM prompts WHERE uid IN ({','.join('?' * len(uids))})", uids) if uids else []
+        return {r[0]: self._prompt(r) for r in rows}
+
+    def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
+        rows = self._conn.execute(
+            "SELECT s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head, x.value FROM evidence x "
+            "JOIN edges e ON e.id = x.edge JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
+            "WHERE x.prompt = ? ORDER BY abs(x.value) DESC, s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head LIMIT ?",
+            (uid, limit)).fetchall()
+        return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
+
+    def top_nodes(self, node_kind: str | None, by: str, limit: int):
+        metric = {"degree": "COUNT(*)", "total": "SUM(abs(e.sum))"}[by]
+        where = "WHERE n.kind = ?" if node_kind else ""
+        rows = self._conn.execute(
+            f"SELECT {NODE_COLS.format(a='n')}, SUM(abs(e.sum)), COUNT(*) FROM nodes n "
+            f"JOIN edges e ON e.src = n.id OR e.dst = n.id {where} GROUP BY n.id "
+            f"ORDER BY {metric} DESC, n.uid LIMIT ?", ((node_kind, limit) if node_kind else (limit,))).fetchall()
+        return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
+
+    # ---- bulk (export) ------------------------------------------------------------------------
+    def all_edges(self, edge_kinds=None) -> Iterator[EdgeDelta]:
+        where = f"WHERE e.kind IN ({','.join('?' * len(edge_kinds))})" if edge_kinds else ""
+        cur = self._conn.execute(f"SELECT s.uid, d.uid, {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src "
+                                 f"JOIN nodes d ON d.id = e.dst {where} ORDER BY e.id", tuple(edge_kinds or ()))
+        while rows := cur.fetchmany(5000):
+            heads = self._heads([r[-1] for r in rows])
+            for r in rows:
+                yield EdgeDelta(r[0], r[1], *r[2:11], heads.get(r[11], {}))
+
+    def all_nodes(self):
+        for r in self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
+                                    "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id ORDER BY n.id").fetchall():
+            yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
+
+    def all_prompts(self) -> Iterator[Prompt]:
+        for r in self._conn.execute("SELECT * FROM prompts ORDER BY uid").fetchall():
+            yield self._prompt(r)
+
+    def all_evidence(self) -> Iterator[Evidence]:
+        cur = self._conn.execute("SELECT s.uid, d.uid, e.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
+                                 "FROM evidence x JOIN edges e ON e.id = x.edge JOIN nodes s ON s.id = e.src "
+                                 "JOIN nodes d ON d.id = e.dst ORDER BY x.rowid")
+        while rows := cur.fetchmany(5000):
+            for s, d, k, p, sp, dp, h, v in rows:
+                yield Evidence(s, d, k, p, sp, dp, None if h < 0 else h, v)
+
+    def import_rows(self, nodes, stats, edges, evidence, prompts, runs) -> None:
+        """Bulk-load rows exported from another store (an empty target; one transaction per call)."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            self._write_nodes(c, nodes)
+            self._write_stats(c, stats)
+            self._write_edges(c, edges)
+            saved, self.evidence_per_edge = self.evidence_per_edge, None
+            try:
+                self._write_evidence(c, evidence)
+            finally:
+                self.evidence_per_edge = saved
+            c.executemany("INSERT OR IGNORE INTO prompts VALUES (?,?,?,?,?,?,?,?)",
+                          [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
+                            json.dumps(p.meta, sort_keys=True)) for p in prompts])
+            c.executemany("INSERT OR REPLACE INTO runs VALUES (?,?,?)",
+                          [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in runs])
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def cypher(self, query: str, params: dict, limit: int, timeout_s: float) -> list[dict]:
+        raise CypherUnsupported("Cypher needs the Neo4j store: this catalog is SQLite "
+                                f"({self.url}); export it with `circuit-catalog export --from {self.url} "
+                                "--to neo4j://127.0.0.1:7687` or query it with the other commands")
