@@ -6,6 +6,8 @@ prompts are referred to by their index in the batch's lists. No torch.
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,14 +53,27 @@ def aggregate_edges(obs: Observations, node_uids: list[str], prompt_uids: list[s
     heads = _head_sums(inv, obs.head, v, m)
     src_i, rem = np.divmod(keys, n_nodes * n_kinds)
     dst_i, kind_i = np.divmod(rem, n_kinds)
-    deltas = [EdgeDelta(node_uids[src_i[e]], node_uids[dst_i[e]], kind_names[kind_i[e]], int(n_prompts[e]),
-                        int(n_obs[e]), float(sums[e]), float(sumsq[e]), float(sum_abs[e]), float(mins[e]),
-                        float(maxs[e]), int(n_pos[e]), heads.get(e, {})) for e in range(m)]
+    cols = [a.tolist() for a in (src_i, dst_i, kind_i, n_prompts, n_obs, sums, sumsq, sum_abs, mins, maxs, n_pos)]
+    deltas = [EdgeDelta(node_uids[s], node_uids[d], kind_names[k], *rest, heads.get(e, {}))
+              for e, (s, d, k, *rest) in enumerate(zip(*cols))]
     keep = _top_evidence(inv, obs, prompt_uids, evidence_per_edge)
-    evidence = [Evidence(node_uids[obs.src[i]], node_uids[obs.dst[i]], kind_names[obs.kind[i]],
-                         prompt_uids[obs.prompt[i]], int(obs.src_pos[i]), int(obs.dst_pos[i]),
-                         None if obs.head[i] < 0 else int(obs.head[i]), float(obs.value[i])) for i in keep]
+    cols = [a[keep].tolist() for a in (obs.src, obs.dst, obs.kind, obs.prompt, obs.src_pos, obs.dst_pos, obs.head,
+                                       obs.value)]
+    with _no_gc():  # 1e5 short-lived tuples would otherwise trigger repeated full GC passes
+        evidence = [Evidence(node_uids[s], node_uids[d], kind_names[k], prompt_uids[p], sp, dp, None if h < 0 else h, v)
+                    for s, d, k, p, sp, dp, h, v in zip(*cols)]
     return deltas, evidence
+
+
+@contextmanager
+def _no_gc():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _head_sums(inv: np.ndarray, head: np.ndarray, v: np.ndarray, m: int) -> dict[int, dict[int, float]]:

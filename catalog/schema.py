@@ -9,6 +9,7 @@ is what makes writes idempotent per (run, prompt).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from catalog.ids import FEATURE_KINDS, NodeRef, format_ref
 
@@ -83,9 +84,9 @@ class EdgeDelta:
         return f"{self.src}>{self.dst}>{self.kind}"
 
 
-@dataclass(frozen=True)
-class Evidence:
-    """One observation behind an aggregated edge: where, through which head, how much."""
+class Evidence(NamedTuple):
+    """One observation behind an aggregated edge: where, through which head, how much.
+    (A NamedTuple: batches create hundreds of thousands of these.)"""
 
     src: str
     dst: str

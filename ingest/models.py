@@ -118,10 +118,10 @@ def build_processed(cfg_dict: dict, state_dict: dict, device) -> "torch.nn.Modul
     """A HookedTransformer from a config and an *unprocessed* state dict, processed as PROCESSING."""
     HookedTransformer, HookedTransformerConfig = _hooked_transformer()
     cfg = HookedTransformerConfig(**{**cfg_dict, "device": str(device)})
-    model = HookedTransformer(cfg, move_to_device=True)
+    model = HookedTransformer(cfg, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **PROCESSING)
     model.eval()
-    return model.to(device)
+    return model.to(device, print_details=False)
 
 
 def load_local_model(path: Path, device, name: str | None = None) -> LoadedModel:

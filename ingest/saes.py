@@ -62,10 +62,17 @@ class SaeSet:
         return [self.attn[k] for k in sorted(self.attn)] + [self.resid[k] for k in sorted(self.resid)]
 
     def release_of(self, kind: NodeKind) -> str:
-        """The release name features of ``kind`` are keyed under in the catalog."""
+        """The release label features of ``kind`` are keyed under in the catalog (a local folder
+        contributes its name, not its full path, so catalogs do not depend on where files lay)."""
         saes = self.attn if kind is NodeKind.ATTN else self.resid
-        names = sorted({s.release for s in saes.values()})
+        names = sorted({Path(s.release).name if "/" in s.release else s.release for s in saes.values()})
         return "+".join(names) if names else ""
+
+    def release_of_attn(self) -> str:
+        return self.release_of(NodeKind.ATTN)
+
+    def release_of_resid(self) -> str:
+        return self.release_of(NodeKind.RESID)
 
 
 def load_saes(specs: list[str], model_cfg, device="cpu") -> SaeSet:

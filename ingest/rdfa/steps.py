@@ -45,20 +45,24 @@ def resid_sae_rows(sae: SaeWeights, x: torch.Tensor, active: ActiveSet, valid: t
     return SourceRows(vec, code, layer, index, ok)
 
 
-def _causal_ok(T_dst: torch.Tensor, S: int) -> torch.Tensor:
-    """[Tc, S] True where source position s <= destination t."""
-    return torch.arange(S, device=T_dst.device)[None, :] <= T_dst[:, None]
+def _select(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the top-k |value| candidates of each target (last axis), then drop |value| < min_abs and
+    exact zeros. ``valid`` [...] marks real targets.
 
-
-def _select(score: torch.Tensor, pruning: Pruning) -> torch.Tensor:
-    """Boolean keep-mask over the last axis of ``score`` (|value|, -1 where invalid)."""
-    keep = score >= max(pruning.min_abs, 0.0)
-    if pruning.top_k is not None and pruning.top_k < score.shape[-1]:
-        thresh = score.topk(pruning.top_k, dim=-1).values[..., -1:]
-        keep &= score >= thresh
-        # ties at the threshold may keep more than k; break them by position in the candidate list
-        keep &= keep.cumsum(-1) <= pruning.top_k
-    return keep
+    Returns (target indices tuple-able [n, ndim-1], candidate index [n], value [n], kept sum per target).
+    """
+    if pruning.top_k is not None and pruning.top_k < value.shape[-1]:
+        cand = value.abs().topk(pruning.top_k, dim=-1).indices
+        picked = value.gather(-1, cand)
+    else:
+        picked = value
+        cand = None
+    keep = (picked.abs() >= pruning.min_abs) & (picked != 0) & valid[..., None]
+    kept_sum = (picked * keep).sum(-1)
+    where = keep.nonzero(as_tuple=True)
+    flat = where[-1] if cand is None else cand[where]
+    return where[:-1], flat, picked[where], kept_sum
 
 
 def attn_in(rows: SourceRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
@@ -80,19 +84,16 @@ def attn_in(rows: SourceRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: t
         t1 = min(T, t0 + tc)
         S = t1  # causal: no source after the chunk's last destination
         Y = E[:, :, t0:t1].reshape(B, H, (t1 - t0) * K, dh) @ P[:, :, :S].reshape(B, H, S * R, dh).transpose(-1, -2)
-        Y = Y.view(B, H, t1 - t0, K, S, R) * pattern[:, :, t0:t1, None, :S, None]
-        ok = (targets.mask[:, None, t0:t1, :, None, None] & rows.valid[:, None, None, None, :S, :]
-              & _causal_ok(torch.arange(t0, t1, device=Y.device), S)[None, None, :, None, :, None])
+        # Padded sources need no mask: every real target t has zero attention to s > t.
+        Y = Y.view(B, H, t1 - t0, K, S, R).mul_(pattern[:, :, t0:t1, None, :S, None])
         value = Y.permute(0, 2, 3, 1, 4, 5).reshape(B, t1 - t0, K, H * S * R)
-        okf = ok.expand(B, H, t1 - t0, K, S, R).permute(0, 2, 3, 1, 4, 5).reshape(B, t1 - t0, K, H * S * R)
-        keep = _select(torch.where(okf, value.abs(), -1.0), pruning)
-        kept_sum[:, t0:t1] = (value * keep).sum(-1)
-        b, tt, k, flat = keep.nonzero(as_tuple=True)
+        (b, tt, k), flat, vals, kept = _select(value, targets.mask[:, t0:t1], pruning)
+        kept_sum[:, t0:t1] = kept
         h, rest = flat // (S * R), flat % (S * R)
         s, r = rest // R, rest % R
         t = tt + t0
-        tables.append(_edges(b, rows, s, r, Code.ATTN, sae.layer, targets.index[b, t, k], t, h,
-                             value[b, tt, k, flat], EdgeKind.ATTN_IN))
+        tables.append(_edges(b, rows, s, r, Code.ATTN, sae.layer, targets.index[b, t, k], t, h, vals,
+                             EdgeKind.ATTN_IN))
     return EdgeTable.cat(tables), kept_sum
 
 
@@ -156,13 +157,11 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
     B, T, K = targets.index.shape
     R = rows.vec.shape[2]
     enc = sae.W_enc.T[targets.index]  # [B,T,K,d]
-    value = enc @ rows.vec.transpose(-1, -2)  # [B,T,K,R]
-    ok = targets.mask[..., None] & rows.valid[:, :, None, :]
-    keep = _select(torch.where(ok, value.abs(), -1.0), pruning)
-    b, s, k, r = keep.nonzero(as_tuple=True)
+    value = enc @ rows.vec.transpose(-1, -2)  # [B,T,K,R]; padded slots hold zero vectors
+    (b, s, k), r, vals, kept = _select(value, targets.mask, pruning)
     table = _edges(b, rows, s, r, Code.RESID, sae.layer, targets.index[b, s, k], s,
-                   torch.full_like(b, -1), value[b, s, k, r], EdgeKind.RESID_IN)
-    return table, (value * keep).sum(-1)
+                   torch.full_like(b, -1), vals, EdgeKind.RESID_IN)
+    return table, kept
 
 
 def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Tensor, W_V, b_V,
@@ -199,14 +198,12 @@ def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, patte
         vec = rows.vec[b[:, None], s]  # [n,P,R,d]
         scale = A[torch.arange(len(b), device=b.device)[:, None], h, s]  # [n,P]
         value = (vec @ q[..., None]).squeeze(-1) * (scale / sigma[b[:, None], s])[..., None]  # [n,P,R]
-        ok = rows.valid[b[:, None], s] & (s <= t[:, None])[..., None]
-        flat = value.reshape(len(b), -1)
-        keep = _select(torch.where(ok.reshape(len(b), -1), flat.abs(), -1.0), pruning)
-        kept_sum[sl] = (flat * keep).sum(-1)
-        n, j = keep.nonzero(as_tuple=True)
+        # s > t carries zero attention, padded feature slots zero vectors: both give exact zeros
+        (n,), j, vals, kept = _select(value.reshape(len(b), -1), torch.ones_like(b, dtype=torch.bool), pruning)
+        kept_sum[sl] = kept
         p, r = j // R, j % R
         bn, sn = b[n], s[n, p]
-        tables.append(_edges(bn, rows, sn, r, Code.ATTN, sae.layer, f[n], t[n], h[n, p], flat[n, j],
+        tables.append(_edges(bn, rows, sn, r, Code.ATTN, sae.layer, f[n], t[n], h[n, p], vals,
                              EdgeKind.DIRECT))
     return EdgeTable.cat(tables), kept_sum
 

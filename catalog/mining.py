@@ -1,0 +1,138 @@
+"""Composition patterns that recur across a corpus (no torch; networkx for the pattern graph).
+
+* Pairs A_l.k -> A_L.f (l < L): ``direct`` (the exact direct edge, no residual SAE between) and
+  ``via_resid`` (A_l.k -resid_in-> R_L.j -attn_in-> A_L.f; its total is sum_j sum(j->f) *
+  sum(k->j) / in(j), k's share of j times j's attribution to f; its prompts are those whose
+  stored evidence chains the two hops at the same position).
+* Null baseline: the number of prompts a pair recurs in, against the same count when the prompts
+  of f's activity are shuffled among the corpus's prompts. That shuffle's distribution is
+  hypergeometric, so its mean n_k n_f / N and variance are exact, and ``z_score`` says how
+  many standard deviations the observed recurrence lies above it.
+* Chains of three attention features and hubs come from the graph of pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import networkx as nx
+
+from catalog.queries import _is_attn_feature, _layer, edge_stats, rnd
+
+MAX_PAIRS_SCANNED = 200
+
+
+def _ref(uid: str) -> str:
+    return uid.split("|")[2]
+
+
+def null_z(n_pair: int, n_src: int, n_dst: int, n_total: int) -> float | None:
+    """z of ``n_pair`` co-occurrences against shuffled prompt assignments (hypergeometric)."""
+    if n_total < 2 or not n_src or not n_dst:
+        return None
+    mean = n_src * n_dst / n_total
+    var = mean * (n_total - n_src) * (n_total - n_dst) / (n_total * (n_total - 1))
+    return rnd((n_pair - mean) / math.sqrt(var)) if var > 0 else None
+
+
+def _prompt_counts(store) -> tuple[dict[str, int], int]:
+    counts = {n.uid: s.n_prompts for n, s in store.all_nodes() if s is not None}
+    n_total = sum(1 for _ in store.all_prompts())
+    return counts, n_total
+
+
+def direct_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
+    out = []
+    for e in store.all_edges(("direct",)):
+        if _is_attn_feature(e.src) and _is_attn_feature(e.dst) and e.n_prompts >= min_prompts:
+            stats = edge_stats(e)
+            out.append({"source": _ref(e.src), "target": _ref(e.dst), "source_uid": e.src, "target_uid": e.dst,
+                        "path": "direct", "n_prompts": e.n_prompts, "total": stats["sum"], "mean": stats["mean"],
+                        "sign_share": stats["sign_share"], "heads": stats["heads"],
+                        "z_score": null_z(e.n_prompts, counts.get(e.src, 0), counts.get(e.dst, 0), n_total)})
+    return out
+
+
+def via_resid_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
+    """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence."""
+    into: dict[str, list] = defaultdict(list)
+    total_in: dict[str, float] = defaultdict(float)
+    for e in store.all_edges(("resid_in",)):
+        total_in[e.dst] += e.sum
+        if _is_attn_feature(e.src):
+            into[e.dst].append(e)
+    score: dict[tuple[str, str], float] = defaultdict(float)
+    mids: dict[tuple[str, str], list] = defaultdict(list)
+    for e in store.all_edges(("attn_in",)):
+        if e.src in into and _is_attn_feature(e.dst) and total_in[e.src]:
+            for up in into[e.src]:
+                if _layer(up.src) < _layer(e.dst):
+                    key = (up.src, e.dst)
+                    score[key] += e.sum * up.sum / total_in[e.src]
+                    mids[key].append((up, e))
+    best = sorted(score, key=lambda k: (-abs(score[k]), k))[:MAX_PAIRS_SCANNED]
+    out = []
+    for key in best:
+        prompts, heads = _chained_prompts(store, mids[key])
+        if len(prompts) < min_prompts:
+            continue
+        out.append({"source": _ref(key[0]), "target": _ref(key[1]), "source_uid": key[0], "target_uid": key[1],
+                    "path": "via_resid", "via": sorted({_ref(up.dst) for up, _ in mids[key]}),
+                    "n_prompts": len(prompts), "total": rnd(score[key]), "mean": rnd(score[key] / len(prompts)),
+                    "sign_share": None, "heads": {str(h): rnd(v) for h, v in sorted(heads.items())},
+                    "z_score": null_z(len(prompts), counts.get(key[0], 0), counts.get(key[1], 0), n_total),
+                    "exemplars": sorted(prompts)[:3]})
+    return out
+
+
+def _chained_prompts(store, hops) -> tuple[set[str], dict[int, float]]:
+    """Prompts whose evidence has hop 1 (k@s -> j@s) and hop 2 (j@s -> f@t) at the same s; head sums of hop 2."""
+    prompts: set[str] = set()
+    heads: dict[int, float] = defaultdict(float)
+    for up, down in hops:
+        first = {(v.prompt, v.dst_pos) for v in store.evidence(up.src, up.dst, up.kind, 1000)}
+        for v in store.evidence(down.src, down.dst, down.kind, 1000):
+            if (v.prompt, v.src_pos) in first:
+                prompts.add(v.prompt)
+        for h, s in down.head_sums.items():
+            heads[h] += s
+    return prompts, heads
+
+
+def _exemplars(store, pair: dict, n: int = 3) -> list[dict]:
+    if pair["path"] == "direct":
+        ev = store.evidence(pair["source_uid"], pair["target_uid"], "direct", 50)
+        uids = list(dict.fromkeys(v.prompt for v in ev))[:n]
+    else:
+        uids = pair.get("exemplars", [])[:n]
+    prompts = store.prompts(uids)
+    return [{"prompt": u, "text": prompts[u].text if u in prompts else None} for u in uids]
+
+
+def mine(store, top: int = 20, min_prompts: int = 2) -> dict:
+    """Pairs (ranked by |total|), chains of three, hubs; each pattern with exemplar prompts."""
+    counts, n_total = _prompt_counts(store)
+    pairs = direct_pairs(store, counts, n_total, min_prompts) + via_resid_pairs(store, counts, n_total, min_prompts)
+    pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
+    graph = nx.DiGraph()
+    for p in pairs:
+        w = abs(p["total"] or 0)
+        if not graph.has_edge(p["source"], p["target"]) or graph[p["source"]][p["target"]]["w"] < w:
+            graph.add_edge(p["source"], p["target"], w=w, path=p["path"])
+    chains = []
+    for mid in graph.nodes:
+        for a in graph.predecessors(mid):
+            for c in graph.successors(mid):
+                w = min(graph[a][mid]["w"], graph[mid][c]["w"])
+                chains.append({"chain": [a, mid, c], "strength": rnd(w),
+                               "paths": [graph[a][mid]["path"], graph[mid][c]["path"]]})
+    chains.sort(key=lambda c: (-c["strength"], c["chain"]))
+    hubs = [{"id": n, "fed_by": graph.in_degree(n), "feeds": graph.out_degree(n)} for n in graph.nodes]
+    hubs.sort(key=lambda h: (-(h["fed_by"] + h["feeds"]), h["id"]))
+    shown = pairs[:top]
+    for p in shown:
+        p["exemplars"] = _exemplars(store, p)
+        p.pop("source_uid"), p.pop("target_uid")
+    return {"n_prompts": n_total, "pairs": shown, "chains": chains[:top], "hubs": hubs[:top],
+            "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment"}

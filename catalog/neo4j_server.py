@@ -1,0 +1,56 @@
+"""Build and run the repo's Neo4j Community launcher (tools/neo4j-server) — for tests and local use.
+
+Maven fetches Neo4j from Maven Central once (~125 MB into ~/.m2 and target/lib); the server then
+runs embedded with Bolt on 127.0.0.1, auth disabled (local use only).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+MODULE = Path(__file__).resolve().parent.parent / "tools" / "neo4j-server"
+JVM_FLAGS = ["--add-opens=java.base/java.nio=ALL-UNNAMED", "--add-opens=java.base/java.io=ALL-UNNAMED",
+             "--add-opens=java.base/sun.nio.ch=ALL-UNNAMED", "--enable-native-access=ALL-UNNAMED",
+             "-Dio.netty.tryReflectionSetAccessible=true"]
+
+
+def build() -> None:
+    if (MODULE / "target" / "classes" / "circuitcatalog" / "Neo4jServer.class").exists() and \
+            (MODULE / "target" / "lib").is_dir():
+        return
+    if shutil.which("mvn") is None:
+        raise RuntimeError("Maven (mvn) is needed to build the Neo4j launcher: apt-get install maven")
+    subprocess.run(["mvn", "-q", "-B", "package", "-DskipTests"], cwd=MODULE, check=True)
+
+
+def command(home: str, port: int, page_cache: str = "256m", heap: str = "1g") -> list[str]:
+    cp = f"{MODULE / 'target' / 'classes'}{os.pathsep}{MODULE / 'target' / 'lib' / '*'}"
+    return ["java", f"-Xmx{heap}", *JVM_FLAGS, "-cp", cp, "circuitcatalog.Neo4jServer", home, str(port), page_cache]
+
+
+def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120) -> subprocess.Popen:
+    """Start in the background; return once it prints READY (raise with its log otherwise)."""
+    build()
+    Path(home).mkdir(parents=True, exist_ok=True)
+    log = open(Path(home) / "server.log", "w")
+    proc = subprocess.Popen(command(home, port, page_cache), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if "READY" in (Path(home) / "server.log").read_text():
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"Neo4j did not start on port {port}:\n{(Path(home) / 'server.log').read_text()[-3000:]}")
+
+
+def run_foreground(home: str, port: int, page_cache: str) -> None:
+    build()
+    Path(home).mkdir(parents=True, exist_ok=True)
+    print(f"Neo4j Community on bolt://127.0.0.1:{port} (data in {home}); Ctrl-C stops it", flush=True)
+    os.execvp("java", command(home, port, page_cache))
