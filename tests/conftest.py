@@ -10,3 +10,54 @@ import torch  # noqa: E402
 # One intra-op thread: on 2 cores a second busy process (the Neo4j JVM, a writer thread) makes
 # torch's default pool thrash (measured: 19 us -> 2.8 ms for one elementwise op).
 torch.set_num_threads(1)
+
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def neo4j_url():
+    """A real Neo4j Community server (tools/neo4j-server, built from Maven Central) on 127.0.0.1.
+
+    If it cannot start, every test that needs it fails loudly: it is never skipped.
+    """
+    from catalog.neo4j_server import start
+
+    home = tempfile.mkdtemp(prefix="neo4j-test-")
+    port = _free_port()
+    try:
+        proc = start(home, port, page_cache="128m")
+    except Exception as exc:  # noqa: BLE001 - reported as a failure, not a skip
+        pytest.fail(f"Neo4j test server could not start: {exc}", pytrace=False)
+    yield f"neo4j://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except Exception:  # noqa: BLE001
+        proc.kill()
+
+
+def wipe_neo4j(url: str) -> None:
+    import neo4j
+
+    with neo4j.GraphDatabase.driver(url.replace("neo4j://", "bolt://"), auth=None) as d, d.session() as s:
+        # CALL {...} IN TRANSACTIONS needs an auto-commit transaction: session.run, not execute_query
+        s.run("MATCH (n) CALL { WITH n DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS").consume()
+
+
+@pytest.fixture(params=["sqlite", "neo4j"])
+def store_url(request, tmp_path):
+    """A fresh, empty store URL of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/catalog.db"
+    url = request.getfixturevalue("neo4j_url")
+    wipe_neo4j(url)
+    return url

@@ -1,0 +1,26 @@
+# The README's two commands are `make demo` and `make test`; both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: setup demo test bench neo4j
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev,plots]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/circuit-catalog demo
+
+# Builds the Neo4j launcher from Maven Central (first run), starts it on 127.0.0.1 for the suite.
+test: setup
+	CIRCUIT_CATALOG_TORCH_THREADS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider
+
+bench: setup
+	$(VENV)/bin/python bench/rdfa.py && $(VENV)/bin/python bench/store.py && $(VENV)/bin/python bench/ingest.py && $(VENV)/bin/python bench/api.py
+
+neo4j: setup
+	$(VENV)/bin/circuit-catalog neo4j-server

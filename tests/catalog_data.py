@@ -1,0 +1,76 @@
+"""A hand-built catalog: random observations over a small feature set, aggregated into batches,
+plus an independent (plain-Python) aggregation to check what stores answer."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import numpy as np
+
+from catalog.aggregate import Observations, aggregate_edges, node_stats
+from catalog.ids import parse_ref
+from catalog.schema import Batch, NodeInfo, Prompt
+
+MODEL, RELEASE = "toy", "rel"
+KINDS = ["attn_in", "resid_in", "direct"]
+REFS = [f"A{l}.{i}" for l in range(3) for i in range(6)] + [f"R{l}.{i}" for l in range(3) for i in range(6)] + \
+    ["EMB", "POS", "MLP0", "MLP1", "A1.ERR", "R2.BIAS"]
+
+
+def nodes() -> list[NodeInfo]:
+    return [NodeInfo.of(MODEL, RELEASE, parse_ref(r)) for r in REFS]
+
+
+def random_prompts(run: str, n: int, start: int = 0) -> list[Prompt]:
+    return [Prompt(f"{run}/p{i:04d}", run, f"p{i:04d}", f"prompt number {i}", [f"t{j}" for j in range(8)], "test:1",
+                   f"h{i}", {"i": i}) for i in range(start, start + n)]
+
+
+def random_observations(prompts: list[Prompt], seed: int, per_prompt: int = 60):
+    """Rows (prompt_uid, src_ref, dst_ref, kind, head, src_pos, dst_pos, value); values repeat on
+    purpose so evidence ties are exercised."""
+    rng = random.Random(seed)
+    rows = []
+    for p in prompts:
+        for _ in range(per_prompt):
+            dst = rng.choice([r for r in REFS if r[0] in "AR" and ".E" not in r and ".B" not in r and r[1] != "T"])
+            src = rng.choice(REFS)
+            kind = rng.choice(KINDS)
+            head = rng.choice([-1, 0, 1, 2]) if kind != "resid_in" else -1
+            value = round(rng.gauss(0, 1), 2) if rng.random() < 0.8 else 0.5
+            rows.append((p.uid, src, dst, kind, head, rng.randrange(8), rng.randrange(8), value))
+    return rows
+
+
+def make_batch(run: str, prompts: list[Prompt], rows, evidence_per_edge: int | None) -> Batch:
+    infos = nodes()
+    uid_of = {n.ref: i for i, n in enumerate(infos)}
+    p_of = {p.uid: i for i, p in enumerate(prompts)}
+    arr = lambda f, dt=np.int64: np.array([f(r) for r in rows], dtype=dt)  # noqa: E731
+    obs = Observations(arr(lambda r: p_of[r[0]]), arr(lambda r: uid_of[r[1]]), arr(lambda r: uid_of[r[2]]),
+                       arr(lambda r: KINDS.index(r[3])), arr(lambda r: r[4]), arr(lambda r: r[5]), arr(lambda r: r[6]),
+                       arr(lambda r: r[7], np.float64))
+    deltas, evidence = aggregate_edges(obs, [n.uid for n in infos], [p.uid for p in prompts], KINDS, evidence_per_edge)
+    feats = [i for i, n in enumerate(infos) if n.is_feature]
+    rng = np.random.default_rng(len(rows))
+    node_idx = rng.choice(feats, size=len(prompts) * 5)
+    stats = node_stats(node_idx, np.repeat(np.arange(len(prompts)), 5), rng.random(len(node_idx)),
+                       [n.uid for n in infos], len(prompts))
+    return Batch(run, prompts, infos, deltas, evidence, stats)
+
+
+def expected_edges(rows) -> dict:
+    """Plain-Python aggregation, independent of catalog.aggregate."""
+    out: dict = defaultdict(lambda: {"n_obs": 0, "sum": 0.0, "prompts": set(), "min": float("inf"),
+                                     "max": float("-inf"), "n_pos": 0, "heads": defaultdict(float)})
+    for p, s, d, k, h, sp, dp, v in rows:
+        e = out[(s, d, k)]
+        e["n_obs"] += 1
+        e["sum"] += v
+        e["prompts"].add(p)
+        e["min"], e["max"] = min(e["min"], v), max(e["max"], v)
+        e["n_pos"] += v > 0
+        if h >= 0:
+            e["heads"][h] += v
+    return out

@@ -1,0 +1,140 @@
+"""Issue 2: torch-free catalog/api, model and SAE loading, offline failures, the shipped toy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ingest.errors import LoadError
+from ingest.models import TOY_DIR, load_local_model, load_model, save_local_model
+from ingest.saes import load_sae_dir, load_saes
+from tiny import TINY_CFG
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "catalog.cli"]
+
+
+def test_catalog_and_api_never_import_torch():
+    code = ("import sys, catalog, api, catalog.cli, catalog.queries, catalog.mining, catalog.export, "
+            "catalog.stores.sqlite, catalog.stores.neo4j, api.app;"
+            "heavy = [m for m in ('torch', 'transformer_lens', 'sae_lens') if m in sys.modules];"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_help_lists_every_command():
+    out = subprocess.run(CLI + ["--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("trace", "ingest", "demo", "make-toy", "upstream", "downstream", "edge", "top-features", "cypher",
+                "export", "patterns", "serve", "neo4j-server"):
+        assert cmd in out, cmd
+
+
+def test_local_model_round_trip_gives_identical_logits(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from ingest.models import build_processed
+
+    torch.manual_seed(3)
+    raw = HookedTransformer(HookedTransformerConfig(**{**TINY_CFG, "seed": 3}, device="cpu"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(TINY_CFG["d_vocab"])}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    sd = {k: v.clone() for k, v in raw.state_dict().items()}
+    save_local_model(tmp_path / "m", dict(TINY_CFG), sd, tok, name="tiny", bos_token="w0", revision="r1")
+    loaded = load_local_model(tmp_path / "m", "cpu")
+    tokens = torch.randint(0, TINY_CFG["d_vocab"], (2, 9))
+    in_memory = build_processed(dict(TINY_CFG), sd, "cpu")
+    assert torch.equal(loaded.model(tokens), in_memory(tokens))
+    # processing must not change what the model computes (fold_ln etc. are exact rewrites)
+    torch.testing.assert_close(torch.log_softmax(loaded.model(tokens), -1), torch.log_softmax(raw(tokens), -1),
+                               atol=1e-4, rtol=1e-4)
+    assert loaded.tokenizer.encode("w5 w7") == [0, 5, 7]
+
+
+def test_sae_round_trip_matches_saelens(tmp_path):
+    from sae_lens import SAE
+
+    from ingest.toy.train import save_sae
+
+    g = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(16, 24, generator=g), "b_enc": torch.randn(24, generator=g),
+         "W_dec": torch.randn(24, 16, generator=g), "b_dec": torch.randn(16, generator=g)}
+    save_sae(w, tmp_path / "blocks.1.hook_resid_pre", "blocks.1.hook_resid_pre", reshape=False)
+    ours = load_sae_dir(tmp_path, "cpu", release="x")[0].weights
+    theirs = SAE.load_from_disk(str(tmp_path / "blocks.1.hook_resid_pre"))
+    x = torch.randn(5, 16, generator=g)
+    assert torch.equal(ours.activation(ours.pre_activation(x)), theirs.encode(x))
+    assert torch.equal(ours.decode(ours.activation(ours.pre_activation(x))), theirs(x))
+
+
+def test_toy_loads_offline_with_its_saes():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    lm = load_model("toy-ioi")
+    saes = load_saes(["toy-ioi"], lm.cfg)
+    assert sorted(saes.attn) == sorted(saes.resid) == list(range(lm.cfg.n_layers))
+    assert lm.processing == {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+                             "fold_value_biases": True}
+    assert lm.cfg.normalization_type == "LNPre"
+
+
+def test_mismatched_sae_is_refused_naming_both():
+    from tiny import tiny_model
+
+    model = tiny_model()
+    with pytest.raises(LoadError) as exc:
+        load_saes(["toy-ioi"], model.cfg)
+    msg = str(exc.value)
+    assert "blocks.0" in msg and "tiny-random" in msg and "64" in msg and "16" in msg
+
+
+def test_offline_hub_model_fails_with_one_clear_line():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(CLI + ["trace", "--model", "gpt2-small", "--saes", "gpt2-small-res-jb",
+                                "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "could not fetch model 'gpt2-small'" in lines[0] and "--model PATH" in lines[0]
+
+
+def test_offline_registry_sae_fails_with_a_clear_message():
+    lm = load_model("toy-ioi")
+    with pytest.raises(LoadError, match="could not fetch SAE gpt2-small-res-jb:blocks.0.hook_resid_pre"):
+        load_saes(["gpt2-small-res-jb:blocks.0.hook_resid_pre"], lm.cfg)
+
+
+def test_unknown_release_is_named():
+    lm = load_model("toy-ioi")
+    with pytest.raises(LoadError, match="not a directory on disk and not a SAELens release"):
+        load_saes(["no-such-release"], lm.cfg)
+
+
+def test_shipped_toy_has_learned_ioi_and_its_saes_reconstruct():
+    """Held-out prompts (a seed the trainer never used); FVE through SAELens's own forward pass."""
+    from sae_lens import SAE
+
+    from ingest.toy.train import collect_activations, ioi_metrics
+    from ingest.toy.vocab import build_tokenizer
+
+    lm = load_model("toy-ioi")
+    tok = build_tokenizer()
+    m = ioi_metrics(lm.model, tok, n=400, seed=987654)
+    assert m["ioi_accuracy"] >= 0.95 and m["ioi_logit_diff"] > 2.0
+    acts = collect_activations(lm.model, tok, 300, seed=4242)
+    for folder in sorted((TOY_DIR / "saes").iterdir()):
+        sae = SAE.load_from_disk(str(folder))
+        sae.turn_off_forward_pass_hook_z_reshaping()  # activations here are already flattened
+        x = acts[folder.name]
+        with torch.no_grad():
+            recon = sae(x)
+        fve = 1 - (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert fve >= 0.8, (folder.name, float(fve))
+    shipped = json.loads((TOY_DIR / "metrics.json").read_text())
+    assert shipped["model"]["ioi_accuracy"] >= 0.95

@@ -1,0 +1,210 @@
+"""Issue 4: both stores, the same answers — checked against an independent aggregation, against
+each other byte for byte, and under repeated, crashed and failed writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from catalog import queries
+from catalog.export import copy_catalog
+from catalog.schema import Evidence, Run
+from catalog.stores import StoreUnavailable, open_store
+from catalog.stores.base import CypherUnsupported
+from catalog_data import REFS, expected_edges, make_batch, random_observations, random_prompts
+from conftest import wipe_neo4j
+
+N = 4  # evidence kept per edge in these tests
+
+
+def _batches(run="r1"):
+    p1, p2 = random_prompts(run, 10), random_prompts(run, 10, start=10)
+    r1, r2 = random_observations(p1, seed=1), random_observations(p2, seed=2)
+    return (p1, r1, make_batch(run, p1, r1, N)), (p2, r2, make_batch(run, p2, r2, N))
+
+
+def _fill(url, batches):
+    store = open_store(url, evidence_per_edge=N)
+    store.start_run("r1", {"model": "toy", "note": "conformance"}, resume=False)
+    for _, _, b in batches:
+        assert store.write_batch(b) is True
+    store.finish_run("r1", "done", {"prompts": 20})
+    return store
+
+
+def snapshot(store) -> dict:
+    """Everything a catalog holds, in a canonical order (floats rounded as queries round them)."""
+    edges = sorted((e.src, e.dst, e.kind, e.n_prompts, e.n_obs, queries.rnd(e.sum), queries.rnd(e.sumsq),
+                    queries.rnd(e.sum_abs), e.min, e.max, e.n_pos,
+                    tuple(sorted((h, queries.rnd(v)) for h, v in e.head_sums.items() if v))) for e in store.all_edges())
+    stats = sorted((n.uid, s.n_obs, s.n_prompts, queries.rnd(s.sum_act), s.max_act) for n, s in store.all_nodes() if s)
+    return {"edges": edges, "evidence": sorted(store.all_evidence()), "stats": stats,
+            "prompts": sorted((p.uid, p.text, tuple(p.tokens), json.dumps(p.meta)) for p in store.all_prompts()),
+            "runs": [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in store.runs()]}
+
+
+def test_answers_match_an_independent_aggregation(store_url):
+    batches = _batches()
+    store = _fill(store_url, batches)
+    expect = expected_edges(batches[0][1] + batches[1][1])
+    checked = 0
+    for ref in REFS:
+        if ref[0] not in "AR" or ".E" in ref or ".B" in ref or ref.startswith("ATTN"):
+            continue
+        for row in queries.upstream(store, ref, order="count", limit=1000):
+            e = expect[(row["id"], ref, row["edge_kind"])]
+            assert row["n_obs"] == e["n_obs"] and row["n_prompts"] == len(e["prompts"])
+            assert row["sum"] == queries.rnd(e["sum"])
+            assert row["min"] == queries.rnd(e["min"]) and row["max"] == queries.rnd(e["max"])
+            assert row["heads"] == {str(h): queries.rnd(v) for h, v in sorted(e["heads"].items()) if v != 0.0}
+            checked += 1
+    assert checked == sum(1 for k in expect if k[1] == k[1])  # every aggregated edge was seen exactly once
+
+
+def test_evidence_is_the_top_n_of_all_observations(store_url):
+    batches = _batches()
+    store = _fill(store_url, batches)
+    rows = batches[0][1] + batches[1][1]
+    by_edge: dict = {}
+    for p, s, d, k, h, sp, dp, v in rows:
+        by_edge.setdefault((s, d, k), []).append((-abs(v), p, sp, dp, h, v))
+    stored = {}
+    for ev in store.all_evidence():
+        stored.setdefault((ev.src.split("|")[2], ev.dst.split("|")[2], ev.kind), []).append(
+            (-abs(ev.value), ev.prompt, ev.src_pos, ev.dst_pos, -1 if ev.head is None else ev.head, ev.value))
+    assert stored.keys() == by_edge.keys()
+    for key, obs in by_edge.items():
+        assert sorted(stored[key]) == sorted(obs)[:N], key
+
+
+def test_both_stores_print_byte_identical_json(tmp_path, neo4j_url):
+    wipe_neo4j(neo4j_url)
+    batches = _batches()
+    stores = [_fill(f"sqlite:///{tmp_path}/a.db", batches), _fill(neo4j_url, batches)]
+
+    def answers(s):
+        out = []
+        for ref in REFS:
+            for order in ("sum", "mean", "count", "abs"):
+                for fn in (queries.upstream, queries.downstream):
+                    try:
+                        out.append(fn(s, ref, order=order, limit=7))
+                        out.append(fn(s, ref, order=order, limit=5, offset=3, node_kinds=["attn"], min_count=2))
+                    except queries.NotFound:
+                        out.append("not found")
+        out.append(queries.edge(s, "R0.1", "A1.2") if s.edges_between("toy|rel|R0.1", "toy|rel|A1.2") else None)
+        for e in sorted(s.all_edges(), key=lambda e: e.key)[:15]:
+            out.append(queries.edge(s, e.src.split("|")[2], e.dst.split("|")[2], evidence_limit=3))
+        out += [queries.top_features(s, by="degree"), queries.top_features(s, kind="attn", by="total"),
+                queries.composition_counts(s), queries.prompt_graph(s, "r1/p0003", limit=50), queries.runs(s),
+                queries.feature(s, "A1.3")]
+        return json.dumps(out, sort_keys=False)
+
+    a, b = answers(stores[0]), answers(stores[1])
+    assert len(a) > 20_000
+    assert a == b
+
+
+def test_writing_a_batch_again_changes_nothing(store_url):
+    (b1, b2) = _batches()
+    store = _fill(store_url, [b1, b2])
+    before = snapshot(store)
+    assert store.write_batch(b1[2]) is False
+    assert store.write_batch(b2[2]) is False
+    assert snapshot(store) == before
+
+
+def test_crash_between_batches_then_retry_equals_one_clean_run(store_url):
+    (b1, b2) = _batches()
+    store = open_store(store_url, evidence_per_edge=N)
+    store.start_run("r1", {"model": "toy", "note": "conformance"}, resume=False)
+    store.write_batch(b1[2])
+    store.close()  # the job dies here; the next process retries from the start
+    store = open_store(store_url, evidence_per_edge=N)
+    assert store.write_batch(b1[2]) is False
+    assert store.write_batch(b2[2]) is True
+    store.finish_run("r1", "done", {"prompts": 20})
+    crashed = snapshot(store)
+    if store_url.startswith("neo4j"):
+        wipe_neo4j(store_url)
+    else:
+        store.close()
+        store_url = store_url.replace("catalog.db", "clean.db")
+    assert snapshot(_fill(store_url, [b1, b2]))["edges"] == crashed["edges"]
+    assert snapshot(open_store(store_url)) == {**crashed, "runs": snapshot(open_store(store_url))["runs"]}
+
+
+def test_a_failing_batch_stores_nothing(store_url, monkeypatch):
+    (b1, b2) = _batches()
+    store = _fill(store_url, [b1])
+    before = snapshot(store)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(type(store), "_write_evidence", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        store.write_batch(b2[2])
+    assert snapshot(store) == before
+    assert store.done_prompts("r1") == {p.prompt_id for p in b1[0]}
+    monkeypatch.undo()
+    assert store.write_batch(b2[2]) is True
+
+
+def test_evidence_drill_down_reaches_prompts_and_tokens(store_url):
+    batches = _batches()
+    store = _fill(store_url, batches)
+    e = max(store.all_edges(), key=lambda e: e.n_obs)
+    out = queries.edge(store, e.src.split("|")[2], e.dst.split("|")[2], evidence_limit=10)
+    kind = next(k for k in out["kinds"] if k["edge_kind"] == e.kind)
+    assert 0 < len(kind["evidence"]) <= N
+    for ev in kind["evidence"]:
+        prompt = store.prompt(ev["prompt"])
+        assert ev["text"] == prompt.text
+        assert ev["src_token"] == prompt.tokens[ev["src_pos"]] and ev["dst_token"] == prompt.tokens[ev["dst_pos"]]
+
+
+def test_export_round_trip_is_lossless(tmp_path, neo4j_url):
+    wipe_neo4j(neo4j_url)
+    src = _fill(f"sqlite:///{tmp_path}/src.db", _batches())
+    mid = open_store(neo4j_url, evidence_per_edge=None)
+    counts = copy_catalog(src, mid)
+    back = open_store(f"sqlite:///{tmp_path}/back.db", evidence_per_edge=None)
+    assert copy_catalog(mid, back) == counts
+    assert counts["edges"] > 100 and counts["evidence"] > 100 and counts["prompts"] == 20
+    assert snapshot(src) == snapshot(mid) == snapshot(back)
+
+
+def test_export_refuses_a_non_empty_target(tmp_path):
+    src = _fill(f"sqlite:///{tmp_path}/a.db", _batches())
+    with pytest.raises(Exception, match="not empty"):
+        copy_catalog(src, src)
+
+
+def test_sqlite_says_cypher_needs_neo4j(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/x.db")
+    with pytest.raises(CypherUnsupported, match="Cypher needs the Neo4j store"):
+        store.cypher("MATCH (n) RETURN n", {}, 10, 1.0)
+
+
+def test_unreachable_neo4j_is_one_clear_line():
+    with pytest.raises(StoreUnavailable, match="cannot reach Neo4j at neo4j://127.0.0.1:9") as exc:
+        open_store("neo4j://127.0.0.1:9")
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_sqlite_catalog_for_queries(tmp_path):
+    with pytest.raises(StoreUnavailable, match="no catalog at"):
+        open_store(f"sqlite:///{tmp_path}/nothing.db", create=False)
+
+
+def test_unknown_and_malformed_references(store_url):
+    store = _fill(store_url, _batches())
+    with pytest.raises(queries.NotFound, match="no node A9.9"):
+        queries.upstream(store, "A9.9")
+    with pytest.raises(queries.NodeRefError, match="cannot parse node reference 'A9'"):
+        queries.upstream(store, "A9")
+
+
+_ = (Evidence, Run)
