@@ -1,8 +1,10 @@
 """FastAPI app factory: ``create_app(Settings(...))``. The store opens in ``lifespan`` (nothing at
 import time); every handler goes through catalog.queries; errors map to 4xx/5xx with a message and
-never a stack trace."""
+never a stack trace.
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: FastAPI must evaluate the dependency aliases
+defined inside create_app.)"""
+
 
 import base64
 import json

@@ -225,7 +225,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            store: StoreOpt = DEFAULT_URL, run: str = "default", batch_size: int = 8, limit: Optional[int] = None,
            device: Optional[str] = None, shard: str = "0/1", resume: bool = False,
            max_tokens: Optional[int] = None, truncate: bool = False, skip_long: bool = False,
-           top_k: int = 8, min_abs: float = 1e-4, direct_positions: int = 4, evidence_per_edge: int = 16,
+           top_k: int = 5, min_abs: float = 0.01, direct_positions: int = 2, evidence_per_edge: int = 8,
            threads: int = 1, progress: bool = True):
     """Run RDFA over a corpus and store every edge with its provenance."""
     from ingest.jobs import JobOptions, parse_shard, run_job

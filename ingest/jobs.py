@@ -34,7 +34,7 @@ class JobOptions:
     resume: bool = False
     max_tokens: int | None = None
     long_policy: str = "refuse"  # refuse | truncate | skip
-    pruning: Pruning = field(default_factory=lambda: Pruning(top_k=8, min_abs=1e-4, direct_positions=4))
+    pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
     queue_size: int = 2
     progress: bool = True
 

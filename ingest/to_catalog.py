@@ -32,6 +32,14 @@ class NodeCatalog:
         return NodeInfo.of(self.model, self.release(code), code_to_ref(code, layer, index, None))
 
 
+def _catalog_edges(t: EdgeTable) -> torch.Tensor:
+    """Edges worth aggregating: not REST (pruning's remainder, per prompt only) and not an SAE's
+    encoder constant (BIAS of the target's own SAE: the same value on every prompt, a weight)."""
+    own_bias = (((t.src_code == Code.BIAS_A) & (t.dst_code == Code.ATTN)) |
+                ((t.src_code == Code.BIAS_R) & (t.dst_code == Code.RESID))) & (t.src_layer == t.dst_layer)
+    return (t.src_code != Code.REST) & ~own_bias
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
@@ -49,7 +57,7 @@ def graph_to_batch(graph: Graph, prompts: list[Prompt], nodes: NodeCatalog, run:
                    evidence_per_edge: int | None) -> Batch:
     """Aggregate one batch's graph (edges + direct view) into a Batch for Store.write_batch."""
     table = EdgeTable.cat([graph.edges, graph.direct]).to("cpu")
-    table = table.select(table.src_code != Code.REST)
+    table = table.select(_catalog_edges(table))
     gn = graph.nodes.to("cpu")
     src = _node_key(table.src_code, table.src_layer, table.src_index)
     dst = _node_key(table.dst_code, table.dst_layer, table.dst_index)

@@ -77,7 +77,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str | None = None, *, evidence_per_edge: int | None = 32, create: bool = True) -> Store:
+def open_store(url: str | None = None, *, evidence_per_edge: int | None = 8, create: bool = True) -> Store:
     """Open the store named by ``url`` (see the module docstring)."""
     url = url or DEFAULT_URL
     parsed = urlparse(url)

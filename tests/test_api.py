@@ -1,0 +1,138 @@
+"""Issue 6: the REST API on both stores — answers, errors, pagination, read-only Cypher."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.settings import Settings
+from catalog import queries
+from catalog.stores import open_store
+from test_store_conformance import _batches, _fill
+
+
+@pytest.fixture
+def client(store_url):
+    _fill(store_url, _batches())
+    with TestClient(create_app(Settings(store=store_url)), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_feature_and_errors(client):
+    r = client.get("/features/A1.3")
+    assert r.status_code == 200 and r.json()["id"] == "A1.3" and r.json()["kind"] == "attn"
+    assert r.json()["activation"]["n_prompts"] >= 1
+    assert client.get("/features/L1.F3").json()["uid"] == r.json()["uid"]  # the seed's alias
+    bad = client.get("/features/A1.x")
+    assert bad.status_code == 422 and "cannot parse node reference 'A1.x'" in bad.json()["detail"]
+    missing = client.get("/features/A9.9")
+    assert missing.status_code == 404 and "A9.9" in missing.json()["detail"]
+
+
+def test_upstream_filters_order_and_cursor_pagination(client, store_url):
+    store = open_store(store_url)
+    full = queries.upstream(store, "A2.1", order="count", limit=50)
+    assert len(full) > 6
+    page1 = client.get("/features/A2.1/upstream", params={"order": "count", "limit": 4}).json()
+    page2 = client.get("/features/A2.1/upstream", params={"order": "count", "limit": 4,
+                                                          "cursor": page1["next_cursor"]}).json()
+    assert page1["items"] + page2["items"] == full[:8]
+    only_attn = client.get("/features/A2.1/upstream", params={"kind": "attn", "edge_kind": "direct"}).json()["items"]
+    assert only_attn and all(i["kind"] == "attn" and i["edge_kind"] == "direct" for i in only_attn)
+    assert client.get("/features/A2.1/upstream", params={"limit": 10_000}).status_code == 422
+    assert client.get("/features/A2.1/upstream", params={"order": "nope"}).status_code == 422
+    assert client.get("/features/A2.1/upstream", params={"cursor": "garbage"}).status_code == 422
+    down = client.get("/features/R0.1/downstream", params={"layer": 1}).json()["items"]
+    assert all(i["layer"] == 1 for i in down)
+
+
+def test_edge_prompt_and_runs(client, store_url):
+    store = open_store(store_url)
+    e = max(store.all_edges(), key=lambda e: e.n_obs)
+    src, dst = e.src.split("|")[2], e.dst.split("|")[2]
+    body = client.get(f"/edges/{src}/{dst}").json()
+    assert body["kinds"] and body["kinds"][0]["evidence"][0]["text"].startswith("prompt number")
+    assert body == queries.edge(store, src, dst)
+    uid = body["kinds"][0]["evidence"][0]["prompt"]
+    assert client.get(f"/prompts/{uid}").json()["tokens"][0] == "t0"
+    assert client.get(f"/prompts/{uid}/graph").json()["edges"]
+    assert client.get("/prompts/r1/nope").status_code == 404
+    assert client.get("/runs").json()[0]["run_id"] == "r1"
+    assert client.get("/runs/r1").json()["status"] == "done"
+    assert client.get("/runs/zzz").status_code == 404
+    assert client.get("/healthz").json()["ok"] is True
+
+
+def test_cypher_on_sqlite_is_501(tmp_path):
+    url = f"sqlite:///{tmp_path}/c.db"
+    _fill(url, _batches())
+    with TestClient(create_app(Settings(store=url))) as c:
+        r = c.post("/cypher", json={"query": "MATCH (n) RETURN n LIMIT 1"})
+    assert r.status_code == 501 and "Cypher needs the Neo4j store" in r.json()["detail"]
+
+
+WRITES = [
+    "CREATE (n:Hack) RETURN n",
+    "MERGE (n:Node {uid: 'x'}) RETURN n",
+    "MATCH (n:Node) SET n.pwned = true RETURN count(n)",
+    "MATCH (n:Node) DETACH DELETE n",
+    "MATCH ()-[r:EDGE]->() DELETE r",
+    "CREATE INDEX hack IF NOT EXISTS FOR (n:Node) ON (n.pwned)",
+    "DROP CONSTRAINT node_uid",
+    "LOAD CSV FROM 'file:///etc/passwd' AS line RETURN line",
+    "CALL dbms.listConfig() YIELD name RETURN name",
+    "CALL db.createLabel('Hack')",
+    "MATCH (n:Node) CALL { WITH n SET n.x = 1 } IN TRANSACTIONS RETURN 1",
+    "MATCH (n:Node) FOREACH (i IN [1] | CREATE (:Hack)) RETURN 1",
+    "SHOW USERS",
+    "CREATE USER hacker SET PASSWORD 'password123'",
+    "EXPLAIN MATCH (n) RETURN n",
+    "USE system SHOW DATABASES",
+]
+
+
+def test_cypher_reads_with_parameters_and_refuses_every_write(tmp_path, neo4j_url):
+    from conftest import wipe_neo4j
+
+    wipe_neo4j(neo4j_url)
+    store = _fill(neo4j_url, _batches())
+    before = store.cypher("MATCH (n) RETURN count(n) AS n", {}, 10, 5)[0]["n"]
+    with TestClient(create_app(Settings(store=neo4j_url, cypher_row_cap=7, cypher_timeout_s=2))) as c:
+        ok = c.post("/cypher", json={"query": "MATCH (n:Feature {ref: $ref}) RETURN n.uid AS uid", "params": {"ref": "A1.3"}})
+        assert ok.status_code == 200 and ok.json()["rows"] == [{"uid": "toy|rel|A1.3"}]
+        capped = c.post("/cypher", json={"query": "UNWIND range(1, 100) AS i RETURN i"}).json()
+        assert len(capped["rows"]) == 7 and capped["truncated"] is True
+        slow = c.post("/cypher", json={"query": "UNWIND range(1, 100000000) AS i WITH i WHERE i % 7 = 99 "
+                                                "RETURN count(i)"})
+        assert slow.status_code == 400 and "limit" in slow.json()["detail"]
+        for q in WRITES:
+            r = c.post("/cypher", json={"query": q})
+            assert r.status_code == 400, q
+            assert r.json()["detail"] and "Traceback" not in r.text, q
+        injected = c.post("/cypher", json={"query": "MATCH (n:Feature {ref: $ref}) RETURN n.uid AS uid",
+                                           "params": {"ref": "A1.3'}) DETACH DELETE n //"}})
+        assert injected.status_code == 200 and injected.json()["rows"] == []
+    after = store.cypher("MATCH (n) RETURN count(n) AS n", {}, 10, 5)[0]["n"]
+    assert after == before
+    assert store.cypher("MATCH (n:Hack) RETURN count(n) AS n", {}, 10, 5)[0]["n"] == 0
+
+
+def test_store_down_is_503_with_retry_hint():
+    with TestClient(create_app(Settings(store="neo4j://127.0.0.1:9"))) as c:
+        r = c.get("/features/A1.1")
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "retry" in r.json()["detail"]
+
+
+def test_binds_to_localhost_and_refuses_weak_write_tokens():
+    assert Settings().host == "127.0.0.1"
+    with pytest.raises(ValueError, match="at least 16"):
+        Settings(write_token="short")
+
+
+def test_api_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from api.app import create_app; create_app(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

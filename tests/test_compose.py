@@ -1,0 +1,30 @@
+"""docker-compose.yml: the stack the README describes (``docker compose config`` validates it where
+Docker is installed; here its content is checked)."""
+
+from pathlib import Path
+
+import yaml
+
+COMPOSE = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+
+
+def test_services_and_localhost_ports():
+    services = COMPOSE["services"]
+    assert set(services) == {"neo4j", "api", "ingest"}
+    assert services["neo4j"]["image"].startswith("neo4j:5")
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port
+
+
+def test_neo4j_auth_from_env_with_data_volume_and_healthcheck():
+    neo = COMPOSE["services"]["neo4j"]
+    assert "${NEO4J_PASSWORD" in neo["environment"]["NEO4J_AUTH"]
+    assert any(v.startswith("neo4j-data:/data") for v in neo["volumes"])
+    assert "cypher-shell" in " ".join(neo["healthcheck"]["test"])
+    assert COMPOSE["services"]["api"]["depends_on"]["neo4j"]["condition"] == "service_healthy"
+
+
+def test_ingest_worker_reserves_a_gpu():
+    devices = COMPOSE["services"]["ingest"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]

@@ -1,0 +1,172 @@
+"""Issue 5: corpora (bad lines), long prompts, kill -9 + resume, shards — on both stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from catalog.stores import open_store
+from conftest import wipe_neo4j
+from ingest.corpora import open_corpus
+from ingest.errors import UserFacingError
+from ingest.jobs import JobOptions, run_job
+from ingest.session import Session
+from test_store_conformance import snapshot
+
+CLI = [sys.executable, "-m", "catalog.cli"]
+JOB = ["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--batch-size", "4", "--no-progress", "--run", "r"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return Session.open("toy-ioi", ["toy-ioi"], "cpu")
+
+
+def test_ioi_corpus_records_names_and_positions(toy, tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    run_job(toy, "ioi:6:3", store, JobOptions(run="ioi", progress=False))
+    prompts = list(store.all_prompts())
+    assert len(prompts) == 6
+    for p in prompts:
+        m = p.meta
+        assert p.tokens[m["io_pos"]] == m["io"] and p.tokens[m["s1_pos"]] == m["s"] == p.tokens[m["s2_pos"]]
+        assert m["end_pos"] == len(p.tokens) - 1 and m["order"] in ("ABBA", "BABA") and m["answer"] == m["io"]
+        assert m["s1_pos"] < m["s2_pos"] and p.text.count(m["io"]) == 1
+
+
+def test_abc_corpus_has_three_distinct_names():
+    items = open_corpus("abc:20:1").items()
+    assert len(items) == 20
+    for it in items:
+        assert len({it.meta["a"], it.meta["b"], it.meta["c"]}) == 3 and it.meta["c"] in it.text
+
+
+def test_jsonl_bad_lines_are_reported_counted_and_skipped(toy, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "When Mary and John went to the store, John gave a drink to", "id": "a"}\n'
+                    "not json at all\n"
+                    '{"id": "no-text"}\n'
+                    '{"text": "   "}\n'
+                    '{"text": "Then, Tom and Amy went to the park. Tom gave an apple to", "meta": {"k": 1}}\n')
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    logs = []
+    summary = run_job(toy, str(path), store, JobOptions(run="j", progress=False), log=logs.append)
+    assert summary.prompts == 2 and summary.bad_lines == 3
+    assert store.done_prompts("j") == {"a", "line-000005"}
+    bad = store.run("j").manifest["bad_lines"]
+    assert bad == [{"line": 2, "reason": "not JSON (Expecting value)"}, {"line": 3, "reason": 'no "text" string'},
+                   {"line": 4, "reason": "empty text"}]
+    assert any("corpus line 2" in line for line in logs)
+
+
+def test_txt_corpus_skips_empty_lines(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("When Mary and John went to the store, John gave a drink to\n\nThe apple was at the park.\n")
+    corpus = open_corpus(str(path))
+    assert [i.prompt_id for i in corpus.items()] == ["line-000001", "line-000003"]
+    assert [(b.line, b.reason) for b in corpus.bad_lines] == [(2, "empty line")]
+
+
+@pytest.mark.parametrize("spec,msg", [("ioi:x", "expected ioi:N"), ("nope.csv", "not understood"),
+                                      ("missing.jsonl", "does not exist"), ("ioi:0", "positive")])
+def test_bad_corpus_specs(spec, msg):
+    with pytest.raises(UserFacingError, match=msg):
+        open_corpus(spec)
+
+
+def test_hf_corpus_offline_is_a_clear_error():
+    with pytest.raises(UserFacingError, match="could not load dataset"):
+        open_corpus("hf:no-such-user/no-such-dataset").items()
+
+
+def test_long_prompts_refused_by_default_skipped_or_truncated(toy, tmp_path):
+    path = tmp_path / "long.jsonl"
+    long_text = " ".join(["Mary went to the store and bought a drink."] * 6)
+    path.write_text(json.dumps({"text": long_text, "id": "long-one"}) + "\n" +
+                    json.dumps({"text": "John saw Mary at the park today.", "id": "short"}) + "\n")
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    with pytest.raises(UserFacingError, match="prompt 'long-one' has 6[0-9] tokens, more than the limit of 32"):
+        run_job(toy, str(path), store, JobOptions(run="a", progress=False))
+    assert store.done_prompts("a") == set()
+    s = run_job(toy, str(path), store, JobOptions(run="b", long_policy="skip", progress=False))
+    assert (s.prompts, s.skipped_long) == (1, 1)
+    run_job(toy, str(path), store, JobOptions(run="c", long_policy="truncate", progress=False))
+    assert len(store.prompt("c/long-one").tokens) == 32
+
+
+def _ingest(store_url, *extra, check=True):
+    return subprocess.run(CLI + JOB + ["--store", store_url, *extra], capture_output=True, text=True, check=check,
+                          timeout=600)
+
+
+def _catalog(store_url):
+    snap = snapshot(open_store(store_url))
+    snap["runs"] = [(r[0], r[1]) for r in snap["runs"]]  # manifests hold times and resume counts
+    return snap
+
+
+def _fresh(store_url, name, tmp_path):
+    if store_url.startswith("neo4j"):
+        wipe_neo4j(store_url)
+        return store_url
+    return f"sqlite:///{tmp_path}/{name}.db"
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path):
+    corpus = ["--corpus", "ioi:24:5"]
+    proc = subprocess.Popen(CLI + JOB + ["--store", store_url, *corpus], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, watcher = time.time() + 300, None
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            watcher = watcher or open_store(store_url, create=False)
+            if len(watcher.done_prompts("r")) >= 8:
+                break
+        except Exception:  # noqa: BLE001 - the SQLite file may not exist yet
+            pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(open_store(store_url).done_prompts("r"))
+    assert 8 <= partial < 24 and partial % 4 == 0  # whole batches only
+    refused = _ingest(store_url, *corpus, check=False)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    _ingest(store_url, *corpus, "--resume")
+    resumed = _catalog(store_url)
+    assert len(resumed["prompts"]) == 24
+    clean_url = _fresh(store_url, "clean", tmp_path)
+    _ingest(clean_url, *corpus)
+    assert _catalog(clean_url) == resumed
+
+
+def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
+    corpus = ["--corpus", "ioi:16:6"]
+    procs = [subprocess.Popen(CLI + JOB + ["--store", store_url, *corpus, "--shard", f"{i}/2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    sharded = _catalog(store_url)
+    one_url = _fresh(store_url, "one", tmp_path)
+    _ingest(one_url, *corpus)
+    single = _catalog(one_url)
+    assert len(single["prompts"]) == 16
+    for key in ("edges", "evidence", "stats", "prompts"):
+        assert sharded[key] == single[key], key
+
+
+def test_manifest_records_what_reproduces_a_run(toy, tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    run_job(toy, "ioi:4", store, JobOptions(run="m", progress=False))
+    m = store.run("m").manifest
+    assert m["model"]["name"] == "toy-ioi" and m["model"]["processing"]["fold_ln"] is True
+    assert len(m["saes"]) == 6 and all(len(s["weights_hash"]) == 32 for s in m["saes"])
+    assert m["pruning"] == {"top_k": 5, "min_abs": 0.01, "direct": True, "direct_positions": 2}
+    assert m["corpus"]["spec"] == "ioi:4" and len(m["corpus"]["fingerprint"]) == 32
+    assert m["counts"]["prompts"] == 4 and m["dtype"] == "float32" and m["device"] == "cpu"
+    assert store.run("m").status == "done" and m["started"] and m["finished"]
