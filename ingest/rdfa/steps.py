@@ -178,34 +178,51 @@ def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, patte
     H, d, dh = W_V.shape
     B, S, R, _ = rows.vec.shape
     N = tb.shape[0]
-    E = sae.W_enc.view(H, dh, -1)[:, :, tf].permute(2, 0, 1)  # [N,H,dh]
-    v = torch.einsum("bsd,hde->bshe", center(cap_resid) / sigma[..., None], W_V) + b_V  # [B,S,H,dh]
     n_pairs = S * H if pruning.direct_positions is None else min(S * H, pruning.direct_positions)
-    kept_sum = torch.zeros(N, device=W_V.device)
-    tables = []
-    chunk = max(1, CHUNK_ELEMENTS // max(1, n_pairs * R * d + S * H * dh))
-    for n0 in range(0, N, chunk):
-        sl = slice(n0, min(N, n0 + chunk))
-        b, t, f, e = tb[sl], tt[sl], tf[sl], E[sl]
+    v = torch.einsum("bsd,hde->bshe", center(cap_resid) / sigma[..., None], W_V) + b_V  # [B,S,H,dh]
+    h_sel, s_sel, scale, q_sel = [], [], [], []
+    chunk = max(1, CHUNK_ELEMENTS // (B * S * H + H * d))
+    for n0 in range(0, N, chunk):  # memory chunks over targets
+        b, t = tb[n0:n0 + chunk], tt[n0:n0 + chunk]
+        e = sae.W_enc.view(H, dh, -1)[:, :, tf[n0:n0 + chunk]].permute(2, 0, 1)  # [n,H,dh]
         A = pattern[b, :, t, :]  # [n,H,S]
-        dfa = torch.einsum("nshe,nhe->nhs", v[b], e) * A
+        dfa = torch.einsum("bshe,nhe->nhbs", v, e)[torch.arange(len(b), device=b.device), :, b] * A  # [n,H,S]
         causal = torch.arange(S, device=b.device)[None, None, :] <= t[:, None, None]
-        score = torch.where(causal & rows.valid[b, :, 0][:, None, :], dfa.abs(), -1.0).reshape(len(b), H * S)
-        pairs = score.topk(n_pairs, dim=-1).indices  # [n,P]
-        h, s = pairs // S, pairs % S
+        pairs = torch.where(causal, dfa.abs(), -1.0).reshape(len(b), H * S).topk(n_pairs, dim=-1).indices
+        h, s = pairs // S, pairs % S  # [n,P]
         Q = center(torch.einsum("hde,nhe->nhd", W_V, e))  # [n,H,d]
-        q = Q.gather(1, h[..., None].expand(-1, -1, d))  # [n,P,d]
-        vec = rows.vec[b[:, None], s]  # [n,P,R,d]
-        scale = A[torch.arange(len(b), device=b.device)[:, None], h, s]  # [n,P]
-        value = (vec @ q[..., None]).squeeze(-1) * (scale / sigma[b[:, None], s])[..., None]  # [n,P,R]
-        # s > t carries zero attention, padded feature slots zero vectors: both give exact zeros
-        (n,), j, vals, kept = _select(value.reshape(len(b), -1), torch.ones_like(b, dtype=torch.bool), pruning)
-        kept_sum[sl] = kept
-        p, r = j // R, j % R
-        bn, sn = b[n], s[n, p]
-        tables.append(_edges(bn, rows, sn, r, Code.ATTN, sae.layer, f[n], t[n], h[n, p], vals,
-                             EdgeKind.DIRECT))
-    return EdgeTable.cat(tables), kept_sum
+        ar = torch.arange(len(b), device=b.device)[:, None]
+        h_sel.append(h), s_sel.append(s)
+        scale.append(A[ar, h, s] / sigma[b[:, None], s])
+        q_sel.append(Q[ar, h])  # [n,P,d]
+    h, s, scale, q = torch.cat(h_sel), torch.cat(s_sel), torch.cat(scale), torch.cat(q_sel)
+    value = _rows_dot(rows.vec, tb, s, q) * scale[..., None]  # [N,P,R]
+    # s > t carries zero attention, padded feature slots zero vectors: both give exact zeros
+    (n,), j, vals, kept = _select(value.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)
+    p, r = j // R, j % R
+    table = _edges(tb[n], rows, s[n, p], r, Code.ATTN, sae.layer, tf[n], tt[n], h[n, p], vals, EdgeKind.DIRECT)
+    return table, kept
+
+
+def _rows_dot(vec: torch.Tensor, b: torch.Tensor, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """out[n,p,r] = vec[b[n], s[n,p], r] . q[n,p]  for vec [B,S,R,d], q [N,P,d] -> [N,P,R].
+
+    Grouped by (prompt, position): each group is one matmul of that position's source rows against
+    every query that selected it, so source rows are never copied per target.
+    """
+    N, P, d = q.shape
+    S, R = vec.shape[1], vec.shape[2]
+    key = (b[:, None] * S + s).reshape(-1)
+    order = torch.argsort(key)
+    uniq, counts = torch.unique_consecutive(key[order], return_counts=True)
+    flat_q = q.reshape(-1, d)[order]
+    out = torch.empty(N * P, R, device=q.device, dtype=q.dtype)
+    rows = vec.reshape(-1, R, d)
+    start = 0
+    for k, c in zip(uniq.tolist(), counts.tolist()):  # one matmul per selected (prompt, position)
+        out[order[start:start + c]] = flat_q[start:start + c] @ rows[k].T
+        start += c
+    return out.view(N, P, R)
 
 
 def attn_constant(sae: SaeWeights, b_V: torch.Tensor) -> torch.Tensor:
