@@ -32,17 +32,26 @@ EVIDENCE_ORDER = "x.absval DESC, x.prompt, x.src_pos, x.dst_pos, x.head"
 
 WRITE_EDGES = """
 UNWIND $rows AS e
-MATCH (s:Node {uid: e.src}) MATCH (d:Node {uid: e.dst})
-MERGE (s)-[r:EDGE {key: e.key}]->(d)
-ON CREATE SET r.kind = e.kind, r.n_prompts = 0, r.n_obs = 0, r.sum = 0.0, r.sumsq = 0.0, r.sum_abs = 0.0,
-              r.n_pos = 0, r.head_sums = []
-SET r.n_prompts = r.n_prompts + e.n_prompts, r.n_obs = r.n_obs + e.n_obs, r.sum = r.sum + e.sum,
-    r.sumsq = r.sumsq + e.sumsq, r.sum_abs = r.sum_abs + e.sum_abs, r.n_pos = r.n_pos + e.n_pos,
-    r.min = CASE WHEN r.min IS NULL OR e.min < r.min THEN e.min ELSE r.min END,
-    r.max = CASE WHEN r.max IS NULL OR e.max > r.max THEN e.max ELSE r.max END,
-    r.head_sums = [i IN range(0, CASE WHEN size(r.head_sums) > size(e.heads) THEN size(r.head_sums)
-                   ELSE size(e.heads) END - 1) | coalesce(r.head_sums[i], 0.0) + coalesce(e.heads[i], 0.0)]
+MATCH (d:Node {uid: e.dst})
+REMOVE d.__lock
+WITH e, d
+OPTIONAL MATCH ()-[r:EDGE {key: e.key}]->()
+FOREACH (_ IN CASE WHEN r IS NULL THEN [] ELSE [1] END |
+  SET r.n_prompts = r.n_prompts + e.n_prompts, r.n_obs = r.n_obs + e.n_obs, r.sum = r.sum + e.sum,
+      r.sumsq = r.sumsq + e.sumsq, r.sum_abs = r.sum_abs + e.sum_abs, r.n_pos = r.n_pos + e.n_pos,
+      r.min = CASE WHEN e.min < r.min THEN e.min ELSE r.min END,
+      r.max = CASE WHEN e.max > r.max THEN e.max ELSE r.max END,
+      r.head_sums = [i IN range(0, CASE WHEN size(r.head_sums) > size(e.heads) THEN size(r.head_sums)
+                     ELSE size(e.heads) END - 1) | coalesce(r.head_sums[i], 0.0) + coalesce(e.heads[i], 0.0)])
+WITH e, d, r WHERE r IS NULL
+MATCH (s:Node {uid: e.src})
+CREATE (s)-[:EDGE {key: e.key, kind: e.kind, n_prompts: e.n_prompts, n_obs: e.n_obs, sum: e.sum, sumsq: e.sumsq,
+                   sum_abs: e.sum_abs, min: e.min, max: e.max, n_pos: e.n_pos, head_sums: e.heads}]->(d)
 """
+# Why not MERGE (s)-[r:EDGE {key}]->(d): between two hub nodes MERGE expands their relationships
+# (O(degree) per row). The key index seeks the edge directly; REMOVE on a property the target never
+# has takes its write lock without changing it, so concurrent writers (shards) cannot both create
+# the same edge.
 TRIM_EVIDENCE = f"""
 UNWIND $keys AS k
 MATCH (x:Evidence {{edge_key: k}})
