@@ -125,9 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/features/{ref}")
     def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None) -> dict:
-        out = queries.feature(s, ref, model=model)
-        out.update(_sae_info(s, out))
-        return out
+        return queries.feature(s, ref, model=model)
 
     def _neighbours(direction: str, ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model):
         offset = _offset(cursor)
@@ -194,16 +192,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     return app
 
-
-def _sae_info(store, feature: dict) -> dict:
-    """Neuronpedia link and SAE sufficiency flags recorded by ingest / eval-saes, when known."""
-    out: dict = {"neuronpedia": None, "sae_flags": None}
-    for run in store.runs():
-        for sae in run.manifest.get("saes", []):
-            kind_ok = sae.get("kind") == feature["kind"] and sae.get("layer") == feature["layer"]
-            if kind_ok and sae.get("neuronpedia_id"):
-                out["neuronpedia"] = f"https://www.neuronpedia.org/{sae['neuronpedia_id']}/{feature['index']}"
-        for ev in run.manifest.get("sae_eval", {}).get("saes", []):
-            if ev.get("kind") == feature["kind"] and ev.get("layer") == feature["layer"]:
-                out["sae_flags"] = {k: ev[k] for k in ("flagged", "logit_diff_recovery", "kl") if k in ev}
-    return out

@@ -254,6 +254,67 @@ def demo(store: StoreOpt = "sqlite:///demo-catalog.db", prompts: int = 500, thre
     run_demo(store, prompts, threads)
 
 
+@app.command("eval-saes")
+@friendly
+def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typer.Option()],
+              task: str = "ioi", n: int = 100, groups: Annotated[Optional[str], typer.Option(
+                  help='cross-sections, e.g. "0,3;2,4" (default: the seed\'s groups for 12 layers)')] = None,
+              min_recovery: float = 0.8, max_kl: float = 0.5, store: Optional[str] = None,
+              plot: str = "eval-saes.png", device: Optional[str] = None, threads: int = 1, json_: JsonOpt = False):
+    """Splice each SAE in (no error term): IOI logit difference and KL vs clean and mean ablation; flag damage."""
+    from ingest.evaluate import Thresholds, eval_saes as run_eval, plot as draw
+    from ingest.runtime import configure_threads
+    from ingest.session import Session
+
+    if task != "ioi":
+        raise ValueError(f"--task {task!r}: only ioi is implemented")
+    try:
+        parsed = [[int(x) for x in g.split(",")] for g in groups.split(";")] if groups else None
+    except ValueError:
+        raise ValueError(f"--groups {groups!r}: expected comma-separated layers, groups split by ';'") from None
+    configure_threads(threads)
+    session = Session.open(model, saes, device)
+    result = run_eval(session, n=n, groups=parsed, thresholds=Thresholds(min_recovery, max_kl))
+    result.update(model=session.lm.name, releases={"attn": session.saes.release_of_attn(),
+                                                    "resid": session.saes.release_of_resid()})
+    draw(result, plot)
+    result["plot"] = plot
+    if store:
+        target = open_store(store)
+        run_id = f"sae-eval-{session.lm.name}"
+        target.start_run(run_id, {"kind": "sae_eval", **session.manifest()}, resume=True)
+        target.finish_run(run_id, "done", {"sae_eval": result})
+    if json_:
+        _print(result, True)
+    else:
+        _print([{**r, "logit_diff": round(r["logit_diff"], 3), "kl": round(r["kl"], 4),
+                 "logit_diff_recovery": None if r["logit_diff_recovery"] is None else round(r["logit_diff_recovery"], 3)}
+                for r in result["saes"]], False,
+               ["kind", "layer", "logit_diff", "kl", "logit_diff_recovery", "flagged"])
+        typer.echo(f"clean logit difference {result['clean_logit_diff']:.3f}; plot written to {plot}")
+
+
+@app.command("spot-check")
+@friendly
+def spot_check(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typer.Option()],
+               run: Annotated[str, typer.Option()], store: StoreOpt = DEFAULT_URL, n: int = 20,
+               device: Optional[str] = None, threads: int = 1):
+    """Causal spot-check of a run's stored edges: ablate the source, compare with DFA (frozen and not)."""
+    from ingest.evaluate import spot_check as check
+    from ingest.runtime import configure_threads
+    from ingest.session import Session
+
+    configure_threads(threads)
+    target = open_store(store, create=False)
+    existing = target.run(run)
+    if existing is None:
+        raise ValueError(f"no run {run!r} in {store}")
+    result = check(Session.open(model, saes, device), target, run, n=n)
+    target.finish_run(run, existing.status, {"spot_check": {k: v for k, v in result.items() if k != "edges"}
+                                             | {"edges": result["edges"][:50]}})
+    _print(result, True)
+
+
 def main() -> None:
     app()
 

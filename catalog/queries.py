@@ -113,13 +113,35 @@ def edge(store, src: str, dst: str, *, model: str | None = None, evidence_limit:
     for e in found:
         ev = store.evidence(s.uid, d.uid, e.kind, min(evidence_limit, MAX_LIMIT))
         kinds.append({**edge_stats(e), "evidence": evidence_json(ev, store.prompts([v.prompt for v in ev]))})
-    return {"source": s.ref, "target": d.ref, "source_uid": s.uid, "target_uid": d.uid, "kinds": kinds}
+    flags = {n.ref: sae_info(store, n)["sae_flags"] for n in (s, d)}
+    through_flagged = [ref for ref, f in flags.items() if f and f["flagged"]]
+    return {"source": s.ref, "target": d.ref, "source_uid": s.uid, "target_uid": d.uid, "kinds": kinds,
+            "sae_flags": flags, "through_flagged_sae": through_flagged}
 
 
 def feature(store, ref: str, *, model: str | None = None) -> dict:
     node = resolve(store, ref, model)
     info, stats = store.node(node.uid)
-    return node_json(info, stats)
+    return {**node_json(info, stats), **sae_info(store, info)}
+
+
+def sae_info(store, node: NodeInfo) -> dict:
+    """Neuronpedia link (from ingest manifests) and SAE sufficiency flags (from eval-saes runs)."""
+    out: dict = {"neuronpedia": None, "sae_flags": None}
+    if node.kind not in ("attn", "resid"):
+        return out
+    for run in store.runs():
+        m = run.manifest
+        for sae in m.get("saes", []):
+            if sae.get("kind") == node.kind and sae.get("layer") == node.layer and sae.get("neuronpedia_id"):
+                out["neuronpedia"] = f"https://www.neuronpedia.org/{sae['neuronpedia_id']}/{node.index}"
+        ev = m.get("sae_eval")
+        if ev and ev.get("model") == node.model and ev.get("releases", {}).get(node.kind) == node.release:
+            for row in ev["saes"]:
+                if row["kind"] == node.kind and row["layer"] == node.layer:
+                    out["sae_flags"] = {"flagged": row["flagged"], "logit_diff_recovery": rnd(row["logit_diff_recovery"]),
+                                        "kl": rnd(row["kl"]), "run": run.run_id}
+    return out
 
 
 def prompt(store, uid: str) -> dict:

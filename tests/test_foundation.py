@@ -32,7 +32,7 @@ def test_catalog_and_api_never_import_torch():
 def test_help_lists_every_command():
     out = subprocess.run(CLI + ["--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("trace", "ingest", "demo", "make-toy", "upstream", "downstream", "edge", "top-features", "cypher",
-                "export", "patterns", "serve", "neo4j-server"):
+                "export", "patterns", "serve", "neo4j-server", "eval-saes", "spot-check"):
         assert cmd in out, cmd
 
 

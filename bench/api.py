@@ -1,0 +1,115 @@
+"""API benchmark: requests/s and p50/p99 latency of GET /features/{ref}/upstream with 8 concurrent
+clients, against the API served by uvicorn (a separate process) over a 1M-observation catalog
+(bench/store.py's synthetic data) in SQLite and in Neo4j. Target: p99 <= 50 ms.
+Usage: python bench/api.py [--obs 1000000] [--requests 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from catalog.neo4j_server import start  # noqa: E402
+from catalog.stores import open_store  # noqa: E402
+
+CLIENTS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill(url: str, n_obs: int) -> list[str]:
+    from store import make_batches
+
+    store = open_store(url)
+    for batch in make_batches(n_obs):
+        store.write_batch(batch)
+    return sorted({e.dst.split("|")[2] for e in store.all_edges()})
+
+
+def load(port: int, refs: list[str], per_client: int) -> tuple[float, list[float]]:
+    lat: list[float] = []
+    lock = threading.Lock()
+    rng = np.random.default_rng(0)
+    picks = [refs[i] for i in rng.integers(len(refs), size=CLIENTS * per_client)]
+
+    def client(k: int) -> None:
+        mine = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for ref in picks[k::CLIENTS]:
+                t = time.perf_counter()
+                r = c.get(f"/features/{ref}/upstream", params={"limit": 20})
+                mine.append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(lat) / (time.perf_counter() - t0), lat
+
+
+def serve_and_measure(url: str, refs: list[str], per_client: int) -> None:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", "--store", url, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        load(port, refs, 5)  # warm-up
+        rps, lat = load(port, refs, per_client)
+        ms = np.array(lat) * 1000
+        print(f"  {url.split(':')[0]:<7} {rps:7.0f} requests/s   p50 {np.percentile(ms, 50):6.1f} ms   "
+              f"p99 {np.percentile(ms, 99):6.1f} ms   ({len(lat)} requests, {CLIENTS} clients)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--obs", type=int, default=1_000_000)
+    ap.add_argument("--requests", type=int, default=400, help="per client")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    print(f"catalog: {args.obs:,} synthetic observations (bench/store.py); GET /features/{{ref}}/upstream?limit=20")
+    sqlite = f"sqlite:///{tmp}/api.db"
+    refs = fill(sqlite, args.obs)
+    serve_and_measure(sqlite, refs, args.requests)
+    port = free_port()
+    proc = start(str(tmp / "neo4j"), port, page_cache="1g")
+    try:
+        neo = f"neo4j://127.0.0.1:{port}"
+        fill(neo, args.obs)
+        serve_and_measure(neo, refs, args.requests)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Mining on a hand-built catalog with planted compositions: a direct pair and a pair through one
+residual feature recur on 30 of 60 prompts; everything else is random noise."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from catalog.aggregate import Observations, aggregate_edges, node_stats
+from catalog.ids import parse_ref
+from catalog.mining import mine, null_z
+from catalog.schema import Batch, NodeInfo, Prompt
+from catalog.stores import open_store
+
+KINDS = ["attn_in", "resid_in", "direct"]
+REFS = [f"A{l}.{i}" for l in range(3) for i in range(12)] + [f"R{l}.{i}" for l in range(3) for i in range(12)]
+
+
+def _catalog(url: str):
+    rng = random.Random(7)
+    infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in REFS]
+    idx = {n.ref: i for i, n in enumerate(infos)}
+    prompts = [Prompt(f"m/p{i:03d}", "m", f"p{i:03d}", f"prompt {i}", [f"t{j}" for j in range(10)], "t", f"h{i}")
+               for i in range(60)]
+    rows = []  # (prompt index, src, dst, kind, head, src_pos, dst_pos, value)
+    for p in range(60):
+        if p % 2 == 0:  # the planted patterns, on every even prompt
+            rows.append((p, "A0.5", "A2.7", "direct", 3, 2, 9, 1.5 + 0.1 * rng.random()))
+            rows.append((p, "A0.3", "R1.4", "resid_in", -1, 4, 4, 2.0))
+            rows.append((p, "R1.4", "A1.9", "attn_in", 1, 4, 8, 1.2))
+        for _ in range(20):  # noise among the other features
+            src, dst = rng.choice(REFS[12:36] + REFS[36:]), rng.choice(REFS[13:36])
+            if parse_ref(src).layer < parse_ref(dst).layer or src[0] == "R":
+                kind = "resid_in" if dst[0] == "R" else rng.choice(["direct", "attn_in"])
+                rows.append((p, src, dst, kind, rng.randrange(4), rng.randrange(10), rng.randrange(10), rng.gauss(0, 0.3)))
+    a = lambda i, dt=np.int64: np.array([r[i] if i not in (1, 2) else idx[r[i]] for r in rows], dtype=dt)  # noqa: E731
+    obs = Observations(a(0), a(1), a(2), np.array([KINDS.index(r[3]) for r in rows]), a(4), a(5), a(6),
+                       a(7, np.float64))
+    deltas, evidence = aggregate_edges(obs, [n.uid for n in infos], [p.uid for p in prompts], KINDS, None)
+    active_node = np.concatenate([obs.src, obs.dst])
+    active_prompt = np.concatenate([obs.prompt, obs.prompt])
+    stats = node_stats(active_node, active_prompt, np.ones(len(active_node)), [n.uid for n in infos], 60)
+    store = open_store(url, evidence_per_edge=None)
+    store.start_run("m", {}, resume=False)
+    store.write_batch(Batch("m", prompts, infos, deltas, evidence, stats))
+    return store
+
+
+def test_planted_direct_and_via_resid_compositions_are_found_above_the_null(store_url):
+    result = mine(_catalog(store_url), top=10, min_prompts=5)
+    pairs = {(p["source"], p["target"], p["path"]): p for p in result["pairs"]}
+    direct = pairs[("A0.5", "A2.7", "direct")]
+    assert direct["n_prompts"] == 30 and direct["sign_share"] == 1.0 and list(direct["heads"]) == ["3"]
+    assert direct["z_score"] > 3  # recurs far more often than shuffled prompt assignments would give
+    via = pairs[("A0.3", "A1.9", "via_resid")]
+    assert via["via"] == ["R1.4"] and via["n_prompts"] == 30
+    assert via["total"] == pytest.approx(30 * 1.2 * (60.0 / 60.0), rel=1e-4)  # A0.3 is all of R1.4's input
+    assert [e["prompt"] for e in via["exemplars"]] == ["m/p000", "m/p002", "m/p004"]
+    assert result["pairs"][0]["source"] in ("A0.5", "A0.3")  # the planted pairs outrank the noise
+    noise = [p for p in result["pairs"] if p["source"] not in ("A0.5", "A0.3")]
+    assert all(abs(p["total"]) < direct["total"] for p in noise)
+
+
+def test_null_baseline_separates_recurrence_from_chance():
+    # 30 shared prompts out of 60 when each fires on 30: exactly chance would be 15
+    assert null_z(30, 30, 30, 60) == pytest.approx(7.68, abs=0.01)
+    assert null_z(15, 30, 30, 60) == pytest.approx(0.0, abs=1e-9)
+    assert null_z(5, 60, 30, 60) is None  # a feature on every prompt: the shuffle changes nothing
+    # check the closed form against an actual shuffle of prompt assignments
+    rng = np.random.default_rng(0)
+    src = np.zeros(60, bool)
+    src[:30] = True
+    shared = [int((src & rng.permutation(src)).sum()) for _ in range(20000)]
+    assert np.mean(shared) == pytest.approx(15.0, abs=0.05)
+    assert (30 - np.mean(shared)) / np.std(shared) == pytest.approx(7.68, rel=0.02)
