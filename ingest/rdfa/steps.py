@@ -181,12 +181,12 @@ def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, patte
     n_pairs = S * H if pruning.direct_positions is None else min(S * H, pruning.direct_positions)
     v = torch.einsum("bsd,hde->bshe", center(cap_resid) / sigma[..., None], W_V) + b_V  # [B,S,H,dh]
     h_sel, s_sel, scale, q_sel = [], [], [], []
-    chunk = max(1, CHUNK_ELEMENTS // (B * S * H + H * d))
+    chunk = max(1, CHUNK_ELEMENTS // (S * H * dh + H * d))
     for n0 in range(0, N, chunk):  # memory chunks over targets
         b, t = tb[n0:n0 + chunk], tt[n0:n0 + chunk]
         e = sae.W_enc.view(H, dh, -1)[:, :, tf[n0:n0 + chunk]].permute(2, 0, 1)  # [n,H,dh]
         A = pattern[b, :, t, :]  # [n,H,S]
-        dfa = torch.einsum("bshe,nhe->nhbs", v, e)[torch.arange(len(b), device=b.device), :, b] * A  # [n,H,S]
+        dfa = torch.einsum("nshe,nhe->nhs", v[b], e) * A  # [n,H,S]: each target against its own prompt
         causal = torch.arange(S, device=b.device)[None, None, :] <= t[:, None, None]
         pairs = torch.where(causal, dfa.abs(), -1.0).reshape(len(b), H * S).topk(n_pairs, dim=-1).indices
         h, s = pairs // S, pairs % S  # [n,P]
