@@ -79,7 +79,9 @@ class Neo4jStore:
         self.url, self.database, self.evidence_per_edge = url, database, evidence_per_edge
         auth = (user, password or "") if user else None
         try:
-            self.driver = neo4j.GraphDatabase.driver(bolt, auth=auth, connection_timeout=10)
+            # notifications off: the server warns about absent property keys on every query of an empty catalog
+            self.driver = neo4j.GraphDatabase.driver(bolt, auth=auth, connection_timeout=10,
+                                                     notifications_min_severity="OFF")
             self.driver.verify_connectivity()
             for stmt in SCHEMA:
                 self.driver.execute_query(stmt, database_=database)
