@@ -20,7 +20,7 @@ test: setup
 	CIRCUIT_CATALOG_TORCH_THREADS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider
 
 bench: setup
-	$(VENV)/bin/python bench/rdfa.py && $(VENV)/bin/python bench/store.py && $(VENV)/bin/python bench/ingest.py && $(VENV)/bin/python bench/api.py
+	$(VENV)/bin/python bench/rdfa.py && $(VENV)/bin/python bench/store.py && $(VENV)/bin/python bench/ingest_pipeline.py && $(VENV)/bin/python bench/api_load.py
 
 neo4j: setup
 	$(VENV)/bin/circuit-catalog neo4j-server

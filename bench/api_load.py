@@ -1,7 +1,7 @@
 """API benchmark: requests/s and p50/p99 latency of GET /features/{ref}/upstream with 8 concurrent
 clients, against the API served by uvicorn (a separate process) over a 1M-observation catalog
 (bench/store.py's synthetic data) in SQLite and in Neo4j. Target: p99 <= 50 ms.
-Usage: python bench/api.py [--obs 1000000] [--requests 400]
+Usage: python bench/api_load.py [--obs 1000000] [--requests 400]
 """
 
 from __future__ import annotations

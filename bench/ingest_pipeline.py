@@ -1,7 +1,7 @@
 """Ingest benchmark: end-to-end prompts/s and observations/s of `run_job` (tokenize, forward, RDFA,
 aggregate, write through the writer thread), on toy-ioi and on the GPT-2-shaped random model of
 bench/rdfa.py, into SQLite and a live Neo4j; plus the share of wall time the compute loop waited on
-the store (target <= 10%). Usage: python bench/ingest.py [--threads 2] [--gpt2-prompts 8]
+the store (target <= 10%). Usage: python bench/ingest_pipeline.py [--threads 2] [--gpt2-prompts 8]
 """
 
 from __future__ import annotations
