@@ -100,7 +100,7 @@ def main() -> None:
     refs = fill(sqlite, args.obs)
     serve_and_measure(sqlite, refs, args.requests)
     port = free_port()
-    proc = start(str(tmp / "neo4j"), port, page_cache="1g")
+    proc = start(str(tmp / "neo4j"), port, page_cache="1g", heap="3g")
     try:
         neo = f"neo4j://127.0.0.1:{port}"
         fill(neo, args.obs)

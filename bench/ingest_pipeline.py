@@ -69,7 +69,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start(str(tmp / "neo4j"), port, page_cache="1g")
+    proc = start(str(tmp / "neo4j"), port, page_cache="1g", heap="3g")
     neo = f"neo4j://127.0.0.1:{port}"
     try:
         print(f"CPU, torch threads {torch.get_num_threads()}; ingest defaults (top-k 5, |v| >= 0.01, direct top-2)")

@@ -136,7 +136,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start(str(tmp / "neo4j"), port, page_cache="1g")
+    proc = start(str(tmp / "neo4j"), port, page_cache="1g", heap="3g")
     try:
         print("Neo4j:")
         bench_store(f"neo4j://127.0.0.1:{port}", args.obs, baseline=True)

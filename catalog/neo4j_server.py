@@ -19,8 +19,9 @@ JVM_FLAGS = ["--add-opens=java.base/java.nio=ALL-UNNAMED", "--add-opens=java.bas
 
 
 def build() -> None:
-    if (MODULE / "target" / "classes" / "circuitcatalog" / "Neo4jServer.class").exists() and \
-            (MODULE / "target" / "lib").is_dir():
+    built = MODULE / "target" / "classes" / "circuitcatalog" / "Neo4jServer.class"
+    source = MODULE / "src" / "main" / "java" / "circuitcatalog" / "Neo4jServer.java"
+    if built.exists() and built.stat().st_mtime >= source.stat().st_mtime and (MODULE / "target" / "lib").is_dir():
         return
     if shutil.which("mvn") is None:
         raise RuntimeError("Maven (mvn) is needed to build the Neo4j launcher: apt-get install maven")
@@ -32,12 +33,12 @@ def command(home: str, port: int, page_cache: str = "256m", heap: str = "1g") ->
     return ["java", f"-Xmx{heap}", *JVM_FLAGS, "-cp", cp, "circuitcatalog.Neo4jServer", home, str(port), page_cache]
 
 
-def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120) -> subprocess.Popen:
+def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120, heap: str = "1g") -> subprocess.Popen:
     """Start in the background; return once it prints READY (raise with its log otherwise)."""
     build()
     Path(home).mkdir(parents=True, exist_ok=True)
     log = open(Path(home) / "server.log", "w")
-    proc = subprocess.Popen(command(home, port, page_cache), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command(home, port, page_cache, heap), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if "READY" in (Path(home) / "server.log").read_text():

@@ -32,6 +32,9 @@ public final class Neo4jServer {
                 .setConfig(GraphDatabaseSettings.auth_enabled, false)
                 .setConfig(GraphDatabaseSettings.pagecache_memory, org.neo4j.io.ByteUnit.parse(pageCache))
                 .setConfig(GraphDatabaseSettings.transaction_timeout, Duration.ofMinutes(10))
+                // one ingest batch is one transaction; large models write ~1e6 rows per batch, more
+                // than the default cap (70% of heap) allows, so the cap is the heap itself
+                .setConfig(GraphDatabaseSettings.memory_transaction_global_max_size, 0L)
                 .build();
         Runtime.getRuntime().addShutdownHook(new Thread(service::shutdown, "neo4j-shutdown"));
 
