@@ -70,6 +70,8 @@ def run_read_only(driver, database: str, query: str, params: dict, limit: int, t
             return rows
     except CypherRefused:
         raise
+    except (OverflowError, TypeError, ValueError) as exc:  # the driver cannot pack a parameter
+        raise CypherRefused(f"query parameters cannot be sent to Neo4j: {exc}") from None
     except ServiceUnavailable as exc:
         raise StoreError(f"Neo4j unavailable: {exc}") from None
     except ClientError as exc:

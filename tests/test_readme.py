@@ -1,17 +1,18 @@
 """Every CLI command is documented in the README, and the README has its two commands."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def test_every_command_is_documented():
-    out = subprocess.run([sys.executable, "-m", "catalog.cli", "--help"], capture_output=True, text=True).stdout
-    commands = set(re.findall(r"│ ([a-z][a-z-]+) {2,}", out))
-    assert len(commands) >= 18
+    import typer.main
+
+    from catalog.cli import app
+
+    commands = set(typer.main.get_command(app).commands)
+    assert len(commands) >= 17
     for cmd in commands:
         assert f"circuit-catalog {cmd}" in README or f"`{cmd}`" in README, cmd
 
