@@ -25,7 +25,13 @@ from catalog.stores import StoreError, StoreUnavailable, open_store
 from catalog.stores.base import CypherRefused, CypherUnsupported
 
 log = logging.getLogger("circuit_catalog.api")
+# Most specific first: Starlette picks the handler of the nearest class in the exception's MRO.
+ERROR_STATUS = {NodeRefError: 422, queries.NotFound: 404, queries.Ambiguous: 409, CypherUnsupported: 501,
+                CypherRefused: 400, StoreError: 400, ValueError: 422}
 NodeKindName = Literal["attn", "resid", "error", "bias", "emb", "pos", "mlp", "attn_out"]
+KindQ = Annotated[list[NodeKindName] | None, Query(description="node kinds of the other end")]
+LayerQ = Annotated[list[int] | None, Query(description="layers of the other end")]
+EdgeKindQ = Annotated[list[Literal[EDGE_KINDS]] | None, Query(description="edge kinds")]  # type: ignore[valid-type]
 
 
 class CypherRequest(BaseModel):
@@ -72,38 +78,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Store = Annotated[Any, Depends(store)]
     Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
 
-    @app.exception_handler(NodeRefError)
-    async def _bad_ref(_, exc):
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
-
-    @app.exception_handler(queries.NotFound)
-    async def _missing(_, exc):
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
-
-    @app.exception_handler(queries.Ambiguous)
-    async def _ambiguous(_, exc):
-        return JSONResponse(status_code=409, content={"detail": str(exc)})
-
-    @app.exception_handler(CypherUnsupported)
-    async def _no_cypher(_, exc):
-        return JSONResponse(status_code=501, content={"detail": str(exc)})
-
-    @app.exception_handler(CypherRefused)
-    async def _refused(_, exc):
-        return JSONResponse(status_code=400, content={"detail": str(exc)})
+    for exc_type, status in ERROR_STATUS.items():  # expected errors: their message, no stack trace
+        app.add_exception_handler(exc_type, lambda _, exc, status=status: JSONResponse(
+            status_code=status, content={"detail": str(exc)}))
 
     @app.exception_handler(StoreUnavailable)
     async def _down(_, exc):
         return JSONResponse(status_code=503, headers={"Retry-After": "5"},
                             content={"detail": f"catalog store unavailable: {exc}; retry shortly"})
-
-    @app.exception_handler(StoreError)
-    async def _store_error(_, exc):
-        return JSONResponse(status_code=400, content={"detail": str(exc)})
-
-    @app.exception_handler(ValueError)
-    async def _bad_value(_, exc):
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc):
@@ -133,24 +115,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   edge_kinds=edge_kind, min_count=min_count, order=order, limit=limit, offset=offset)
         return {"items": rows, "next_cursor": _cursor(offset + limit) if len(rows) == limit else None}
 
-    neighbour_params = dict(
-        kind=Annotated[list[NodeKindName] | None, Query(description="node kinds of the other end")],
-        layer=Annotated[list[int] | None, Query()],
-        edge_kind=Annotated[list[Literal[EDGE_KINDS]] | None, Query()],  # type: ignore[valid-type]
-    )
 
     @app.get("/features/{ref}/upstream")
     def get_upstream(ref: Annotated[str, Path(max_length=64)], s: Store,
-                     kind: neighbour_params["kind"] = None, layer: neighbour_params["layer"] = None,
-                     edge_kind: neighbour_params["edge_kind"] = None, min_count: Annotated[int, Query(ge=0)] = 0,
+                     kind: KindQ = None, layer: LayerQ = None,
+                     edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                      order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
                      cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> dict:
         return _neighbours("up", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
 
     @app.get("/features/{ref}/downstream")
     def get_downstream(ref: Annotated[str, Path(max_length=64)], s: Store,
-                       kind: neighbour_params["kind"] = None, layer: neighbour_params["layer"] = None,
-                       edge_kind: neighbour_params["edge_kind"] = None, min_count: Annotated[int, Query(ge=0)] = 0,
+                       kind: KindQ = None, layer: LayerQ = None,
+                       edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                        order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
                        cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> dict:
         return _neighbours("down", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from catalog.neo4j_server import start  # noqa: E402
+from catalog.neo4j_server import start_on_free_port  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
 
 CLIENTS = 8
@@ -99,10 +99,8 @@ def main() -> None:
     sqlite = f"sqlite:///{tmp}/api.db"
     refs = fill(sqlite, args.obs)
     serve_and_measure(sqlite, refs, args.requests)
-    port = free_port()
-    proc = start(str(tmp / "neo4j"), port, page_cache="1g", heap="3g")
+    proc, neo = start_on_free_port(str(tmp / "neo4j"), page_cache="1g", heap="3g")
     try:
-        neo = f"neo4j://127.0.0.1:{port}"
         fill(neo, args.obs)
         serve_and_measure(neo, refs, args.requests)
     finally:

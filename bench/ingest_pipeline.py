@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from catalog.neo4j_server import start  # noqa: E402
+from catalog.neo4j_server import start_on_free_port  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
 from ingest.forward import weights_of  # noqa: E402
 from ingest.jobs import JobOptions, run_job  # noqa: E402
@@ -66,11 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start(str(tmp / "neo4j"), port, page_cache="1g", heap="3g")
-    neo = f"neo4j://127.0.0.1:{port}"
+    proc, neo = start_on_free_port(str(tmp / "neo4j"), page_cache="1g", heap="3g")
     try:
         print(f"CPU, torch threads {torch.get_num_threads()}; ingest defaults (top-k 5, |v| >= 0.01, direct top-2)")
         toy = Session.open("toy-ioi", ["toy-ioi"], "cpu")

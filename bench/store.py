@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from catalog import queries  # noqa: E402
 from catalog.aggregate import Observations, aggregate_edges, node_stats  # noqa: E402
 from catalog.ids import attn, resid  # noqa: E402
-from catalog.neo4j_server import start  # noqa: E402
+from catalog.neo4j_server import start_on_free_port  # noqa: E402
 from catalog.schema import Batch, NodeInfo, Prompt  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
 
@@ -133,13 +132,10 @@ def main() -> None:
     print(f"{args.obs:,} observations, {N_FEATURES:,} features, Zipf(1.3) degrees, evidence 8 per edge")
     print("SQLite:")
     bench_store(f"sqlite:///{tmp}/bench.db", args.obs, baseline=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start(str(tmp / "neo4j"), port, page_cache="1g", heap="3g")
+    proc, neo = start_on_free_port(str(tmp / "neo4j"), page_cache="1g", heap="3g")
     try:
         print("Neo4j:")
-        bench_store(f"neo4j://127.0.0.1:{port}", args.obs, baseline=True)
+        bench_store(neo, args.obs, baseline=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

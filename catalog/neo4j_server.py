@@ -55,3 +55,13 @@ def run_foreground(home: str, port: int, page_cache: str) -> None:
     Path(home).mkdir(parents=True, exist_ok=True)
     print(f"Neo4j Community on bolt://127.0.0.1:{port} (data in {home}); Ctrl-C stops it", flush=True)
     os.execvp("java", command(home, port, page_cache))
+
+
+def start_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g") -> tuple[subprocess.Popen, str]:
+    """Start on a free loopback port; returns (process, neo4j:// URL)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return start(home, port, page_cache=page_cache, heap=heap), f"neo4j://127.0.0.1:{port}"

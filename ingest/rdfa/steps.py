@@ -154,8 +154,6 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
 
     value[b,s,k,r] = vec[b,s,r] . W_enc[:, j]. Returns kept edges and the kept sum per target [B,T,K].
     """
-    B, T, K = targets.index.shape
-    R = rows.vec.shape[2]
     enc = sae.W_enc.T[targets.index]  # [B,T,K,d]
     value = enc @ rows.vec.transpose(-1, -2)  # [B,T,K,R]; padded slots hold zero vectors
     (b, s, k), r, vals, kept = _select(value, targets.mask, pruning)
