@@ -60,7 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.store = None
         yield
         if app.state.store is not None:
             app.state.store.close()
@@ -68,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="circuit-catalog", version="0.1.0", lifespan=lifespan,
                   description="Feature circuits across prompt corpora: RDFA attribution edges with provenance.")
     app.state.settings = settings
+    app.state.store = None  # opened on first use; also when a server runs without lifespan events
 
     def store(request: Request):
         """The store, opened on first use (so a store that is down gives 503s, not a dead server)."""
