@@ -125,6 +125,9 @@ def plot(result: dict, path: str) -> None:
         b.plot([r["layer"] for r in rows], [r["kl"] for r in rows], marker=marker, label=f"{kind} SAE spliced")
         a.plot([r["layer"] for r in rows], [r["mean_ablation_logit_diff"] for r in rows], ls=":", marker=marker,
                label=f"{kind} mean-ablated")
+    layers = sorted({r["layer"] for r in result["saes"]})
+    a.set_xticks(layers)
+    b.set_xticks(layers)
     a.axhline(result["clean_logit_diff"], color="k", ls="--", label="clean")
     a.set(xlabel="layer", ylabel="mean IO - S logit difference", title="IOI logit difference")
     b.set(xlabel="layer", ylabel="KL(clean || spliced)", title="KL divergence")
