@@ -152,6 +152,8 @@ def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
     sharded = _catalog(store_url)
+    manifest = open_store(store_url).run("r").manifest
+    assert manifest["counts_shard0"]["prompts"] + manifest["counts_shard1"]["prompts"] == 16
     one_url = _fresh(store_url, "one", tmp_path)
     _ingest(one_url, *corpus)
     single = _catalog(one_url)

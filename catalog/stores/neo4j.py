@@ -169,10 +169,15 @@ class Neo4jStore:
                                   id=run_id, m=json.dumps(manifest, sort_keys=True), database_=self.database)
 
     def finish_run(self, run_id: str, status: str, updates: dict) -> None:
-        run = self.run(run_id)
-        manifest = {**(run.manifest if run else {}), **updates}
-        self.driver.execute_query("MERGE (r:Run {run_id: $id}) SET r.status = $s, r.manifest = $m", id=run_id,
-                                  s=status, m=json.dumps(manifest, sort_keys=True), database_=self.database)
+        def tx_fn(tx):
+            # lock the Run node before reading it, so shards finishing together keep each other's counts
+            rows = list(tx.run("MERGE (r:Run {run_id: $id}) REMOVE r.__lock RETURN r.manifest", id=run_id))
+            old = json.loads(rows[0][0]) if rows and rows[0][0] else {}
+            tx.run("MATCH (r:Run {run_id: $id}) SET r.status = $s, r.manifest = $m", id=run_id, s=status,
+                   m=json.dumps({**old, **updates}, sort_keys=True))
+
+        with self.driver.session(database=self.database) as session:
+            session.execute_write(tx_fn)
 
     # ---- reads --------------------------------------------------------------------------------
     def done_prompts(self, run: str) -> set[str]:

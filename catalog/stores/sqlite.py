@@ -162,10 +162,17 @@ class SqliteStore:
             c.execute("INSERT INTO runs VALUES (?, 'running', ?)", (run_id, json.dumps(manifest, sort_keys=True)))
 
     def finish_run(self, run_id: str, status: str, updates: dict) -> None:
-        row = self._conn.execute("SELECT manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        manifest = {**json.loads(row[0]), **updates} if row else updates
-        self._conn.execute("UPDATE runs SET status = ?, manifest = ? WHERE run_id = ?",
-                           (status, json.dumps(manifest, sort_keys=True), run_id))
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")  # shards finishing together must not overwrite each other's counts
+        try:
+            row = c.execute("SELECT manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            manifest = {**json.loads(row[0]), **updates} if row else updates
+            c.execute("UPDATE runs SET status = ?, manifest = ? WHERE run_id = ?",
+                      (status, json.dumps(manifest, sort_keys=True), run_id))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
 
     # ---- reads --------------------------------------------------------------------------------
     def done_prompts(self, run: str) -> set[str]:
