@@ -51,8 +51,12 @@ def word_corpus(path: Path, n: int, tokens: int) -> str:
 
 
 def one(session, corpus, url, run, batch) -> None:
-    s = run_job(session, corpus, open_store(url), JobOptions(run=run, batch_size=batch, progress=False),
-                log=lambda *_: None)
+    try:
+        s = run_job(session, corpus, open_store(url), JobOptions(run=run, batch_size=batch, progress=False),
+                    log=lambda *_: None)
+    except Exception as exc:  # report and go on: a failed configuration is a figure too
+        print(f"  {url.split(':')[0]:<7} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        return
     print(f"  {url.split(':')[0]:<7} {s.prompts / s.seconds:8.2f} prompts/s {s.observations / s.seconds:10,.0f} "
           f"observations/s   store wait {s.store_wait_share:5.1%}   ({s.prompts} prompts, {s.seconds:.0f} s)")
 
