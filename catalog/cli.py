@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -26,26 +25,23 @@ ModelSel = Annotated[Optional[str], typer.Option("--model", help="model name, wh
 
 
 def friendly(fn):
-    """Turn the errors users cause into one clear line and exit code 2 (no traceback)."""
+    """Turn the errors users cause into one clear line and exit code 2 (no traceback).
+
+    ingest's UserFacingError is matched by name: importing ingest here would pull torch into
+    every query command."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from catalog.ids import NodeRefError
 
-        handled: tuple = (StoreError, NodeRefError, ValueError, FileNotFoundError)
-        if "ingest" in sys.modules or "ingest.errors" in sys.modules:
-            from ingest.errors import UserFacingError
-
-            handled += (UserFacingError,)
         try:
             return fn(*args, **kwargs)
-        except handled as exc:
+        except Exception as exc:
+            user_error = isinstance(exc, (StoreError, NodeRefError, ValueError, FileNotFoundError)) or \
+                any(c.__name__ == "UserFacingError" for c in type(exc).__mro__)
+            if not user_error:
+                raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except Exception as exc:  # ingest errors imported lazily
-            if type(exc).__name__ in ("UserFacingError", "LoadError"):
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(2) from None
-            raise
     return wrapper
 
 

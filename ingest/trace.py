@@ -118,7 +118,7 @@ def _top_sources(table: EdgeTable, rows: list[int], top: int) -> list[Key]:
 def _node_json(key: Key, info: dict) -> dict:
     ref = code_to_ref(*key)
     act, pre = info.get(key, (None, None))
-    return {"id": format_ref(ref), "kind": ref.kind.value if ref.sae_kind is None else f"{ref.kind.value}",
+    return {"id": format_ref(ref), "kind": ref.kind.value,
             "layer": ref.layer, "index": ref.index, "pos": ref.pos, "activation": act, "pre_activation": pre}
 
 

@@ -9,7 +9,6 @@ import pytest
 
 from catalog import queries
 from catalog.export import copy_catalog
-from catalog.schema import Evidence, Run
 from catalog.stores import StoreUnavailable, open_store
 from catalog.stores.base import CypherUnsupported
 from catalog_data import REFS, expected_edges, make_batch, random_observations, random_prompts
@@ -59,7 +58,7 @@ def test_answers_match_an_independent_aggregation(store_url):
             assert row["min"] == queries.rnd(e["min"]) and row["max"] == queries.rnd(e["max"])
             assert row["heads"] == {str(h): queries.rnd(v) for h, v in sorted(e["heads"].items()) if v != 0.0}
             checked += 1
-    assert checked == sum(1 for k in expect if k[1] == k[1])  # every aggregated edge was seen exactly once
+    assert checked == len(expect)  # every aggregated edge was seen exactly once
 
 
 def test_evidence_is_the_top_n_of_all_observations(store_url):
@@ -131,8 +130,7 @@ def test_crash_between_batches_then_retry_equals_one_clean_run(store_url):
     else:
         store.close()
         store_url = store_url.replace("catalog.db", "clean.db")
-    assert snapshot(_fill(store_url, [b1, b2]))["edges"] == crashed["edges"]
-    assert snapshot(open_store(store_url)) == {**crashed, "runs": snapshot(open_store(store_url))["runs"]}
+    assert snapshot(_fill(store_url, [b1, b2])) == crashed
 
 
 def test_a_failing_batch_stores_nothing(store_url, monkeypatch):
@@ -206,5 +204,3 @@ def test_unknown_and_malformed_references(store_url):
     with pytest.raises(queries.NodeRefError, match="cannot parse node reference 'A9'"):
         queries.upstream(store, "A9")
 
-
-_ = (Evidence, Run)
