@@ -238,3 +238,32 @@ def test_per_head_pieces_sum_to_step1_dfa_per_source_position(setup):
     for (b, f, t, s, h), got in per.items():
         want = v[b, h, t, s] * (vals[b, s, h] @ W[h, :, f])
         assert got == pytest.approx(float(want), rel=RTOL, abs=ATOL)
+
+
+def test_top_k_pruning_keeps_each_targets_largest_edges(setup):
+    """With top_k=3 every target keeps exactly the 3 largest-|value| candidate edges of the exact graph
+    (sorted here in plain Python), per head, for attn_in and resid_in."""
+    model, attn, resid, tokens, lengths, _, exact = setup
+    _, cap = capture(model, tokens, lengths)
+    pruned = full_graph(cap, weights_of(model), attn, resid, Pruning(top_k=3))
+
+    own_constant = {Code.ATTN: Code.BIAS_A, Code.RESID: Code.BIAS_R}
+
+    def candidates(table):
+        by_target = defaultdict(dict)
+        for i in range(len(table)):
+            src, dst = int(table.src_code[i]), int(table.dst_code[i])
+            if src == Code.REST or (src == own_constant[dst] and int(table.src_layer[i]) == int(table.dst_layer[i])):
+                continue  # pruning's remainder and the target SAE's own constant are not candidates
+            target = tuple(int(getattr(table, c)[i]) for c in ("prompt", "dst_code", "dst_layer", "dst_index", "dst_pos", "kind"))
+            source = tuple(int(getattr(table, c)[i]) for c in ("src_code", "src_layer", "src_index", "src_pos", "head"))
+            by_target[target][source] = float(table.value[i])
+        return by_target
+
+    want, got = candidates(exact.edges), candidates(pruned.edges)
+    assert set(got) <= set(want) and len(got) > 100
+    for target, edges in want.items():
+        top = dict(sorted(edges.items(), key=lambda kv: -abs(kv[1]))[:3])
+        assert got.get(target, {}).keys() == {s for s, v in top.items() if v != 0}, target
+        for source, value in got[target].items():
+            assert value == pytest.approx(top[source], rel=1e-6, abs=1e-7)

@@ -40,12 +40,13 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
         sigma, pattern = cap.ln1_scale[L], cap.pattern[L]
         rows = steps.resid_sae_rows(resid_saes[L], cap.resid_pre[L], resid_act[L], valid)
         table, kept = steps.attn_in(rows, sigma, pattern, weights.W_V[L], sae, attn_act[L], pruning)
-        const = steps.attn_constant(sae, weights.b_V[L])[attn_act[L].index]
-        n, e = _close_targets(attn_act[L], Code.ATTN, L, const, kept, Code.BIAS_A, EdgeKind.ATTN_IN)
+        constant = steps.attn_constant(sae, weights.b_V[L])  # [d_sae]
+        n, e = _close_targets(attn_act[L], Code.ATTN, L, constant[attn_act[L].index], kept, Code.BIAS_A,
+                              EdgeKind.ATTN_IN)
         nodes.append(n)
         edges += [table, e]
         if pruning.direct:
-            direct.append(_direct_layer(cap, weights, comp.prefix(ends[L]), sae, attn_act[L], L, pruning))
+            direct.append(_direct_layer(cap, weights, comp.prefix(ends[L]), sae, attn_act[L], L, constant, pruning))
     return Graph(NodeTable.cat(nodes), EdgeTable.cat(edges), EdgeTable.cat(direct), pruning)
 
 
@@ -74,14 +75,13 @@ def _close_targets(act: ActiveSet, code: Code, layer: int, const: torch.Tensor, 
 
 
 def _direct_layer(cap: Capture, weights: Weights, rows, sae: SaeWeights, act: ActiveSet, L: int,
-                  pruning: Pruning) -> EdgeTable:
+                  constant: torch.Tensor, pruning: Pruning) -> EdgeTable:
     """Direct edges into every active attention feature of layer L, with bias and REST edges."""
     b, t, k = act.mask.nonzero(as_tuple=True)
     f = act.index[b, t, k]
     table, kept = steps.direct(rows, cap.resid_pre[L], cap.ln1_scale[L], cap.pattern[L], weights.W_V[L],
                                weights.b_V[L], sae, b, t, f, pruning)
-    return EdgeTable.cat([table, direct_closure(b, t, f, act.pre[b, t, k], kept,
-                                                steps.attn_constant(sae, weights.b_V[L])[f], L)])
+    return EdgeTable.cat([table, direct_closure(b, t, f, act.pre[b, t, k], kept, constant[f], L)])
 
 
 def direct_closure(b, t, f, pre, kept, const, L) -> EdgeTable:

@@ -7,12 +7,15 @@ pre-activation. Python loops run over layers and memory chunks only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning, SourceRows
 from ingest.rdfa.types import SaeWeights
 
 CHUNK_ELEMENTS = 1 << 24  # floats per intermediate block (64 MB in float32)
+ATTN_CHUNK_ELEMENTS = 1 << 21  # step 2's blocks: 8 MB stays in cache across its four passes (measured ~25% faster)
 
 
 def active_set(sae: SaeWeights, x: torch.Tensor, valid: torch.Tensor) -> ActiveSet:
@@ -30,19 +33,46 @@ def center(v: torch.Tensor) -> torch.Tensor:
     return v - v.mean(-1, keepdim=True)
 
 
-def resid_sae_rows(sae: SaeWeights, x: torch.Tensor, active: ActiveSet, valid: torch.Tensor) -> SourceRows:
-    """Step 2's sources at every position: x = sum_j a_j W_dec[j] + b_dec + error, as rows [B,T,K+2,d]."""
-    B, T, K = active.index.shape
-    feats = active.act[..., None] * sae.W_dec[active.index]  # [B,T,K,d]
-    bias = sae.b_dec.expand(B, T, -1)
-    err = x - feats.sum(2) - bias
-    vec = torch.cat([feats, err[:, :, None], bias[:, :, None]], dim=2)
-    dev = x.device
-    code = torch.tensor([Code.RESID] * K + [Code.ERR_R, Code.BIAS_R], device=dev)
-    layer = torch.full((K + 2,), sae.layer, device=dev)
-    index = torch.cat([active.index, torch.full((B, T, 2), -1, device=dev)], dim=2)
-    ok = torch.cat([active.mask, valid[..., None].expand(B, T, 2)], dim=2)
-    return SourceRows(vec, code, layer, index, ok)
+def centered_W_V(W_V: torch.Tensor) -> torch.Tensor:
+    """W_V [H, d, dh] minus its mean over d, so that center(x) @ W_V[h] == x @ centered_W_V[h]."""
+    return W_V - W_V.mean(1, keepdim=True)
+
+
+@dataclass
+class FlatRows:
+    """Source vectors of step 2 as a ragged list sorted by (prompt, position): no padding, so a position
+    where thousands of features fire costs what it holds and no more.
+
+    vec [N, d]; prompt, pos, code, layer, index [N] (index -1 for error and bias rows).
+    """
+
+    vec: torch.Tensor
+    prompt: torch.Tensor
+    pos: torch.Tensor
+    code: torch.Tensor
+    layer: torch.Tensor
+    index: torch.Tensor
+
+
+def resid_sae_rows(sae: SaeWeights, x: torch.Tensor, active: ActiveSet, valid: torch.Tensor) -> FlatRows:
+    """Step 2's sources: x = sum_j a_j W_dec[j] + b_dec + error at every valid position, one row each
+    for the active features, the error and the bias; ``x`` [B, T, d]."""
+    B, T, d = x.shape
+    fb, fs, fk = active.mask.nonzero(as_tuple=True)
+    f_index = active.index[fb, fs, fk]
+    feats = active.act[fb, fs, fk, None] * sae.W_dec[f_index]  # [Nf, d]
+    recon = torch.zeros_like(x).index_put_((fb, fs), feats, accumulate=True)
+    vb, vs = valid.nonzero(as_tuple=True)
+    err = (x - recon - sae.b_dec)[vb, vs]
+    nv, nf = vb.shape[0], fb.shape[0]
+    vec = torch.cat([feats, err, sae.b_dec.expand(nv, d)])
+    prompt, pos = torch.cat([fb, vb, vb]), torch.cat([fs, vs, vs])
+    code = torch.cat([torch.full((nf,), int(Code.RESID)), torch.full((nv,), int(Code.ERR_R)),
+                      torch.full((nv,), int(Code.BIAS_R))]).to(x.device)
+    index = torch.cat([f_index, torch.full((2 * nv,), -1, device=x.device)])
+    order = torch.sort(prompt * T + pos, stable=True).indices  # features, then error, then bias at each position
+    return FlatRows(vec[order], prompt[order], pos[order], code[order],
+                    torch.full_like(order, sae.layer), index[order])
 
 
 def _select(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning
@@ -65,36 +95,68 @@ def _select(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning
     return where[:-1], flat, picked[where], kept_sum
 
 
-def attn_in(rows: SourceRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
-            sae: SaeWeights, targets: ActiveSet, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
-    """Step 2: per-head edges from every source row at every s <= t into every active feature at t.
+def _per_head_candidates(Y: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Y [H, n, m] -> (value [n, C], flat index h * m + j [n, C]) holding every target's top-k |value|
+    over (h, j): the overall top k lie among each head's own top k, so no [n, H*m] copy is made."""
+    H, n, m = Y.shape
+    if top_k is None or top_k * H >= H * m:
+        return Y.permute(1, 0, 2).reshape(n, H * m), torch.arange(H * m, device=Y.device).expand(n, -1)
+    k = min(top_k, m)
+    # the k largest |value| lie among the k largest and the k smallest values: two passes, no |Y| copy
+    hi, lo = Y.topk(k, dim=-1), Y.topk(k, dim=-1, largest=False)
+    val, idx = torch.cat([hi.values, lo.values], -1), torch.cat([hi.indices, lo.indices], -1)  # [H, n, 2k]
+    flat = idx + (torch.arange(H, device=Y.device) * m)[:, None, None]
+    return val.permute(1, 0, 2).reshape(n, -1), flat.permute(1, 0, 2).reshape(n, -1)
 
-    value[b,t,k,h,s,r] = A[b,h,t,s] * (center(vec[b,s,r]) / sigma[b,s]) W_V[h] . W_enc[h-slice, f]
-    Returns kept edges and the kept sum per target [B, T, K].
+
+def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
+            sae: SaeWeights, targets: ActiveSet, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 2: per-head edges from every source row at s <= t into every active feature f at t.
+
+    value[h, target (b,t,f), row (b,s,r)] = A[b,h,t,s] * (center(vec_r) / sigma[b,s]) W_V[h] . W_enc[h-slice, f]
+    ``sigma`` [B, T], ``pattern`` [B, H, T, T], ``W_V`` [H, d, dh]. Targets and rows are ragged; the
+    loop runs over prompts and memory chunks of targets. Returns kept edges and the kept sum per
+    target [B, T, K].
     """
     B, T, K = targets.index.shape
     H, d, dh = W_V.shape
-    R = rows.vec.shape[2]
-    P = torch.einsum("bsrd,hde->bhsre", center(rows.vec) / sigma[:, :, None, None], W_V)  # [B,H,S,R,dh]
-    E = sae.W_enc.view(H, dh, -1)[:, :, targets.index].permute(2, 0, 3, 4, 1)  # [B,H,T,K,dh]
-    kept_sum = torch.zeros(B, T, K, device=W_V.device)
+    dev = W_V.device
+    P = (rows.vec / sigma[rows.prompt, rows.pos, None]) @ centered_W_V(W_V).permute(1, 0, 2).reshape(d, H * dh)
+    P = P.view(-1, H, dh).permute(1, 0, 2).contiguous()  # [H, N, dh]
+    tb, tt, tk = targets.mask.nonzero(as_tuple=True)  # sorted by (prompt, position)
+    tf = targets.index[tb, tt, tk]
+    E = sae.W_enc.view(H, dh, -1)[:, :, tf].transpose(1, 2).contiguous()  # [H, Nt, dh]
+    row_key = rows.prompt * T + rows.pos
+    kept_sum = torch.zeros(B, T, K, device=dev)
     tables = []
-    tc = max(1, CHUNK_ELEMENTS // max(1, B * H * K * T * R))
-    for t0 in range(0, T, tc):
-        t1 = min(T, t0 + tc)
-        S = t1  # causal: no source after the chunk's last destination
-        Y = E[:, :, t0:t1].reshape(B, H, (t1 - t0) * K, dh) @ P[:, :, :S].reshape(B, H, S * R, dh).transpose(-1, -2)
-        # Padded sources need no mask: every real target t has zero attention to s > t.
-        Y = Y.view(B, H, t1 - t0, K, S, R).mul_(pattern[:, :, t0:t1, None, :S, None])
-        value = Y.permute(0, 2, 3, 1, 4, 5).reshape(B, t1 - t0, K, H * S * R)
-        (b, tt, k), flat, vals, kept = _select(value, targets.mask[:, t0:t1], pruning)
-        kept_sum[:, t0:t1] = kept
-        h, rest = flat // (S * R), flat % (S * R)
-        s, r = rest // R, rest % R
-        t = tt + t0
-        tables.append(_edges(b, rows, s, r, Code.ATTN, sae.layer, targets.index[b, t, k], t, h, vals,
-                             EdgeKind.ATTN_IN))
+    t_bounds = torch.searchsorted(tb, torch.arange(B + 1, device=dev)).tolist()
+    r_start = torch.searchsorted(row_key, torch.arange(B, device=dev) * T).tolist()
+    for b in range(B):
+        n_rows_b = int(torch.searchsorted(row_key, (b + 1) * T)) - r_start[b]
+        step = max(1, ATTN_CHUNK_ELEMENTS // max(1, H * n_rows_b))
+        for n0 in range(t_bounds[b], t_bounds[b + 1], step):
+            n1 = min(n0 + step, t_bounds[b + 1])
+            r0 = r_start[b]
+            r1 = int(torch.searchsorted(row_key, b * T + tt[n1 - 1], right=True))  # causal: s <= last target's t
+            Y = E[:, n0:n1] @ P[:, r0:r1].transpose(1, 2)  # [H, n, m]
+            # s > t carries zero attention, so those entries become exact zeros and are dropped
+            A_t = pattern[b][:, tt[n0:n1]]  # [H, n, T]
+            Y.mul_(A_t.gather(2, rows.pos[r0:r1].expand(H, n1 - n0, -1)))
+            cand_val, cand_flat = _per_head_candidates(Y, pruning.top_k)
+            (n,), c, vals, kept = _select(cand_val, torch.ones(n1 - n0, dtype=torch.bool, device=dev), pruning)
+            flat = cand_flat[n, c]
+            h, r = flat // (r1 - r0), flat % (r1 - r0) + r0
+            g = n + n0
+            kept_sum[tb[n0:n1], tt[n0:n1], tk[n0:n1]] = kept
+            tables.append(_flat_edges(rows, r, Code.ATTN, sae.layer, tf[g], tt[g], h, vals, EdgeKind.ATTN_IN))
     return EdgeTable.cat(tables), kept_sum
+
+
+def _flat_edges(rows: FlatRows, r, dst_code, dst_layer, dst_index, dst_pos, head, value, kind) -> EdgeTable:
+    n = r.shape[0]
+    full = lambda v: torch.full((n,), int(v), device=r.device, dtype=torch.long)  # noqa: E731
+    return EdgeTable(rows.prompt[r], rows.code[r], rows.layer[r], rows.index[r], rows.pos[r], full(dst_code),
+                     full(dst_layer), dst_index, dst_pos, head, value, full(kind))
 
 
 def _edges(b, rows: SourceRows, s, r, dst_code, dst_layer, dst_index, dst_pos, head, value, kind) -> EdgeTable:
@@ -176,24 +238,28 @@ def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, patte
     H, d, dh = W_V.shape
     B, S, R, _ = rows.vec.shape
     N = tb.shape[0]
+    dev = tb.device
     n_pairs = S * H if pruning.direct_positions is None else min(S * H, pruning.direct_positions)
-    v = torch.einsum("bsd,hde->bshe", center(cap_resid) / sigma[..., None], W_V) + b_V  # [B,S,H,dh]
-    h_sel, s_sel, scale, q_sel = [], [], [], []
-    chunk = max(1, CHUNK_ELEMENTS // (S * H * dh + H * d))
-    for n0 in range(0, N, chunk):  # memory chunks over targets
-        b, t = tb[n0:n0 + chunk], tt[n0:n0 + chunk]
-        e = sae.W_enc.view(H, dh, -1)[:, :, tf[n0:n0 + chunk]].permute(2, 0, 1)  # [n,H,dh]
-        A = pattern[b, :, t, :]  # [n,H,S]
-        dfa = torch.einsum("nshe,nhe->nhs", v[b], e) * A  # [n,H,S]: each target against its own prompt
-        causal = torch.arange(S, device=b.device)[None, None, :] <= t[:, None, None]
-        pairs = torch.where(causal, dfa.abs(), -1.0).reshape(len(b), H * S).topk(n_pairs, dim=-1).indices
-        h, s = pairs // S, pairs % S  # [n,P]
-        Q = center(torch.einsum("hde,nhe->nhd", W_V, e))  # [n,H,d]
-        ar = torch.arange(len(b), device=b.device)[:, None]
-        h_sel.append(h), s_sel.append(s)
-        scale.append(A[ar, h, s] / sigma[b[:, None], s])
-        q_sel.append(Q[ar, h])  # [n,P,d]
-    h, s, scale, q = torch.cat(h_sel), torch.cat(s_sel), torch.cat(scale), torch.cat(q_sel)
+    W_Vc = centered_W_V(W_V)
+    v = ((cap_resid / sigma[..., None]) @ W_Vc.permute(1, 0, 2).reshape(d, H * dh)).view(B, S, H, dh)
+    v = (v + b_V).permute(0, 2, 1, 3)  # [B,H,S,dh]
+    E = sae.W_enc.view(H, dh, -1)[:, :, tf]  # [H, dh, N]
+    h = torch.empty(N, n_pairs, dtype=torch.long, device=dev)
+    s = torch.empty_like(h)
+    chunk = max(1, CHUNK_ELEMENTS // (S * H))
+    for b in range(B):  # step-1 DFA of each target against its own prompt, in memory chunks of targets
+        mine = (tb == b).nonzero().flatten()
+        for n0 in range(0, mine.shape[0], chunk):
+            sel = mine[n0:n0 + chunk]
+            dfa = (v[b] @ E[:, :, sel]).permute(2, 0, 1) * pattern[b][:, tt[sel]].transpose(0, 1)  # [n,H,S]
+            causal = torch.arange(S, device=dev)[None, None, :] <= tt[sel, None, None]
+            pairs = torch.where(causal, dfa.abs(), -1.0).reshape(len(sel), H * S).topk(n_pairs, dim=-1).indices
+            h[sel], s[sel] = pairs // S, pairs % S
+    q = torch.empty(N, n_pairs, d, device=dev)
+    for head in range(H):  # each selected pair's query through its own head only
+        n_idx, p_idx = (h == head).nonzero(as_tuple=True)
+        q[n_idx, p_idx] = E[head][:, n_idx].T @ W_Vc[head].T
+    scale = pattern[tb[:, None], h, tt[:, None], s] / sigma[tb[:, None], s]  # [N,P]
     value = _rows_dot(rows.vec, tb, s, q) * scale[..., None]  # [N,P,R]
     # s > t carries zero attention, padded feature slots zero vectors: both give exact zeros
     (n,), j, vals, kept = _select(value.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)
@@ -226,5 +292,5 @@ def _rows_dot(vec: torch.Tensor, b: torch.Tensor, s: torch.Tensor, q: torch.Tens
 def attn_constant(sae: SaeWeights, b_V: torch.Tensor) -> torch.Tensor:
     """Step 1's bias node: b_enc - b_dec.W_enc plus the b_V term (zero once b_V is folded), [d_sae]."""
     H, dh = b_V.shape
-    return sae.encoder_constant() + torch.einsum("he,hef->f", b_V, sae.W_enc.view(H, dh, -1))
+    return sae.encoder_constant() + (b_V.reshape(1, H * dh) @ sae.W_enc)[0]
 

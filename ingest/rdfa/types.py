@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class SaeWeights:
     apply_b_dec_to_input: bool = True
     threshold: torch.Tensor | None = None
     top_k: int | None = None
+    _encoder_constant: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def d_sae(self) -> int:
@@ -57,8 +58,11 @@ class SaeWeights:
         return acts @ self.W_dec + self.b_dec
 
     def encoder_constant(self) -> torch.Tensor:
-        """The input-independent part of every pre-activation: b_enc - offset @ W_enc, [d_sae]."""
-        return self.b_enc - self.input_offset @ self.W_enc
+        """The input-independent part of every pre-activation: b_enc - offset @ W_enc, [d_sae].
+        Computed once (a d_in x d_sae product every batch would cost as much as a small step)."""
+        if self._encoder_constant is None:
+            self._encoder_constant = self.b_enc - self.input_offset @ self.W_enc
+        return self._encoder_constant
 
     def to(self, device) -> "SaeWeights":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
