@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one configuration only")
     ap.add_argument("--long", action="store_true", help="also a 1024-token prompt (memory check)")
+    ap.add_argument("--configs", help="comma-separated BATCHxTOKENS, e.g. 1x1024 (replaces the default list)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +98,8 @@ def main() -> None:
     configs = [(1, 64)] if args.quick else [(1, 64), (4, 64), (8, 64), (1, 128), (4, 128)]
     if args.long:
         configs.append((1, 1024))
+    if args.configs:
+        configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd+enc s':>10} {'attrib s':>9} {'ratio':>6} "
           f"{'prompts/s':>9} {'edges':>9}")
     for B, T in configs:

@@ -222,7 +222,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            device: Optional[str] = None, shard: str = "0/1", resume: bool = False,
            max_tokens: Optional[int] = None, truncate: bool = False, skip_long: bool = False,
            top_k: int = 5, min_abs: float = 0.01, direct_positions: int = 2, evidence_per_edge: int = 8,
-           threads: int = 1, progress: bool = True):
+           threads: int = 1, progress: bool = True,
+           rows_per_write: Annotated[int, typer.Option(help="observations per write transaction")] = 100_000):
     """Run RDFA over a corpus and store every edge with its provenance."""
     from ingest.jobs import JobOptions, parse_shard, run_job
     from ingest.rdfa.tensors import Pruning
@@ -235,7 +236,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
-                      progress=progress)
+                      progress=progress, rows_per_write=rows_per_write)
     target = open_store(store, evidence_per_edge=evidence_per_edge or None)
     summary = run_job(Session.open(model, saes, device), corpus, target, opts, log=lambda m: typer.echo(m, err=True))
     _print(summary.as_dict(), True)

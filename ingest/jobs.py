@@ -1,8 +1,11 @@
 """Batch ingest: corpus -> tokens -> batches -> RDFA -> aggregate -> writer thread -> store.
 
 Batches are cut from the whole corpus in a fixed order, so batch k holds the same prompts in
-every process: ``--shard i/n`` takes batches k with k % n == i, and ``--resume`` skips batches
-the store already holds (each batch is one transaction, so a killed job leaves whole batches).
+every process: ``--shard i/n`` takes batches k with k % n == i. Each write transaction holds whole
+prompts: a batch, or, when a batch has more than ``rows_per_write`` observations, consecutive groups
+of its prompts (one huge transaction stalls a small server; a GPT-2-sized prompt of 64 tokens gives ~5x10^5).
+So a killed job leaves whole prompts, and ``--resume`` skips stored batches and recomputes a
+partly stored one with the same prompts, writing only those not yet stored.
 Computation overlaps with writing through a bounded queue; the summary reports how much of the
 wall time the compute loop spent waiting on the store.
 """
@@ -37,6 +40,7 @@ class JobOptions:
     pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
     queue_size: int = 2
     progress: bool = True
+    rows_per_write: int = 100_000  # observations per write transaction (a single prompt may exceed it)
 
 
 @dataclass
@@ -128,10 +132,10 @@ def run_job(session: Session, corpus_spec: str, store, opts: JobOptions, log=pri
     done = store.done_prompts(opts.run) if (opts.resume or opts.shard[1] > 1) else set()
     todo = [b for b in mine if not all(item.prompt_id in done for item, _ in b)]
     summary = JobSummary(opts.run, skipped_long=skipped_long, bad_lines=len(corpus.bad_lines),
-                         skipped_done=sum(len(b) for b in mine) - sum(len(b) for b in todo))
+                         skipped_done=sum(item.prompt_id in done for b in mine for item, _ in b))
     nodes = NodeCatalog(session.lm.name, session.saes.release_of_attn(), session.saes.release_of_resid())
     try:
-        _pipeline(session, store, todo, corpus, nodes, opts, summary)
+        _pipeline(session, store, todo, done, corpus, nodes, opts, summary)
     except BaseException as exc:
         summary.seconds = time.time() - t0
         store.finish_run(opts.run, "failed", {"error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -158,25 +162,46 @@ def _check_resume(store, opts: JobOptions, manifest: dict) -> None:
         raise UserFacingError(f"run {opts.run!r} was started on a different corpus (fingerprint differs)")
 
 
-def _pipeline(session: Session, store, todo, corpus: Corpus, nodes: NodeCatalog, opts: JobOptions,
-              summary: JobSummary) -> None:
+def write_groups(observations: list[int], stored: list[bool], max_rows: int) -> list[list[int]]:
+    """Consecutive groups of a batch's unstored prompts (indices) with at most ``max_rows``
+    observations each, a prompt larger than that alone in its group."""
+    groups: list[list[int]] = []
+    rows = 0
+    for i, (n, done) in enumerate(zip(observations, stored)):
+        if done:
+            continue
+        if not groups or rows + n > max_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(i)
+        rows += n
+    return groups
+
+
+def _pipeline(session: Session, store, todo, done: set[str], corpus: Corpus, nodes: NodeCatalog,
+              opts: JobOptions, summary: JobSummary) -> None:
     """Compute on this thread, aggregate+write on a writer thread, with a bounded queue between."""
     from tqdm import tqdm
 
     work: queue.Queue = queue.Queue(maxsize=opts.queue_size)
     failure: list[BaseException] = []
 
+    def write(graph, prompts: list[Prompt]) -> None:
+        per_prompt = graph.observations_per_prompt(len(prompts))
+        for group in write_groups(per_prompt, [p.prompt_id in done for p in prompts], opts.rows_per_write):
+            part = graph if len(group) == len(prompts) else graph.select_prompts(group, len(prompts))
+            batch = graph_to_batch(part, [prompts[i] for i in group], nodes, opts.run, store.evidence_per_edge)
+            if store.write_batch(batch):
+                summary.edges += len(batch.edges)
+                summary.observations += sum(per_prompt[i] for i in group)
+                summary.prompts += len(group)
+
     def writer() -> None:
         while (job := work.get()) is not None:
             if failure:
                 continue
-            graph, prompts = job
             try:
-                batch = graph_to_batch(graph, prompts, nodes, opts.run, store.evidence_per_edge)
-                if store.write_batch(batch):
-                    summary.edges += len(batch.edges)
-                    summary.observations += len(graph.edges) + len(graph.direct)
-                    summary.prompts += len(prompts)
+                write(*job)
             except BaseException as exc:  # surfaced on the compute thread
                 failure.append(exc)
 

@@ -15,7 +15,7 @@ from catalog.stores import open_store
 from conftest import wipe_neo4j
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
-from ingest.jobs import JobOptions, run_job
+from ingest.jobs import JobOptions, run_job, write_groups
 from ingest.session import Session
 from test_store_conformance import snapshot
 
@@ -143,6 +143,41 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path):
     clean_url = _fresh(store_url, "clean", tmp_path)
     _ingest(clean_url, *corpus)
     assert _catalog(clean_url) == resumed
+
+
+def test_write_groups_bound_rows_and_skip_stored_prompts():
+    assert write_groups([3, 3, 3, 3], [False] * 4, 6) == [[0, 1], [2, 3]]
+    assert write_groups([3, 9, 3, 3], [False] * 4, 6) == [[0], [1], [2, 3]]  # a large prompt goes alone
+    assert write_groups([3, 3, 3, 3], [True, False, True, False], 100) == [[1, 3]]
+
+
+class Died(Exception):
+    """Stands in for SIGKILL between two write transactions of one batch."""
+
+
+def test_resume_completes_a_batch_that_was_partly_written(toy, store_url, tmp_path):
+    """With one prompt per transaction a job can die inside a batch: whole prompts stay stored, and
+    --resume recomputes that batch and writes only its missing prompts."""
+    opts = dict(batch_size=4, rows_per_write=1, progress=False)
+    store = open_store(store_url)
+    real_write, written = store.write_batch, []
+
+    def write_then_die(batch):
+        if len(written) == 5:
+            raise Died
+        written.append(batch.prompts[0].prompt_id)
+        return real_write(batch)
+
+    store.write_batch = write_then_die
+    with pytest.raises(Died):
+        run_job(toy, "ioi:12:3", store, JobOptions(run="r", **opts))
+    assert len(store.done_prompts("r")) == 5  # one whole batch and one prompt of the next
+    resumed = run_job(toy, "ioi:12:3", open_store(store_url), JobOptions(run="r", resume=True, **opts))
+    assert (resumed.prompts, resumed.skipped_done) == (7, 5)
+    got = _catalog(store_url)
+    clean_url = _fresh(store_url, "clean", tmp_path)
+    run_job(toy, "ioi:12:3", open_store(clean_url), JobOptions(run="r", batch_size=4, progress=False))
+    assert _catalog(clean_url) == got
 
 
 def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):

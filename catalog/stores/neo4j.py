@@ -10,6 +10,7 @@ Writes go through batched UNWIND inside execute_write: one transaction per batch
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Iterator
 
 from catalog.schema import Batch, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run
@@ -43,15 +44,19 @@ FOREACH (_ IN CASE WHEN r IS NULL THEN [] ELSE [1] END |
       r.max = CASE WHEN e.max > r.max THEN e.max ELSE r.max END,
       r.head_sums = [i IN range(0, CASE WHEN size(r.head_sums) > size(e.heads) THEN size(r.head_sums)
                      ELSE size(e.heads) END - 1) | coalesce(r.head_sums[i], 0.0) + coalesce(e.heads[i], 0.0)])
-WITH e, d, r WHERE r IS NULL
-MATCH (s:Node {uid: e.src})
-CREATE (s)-[:EDGE {key: e.key, kind: e.kind, n_prompts: e.n_prompts, n_obs: e.n_obs, sum: e.sum, sumsq: e.sumsq,
-                   sum_abs: e.sum_abs, min: e.min, max: e.max, n_pos: e.n_pos, head_sums: e.heads}]->(d)
+WITH e, d, r
+OPTIONAL MATCH (s:Node {uid: e.src}) WHERE r IS NULL
+FOREACH (_ IN CASE WHEN r IS NULL THEN [1] ELSE [] END |
+  CREATE (s)-[:EDGE {key: e.key, kind: e.kind, n_prompts: e.n_prompts, n_obs: e.n_obs, sum: e.sum, sumsq: e.sumsq,
+                     sum_abs: e.sum_abs, min: e.min, max: e.max, n_pos: e.n_pos, head_sums: e.heads}]->(d))
+WITH e, r WHERE r IS NOT NULL
+RETURN e.key
 """
 # Why not MERGE (s)-[r:EDGE {key}]->(d): between two hub nodes MERGE expands their relationships
 # (O(degree) per row). The key index seeks the edge directly; REMOVE on a property the target never
 # has takes its write lock without changing it, so concurrent writers (shards) cannot both create
-# the same edge.
+# the same edge. It returns the keys that existed already (read under that lock): only their evidence
+# can exceed the per-edge cap, since a batch brings at most the cap per edge.
 TRIM_EVIDENCE = f"""
 UNWIND $keys AS k
 MATCH (x:Evidence {{edge_key: k}})
@@ -111,8 +116,10 @@ class Neo4jStore:
         tx.run("UNWIND $rows AS p CREATE (x:Prompt) SET x = p", rows=[self._prompt_props(p) for p in batch.prompts])
         self._write_nodes(tx, batch.nodes)
         self._write_stats(tx, batch.node_stats)
-        self._write_edges(tx, batch.edges)
-        self._write_evidence(tx, batch.evidence, trim=True)
+        existing = self._write_edges(tx, batch.edges)
+        per_key = Counter(v.edge_key for v in batch.evidence)
+        over = {k for k, n in per_key.items() if self.evidence_per_edge is not None and n > self.evidence_per_edge}
+        self._write_evidence(tx, batch.evidence, trim_keys=(existing & per_key.keys()) | over)
         return True
 
     @staticmethod
@@ -140,20 +147,24 @@ class Neo4jStore:
                rows=rows)
 
     @staticmethod
-    def _write_edges(tx, edges: list[EdgeDelta]) -> None:
+    def _write_edges(tx, edges: list[EdgeDelta]) -> set[str]:
+        """Add the deltas; returns the keys of edges that were stored before."""
         rows = [{"key": e.key, "src": e.src, "dst": e.dst, "kind": e.kind, "n_prompts": e.n_prompts, "n_obs": e.n_obs,
                  "sum": e.sum, "sumsq": e.sumsq, "sum_abs": e.sum_abs, "min": e.min, "max": e.max, "n_pos": e.n_pos,
                  "heads": _dense_heads(e.head_sums)} for e in edges]
+        existing: set[str] = set()
         for i in range(0, len(rows), 10000):
-            tx.run(WRITE_EDGES, rows=rows[i:i + 10000])
+            existing.update(r[0] for r in tx.run(WRITE_EDGES, rows=rows[i:i + 10000]))
+        return existing
 
-    def _write_evidence(self, tx, evidence: list[Evidence], trim: bool) -> None:
+    def _write_evidence(self, tx, evidence: list[Evidence], trim_keys: set[str]) -> None:
+        """Create evidence nodes, then cut the edges in ``trim_keys`` back to the per-edge cap."""
         rows = [{"edge_key": v.edge_key, "prompt": v.prompt, "src_pos": v.src_pos, "dst_pos": v.dst_pos,
                  "head": -1 if v.head is None else v.head, "value": v.value, "absval": abs(v.value)} for v in evidence]
         for i in range(0, len(rows), 10000):
             tx.run("UNWIND $rows AS v CREATE (x:Evidence) SET x = v", rows=rows[i:i + 10000])
-        if trim and self.evidence_per_edge is not None:
-            keys = sorted({v.edge_key for v in evidence})
+        if trim_keys and self.evidence_per_edge is not None:
+            keys = sorted(trim_keys)
             for i in range(0, len(keys), 5000):
                 tx.run(TRIM_EVIDENCE, keys=keys[i:i + 5000], n=self.evidence_per_edge)
 
@@ -294,7 +305,7 @@ class Neo4jStore:
             self._write_nodes(tx, nodes)
             self._write_stats(tx, stats)
             self._write_edges(tx, edges)
-            self._write_evidence(tx, evidence, trim=False)
+            self._write_evidence(tx, evidence, trim_keys=set())
             tx.run("UNWIND $rows AS p MERGE (x:Prompt {uid: p.uid}) SET x = p",
                    rows=[self._prompt_props(p) for p in prompts])
             tx.run("UNWIND $rows AS r MERGE (x:Run {run_id: r.run_id}) SET x.status = r.status, x.manifest = r.manifest",
