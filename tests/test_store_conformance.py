@@ -77,6 +77,31 @@ def test_evidence_is_the_top_n_of_all_observations(store_url):
         assert sorted(stored[key]) == sorted(obs)[:N], key
 
 
+def test_evidence_of_an_edge_seen_in_many_batches_is_its_top_n(store_url):
+    """Three edges observed 6 times in every one of three batches: each write must cut the stored
+    evidence (old and new) back to the top N, whichever batch created the edge."""
+    import random
+
+    rng = random.Random(7)
+    store = open_store(store_url, evidence_per_edge=N)
+    store.start_run("r1", {"model": "toy"}, resume=False)
+    every = []
+    for k in range(3):
+        prompts = random_prompts("r1", 3, start=3 * k)
+        rows = [(p.uid, src, "A1.2", "attn_in", h, pos, 7, round(rng.gauss(0, 1), 3))
+                for p in prompts for src in ("R0.1", "R1.4") + (("EMB",) if k else ()) for h, pos in ((0, 1), (2, 5))]
+        every += rows
+        assert store.write_batch(make_batch("r1", prompts, rows, N)) is True
+    want: dict = {}
+    for p, s, d, kind, h, sp, dp, v in every:
+        want.setdefault(s, []).append((-abs(v), p, sp, dp, h, v))
+    got: dict = {}
+    for ev in store.all_evidence():
+        got.setdefault(ev.src.split("|")[2], []).append((-abs(ev.value), ev.prompt, ev.src_pos, ev.dst_pos, ev.head, ev.value))
+    assert {s: len(v) for s, v in want.items()} == {"R0.1": 18, "R1.4": 18, "EMB": 12}
+    assert {s: sorted(v) for s, v in got.items()} == {s: sorted(v)[:N] for s, v in want.items()}
+
+
 def test_both_stores_print_byte_identical_json(tmp_path, neo4j_url):
     wipe_neo4j(neo4j_url)
     batches = _batches()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -77,8 +78,15 @@ class SqliteStore:
                 return False
             self._write_nodes(c, batch.nodes)
             self._write_stats(c, batch.node_stats)
+            # edges created by this batch hold only its evidence, at most the cap when it was aggregated
+            # with the same cap: only older edges (id <= this) can need trimming
+            trim_above = c.execute("SELECT coalesce(max(id), 0) FROM edges").fetchone()[0]
+            if self.evidence_per_edge is not None:
+                per_edge = Counter((v.src, v.dst, v.kind) for v in batch.evidence)
+                if per_edge and max(per_edge.values()) > self.evidence_per_edge:
+                    trim_above = None  # a batch aggregated with a larger cap: trim everything it touched
             self._write_edges(c, batch.edges)
-            self._write_evidence(c, batch.evidence)
+            self._write_evidence(c, batch.evidence, trim_above)
             c.execute("COMMIT")
             return True
         except BaseException:
@@ -130,23 +138,26 @@ class SqliteStore:
             "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind, json_each(b.heads) j WHERE true "
             "ON CONFLICT(edge, head) DO UPDATE SET sum = sum + excluded.sum")
 
-    def _write_evidence(self, c, evidence: list[Evidence]) -> None:
+    def _write_evidence(self, c, evidence: list[Evidence], trim_upto: int | None = None) -> None:
+        """Insert the batch's evidence, then cut edges with id <= ``trim_upto`` (all touched edges when
+        None) back to the per-edge cap."""
         c.execute("CREATE TEMP TABLE IF NOT EXISTS b_ev (src TEXT, dst TEXT, kind TEXT, prompt TEXT, src_pos INTEGER, "
                   "dst_pos INTEGER, head INTEGER, value REAL)")
         c.execute("DELETE FROM b_ev")
         c.executemany("INSERT INTO b_ev VALUES (?,?,?,?,?,?,?,?)",
                       [(v.src, v.dst, v.kind, v.prompt, v.src_pos, v.dst_pos, -1 if v.head is None else v.head,
                         v.value) for v in evidence])
-        c.execute("INSERT INTO evidence SELECT e.id, b.prompt, b.src_pos, b.dst_pos, b.head, b.value FROM b_ev b "
-                  "JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
+        c.execute("DROP TABLE IF EXISTS temp.b_ev_edge")
+        c.execute("CREATE TEMP TABLE b_ev_edge AS SELECT e.id AS edge, b.prompt, b.src_pos, b.dst_pos, b.head, b.value "
+                  "FROM b_ev b JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
                   "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind")
+        c.execute("INSERT INTO evidence SELECT * FROM b_ev_edge")
         if self.evidence_per_edge is not None:
             c.execute(
                 f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
                 f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.edge IN "
-                "(SELECT DISTINCT e.id FROM b_ev b JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
-                "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind)) WHERE rn > ?)",
-                (self.evidence_per_edge,))
+                "(SELECT DISTINCT edge FROM b_ev_edge WHERE edge <= ?)) WHERE rn > ?)",
+                (trim_upto if trim_upto is not None else 2 ** 62, self.evidence_per_edge))
 
     def start_run(self, run_id: str, manifest: dict, resume: bool) -> None:
         c = self._conn
