@@ -16,7 +16,8 @@ from catalog.ids import NodeKind, NodeRefError, format_ref, parse_ref
 from ingest.errors import UserFacingError
 from ingest.forward import capture
 from ingest.rdfa import steps
-from ingest.rdfa.graph import direct_closure, full_graph
+from ingest.rdfa.blocks import position_blocks
+from ingest.rdfa.graph import direct_closure, direct_into, full_graph
 from ingest.rdfa.tensors import EDGE_KIND_NAMES, Code, EdgeTable, Pruning, code_to_ref
 from ingest.session import Session
 
@@ -126,16 +127,13 @@ def _direct_for(session: Session, cap, targets: list[Key], info: dict, top: int)
     """Exact direct attention->attention edges (all positions and heads) of the expanded attention nodes."""
     out = []
     acts = {l: steps.active_set(s, cap.z[l].flatten(-2), cap.valid) for l, s in session.attn.items()}
-    comp, ends = steps.component_rows(cap, session.weights, {l: (session.attn[l], acts[l]) for l in session.attn},
-                                      session.weights.n_layers)
+    blocks = position_blocks(cap, session.weights, {l: (session.attn[l], acts[l]) for l in session.attn})
     for code, L, f, t in targets:
         b = torch.zeros(1, dtype=torch.long, device=cap.embed.device)
         tt = torch.tensor([t], device=b.device)
         ff = torch.tensor([f], device=b.device)
         sae = session.attn[L]
-        table, kept = steps.direct(comp.prefix(ends[L]), cap.resid_pre[L], cap.ln1_scale[L], cap.pattern[L],
-                                   session.weights.W_V[L], session.weights.b_V[L], sae, b, tt, ff,
-                                   Pruning(top_k=top))
+        table, kept = direct_into(cap, session.weights, blocks, sae, b, tt, ff, Pruning(top_k=top))
         pre = torch.tensor([info[(code, L, f, t)][1]], device=b.device)
         closure = direct_closure(b, tt, ff, pre, kept, steps.attn_constant(sae, session.weights.b_V[L])[ff], L)
         full = EdgeTable.cat([table, closure]).to("cpu")

@@ -242,7 +242,7 @@ def test_per_head_pieces_sum_to_step1_dfa_per_source_position(setup):
 
 def test_top_k_pruning_keeps_each_targets_largest_edges(setup):
     """With top_k=3 every target keeps exactly the 3 largest-|value| candidate edges of the exact graph
-    (sorted here in plain Python), per head, for attn_in and resid_in."""
+    (sorted here in plain Python), per head, for attn_in, resid_in and the direct view."""
     model, attn, resid, tokens, lengths, _, exact = setup
     _, cap = capture(model, tokens, lengths)
     pruned = full_graph(cap, weights_of(model), attn, resid, Pruning(top_k=3))
@@ -260,10 +260,33 @@ def test_top_k_pruning_keeps_each_targets_largest_edges(setup):
             by_target[target][source] = float(table.value[i])
         return by_target
 
-    want, got = candidates(exact.edges), candidates(pruned.edges)
+    want = {**candidates(exact.edges), **candidates(exact.direct)}
+    got = {**candidates(pruned.edges), **candidates(pruned.direct)}
     assert set(got) <= set(want) and len(got) > 100
+    assert any(target[-1] == EdgeKind.DIRECT for target in got)
     for target, edges in want.items():
         top = dict(sorted(edges.items(), key=lambda kv: -abs(kv[1]))[:3])
         assert got.get(target, {}).keys() == {s for s, v in top.items() if v != 0}, target
         for source, value in got[target].items():
             assert value == pytest.approx(top[source], rel=1e-6, abs=1e-7)
+
+
+def test_position_blocks_pad_each_group_alone_and_do_not_change_edges(setup, monkeypatch):
+    """Steps 4-5 run over blocks of positions padded to their own busiest position; the exactness
+    setup spans several paddings, and one position per block gives the same edges."""
+    from ingest.rdfa import blocks, steps
+
+    model, attn, resid, tokens, lengths, _, graph = setup
+    _, cap = capture(model, tokens, lengths)
+    acts = {l: steps.active_set(s, cap.z[l].flatten(-2), cap.valid) for l, s in attn.items()}
+    grouped = blocks.position_blocks(cap, weights_of(model), {l: (attn[l], acts[l]) for l in attn})
+    assert len({b.rows.vec.shape[2] for b in grouped}) > 1
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1)
+    single = full_graph(cap, weights_of(model), attn, resid, Pruning())
+    for kind in (EdgeKind.RESID_IN, EdgeKind.DIRECT):
+        table = graph.edges if kind == EdgeKind.RESID_IN else graph.direct
+        other = single.edges if kind == EdgeKind.RESID_IN else single.direct
+        want, got = _edge_dict(table, kind), _edge_dict(other, kind)
+        assert want.keys() == got.keys() and len(want) > 100
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)  # float32 matmul shapes differ

@@ -15,6 +15,9 @@ import torch
 
 from catalog.ids import NodeKind
 from ingest.rdfa import steps
+from ingest.rdfa.blocks import PositionBlock, position_blocks
+from ingest.rdfa.blocks import direct as blocks_direct
+from ingest.rdfa.blocks import resid_in as blocks_resid_in
 from ingest.rdfa.tensors import ActiveSet, Capture, Code, EdgeKind, EdgeTable, Graph, NodeTable, Pruning, Weights
 from ingest.rdfa.types import SaeWeights
 
@@ -27,11 +30,10 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
     valid = cap.valid
     attn_act = {l: steps.active_set(s, cap.z[l].flatten(-2), valid) for l, s in attn_saes.items()}
     resid_act = {l: steps.active_set(s, cap.resid_pre[l], valid) for l, s in resid_saes.items()}
-    comp, ends = steps.component_rows(cap, weights, {l: (attn_saes[l], attn_act[l]) for l in attn_saes},
-                                      weights.n_layers)
+    blocks = position_blocks(cap, weights, {l: (attn_saes[l], attn_act[l]) for l in attn_saes})
     nodes, edges, direct = [], [], []
     for L, sae in sorted(resid_saes.items()):
-        table, kept = steps.resid_in(comp.prefix(ends[L]), sae, resid_act[L], pruning)
+        table, kept = blocks_resid_in(blocks, sae, resid_act[L], pruning)
         const = sae.encoder_constant()[resid_act[L].index]
         n, e = _close_targets(resid_act[L], Code.RESID, L, const, kept, Code.BIAS_R, EdgeKind.RESID_IN)
         nodes.append(n)
@@ -46,7 +48,7 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
         nodes.append(n)
         edges += [table, e]
         if pruning.direct:
-            direct.append(_direct_layer(cap, weights, comp.prefix(ends[L]), sae, attn_act[L], L, constant, pruning))
+            direct.append(_direct_layer(cap, weights, blocks, sae, attn_act[L], L, constant, pruning))
     return Graph(NodeTable.cat(nodes), EdgeTable.cat(edges), EdgeTable.cat(direct), pruning)
 
 
@@ -74,13 +76,21 @@ def _close_targets(act: ActiveSet, code: Code, layer: int, const: torch.Tensor, 
     return nodes, EdgeTable.cat([bias, rest_e])
 
 
-def _direct_layer(cap: Capture, weights: Weights, rows, sae: SaeWeights, act: ActiveSet, L: int,
-                  constant: torch.Tensor, pruning: Pruning) -> EdgeTable:
+def direct_into(cap: Capture, weights: Weights, blocks: list[PositionBlock], sae: SaeWeights, b: torch.Tensor,
+                t: torch.Tensor, f: torch.Tensor, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 5 into the attention features (b, t, f) [N] of layer sae.layer: kept edges, kept sum [N]."""
+    L = sae.layer
+    pairs = steps.direct_pairs(cap.resid_pre[L], cap.ln1_scale[L], cap.pattern[L], weights.W_V[L], weights.b_V[L],
+                               sae, b, t, f, pruning)
+    return blocks_direct(blocks, pairs, sae, b, t, f, *cap.valid.shape, pruning)
+
+
+def _direct_layer(cap: Capture, weights: Weights, blocks: list[PositionBlock], sae: SaeWeights, act: ActiveSet,
+                  L: int, constant: torch.Tensor, pruning: Pruning) -> EdgeTable:
     """Direct edges into every active attention feature of layer L, with bias and REST edges."""
     b, t, k = act.mask.nonzero(as_tuple=True)
     f = act.index[b, t, k]
-    table, kept = steps.direct(rows, cap.resid_pre[L], cap.ln1_scale[L], cap.pattern[L], weights.W_V[L],
-                               weights.b_V[L], sae, b, t, f, pruning)
+    table, kept = direct_into(cap, weights, blocks, sae, b, t, f, pruning)
     return EdgeTable.cat([table, direct_closure(b, t, f, act.pre[b, t, k], kept, constant[f], L)])
 
 

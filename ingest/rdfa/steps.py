@@ -2,7 +2,8 @@
 
 Each returns an EdgeTable of kept edges (pruned per target) and, per target, the sum of what was
 kept, so the caller can add the bias and REST edges that make every node's inputs sum to its
-pre-activation. Python loops run over layers and memory chunks only.
+pre-activation. Python loops run over the prompts of a batch, memory blocks and (step 5) heads and
+selected source positions; never over features.
 """
 
 from __future__ import annotations
@@ -218,27 +219,39 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
 
     value[b,s,k,r] = vec[b,s,r] . W_enc[:, j]. Returns kept edges and the kept sum per target [B,T,K].
     """
-    enc = sae.W_enc.T[targets.index]  # [B,T,K,d]
-    value = enc @ rows.vec.transpose(-1, -2)  # [B,T,K,R]; padded slots hold zero vectors
-    (b, s, k), r, vals, kept = _select(value, targets.mask, pruning)
-    table = _edges(b, rows, s, r, Code.RESID, sae.layer, targets.index[b, s, k], s,
-                   torch.full_like(b, -1), vals, EdgeKind.RESID_IN)
-    return table, kept
+    B, T, K = targets.index.shape
+    R = rows.vec.shape[2]
+    kept = torch.zeros(B, T, K, device=rows.vec.device)
+    tables = []
+    step = max(1, CHUNK_ELEMENTS // max(1, B * T * R))  # a busy position has K x R values: chunk over K
+    for k0 in range(0, K, step):
+        enc = sae.W_enc.T[targets.index[:, :, k0:k0 + step]]  # [B,T,k,d]
+        value = enc @ rows.vec.transpose(-1, -2)  # [B,T,k,R]; padded slots hold zero vectors
+        (b, s, k), r, vals, kept[:, :, k0:k0 + step] = _select(value, targets.mask[:, :, k0:k0 + step], pruning)
+        k = k + k0
+        tables.append(_edges(b, rows, s, r, Code.RESID, sae.layer, targets.index[b, s, k], s,
+                             torch.full_like(b, -1), vals, EdgeKind.RESID_IN))
+    return EdgeTable.cat(tables), kept
 
 
-def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Tensor, W_V, b_V,
-           sae: SaeWeights, tb: torch.Tensor, tt: torch.Tensor, tf: torch.Tensor, pruning: Pruning
-           ) -> tuple[EdgeTable, torch.Tensor]:
-    """Step 5: per-head direct edges from upstream components (rows, no residual SAE) into the
-    attention features (tb, tt, tf) [N] = (prompt, position, feature).
+@dataclass
+class DirectPairs:
+    """Step 5's selected (source position, head) pairs of N targets: P pairs each, [N, P]; ``query``
+    [N, P, d] = center(W_V[h] W_enc[h-slice, f]); ``scale`` = A[b,h,t,s] / sigma[b,s]."""
 
-    Sources are taken through the top ``pruning.direct_positions`` (s, h) pairs of each target by
-    step-1 DFA, A[h,t,s] v[s,h] . W_enc[h,:,f] (all pairs when None: exact).
-    value = A[b,h,t,s] / sigma[b,s] * vec[b,s,r] . center(W_V[h] W_enc[h-slice, f]).
-    Returns kept edges and the kept sum per target [N].
-    """
+    head: torch.Tensor
+    pos: torch.Tensor
+    scale: torch.Tensor
+    query: torch.Tensor
+
+
+def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Tensor, W_V, b_V, sae: SaeWeights,
+                 tb: torch.Tensor, tt: torch.Tensor, tf: torch.Tensor, pruning: Pruning) -> DirectPairs:
+    """Step 5's pairs for the attention features (tb, tt, tf) [N] = (prompt, position, feature): the top
+    ``pruning.direct_positions`` (s, h) pairs of each target by step-1 DFA, A[h,t,s] v[s,h] . W_enc[h,:,f]
+    (all pairs when None: exact). ``cap_resid`` [B, S, d], ``sigma`` [B, S], ``pattern`` [B, H, S, S]."""
     H, d, dh = W_V.shape
-    B, S, R, _ = rows.vec.shape
+    B, S, _ = cap_resid.shape
     N = tb.shape[0]
     dev = tb.device
     n_pairs = S * H if pruning.direct_positions is None else min(S * H, pruning.direct_positions)
@@ -262,32 +275,24 @@ def direct(rows: SourceRows, cap_resid: torch.Tensor, sigma: torch.Tensor, patte
         n_idx, p_idx = (h == head).nonzero(as_tuple=True)
         q[n_idx, p_idx] = E[head][:, n_idx].T @ W_Vc[head].T
     scale = pattern[tb[:, None], h, tt[:, None], s] / sigma[tb[:, None], s]  # [N,P]
-    value = _rows_dot(rows.vec, tb, s, q) * scale[..., None]  # [N,P,R]
-    # s > t carries zero attention, padded feature slots zero vectors: both give exact zeros
-    (n,), j, vals, kept = _select(value.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)
-    p, r = j // R, j % R
-    table = _edges(tb[n], rows, s[n, p], r, Code.ATTN, sae.layer, tf[n], tt[n], h[n, p], vals, EdgeKind.DIRECT)
-    return table, kept
+    return DirectPairs(h, s, scale, q)
 
 
-def _rows_dot(vec: torch.Tensor, b: torch.Tensor, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """out[n,p,r] = vec[b[n], s[n,p], r] . q[n,p]  for vec [B,S,R,d], q [N,P,d] -> [N,P,R].
+def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """out[m, r] = vec[loc[m], r] . q[m]  for vec [S, R, d], loc [M], q [M, d] -> [M, R].
 
-    Grouped by (prompt, position): each group is one matmul of that position's source rows against
-    every query that selected it, so source rows are never copied per target.
+    Grouped by position: each group is one matmul of that position's source rows against every
+    query that selected it, so source rows are never copied per query.
     """
-    N, P, d = q.shape
-    S, R = vec.shape[1], vec.shape[2]
-    key = (b[:, None] * S + s).reshape(-1)
-    order = torch.argsort(key)
-    uniq, counts = torch.unique_consecutive(key[order], return_counts=True)
-    flat_q = q.reshape(-1, d)[order]
-    out = torch.empty(N * P, R, device=q.device, dtype=q.dtype)
+    order = torch.argsort(loc)
+    uniq, counts = torch.unique_consecutive(loc[order], return_counts=True)
+    flat_q = q[order]
+    out = torch.empty(q.shape[0], vec.shape[1], device=q.device, dtype=q.dtype)
     start = 0
-    for k, c in zip(uniq.tolist(), counts.tolist()):  # one matmul per selected (prompt, position)
-        out[order[start:start + c]] = flat_q[start:start + c] @ vec[k // S, k % S].T  # a view: no copy of vec
+    for k, c in zip(uniq.tolist(), counts.tolist()):  # one matmul per selected position
+        out[order[start:start + c]] = flat_q[start:start + c] @ vec[k].T  # a view: no copy of vec
         start += c
-    return out.view(N, P, R)
+    return out
 
 
 def attn_constant(sae: SaeWeights, b_V: torch.Tensor) -> torch.Tensor:
