@@ -35,4 +35,5 @@ def grad_x_input(output: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[
     """{name: leaf * d output / d leaf} for a scalar ``output``."""
     names = list(leaves)
     grads = torch.autograd.grad(output, [leaves[n] for n in names], retain_graph=True, allow_unused=True)
-    return {n: (leaves[n] * g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, grads)}
+    return {n: (leaves[n].detach() * g if g is not None else torch.zeros_like(leaves[n]).detach())
+            for n, g in zip(names, grads)}

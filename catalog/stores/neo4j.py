@@ -4,7 +4,7 @@ Graph model: (:Node {uid, model, release, ref, kind, layer, index}) — features
 label :Feature — joined by [:EDGE {key, kind, n_prompts, n_obs, sum, sumsq, sum_abs, min, max,
 n_pos, head_sums}] (head_sums: a list indexed by head). Evidence is (:Evidence {edge_key, prompt,
 src_pos, dst_pos, head, value, absval}), prompts are (:Prompt {uid, run, ...}), runs (:Run).
-Writes go through batched UNWIND inside execute_write: one transaction per batch.
+Writes go through batched UNWIND inside execute_write: one transaction per Batch (whole prompts).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def direct(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: SaeWeight
         val[n, p, :k] = v.gather(1, r)
         code[n, p, :k], layer[n, p, :k], index[n, p, :k] = rows.code[r], rows.layer[r], rows.index[0, loc[:, None], r]
     # s > t carries zero attention, padded feature slots are zero vectors: both give exact zeros, dropped
-    (n,), j, vals, kept = steps._select(val.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)
+    (n,), j, vals, kept = steps.select_edges(val.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)
     p, c = j // n_cand, j % n_cand
     full = lambda x: torch.full_like(n, int(x))  # noqa: E731
     table = EdgeTable(tb[n], code[n, p, c], layer[n, p, c], index[n, p, c], pairs.pos[n, p], full(Code.ATTN),

@@ -77,7 +77,7 @@ def resid_sae_rows(sae: SaeWeights, x: torch.Tensor, active: ActiveSet, valid: t
                     torch.full_like(order, sae.layer), index[order])
 
 
-def _select(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning
+def select_edges(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the top-k |value| candidates of each target (last axis), then drop |value| < min_abs and
     exact zeros. ``valid`` [...] marks real targets.
@@ -146,7 +146,7 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
             A_t = pattern[b][:, tt[n0:n1]]  # [H, n, T]
             Y.mul_(A_t.gather(2, rows.pos[r0:r1].expand(H, n1 - n0, -1)))
             cand_val, cand_flat = _per_head_candidates(Y, pruning.top_k)
-            (n,), c, vals, kept = _select(cand_val, torch.ones(n1 - n0, dtype=torch.bool, device=dev), pruning)
+            (n,), c, vals, kept = select_edges(cand_val, torch.ones(n1 - n0, dtype=torch.bool, device=dev), pruning)
             flat = cand_flat[n, c]
             h, r = flat // (r1 - r0), flat % (r1 - r0) + r0
             g = n + n0
@@ -227,7 +227,7 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
     for k0 in range(0, K, step):
         enc = sae.W_enc.T[targets.index[:, :, k0:k0 + step]]  # [B,T,k,d]
         value = enc @ rows.vec.transpose(-1, -2)  # [B,T,k,R]; padded slots hold zero vectors
-        (b, s, k), r, vals, kept[:, :, k0:k0 + step] = _select(value, targets.mask[:, :, k0:k0 + step], pruning)
+        (b, s, k), r, vals, kept[:, :, k0:k0 + step] = select_edges(value, targets.mask[:, :, k0:k0 + step], pruning)
         k = k + k0
         tables.append(_edges(b, rows, s, r, Code.RESID, sae.layer, targets.index[b, s, k], s,
                              torch.full_like(b, -1), vals, EdgeKind.RESID_IN))
