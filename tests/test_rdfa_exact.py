@@ -237,7 +237,7 @@ def test_per_head_pieces_sum_to_step1_dfa_per_source_position(setup):
     W = attn[L].W_enc.view(H, dh, -1)
     for (b, f, t, s, h), got in per.items():
         want = v[b, h, t, s] * (vals[b, s, h] @ W[h, :, f])
-        assert got == pytest.approx(float(want), rel=RTOL, abs=ATOL)
+        assert got == pytest.approx(float(want.detach()), rel=RTOL, abs=ATOL)
 
 
 def test_top_k_pruning_keeps_each_targets_largest_edges(setup):
