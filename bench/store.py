@@ -49,8 +49,9 @@ def make_batches(n_obs: int, seed: int = 0):
     perm = rng.permutation(len(nodes))
     n_prompts = n_obs // PER_PROMPT
     for start in range(0, n_prompts, PROMPTS_PER_BATCH):
-        prompts = [Prompt(f"bench/p{i:06d}", "bench", f"p{i:06d}", f"prompt {i}", [f"t{j}" for j in range(64)],
-                          "bench", f"h{i}") for i in range(start, min(n_prompts, start + PROMPTS_PER_BATCH))]
+        ids = [f"s{seed}p{i:06d}" for i in range(start, min(n_prompts, start + PROMPTS_PER_BATCH))]  # seed: new prompts
+        prompts = [Prompt(f"bench/{pid}", "bench", pid, f"prompt {pid}", [f"t{j}" for j in range(64)], "bench", f"h{pid}")
+                   for pid in ids]
         m = len(prompts) * PER_PROMPT
         obs = Observations(np.repeat(np.arange(len(prompts)), PER_PROMPT), perm[zipf_index(rng, len(nodes), m)],
                            perm[zipf_index(rng, len(nodes), m)], rng.integers(0, 3, m), rng.integers(-1, 12, m),
@@ -68,7 +69,7 @@ def pct(xs, q):
 def latencies(store, rng, n=200) -> dict:
     edges = list(store.all_edges())
     feats = sorted({e.dst.split("|")[2] for e in edges})
-    prompts = [p.uid for p in store.prompts([f"bench/p{i:06d}" for i in range(50)]).values()]
+    prompts = [p.uid for p in store.prompts([f"bench/s0p{i:06d}" for i in range(50)]).values()]
     out = {}
     for name, fn in (
             ("upstream", lambda: queries.upstream(store, feats[rng.integers(len(feats))], limit=20)),
