@@ -7,7 +7,6 @@ Usage: python bench/api_load.py [--obs 1000000] [--requests 400]
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from catalog.neo4j_server import start_on_free_port  # noqa: E402
+from catalog.neo4j_server import running_on_free_port  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
 
 CLIENTS = 8
@@ -94,20 +93,14 @@ def main() -> None:
     ap.add_argument("--obs", type=int, default=1_000_000)
     ap.add_argument("--requests", type=int, default=400, help="per client")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
-    print(f"catalog: {args.obs:,} synthetic observations (bench/store.py); GET /features/{{ref}}/upstream?limit=20")
-    sqlite = f"sqlite:///{tmp}/api.db"
-    refs = fill(sqlite, args.obs)
-    serve_and_measure(sqlite, refs, args.requests)
-    proc, neo = start_on_free_port(str(tmp / "neo4j"), page_cache="1g", heap="3g")
-    try:
-        fill(neo, args.obs)
-        serve_and_measure(neo, refs, args.requests)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(tmp, ignore_errors=True)
-
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        print(f"catalog: {args.obs:,} synthetic observations (bench/store.py); GET /features/{{ref}}/upstream?limit=20")
+        sqlite = f"sqlite:///{tmp}/api.db"
+        refs = fill(sqlite, args.obs)
+        serve_and_measure(sqlite, refs, args.requests)
+        with running_on_free_port(f"{tmp}/neo4j", page_cache="1g", heap="3g") as neo:
+            fill(neo, args.obs)
+            serve_and_measure(neo, refs, args.requests)
 
 if __name__ == "__main__":
     main()

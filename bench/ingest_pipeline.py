@@ -7,7 +7,6 @@ the store (target <= 10%). Usage: python bench/ingest_pipeline.py [--threads 2] 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from catalog.neo4j_server import start_on_free_port  # noqa: E402
+from catalog.neo4j_server import running_on_free_port  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
 from ingest.forward import weights_of  # noqa: E402
 from ingest.jobs import JobOptions, run_job  # noqa: E402
@@ -68,9 +67,9 @@ def main() -> None:
     ap.add_argument("--gpt2-prompts", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    proc, neo = start_on_free_port(str(tmp / "neo4j"), page_cache="1g", heap="3g")
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as d, \
+            running_on_free_port(f"{d}/neo4j", page_cache="1g", heap="3g") as neo:
+        tmp = Path(d)
         print(f"CPU, torch threads {torch.get_num_threads()}; ingest defaults (top-k 5, |v| >= 0.01, direct top-2)")
         toy = Session.open("toy-ioi", ["toy-ioi"], "cpu")
         print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8:")
@@ -81,11 +80,6 @@ def main() -> None:
         corpus = word_corpus(tmp / "words.jsonl", args.gpt2_prompts, 64)
         one(big, corpus, f"sqlite:///{tmp}/gpt2.db", "gpt2", 4)
         one(big, corpus, neo, "gpt2", 4)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(tmp, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,6 @@ upstream, downstream, edge and prompt queries. Usage: python bench/store.py [--o
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from catalog import queries  # noqa: E402
 from catalog.aggregate import Observations, aggregate_edges, node_stats  # noqa: E402
 from catalog.ids import attn, resid  # noqa: E402
-from catalog.neo4j_server import start_on_free_port  # noqa: E402
+from catalog.neo4j_server import running_on_free_port  # noqa: E402
 from catalog.schema import Batch, NodeInfo, Prompt  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
 
@@ -129,19 +128,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--obs", type=int, default=1_000_000)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    print(f"{args.obs:,} observations, {N_FEATURES:,} features, Zipf(1.3) degrees, evidence 8 per edge")
-    print("SQLite:")
-    bench_store(f"sqlite:///{tmp}/bench.db", args.obs, baseline=False)
-    proc, neo = start_on_free_port(str(tmp / "neo4j"), page_cache="1g", heap="3g")
-    try:
-        print("Neo4j:")
-        bench_store(neo, args.obs, baseline=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(tmp, ignore_errors=True)
-
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        print(f"{args.obs:,} observations, {N_FEATURES:,} features, Zipf(1.3) degrees, evidence 8 per edge")
+        print("SQLite:")
+        bench_store(f"sqlite:///{tmp}/bench.db", args.obs, baseline=False)
+        with running_on_free_port(f"{tmp}/neo4j", page_cache="1g", heap="3g") as neo:
+            print("Neo4j:")
+            bench_store(neo, args.obs, baseline=True)
 
 if __name__ == "__main__":
     main()

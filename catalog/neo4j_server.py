@@ -10,7 +10,9 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 MODULE = Path(__file__).resolve().parent.parent / "tools" / "neo4j-server"
 JVM_FLAGS = ["--add-opens=java.base/java.nio=ALL-UNNAMED", "--add-opens=java.base/java.io=ALL-UNNAMED",
@@ -65,3 +67,14 @@ def start_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g") ->
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return start(home, port, page_cache=page_cache, heap=heap), f"neo4j://127.0.0.1:{port}"
+
+
+@contextmanager
+def running_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g") -> Iterator[str]:
+    """A server for the length of a ``with`` block (benchmarks): yields its neo4j:// URL, stops it after."""
+    proc, url = start_on_free_port(home, page_cache=page_cache, heap=heap)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
