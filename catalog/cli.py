@@ -232,6 +232,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
 
     if truncate and skip_long:
         raise ValueError("--truncate and --skip-long exclude each other")
+    if rows_per_write < 1:
+        raise ValueError(f"--rows-per-write {rows_per_write}: need at least 1 observation per write transaction")
     configure_threads(threads)
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",

@@ -151,6 +151,13 @@ def test_write_groups_bound_rows_and_skip_stored_prompts():
     assert write_groups([3, 3, 3, 3], [True, False, True, False], 100) == [[1, 3]]
 
 
+def test_rows_per_write_below_one_is_refused_before_anything_is_written(tmp_path):
+    db = tmp_path / "c.db"
+    out = _ingest(f"sqlite:///{db}", "--corpus", "ioi:4", "--rows-per-write", "0", check=False)
+    assert out.returncode == 2 and "--rows-per-write 0" in out.stderr
+    assert not db.exists()
+
+
 class Died(Exception):
     """Stands in for SIGKILL between two write transactions of one batch."""
 
