@@ -1,121 +1,111 @@
-"""Pure aggregation: one batch's observations -> EdgeDelta per edge + evidence bounded per edge.
+"""The columnar aggregate of a window of prompts: what goes from RDFA to the store in one write.
 
-Observations arrive as parallel numpy arrays (what RDFA produced, positions kept); nodes and
-prompts are referred to by their index in the batch's lists. No torch.
+Every column is a numpy array; the only Python objects are the window's prompts and the nodes it
+touches (what a person reads). Nodes and prompts are referred to by their row in ``nodes`` and
+``prompts``; edges by (src, dst, kind code). The reduction that fills it runs in torch on the device
+that ran RDFA (``ingest.reduce``); stores write it in bulk (one all-or-nothing write per window).
+No torch here.
 """
 
 from __future__ import annotations
 
-import gc
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from catalog.schema import EdgeDelta, Evidence, NodeStats
+from catalog.schema import EDGE_KINDS, NodeInfo, Prompt
+
+
+class _Columns:
+    """Parallel 1-D arrays of one length."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, fields(self)[0].name))
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.columns().values())
 
 
 @dataclass
-class Observations:
-    """Edges of several prompts: one row per (prompt, src@pos, dst@pos, kind, head). head -1: none."""
+class EdgeColumns(_Columns):
+    """One row per edge: counts and moments of its observations in the window."""
 
-    prompt: np.ndarray  # int, index into the batch's prompt uids
-    src: np.ndarray  # int, index into the batch's node uids
-    dst: np.ndarray
-    kind: np.ndarray  # int, index into kind_names
-    head: np.ndarray
-    src_pos: np.ndarray
-    dst_pos: np.ndarray
-    value: np.ndarray  # float64
-
-
-def aggregate_edges(obs: Observations, node_uids: list[str], prompt_uids: list[str], kind_names: list[str],
-                    evidence_per_edge: int | None) -> tuple[list[EdgeDelta], list[Evidence]]:
-    """Group by (src, dst, kind); sums in float64; evidence = top-N |value| per edge (all if None)."""
-    if len(obs.value) == 0:
-        return [], []
-    n_nodes, n_kinds = len(node_uids), len(kind_names)
-    key = (obs.src.astype(np.int64) * n_nodes + obs.dst) * n_kinds + obs.kind
-    keys, inv = np.unique(key, return_inverse=True)
-    m = len(keys)
-    v = obs.value.astype(np.float64)
-    n_obs = np.bincount(inv, minlength=m)
-    sums = np.bincount(inv, v, m)
-    sumsq = np.bincount(inv, v * v, m)
-    sum_abs = np.bincount(inv, np.abs(v), m)
-    n_pos = np.bincount(inv, (v > 0).astype(np.float64), m).astype(np.int64)
-    mins = np.full(m, np.inf)
-    maxs = np.full(m, -np.inf)
-    np.minimum.at(mins, inv, v)
-    np.maximum.at(maxs, inv, v)
-    n_prompts = np.bincount(np.unique(inv.astype(np.int64) * (len(prompt_uids) + 1) + obs.prompt) // (len(prompt_uids) + 1),
-                            minlength=m)
-    heads = _head_sums(inv, obs.head, v, m)
-    src_i, rem = np.divmod(keys, n_nodes * n_kinds)
-    dst_i, kind_i = np.divmod(rem, n_kinds)
-    cols = [a.tolist() for a in (src_i, dst_i, kind_i, n_prompts, n_obs, sums, sumsq, sum_abs, mins, maxs, n_pos)]
-    deltas = [EdgeDelta(node_uids[s], node_uids[d], kind_names[k], *rest, heads.get(e, {}))
-              for e, (s, d, k, *rest) in enumerate(zip(*cols))]
-    keep = _top_evidence(inv, obs, prompt_uids, evidence_per_edge)
-    cols = [a[keep].tolist() for a in (obs.src, obs.dst, obs.kind, obs.prompt, obs.src_pos, obs.dst_pos, obs.head,
-                                       obs.value)]
-    with _no_gc():  # 1e5 short-lived tuples would otherwise trigger repeated full GC passes
-        evidence = [Evidence(node_uids[s], node_uids[d], kind_names[k], prompt_uids[p], sp, dp, None if h < 0 else h, v)
-                    for s, d, k, p, sp, dp, h, v in zip(*cols)]
-    return deltas, evidence
+    src: np.ndarray  # int64 [m] row in WindowAggregate.nodes
+    dst: np.ndarray  # int64 [m]
+    kind: np.ndarray  # int64 [m] index into EDGE_KINDS
+    n_prompts: np.ndarray  # int64 [m] prompts the edge was observed in
+    n_obs: np.ndarray  # int64 [m] observations (prompt, positions, head)
+    sum: np.ndarray  # float64 [m]
+    sumsq: np.ndarray  # float64 [m]
+    sum_abs: np.ndarray  # float64 [m]
+    min: np.ndarray  # float64 [m]
+    max: np.ndarray  # float64 [m]
+    n_pos: np.ndarray  # int64 [m] observations with value > 0
 
 
-@contextmanager
-def _no_gc():
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+@dataclass
+class HeadColumns(_Columns):
+    """Per-head sums of attention edges: one row per (edge, head) observed."""
+
+    src: np.ndarray  # int64 [h]
+    dst: np.ndarray  # int64 [h]
+    kind: np.ndarray  # int64 [h]
+    head: np.ndarray  # int64 [h]
+    sum: np.ndarray  # float64 [h]
 
 
-def _head_sums(inv: np.ndarray, head: np.ndarray, v: np.ndarray, m: int) -> dict[int, dict[int, float]]:
-    has = head >= 0
-    if not has.any():
-        return {}
-    n_heads = int(head.max()) + 1
-    flat = np.bincount(inv[has] * n_heads + head[has], v[has], m * n_heads).reshape(m, n_heads)
-    seen = np.bincount(inv[has] * n_heads + head[has], minlength=m * n_heads).reshape(m, n_heads) > 0
-    return {int(e): {int(h): float(flat[e, h]) for h in np.nonzero(seen[e])[0]} for e in np.nonzero(seen.any(1))[0]}
+@dataclass
+class EvidenceColumns(_Columns):
+    """The top-N observations of each edge (N = WindowAggregate.evidence_cap)."""
+
+    src: np.ndarray  # int64 [e]
+    dst: np.ndarray  # int64 [e]
+    kind: np.ndarray  # int64 [e]
+    prompt: np.ndarray  # int64 [e] row in WindowAggregate.prompts
+    src_pos: np.ndarray  # int64 [e]
+    dst_pos: np.ndarray  # int64 [e]
+    head: np.ndarray  # int64 [e], -1 where no head applies
+    value: np.ndarray  # float64 [e]
 
 
-def _top_evidence(inv, obs: Observations, prompt_uids: list[str], n: int | None) -> np.ndarray:
-    """Row indices of the top-n |value| observations of each edge, ties broken as Evidence.rank_key."""
-    prompt_rank = np.argsort(np.argsort(np.array(prompt_uids, dtype=object)))  # rank by uid string
-    order = np.lexsort((obs.head, obs.dst_pos, obs.src_pos, prompt_rank[obs.prompt], -np.abs(obs.value), inv))
-    if n is None:
-        return order
-    grouped = inv[order]
-    start = np.searchsorted(grouped, grouped, side="left")
-    rank = np.arange(len(order)) - start
-    return order[rank < n]
+@dataclass
+class StatColumns(_Columns):
+    """Activation statistics of the decomposed nodes (SAE features) in the window."""
+
+    node: np.ndarray  # int64 [n] row in WindowAggregate.nodes
+    n_obs: np.ndarray  # int64 [n] active positions
+    n_prompts: np.ndarray  # int64 [n]
+    sum_act: np.ndarray  # float64 [n]
+    max_act: np.ndarray  # float64 [n]
 
 
-def node_stats(node_uid_idx: np.ndarray, prompt_idx: np.ndarray, act: np.ndarray, node_uids: list[str],
-               n_prompts_total: int) -> list[NodeStats]:
-    """Per node: active positions, prompts it was active in, sum and max of activation."""
-    if len(act) == 0:
-        return []
-    keys, inv = np.unique(node_uid_idx, return_inverse=True)
-    m = len(keys)
-    n_obs = np.bincount(inv, minlength=m)
-    sums = np.bincount(inv, act.astype(np.float64), m)
-    maxs = np.full(m, -np.inf)
-    np.maximum.at(maxs, inv, act.astype(np.float64))
-    n_prompts = np.bincount(np.unique(inv.astype(np.int64) * (n_prompts_total + 1) + prompt_idx) // (n_prompts_total + 1),
-                            minlength=m)
-    return [NodeStats(node_uids[keys[i]], int(n_obs[i]), int(n_prompts[i]), float(sums[i]), float(maxs[i]))
-            for i in range(m)]
+@dataclass
+class WindowAggregate:
+    """Whole prompts of one run, aggregated: the unit of one store write."""
+
+    run: str
+    prompts: list[Prompt]
+    nodes: list[NodeInfo]
+    edges: EdgeColumns
+    heads: HeadColumns
+    evidence: EvidenceColumns
+    stats: StatColumns
+    evidence_cap: int | None  # evidence kept per edge when it was aggregated (None: all)
+    observations: int = 0  # observations the window aggregates (for throughput figures)
+
+    @property
+    def nbytes(self) -> int:
+        return self.edges.nbytes + self.heads.nbytes + self.evidence.nbytes + self.stats.nbytes
+
+    def kind_names(self, kind: np.ndarray) -> list[str]:
+        return np.array(EDGE_KINDS, dtype=object)[kind].tolist()
 
 
-def merge_evidence(existing: list[Evidence], new: list[Evidence], n: int | None) -> list[Evidence]:
-    """The evidence an edge keeps after ``new`` arrives: top-n by Evidence.rank_key."""
-    merged = sorted(set(existing) | set(new), key=Evidence.rank_key)
-    return merged if n is None else merged[:n]
+def empty_columns(cls):
+    """Columns of length 0 with the dtypes their docstrings give."""
+    floats = {"sum", "sumsq", "sum_abs", "min", "max", "value", "sum_act", "max_act"}
+    return cls(**{f.name: np.zeros(0, np.float64 if f.name in floats else np.int64) for f in fields(cls)})

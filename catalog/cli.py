@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from catalog import queries
+from catalog.ids import NodeKind
 from catalog.stores import StoreError, open_store
 from catalog.stores.base import DEFAULT_URL
 
@@ -223,7 +224,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            max_tokens: Optional[int] = None, truncate: bool = False, skip_long: bool = False,
            top_k: int = 5, min_abs: float = 0.01, direct_positions: int = 2, evidence_per_edge: int = 8,
            threads: int = 1, progress: bool = True,
-           rows_per_write: Annotated[int, typer.Option(help="observations per write transaction")] = 100_000):
+           window: Annotated[int, typer.Option(help="prompts per store write (one all-or-nothing transaction)")] = 256,
+           window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048):
     """Run RDFA over a corpus and store every edge with its provenance."""
     from ingest.jobs import JobOptions, parse_shard, run_job
     from ingest.rdfa.tensors import Pruning
@@ -232,13 +234,14 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
 
     if truncate and skip_long:
         raise ValueError("--truncate and --skip-long exclude each other")
-    if rows_per_write < 1:
-        raise ValueError(f"--rows-per-write {rows_per_write}: need at least 1 observation per write transaction")
+    for name, value in (("--window", window), ("--window-mem", window_mem), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: must be at least 1")
     configure_threads(threads)
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
-                      progress=progress, rows_per_write=rows_per_write)
+                      progress=progress, window=window, window_mem=window_mem << 20)
     target = open_store(store, evidence_per_edge=evidence_per_edge or None)
     summary = run_job(Session.open(model, saes, device), corpus, target, opts, log=lambda m: typer.echo(m, err=True))
     _print(summary.as_dict(), True)
@@ -274,8 +277,9 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
     configure_threads(threads)
     session = Session.open(model, saes, device)
     result = run_eval(session, n=n, groups=parsed, thresholds=Thresholds(min_recovery, max_kl))
-    result.update(model=session.lm.name, releases={"attn": session.saes.release_of_attn(),
-                                                    "resid": session.saes.release_of_resid()})
+    result["model"] = session.lm.name
+    for row in result["saes"]:  # the catalog matches flags to features by the SAE's own key
+        row["sae"] = session.saes.key_of(NodeKind(row["kind"]), row["layer"])
     draw(result, plot)
     result["plot"] = plot
     if store:

@@ -1,8 +1,17 @@
-"""Copy a catalog between stores (SQLite <-> Neo4j), losslessly, in bounded chunks."""
+"""Copy a catalog between stores (SQLite <-> Neo4j), losslessly, in bounded chunks.
+
+Rows read from the source become the same columnar WindowAggregate an ingest writes, so the target
+loads them through its bulk path (import_window: no prompt claim, no evidence trim).
+"""
 
 from __future__ import annotations
 
 from itertools import islice
+
+import numpy as np
+
+from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, StatColumns, WindowAggregate, empty_columns
+from catalog.schema import EDGE_KINDS
 
 
 def _chunks(it, n):
@@ -17,20 +26,52 @@ def copy_catalog(src, dst, chunk: int = 20_000) -> dict:
         from catalog.stores.base import StoreError
 
         raise StoreError(f"export target {dst.url} is not empty; export into an empty catalog")
-    nodes = list(src.all_nodes())
-    for part in _chunks(nodes, chunk):
-        dst.import_rows([n for n, _ in part], [s for _, s in part if s is not None], [], [], [], [])
+    pairs = list(src.all_nodes())
+    nodes = [n for n, _ in pairs]
+    row = {n.uid: i for i, n in enumerate(nodes)}
+    prompts = list(src.all_prompts())
+    prompt_row = {p.uid: i for i, p in enumerate(prompts)}
+    kind = {k: i for i, k in enumerate(EDGE_KINDS)}
+    stats = [(row[n.uid], s) for n, s in pairs if s is not None]
+    window = lambda **cols: WindowAggregate("", [], nodes, **{  # noqa: E731
+        "edges": empty_columns(EdgeColumns), "heads": empty_columns(HeadColumns),
+        "evidence": empty_columns(EvidenceColumns), "stats": empty_columns(StatColumns), "evidence_cap": None, **cols})
+    dst.import_window(window(stats=StatColumns(*_arrays(
+        stats, lambda r: r[0], lambda r: r[1].n_obs, lambda r: r[1].n_prompts, lambda r: r[1].sum_act,
+        lambda r: r[1].max_act))))
     counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": 0}
     for part in _chunks(src.all_edges(), chunk):
-        dst.import_rows([], [], part, [], [], [])
+        heads = [(row[e.src], row[e.dst], kind[e.kind], h, v) for e in part for h, v in sorted(e.head_sums.items())]
+        dst.import_window(window(
+            edges=EdgeColumns(*_arrays(part, lambda e: row[e.src], lambda e: row[e.dst], lambda e: kind[e.kind],
+                                       *(lambda e, c=c: getattr(e, c) for c in (
+                                           "n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos")))),
+            heads=HeadColumns(*_arrays(heads, *(lambda r, i=i: r[i] for i in range(5))))))
         counts["edges"] += len(part)
-    for part in _chunks(src.all_evidence(), chunk):
-        dst.import_rows([], [], [], part, [], [])
-        counts["evidence"] += len(part)
-    for part in _chunks(src.all_prompts(), chunk):
-        dst.import_rows([], [], [], [], part, [])
+    for part in _chunks(prompts, chunk):
+        agg = window()
+        agg.prompts = part
+        dst.import_window(agg)
         counts["prompts"] += len(part)
+    for part in _chunks(src.all_evidence(), chunk):
+        used = sorted({v.prompt for v in part})
+        local = {uid: i for i, uid in enumerate(used)}
+        agg = window(evidence=EvidenceColumns(*_arrays(
+            part, lambda v: row[v.src], lambda v: row[v.dst], lambda v: kind[v.kind], lambda v: local[v.prompt],
+            lambda v: v.src_pos, lambda v: v.dst_pos, lambda v: -1 if v.head is None else v.head, lambda v: v.value)))
+        agg.prompts = [prompts[prompt_row[uid]] for uid in used]  # stored above already: inserts are no-ops
+        dst.import_window(agg)
+        counts["evidence"] += len(part)
     runs = src.runs()
-    dst.import_rows([], [], [], [], [], runs)
+    dst.import_runs(runs)
     counts["runs"] = len(runs)
     return counts
+
+
+def _arrays(rows, *getters) -> list[np.ndarray]:
+    """One numpy column per getter (float64 where the values are floats, else int64)."""
+    out = []
+    for get in getters:
+        values = [get(r) for r in rows]
+        out.append(np.array(values, dtype=np.float64 if values and isinstance(values[0], float) else np.int64))
+    return out

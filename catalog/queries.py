@@ -53,7 +53,7 @@ def edge_stats(e: EdgeDelta) -> dict:
 
 def node_json(n: NodeInfo, stats: NodeStats | None = None) -> dict:
     out = {"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "index": n.index, "model": n.model,
-           "release": n.release}
+           "sae": n.sae}
     if stats is not None:
         out["activation"] = {"n_positions": stats.n_obs, "n_prompts": stats.n_prompts,
                              "mean": rnd(stats.sum_act / stats.n_obs if stats.n_obs else 0.0), "max": rnd(stats.max_act)}
@@ -136,9 +136,9 @@ def sae_info(store, node: NodeInfo) -> dict:
             if sae.get("kind") == node.kind and sae.get("layer") == node.layer and sae.get("neuronpedia_id"):
                 out["neuronpedia"] = f"https://www.neuronpedia.org/{sae['neuronpedia_id']}/{node.index}"
         ev = m.get("sae_eval")
-        if ev and ev.get("model") == node.model and ev.get("releases", {}).get(node.kind) == node.release:
+        if ev and ev.get("model") == node.model:
             for row in ev["saes"]:
-                if row["kind"] == node.kind and row["layer"] == node.layer:
+                if row.get("sae") == node.sae and row["kind"] == node.kind and row["layer"] == node.layer:
                     out["sae_flags"] = {"flagged": row["flagged"], "logit_diff_recovery": rnd(row["logit_diff_recovery"]),
                                         "kl": rnd(row["kl"]), "run": run.run_id}
     return out

@@ -1,28 +1,37 @@
 """Plain records the catalog stores and answers with. No torch, no database types.
 
-A *catalog node* is keyed by (model, SAE release, node id without position); its ``uid`` joins
-them with '|', e.g. ``toy-ioi|toy-ioi|A2.17`` or ``gpt2-small||EMB`` (components that belong to no
-SAE have an empty release). Prompts are keyed by (run, prompt id): ``uid = run/prompt_id``, which
-is what makes writes idempotent per (run, prompt).
+A *catalog node* is keyed by (model, the SAE it belongs to, node id without position); its ``uid``
+joins them with '|', e.g. ``toy-ioi|toy-ioi:blocks.2.attn.hook_z|A2.17`` or ``gpt2-small||EMB``
+(components that belong to no SAE have an empty SAE key). An SAE's key is ``release:sae_id`` for a
+registry SAE and ``local:<weights hash>`` for a folder on disk (see ``ingest.saes.LoadedSae.key``), so
+two SAEs of one release at the same hook never share features. Prompts are keyed by (run, prompt id):
+``uid = run/prompt_id``, which is what makes writes idempotent per (run, prompt).
+
+Stores number nodes with small integers (a node dictionary per catalog) and key edges with one int64
+built by :func:`edge_key` alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import numpy as np
 
 from catalog.ids import FEATURE_KINDS, NodeRef, format_ref
 
-EDGE_KINDS = ("attn_in", "resid_in", "direct")
+EDGE_KINDS = ("attn_in", "resid_in", "direct")  # an edge kind's code is its index here
+NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys fit in 60 bits
 
 
-def node_uid(model: str, release: str, ref: NodeRef) -> str:
-    return f"{model}|{release}|{format_ref(ref.at(None))}"
+def node_uid(model: str, sae: str, ref: NodeRef) -> str:
+    return f"{model}|{sae}|{format_ref(ref.at(None))}"
 
 
-def split_uid(uid: str) -> tuple[str, str, str]:
-    model, release, ref = uid.split("|")
-    return model, release, ref
+def edge_key(src_id, dst_id, kind_code):
+    """The int64 key of edge (src, dst, kind) from node dictionary ids and the kind's code; works on
+    ints and on numpy int64 arrays alike. The one place edge keys are built."""
+    return (np.asarray(src_id, dtype=np.int64) * NODE_ID_LIMIT + dst_id) * len(EDGE_KINDS) + kind_code
 
 
 @dataclass(frozen=True)
@@ -31,17 +40,17 @@ class NodeInfo:
 
     uid: str
     model: str
-    release: str
+    sae: str  # key of the SAE the node belongs to ("" for EMB, POS, MLP, ATTN): release:sae_id or local:<hash>
     ref: str  # canonical id without position, e.g. A2.17, R1.ERR, EMB
     kind: str  # NodeKind value
     layer: int | None
     index: int | None
 
     @classmethod
-    def of(cls, model: str, release: str, ref: NodeRef) -> "NodeInfo":
+    def of(cls, model: str, sae: str, ref: NodeRef) -> "NodeInfo":
         r = ref.at(None)
-        release = release if (r.is_feature or r.sae_kind is not None) else ""
-        return cls(node_uid(model, release, r), model, release, format_ref(r), r.kind.value, r.layer, r.index)
+        sae = sae if (r.is_feature or r.sae_kind is not None) else ""
+        return cls(node_uid(model, sae, r), model, sae, format_ref(r), r.kind.value, r.layer, r.index)
 
     @property
     def is_feature(self) -> bool:
@@ -115,21 +124,6 @@ class NodeStats:
     n_prompts: int
     sum_act: float
     max_act: float
-
-
-@dataclass
-class Batch:
-    """Everything one write transaction stores: whole prompts of one run, aggregated."""
-
-    run: str
-    prompts: list[Prompt]
-    nodes: list[NodeInfo]
-    edges: list[EdgeDelta]
-    evidence: list[Evidence]
-    node_stats: list[NodeStats]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

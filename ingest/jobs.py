@@ -1,13 +1,16 @@
-"""Batch ingest: corpus -> tokens -> batches -> RDFA -> aggregate -> writer thread -> store.
+"""Batch ingest: corpus -> tokens -> batches -> RDFA -> device aggregates -> windows -> writer -> store.
 
 Batches are cut from the whole corpus in a fixed order, so batch k holds the same prompts in
-every process: ``--shard i/n`` takes batches k with k % n == i. Each write transaction holds whole
-prompts: a batch, or, when a batch has more than ``rows_per_write`` observations, consecutive groups
-of its prompts (one huge transaction stalls a small server; a GPT-2-sized prompt of 64 tokens gives ~5x10^5).
-So a killed job leaves whole prompts, and ``--resume`` skips stored batches and recomputes a
-partly stored one with the same prompts, writing only those not yet stored.
-Computation overlaps with writing through a bounded queue; the summary reports how much of the
-wall time the compute loop spent waiting on the store.
+every process: ``--shard i/n`` takes batches k with k % n == i. A shard's batches are grouped into
+windows of ``window`` prompts in that order. Each batch's graph is reduced on the device that ran
+RDFA, the partial aggregates of a window merge on the device (compacted, and the window flushed
+early, when they pass ``window_mem`` bytes), and the window goes to the store as one all-or-nothing
+write of whole batches. So a killed job leaves whole batches, and ``--resume`` recomputes exactly
+the batches not stored. Aggregates merge exactly (counts; sums in float64; evidence by a total
+order), so the catalog does not depend on where windows were cut: a resumed, sharded or windowed
+run stores what one uninterrupted process stores.
+A writer thread writes one window while the next is computed; the summary reports how much of
+the wall time the compute loop spent waiting on the store.
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ from catalog import __version__
 from catalog.schema import Prompt
 from ingest.corpora import Corpus, CorpusItem, content_hash, open_corpus
 from ingest.errors import UserFacingError
+import torch
+
 from ingest.rdfa.tensors import Pruning
+from ingest.reduce import Partial, merge, reduce_batch
 from ingest.session import Session
-from ingest.to_catalog import NodeCatalog, graph_to_batch
+from ingest.to_catalog import NodeSlots, SaeKeys, observations, prompt_ranks, to_window
+
+DEFAULT_WINDOW = 256  # prompts per store write (bench/ingest_pipeline.py --windows measures the choice)
+DEFAULT_WINDOW_MEM = 2 << 30  # bytes of device aggregates before a window is compacted or flushed early
 
 
 @dataclass
@@ -38,9 +47,10 @@ class JobOptions:
     max_tokens: int | None = None
     long_policy: str = "refuse"  # refuse | truncate | skip
     pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
-    queue_size: int = 2
+    queue_size: int = 1  # windows waiting for the writer (each holds its host copy)
     progress: bool = True
-    rows_per_write: int = 100_000  # observations per write transaction (a single prompt may exceed it)
+    window: int = DEFAULT_WINDOW  # prompts per store write
+    window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
 
 
 @dataclass
@@ -51,7 +61,8 @@ class JobSummary:
     skipped_done: int = 0
     bad_lines: int = 0
     observations: int = 0
-    edges: int = 0
+    edges: int = 0  # edge rows written (an edge recurring in several windows counts once per window)
+    windows: int = 0
     seconds: float = 0.0
     store_wait_seconds: float = 0.0
 
@@ -122,20 +133,21 @@ def run_job(session: Session, corpus_spec: str, store, opts: JobOptions, log=pri
     pairs, skipped_long = tokenize(items, session, opts)
     batches = [pairs[k:k + opts.batch_size] for k in range(0, len(pairs), opts.batch_size)]
     mine = [b for k, b in enumerate(batches) if k % opts.shard[1] == opts.shard[0]]
+    per_window = max(1, opts.window // opts.batch_size)
+    windows = [mine[k:k + per_window] for k in range(0, len(mine), per_window)]
     manifest = {**session.manifest(), "code_version": code_version(), "pruning": opts.pruning.manifest(),
                 "corpus": {"spec": corpus_spec, "fingerprint": corpus.fingerprint(), "n_items": len(corpus.items())},
-                "batch_size": opts.batch_size, "limit": opts.limit, "long_policy": opts.long_policy,
+                "batch_size": opts.batch_size, "window": opts.window, "limit": opts.limit, "long_policy": opts.long_policy,
                 "max_tokens": opts.max_tokens, "evidence_per_edge": store.evidence_per_edge,
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _check_resume(store, opts, manifest)
     store.start_run(opts.run, manifest, resume=opts.resume or opts.shard[1] > 1)
     done = store.done_prompts(opts.run) if (opts.resume or opts.shard[1] > 1) else set()
-    todo = [b for b in mine if not all(item.prompt_id in done for item, _ in b)]
+    todo = [w for w in ([b for b in window if not _stored(b, done)] for window in windows) if w]
     summary = JobSummary(opts.run, skipped_long=skipped_long, bad_lines=len(corpus.bad_lines),
                          skipped_done=sum(item.prompt_id in done for b in mine for item, _ in b))
-    nodes = NodeCatalog(session.lm.name, session.saes.release_of_attn(), session.saes.release_of_resid())
     try:
-        _pipeline(session, store, todo, done, corpus, nodes, opts, summary)
+        _pipeline(session, store, todo, corpus, node_slots(session), opts, summary)
     except BaseException as exc:
         summary.seconds = time.time() - t0
         store.finish_run(opts.run, "failed", {"error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -162,66 +174,98 @@ def _check_resume(store, opts: JobOptions, manifest: dict) -> None:
         raise UserFacingError(f"run {opts.run!r} was started on a different corpus (fingerprint differs)")
 
 
-def write_groups(observations: list[int], stored: list[bool], max_rows: int) -> list[list[int]]:
-    """Consecutive groups of a batch's unstored prompts (indices) with at most ``max_rows``
-    observations each, a prompt larger than that alone in its group."""
-    groups: list[list[int]] = []
-    rows = 0
-    for i, (n, done) in enumerate(zip(observations, stored)):
-        if done:
-            continue
-        if not groups or rows + n > max_rows:
-            groups.append([])
-            rows = 0
-        groups[-1].append(i)
-        rows += n
-    return groups
+def _stored(batch, done: set[str]) -> bool:
+    """Whether a batch is stored; windows hold whole batches, so a part-stored one is a foreign run."""
+    stored = [item.prompt_id in done for item, _ in batch]
+    if any(stored) and not all(stored):
+        raise UserFacingError(f"a batch is only partly stored ({sum(stored)} of {len(stored)} prompts, from "
+                              f"{batch[0][0].prompt_id!r}); was the run written with another --batch-size?")
+    return all(stored)
 
 
-def _pipeline(session: Session, store, todo, done: set[str], corpus: Corpus, nodes: NodeCatalog,
-              opts: JobOptions, summary: JobSummary) -> None:
-    """Compute on this thread, aggregate+write on a writer thread, with a bounded queue between."""
+def node_slots(session: Session) -> NodeSlots:
+    saes = session.saes
+    keys = SaeKeys({l: (s.key, s.weights.d_sae) for l, s in saes.attn.items()},
+                   {l: (s.key, s.weights.d_sae) for l, s in saes.resid.items()})
+    return NodeSlots(session.lm.name, session.lm.cfg.n_layers, keys)
+
+
+class _Window:
+    """The partial aggregates of the window being computed, on the device."""
+
+    def __init__(self, prompts: list[Prompt], device, cap: int | None, mem: int):
+        self.prompts, self.rank, self.cap, self.mem = prompts, prompt_ranks(prompts, device), cap, mem
+        self.parts: list[Partial] = []
+        self.first = 0  # window row of the first prompt not flushed yet
+        self.end = 0  # window row after the last prompt reduced
+        self.observations = 0
+
+    def add(self, part: Partial, n_prompts: int, n_observations: int) -> bool:
+        """Add a batch's partial; True when the window should be flushed early (memory)."""
+        self.parts.append(part)
+        self.end += n_prompts
+        self.observations += n_observations
+        if sum(p.nbytes for p in self.parts) > self.mem // 2:
+            self.parts = [merge(self.parts, self.rank, self.cap)]
+            return self.parts[0].nbytes > self.mem // 2
+        return False
+
+    def flush(self, slots: NodeSlots, run: str):
+        part = merge(self.parts, self.rank, self.cap)
+        part.ev_prompt = part.ev_prompt - self.first
+        agg = to_window(part, slots.info, slots.size, run, self.prompts[self.first:self.end], self.cap,
+                        self.observations)
+        self.parts, self.first, self.observations = [], self.end, 0
+        return agg
+
+
+def _pipeline(session: Session, store, todo, corpus: Corpus, slots: NodeSlots, opts: JobOptions,
+              summary: JobSummary) -> None:
+    """Compute and reduce on this thread, write on a writer thread, with a bounded queue between."""
     from tqdm import tqdm
 
     work: queue.Queue = queue.Queue(maxsize=opts.queue_size)
     failure: list[BaseException] = []
 
-    def write(graph, prompts: list[Prompt]) -> None:
-        per_prompt = graph.observations_per_prompt(len(prompts))
-        for group in write_groups(per_prompt, [p.prompt_id in done for p in prompts], opts.rows_per_write):
-            part = graph if len(group) == len(prompts) else graph.select_prompts(group, len(prompts))
-            batch = graph_to_batch(part, [prompts[i] for i in group], nodes, opts.run, store.evidence_per_edge)
-            if store.write_batch(batch):
-                summary.edges += len(batch.edges)
-                summary.observations += sum(per_prompt[i] for i in group)
-                summary.prompts += len(group)
-
     def writer() -> None:
-        while (job := work.get()) is not None:
+        while (agg := work.get()) is not None:
             if failure:
                 continue
             try:
-                write(*job)
+                if store.write_window(agg):
+                    summary.prompts += len(agg.prompts)
+                    summary.observations += agg.observations
+                    summary.edges += len(agg.edges)
+                    summary.windows += 1
             except BaseException as exc:  # surfaced on the compute thread
                 failure.append(exc)
 
+    def put(agg) -> None:
+        waited = time.time()
+        work.put(agg)
+        summary.store_wait_seconds += time.time() - waited
+
     thread = threading.Thread(target=writer, name="catalog-writer", daemon=True)
     thread.start()
-    bar = tqdm(total=sum(len(b) for b in todo), unit="prompt", disable=not opts.progress, dynamic_ncols=True)
-    t_start = time.time()
+    bar = tqdm(total=sum(len(b) for w in todo for b in w), unit="prompt", disable=not opts.progress,
+               dynamic_ncols=True)
     try:
-        for batch in todo:
+        for batches in todo:
+            prompts = [_prompt(opts.run, item, ids, session, corpus) for b in batches for item, ids in b]
+            window = _Window(prompts, session.device, store.evidence_per_edge, opts.window_mem)
+            for batch in batches:
+                if failure:
+                    break
+                _, graph = session.attribute([ids for _, ids in batch], opts.pruning)
+                obs, acts = observations(graph, slots, window.end)
+                part = reduce_batch(obs, acts, window.rank, slots.size, store.evidence_per_edge)
+                if window.add(part, len(batch), len(obs.value)):
+                    put(window.flush(slots, opts.run))
+                bar.update(len(batch))
             if failure:
                 break
-            _, graph = session.attribute([ids for _, ids in batch], opts.pruning)
-            graph = _to_cpu(graph)
-            prompts = [_prompt(opts.run, item, ids, session, corpus) for item, ids in batch]
-            waited = time.time()
-            work.put((graph, prompts))
-            summary.store_wait_seconds += time.time() - waited
-            bar.update(len(batch))
-            elapsed = max(time.time() - t_start, 1e-9)
-            bar.set_postfix(edges_s=f"{summary.observations / elapsed:,.0f}", refresh=False)
+            if window.parts:
+                put(window.flush(slots, opts.run))
     finally:
         waited = time.time()
         work.put(None)
@@ -230,9 +274,3 @@ def _pipeline(session: Session, store, todo, done: set[str], corpus: Corpus, nod
         bar.close()
     if failure:
         raise failure[0]
-
-
-def _to_cpu(graph):
-    from ingest.rdfa.tensors import Graph
-
-    return Graph(graph.nodes.to("cpu"), graph.edges.to("cpu"), graph.direct.to("cpu"), graph.pruning)

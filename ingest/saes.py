@@ -36,6 +36,7 @@ class LoadedSae:
     hook_name: str
     weights_hash: str
     neuronpedia_id: str | None = None
+    local: bool = False  # read from a folder the user named (not a registry release)
 
     @property
     def kind(self) -> NodeKind:
@@ -45,8 +46,14 @@ class LoadedSae:
     def layer(self) -> int:
         return self.weights.layer
 
+    @property
+    def key(self) -> str:
+        """How the catalog names this SAE in node uids: ``release:sae_id`` for a registry or toy SAE,
+        ``local:<weights hash>`` for a folder on disk (its path or name says nothing stable about it)."""
+        return f"local:{self.weights_hash[:16]}" if self.local else f"{self.release}:{self.sae_id}"
+
     def manifest(self) -> dict:
-        return {"release": self.release, "sae_id": self.sae_id, "hook_name": self.hook_name,
+        return {"release": self.release, "sae_id": self.sae_id, "key": self.key, "hook_name": self.hook_name,
                 "kind": self.kind.value, "layer": self.layer, "d_sae": self.weights.d_sae,
                 "weights_hash": self.weights_hash, "neuronpedia_id": self.neuronpedia_id}
 
@@ -61,18 +68,8 @@ class SaeSet:
     def all(self) -> list[LoadedSae]:
         return [self.attn[k] for k in sorted(self.attn)] + [self.resid[k] for k in sorted(self.resid)]
 
-    def release_of(self, kind: NodeKind) -> str:
-        """The release label features of ``kind`` are keyed under in the catalog (a local folder
-        contributes its name, not its full path, so catalogs do not depend on where files lay)."""
-        saes = self.attn if kind is NodeKind.ATTN else self.resid
-        names = sorted({Path(s.release).name if "/" in s.release else s.release for s in saes.values()})
-        return "+".join(names) if names else ""
-
-    def release_of_attn(self) -> str:
-        return self.release_of(NodeKind.ATTN)
-
-    def release_of_resid(self) -> str:
-        return self.release_of(NodeKind.RESID)
+    def key_of(self, kind: NodeKind, layer: int) -> str:
+        return (self.attn if kind is NodeKind.ATTN else self.resid)[layer].key
 
 
 def load_saes(specs: list[str], model_cfg, device="cpu") -> SaeSet:
@@ -109,12 +106,12 @@ def _load_spec(spec: str, device) -> list[LoadedSae]:
         return load_sae_dir(TOY_DIR / "saes", device, release=TOY_NAME)
     path = Path(spec).expanduser()
     if path.exists():
-        return load_sae_dir(path, device, release=str(path))
+        return load_sae_dir(path, device, release=str(path), local=True)
     release, _, sae_id = spec.partition(":")
     return _load_release(release, sae_id or None, device)
 
 
-def load_sae_dir(path: Path, device, release: str) -> list[LoadedSae]:
+def load_sae_dir(path: Path, device, release: str, local: bool = False) -> list[LoadedSae]:
     """A folder in SAELens's on-disk format (cfg.json + sae_weights.safetensors), or a folder of them."""
     folders = [path] if (path / "cfg.json").exists() else sorted(p for p in path.iterdir()
                                                                  if (p / "cfg.json").exists())
@@ -122,7 +119,7 @@ def load_sae_dir(path: Path, device, release: str) -> list[LoadedSae]:
         raise LoadError(f"--saes {path}: no SAE folders (cfg.json + sae_weights.safetensors) found there")
     from sae_lens import SAE
 
-    return [_from_sae_lens(SAE.load_from_disk(str(f), device=str(device)), release, f.name, None)
+    return [_from_sae_lens(SAE.load_from_disk(str(f), device=str(device)), release, f.name, None, local)
             for f in folders]
 
 
@@ -151,7 +148,7 @@ def _load_release(release: str, sae_id: str | None, device) -> list[LoadedSae]:
     return out
 
 
-def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None) -> LoadedSae:
+def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None, local: bool = False) -> LoadedSae:
     cfg = sae.cfg
     hook = cfg.metadata.hook_name or ""
     kind = next((k for k, rx in _HOOKS.items() if rx.fullmatch(hook)), None)
@@ -166,7 +163,7 @@ def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None) -
     weights = SaeWeights(kind, layer, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"],
                          bool(getattr(cfg, "apply_b_dec_to_input", True)), state.get("threshold"),
                          getattr(cfg, "k", None))
-    return LoadedSae(weights, release, sae_id, hook, weights_hash(state), neuronpedia_id)
+    return LoadedSae(weights, release, sae_id, hook, weights_hash(state), neuronpedia_id, local)
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:

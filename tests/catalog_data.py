@@ -7,10 +7,13 @@ import random
 from collections import defaultdict
 
 import numpy as np
+import torch
 
-from catalog.aggregate import Observations, aggregate_edges, node_stats
+from catalog.aggregate import WindowAggregate
 from catalog.ids import parse_ref
-from catalog.schema import Batch, NodeInfo, Prompt
+from catalog.schema import NodeInfo, Prompt
+from ingest.reduce import Activations, Observations
+from ingest.to_catalog import aggregate_rows
 
 MODEL, RELEASE = "toy", "rel"
 KINDS = ["attn_in", "resid_in", "direct"]
@@ -43,21 +46,20 @@ def random_observations(prompts: list[Prompt], seed: int, per_prompt: int = 60):
     return rows
 
 
-def make_batch(run: str, prompts: list[Prompt], rows, evidence_per_edge: int | None) -> Batch:
+def make_batch(run: str, prompts: list[Prompt], rows, evidence_per_edge: int | None) -> WindowAggregate:
+    """The window aggregate of ``rows`` (aggregated by ingest.reduce), plus random node activations."""
     infos = nodes()
     uid_of = {n.ref: i for i, n in enumerate(infos)}
     p_of = {p.uid: i for i, p in enumerate(prompts)}
-    arr = lambda f, dt=np.int64: np.array([f(r) for r in rows], dtype=dt)  # noqa: E731
-    obs = Observations(arr(lambda r: p_of[r[0]]), arr(lambda r: uid_of[r[1]]), arr(lambda r: uid_of[r[2]]),
-                       arr(lambda r: KINDS.index(r[3])), arr(lambda r: r[4]), arr(lambda r: r[5]), arr(lambda r: r[6]),
-                       arr(lambda r: r[7], np.float64))
-    deltas, evidence = aggregate_edges(obs, [n.uid for n in infos], [p.uid for p in prompts], KINDS, evidence_per_edge)
+    col = lambda f, dt=torch.long: torch.tensor([f(r) for r in rows], dtype=dt)  # noqa: E731
+    obs = Observations(col(lambda r: p_of[r[0]]), col(lambda r: uid_of[r[1]]), col(lambda r: uid_of[r[2]]),
+                       col(lambda r: KINDS.index(r[3])), col(lambda r: r[4]), col(lambda r: r[5]), col(lambda r: r[6]),
+                       col(lambda r: r[7], torch.float64))
     feats = [i for i, n in enumerate(infos) if n.is_feature]
     rng = np.random.default_rng(len(rows))
-    node_idx = rng.choice(feats, size=len(prompts) * 5)
-    stats = node_stats(node_idx, np.repeat(np.arange(len(prompts)), 5), rng.random(len(node_idx)),
-                       [n.uid for n in infos], len(prompts))
-    return Batch(run, prompts, infos, deltas, evidence, stats)
+    acts = Activations(torch.from_numpy(rng.choice(feats, size=len(prompts) * 5)),
+                       torch.arange(len(prompts)).repeat_interleave(5), torch.from_numpy(rng.random(len(prompts) * 5)))
+    return aggregate_rows(obs, acts, infos, run, prompts, evidence_per_edge)
 
 
 def expected_edges(rows) -> dict:

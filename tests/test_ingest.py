@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from catalog.stores import open_store
 from conftest import wipe_neo4j
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
-from ingest.jobs import JobOptions, run_job, write_groups
+from ingest.jobs import JobOptions, run_job
 from ingest.session import Session
 from test_store_conformance import snapshot
 
@@ -118,73 +119,48 @@ def _fresh(store_url, name, tmp_path):
     return f"sqlite:///{tmp_path}/{name}.db"
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path):
+DIE_AT = [sys.executable, str(Path(__file__).parent / "die_at.py")]
+WINDOWED = ["--window", "8"]  # two batches of 4 per window: ioi:24 is three windows
+
+
+@pytest.mark.parametrize("point,at", [("flush", 2), ("batch", 4)], ids=["inside-a-flush", "mid-window"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path, point, at):
+    """kill -9 inside the second window's write transaction, or while computing the second window
+    (after the first was stored): exactly the first window stays, and --resume completes the run
+    into exactly the catalog of one uninterrupted process."""
     corpus = ["--corpus", "ioi:24:5"]
-    proc = subprocess.Popen(CLI + JOB + ["--store", store_url, *corpus], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline, watcher = time.time() + 300, None
-    while time.time() < deadline:
-        time.sleep(0.3)
-        try:
-            watcher = watcher or open_store(store_url, create=False)
-            if len(watcher.done_prompts("r")) >= 8:
-                break
-        except Exception:  # noqa: BLE001 - the SQLite file may not exist yet
-            pass
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = len(open_store(store_url).done_prompts("r"))
-    assert 8 <= partial < 24 and partial % 4 == 0  # whole batches only
-    refused = _ingest(store_url, *corpus, check=False)
+    died = subprocess.run(DIE_AT + [point, str(at), "--"] + JOB + WINDOWED + ["--store", store_url, *corpus],
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert len(open_store(store_url).done_prompts("r")) == 8  # the first window, whole
+    refused = _ingest(store_url, *WINDOWED, *corpus, check=False)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    _ingest(store_url, *corpus, "--resume")
+    _ingest(store_url, *WINDOWED, *corpus, "--resume")
     resumed = _catalog(store_url)
     assert len(resumed["prompts"]) == 24
     clean_url = _fresh(store_url, "clean", tmp_path)
-    _ingest(clean_url, *corpus)
+    _ingest(clean_url, *WINDOWED, *corpus)
     assert _catalog(clean_url) == resumed
 
 
-def test_write_groups_bound_rows_and_skip_stored_prompts():
-    assert write_groups([3, 3, 3, 3], [False] * 4, 6) == [[0, 1], [2, 3]]
-    assert write_groups([3, 9, 3, 3], [False] * 4, 6) == [[0], [1], [2, 3]]  # a large prompt goes alone
-    assert write_groups([3, 3, 3, 3], [True, False, True, False], 100) == [[1, 3]]
-
-
-def test_rows_per_write_below_one_is_refused_before_anything_is_written(tmp_path):
+def test_window_below_one_is_refused_before_anything_is_written(tmp_path):
     db = tmp_path / "c.db"
-    out = _ingest(f"sqlite:///{db}", "--corpus", "ioi:4", "--rows-per-write", "0", check=False)
-    assert out.returncode == 2 and "--rows-per-write 0" in out.stderr
+    out = _ingest(f"sqlite:///{db}", "--corpus", "ioi:4", "--window", "0", check=False)
+    assert out.returncode == 2 and "--window 0: must be at least 1" in out.stderr
     assert not db.exists()
 
 
-class Died(Exception):
-    """Stands in for SIGKILL between two write transactions of one batch."""
-
-
-def test_resume_completes_a_batch_that_was_partly_written(toy, store_url, tmp_path):
-    """With one prompt per transaction a job can die inside a batch: whole prompts stay stored, and
-    --resume recomputes that batch and writes only its missing prompts."""
-    opts = dict(batch_size=4, rows_per_write=1, progress=False)
-    store = open_store(store_url)
-    real_write, written = store.write_batch, []
-
-    def write_then_die(batch):
-        if len(written) == 5:
-            raise Died
-        written.append(batch.prompts[0].prompt_id)
-        return real_write(batch)
-
-    store.write_batch = write_then_die
-    with pytest.raises(Died):
-        run_job(toy, "ioi:12:3", store, JobOptions(run="r", **opts))
-    assert len(store.done_prompts("r")) == 5  # one whole batch and one prompt of the next
-    resumed = run_job(toy, "ioi:12:3", open_store(store_url), JobOptions(run="r", resume=True, **opts))
-    assert (resumed.prompts, resumed.skipped_done) == (7, 5)
-    got = _catalog(store_url)
-    clean_url = _fresh(store_url, "clean", tmp_path)
-    run_job(toy, "ioi:12:3", open_store(clean_url), JobOptions(run="r", batch_size=4, progress=False))
-    assert _catalog(clean_url) == got
+def test_window_cuts_do_not_change_the_catalog(toy, store_url, tmp_path):
+    """One window per batch, early flushes forced by a tiny memory bound, and one window for the
+    whole corpus store the same catalog (counts exact, sums to 6 significant digits, same evidence)."""
+    runs = [dict(window=4), dict(window=1000, window_mem=1), dict(window=1000)]
+    catalogs = []
+    for k, extra in enumerate(runs):
+        url = _fresh(store_url, f"w{k}", tmp_path)
+        s = run_job(toy, "ioi:12:3", open_store(url), JobOptions(run="r", batch_size=4, progress=False, **extra))
+        assert s.prompts == 12 and s.windows == (3, 3, 1)[k]
+        catalogs.append(_catalog(url))
+    assert catalogs[0] == catalogs[1] == catalogs[2]
 
 
 def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):

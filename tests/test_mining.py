@@ -8,11 +8,14 @@ import random
 import numpy as np
 import pytest
 
-from catalog.aggregate import Observations, aggregate_edges, node_stats
+import torch
+
 from catalog.ids import parse_ref
 from catalog.mining import mine, null_z
-from catalog.schema import Batch, NodeInfo, Prompt
+from catalog.schema import NodeInfo, Prompt
 from catalog.stores import open_store
+from ingest.reduce import Activations, Observations
+from ingest.to_catalog import aggregate_rows
 
 KINDS = ["attn_in", "resid_in", "direct"]
 REFS = [f"A{l}.{i}" for l in range(3) for i in range(12)] + [f"R{l}.{i}" for l in range(3) for i in range(12)]
@@ -35,16 +38,14 @@ def _catalog(url: str):
             if parse_ref(src).layer < parse_ref(dst).layer or src[0] == "R":
                 kind = "resid_in" if dst[0] == "R" else rng.choice(["direct", "attn_in"])
                 rows.append((p, src, dst, kind, rng.randrange(4), rng.randrange(10), rng.randrange(10), rng.gauss(0, 0.3)))
-    a = lambda i, dt=np.int64: np.array([r[i] if i not in (1, 2) else idx[r[i]] for r in rows], dtype=dt)  # noqa: E731
-    obs = Observations(a(0), a(1), a(2), np.array([KINDS.index(r[3]) for r in rows]), a(4), a(5), a(6),
-                       a(7, np.float64))
-    deltas, evidence = aggregate_edges(obs, [n.uid for n in infos], [p.uid for p in prompts], KINDS, None)
-    active_node = np.concatenate([obs.src, obs.dst])
-    active_prompt = np.concatenate([obs.prompt, obs.prompt])
-    stats = node_stats(active_node, active_prompt, np.ones(len(active_node)), [n.uid for n in infos], 60)
+    a = lambda i, dt=torch.long: torch.tensor([r[i] if i not in (1, 2) else idx[r[i]] for r in rows], dtype=dt)  # noqa: E731
+    obs = Observations(a(0), a(1), a(2), torch.tensor([KINDS.index(r[3]) for r in rows]), a(4), a(5), a(6),
+                       a(7, torch.float64))
+    acts = Activations(torch.cat([obs.src, obs.dst]), torch.cat([obs.prompt, obs.prompt]),
+                       torch.ones(2 * len(rows), dtype=torch.float64))
     store = open_store(url, evidence_per_edge=None)
     store.start_run("m", {}, resume=False)
-    store.write_batch(Batch("m", prompts, infos, deltas, evidence, stats))
+    store.write_window(aggregate_rows(obs, acts, infos, "m", prompts, None))
     return store
 
 

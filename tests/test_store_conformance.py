@@ -27,7 +27,7 @@ def _fill(url, batches):
     store = open_store(url, evidence_per_edge=N)
     store.start_run("r1", {"model": "toy", "note": "conformance"}, resume=False)
     for _, _, b in batches:
-        assert store.write_batch(b) is True
+        assert store.write_window(b) is True
     store.finish_run("r1", "done", {"prompts": 20})
     return store
 
@@ -91,7 +91,7 @@ def test_evidence_of_an_edge_seen_in_many_batches_is_its_top_n(store_url):
         rows = [(p.uid, src, "A1.2", "attn_in", h, pos, 7, round(rng.gauss(0, 1), 3))
                 for p in prompts for src in ("R0.1", "R1.4") + (("EMB",) if k else ()) for h, pos in ((0, 1), (2, 5))]
         every += rows
-        assert store.write_batch(make_batch("r1", prompts, rows, N)) is True
+        assert store.write_window(make_batch("r1", prompts, rows, N)) is True
     want: dict = {}
     for p, s, d, kind, h, sp, dp, v in every:
         want.setdefault(s, []).append((-abs(v), p, sp, dp, h, v))
@@ -134,8 +134,8 @@ def test_writing_a_batch_again_changes_nothing(store_url):
     (b1, b2) = _batches()
     store = _fill(store_url, [b1, b2])
     before = snapshot(store)
-    assert store.write_batch(b1[2]) is False
-    assert store.write_batch(b2[2]) is False
+    assert store.write_window(b1[2]) is False
+    assert store.write_window(b2[2]) is False
     assert snapshot(store) == before
 
 
@@ -143,11 +143,11 @@ def test_crash_between_batches_then_retry_equals_one_clean_run(store_url):
     (b1, b2) = _batches()
     store = open_store(store_url, evidence_per_edge=N)
     store.start_run("r1", {"model": "toy", "note": "conformance"}, resume=False)
-    store.write_batch(b1[2])
+    store.write_window(b1[2])
     store.close()  # the job dies here; the next process retries from the start
     store = open_store(store_url, evidence_per_edge=N)
-    assert store.write_batch(b1[2]) is False
-    assert store.write_batch(b2[2]) is True
+    assert store.write_window(b1[2]) is False
+    assert store.write_window(b2[2]) is True
     store.finish_run("r1", "done", {"prompts": 20})
     crashed = snapshot(store)
     if store_url.startswith("neo4j"):
@@ -168,11 +168,11 @@ def test_a_failing_batch_stores_nothing(store_url, monkeypatch):
 
     monkeypatch.setattr(type(store), "_write_evidence", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        store.write_batch(b2[2])
+        store.write_window(b2[2])
     assert snapshot(store) == before
     assert store.done_prompts("r1") == {p.prompt_id for p in b1[0]}
     monkeypatch.undo()
-    assert store.write_batch(b2[2]) is True
+    assert store.write_window(b2[2]) is True
 
 
 def test_evidence_drill_down_reaches_prompts_and_tokens(store_url):

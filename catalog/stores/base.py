@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 from urllib.parse import unquote, urlparse
 
-from catalog.schema import Batch, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run
+from catalog.aggregate import WindowAggregate
+from catalog.schema import EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run
 
 DEFAULT_URL = "sqlite:///catalog.db"
 ORDERS = ("sum", "mean", "count", "abs")
@@ -51,8 +52,15 @@ class Store(Protocol):
     url: str
     evidence_per_edge: int | None
 
-    def write_batch(self, batch: Batch) -> bool:
-        """Store whole prompts of one run in one transaction; False if they were all stored already."""
+    def write_window(self, agg: WindowAggregate) -> bool:
+        """Store whole prompts of one run and their aggregates in one all-or-nothing transaction,
+        adding into the edges and statistics already stored and keeping the top-N evidence per edge;
+        False (nothing written) if every prompt was stored already."""
+
+    def import_window(self, agg: WindowAggregate) -> None:
+        """Load rows exported from another catalog into this (empty) one, as they are."""
+
+    def import_runs(self, runs: list[Run]) -> None: ...
 
     def done_prompts(self, run: str) -> set[str]: ...
     def start_run(self, run_id: str, manifest: dict, resume: bool) -> None: ...
@@ -72,7 +80,6 @@ class Store(Protocol):
     def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]: ...
     def all_prompts(self) -> Iterator[Prompt]: ...
     def all_evidence(self) -> Iterator[Evidence]: ...
-    def import_rows(self, nodes, stats, edges, evidence, prompts, runs) -> None: ...
     def cypher(self, query: str, params: dict, limit: int, timeout_s: float) -> list[dict]: ...
     def close(self) -> None: ...
 

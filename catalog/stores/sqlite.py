@@ -6,22 +6,25 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from catalog.schema import Batch, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run
+import numpy as np
+
+from catalog.aggregate import WindowAggregate
+from catalog.schema import EDGE_KINDS, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, StoreError, StoreUnavailable
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NULL, model TEXT, release TEXT,
+CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NULL, model TEXT, sae TEXT,
     ref TEXT, kind TEXT, layer INTEGER, idx INTEGER);
 CREATE INDEX IF NOT EXISTS nodes_ref ON nodes(ref);
 CREATE TABLE IF NOT EXISTS node_stats (node INTEGER PRIMARY KEY, n_obs INTEGER, n_prompts INTEGER,
     sum_act REAL, max_act REAL);
 CREATE TABLE IF NOT EXISTS edges (id INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,
     kind TEXT NOT NULL, n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL,
-    max REAL, n_pos INTEGER, UNIQUE(dst, src, kind));
+    max REAL, n_pos INTEGER);
+CREATE INDEX IF NOT EXISTS edges_dst ON edges(dst);
 CREATE INDEX IF NOT EXISTS edges_src ON edges(src);
 CREATE TABLE IF NOT EXISTS edge_heads (edge INTEGER, head INTEGER, sum REAL, PRIMARY KEY(edge, head)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evidence (edge INTEGER NOT NULL, prompt TEXT NOT NULL, src_pos INTEGER,
@@ -33,10 +36,35 @@ CREATE TABLE IF NOT EXISTS prompts (uid TEXT PRIMARY KEY, run TEXT, prompt_id TE
 CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT);
 """
+# edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, src INTEGER, dst INTEGER, kind TEXT,
+    n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER);
+CREATE TEMP TABLE IF NOT EXISTS b_heads (edge INTEGER, head INTEGER, sum REAL);
+CREATE TEMP TABLE IF NOT EXISTS b_stats (node INTEGER, n_obs INTEGER, n_prompts INTEGER, sum_act REAL, max_act REAL);
+CREATE TEMP TABLE IF NOT EXISTS b_trim (edge INTEGER PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS b_uids (uid TEXT PRIMARY KEY);
+"""
+STAGING_TABLES = ("b_edges", "b_heads", "b_stats", "b_trim", "b_uids")
+UPSERT_EDGES = (
+    "INSERT INTO edges SELECT * FROM b_edges WHERE true ON CONFLICT(id) DO UPDATE SET "
+    "n_prompts = n_prompts + excluded.n_prompts, n_obs = n_obs + excluded.n_obs, sum = sum + excluded.sum, "
+    "sumsq = sumsq + excluded.sumsq, sum_abs = sum_abs + excluded.sum_abs, min = min(min, excluded.min), "
+    "max = max(max, excluded.max), n_pos = n_pos + excluded.n_pos")
+UPSERT_HEADS = ("INSERT INTO edge_heads SELECT edge, head, sum FROM b_heads WHERE true "
+                "ON CONFLICT(edge, head) DO UPDATE SET sum = sum + excluded.sum")
+UPSERT_STATS = (
+    "INSERT INTO node_stats SELECT * FROM b_stats WHERE true ON CONFLICT(node) DO UPDATE SET "
+    "n_obs = n_obs + excluded.n_obs, n_prompts = n_prompts + excluded.n_prompts, "
+    "sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)")
 EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
+TRIM_EVIDENCE = (
+    f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
+    f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.edge IN "
+    "(SELECT edge FROM b_trim)) WHERE rn > ?)")
 METRIC = {"sum": "e.sum", "mean": "e.sum / e.n_obs", "count": "e.n_prompts", "abs": "abs(e.sum)"}
 EDGE_COLS = "e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs, e.min, e.max, e.n_pos, e.id"
-NODE_COLS = "{a}.uid, {a}.model, {a}.release, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
+NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
 
 
 class SqliteStore:
@@ -45,6 +73,7 @@ class SqliteStore:
         if not create and not Path(path).exists():
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
         self._local = threading.local()
+        self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         try:
             self._conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
@@ -59,6 +88,8 @@ class SqliteStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            conn.executescript(STAGING)  # per connection; executescript would commit an open transaction
             self._local.conn = conn
         return conn
 
@@ -69,95 +100,91 @@ class SqliteStore:
             self._local.conn = None
 
     # ---- writes -------------------------------------------------------------------------------
-    def write_batch(self, batch: Batch) -> bool:
+    def write_window(self, agg: WindowAggregate) -> bool:
+        """Store a window's prompts and aggregates in one IMMEDIATE transaction; False if every
+        prompt was stored already. Columns go through executemany into temp tables, then one
+        set-based upsert per table."""
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            if not self._claim_prompts(c, batch):
+            if not self._claim_prompts(c, agg.run, agg.prompts):
                 c.execute("ROLLBACK")
                 return False
-            self._write_nodes(c, batch.nodes)
-            self._write_stats(c, batch.node_stats)
-            # edges created by this batch hold only its evidence, at most the cap when it was aggregated
-            # with the same cap: only older edges (id <= this) can need trimming
-            trim_above = c.execute("SELECT coalesce(max(id), 0) FROM edges").fetchone()[0]
-            if self.evidence_per_edge is not None:
-                per_edge = Counter((v.src, v.dst, v.kind) for v in batch.evidence)
-                if per_edge and max(per_edge.values()) > self.evidence_per_edge:
-                    trim_above = None  # a batch aggregated with a larger cap: trim everything it touched
-            self._write_edges(c, batch.edges)
-            self._write_evidence(c, batch.evidence, trim_above)
+            ids, new_ids = self._node_ids(c, agg.nodes)
+            self._write_aggregate(c, agg, ids, trim=True)
             c.execute("COMMIT")
-            return True
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        self._ids.update(new_ids)  # only once committed: a rolled-back id may be handed out again
+        return True
 
-    def _claim_prompts(self, c, batch: Batch) -> bool:
-        uids = [p.uid for p in batch.prompts]
-        have = {r[0] for r in c.execute(f"SELECT uid FROM prompts WHERE uid IN ({','.join('?' * len(uids))})", uids)}
+    def _claim_prompts(self, c, run: str, prompts: list[Prompt]) -> bool:
+        uids = [p.uid for p in prompts]
+        have = set()
+        for i in range(0, len(uids), 900):
+            part = uids[i:i + 900]
+            have |= {r[0] for r in c.execute(f"SELECT uid FROM prompts WHERE uid IN ({','.join('?' * len(part))})", part)}
         if have and len(have) == len(set(uids)):
             return False
         if have:
-            raise StoreError(f"batch overlaps {len(have)} prompts already stored for run {batch.run} "
+            raise StoreError(f"window overlaps {len(have)} prompts already stored for run {run} "
                              "(resume filters stored prompts before batching)")
-        c.executemany("INSERT INTO prompts VALUES (?,?,?,?,?,?,?,?)",
-                      [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
-                        json.dumps(p.meta, sort_keys=True)) for p in batch.prompts])
+        self._insert_prompts(c, prompts, "INSERT")
         return True
 
-    def _write_nodes(self, c, nodes: list[NodeInfo]) -> None:
-        c.executemany("INSERT OR IGNORE INTO nodes(uid, model, release, ref, kind, layer, idx) VALUES (?,?,?,?,?,?,?)",
-                      [(n.uid, n.model, n.release, n.ref, n.kind, n.layer, n.index) for n in nodes])
+    @staticmethod
+    def _insert_prompts(c, prompts: list[Prompt], verb: str) -> None:
+        c.executemany(f"{verb} INTO prompts VALUES (?,?,?,?,?,?,?,?)",
+                      [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
+                        json.dumps(p.meta, sort_keys=True)) for p in prompts])
 
-    def _write_stats(self, c, stats: list[NodeStats]) -> None:
-        c.executemany(
-            "INSERT INTO node_stats SELECT id, ?, ?, ?, ? FROM nodes WHERE uid = ? ON CONFLICT(node) DO UPDATE SET "
-            "n_obs = n_obs + excluded.n_obs, n_prompts = n_prompts + excluded.n_prompts, "
-            "sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)",
-            [(s.n_obs, s.n_prompts, s.sum_act, s.max_act, s.uid) for s in stats])
+    def _node_ids(self, c, nodes: list[NodeInfo]) -> tuple[np.ndarray, dict[str, int]]:
+        """Dictionary ids of ``nodes`` (created where missing), and the ones not cached before."""
+        missing = [n for n in nodes if n.uid not in self._ids]
+        new: dict[str, int] = {}
+        if missing:
+            _clear_staging(c)
+            c.executemany("INSERT OR IGNORE INTO nodes(uid, model, sae, ref, kind, layer, idx) VALUES (?,?,?,?,?,?,?)",
+                          [(n.uid, n.model, n.sae, n.ref, n.kind, n.layer, n.index) for n in missing])
+            c.executemany("INSERT OR IGNORE INTO b_uids VALUES (?)", [(n.uid,) for n in missing])
+            new = dict(c.execute("SELECT n.uid, n.id FROM b_uids b JOIN nodes n ON n.uid = b.uid"))
+            if new and max(new.values()) >= NODE_ID_LIMIT:
+                raise StoreError(f"node dictionary of {self.url} is full ({NODE_ID_LIMIT} nodes)")
+        ids = np.array([self._ids.get(n.uid) or new[n.uid] for n in nodes], dtype=np.int64)
+        return ids, new
 
-    def _write_edges(self, c, edges: list[EdgeDelta]) -> None:
-        c.execute("CREATE TEMP TABLE IF NOT EXISTS b_edges (src TEXT, dst TEXT, kind TEXT, n_prompts INTEGER, "
-                  "n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER, heads TEXT)")
-        c.execute("DELETE FROM b_edges")
-        c.executemany("INSERT INTO b_edges VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                      [(e.src, e.dst, e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs, e.min, e.max, e.n_pos,
-                        json.dumps(e.head_sums)) for e in edges])
-        c.execute(
-            "INSERT INTO edges(src, dst, kind, n_prompts, n_obs, sum, sumsq, sum_abs, min, max, n_pos) "
-            "SELECT s.id, d.id, b.kind, b.n_prompts, b.n_obs, b.sum, b.sumsq, b.sum_abs, b.min, b.max, b.n_pos "
-            "FROM b_edges b JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst WHERE true "
-            "ON CONFLICT(dst, src, kind) DO UPDATE SET n_prompts = n_prompts + excluded.n_prompts, "
-            "n_obs = n_obs + excluded.n_obs, sum = sum + excluded.sum, sumsq = sumsq + excluded.sumsq, "
-            "sum_abs = sum_abs + excluded.sum_abs, min = min(min, excluded.min), max = max(max, excluded.max), "
-            "n_pos = n_pos + excluded.n_pos")
-        c.execute(
-            "INSERT INTO edge_heads SELECT e.id, CAST(j.key AS INTEGER), j.value FROM b_edges b "
-            "JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
-            "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind, json_each(b.heads) j WHERE true "
-            "ON CONFLICT(edge, head) DO UPDATE SET sum = sum + excluded.sum")
+    def _write_aggregate(self, c, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+        _clear_staging(c)
+        e, h, v, s = agg.edges, agg.heads, agg.evidence, agg.stats
+        keys = edge_key(ids[e.src], ids[e.dst], e.kind)
+        c.executemany("INSERT INTO b_edges VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", zip(*_lists(
+            keys, ids[e.src], ids[e.dst], np.array(EDGE_KINDS, dtype=object)[e.kind], e.n_prompts, e.n_obs, e.sum,
+            e.sumsq, e.sum_abs, e.min, e.max, e.n_pos)))
+        cap = self.evidence_per_edge
+        if trim and cap is not None and len(v):
+            # edges new to the catalog hold only this window's evidence, already cut to its cap
+            # (unless it was aggregated with a larger cap): only edges stored before can overflow
+            every = agg.evidence_cap is None or agg.evidence_cap > cap
+            c.execute("INSERT INTO b_trim SELECT id FROM b_edges b WHERE ? OR EXISTS (SELECT 1 FROM edges x "
+                      "WHERE x.id = b.id)", (every,))
+        c.execute(UPSERT_EDGES)
+        c.executemany("INSERT INTO b_heads VALUES (?,?,?)",
+                      zip(*_lists(edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)))
+        c.execute(UPSERT_HEADS)
+        c.executemany("INSERT INTO b_stats VALUES (?,?,?,?,?)",
+                      zip(*_lists(ids[s.node], s.n_obs, s.n_prompts, s.sum_act, s.max_act)))
+        c.execute(UPSERT_STATS)
+        self._write_evidence(c, agg, ids, trim)
 
-    def _write_evidence(self, c, evidence: list[Evidence], trim_upto: int | None = None) -> None:
-        """Insert the batch's evidence, then cut edges with id <= ``trim_upto`` (all touched edges when
-        None) back to the per-edge cap."""
-        c.execute("CREATE TEMP TABLE IF NOT EXISTS b_ev (src TEXT, dst TEXT, kind TEXT, prompt TEXT, src_pos INTEGER, "
-                  "dst_pos INTEGER, head INTEGER, value REAL)")
-        c.execute("DELETE FROM b_ev")
-        c.executemany("INSERT INTO b_ev VALUES (?,?,?,?,?,?,?,?)",
-                      [(v.src, v.dst, v.kind, v.prompt, v.src_pos, v.dst_pos, -1 if v.head is None else v.head,
-                        v.value) for v in evidence])
-        c.execute("DROP TABLE IF EXISTS temp.b_ev_edge")
-        c.execute("CREATE TEMP TABLE b_ev_edge AS SELECT e.id AS edge, b.prompt, b.src_pos, b.dst_pos, b.head, b.value "
-                  "FROM b_ev b JOIN nodes s ON s.uid = b.src JOIN nodes d ON d.uid = b.dst "
-                  "JOIN edges e ON e.src = s.id AND e.dst = d.id AND e.kind = b.kind")
-        c.execute("INSERT INTO evidence SELECT * FROM b_ev_edge")
-        if self.evidence_per_edge is not None:
-            c.execute(
-                f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
-                f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.edge IN "
-                "(SELECT DISTINCT edge FROM b_ev_edge WHERE edge <= ?)) WHERE rn > ?)",
-                (trim_upto if trim_upto is not None else 2 ** 62, self.evidence_per_edge))
+    def _write_evidence(self, c, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+        """Insert the window's evidence, then cut the edges in b_trim back to the per-edge cap."""
+        v = agg.evidence
+        prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
+        c.executemany("INSERT INTO evidence VALUES (?,?,?,?,?,?)", zip(*_lists(
+            edge_key(ids[v.src], ids[v.dst], v.kind), prompt_uids[v.prompt], v.src_pos, v.dst_pos, v.head, v.value)))
+        if trim and self.evidence_per_edge is not None:
+            c.execute(TRIM_EVIDENCE, (self.evidence_per_edge,))
 
     def start_run(self, run_id: str, manifest: dict, resume: bool) -> None:
         c = self._conn
@@ -305,30 +332,35 @@ class SqliteStore:
             for s, d, k, p, sp, dp, h, v in rows:
                 yield Evidence(s, d, k, p, sp, dp, None if h < 0 else h, v)
 
-    def import_rows(self, nodes, stats, edges, evidence, prompts, runs) -> None:
-        """Bulk-load rows exported from another store (an empty target; one transaction per call)."""
+    def import_window(self, agg: WindowAggregate) -> None:
+        """Bulk-load an exported catalog's rows (into an empty catalog: no prompt claim, no trim)."""
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            self._write_nodes(c, nodes)
-            self._write_stats(c, stats)
-            self._write_edges(c, edges)
-            saved, self.evidence_per_edge = self.evidence_per_edge, None
-            try:
-                self._write_evidence(c, evidence)
-            finally:
-                self.evidence_per_edge = saved
-            c.executemany("INSERT OR IGNORE INTO prompts VALUES (?,?,?,?,?,?,?,?)",
-                          [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
-                            json.dumps(p.meta, sort_keys=True)) for p in prompts])
-            c.executemany("INSERT OR REPLACE INTO runs VALUES (?,?,?)",
-                          [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in runs])
+            self._insert_prompts(c, agg.prompts, "INSERT OR IGNORE")
+            ids, new_ids = self._node_ids(c, agg.nodes)
+            self._write_aggregate(c, agg, ids, trim=False)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        self._ids.update(new_ids)
+
+    def import_runs(self, runs: list[Run]) -> None:
+        self._conn.executemany("INSERT OR REPLACE INTO runs VALUES (?,?,?)",
+                               [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in runs])
 
     def cypher(self, query: str, params: dict, limit: int, timeout_s: float) -> list[dict]:
         raise CypherUnsupported("Cypher needs the Neo4j store: this catalog is SQLite "
                                 f"({self.url}); export it with `circuit-catalog export --from {self.url} "
                                 "--to neo4j://127.0.0.1:7687` or query it with the other commands")
+
+
+def _lists(*columns) -> list[list]:
+    """numpy columns as Python lists (one C-level conversion each) for executemany."""
+    return [np.asarray(col).tolist() for col in columns]
+
+
+def _clear_staging(c) -> None:
+    for table in STAGING_TABLES:
+        c.execute(f"DELETE FROM temp.{table}")

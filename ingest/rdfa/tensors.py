@@ -228,18 +228,3 @@ class Graph:
     edges: EdgeTable
     direct: EdgeTable
     pruning: Pruning = field(default_factory=Pruning)
-
-    def observations_per_prompt(self, n_prompts: int) -> list[int]:
-        return torch.bincount(torch.cat([self.edges.prompt, self.direct.prompt]).cpu(), minlength=n_prompts).tolist()
-
-    def select_prompts(self, keep: list[int], n_prompts: int) -> "Graph":
-        """The graph of prompts ``keep`` (batch indices) only, renumbered 0..len(keep)-1 in that order."""
-        new = torch.full((n_prompts,), -1, dtype=torch.long, device=self.edges.prompt.device)
-        new[torch.tensor(keep, dtype=torch.long, device=new.device)] = torch.arange(len(keep), device=new.device)
-
-        def renumber(table):
-            out = table.select(new[table.prompt] >= 0)
-            out.prompt = new[out.prompt]
-            return out
-
-        return Graph(renumber(self.nodes), renumber(self.edges), renumber(self.direct), self.pruning)
