@@ -1,33 +1,49 @@
-"""Ingest benchmark: end-to-end prompts/s and observations/s of `run_job` (tokenize, forward, RDFA,
-aggregate, write through the writer thread), on toy-ioi and on the GPT-2-shaped random model of
-bench/rdfa.py, into SQLite and a live Neo4j; plus the share of wall time the compute loop waited on
-the store (target <= 10%). Usage: python bench/ingest_pipeline.py [--threads 2] [--gpt2-prompts 8]
+"""Ingest benchmark: end-to-end prompts/s, observations/s and store-wait share of `run_job` (tokenize,
+forward, RDFA, device reduction, windowed writes), and the write path's own ceiling by replay.
+
+  toy     toy-ioi on ioi:N into SQLite and a live Neo4j (targets: store wait <= 10% / <= 15%,
+          >= 3x / >= 5x the prompts/s of main before the columnar path: 8.2 and 2.4 prompts/s)
+  gpt2    the GPT-2-shaped random model of bench/rdfa.py, 64-token prompts, into SQLite and Neo4j
+  replay  RDFA graphs of GPT-2-shaped prompts recorded once, then fed again and again (feature
+          indices shifted per pass, so passes share some edges and not others) through the same
+          reduction, windows and store writes with no RDFA: observations/s the write path sustains
+          (targets >= 2M into SQLite, >= 500k into Neo4j), peak memory, and the stored catalog
+          checked against an independent numpy aggregation of every replayed observation
+  windows toy-ioi into SQLite at several --window values (how the default was chosen)
+
+Usage: python bench/ingest_pipeline.py [--only toy,gpt2,replay,windows] [--no-neo4j] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from catalog.neo4j_server import running_on_free_port  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
-from ingest.forward import weights_of  # noqa: E402
 from ingest.jobs import JobOptions, run_job  # noqa: E402
-from ingest.models import LoadedModel, Tokenizer  # noqa: E402
-from ingest.saes import LoadedSae, SaeSet  # noqa: E402
-from ingest.session import Session  # noqa: E402
+from ingest.rdfa.tensors import Code, EdgeTable, Graph  # noqa: E402
+
+BEFORE = {"sqlite": 8.2, "neo4j": 2.4}  # toy-ioi prompts/s on main before this path (issue 11's measurement)
 
 
-def gpt2_shaped_session(device) -> Session:
+def gpt2_shaped_session(device):
     """The random GPT-2-shaped model + TopK SAEs of bench/rdfa.py, with a word-level tokenizer w0..w50256."""
     import rdfa
     from tokenizers import Tokenizer as Fast, models, pre_tokenizers
+
+    from ingest.forward import weights_of
+    from ingest.models import LoadedModel, Tokenizer
+    from ingest.saes import LoadedSae, SaeSet
+    from ingest.session import Session
 
     model = rdfa.gpt2_shaped(device)
     attn, resid = rdfa.calibrated_saes(model, device)
@@ -45,41 +61,181 @@ def word_corpus(path: Path, n: int, tokens: int) -> str:
     with path.open("w") as fh:
         for i in range(n):
             words = " ".join(f"w{int(t)}" for t in torch.randint(1, 50257, (tokens - 1,), generator=g))
-            fh.write(f'{{"text": "{words}", "id": "w{i}"}}\n')
+            fh.write(f'{{"text": "{words}", "id": "w{i:06d}"}}\n')
     return str(path)
 
 
-def one(session, corpus, url, run, batch) -> None:
+class ReplaySession:
+    """A Session whose attribute() returns recorded graphs instead of running RDFA: pass k over the
+    recording shifts every feature index by SHIFTS[k % len(SHIFTS)], so the same edge recurs in
+    every len(SHIFTS)-th pass and the store sees both new and recurring edges."""
+
+    SHIFTS = (0, 7919, 15401, 3571)
+
+    def __init__(self, session, graphs: list[Graph]):
+        self.real, self.graphs, self.calls = session, graphs, 0
+        self.lm, self.saes, self.device = session.lm, session.saes, session.device
+
+    def manifest(self) -> dict:
+        return self.real.manifest()
+
+    def attribute(self, token_lists, pruning):
+        graph = self.graphs[self.calls % len(self.graphs)]
+        shift = self.SHIFTS[(self.calls // len(self.graphs)) % len(self.SHIFTS)]
+        self.calls += 1
+        return None, Graph(graph.nodes, _shifted(graph.edges, shift), _shifted(graph.direct, shift), graph.pruning)
+
+
+def _shifted(t: EdgeTable, shift: int) -> EdgeTable:
+    out = EdgeTable(*[getattr(t, c) for c in EdgeTable.COLUMNS])
+    d_sae = 24576
+    for end in ("src", "dst"):
+        code, index = getattr(t, f"{end}_code"), getattr(t, f"{end}_index")
+        feature = (code == Code.ATTN) | (code == Code.RESID)
+        setattr(out, f"{end}_index", torch.where(feature, (index + shift) % d_sae, index))
+    return out
+
+
+def one(session, corpus, url, run, batch, label, **opts):
+    peak_before = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     try:
-        s = run_job(session, corpus, open_store(url), JobOptions(run=run, batch_size=batch, progress=False),
+        store = open_store(url)
+        s = run_job(session, corpus, store, JobOptions(run=run, batch_size=batch, progress=False, **opts),
                     log=lambda *_: None)
     except Exception as exc:  # report and go on: a failed configuration is a figure too
-        print(f"  {url.split(':')[0]:<7} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-        return
-    print(f"  {url.split(':')[0]:<7} {s.prompts / s.seconds:8.2f} prompts/s {s.observations / s.seconds:10,.0f} "
-          f"observations/s   store wait {s.store_wait_share:5.1%}   ({s.prompts} prompts, {s.seconds:.0f} s)")
+        print(f"  {label:<22} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        return None, None
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    mem = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB" + (
+        f", GPU {max(gpu, peak_before) / 2**30:.1f} GiB" if gpu else "")
+    print(f"  {label:<22} {s.prompts / s.seconds:8.2f} prompts/s {s.observations / s.seconds:12,.0f} obs/s   "
+          f"store wait {s.store_wait_share:5.1%}   ({s.prompts} prompts, {s.observations:,} obs, {s.windows} windows, "
+          f"{s.seconds:.1f} s; {mem})")
+    return s, store
+
+
+def toy_section(args, tmp, neo):
+    from ingest.session import Session
+
+    toy = Session.open("toy-ioi", ["toy-ioi"], args.device)
+    print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8, window {JobOptions.window}:")
+    for url, kind in ((f"sqlite:///{tmp}/toy.db", "sqlite"), (neo, "neo4j")):
+        if url is None:
+            continue
+        s, _ = one(toy, f"ioi:{args.toy_prompts}", url, f"toy-{time.time_ns()}", 8, kind)
+        if s:
+            print(f"  {'':<22} {s.prompts / s.seconds / BEFORE[kind]:.1f}x the {BEFORE[kind]} prompts/s of main before")
+
+
+def windows_section(args, tmp):
+    from ingest.session import Session
+
+    toy = Session.open("toy-ioi", ["toy-ioi"], args.device)
+    print(f"toy-ioi, ioi:{args.toy_prompts} into SQLite, batch 8, by --window:")
+    for w in (8, 32, 128, 256, 1024):
+        one(toy, f"ioi:{args.toy_prompts}", f"sqlite:///{tmp}/w{w}.db", "w", 8, f"window {w}", window=w)
+
+
+def gpt2_section(args, tmp, neo, session):
+    corpus = word_corpus(tmp / "words.jsonl", args.gpt2_prompts, 64)
+    print(f"GPT-2-shaped random model, {args.gpt2_prompts} prompts x 64 tokens, batch 4:")
+    for url, kind in ((f"sqlite:///{tmp}/gpt2.db", "sqlite"), (neo, "neo4j")):
+        if url is not None:
+            one(session, corpus, url, f"gpt2-{time.time_ns()}", 4, kind)
+
+
+def replay_section(args, tmp, neo, session):
+    corpus = word_corpus(tmp / "record.jsonl", args.record, 64)
+    t = time.time()
+    recorded = []
+    for line in Path(corpus).read_text().splitlines():
+        ids = session.lm.tokenizer.encode(__import__("json").loads(line)["text"])
+        recorded.append(session.attribute([ids], JobOptions.__dataclass_fields__["pruning"].default_factory())[1])
+    n_obs = sum(len(g.edges) + len(g.direct) for g in recorded)
+    print(f"replay: {args.record} GPT-2-shaped 64-token graphs recorded in {time.time() - t:.0f} s "
+          f"(~{n_obs / args.record:,.0f} observations each, REST included); {args.replay} prompts replayed, "
+          f"batch 1, window {args.replay_window}:")
+    replay_corpus = word_corpus(tmp / "replay.jsonl", args.replay, 2)
+    for url, kind in ((f"sqlite:///{tmp}/replay.db", "sqlite"), (neo, "neo4j")):
+        if url is None:
+            continue
+        s, store = one(ReplaySession(session, recorded), replay_corpus, url, f"replay-{time.time_ns()}", 1, kind,
+                       window=args.replay_window)
+        if s and args.check and kind == "sqlite":
+            check_against_numpy(store, ReplaySession(session, recorded), args.replay)
+
+
+def check_against_numpy(store, replay, n_prompts):
+    """The stored edges equal an independent numpy aggregation of every replayed observation."""
+    from ingest.jobs import node_slots
+    from ingest.to_catalog import _catalog_edges
+
+    slots = node_slots(replay.real)
+    keys, vals = [], []
+    for _ in range(n_prompts):
+        _, g = replay.attribute(None, None)
+        t = EdgeTable.cat([g.edges, g.direct]).to("cpu")
+        t = t.select(_catalog_edges(t))
+        src = slots.slot(t.src_code, t.src_layer, t.src_index).numpy()
+        dst = slots.slot(t.dst_code, t.dst_layer, t.dst_index).numpy()
+        keys.append((src * slots.size + dst) * 3 + t.kind.numpy())
+        vals.append(t.value.double().numpy())
+    key, v = np.concatenate(keys), np.concatenate(vals)
+    uniq, inv = np.unique(key, return_inverse=True)
+    n_obs, sums = np.bincount(inv), np.bincount(inv, v)
+    stored = {(e.src, e.dst, e.kind): (e.n_obs, e.sum) for e in store.all_edges()}
+    names = ("attn_in", "resid_in", "direct")
+    want = {(slots.info(int(k // 3 // slots.size)).uid, slots.info(int(k // 3 % slots.size)).uid, names[k % 3]):
+            (int(n), s) for k, n, s in zip(uniq, n_obs, sums)}
+    same = stored.keys() == want.keys() and all(
+        stored[k][0] == want[k][0] and abs(stored[k][1] - want[k][1]) <= 1e-6 * max(1.0, abs(want[k][1])) for k in want)
+    print(f"  {'':<22} stored catalog vs independent numpy aggregation ({len(want):,} edges): "
+          f"{'identical counts, sums within 6 significant digits' if same else 'DIFFERENT'}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--toy-prompts", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--only", default="toy,gpt2,replay")
+    ap.add_argument("--no-neo4j", action="store_true")
+    ap.add_argument("--toy-prompts", type=int, default=2000)
     ap.add_argument("--gpt2-prompts", type=int, default=8)
+    ap.add_argument("--record", type=int, default=4)
+    ap.add_argument("--replay", type=int, default=64)
+    ap.add_argument("--replay-window", type=int, default=16)
+    ap.add_argument("--check", action="store_true", help="replay: compare the SQLite catalog with numpy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as d, \
-            running_on_free_port(f"{d}/neo4j", page_cache="1g", heap="3g") as neo:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = str(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name}, torch threads {torch.get_num_threads()}; ingest defaults (top-k 5, |v| >= 0.01, direct top-2, "
+          "evidence 8 per edge)")
+    only = set(args.only.split(","))
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as d:
         tmp = Path(d)
-        print(f"CPU, torch threads {torch.get_num_threads()}; ingest defaults (top-k 5, |v| >= 0.01, direct top-2)")
-        toy = Session.open("toy-ioi", ["toy-ioi"], "cpu")
-        print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8:")
-        one(toy, f"ioi:{args.toy_prompts}", f"sqlite:///{tmp}/toy.db", "toy", 8)
-        one(toy, f"ioi:{args.toy_prompts}", neo, "toy", 8)
-        print(f"GPT-2-shaped random model, {args.gpt2_prompts} prompts x 64 tokens, batch 4:")
-        big = gpt2_shaped_session(torch.device("cpu"))
-        corpus = word_corpus(tmp / "words.jsonl", args.gpt2_prompts, 64)
-        one(big, corpus, f"sqlite:///{tmp}/gpt2.db", "gpt2", 4)
-        one(big, corpus, neo, "gpt2", 4)
+        if args.no_neo4j:
+            sections(args, only, tmp, None, device)
+        else:
+            from catalog.neo4j_server import running_on_free_port
+
+            with running_on_free_port(f"{d}/neo4j", page_cache="1g", heap="3g") as neo:
+                sections(args, only, tmp, neo, device)
+
+
+def sections(args, only, tmp, neo, device):
+    if "toy" in only:
+        toy_section(args, tmp, neo)
+    if "windows" in only:
+        windows_section(args, tmp)
+    if only & {"gpt2", "replay"}:
+        session = gpt2_shaped_session(device)
+        if "gpt2" in only:
+            gpt2_section(args, tmp, neo, session)
+        if "replay" in only:
+            replay_section(args, tmp, neo, session)
+
 
 if __name__ == "__main__":
     main()

@@ -109,3 +109,44 @@ def empty_columns(cls):
     """Columns of length 0 with the dtypes their docstrings give."""
     floats = {"sum", "sumsq", "sum_abs", "min", "max", "value", "sum_act", "max_act"}
     return cls(**{f.name: np.zeros(0, np.float64 if f.name in floats else np.int64) for f in fields(cls)})
+
+
+class EvidenceFloor:
+    """Per edge key, a lower bound of the smallest |value| among the top-N evidence the catalog holds.
+
+    The stored top N of an edge only ever improves, so its N-th largest |value| never falls; an
+    observation strictly below the bound can never be kept, and a writer drops it before it costs a
+    row. The bound comes from what this writer itself stored (the N-th largest |value| of any N rows
+    it wrote for the edge), so it holds whatever other writers do. Keys and bounds live in two sorted
+    numpy arrays (16 bytes an edge)."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+        self.keys = np.zeros(0, np.int64)
+        self.floor = np.zeros(0, np.float64)
+
+    def keep(self, keys: np.ndarray, absval: np.ndarray) -> np.ndarray:
+        """[e] bool: rows that may still enter their edge's top N."""
+        if self.n is None or not len(self.keys):
+            return np.ones(len(keys), bool)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        known = self.keys[at] == keys
+        return ~known | (absval >= self.floor[at])
+
+    def update(self, keys: np.ndarray, absval: np.ndarray) -> None:
+        """Raise the bounds with rows just stored (call once their write is committed)."""
+        if self.n is None or not len(keys):
+            return
+        order = np.lexsort((-absval, keys))
+        k, a = keys[order], absval[order]
+        first = np.r_[True, k[1:] != k[:-1]]
+        starts = np.flatnonzero(first)
+        counts = np.diff(np.r_[starts, len(k)])
+        full = counts >= self.n
+        new_keys, new_floor = k[starts[full]], a[starts[full] + self.n - 1]
+        merged = np.concatenate([self.keys, new_keys])
+        floors = np.concatenate([self.floor, new_floor])
+        uniq, inv = np.unique(merged, return_inverse=True)
+        best = np.full(len(uniq), -np.inf)
+        np.maximum.at(best, inv, floors)
+        self.keys, self.floor = uniq, best

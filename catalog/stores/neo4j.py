@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from catalog.aggregate import WindowAggregate
+from catalog.aggregate import EvidenceFloor, WindowAggregate
 from catalog.schema import (EDGE_KINDS, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run,
                             edge_key)
 from catalog.stores.base import CypherRefused, EdgeQuery, StoreError, StoreUnavailable
@@ -107,6 +107,8 @@ class Neo4jStore:
 
         self.url, self.database, self.evidence_per_edge = url, database, evidence_per_edge
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
+        self._floor = EvidenceFloor(evidence_per_edge)
+        self._stored_evidence: tuple[np.ndarray, np.ndarray] | None = None  # rows of the open write
         auth = (user, password or "") if user else None
         try:
             # notifications off: the server warns about absent property keys on every query of an empty catalog
@@ -133,6 +135,7 @@ class Neo4jStore:
         if done is None:
             return False
         self._ids.update(done)  # only once committed: a rolled-back id may be handed out again
+        self._floor.update(*self._stored_evidence)
         return True
 
     def import_window(self, agg: WindowAggregate) -> None:
@@ -166,13 +169,19 @@ class Neo4jStore:
         v = agg.evidence
         prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
         keys = edge_key(ids[v.src], ids[v.dst], v.kind)
-        for part in _chunks(len(v)):
-            tx.run(CREATE_EVIDENCE, _lists(edge=keys[part], prompt=prompt_uids[v.prompt[part]], src_pos=v.src_pos[part],
-                                           dst_pos=v.dst_pos[part], head=v.head[part], value=v.value[part]))
+        keep = self._floor.keep(keys, np.abs(v.value)) if existing is not None else np.ones(len(keys), bool)
+        keys, prompt, src_pos, dst_pos, head, value = (
+            keys[keep], v.prompt[keep], v.src_pos[keep], v.dst_pos[keep], v.head[keep], v.value[keep])
+        for part in _chunks(len(keys)):
+            tx.run(CREATE_EVIDENCE, _lists(edge=keys[part], prompt=prompt_uids[prompt[part]], src_pos=src_pos[part],
+                                           dst_pos=dst_pos[part], head=head[part], value=value[part]))
+        self._stored_evidence = (keys, np.abs(value))
         cap = self.evidence_per_edge
-        if existing is not None and cap is not None and len(v):
+        if existing is not None and cap is not None and len(keys):
+            touched = np.unique(keys)
             every = agg.evidence_cap is None or agg.evidence_cap > cap
-            trim = np.unique(keys) if every else existing  # new edges hold at most the cap already
+            # new edges hold at most the cap already; stored ones only overflow where rows were added
+            trim = touched if every else np.intersect1d(existing, touched)
             for part in _chunks(len(trim)):
                 tx.run(TRIM_EVIDENCE, keys=trim[part].tolist(), n=cap)
 

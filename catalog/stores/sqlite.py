@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from catalog.aggregate import WindowAggregate
+from catalog.aggregate import EvidenceFloor, WindowAggregate
 from catalog.schema import EDGE_KINDS, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, StoreError, StoreUnavailable
 
@@ -43,9 +43,10 @@ CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, src INTEGER, ds
 CREATE TEMP TABLE IF NOT EXISTS b_heads (edge INTEGER, head INTEGER, sum REAL);
 CREATE TEMP TABLE IF NOT EXISTS b_stats (node INTEGER, n_obs INTEGER, n_prompts INTEGER, sum_act REAL, max_act REAL);
 CREATE TEMP TABLE IF NOT EXISTS b_trim (edge INTEGER PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS b_touched (edge INTEGER PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS b_uids (uid TEXT PRIMARY KEY);
 """
-STAGING_TABLES = ("b_edges", "b_heads", "b_stats", "b_trim", "b_uids")
+STAGING_TABLES = ("b_edges", "b_heads", "b_stats", "b_trim", "b_touched", "b_uids")
 UPSERT_EDGES = (
     "INSERT INTO edges SELECT * FROM b_edges WHERE true ON CONFLICT(id) DO UPDATE SET "
     "n_prompts = n_prompts + excluded.n_prompts, n_obs = n_obs + excluded.n_obs, sum = sum + excluded.sum, "
@@ -61,7 +62,7 @@ EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
 TRIM_EVIDENCE = (
     f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
     f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.edge IN "
-    "(SELECT edge FROM b_trim)) WHERE rn > ?)")
+    "(SELECT edge FROM b_trim JOIN b_touched USING (edge))) WHERE rn > ?)")
 METRIC = {"sum": "e.sum", "mean": "e.sum / e.n_obs", "count": "e.n_prompts", "abs": "abs(e.sum)"}
 EDGE_COLS = "e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs, e.min, e.max, e.n_pos, e.id"
 NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
@@ -74,6 +75,8 @@ class SqliteStore:
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
         self._local = threading.local()
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
+        self._floor = EvidenceFloor(evidence_per_edge)
+        self._stored_evidence: tuple[np.ndarray, np.ndarray] | None = None  # rows of the open write
         try:
             self._conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
@@ -89,6 +92,7 @@ class SqliteStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA temp_store=MEMORY")
+            conn.execute("PRAGMA cache_size=-262144")  # 256 MiB: window upserts touch index pages all over
             conn.executescript(STAGING)  # per connection; executescript would commit an open transaction
             self._local.conn = conn
         return conn
@@ -117,6 +121,7 @@ class SqliteStore:
             c.execute("ROLLBACK")
             raise
         self._ids.update(new_ids)  # only once committed: a rolled-back id may be handed out again
+        self._floor.update(*self._stored_evidence)
         return True
 
     def _claim_prompts(self, c, run: str, prompts: list[Prompt]) -> bool:
@@ -178,12 +183,17 @@ class SqliteStore:
         self._write_evidence(c, agg, ids, trim)
 
     def _write_evidence(self, c, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
-        """Insert the window's evidence, then cut the edges in b_trim back to the per-edge cap."""
+        """Insert the window's evidence that can still make its edge's top N, then cut the edges that
+        existed before and got new rows back to the per-edge cap."""
         v = agg.evidence
+        keys = edge_key(ids[v.src], ids[v.dst], v.kind)
+        keep = self._floor.keep(keys, np.abs(v.value)) if trim else np.ones(len(keys), bool)
         prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
         c.executemany("INSERT INTO evidence VALUES (?,?,?,?,?,?)", zip(*_lists(
-            edge_key(ids[v.src], ids[v.dst], v.kind), prompt_uids[v.prompt], v.src_pos, v.dst_pos, v.head, v.value)))
+            keys[keep], prompt_uids[v.prompt[keep]], v.src_pos[keep], v.dst_pos[keep], v.head[keep], v.value[keep])))
+        self._stored_evidence = (keys[keep], np.abs(v.value[keep]))
         if trim and self.evidence_per_edge is not None:
+            c.executemany("INSERT INTO b_touched VALUES (?)", ((k,) for k in np.unique(keys[keep]).tolist()))
             c.execute(TRIM_EVIDENCE, (self.evidence_per_edge,))
 
     def start_run(self, run_id: str, manifest: dict, resume: bool) -> None:
