@@ -37,7 +37,7 @@ def fill(url: str, n_obs: int) -> list[str]:
 
     store = open_store(url)
     for batch in make_batches(n_obs):
-        store.write_batch(batch)
+        store.write_window(batch)
     return sorted({e.dst.split("|")[2] for e in store.all_edges()})
 
 

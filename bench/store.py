@@ -18,11 +18,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from catalog import queries  # noqa: E402
-from catalog.aggregate import Observations, aggregate_edges, node_stats  # noqa: E402
+import torch  # noqa: E402
+
 from catalog.ids import attn, resid  # noqa: E402
 from catalog.neo4j_server import running_on_free_port  # noqa: E402
-from catalog.schema import Batch, NodeInfo, Prompt  # noqa: E402
+from catalog.schema import NodeInfo, Prompt  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
+from ingest.reduce import Activations, Observations  # noqa: E402
+from ingest.to_catalog import aggregate_rows  # noqa: E402
 
 KINDS = ["attn_in", "resid_in", "direct"]
 N_FEATURES = 50_000
@@ -44,7 +47,6 @@ def zipf_index(rng, n, size, a=1.3):
 def make_batches(n_obs: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     nodes = feature_nodes()
-    uids = [n.uid for n in nodes]
     perm = rng.permutation(len(nodes))
     n_prompts = n_obs // PER_PROMPT
     for start in range(0, n_prompts, PROMPTS_PER_BATCH):
@@ -52,13 +54,12 @@ def make_batches(n_obs: int, seed: int = 0):
         prompts = [Prompt(f"bench/{pid}", "bench", pid, f"prompt {pid}", [f"t{j}" for j in range(64)], "bench", f"h{pid}")
                    for pid in ids]
         m = len(prompts) * PER_PROMPT
-        obs = Observations(np.repeat(np.arange(len(prompts)), PER_PROMPT), perm[zipf_index(rng, len(nodes), m)],
-                           perm[zipf_index(rng, len(nodes), m)], rng.integers(0, 3, m), rng.integers(-1, 12, m),
-                           rng.integers(0, 64, m), rng.integers(0, 64, m), rng.normal(0, 1, m))
-        deltas, evidence = aggregate_edges(obs, uids, [p.uid for p in prompts], KINDS, 8)
-        stats = node_stats(obs.dst, obs.prompt, np.abs(obs.value), uids, len(prompts))
-        used = sorted(set(obs.src.tolist()) | set(obs.dst.tolist()))
-        yield Batch("bench", prompts, [nodes[i] for i in used], deltas, evidence, stats)
+        cols = [np.repeat(np.arange(len(prompts)), PER_PROMPT), perm[zipf_index(rng, len(nodes), m)],
+                perm[zipf_index(rng, len(nodes), m)], rng.integers(0, 3, m), rng.integers(-1, 12, m),
+                rng.integers(0, 64, m), rng.integers(0, 64, m), rng.normal(0, 1, m)]
+        obs = Observations(*(torch.from_numpy(np.ascontiguousarray(c)) for c in cols))
+        acts = Activations(obs.dst, obs.prompt, obs.value.abs())
+        yield aggregate_rows(obs, acts, nodes, "bench", prompts, 8)
 
 
 def pct(xs, q):
@@ -86,17 +87,22 @@ def latencies(store, rng, n=200) -> dict:
     return out
 
 
-def per_edge_baseline(store, batch: Batch, n: int) -> float:
-    """Upserts/s when every aggregated edge is its own auto-commit query (the naive way)."""
-    from catalog.stores.neo4j import WRITE_EDGES, _dense_heads
+def per_edge_baseline(store, batch, n: int) -> float:
+    """Upserts/s when every aggregated edge is its own auto-commit lookup and update (the naive way)."""
+    from catalog.schema import edge_key
+    from catalog.stores.neo4j import FIND_EDGES, UPDATE_EDGES
 
-    rows = [{"key": e.key, "src": e.src, "dst": e.dst, "kind": e.kind, "n_prompts": e.n_prompts, "n_obs": e.n_obs,
-             "sum": e.sum, "sumsq": e.sumsq, "sum_abs": e.sum_abs, "min": e.min, "max": e.max, "n_pos": e.n_pos,
-             "heads": _dense_heads(e.head_sums)} for e in batch.edges[:n]]
+    e = batch.edges
+    ids = np.array([store._ids[node.uid] for node in batch.nodes], dtype=np.int64)
+    keys = edge_key(ids[e.src], ids[e.dst], e.kind)[:n].tolist()
     t = time.perf_counter()
-    for row in rows:
-        store.driver.execute_query(WRITE_EDGES, rows=[row], database_=store.database)
-    return len(rows) / (time.perf_counter() - t)
+    for i, key in enumerate(keys):
+        eid = store.driver.execute_query(FIND_EDGES, keys=[key], database_=store.database).records[0][1]
+        store.driver.execute_query(UPDATE_EDGES, eid=[eid], n_prompts=[int(e.n_prompts[i])], n_obs=[int(e.n_obs[i])],
+                                   sum=[float(e.sum[i])], sumsq=[float(e.sumsq[i])], sum_abs=[float(e.sum_abs[i])],
+                                   min=[float(e.min[i])], max=[float(e.max[i])], n_pos=[int(e.n_pos[i])], heads=[],
+                                   hoff=[0, 0], database_=store.database)
+    return len(keys) / (time.perf_counter() - t)
 
 
 def bench_store(url: str, n_obs: int, baseline: bool) -> None:
@@ -106,18 +112,18 @@ def bench_store(url: str, n_obs: int, baseline: bool) -> None:
     agg_time = 0.0
     for batch in make_batches(n_obs):
         t = time.perf_counter()
-        store.write_batch(batch)
+        store.write_window(batch)
         agg_time += time.perf_counter() - t
         n_edges += len(batch.edges)
         n_ev += len(batch.evidence)
     wall = time.perf_counter() - t0
     print(f"  write: {n_obs / agg_time:,.0f} observations/s, {n_edges / agg_time:,.0f} edge upserts/s "
-          f"({n_edges:,} upserts, {n_ev:,} evidence rows; {agg_time:.0f} s in write_batch, {wall:.0f} s with "
+          f"({n_edges:,} upserts, {n_ev:,} evidence rows; {agg_time:.0f} s in write_window, {wall:.0f} s with "
           "synthetic aggregation)")
     if baseline:
         batched = n_edges / agg_time
         first = next(make_batches(PER_PROMPT * PROMPTS_PER_BATCH, seed=99))
-        store.write_batch(first)  # new prompts, so the baseline updates edges the same way
+        store.write_window(first)  # new prompts, so the baseline updates edges the same way
         per_edge = per_edge_baseline(store, first, 2000)
         print(f"  one query per edge: {per_edge:,.0f} upserts/s -> batched is {batched / per_edge:.1f}x")
     for name, (p50, p99) in latencies(store, np.random.default_rng(1)).items():
