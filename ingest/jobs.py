@@ -33,7 +33,7 @@ from ingest.reduce import Partial, merge, reduce_batch
 from ingest.session import Session
 from ingest.to_catalog import NodeSlots, SaeKeys, observations, prompt_ranks, to_window
 
-DEFAULT_WINDOW = 256  # prompts per store write (bench/ingest_pipeline.py --windows measures the choice)
+DEFAULT_WINDOW = 256  # prompts per store write (bench/ingest_pipeline.py --only windows measures the choice)
 DEFAULT_WINDOW_MEM = 2 << 30  # bytes of device aggregates before a window is compacted or flushed early
 
 

@@ -279,7 +279,8 @@ class Neo4jStore:
     def _find_edges(tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
         """Element ids of the window's edges that are stored already, by key."""
         e = agg.edges
-        keys = edge_key(ids[e.src], ids[e.dst], e.kind)
+        stored_ends = (ids[e.src] >= 0) & (ids[e.dst] >= 0)  # an edge to a node not stored yet is new
+        keys = edge_key(ids[e.src], ids[e.dst], e.kind)[stored_ends]
         found: dict[int, str] = {}
         for part in _chunks(len(keys)):
             found.update((r[0], r[1]) for r in tx.run(FIND_EDGES, keys=keys[part].tolist()))
