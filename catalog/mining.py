@@ -17,14 +17,15 @@ import math
 from collections import defaultdict
 
 import networkx as nx
+import numpy as np
 
-from catalog.queries import _is_attn_feature, _layer, edge_stats, rnd
+from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
 
 MAX_PAIRS_SCANNED = 200
 
 
 def _ref(uid: str) -> str:
-    return uid.split("|")[2]
+    return str(node_ref_of(uid))
 
 
 def null_z(n_pair: int, n_src: int, n_dst: int, n_total: int) -> float | None:
@@ -55,33 +56,66 @@ def direct_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
 
 
 def via_resid_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
-    """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence."""
-    into: dict[str, list] = defaultdict(list)
+    """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence.
+
+    The join (every attention feature into a residual feature) x (that residual feature into every
+    later attention feature) has millions of rows on a corpus-sized catalog, so it runs in numpy:
+    edges sorted by uid first, so the sums do not depend on the order a store returns edges in."""
+    ups = sorted(store.all_edges(("resid_in",)), key=lambda e: (e.src, e.dst))
     total_in: dict[str, float] = defaultdict(float)
-    for e in store.all_edges(("resid_in",)):
+    for e in ups:
         total_in[e.dst] += e.sum
-        if _is_attn_feature(e.src):
-            into[e.dst].append(e)
-    score: dict[tuple[str, str], float] = defaultdict(float)
-    mids: dict[tuple[str, str], list] = defaultdict(list)
-    for e in store.all_edges(("attn_in",)):
-        if e.src in into and _is_attn_feature(e.dst) and total_in[e.src]:
-            for up in into[e.src]:
-                if _layer(up.src) < _layer(e.dst):
-                    key = (up.src, e.dst)
-                    score[key] += e.sum * up.sum / total_in[e.src]
-                    mids[key].append((up, e))
-    best = sorted(score, key=lambda k: (-abs(score[k]), k))[:MAX_PAIRS_SCANNED]
+    ups = [e for e in ups if _is_attn_feature(e.src)]
+    fed = {e.dst for e in ups}
+    downs = sorted((e for e in store.all_edges(("attn_in",))
+                    if e.src in fed and total_in[e.src] and _is_attn_feature(e.dst)), key=lambda e: (e.src, e.dst))
+    if not ups or not downs:
+        return []
+    uids = sorted({e.src for e in ups} | {e.dst for e in downs})
+    uid_id = {u: i for i, u in enumerate(uids)}  # int order == uid order, so int keys sort as uid pairs
+    mids = sorted(fed)
+    mid_id = {m: i for i, m in enumerate(mids)}
+    up_mid = np.array([mid_id[e.dst] for e in ups])
+    by_mid = np.argsort(up_mid, kind="stable")
+    up_src = np.array([uid_id[e.src] for e in ups])[by_mid]
+    up_layer = np.array([_layer(e.src) for e in ups])[by_mid]
+    up_sum = np.array([e.sum for e in ups])[by_mid]
+    n_up = np.bincount(up_mid, minlength=len(mids))
+    first_up = np.cumsum(n_up) - n_up
+    down_mid = np.array([mid_id[e.src] for e in downs])
+    down_dst = np.array([uid_id[e.dst] for e in downs])
+    down_layer = np.array([_layer(e.dst) for e in downs])
+    down_sum = np.array([e.sum for e in downs])
+    mid_total = np.array([total_in[m] for m in mids])
+    # every (down, up) pair that meets at the same residual feature
+    reps = n_up[down_mid]
+    d = np.repeat(np.arange(len(downs)), reps)
+    u = np.repeat(first_up[down_mid], reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
+    keep = up_layer[u] < down_layer[d]
+    d, u = d[keep], u[keep]
+    contrib = down_sum[d] * up_sum[u] / mid_total[down_mid[d]]
+    pair = up_src[u] * len(uids) + down_dst[d]
+    keys, which = np.unique(pair, return_inverse=True)
+    score = np.bincount(which, weights=contrib, minlength=len(keys))
+    best = np.lexsort((keys, -np.abs(score)))[:MAX_PAIRS_SCANNED]
+    hop_rows = defaultdict(list)  # best pair -> its (up, down) hops, in join order
+    chosen = np.isin(which, best)
+    up_edges = [ups[i] for i in by_mid]
+    for w, ui, di in zip(which[chosen].tolist(), u[chosen].tolist(), d[chosen].tolist()):
+        hop_rows[w].append((up_edges[ui], downs[di]))
     out = []
-    for key in best:
-        prompts, heads = _chained_prompts(store, mids[key])
+    for w in best.tolist():
+        src, dst = uids[int(keys[w]) // len(uids)], uids[int(keys[w]) % len(uids)]
+        hops = hop_rows[w]
+        prompts, heads = _chained_prompts(store, hops)
         if len(prompts) < min_prompts:
             continue
-        out.append({"source": _ref(key[0]), "target": _ref(key[1]), "source_uid": key[0], "target_uid": key[1],
-                    "path": "via_resid", "via": sorted({_ref(up.dst) for up, _ in mids[key]}),
-                    "n_prompts": len(prompts), "total": rnd(score[key]), "mean": rnd(score[key] / len(prompts)),
+        total = float(score[w])
+        out.append({"source": _ref(src), "target": _ref(dst), "source_uid": src, "target_uid": dst,
+                    "path": "via_resid", "via": sorted({_ref(up.dst) for up, _ in hops}),
+                    "n_prompts": len(prompts), "total": rnd(total), "mean": rnd(total / len(prompts)),
                     "sign_share": None, "heads": {str(h): rnd(v) for h, v in sorted(heads.items())},
-                    "z_score": null_z(len(prompts), counts.get(key[0], 0), counts.get(key[1], 0), n_total),
+                    "z_score": null_z(len(prompts), counts.get(src, 0), counts.get(dst, 0), n_total),
                     "exemplars": sorted(prompts)[:3]})
     return out
 
