@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from catalog import queries
+from catalog import __version__ as catalog_version, queries
 from catalog.ids import NodeKind
 from catalog.stores import StoreError, open_store
 from catalog.stores.base import DEFAULT_URL
@@ -199,15 +199,31 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
           prompt: Annotated[str, typer.Option(help="the prompt text")],
           feature: Annotated[Optional[str], typer.Option(help="start feature, e.g. A2.17")] = None,
           pos: int = -1, depth: int = 3, top: int = 5, device: Optional[str] = None, threads: int = 1,
-          json_: JsonOpt = False):
+          json_: JsonOpt = False,
+          format_: Annotated[str, typer.Option("--format", help=(
+              "tree (the default), json, or neuronpedia: the attribution-graph JSON that Neuronpedia's graph "
+              "page and circuit-tracer's frontend read"))] = "tree"):
     """Recursive RDFA trace of one prompt (the Attention Circuit Explorer's walk)."""
+    if format_ not in ("tree", "json", "neuronpedia"):
+        raise ValueError(f"--format {format_!r}: expected tree, json or neuronpedia")
     from ingest.runtime import configure_threads
     from ingest.session import Session
     from ingest.trace import render_tree, trace as run_trace
 
     configure_threads(threads)
-    result = run_trace(Session.open(model, saes, device), prompt, feature=feature, pos=pos, depth=depth, top=top)
-    if json_:
+    session = Session.open(model, saes, device)
+    result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top)
+    if format_ == "neuronpedia":
+        from catalog.prompt_graphs import to_neuronpedia
+
+        manifest = session.manifest()
+        _print(to_neuronpedia(prompt=result["prompt"], tokens=result["tokens"], edges=result["edges"],
+                              scan=session.lm.name, slug=f"trace-{result['start'].replace('.', '-').replace('@', '-at-')}".lower(),
+                              saes=[s["key"] for s in manifest["saes"]],
+                              activations={n["id"]: n["activation"] for n in result["nodes"]}, clicked=result["start"],
+                              description=f"circuit-catalog trace from {result['start']}, depth {depth}, top {top}",
+                              version=catalog_version), True)
+    elif json_ or format_ == "json":
         _print(result, True)
     else:
         from rich.console import Console

@@ -3,9 +3,11 @@ rounded the same way, so equal queries print byte-identical JSON on SQLite and N
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 
-from catalog.ids import NodeRefError, format_ref, parse_ref
+from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
 from catalog.schema import EDGE_KINDS, EdgeDelta, Evidence, NodeInfo, NodeStats
 from catalog.stores.base import ORDERS, EdgeQuery, StoreError
 
@@ -152,22 +154,83 @@ def prompt(store, uid: str) -> dict:
             "corpus": p.corpus, "content_hash": p.content_hash, "meta": p.meta}
 
 
-def prompt_graph(store, uid: str, limit: int = 200) -> dict:
-    """The stored observations of one prompt (evidence kept by the store), with token positions."""
+def prompt_graph(store, uid: str, limit: int = 200, around: str | None = None) -> dict:
+    """The stored observations of one prompt (the evidence the store kept, strongest first), with
+    token positions; ``around`` (``A2.17@14``, or ``A2.17`` for all its positions) keeps only the
+    edges on paths into or out of that node."""
     p = prompt(store, uid)
-    ev = store.prompt_evidence(uid, min(limit, MAX_LIMIT * 10))
-    edges = [{"source": f"{v.src.split('|')[2]}@{v.src_pos}", "target": f"{v.dst.split('|')[2]}@{v.dst_pos}",
+    limit = min(limit, MAX_LIMIT * 10)
+    # around a node: its paths are looked for among all the prompt's stored edges, then the strongest kept
+    ev = store.prompt_evidence(uid, MAX_LIMIT * 10 if around is not None else limit)
+    edges = [{"source": f"{node_ref_of(v.src)}@{v.src_pos}", "target": f"{node_ref_of(v.dst)}@{v.dst_pos}",
               "kind": v.kind, "head": v.head, "value": rnd(v.value)} for v in ev]
-    return {"prompt": p, "edges": edges}
+    if around is not None:
+        from catalog.prompt_graphs import neighbourhood
+
+        edges = neighbourhood(edges, around)[:limit]
+        if not edges:
+            raise NotFound(f"{around} is in none of the {len(ev)} stored edges of prompt {uid!r}")
+    return {"prompt": p, "around": around, "edges": edges}
 
 
-def top_features(store, *, kind: str | None = None, by: str = "degree", limit: int = 20) -> list[dict]:
+def prompt_graph_neuronpedia(store, uid: str, limit: int = 200, around: str | None = None) -> dict:
+    """:func:`prompt_graph` as attribution-graph JSON (catalog.prompt_graphs.to_neuronpedia)."""
+    from catalog.prompt_graphs import to_neuronpedia
+
+    graph = prompt_graph(store, uid, limit, around)
+    p = graph["prompt"]
+    run_ = store.run(p["run"])
+    manifest = run_.manifest if run_ else {}
+    return to_neuronpedia(prompt=p["text"], tokens=p["tokens"], edges=graph["edges"],
+                          scan=manifest_model(manifest).get("name") or "unknown",
+                          slug=re.sub(r"[^A-Za-z0-9_-]+", "-", uid).strip("-").lower() or "prompt",
+                          saes=[sae.get("key") for sae in manifest.get("saes", [])], clicked=around,
+                          description=f"circuit-catalog: stored evidence of prompt {uid} (run {p['run']})",
+                          version=manifest.get("code_version", ""))
+
+
+def top_features(store, *, kind: str | None = None, by: str = "degree", limit: int = 20,
+                 layer: int | None = None) -> list[dict]:
     if by not in ("degree", "total"):
         raise ValueError(f"by must be degree or total, got {by!r}")
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
     return [{"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "degree": deg, "total_abs": rnd(total)}
-            for n, total, deg in store.top_nodes(kind, by, limit)]
+            for n, total, deg in store.top_nodes(kind, by, limit, layer)]
+
+
+def public_url(url: str) -> str:
+    """A store URL without credentials (what a page or /healthz may show)."""
+    return url.split("@")[-1] if "@" in url else url
+
+
+def manifest_model(manifest: dict) -> dict:
+    """The manifest's model record (ingest writes a dict; a bare name is read as {"name": name})."""
+    model = manifest.get("model")
+    return model if isinstance(model, dict) else {"name": model} if model else {}
+
+
+def run_summary(r) -> dict:
+    """The line a person reads about a run: what model, SAEs and corpus made it, how far it got."""
+    m = r.manifest
+    counts = m.get("counts", {})
+    return {"run_id": r.run_id, "status": r.status, "kind": m.get("kind", "ingest"),
+            "model": manifest_model(m).get("name"), "saes": [sae.get("key") for sae in m.get("saes", [])],
+            "corpus": (m.get("corpus") or {}).get("spec"), "prompts": counts.get("prompts"),
+            "finished": m.get("finished")}
+
+
+def overview(store, per_layer: int = 5) -> dict:
+    """The catalog at a glance: counts, runs, and the strongest attention features of each layer
+    (by total |attribution| over their edges)."""
+    if not 1 <= per_layer <= 50:
+        raise ValueError(f"per_layer must be between 1 and 50, got {per_layer}")
+    runs_ = store.runs()
+    layers = sorted({sae["layer"] for r in runs_ for sae in r.manifest.get("saes", []) if sae.get("kind") == "attn"})
+    return {"store": public_url(store.url), "counts": store.counts(), "runs": [run_summary(r) for r in runs_],
+            "strongest_attention": [{"layer": layer, "features": top_features(store, kind="attn", by="total",
+                                                                                limit=per_layer, layer=layer)}
+                                    for layer in layers]}
 
 
 def composition_counts(store) -> list[dict]:
@@ -195,13 +258,22 @@ def composition_counts(store) -> list[dict]:
             for (l, L, path), (n, t) in sorted(counts.items())]
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def node_ref_of(uid: str) -> NodeRef:
+    """The parsed id of a catalog node uid (``model|sae|ref``; the ref holds no '|'). Cached: mining
+    asks it for the same few thousand uids millions of times."""
+    return parse_ref(uid.rpartition("|")[2])
+
+
 def _is_attn_feature(uid: str) -> bool:
-    ref = uid.split("|")[2]
-    return ref.startswith("A") and ".ERR" not in ref and ".BIAS" not in ref and not ref.startswith("ATTN")
+    return node_ref_of(uid).kind is NodeKind.ATTN
 
 
 def _layer(uid: str) -> int:
-    return parse_ref(uid.split("|")[2]).layer
+    layer = node_ref_of(uid).layer
+    if layer is None:
+        raise ValueError(f"{uid} has no layer")
+    return layer
 
 
 def runs(store) -> list[dict]:

@@ -122,7 +122,10 @@ def test_both_stores_print_byte_identical_json(tmp_path, neo4j_url):
             out.append(queries.edge(s, e.src.split("|")[2], e.dst.split("|")[2], evidence_limit=3))
         out += [queries.top_features(s, by="degree"), queries.top_features(s, kind="attn", by="total"),
                 queries.composition_counts(s), queries.prompt_graph(s, "r1/p0003", limit=50), queries.runs(s),
-                queries.feature(s, "A1.3")]
+                queries.feature(s, "A1.3"), queries.prompt_graph(s, "r1/p0003", limit=80, around="A1.3"),
+                queries.prompt_graph_neuronpedia(s, "r1/p0004", limit=60),
+                {k: v for k, v in queries.overview(s).items() if k != "store"},
+                [queries.top_features(s, kind="attn", by="total", layer=layer, limit=4) for layer in range(3)]]
         return json.dumps(out, sort_keys=False)
 
     a, b = answers(stores[0]), answers(stores[1])

@@ -404,14 +404,21 @@ class Neo4jStore:
                           uid=uid, limit=limit)
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
-    def top_nodes(self, node_kind: str | None, by: str, limit: int):
+    def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None):
         metric = {"degree": "degree", "total": "total"}[by]
         rows = self._read(
-            "MATCH (n:Node) WHERE $kind IS NULL OR n.kind = $kind "
+            "MATCH (n:Node) WHERE ($kind IS NULL OR n.kind = $kind) AND ($layer IS NULL OR n.layer = $layer) "
             "MATCH (n)-[r:EDGE]-() WITH n, sum(abs(r.sum)) AS total, count(r) AS degree "
             f"RETURN {NODE_RET.format(a='n')}, total, degree ORDER BY {metric} DESC, n.uid LIMIT $limit",
-            kind=node_kind, limit=limit)
+            kind=node_kind, layer=layer, limit=limit)
         return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """From Neo4j's count store (constant time)."""
+        row = self._read("CALL { MATCH (r:Run) RETURN count(r) AS runs } CALL { MATCH (p:Prompt) RETURN count(p) AS prompts } "
+                         "CALL { MATCH (n:Node) RETURN count(n) AS nodes } CALL { MATCH ()-[e:EDGE]->() RETURN count(e) AS edges } "
+                         "CALL { MATCH (x:Evidence) RETURN count(x) AS evidence } RETURN runs, prompts, nodes, edges, evidence")[0]
+        return {k: row[k] for k in ("runs", "prompts", "nodes", "edges", "evidence")}
 
     # ---- bulk (export) ------------------------------------------------------------------------
     def all_edges(self, edge_kinds=None) -> Iterator[EdgeDelta]:

@@ -306,14 +306,22 @@ class SqliteStore:
             (uid, limit)).fetchall()
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
-    def top_nodes(self, node_kind: str | None, by: str, limit: int):
-        metric = {"degree": "COUNT(*)", "total": "SUM(abs(e.sum))"}[by]
-        where = "WHERE n.kind = ?" if node_kind else ""
+    def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None):
+        """Nodes (of a kind, of a layer) by degree or total |sum| over the edges at either end; the
+        candidates are chosen first, so only their edges are read (through edges_src / edges_dst). A
+        self-loop counts once, as Neo4j's undirected match counts it."""
+        metric = {"degree": "COUNT(*)", "total": "SUM(a)"}[by]
         rows = self._conn.execute(
-            f"SELECT {NODE_COLS.format(a='n')}, SUM(abs(e.sum)), COUNT(*) FROM nodes n "
-            f"JOIN edges e ON e.src = n.id OR e.dst = n.id {where} GROUP BY n.id "
-            f"ORDER BY {metric} DESC, n.uid LIMIT ?", ((node_kind, limit) if node_kind else (limit,))).fetchall()
+            "WITH cand AS (SELECT id FROM nodes WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR layer = ?2)), "
+            "ends AS (SELECT e.src AS node, abs(e.sum) AS a FROM edges e JOIN cand c ON e.src = c.id "
+            "UNION ALL SELECT e.dst, abs(e.sum) FROM edges e JOIN cand c ON e.dst = c.id WHERE e.src != e.dst) "
+            f"SELECT {NODE_COLS.format(a='n')}, SUM(a), COUNT(*) FROM ends JOIN nodes n ON n.id = ends.node "
+            f"GROUP BY n.id ORDER BY {metric} DESC, n.uid LIMIT ?3", (node_kind, layer, limit)).fetchall()
         return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
+                for t in ("runs", "prompts", "nodes", "edges", "evidence")}
 
     # ---- bulk (export) ------------------------------------------------------------------------
     def all_edges(self, edge_kinds=None) -> Iterator[EdgeDelta]:
