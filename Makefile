@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test bench neo4j
+.PHONY: setup demo test bench neo4j browser
+# The browser tests drive Debian's chromium through Playwright (a browser download does not work here).
+CHROMIUM ?= /usr/bin/chromium
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -16,11 +18,15 @@ demo: setup
 	$(VENV)/bin/circuit-catalog demo
 
 # Builds the Neo4j launcher from Maven Central (first run), starts it on 127.0.0.1 for the suite.
-test: setup
+test: setup browser
 	CIRCUIT_CATALOG_TORCH_THREADS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider
 
 bench: setup
 	$(VENV)/bin/python bench/rdfa.py && $(VENV)/bin/python bench/store.py && $(VENV)/bin/python bench/ingest_pipeline.py && $(VENV)/bin/python bench/api_load.py
+
+browser:
+	@test -x $(CHROMIUM) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 
 neo4j: setup
 	$(VENV)/bin/circuit-catalog neo4j-server

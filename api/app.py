@@ -9,14 +9,18 @@ defined inside create_app.)"""
 import base64
 import json
 import logging
+import threading
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from api import pages
 from api.settings import Settings
 from catalog import queries
 from catalog.ids import NodeRefError
@@ -28,6 +32,9 @@ log = logging.getLogger("circuit_catalog.api")
 # Most specific first: Starlette picks the handler of the nearest class in the exception's MRO.
 ERROR_STATUS = {NodeRefError: 422, queries.NotFound: 404, queries.Ambiguous: 409, CypherUnsupported: 501,
                 CypherRefused: 400, StoreError: 400, ValueError: 422}
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+                           "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+                           "worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
 NodeKindName = Literal["attn", "resid", "error", "bias", "emb", "pos", "mlp", "attn_out"]
 KindQ = Annotated[list[NodeKindName] | None, Query(description="node kinds of the other end")]
 LayerQ = Annotated[list[int] | None, Query(description="layers of the other end")]
@@ -60,50 +67,99 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.warm_patterns:
+            threading.Thread(target=pages.warm, args=(app, lambda: _store(app)), daemon=True,
+                             name="patterns-warm-up").start()
         yield
         if app.state.store is not None:
             app.state.store.close()
 
-    app = FastAPI(title="circuit-catalog", version="0.1.0", lifespan=lifespan,
-                  description="Feature circuits across prompt corpora: RDFA attribution edges with provenance.")
+    # docs_url/redoc_url off: FastAPI's own pages load Swagger UI and ReDoc from a CDN, blank offline;
+    # the routes below serve the same pages with the copies vendored in api/static/vendor.
+    app = FastAPI(title="circuit-catalog", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Feature circuits across prompt corpora: RDFA attribution edges with provenance. "
+                              "Browse it at [/](/); this page lists the JSON API.")
     app.state.settings = settings
     app.state.store = None  # opened on first use; also when a server runs without lifespan events
+    opening = threading.Lock()  # the warm-up thread and the first request may both open it
+    app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
+
+    @app.middleware("http")
+    async def same_origin_only(request: Request, call_next):
+        """Pages may load nothing from elsewhere: the vendored assets are all they need, and a
+        browser offline (or a bundle's hard-coded CDN image, as ReDoc's logo is) must not wait on
+        the internet. Inline scripts/styles: Swagger UI's start-up script and ReDoc's styles."""
+        response = await call_next(request)
+        if response.headers.get("content-type", "").startswith("text/html"):
+            response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return response
+
+    def _store(app_: FastAPI):
+        """The store, opened on first use (so a store that is down gives 503s, not a dead server)."""
+        with opening:
+            if app_.state.store is None:
+                app_.state.store = open_store(settings.store, create=False)
+        return app_.state.store
 
     def store(request: Request):
-        """The store, opened on first use (so a store that is down gives 503s, not a dead server)."""
-        if request.app.state.store is None:
-            request.app.state.store = open_store(settings.store, create=False)
-        return request.app.state.store
+        return _store(request.app)
 
     Store = Annotated[Any, Depends(store)]
     Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
 
+    def error(request: Request, status: int, detail, headers: dict | None = None):
+        """JSON for the API; an HTML page with the same message for a browser page."""
+        if pages.is_page(request):
+            return pages.error_page(request, status, detail, headers)
+        return JSONResponse(status_code=status, headers=headers, content={"detail": detail})
+
     for exc_type, status in ERROR_STATUS.items():  # expected errors: their message, no stack trace
-        app.add_exception_handler(exc_type, lambda _, exc, status=status: JSONResponse(
-            status_code=status, content={"detail": str(exc)}))
+        app.add_exception_handler(exc_type, lambda request, exc, status=status: error(request, status, str(exc)))
 
     @app.exception_handler(StoreUnavailable)
-    async def _down(_, exc):
-        return JSONResponse(status_code=503, headers={"Retry-After": "5"},
-                            content={"detail": f"catalog store unavailable: {exc}; retry shortly"})
+    async def _down(request, exc):
+        return error(request, 503, f"catalog store unavailable: {exc}; retry shortly", {"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, exc):
-        return JSONResponse(status_code=422, content={"detail": [
-            {"loc": list(e.get("loc", [])), "msg": e.get("msg")} for e in exc.errors()]})
+    async def _invalid(request, exc):
+        return error(request, 422, [{"loc": list(e.get("loc", [])), "msg": e.get("msg")} for e in exc.errors()])
 
     @app.exception_handler(Exception)
-    async def _unexpected(_, exc):
+    async def _unexpected(request, exc):
         if type(exc).__module__.startswith(("neo4j", "sqlite3")):
             log.warning("store failure: %r", exc)
-            return JSONResponse(status_code=503, headers={"Retry-After": "5"},
-                                content={"detail": "catalog store failed; retry shortly"})
+            return error(request, 503, "catalog store failed; retry shortly", {"Retry-After": "5"})
         log.exception("unhandled error")
-        return JSONResponse(status_code=500, content={"detail": "internal error (logged on the server)"})
+        return error(request, 500, "internal error (logged on the server)")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="circuit-catalog API",
+                                   swagger_js_url=pages.vendored("swagger-ui/swagger-ui-bundle.js"),
+                                   swagger_css_url=pages.vendored("swagger-ui/swagger-ui.css"),
+                                   swagger_favicon_url=pages.vendored("swagger-ui/favicon-32x32.png"),
+                                   oauth2_redirect_url="/docs/oauth2-redirect")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def swagger_ui_redirect():
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc():
+        return get_redoc_html(openapi_url=app.openapi_url, title="circuit-catalog API",
+                              redoc_js_url=pages.vendored("redoc/redoc.standalone.js"),
+                              redoc_favicon_url=pages.vendored("swagger-ui/favicon-32x32.png"), with_google_fonts=False)
+
+    app.include_router(pages.router(store, settings))
 
     @app.get("/healthz")
     def healthz(s: Store) -> dict:
-        return {"ok": True, "store": s.url.split("@")[-1] if "@" in s.url else s.url, "runs": len(s.runs())}
+        return {"ok": True, "store": queries.public_url(s.url), "runs": len(s.runs())}
+
+    @app.get("/overview")
+    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5) -> dict:
+        """Counts, runs, and the strongest attention features of each layer (the home page's data)."""
+        return queries.overview(s, per_layer)
 
     @app.get("/features/{ref}")
     def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None) -> dict:
@@ -139,8 +195,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return queries.edge(s, src, dst, model=model, evidence_limit=evidence)
 
     @app.get("/prompts/{uid:path}/graph")
-    def get_prompt_graph(uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200) -> dict:
-        return queries.prompt_graph(s, uid, limit)
+    def get_prompt_graph(uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200,
+                         around: Annotated[str | None, Query(max_length=80, description=(
+                             "keep the edges on paths into or out of this node: A2.17@14, or A2.17 for all "
+                             "its positions"))] = None,
+                         format: Annotated[Literal["catalog", "neuronpedia"], Query(description=(
+                             "neuronpedia: the attribution-graph JSON Neuronpedia and circuit-tracer's "
+                             "frontend read"))] = "catalog") -> dict:
+        if format == "neuronpedia":
+            return queries.prompt_graph_neuronpedia(s, uid, limit, around)
+        return queries.prompt_graph(s, uid, limit, around)
 
     @app.get("/prompts/{uid:path}")
     def get_prompt(uid: Annotated[str, Path(max_length=300)], s: Store) -> dict:
@@ -155,11 +219,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return queries.run(s, run_id)
 
     @app.get("/patterns/composition")
-    def get_patterns(s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
+    def get_patterns(request: Request, s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
                      min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> dict:
-        from catalog.mining import mine
-
-        return mine(s, top=top, min_prompts=min_prompts)
+        return pages.mined(request.app.state, s, top, min_prompts)
 
     @app.post("/cypher")
     def post_cypher(body: CypherRequest, s: Store) -> dict:

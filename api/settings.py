@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     cypher_row_cap: int = 1000
     cypher_timeout_s: float = 5.0
     evidence_limit: int = 50
+    warm_patterns: bool = True  # mine the default composition patterns in the background at start-up
     write_token: str | None = None  # endpoints that write or trigger work stay off while this is unset
 
     @field_validator("write_token")

@@ -74,5 +74,6 @@ def run_demo(store_url: str, n_prompts: int, threads: int) -> None:
     console.print("z: recurrence against a prompt-shuffled null (n/a when a feature fires on every prompt)")
     _table("composition pairs", pairs,
            ["source", "target", "path", "n_prompts", "total", "sign_share", "heads", "z_score"])
-    console.print(f"\nBrowse it: [bold].venv/bin/circuit-catalog serve --store {store_url}[/bold] "
-                  "then open http://127.0.0.1:8000/docs")
+    console.print(f"\nBrowse it: [bold].venv/bin/circuit-catalog serve --store {store_url}[/bold], then open "
+                  f"http://127.0.0.1:8000/view/feature/{target} (home: http://127.0.0.1:8000/, API: /docs)",
+                  soft_wrap=True)  # one line, so the URL can be copied whole
