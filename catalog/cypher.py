@@ -1,4 +1,4 @@
-"""Read-only Cypher for untrusted callers (shared/NEO4J.md): a READ session *and* the planner's own
+"""Read-only Cypher for untrusted callers (docs/catalog.md): a READ session *and* the planner's own
 verdict. The query is EXPLAINed first: anything whose query type is not 'r', any LOAD CSV, and
 any procedure call outside a short allow-list is refused before it runs; what runs has a row cap
 and a transaction timeout. Parameters are passed as parameters, never formatted into the text.
@@ -7,7 +7,9 @@ and a transaction timeout. Parameters are passed as parameters, never formatted 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from catalog.schema import JSON
 from catalog.stores.base import CypherRefused, StoreError
 
 ALLOWED_PROCEDURES = {"db.labels", "db.relationshipTypes", "db.propertyKeys", "db.schema.visualization",
@@ -17,8 +19,9 @@ _ADMIN = re.compile(r"^\s*(USE|SHOW|CREATE|DROP|ALTER|GRANT|DENY|REVOKE|START|ST
                     re.IGNORECASE)
 
 
-def _operators(plan) -> list[tuple[str, dict]]:
-    out, stack = [], [plan]
+def _operators(plan: Any) -> list[tuple[str, JSON]]:
+    out: list[tuple[str, JSON]] = []
+    stack = [plan]
     while stack:
         node = stack.pop()
         if not node:
@@ -30,7 +33,7 @@ def _operators(plan) -> list[tuple[str, dict]]:
     return out
 
 
-def check_plan(query_type: str | None, plan) -> None:
+def check_plan(query_type: str | None, plan: Any) -> None:
     """Raise CypherRefused unless the planner says read-only and the plan has no forbidden operator."""
     if query_type != "r":
         what = {"rw": "reads and writes", "w": "writes", "s": "changes the schema"}.get(query_type or "", "is not a read")
@@ -45,7 +48,7 @@ def check_plan(query_type: str | None, plan) -> None:
                 raise CypherRefused(f"procedure {name or sig!r} is not allowed (allowed: {sorted(ALLOWED_PROCEDURES)})")
 
 
-def run_read_only(driver, database: str, query: str, params: dict, limit: int, timeout_s: float) -> list[dict]:
+def run_read_only(driver: Any, database: str, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
     """EXPLAIN, check, then run in a READ session with ``timeout_s``; at most ``limit`` rows."""
     import neo4j
     from neo4j.exceptions import ClientError, Neo4jError, ServiceUnavailable
@@ -61,7 +64,7 @@ def run_read_only(driver, database: str, query: str, params: dict, limit: int, t
             summary = session.run("EXPLAIN " + query, params or {}).consume()
             check_plan(summary.query_type, summary.plan)
             result = session.run(neo4j.Query(query, timeout=timeout_s), params or {})
-            rows = []
+            rows: list[JSON] = []
             for record in result:
                 if len(rows) >= limit:
                     break

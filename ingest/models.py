@@ -8,7 +8,7 @@ Three sources, one result (:class:`LoadedModel`):
   * any other name     ``HookedTransformer.from_pretrained`` (needs the Hub or its cache).
 
 Every model is loaded with the weight processing the catalog's SAEs were trained under
-(see shared/RDFA.md): fold_ln, center_writing_weights, center_unembed, fold_value_biases.
+(see docs/rdfa.md): fold_ln, center_writing_weights, center_unembed, fold_value_biases.
 The flags are recorded in every run manifest.
 """
 
@@ -71,7 +71,7 @@ class Tokenizer:
 class LoadedModel:
     """A processed HookedTransformer with its tokenizer and the facts a run manifest needs."""
 
-    model: "torch.nn.Module"
+    model: torch.nn.Module
     tokenizer: Tokenizer
     name: str
     source: str
@@ -114,7 +114,7 @@ def _hooked_transformer():
     return HookedTransformer, HookedTransformerConfig
 
 
-def build_processed(cfg_dict: dict, state_dict: dict, device) -> "torch.nn.Module":
+def build_processed(cfg_dict: dict, state_dict: dict, device) -> torch.nn.Module:
     """A HookedTransformer from a config and an *unprocessed* state dict, processed as PROCESSING."""
     HookedTransformer, HookedTransformerConfig = _hooked_transformer()
     cfg = HookedTransformerConfig(**{**cfg_dict, "device": str(device)})

@@ -1,1 +1,1 @@
-"""Pure RDFA maths (shared/RDFA.md): tensors in, typed results out; no I/O, no printing."""
+"""Pure RDFA maths (docs/rdfa.md): tensors in, typed results out; no I/O, no printing."""

@@ -1,4 +1,4 @@
-"""The full attribution graph of a batch of prompts (shared/RDFA.md steps 1-5).
+"""The full attribution graph of a batch of prompts (docs/rdfa.md steps 1-5).
 
 For every layer L with an attention SAE (which needs the residual SAE of L to decompose its
 sources): edges into every active attention feature from residual features, errors and biases

@@ -1,4 +1,4 @@
-"""The step functions of shared/RDFA.md, vectorized over prompts, positions and features.
+"""The step functions of docs/rdfa.md, vectorized over prompts, positions and features.
 
 Each returns an EdgeTable of kept edges (pruned per target) and, per target, the sum of what was
 kept, so the caller can add the bias and REST edges that make every node's inputs sum to its
