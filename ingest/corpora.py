@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ingest import ioi
 from ingest.errors import UserFacingError
@@ -79,11 +79,27 @@ class FileCorpus(Corpus):
         self.path = path
 
     def _read(self):
-        with self.path.open(encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, start=1):
+        """Lines that do not decode as UTF-8 and ids seen before are bad lines (never silently
+        replaced characters, never a second prompt under one id); a byte-order mark is dropped."""
+        first_line: dict[str, int] = {}
+        with self.path.open("rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    self.bad_lines.append(BadLine(number, f"not UTF-8 (byte {exc.start} of the line)"))
+                    continue
+                if number == 1:
+                    line = line.removeprefix("\ufeff")
                 item = self._parse(number, line.rstrip("\n"))
-                if item is not None:
-                    yield item
+                if item is None:
+                    continue
+                if item.prompt_id in first_line:
+                    self.bad_lines.append(BadLine(number, f"duplicate id {item.prompt_id!r} "
+                                                          f"(first on line {first_line[item.prompt_id]})"))
+                    continue
+                first_line[item.prompt_id] = number
+                yield item
 
     def _parse(self, number: int, line: str) -> CorpusItem | None:
         if self.kind == "txt":
@@ -121,7 +137,7 @@ class HfCorpus(Corpus):
             ds = datasets.load_dataset(self.dataset, split=self.split)
         except Exception as exc:  # hub/network errors of many types
             raise UserFacingError(f"corpus {self.spec}: could not load dataset {self.dataset!r} split "
-                                  f"{self.split!r} ({type(exc).__name__}); it is neither cached nor reachable")
+                                  f"{self.split!r} ({type(exc).__name__}); it is neither cached nor reachable") from None
         if self.column not in ds.column_names:
             raise UserFacingError(f"corpus {self.spec}: no column {self.column!r} (has {ds.column_names})")
         for i, row in enumerate(ds):

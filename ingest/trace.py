@@ -38,6 +38,14 @@ def _start(graph, session: Session, feature: str | None, pos: int) -> Key:
         if ref.kind not in (NodeKind.ATTN, NodeKind.RESID):
             raise UserFacingError(f"--feature {feature}: trace starts from an SAE feature (A.. or R..)")
         code = Code.ATTN if ref.kind is NodeKind.ATTN else Code.RESID
+        saes = session.attn if ref.kind is NodeKind.ATTN else session.resid
+        what = "attention" if ref.kind is NodeKind.ATTN else "residual"
+        if ref.layer not in saes:
+            raise UserFacingError(f"--feature {feature}: no {what} SAE at layer {ref.layer} "
+                                  f"(this session has {what} SAEs at layers {sorted(saes)})")
+        if ref.index >= saes[ref.layer].d_sae:
+            raise UserFacingError(f"--feature {feature}: index {ref.index} is past the width of the layer-{ref.layer} "
+                                  f"{what} SAE ({saes[ref.layer].d_sae} features)")
         hit = (n.code == code) & (n.layer == ref.layer) & (n.index == ref.index) & (n.pos == pos)
         if not hit.any():
             raise UserFacingError(f"feature {format_ref(ref.at(None))} is not active at position {pos} of this prompt")
@@ -69,6 +77,11 @@ def _edge_json(table: EdgeTable, i: int) -> dict:
 def trace(session: Session, text: str, *, feature: str | None = None, pos: int = -1, depth: int = 3,
           top: int = 5) -> dict:
     """The trace as a JSON-ready dict: {prompt, tokens, nodes, edges, direct_edges}."""
+    if not text.strip():
+        raise UserFacingError("the prompt is empty: give --prompt some text to trace")
+    for name, value, low in (("--depth", depth, 1), ("--top", top, 1)):
+        if not low <= value <= 1000:
+            raise UserFacingError(f"{name} {value}: must be between {low} and 1000")
     ids = session.lm.tokenizer.encode(text)
     if len(ids) > session.lm.n_ctx:
         raise UserFacingError(f"prompt has {len(ids)} tokens; the model's context is {session.lm.n_ctx}")
@@ -141,7 +154,7 @@ def _direct_for(session: Session, cap, targets: list[Key], info: dict, top: int)
     return out
 
 
-def render_tree(result: dict) -> "object":
+def render_tree(result: dict) -> object:
     """A rich Tree: each node with its token, activation, and its largest inputs (heads shown)."""
     from rich.tree import Tree
 
