@@ -19,6 +19,8 @@ demo: setup
 
 # Builds the Neo4j launcher from Maven Central (first run), starts it on 127.0.0.1 for the suite.
 test: setup browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	CIRCUIT_CATALOG_TORCH_THREADS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider
 
 bench: setup

@@ -10,13 +10,14 @@ import base64
 import json
 import logging
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -24,9 +25,10 @@ from api import pages
 from api.settings import Settings
 from catalog import queries
 from catalog.ids import NodeRefError
-from catalog.schema import EDGE_KINDS
+from catalog.schema import EDGE_KINDS, JSON
 from catalog.stores import StoreError, StoreUnavailable, open_store
 from catalog.stores.base import CypherRefused, CypherUnsupported
+from catalog.stores.base import Store as StoreProtocol
 
 log = logging.getLogger("circuit_catalog.api")
 # Most specific first: Starlette picks the handler of the nearest class in the exception's MRO.
@@ -66,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.warm_patterns:
             threading.Thread(target=pages.warm, args=(app, lambda: _store(app)), daemon=True,
                              name="patterns-warm-up").start()
@@ -85,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
 
     @app.middleware("http")
-    async def same_origin_only(request: Request, call_next):
+    async def same_origin_only(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         """Pages may load nothing from elsewhere: the vendored assets are all they need, and a
         browser offline (or a bundle's hard-coded CDN image, as ReDoc's logo is) must not wait on
         the internet. Inline scripts/styles: Swagger UI's start-up script and ReDoc's styles."""
@@ -94,20 +96,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         return response
 
-    def _store(app_: FastAPI):
+    def _store(app_: FastAPI) -> StoreProtocol:
         """The store, opened on first use (so a store that is down gives 503s, not a dead server)."""
         with opening:
             if app_.state.store is None:
                 app_.state.store = open_store(settings.store, create=False)
-        return app_.state.store
+        opened: StoreProtocol = app_.state.store
+        return opened
 
-    def store(request: Request):
+    def store(request: Request) -> StoreProtocol:
         return _store(request.app)
 
     Store = Annotated[Any, Depends(store)]
     Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
 
-    def error(request: Request, status: int, detail, headers: dict | None = None):
+    def error(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
         """JSON for the API; an HTML page with the same message for a browser page."""
         if pages.is_page(request):
             return pages.error_page(request, status, detail, headers)
@@ -117,15 +120,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(exc_type, lambda request, exc, status=status: error(request, status, str(exc)))
 
     @app.exception_handler(StoreUnavailable)
-    async def _down(request, exc):
+    async def _down(request: Request, exc: Exception) -> Response:
         return error(request, 503, f"catalog store unavailable: {exc}; retry shortly", {"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         return error(request, 422, [{"loc": list(e.get("loc", [])), "msg": e.get("msg")} for e in exc.errors()])
 
     @app.exception_handler(Exception)
-    async def _unexpected(request, exc):
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         if type(exc).__module__.startswith(("neo4j", "sqlite3")):
             log.warning("store failure: %r", exc)
             return error(request, 503, "catalog store failed; retry shortly", {"Retry-After": "5"})
@@ -133,39 +136,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error(request, 500, "internal error (logged on the server)")
 
     @app.get("/docs", include_in_schema=False)
-    def swagger_ui():
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title="circuit-catalog API",
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="circuit-catalog API",
                                    swagger_js_url=pages.vendored("swagger-ui/swagger-ui-bundle.js"),
                                    swagger_css_url=pages.vendored("swagger-ui/swagger-ui.css"),
                                    swagger_favicon_url=pages.vendored("swagger-ui/favicon-32x32.png"),
                                    oauth2_redirect_url="/docs/oauth2-redirect")
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
-    def swagger_ui_redirect():
+    def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
     @app.get("/redoc", include_in_schema=False)
-    def redoc():
-        return get_redoc_html(openapi_url=app.openapi_url, title="circuit-catalog API",
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title="circuit-catalog API",
                               redoc_js_url=pages.vendored("redoc/redoc.standalone.js"),
                               redoc_favicon_url=pages.vendored("swagger-ui/favicon-32x32.png"), with_google_fonts=False)
 
     app.include_router(pages.router(store, settings))
 
     @app.get("/healthz")
-    def healthz(s: Store) -> dict:
+    def healthz(s: Store) -> JSON:
         return {"ok": True, "store": queries.public_url(s.url), "runs": len(s.runs())}
 
     @app.get("/overview")
-    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5) -> dict:
+    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5) -> JSON:
         """Counts, runs, and the strongest attention features of each layer (the home page's data)."""
         return queries.overview(s, per_layer)
 
     @app.get("/features/{ref}")
-    def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None) -> dict:
+    def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None) -> JSON:
         return queries.feature(s, ref, model=model)
 
-    def _neighbours(direction: str, ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model):
+    def _neighbours(direction: str, ref: str, s: StoreProtocol, kind: Sequence[str] | None, layer: list[int] | None,
+                    edge_kind: Sequence[str] | None, min_count: int, order: str, limit: int, cursor: str | None,
+                    model: str | None) -> JSON:
         offset = _offset(cursor)
         rows = queries.neighbours(s, ref, direction, model=model, node_kinds=kind, layers=layer,
                                   edge_kinds=edge_kind, min_count=min_count, order=order, limit=limit, offset=offset)
@@ -177,7 +182,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      kind: KindQ = None, layer: LayerQ = None,
                      edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                      order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
-                     cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> dict:
+                     cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
         return _neighbours("up", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
 
     @app.get("/features/{ref}/downstream")
@@ -185,13 +190,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        kind: KindQ = None, layer: LayerQ = None,
                        edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                        order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
-                       cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> dict:
+                       cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
         return _neighbours("down", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
 
     @app.get("/edges/{src}/{dst}")
     def get_edge(src: Annotated[str, Path(max_length=64)], dst: Annotated[str, Path(max_length=64)], s: Store,
                  evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20,
-                 model: str | None = None) -> dict:
+                 model: str | None = None) -> JSON:
         return queries.edge(s, src, dst, model=model, evidence_limit=evidence)
 
     @app.get("/prompts/{uid:path}/graph")
@@ -201,30 +206,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              "its positions"))] = None,
                          format: Annotated[Literal["catalog", "neuronpedia"], Query(description=(
                              "neuronpedia: the attribution-graph JSON Neuronpedia and circuit-tracer's "
-                             "frontend read"))] = "catalog") -> dict:
+                             "frontend read"))] = "catalog") -> JSON:
         if format == "neuronpedia":
             return queries.prompt_graph_neuronpedia(s, uid, limit, around)
         return queries.prompt_graph(s, uid, limit, around)
 
     @app.get("/prompts/{uid:path}")
-    def get_prompt(uid: Annotated[str, Path(max_length=300)], s: Store) -> dict:
+    def get_prompt(uid: Annotated[str, Path(max_length=300)], s: Store) -> JSON:
         return queries.prompt(s, uid)
 
     @app.get("/runs")
-    def get_runs(s: Store) -> list[dict]:
+    def get_runs(s: Store) -> list[JSON]:
         return queries.runs(s)[: settings.max_limit]
 
     @app.get("/runs/{run_id}")
-    def get_run(run_id: Annotated[str, Path(max_length=200)], s: Store) -> dict:
+    def get_run(run_id: Annotated[str, Path(max_length=200)], s: Store) -> JSON:
         return queries.run(s, run_id)
 
     @app.get("/patterns/composition")
     def get_patterns(request: Request, s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
-                     min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> dict:
+                     min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> JSON:
         return pages.mined(request.app.state, s, top, min_prompts)
 
     @app.post("/cypher")
-    def post_cypher(body: CypherRequest, s: Store) -> dict:
+    def post_cypher(body: CypherRequest, s: Store) -> JSON:
         rows = s.cypher(body.query, body.params, settings.cypher_row_cap, settings.cypher_timeout_s)
         return {"rows": json.loads(json.dumps(rows, default=str)), "row_cap": settings.cypher_row_cap,
                 "truncated": len(rows) >= settings.cypher_row_cap}

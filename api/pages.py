@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
@@ -20,10 +21,12 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
+from api.settings import Settings
 from catalog import queries
 from catalog.ids import NodeKind, NodeRefError, format_ref, parse_ref
 from catalog.prompt_graphs import display_row
-from catalog.schema import EDGE_KINDS
+from catalog.schema import EDGE_KINDS, JSON
+from catalog.stores.base import Store
 
 log = logging.getLogger("circuit_catalog.pages")
 HERE = FilePath(__file__).parent
@@ -42,7 +45,7 @@ def is_page(request: Request) -> bool:
     return request.url.path == "/" or request.url.path.startswith("/view/")
 
 
-def error_page(request: Request, status: int, detail: Any, headers: dict | None = None) -> HTMLResponse:
+def error_page(request: Request, status: int, detail: Any, headers: JSON | None = None) -> HTMLResponse:
     if isinstance(detail, list):  # request validation: one line per bad parameter
         detail = "; ".join(f"{'.'.join(str(x) for x in d['loc'][1:])}: {d['msg']}" for d in detail)
     return templates.TemplateResponse(request, "error.html", {"status": status, "detail": detail},
@@ -52,7 +55,7 @@ def error_page(request: Request, status: int, detail: Any, headers: dict | None 
 _mining = threading.Lock()
 
 
-def mined(state, store, top: int, min_prompts: int) -> dict:
+def mined(state: Any, store: Store, top: int, min_prompts: int) -> JSON:
     """``catalog.mining.mine``, cached per process (``state``: the app's state): mining reads the
     whole catalog (seconds on a corpus), its answer changes only when the catalog does, and the key
     holds what would change (counts, runs and their status)."""
@@ -61,16 +64,17 @@ def mined(state, store, top: int, min_prompts: int) -> dict:
     key = (top, min_prompts, json.dumps(store.counts(), sort_keys=True),
            tuple((r.run_id, r.status, r.manifest.get("finished")) for r in store.runs()))
     with _mining:  # one mining at a time: a second caller waits for the first's answer
-        cache: OrderedDict = state.__dict__.setdefault("_mined", OrderedDict())
+        cache: OrderedDict[Any, JSON] = state.__dict__.setdefault("_mined", OrderedDict())
         if key not in cache:
             cache[key] = mine(store, top=top, min_prompts=min_prompts)
             while len(cache) > MINED_CACHE:
                 cache.popitem(last=False)
         cache.move_to_end(key)
-        return json.loads(json.dumps(cache[key]))  # a copy: callers may not change the cached answer
+        copy: JSON = json.loads(json.dumps(cache[key]))  # callers may change their copy, not the cache
+        return copy
 
 
-def warm(app, open_store) -> None:
+def warm(app: Any, open_store: Callable[[], Store]) -> None:
     """Mine the default patterns in the background when a server starts, so the first visit to the
     patterns page does not wait for it. A store that is down is only logged (pages report it)."""
     try:
@@ -79,12 +83,12 @@ def warm(app, open_store) -> None:
         log.warning("patterns warm-up skipped: %r", exc)
 
 
-def n_heads(store) -> int:
+def n_heads(store: Store) -> int:
     """Heads per layer of the catalog's model(s), from the run manifests (0 when none says)."""
     return max((queries.manifest_model(r.manifest).get("n_heads") or 0 for r in store.runs()), default=0)
 
 
-def _heads_svg(heads: dict[str, float], n: int = 0, width: int = 96, height: int = 18) -> dict:
+def _heads_svg(heads: dict[str, float], n: int = 0, width: int = 96, height: int = 18) -> JSON:
     """Bars of the per-head split, one slot per head of the model (``n``), height by |sum|, colour
     by sign, for the template to draw."""
     if not heads:
@@ -98,11 +102,11 @@ def _heads_svg(heads: dict[str, float], n: int = 0, width: int = 96, height: int
     return {"bars": bars, "width": width, "height": height}
 
 
-def _graph_elements(edges: list[dict], tokens: list[str]) -> dict:
+def _graph_elements(edges: list[JSON], tokens: list[str]) -> JSON:
     """Cytoscape elements with preset positions: rows are catalog.prompt_graphs.display_row (layers
     top to bottom), columns the token positions that hold a node (left to right, empty positions
     left out), each headed by its token; nodes sharing a cell sit side by side."""
-    nodes: dict[str, dict] = {}
+    nodes: dict[str, JSON] = {}
     for e in edges:
         for side in ("source", "target"):
             node_id = e[side]
@@ -140,21 +144,21 @@ def _layers(values: list[str] | None) -> list[int] | None:
     return [int(v) for v in chosen] or None
 
 
-def router(store_dependency, settings) -> APIRouter:
+def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRouter:
     pages = APIRouter(include_in_schema=False)
-    Store = Annotated[Any, Depends(store_dependency)]
+    StoreDep = Annotated[Any, Depends(store_dependency)]
     Ref = Annotated[str, Path(max_length=64)]
     Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
 
-    def render(request: Request, template: str, **context) -> HTMLResponse:
+    def render(request: Request, template: str, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, template, context)
 
     @pages.get("/", response_class=HTMLResponse)
-    def home(request: Request, s: Store):
+    def home(request: Request, s: StoreDep) -> HTMLResponse:
         return render(request, "home.html", overview=queries.overview(s), title="circuit-catalog")
 
     @pages.get("/view/search")
-    def search(s: Store, q: Annotated[str, Query(max_length=300)] = ""):
+    def search(s: StoreDep, q: Annotated[str, Query(max_length=300)] = "") -> RedirectResponse:
         """A node id in any accepted form (A5.44256, L5.F44256, R3.ERR@7) or a prompt uid."""
         text = q.strip()
         if not text:
@@ -168,15 +172,15 @@ def router(store_dependency, settings) -> APIRouter:
         return RedirectResponse(f"/view/feature/{quote(format_ref(ref.at(None)))}", status_code=303)
 
     @pages.get("/view/feature/{ref}", response_class=HTMLResponse)
-    def feature(request: Request, ref: Ref, s: Store, kind: Annotated[list[Literal[NODE_KINDS]] | None, Query()] = None,  # type: ignore[valid-type]
+    def feature(request: Request, ref: Ref, s: StoreDep, kind: Annotated[list[Literal[NODE_KINDS]] | None, Query()] = None,  # type: ignore[valid-type]
                 layer: Annotated[list[str] | None, Query(max_length=6)] = None,
                 edge_kind: Annotated[list[Literal[EDGE_KINDS]] | None, Query()] = None,  # type: ignore[valid-type]
                 order: Literal[ORDERS] = "abs", min_count: Annotated[int, Query(ge=0)] = 0,  # type: ignore[valid-type]
                 limit: Limit = 20, up_offset: Annotated[int, Query(ge=0)] = 0,
-                down_offset: Annotated[int, Query(ge=0)] = 0, model: str | None = None):
+                down_offset: Annotated[int, Query(ge=0)] = 0, model: str | None = None) -> HTMLResponse:
         node = queries.feature(s, ref, model=model)
-        layer = _layers(layer)
-        filters = {"node_kinds": kind, "layers": layer, "edge_kinds": edge_kind, "order": order,
+        layers = _layers(layer)
+        filters = {"node_kinds": kind, "layers": layers, "edge_kinds": edge_kind, "order": order,
                    "min_count": min_count, "limit": limit, "model": model}
         tables, heads = {}, n_heads(s)
         for direction, offset in (("up", up_offset), ("down", down_offset)):
@@ -186,10 +190,10 @@ def router(store_dependency, settings) -> APIRouter:
             tables[direction] = {"rows": rows, "offset": offset,
                                  "next": offset + limit if len(rows) == limit else None,
                                  "prev": max(offset - limit, 0) if offset else None}
-        query = {"kind": kind or [], "layer": layer or [], "edge_kind": edge_kind or [], "order": order,
+        query = {"kind": kind or [], "layer": layers or [], "edge_kind": edge_kind or [], "order": order,
                  "min_count": min_count, "limit": limit, **({"model": model} if model else {})}
 
-        def link(**change) -> str:
+        def link(**change: int) -> str:
             params = {**query, "up_offset": up_offset, "down_offset": down_offset, **change}
             return f"/view/feature/{quote(node['id'])}?" + urlencode(params, doseq=True)
 
@@ -197,8 +201,9 @@ def router(store_dependency, settings) -> APIRouter:
                       node_kinds=NODE_KINDS, edge_kinds=EDGE_KINDS, orders=ORDERS, title=node["id"])
 
     @pages.get("/view/edge/{src}/{dst}", response_class=HTMLResponse)
-    def edge(request: Request, src: Ref, dst: Ref, s: Store,
-             evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20, model: str | None = None):
+    def edge(request: Request, src: Ref, dst: Ref, s: StoreDep,
+             evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20,
+             model: str | None = None) -> HTMLResponse:
         body = queries.edge(s, src, dst, model=model, evidence_limit=evidence)
         uids = sorted({v["prompt"] for k in body["kinds"] for v in k["evidence"]})
         tokens = {uid: p.tokens for uid, p in s.prompts(uids).items()}
@@ -207,8 +212,8 @@ def router(store_dependency, settings) -> APIRouter:
         return render(request, "edge.html", edge=body, tokens=tokens, title=f"{body['source']} -> {body['target']}")
 
     @pages.get("/view/prompt/{uid:path}", response_class=HTMLResponse)
-    def prompt(request: Request, uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200,
-               around: Annotated[str | None, Query(max_length=80)] = None):
+    def prompt(request: Request, uid: Annotated[str, Path(max_length=300)], s: StoreDep, limit: Limit = 200,
+               around: Annotated[str | None, Query(max_length=80)] = None) -> HTMLResponse:
         graph = queries.prompt_graph(s, uid, limit, around or None)
         elements = _graph_elements(graph["edges"], graph["prompt"]["tokens"])
         params = {"limit": limit, **({"around": around} if around else {})}
@@ -218,8 +223,8 @@ def router(store_dependency, settings) -> APIRouter:
                       title=f"prompt {graph['prompt']['uid']}")
 
     @pages.get("/view/patterns", response_class=HTMLResponse)
-    def patterns(request: Request, s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
-                 min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2):
+    def patterns(request: Request, s: StoreDep, top: Annotated[int, Query(ge=1, le=100)] = 20,
+                 min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> HTMLResponse:
         result = mined(request.app.state, s, top, min_prompts)
         heads = n_heads(s)
         for p in result["pairs"]:

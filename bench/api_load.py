@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from catalog.neo4j_server import running_on_free_port  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
+from cli.neo4j_server import running_on_free_port  # noqa: E402
 
 CLIENTS = 8
 
@@ -69,7 +69,7 @@ def load(port: int, refs: list[str], per_client: int) -> tuple[float, list[float
 
 def serve_and_measure(url: str, refs: list[str], per_client: int) -> None:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "catalog.cli", "serve", "--store", url, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--store", url, "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):

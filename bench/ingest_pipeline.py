@@ -38,7 +38,8 @@ BEFORE = {"sqlite": 8.2, "neo4j": 2.4}  # toy-ioi prompts/s on main before this 
 def gpt2_shaped_session(device):
     """The random GPT-2-shaped model + TopK SAEs of bench/rdfa.py, with a word-level tokenizer w0..w50256."""
     import rdfa
-    from tokenizers import Tokenizer as Fast, models, pre_tokenizers
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import models, pre_tokenizers
 
     from ingest.forward import weights_of
     from ingest.models import LoadedModel, Tokenizer
@@ -218,7 +219,7 @@ def main() -> None:
         if args.no_neo4j:
             sections(args, only, tmp, None, device)
         else:
-            from catalog.neo4j_server import running_on_free_port
+            from cli.neo4j_server import running_on_free_port
 
             with running_on_free_port(f"{d}/neo4j", page_cache="1g", heap="3g") as neo:
                 sections(args, only, tmp, neo, device)

@@ -22,9 +22,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from test_pages import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
-
 from conftest import _free_port as free_port  # noqa: E402
+from test_pages import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 
 def serve(store: str) -> tuple[subprocess.Popen, str]:

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from catalog import queries  # noqa: E402
 import torch  # noqa: E402
 
+from catalog import queries  # noqa: E402
 from catalog.ids import attn, resid  # noqa: E402
-from catalog.neo4j_server import running_on_free_port  # noqa: E402
 from catalog.schema import NodeInfo, Prompt  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
+from cli.neo4j_server import running_on_free_port  # noqa: E402
 from ingest.reduce import Activations, Observations  # noqa: E402
 from ingest.to_catalog import aggregate_rows  # noqa: E402
 

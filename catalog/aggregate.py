@@ -10,6 +10,7 @@ No torch here.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 
@@ -17,13 +18,13 @@ from catalog.schema import EDGE_KINDS, NodeInfo, Prompt
 
 
 class _Columns:
-    """Parallel 1-D arrays of one length."""
+    """Parallel 1-D arrays of one length (subclasses are dataclasses)."""
 
     def __len__(self) -> int:
-        return len(getattr(self, fields(self)[0].name))
+        return len(getattr(self, fields(self)[0].name))  # type: ignore[arg-type]
 
     def columns(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
     @property
     def nbytes(self) -> int:
@@ -102,13 +103,18 @@ class WindowAggregate:
         return self.edges.nbytes + self.heads.nbytes + self.evidence.nbytes + self.stats.nbytes
 
     def kind_names(self, kind: np.ndarray) -> list[str]:
-        return np.array(EDGE_KINDS, dtype=object)[kind].tolist()
+        names: list[str] = np.array(EDGE_KINDS, dtype=object)[kind].tolist()
+        return names
 
 
-def empty_columns(cls):
+C = TypeVar("C", bound=_Columns)
+
+
+def empty_columns(cls: type[C]) -> C:
     """Columns of length 0 with the dtypes their docstrings give."""
     floats = {"sum", "sumsq", "sum_abs", "min", "max", "value", "sum_act", "max_act"}
-    return cls(**{f.name: np.zeros(0, np.float64 if f.name in floats else np.int64) for f in fields(cls)})
+    return cls(**{f.name: np.zeros(0, np.float64 if f.name in floats else np.int64)
+                  for f in fields(cls)})  # type: ignore[arg-type]
 
 
 class EvidenceFloor:
@@ -131,7 +137,8 @@ class EvidenceFloor:
             return np.ones(len(keys), bool)
         at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         known = self.keys[at] == keys
-        return ~known | (absval >= self.floor[at])
+        keep: np.ndarray = ~known | (absval >= self.floor[at])
+        return keep
 
     def update(self, keys: np.ndarray, absval: np.ndarray) -> None:
         """Raise the bounds with rows just stored (call once their write is committed)."""

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class NodeKind(str, Enum):
+class NodeKind(StrEnum):
     """What a node is. The value is what stores and JSON carry."""
 
     ATTN = "attn"  # attention-output SAE feature
@@ -70,7 +70,7 @@ class NodeRef:
     def is_feature(self) -> bool:
         return self.kind in FEATURE_KINDS
 
-    def at(self, pos: int | None) -> "NodeRef":
+    def at(self, pos: int | None) -> NodeRef:
         """The same node at a token position (or position-free with None)."""
         return NodeRef(self.kind, self.layer, self.index, pos, self.sae_kind)
 
@@ -120,6 +120,7 @@ def format_ref(ref: NodeRef) -> str:
         body = f"{_PREFIX_OF_SAE_KIND[k]}{ref.layer}.{ref.index}"
     elif k in (NodeKind.ERROR, NodeKind.BIAS):
         what = "ERR" if k is NodeKind.ERROR else "BIAS"
+        assert ref.sae_kind is not None, "ERR and BIAS nodes name the SAE kind they belong to"
         body = f"{_PREFIX_OF_SAE_KIND[ref.sae_kind]}{ref.layer}.{what}"
     elif k is NodeKind.MLP:
         body = f"MLP{ref.layer}"

@@ -20,6 +20,8 @@ import networkx as nx
 import numpy as np
 
 from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
+from catalog.schema import JSON, EdgeDelta
+from catalog.stores.base import Store
 
 MAX_PAIRS_SCANNED = 200
 
@@ -37,14 +39,14 @@ def null_z(n_pair: int, n_src: int, n_dst: int, n_total: int) -> float | None:
     return rnd((n_pair - mean) / math.sqrt(var)) if var > 0 else None
 
 
-def _prompt_counts(store) -> tuple[dict[str, int], int]:
+def _prompt_counts(store: Store) -> tuple[dict[str, int], int]:
     counts = {n.uid: s.n_prompts for n, s in store.all_nodes() if s is not None}
     n_total = sum(1 for _ in store.all_prompts())
     return counts, n_total
 
 
-def direct_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
-    out = []
+def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int) -> list[JSON]:
+    out: list[JSON] = []
     for e in store.all_edges(("direct",)):
         if _is_attn_feature(e.src) and _is_attn_feature(e.dst) and e.n_prompts >= min_prompts:
             stats = edge_stats(e)
@@ -55,7 +57,7 @@ def direct_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
     return out
 
 
-def via_resid_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
+def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int) -> list[JSON]:
     """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence.
 
     The join (every attention feature into a residual feature) x (that residual feature into every
@@ -120,7 +122,7 @@ def via_resid_pairs(store, counts, n_total, min_prompts: int) -> list[dict]:
     return out
 
 
-def _chained_prompts(store, hops) -> tuple[set[str], dict[int, float]]:
+def _chained_prompts(store: Store, hops: list[tuple[EdgeDelta, EdgeDelta]]) -> tuple[set[str], dict[int, float]]:
     """Prompts whose evidence has hop 1 (k@s -> j@s) and hop 2 (j@s -> f@t) at the same s; head sums of hop 2."""
     prompts: set[str] = set()
     heads: dict[int, float] = defaultdict(float)
@@ -134,7 +136,7 @@ def _chained_prompts(store, hops) -> tuple[set[str], dict[int, float]]:
     return prompts, heads
 
 
-def _exemplars(store, pair: dict, n: int = 3) -> list[dict]:
+def _exemplars(store: Store, pair: JSON, n: int = 3) -> list[JSON]:
     if pair["path"] == "direct":
         ev = store.evidence(pair["source_uid"], pair["target_uid"], "direct", 50)
         uids = list(dict.fromkeys(v.prompt for v in ev))[:n]
@@ -144,7 +146,7 @@ def _exemplars(store, pair: dict, n: int = 3) -> list[dict]:
     return [{"prompt": u, "text": prompts[u].text if u in prompts else None} for u in uids]
 
 
-def mine(store, top: int = 20, min_prompts: int = 2) -> dict:
+def mine(store: Store, top: int = 20, min_prompts: int = 2) -> JSON:
     """Pairs (ranked by |total|), chains of three, hubs; each pattern with exemplar prompts."""
     counts, n_total = _prompt_counts(store)
     pairs = direct_pairs(store, counts, n_total, min_prompts) + via_resid_pairs(store, counts, n_total, min_prompts)
@@ -154,14 +156,14 @@ def mine(store, top: int = 20, min_prompts: int = 2) -> dict:
         w = abs(p["total"] or 0)
         if not graph.has_edge(p["source"], p["target"]) or graph[p["source"]][p["target"]]["w"] < w:
             graph.add_edge(p["source"], p["target"], w=w, path=p["path"])
-    chains = []
+    chains: list[JSON] = []
     for mid in graph.nodes:
         for a in graph.predecessors(mid):
             for c in graph.successors(mid):
                 w = min(graph[a][mid]["w"], graph[mid][c]["w"])
                 chains.append({"chain": [a, mid, c], "strength": rnd(w),
                                "paths": [graph[a][mid]["path"], graph[mid][c]["path"]]})
-    chains.sort(key=lambda c: (-c["strength"], c["chain"]))
+    chains.sort(key=lambda c: (-float(c["strength"]), c["chain"]))
     hubs = [{"id": n, "fed_by": graph.in_degree(n), "feeds": graph.out_degree(n)} for n in graph.nodes]
     hubs.sort(key=lambda h: (-(h["fed_by"] + h["feeds"]), h["id"]))
     shown = pairs[:top]

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 
 from catalog.ids import NodeKind, NodeRef, parse_ref
+from catalog.schema import JSON
 
 FEATURE_TYPE = {
     (NodeKind.ATTN, None): "attention sae feature", (NodeKind.RESID, None): "residual sae feature",
@@ -53,7 +54,7 @@ def display_row(ref: NodeRef, target: NodeRef | None = None) -> int:
     return 3 * ref.layer + (2 if attn_side else 1)
 
 
-def neighbourhood(edges: list[dict], around: str) -> list[dict]:
+def neighbourhood(edges: list[JSON], around: str) -> list[JSON]:
     """The edges on a path into or out of ``around`` (``A2.17@14``, or ``A2.17`` for every position
     of it) in one prompt's graph: its ancestors' edges and its descendants' edges."""
     ref = parse_ref(around)
@@ -75,7 +76,7 @@ def neighbourhood(edges: list[dict], around: str) -> list[dict]:
     return [e for i, e in enumerate(edges) if i in keep]
 
 
-def _node(node_id: str, target: str | None, activation: float | None) -> dict:
+def _node(node_id: str, target: str | None, activation: float | None) -> JSON:
     ref = parse_ref(node_id)
     row = display_row(ref, parse_ref(target) if target else None)
     layer = "E" if row == 0 else str(row)
@@ -90,14 +91,14 @@ def _node(node_id: str, target: str | None, activation: float | None) -> dict:
             "jsNodeId": js, "clerp": f"{ref.at(None)} ({kind})", "activation": activation}
 
 
-def to_neuronpedia(*, prompt: str, tokens: list[str], edges: list[dict], scan: str, slug: str,
+def to_neuronpedia(*, prompt: str, tokens: list[str], edges: list[JSON], scan: str, slug: str,
                    saes: list[str], activations: dict[str, float | None] | None = None,
-                   clicked: str | None = None, description: str = "", version: str = "") -> dict:
+                   clicked: str | None = None, description: str = "", version: str = "") -> JSON:
     """A per-prompt graph (``edges``: source and target ids with ``@pos``, ``value``; per-head rows
     are summed into one link) as attribution-graph JSON. ``activations`` maps node ids to their
     activation where known (a trace knows them; stored evidence does not)."""
     activations = activations or {}
-    nodes: dict[str, dict] = {}
+    nodes: dict[str, JSON] = {}
     weights: dict[tuple[str, str], float] = defaultdict(float)
     for e in edges:
         src = nodes.setdefault(e["source"] if parse_ref(e["source"]).kind is not NodeKind.REST

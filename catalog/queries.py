@@ -6,10 +6,12 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
-from catalog.schema import EDGE_KINDS, EdgeDelta, Evidence, NodeInfo, NodeStats
-from catalog.stores.base import ORDERS, EdgeQuery, StoreError
+from catalog.schema import EDGE_KINDS, JSON, EdgeDelta, Evidence, NodeInfo, NodeStats, Run
+from catalog.stores.base import ORDERS, EdgeQuery, Store, StoreError
 
 MAX_LIMIT = 1000
 SIG_DIGITS = 6
@@ -30,7 +32,7 @@ def rnd(x: float | None) -> float | None:
     return float(f"{x:.{SIG_DIGITS}g}")
 
 
-def resolve(store, ref: str, model: str | None = None) -> NodeInfo:
+def resolve(store: Store, ref: str, model: str | None = None) -> NodeInfo:
     """A user reference (A5.44256, L5.F44256, R3.ERR, ...) -> the catalog node it names."""
     canonical = format_ref(parse_ref(ref).at(None))
     if parse_ref(ref).pos is not None:
@@ -44,7 +46,7 @@ def resolve(store, ref: str, model: str | None = None) -> NodeInfo:
     return found[0]
 
 
-def edge_stats(e: EdgeDelta) -> dict:
+def edge_stats(e: EdgeDelta) -> JSON:
     mean = e.sum / e.n_obs if e.n_obs else 0.0
     var = max(0.0, e.sumsq / e.n_obs - mean * mean) if e.n_obs else 0.0
     return {"edge_kind": e.kind, "n_prompts": e.n_prompts, "n_obs": e.n_obs, "sum": rnd(e.sum), "mean": rnd(mean),
@@ -53,8 +55,8 @@ def edge_stats(e: EdgeDelta) -> dict:
             "heads": {str(h): rnd(v) for h, v in sorted(e.head_sums.items()) if v != 0.0}}
 
 
-def node_json(n: NodeInfo, stats: NodeStats | None = None) -> dict:
-    out = {"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "index": n.index, "model": n.model,
+def node_json(n: NodeInfo, stats: NodeStats | None = None) -> JSON:
+    out: JSON = {"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "index": n.index, "model": n.model,
            "sae": n.sae}
     if stats is not None:
         out["activation"] = {"n_positions": stats.n_obs, "n_prompts": stats.n_prompts,
@@ -62,8 +64,9 @@ def node_json(n: NodeInfo, stats: NodeStats | None = None) -> dict:
     return out
 
 
-def edge_query(*, edge_kinds=None, node_kinds=None, layers=None, min_count=0, order="abs", limit=20,
-               offset=0) -> EdgeQuery:
+def edge_query(*, edge_kinds: Sequence[str] | None = None, node_kinds: Sequence[str] | None = None,
+               layers: Sequence[int] | None = None, min_count: int = 0, order: str = "abs", limit: int = 20,
+               offset: int = 0) -> EdgeQuery:
     """Validate filters; raise ValueError naming the bad one."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -78,7 +81,7 @@ def edge_query(*, edge_kinds=None, node_kinds=None, layers=None, min_count=0, or
                      tuple(layers) if layers else None, min_count, order, limit, offset)
 
 
-def neighbours(store, ref: str, direction: str, *, model: str | None = None, **filters) -> list[dict]:
+def neighbours(store: Store, ref: str, direction: str, *, model: str | None = None, **filters: Any) -> list[JSON]:
     """Upstream (direction 'up') or downstream ('down') edges of a node, as JSON-ready dicts, id first."""
     node = resolve(store, ref, model)
     rows = store.neighbours(node.uid, direction, edge_query(**filters))
@@ -86,26 +89,28 @@ def neighbours(store, ref: str, direction: str, *, model: str | None = None, **f
             for other, e in rows]
 
 
-def upstream(store, ref: str, **kw) -> list[dict]:
+def upstream(store: Store, ref: str, **kw: Any) -> list[JSON]:
     return neighbours(store, ref, "up", **kw)
 
 
-def downstream(store, ref: str, **kw) -> list[dict]:
+def downstream(store: Store, ref: str, **kw: Any) -> list[JSON]:
     return neighbours(store, ref, "down", **kw)
 
 
-def evidence_json(evidence: list[Evidence], prompts: dict) -> list[dict]:
+def evidence_json(evidence: list[Evidence], prompts: JSON) -> list[JSON]:
     out = []
     for v in evidence:
         p = prompts.get(v.prompt)
         tokens = p.tokens if p else []
-        tok = lambda i: tokens[i] if 0 <= i < len(tokens) else None  # noqa: E731
+
+        def tok(i: int, tokens: list[str] = tokens) -> str | None:
+            return tokens[i] if 0 <= i < len(tokens) else None
         out.append({"prompt": v.prompt, "text": p.text if p else None, "src_pos": v.src_pos, "src_token": tok(v.src_pos),
                     "dst_pos": v.dst_pos, "dst_token": tok(v.dst_pos), "head": v.head, "value": rnd(v.value)})
     return out
 
 
-def edge(store, src: str, dst: str, *, model: str | None = None, evidence_limit: int = 20) -> dict:
+def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence_limit: int = 20) -> JSON:
     """Statistics of every edge kind between two nodes, with per-head split and evidence (prompts, tokens)."""
     s, d = resolve(store, src, model), resolve(store, dst, model)
     found = store.edges_between(s.uid, d.uid)
@@ -121,15 +126,18 @@ def edge(store, src: str, dst: str, *, model: str | None = None, evidence_limit:
             "sae_flags": flags, "through_flagged_sae": through_flagged}
 
 
-def feature(store, ref: str, *, model: str | None = None) -> dict:
+def feature(store: Store, ref: str, *, model: str | None = None) -> JSON:
     node = resolve(store, ref, model)
-    info, stats = store.node(node.uid)
+    found = store.node(node.uid)
+    if found is None:  # removed between the two reads
+        raise NotFound(f"no node {node.ref} in {store.url}")
+    info, stats = found
     return {**node_json(info, stats), **sae_info(store, info)}
 
 
-def sae_info(store, node: NodeInfo) -> dict:
+def sae_info(store: Store, node: NodeInfo) -> JSON:
     """Neuronpedia link (from ingest manifests) and SAE sufficiency flags (from eval-saes runs)."""
-    out: dict = {"neuronpedia": None, "sae_flags": None}
+    out: JSON = {"neuronpedia": None, "sae_flags": None}
     if node.kind not in ("attn", "resid"):
         return out
     for run in store.runs():
@@ -146,7 +154,7 @@ def sae_info(store, node: NodeInfo) -> dict:
     return out
 
 
-def prompt(store, uid: str) -> dict:
+def prompt(store: Store, uid: str) -> JSON:
     p = store.prompt(uid)
     if p is None:
         raise NotFound(f"no prompt {uid!r} in {store.url}")
@@ -154,7 +162,7 @@ def prompt(store, uid: str) -> dict:
             "corpus": p.corpus, "content_hash": p.content_hash, "meta": p.meta}
 
 
-def prompt_graph(store, uid: str, limit: int = 200, around: str | None = None) -> dict:
+def prompt_graph(store: Store, uid: str, limit: int = 200, around: str | None = None) -> JSON:
     """The stored observations of one prompt (the evidence the store kept, strongest first), with
     token positions; ``around`` (``A2.17@14``, or ``A2.17`` for all its positions) keeps only the
     edges on paths into or out of that node."""
@@ -173,7 +181,7 @@ def prompt_graph(store, uid: str, limit: int = 200, around: str | None = None) -
     return {"prompt": p, "around": around, "edges": edges}
 
 
-def prompt_graph_neuronpedia(store, uid: str, limit: int = 200, around: str | None = None) -> dict:
+def prompt_graph_neuronpedia(store: Store, uid: str, limit: int = 200, around: str | None = None) -> JSON:
     """:func:`prompt_graph` as attribution-graph JSON (catalog.prompt_graphs.to_neuronpedia)."""
     from catalog.prompt_graphs import to_neuronpedia
 
@@ -189,8 +197,8 @@ def prompt_graph_neuronpedia(store, uid: str, limit: int = 200, around: str | No
                           version=manifest.get("code_version", ""))
 
 
-def top_features(store, *, kind: str | None = None, by: str = "degree", limit: int = 20,
-                 layer: int | None = None) -> list[dict]:
+def top_features(store: Store, *, kind: str | None = None, by: str = "degree", limit: int = 20,
+                 layer: int | None = None) -> list[JSON]:
     if by not in ("degree", "total"):
         raise ValueError(f"by must be degree or total, got {by!r}")
     if not 1 <= limit <= MAX_LIMIT:
@@ -204,13 +212,13 @@ def public_url(url: str) -> str:
     return url.split("@")[-1] if "@" in url else url
 
 
-def manifest_model(manifest: dict) -> dict:
+def manifest_model(manifest: JSON) -> JSON:
     """The manifest's model record (ingest writes a dict; a bare name is read as {"name": name})."""
     model = manifest.get("model")
     return model if isinstance(model, dict) else {"name": model} if model else {}
 
 
-def run_summary(r) -> dict:
+def run_summary(r: Run) -> JSON:
     """The line a person reads about a run: what model, SAEs and corpus made it, how far it got."""
     m = r.manifest
     counts = m.get("counts", {})
@@ -220,7 +228,7 @@ def run_summary(r) -> dict:
             "finished": m.get("finished")}
 
 
-def overview(store, per_layer: int = 5) -> dict:
+def overview(store: Store, per_layer: int = 5) -> JSON:
     """The catalog at a glance: counts, runs, and the strongest attention features of each layer
     (by total |attribution| over their edges)."""
     if not 1 <= per_layer <= 50:
@@ -233,10 +241,10 @@ def overview(store, per_layer: int = 5) -> dict:
                                     for layer in layers]}
 
 
-def composition_counts(store) -> list[dict]:
+def composition_counts(store: Store) -> list[JSON]:
     """Attention->attention composition per (source layer, target layer): direct edges, and two-hop
     paths through one residual feature (A_l -> R_m -> A_L, l < m = L)."""
-    counts: dict[tuple[int, int, str], list] = {}
+    counts: dict[tuple[int, int, str], list[float]] = {}
     into_resid: dict[str, list[tuple[int, float]]] = {}
     for e in store.all_edges(("resid_in",)):
         if "|A" in e.src and ".ERR" not in e.src and ".BIAS" not in e.src:
@@ -276,11 +284,11 @@ def _layer(uid: str) -> int:
     return layer
 
 
-def runs(store) -> list[dict]:
+def runs(store: Store) -> list[JSON]:
     return [{"run_id": r.run_id, "status": r.status, "manifest": r.manifest} for r in store.runs()]
 
 
-def run(store, run_id: str) -> dict:
+def run(store: Store, run_id: str) -> JSON:
     r = store.run(run_id)
     if r is None:
         raise NotFound(f"no run {run_id!r} in {store.url}")

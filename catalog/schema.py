@@ -13,12 +13,15 @@ built by :func:`edge_key` alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from catalog.ids import FEATURE_KINDS, NodeRef, format_ref
+
+JSON = dict[str, Any]  # an answer on its way to JSON: keys are field names
 
 EDGE_KINDS = ("attn_in", "resid_in", "direct")  # an edge kind's code is its index here
 NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys fit in 60 bits
@@ -28,7 +31,7 @@ def node_uid(model: str, sae: str, ref: NodeRef) -> str:
     return f"{model}|{sae}|{format_ref(ref.at(None))}"
 
 
-def edge_key(src_id, dst_id, kind_code):
+def edge_key(src_id: Any, dst_id: Any, kind_code: Any) -> Any:
     """The int64 key of edge (src, dst, kind) from node dictionary ids and the kind's code; works on
     ints and on numpy int64 arrays alike. The one place edge keys are built."""
     return (np.asarray(src_id, dtype=np.int64) * NODE_ID_LIMIT + dst_id) * len(EDGE_KINDS) + kind_code
@@ -47,7 +50,7 @@ class NodeInfo:
     index: int | None
 
     @classmethod
-    def of(cls, model: str, sae: str, ref: NodeRef) -> "NodeInfo":
+    def of(cls, model: str, sae: str, ref: NodeRef) -> NodeInfo:
         r = ref.at(None)
         sae = sae if (r.is_feature or r.sae_kind is not None) else ""
         return cls(node_uid(model, sae, r), model, sae, format_ref(r), r.kind.value, r.layer, r.index)
@@ -68,7 +71,7 @@ class Prompt:
     tokens: list[str]
     corpus: str
     content_hash: str
-    meta: dict = field(default_factory=dict)
+    meta: JSON = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +90,12 @@ class EdgeDelta:
     max: float
     n_pos: int
     head_sums: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, src: str, dst: str, stats: Sequence[Any], head_sums: dict[int, float]) -> EdgeDelta:
+        """From a stored row's nine statistics, in field order (kind, n_prompts, ..., n_pos)."""
+        kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos = stats
+        return cls(src, dst, kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos, head_sums)
 
     @property
     def key(self) -> str:
@@ -110,7 +119,7 @@ class Evidence(NamedTuple):
     def edge_key(self) -> str:
         return f"{self.src}>{self.dst}>{self.kind}"
 
-    def rank_key(self) -> tuple:
+    def rank_key(self) -> tuple[float, str, int, int, int]:
         """Order of evidence kept per edge: largest |value| first, ties broken deterministically."""
         return (-abs(self.value), self.prompt, self.src_pos, self.dst_pos, -1 if self.head is None else self.head)
 
@@ -130,4 +139,4 @@ class NodeStats:
 class Run:
     run_id: str
     status: str
-    manifest: dict
+    manifest: JSON

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from catalog.ids import NodeKind, parse_ref
+from catalog.ids import NodeKind
+from catalog.queries import node_ref_of
 from ingest import ioi
 from ingest.session import Session
 
@@ -199,8 +200,7 @@ def spot_check(session: Session, store, run_id: str, n: int = 20, seed: int = 0)
             continue
         v = ev[0]
         text = store.prompt(v.prompt).text
-        src = parse_ref(e.src.split("|")[2]).at(v.src_pos)
-        dst = parse_ref(e.dst.split("|")[2]).at(v.dst_pos)
+        src, dst = node_ref_of(e.src).at(v.src_pos), node_ref_of(e.dst).at(v.dst_pos)
         rows.append({"source": str(src), "target": str(dst), "prompt": v.prompt, "dfa": dfa_value(session, text, src, dst),
                      "frozen": ablation_effect(session, text, src, dst, True),
                      "unfrozen": ablation_effect(session, text, src, dst, False)})
@@ -217,5 +217,31 @@ def spot_check(session: Session, store, run_id: str, n: int = 20, seed: int = 0)
 
 
 def _feature(uid: str) -> bool:
-    ref = uid.split("|")[2]
-    return ref[0] in "AR" and ref[1].isdigit() and ".ERR" not in ref and ".BIAS" not in ref
+    return node_ref_of(uid).is_feature
+
+
+def label_sae_rows(session: Session, result: dict) -> dict:
+    """Name the model and, on each row, the SAE's own key (what the catalog matches flags by)."""
+    result["model"] = session.lm.name
+    for row in result["saes"]:
+        row["sae"] = session.saes.key_of(NodeKind(row["kind"]), row["layer"])
+    return result
+
+
+def store_sae_eval(store, session: Session, result: dict) -> str:
+    """Record an ``eval_saes`` result in a catalog as run ``sae-eval-{model}`` (kind sae_eval), where
+    feature pages find each SAE's flag by the SAE's own key. Returns the run id."""
+    label_sae_rows(session, result)
+    run_id = f"sae-eval-{session.lm.name}"
+    store.start_run(run_id, {"kind": "sae_eval", **session.manifest()}, resume=True)
+    store.finish_run(run_id, "done", {"sae_eval": result})
+    return run_id
+
+
+def store_spot_check(store, run_id: str, result: dict) -> None:
+    """Add a ``spot_check`` result (its first 50 edges) to the manifest of the run it checked."""
+    existing = store.run(run_id)
+    if existing is None:
+        raise ValueError(f"no run {run_id!r} in {store.url}")
+    store.finish_run(run_id, existing.status, {"spot_check": {k: v for k, v in result.items() if k != "edges"}
+                                               | {"edges": result["edges"][:50]}})

@@ -20,14 +20,12 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from catalog import __version__
 from catalog.schema import Prompt
 from ingest.corpora import Corpus, CorpusItem, content_hash, open_corpus
 from ingest.errors import UserFacingError
-import torch
-
 from ingest.rdfa.tensors import Pruning
 from ingest.reduce import Partial, merge, reduce_batch
 from ingest.session import Session
@@ -139,7 +137,7 @@ def run_job(session: Session, corpus_spec: str, store, opts: JobOptions, log=pri
                 "corpus": {"spec": corpus_spec, "fingerprint": corpus.fingerprint(), "n_items": len(corpus.items())},
                 "batch_size": opts.batch_size, "window": opts.window, "limit": opts.limit, "long_policy": opts.long_policy,
                 "max_tokens": opts.max_tokens, "evidence_per_edge": store.evidence_per_edge,
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "started": datetime.now(UTC).isoformat(timespec="seconds")}
     _check_resume(store, opts, manifest)
     store.start_run(opts.run, manifest, resume=opts.resume or opts.shard[1] > 1)
     done = store.done_prompts(opts.run) if (opts.resume or opts.shard[1] > 1) else set()
@@ -155,8 +153,8 @@ def run_job(session: Session, corpus_spec: str, store, opts: JobOptions, log=pri
     summary.seconds = time.time() - t0
     status = "done" if opts.shard[1] == 1 else f"shard {opts.shard[0]}/{opts.shard[1]} done"
     store.finish_run(opts.run, status, {
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        f"counts{'' if opts.shard[1] == 1 else '_shard%d' % opts.shard[0]}": summary.as_dict(),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "counts" + ("" if opts.shard[1] == 1 else f"_shard{opts.shard[0]}"): summary.as_dict(),
         "bad_lines": [{"line": b.line, "reason": b.reason} for b in corpus.bad_lines[:100]]})
     return summary
 

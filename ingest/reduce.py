@@ -78,7 +78,7 @@ class Partial:
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).numel() * 8 for f in fields(self))
 
-    def to(self, device) -> "Partial":
+    def to(self, device) -> Partial:
         return Partial(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 

@@ -25,7 +25,7 @@ class Session:
     device: torch.device
 
     @classmethod
-    def open(cls, model_spec: str, sae_specs: list[str], device: str | None = None) -> "Session":
+    def open(cls, model_spec: str, sae_specs: list[str], device: str | None = None) -> Session:
         dev = pick_device(device)
         lm = load_model(model_spec, dev)
         check_processed(lm.model)

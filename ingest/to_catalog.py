@@ -7,8 +7,8 @@ encoder constants (the same value on every prompt: a weight).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -66,7 +66,7 @@ def expected_edges(rows) -> dict:
     """Plain-Python aggregation, independent of catalog.aggregate."""
     out: dict = defaultdict(lambda: {"n_obs": 0, "sum": 0.0, "prompts": set(), "min": float("inf"),
                                      "max": float("-inf"), "n_pos": 0, "heads": defaultdict(float)})
-    for p, s, d, k, h, sp, dp, v in rows:
+    for p, s, d, k, h, _sp, _dp, v in rows:
         e = out[(s, d, k)]
         e["n_obs"] += 1
         e["sum"] += v

@@ -29,7 +29,7 @@ def neo4j_url():
 
     If it cannot start, every test that needs it fails loudly: it is never skipped.
     """
-    from catalog.neo4j_server import start
+    from cli.neo4j_server import start
 
     home = tempfile.mkdtemp(prefix="neo4j-test-")
     port = _free_port()

@@ -55,7 +55,7 @@ def main() -> None:
         jobs.reduce_batch = reduce_batch
     else:
         raise SystemExit(f"unknown point {point!r}")
-    from catalog.cli import app
+    from cli import app
 
     app(args, prog_name="circuit-catalog")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from test_store_conformance import _batches, _fill
 
 from api.app import create_app
 from api.settings import Settings
 from catalog import queries
 from catalog.stores import open_store
-from test_store_conformance import _batches, _fill
 
 
 @pytest.fixture
@@ -43,8 +43,9 @@ def test_upstream_filters_order_and_cursor_pagination(client, store_url):
     assert client.get("/features/A2.1/upstream", params={"limit": 10_000}).status_code == 422
     assert client.get("/features/A2.1/upstream", params={"order": "nope"}).status_code == 422
     assert client.get("/features/A2.1/upstream", params={"cursor": "garbage"}).status_code == 422
-    down = client.get("/features/R0.1/downstream", params={"layer": 1}).json()["items"]
-    assert all(i["layer"] == 1 for i in down)
+    down = client.get("/features/R0.1/downstream", params={"layer": 1, "limit": 500}).json()["items"]
+    every = client.get("/features/R0.1/downstream", params={"limit": 500}).json()["items"]
+    assert down and down == [i for i in every if i["layer"] == 1]
 
 
 def test_edge_prompt_and_runs(client, store_url):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from test_store_conformance import _batches, _fill
 
 from api.app import create_app
 from api.settings import Settings
-from test_store_conformance import _batches, _fill
 
 
 def test_no_request_gives_a_server_error(store_url):

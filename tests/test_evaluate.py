@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,15 +62,18 @@ def test_frozen_ablation_equals_dfa_and_results_reach_the_catalog(toy, tmp_path)
     result = spot_check(toy, store, "r", n=12)
     assert result["n"] == 12
     assert result["max_abs_frozen_minus_dfa"] < 1e-4
-    assert all(abs(e["dfa"]) > 0 for e in result["edges"])
-    assert result["unfrozen_correlation"] is not None
+    assert len(result["edges"]) == 12 and all(abs(e["dfa"]) > 0 for e in result["edges"])
+    dfa, unfrozen = [e["dfa"] for e in result["edges"]], [e["unfrozen"] for e in result["edges"]]
+    assert result["unfrozen_correlation"] == pytest.approx(float(np.corrcoef(dfa, unfrozen)[0, 1]), abs=1e-5)
+    assert result["unfrozen_mean_abs_error"] == pytest.approx(float(np.mean(np.abs(np.subtract(unfrozen, dfa)))),
+                                                              rel=1e-5)
 
 
 def test_eval_saes_cli_stores_flags_that_features_and_edges_show(toy, tmp_path):
     url = f"sqlite:///{tmp_path}/c.db"
     store = open_store(url)
     run_job(toy, "ioi:4", store, JobOptions(run="r", progress=False))
-    out = subprocess.run([sys.executable, "-m", "catalog.cli", "eval-saes", "--model", "toy-ioi", "--saes", "toy-ioi",
+    out = subprocess.run([sys.executable, "-m", "cli", "eval-saes", "--model", "toy-ioi", "--saes", "toy-ioi",
                           "--n", "40", "--store", url, "--plot", str(tmp_path / "p.png"), "--max-kl", "0"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

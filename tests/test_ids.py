@@ -1,7 +1,21 @@
 import pytest
 
-from catalog.ids import NodeKind, NodeRefError, attn, emb, format_ref, mlp, parse_feature, parse_ref, resid, sae_bias, sae_error
-from catalog.ids import REST, attn_out, pos_emb
+from catalog.ids import (
+    REST,
+    NodeKind,
+    NodeRefError,
+    attn,
+    attn_out,
+    emb,
+    format_ref,
+    mlp,
+    parse_feature,
+    parse_ref,
+    pos_emb,
+    resid,
+    sae_bias,
+    sae_error,
+)
 
 ALL = [attn(5, 44256), resid(3, 19755), sae_error(NodeKind.ATTN, 2), sae_error(NodeKind.RESID, 0),
        sae_bias(NodeKind.ATTN, 11), sae_bias(NodeKind.RESID, 4), emb(), pos_emb(), mlp(7), attn_out(3), REST]

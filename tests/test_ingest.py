@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wipe_neo4j
+from test_store_conformance import snapshot
 
 from catalog.stores import open_store
-from conftest import wipe_neo4j
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
 from ingest.jobs import JobOptions, run_job
 from ingest.session import Session
-from test_store_conformance import snapshot
 
-CLI = [sys.executable, "-m", "catalog.cli"]
+CLI = [sys.executable, "-m", "cli"]
 JOB = ["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--batch-size", "4", "--no-progress", "--run", "r"]
 
 

@@ -7,7 +7,6 @@ import random
 
 import numpy as np
 import pytest
-
 import torch
 
 from catalog.ids import parse_ref
@@ -50,7 +49,8 @@ def _catalog(url: str):
 
 
 def test_planted_direct_and_via_resid_compositions_are_found_above_the_null(store_url):
-    result = mine(_catalog(store_url), top=10, min_prompts=5)
+    store = _catalog(store_url)
+    result = mine(store, top=10, min_prompts=5)
     pairs = {(p["source"], p["target"], p["path"]): p for p in result["pairs"]}
     direct = pairs[("A0.5", "A2.7", "direct")]
     assert direct["n_prompts"] == 30 and direct["sign_share"] == 1.0 and list(direct["heads"]) == ["3"]
@@ -59,9 +59,13 @@ def test_planted_direct_and_via_resid_compositions_are_found_above_the_null(stor
     assert via["via"] == ["R1.4"] and via["n_prompts"] == 30
     assert via["total"] == pytest.approx(30 * 1.2 * (60.0 / 60.0), rel=1e-4)  # A0.3 is all of R1.4's input
     assert [e["prompt"] for e in via["exemplars"]] == ["m/p000", "m/p002", "m/p004"]
-    assert result["pairs"][0]["source"] in ("A0.5", "A0.3")  # the planted pairs outrank the noise
-    noise = [p for p in result["pairs"] if p["source"] not in ("A0.5", "A0.3")]
-    assert all(abs(p["total"]) < direct["total"] for p in noise)
+    assert {(p["source"], p["target"]) for p in result["pairs"]} == {("A0.5", "A2.7"), ("A0.3", "A1.9")}
+    # with every pair admitted, the noise shows up, and the planted pairs still outrank all of it
+    everything = mine(store, top=100, min_prompts=1)["pairs"]
+    noise = [p for p in everything if p["source"] not in ("A0.5", "A0.3")]
+    assert len(noise) > 10
+    assert {(p["source"], p["target"]) for p in everything[:2]} == {("A0.5", "A2.7"), ("A0.3", "A1.9")}
+    assert max(abs(p["total"]) for p in noise) < min(direct["total"], via["total"])
 
 
 def test_null_baseline_separates_recurrence_from_chance():

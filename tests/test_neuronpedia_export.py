@@ -10,13 +10,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
+from test_store_conformance import _batches, _fill
 from typer.testing import CliRunner
 
 from api.app import create_app
 from api.settings import Settings
-from catalog import queries
 from catalog.prompt_graphs import to_neuronpedia
-from test_store_conformance import _batches, _fill
 
 SCHEMA = json.loads((Path(__file__).parent / "schemas" / "neuronpedia-graph.schema.json").read_text())
 
@@ -102,7 +101,7 @@ def test_stored_graph_export_over_rest_on_both_stores(tmp_path, neo4j_url):
 
 
 def test_trace_exports_neuronpedia_json():
-    from catalog.cli import app
+    from cli import app
 
     args = ["trace", "--model", "toy-ioi", "--saes", "toy-ioi", "--prompt",
             "When Mary and John went to the store, John gave a drink to", "--depth", "2", "--top", "3"]

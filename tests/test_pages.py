@@ -17,9 +17,8 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from typer.testing import CliRunner
-
 from conftest import _free_port
+from typer.testing import CliRunner
 
 CHROMIUM = os.environ.get("CIRCUIT_CATALOG_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(__file__).parent.parent / "test-artifacts" / "screenshots"
@@ -33,7 +32,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def catalog(tmp_path_factory):
     """24 IOI prompts ingested with toy-ioi, and an SAE evaluation stored beside them (both through
     the commands a user runs)."""
-    from catalog.cli import app
+    from cli import app
 
     url = f"sqlite:///{tmp_path_factory.mktemp('pages')}/catalog.db"
     runner = CliRunner()
@@ -311,7 +310,7 @@ def test_the_demo_ends_by_pointing_at_a_page_that_exists(tmp_path):
 
     from api.app import create_app
     from api.settings import Settings
-    from catalog.cli import app
+    from cli import app
 
     url = f"sqlite:///{tmp_path}/demo.db"
     result = CliRunner().invoke(app, ["demo", "--store", url, "--prompts", "16", "--threads", "1"])

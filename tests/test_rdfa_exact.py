@@ -8,12 +8,12 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from frozen import frozen_forward, grad_x_input
+from tiny import random_saes, tiny_model
+
 from ingest.forward import capture, hook_names, weights_of
 from ingest.rdfa.graph import full_graph
 from ingest.rdfa.tensors import Code, EdgeKind, Pruning
-from tiny import random_saes, tiny_model
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -104,7 +104,7 @@ def test_resid_in_edges_equal_gradient_times_input(setup):
         leaves, repl = _component_leaves(model, attn, cache, L)
         name = f"blocks.{L}.hook_resid_pre"
         x = _with_b_o(model, leaves, repl, range(L),
-                      lambda: frozen_forward(model, tokens, cache, repl, [name])[name])
+                      lambda: frozen_forward(model, tokens, cache, repl, [name])[name])  # noqa: B023 - called now
         pre = sae.pre_activation(x)
         acts = sae.activation(pre.detach())
         for b in range(len(lengths)):
@@ -165,7 +165,7 @@ def test_direct_edges_equal_gradient_times_input_per_head(setup):
         leaves, repl = _component_leaves(model, attn, cache, L)
         zname = f"blocks.{L}.attn.hook_z"
         z = _with_b_o(model, leaves, repl, range(L),
-                      lambda: frozen_forward(model, tokens, cache, repl, [zname])[zname])
+                      lambda: frozen_forward(model, tokens, cache, repl, [zname])[zname])  # noqa: B023 - called now
         per_head = torch.einsum("bthe,hef->bthf", z, sae.W_enc.view(H, dh, -1))
         acts = sae.activation(sae.pre_activation(z.detach().flatten(-2)))
         for b in range(len(lengths)):

@@ -9,7 +9,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 def test_every_command_is_documented():
     import typer.main
 
-    from catalog.cli import app
+    from cli import app
 
     commands = set(typer.main.get_command(app).commands)
     assert len(commands) >= 17

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from catalog_data import REFS, expected_edges, make_batch, random_observations, random_prompts
+from conftest import wipe_neo4j
 
 from catalog import queries
 from catalog.export import copy_catalog
 from catalog.stores import StoreUnavailable, open_store
 from catalog.stores.base import CypherUnsupported
-from catalog_data import REFS, expected_edges, make_batch, random_observations, random_prompts
-from conftest import wipe_neo4j
 
 N = 4  # evidence kept per edge in these tests
 
@@ -93,7 +93,7 @@ def test_evidence_of_an_edge_seen_in_many_batches_is_its_top_n(store_url):
         every += rows
         assert store.write_window(make_batch("r1", prompts, rows, N)) is True
     want: dict = {}
-    for p, s, d, kind, h, sp, dp, v in every:
+    for p, s, _d, _kind, h, sp, dp, v in every:
         want.setdefault(s, []).append((-abs(v), p, sp, dp, h, v))
     got: dict = {}
     for ev in store.all_evidence():

@@ -19,7 +19,7 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 @pytest.fixture(scope="module")
 def traced():
-    out = subprocess.run([sys.executable, "-m", "catalog.cli", "trace", "--model", "toy-ioi", "--saes", "toy-ioi",
+    out = subprocess.run([sys.executable, "-m", "cli", "trace", "--model", "toy-ioi", "--saes", "toy-ioi",
                           "--prompt", PROMPT, "--depth", "3", "--top", "4", "--json"],
                          capture_output=True, text=True, check=True, timeout=300)
     return json.loads(out.stdout)
@@ -79,7 +79,7 @@ def test_attention_edges_carry_heads_and_each_contribution_appears_once(traced):
 
 
 def test_bad_feature_and_position_are_refused():
-    base = [sys.executable, "-m", "catalog.cli", "trace", "--model", "toy-ioi", "--saes", "toy-ioi", "--prompt", PROMPT]
+    base = [sys.executable, "-m", "cli", "trace", "--model", "toy-ioi", "--saes", "toy-ioi", "--prompt", PROMPT]
     out = subprocess.run(base + ["--feature", "A2.x"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "cannot parse node reference 'A2.x'" in out.stderr
     out = subprocess.run(base + ["--pos", "99"], capture_output=True, text=True, timeout=300)

@@ -12,14 +12,16 @@ runs (:Run). One window is one transaction: every query in it UNWINDs parallel a
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
-from catalog.schema import (EDGE_KINDS, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run,
-                            edge_key)
+from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherRefused, EdgeQuery, StoreError, StoreUnavailable
+
+Tx = Any  # a neo4j ManagedTransaction (typed loosely: the driver's own hints are incomplete)
 
 SCHEMA = [
     "CREATE CONSTRAINT node_uid IF NOT EXISTS FOR (n:Node) REQUIRE n.uid IS UNIQUE",
@@ -97,11 +99,11 @@ RETURN k, elementId(x), x.value, x.prompt, x.src_pos, x.dst_pos, x.head
 """
 
 
-def _lists(**columns) -> dict[str, list]:
+def _lists(**columns: Any) -> dict[str, list[Any]]:
     return {name: np.asarray(col).tolist() for name, col in columns.items()}
 
 
-def _chunks(n: int):
+def _chunks(n: int) -> Iterator[slice]:
     for i in range(0, n, CHUNK):
         yield slice(i, min(i + CHUNK, n))
 
@@ -130,7 +132,7 @@ class Neo4jStore:
     def close(self) -> None:
         self.driver.close()
 
-    def _read(self, query: str, **params) -> list:
+    def _read(self, query: str, **params: Any) -> list[Any]:
         return self.driver.execute_query(query, params, database_=self.database, routing_="r").records
 
     # ---- writes -------------------------------------------------------------------------------
@@ -141,13 +143,15 @@ class Neo4jStore:
         if done is None:
             return False
         self._ids.update(done)  # only once committed: a rolled-back id may be handed out again
-        self._floor.update(*self._stored_evidence)
+        if self._stored_evidence is not None:
+            self._floor.update(*self._stored_evidence)
         return True
 
     def import_window(self, agg: WindowAggregate) -> None:
         """Bulk-load an exported catalog's rows (into an empty catalog: no prompt claim, no trim)."""
         with self.driver.session(database=self.database) as session:
-            self._ids.update(session.execute_write(self._window_tx, agg, False))
+            written: dict[str, int] | None = session.execute_write(self._window_tx, agg, False)
+        self._ids.update(written or {})
 
     def import_runs(self, runs: list[Run]) -> None:
         self.driver.execute_query(
@@ -155,7 +159,7 @@ class Neo4jStore:
             rows=[{"run_id": r.run_id, "status": r.status, "manifest": json.dumps(r.manifest, sort_keys=True)}
                   for r in runs], database_=self.database)
 
-    def _window_tx(self, tx, agg: WindowAggregate, ingest: bool) -> dict[str, int] | None:
+    def _window_tx(self, tx: Tx, /, agg: WindowAggregate, ingest: bool) -> dict[str, int] | None:
         """Reads first, then writes: an index seek in a transaction that has already changed anything
         was measured ~100x slower (0.13 s -> 17.7 s for 20k edge keys), so every lookup the window
         needs (stored prompts, node ids, edges, the evidence it competes with) happens before its
@@ -177,7 +181,7 @@ class Neo4jStore:
         self._write_evidence(tx, agg, ids, evidence)
         return {**known, **new}
 
-    def _prompts_stored(self, tx, agg: WindowAggregate) -> bool:
+    def _prompts_stored(self, tx: Tx, agg: WindowAggregate) -> bool:
         uids = [p.uid for p in agg.prompts]
         have = {r[0] for r in tx.run("MATCH (p:Prompt) WHERE p.uid IN $uids RETURN p.uid", uids=uids)}
         if have and len(have) != len(set(uids)):
@@ -185,7 +189,7 @@ class Neo4jStore:
                              "(resume filters stored prompts before batching)")
         return bool(have)
 
-    def _known_ids(self, tx, nodes: list[NodeInfo]) -> dict[str, int]:
+    def _known_ids(self, tx: Tx, nodes: list[NodeInfo]) -> dict[str, int]:
         """Dictionary ids of the nodes stored already (cached, or read)."""
         known = {n.uid: self._ids[n.uid] for n in nodes if n.uid in self._ids}
         missing = [n.uid for n in nodes if n.uid not in known]
@@ -194,7 +198,7 @@ class Neo4jStore:
                                                      uids=missing))
         return known
 
-    def _create_nodes(self, tx, nodes: list[NodeInfo], known: dict[str, int], next_id: int) -> dict[str, int]:
+    def _create_nodes(self, tx: Tx, nodes: list[NodeInfo], known: dict[str, int], next_id: int) -> dict[str, int]:
         """Create the nodes the dictionary lacks (under the lock) and return their new ids."""
         create = [n for n in nodes if n.uid not in known]
         if not create:
@@ -208,7 +212,8 @@ class Neo4jStore:
         tx.run("MATCH (d:Dictionary {name: 'nodes'}) SET d.next = d.next + $k", k=len(create))
         return {n.uid: next_id + i for i, n in enumerate(create)}
 
-    def _merge_evidence(self, tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]):
+    def _merge_evidence(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray,
+                        found: dict[int, str]) -> tuple[np.ndarray, list[str]]:
         """Which of the window's evidence rows to create and which stored rows to delete so every
         touched edge keeps exactly its top N: rows under this writer's floor are dropped; the stored
         evidence of edges that get rows is read and merged here, by the total order of
@@ -247,7 +252,8 @@ class Neo4jStore:
         keep[rows[~kept[:len(rows)]]] = False
         return keep, [r[1] for r, k in zip(old, kept[len(rows):]) if not k]
 
-    def _write_evidence(self, tx, agg: WindowAggregate, ids: np.ndarray, merged) -> None:
+    def _write_evidence(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray,
+                        merged: tuple[np.ndarray, list[str]] | None) -> None:
         """Create the window's evidence rows that ``merged`` keeps and delete the stored rows it
         displaces (None: import, every row as it is)."""
         v = agg.evidence
@@ -264,19 +270,19 @@ class Neo4jStore:
         self._stored_evidence = (keys, np.abs(value))
 
     @staticmethod
-    def _prompt_props(p: Prompt) -> dict:
+    def _prompt_props(p: Prompt) -> JSON:
         return {"uid": p.uid, "run": p.run, "prompt_id": p.prompt_id, "text": p.text, "tokens": p.tokens,
                 "corpus": p.corpus, "content_hash": p.content_hash, "meta": json.dumps(p.meta, sort_keys=True)}
 
     @staticmethod
-    def _write_stats(tx, agg: WindowAggregate, ids: np.ndarray) -> None:
+    def _write_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> None:
         s = agg.stats
         for part in _chunks(len(s)):
             tx.run(WRITE_STATS, _lists(node=ids[s.node[part]], n_obs=s.n_obs[part], n_prompts=s.n_prompts[part],
                                        sum_act=s.sum_act[part], max_act=s.max_act[part]))
 
     @staticmethod
-    def _find_edges(tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
+    def _find_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
         """Element ids of the window's edges that are stored already, by key."""
         e = agg.edges
         stored_ends = (ids[e.src] >= 0) & (ids[e.dst] >= 0)  # an edge to a node not stored yet is new
@@ -287,7 +293,7 @@ class Neo4jStore:
         return found
 
     @staticmethod
-    def _write_edges(tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
+    def _write_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
         """Add the window's edges: update the stored ones (``found``), create the rest."""
         e, h = agg.edges, agg.heads
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)
@@ -304,7 +310,7 @@ class Neo4jStore:
                          _lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r]))
                 tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra, **_sub_heads(heads, offsets, r))
 
-    def start_run(self, run_id: str, manifest: dict, resume: bool) -> None:
+    def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
         rows = self._read("MATCH (r:Run {run_id: $id}) RETURN r.status, r.manifest", id=run_id)
         if rows and not resume:
             raise StoreError(f"run {run_id!r} already exists in {self.url} (status {rows[0][0]}); pass --resume to "
@@ -315,8 +321,8 @@ class Neo4jStore:
         self.driver.execute_query("MERGE (r:Run {run_id: $id}) SET r.status = 'running', r.manifest = $m",
                                   id=run_id, m=json.dumps(manifest, sort_keys=True), database_=self.database)
 
-    def finish_run(self, run_id: str, status: str, updates: dict) -> None:
-        def tx_fn(tx):
+    def finish_run(self, run_id: str, status: str, updates: JSON) -> None:
+        def tx_fn(tx: Tx) -> None:
             # lock the Run node before reading it, so shards finishing together keep each other's counts
             rows = list(tx.run("MERGE (r:Run {run_id: $id}) REMOVE r.__lock RETURN r.manifest", id=run_id))
             old = json.loads(rows[0][0]) if rows and rows[0][0] else {}
@@ -343,7 +349,7 @@ class Neo4jStore:
                           f"RETURN {NODE_RET.format(a='n')} ORDER BY n.uid", ref=ref, model=model)
         return [NodeInfo(*r) for r in rows]
 
-    def node(self, uid: str):
+    def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None:
         rows = self._read(f"MATCH (n:Node {{uid: $uid}}) RETURN {NODE_RET.format(a='n')}, n.n_obs, n.n_prompts, "
                           "n.sum_act, n.max_act", uid=uid)
         if not rows:
@@ -352,11 +358,11 @@ class Neo4jStore:
         return NodeInfo(*r[:7]), (NodeStats(uid, *r[7:]) if r[7] is not None else None)
 
     @staticmethod
-    def _delta(src: str, dst: str, r) -> EdgeDelta:
+    def _delta(src: str, dst: str, r: Sequence[Any]) -> EdgeDelta:
         heads = {h: v for h, v in enumerate(r[9] or []) if v != 0.0}
-        return EdgeDelta(src, dst, *r[:9], heads)
+        return EdgeDelta.of(src, dst, r[:9], heads)
 
-    def neighbours(self, uid: str, direction: str, q: EdgeQuery):
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeDelta]]:
         pattern = "(o:Node)-[r:EDGE]->(t:Node {uid: $uid})" if direction == "up" else \
             "(t:Node {uid: $uid})-[r:EDGE]->(o:Node)"
         rows = self._read(
@@ -380,12 +386,13 @@ class Neo4jStore:
 
     def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]:
         rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE {{kind: $kind}}]->(:Node {{uid: $d}}) "
-                          f"MATCH (x:Evidence {{edge: r.key}}) USING INDEX x:Evidence(edge) RETURN x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
+                          f"MATCH (x:Evidence {{edge: r.key}}) USING INDEX x:Evidence(edge) "
+                          f"RETURN x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
                           f"ORDER BY {EVIDENCE_ORDER} LIMIT $limit", s=src, d=dst, kind=kind, limit=limit)
         return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
 
     @staticmethod
-    def _prompt(r) -> Prompt:
+    def _prompt(r: Any) -> Prompt:
         return Prompt(r["uid"], r["run"], r["prompt_id"], r["text"], list(r["tokens"]), r["corpus"],
                       r["content_hash"], json.loads(r["meta"]))
 
@@ -398,13 +405,15 @@ class Neo4jStore:
         return {r[0]["uid"]: self._prompt(r[0]) for r in rows}
 
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
-        rows = self._read("MATCH (x:Evidence {prompt: $uid}) MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX r:EDGE(key) "
+        rows = self._read("MATCH (x:Evidence {prompt: $uid}) "
+                          "MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX r:EDGE(key) "
                           "RETURN s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head, x.value "
                           "ORDER BY x.absval DESC, s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head LIMIT $limit",
                           uid=uid, limit=limit)
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
-    def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None):
+    def top_nodes(self, node_kind: str | None, by: str, limit: int,
+                  layer: int | None = None) -> list[tuple[NodeInfo, float, int]]:
         metric = {"degree": "degree", "total": "total"}[by]
         rows = self._read(
             "MATCH (n:Node) WHERE ($kind IS NULL OR n.kind = $kind) AND ($layer IS NULL OR n.layer = $layer) "
@@ -415,19 +424,22 @@ class Neo4jStore:
 
     def counts(self) -> dict[str, int]:
         """From Neo4j's count store (constant time)."""
-        row = self._read("CALL { MATCH (r:Run) RETURN count(r) AS runs } CALL { MATCH (p:Prompt) RETURN count(p) AS prompts } "
-                         "CALL { MATCH (n:Node) RETURN count(n) AS nodes } CALL { MATCH ()-[e:EDGE]->() RETURN count(e) AS edges } "
-                         "CALL { MATCH (x:Evidence) RETURN count(x) AS evidence } RETURN runs, prompts, nodes, edges, evidence")[0]
+        row = self._read("CALL () { MATCH (r:Run) RETURN count(r) AS runs } "
+                         "CALL () { MATCH (p:Prompt) RETURN count(p) AS prompts } "
+                         "CALL () { MATCH (n:Node) RETURN count(n) AS nodes } "
+                         "CALL () { MATCH ()-[e:EDGE]->() RETURN count(e) AS edges } "
+                         "CALL () { MATCH (x:Evidence) RETURN count(x) AS evidence } "
+                         "RETURN runs, prompts, nodes, edges, evidence")[0]
         return {k: row[k] for k in ("runs", "prompts", "nodes", "edges", "evidence")}
 
     # ---- bulk (export) ------------------------------------------------------------------------
-    def all_edges(self, edge_kinds=None) -> Iterator[EdgeDelta]:
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeDelta]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
             for r in s.run(f"MATCH (a:Node)-[r:EDGE]->(b:Node) WHERE $ek IS NULL OR r.kind IN $ek "
                            f"RETURN a.uid, b.uid, {EDGE_RET}", ek=list(edge_kinds) if edge_kinds else None):
                 yield self._delta(r[0], r[1], r[2:])
 
-    def all_nodes(self):
+    def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
             for r in s.run(f"MATCH (n:Node) RETURN {NODE_RET.format(a='n')}, n.n_obs, n.n_prompts, n.sum_act, n.max_act"):
                 yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
@@ -444,7 +456,7 @@ class Neo4jStore:
                 yield Evidence(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] < 0 else r[6], r[7])
 
     # ---- Cypher passthrough (read-only) -------------------------------------------------------
-    def cypher(self, query: str, params: dict, limit: int, timeout_s: float) -> list[dict]:
+    def cypher(self, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
         from catalog.cypher import run_read_only
 
         return run_read_only(self.driver, self.database, query, params, limit, timeout_s)
@@ -453,7 +465,8 @@ class Neo4jStore:
 __all__ = ["Neo4jStore", "CypherRefused"]
 
 
-def _dense_heads(edge_keys: np.ndarray, head_keys: np.ndarray, head: np.ndarray, sums: np.ndarray):
+def _dense_heads(edge_keys: np.ndarray, head_keys: np.ndarray, head: np.ndarray,
+                 sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-head sums as one flat array plus offsets: edge i's list is flat[off[i]:off[i+1]], dense up to
     its largest head (0.0 where a head never contributed), empty for edges without heads."""
     m = len(edge_keys)
@@ -467,7 +480,7 @@ def _dense_heads(edge_keys: np.ndarray, head_keys: np.ndarray, head: np.ndarray,
     return flat, offsets
 
 
-def _sub_heads(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> dict:
+def _sub_heads(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> JSON:
     widths = offsets[rows + 1] - offsets[rows]
     starts = np.cumsum(widths) - widths
     take = np.repeat(offsets[rows], widths) + np.arange(widths.sum()) - np.repeat(starts, widths)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
-from catalog.schema import EDGE_KINDS, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
+from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, StoreError, StoreUnavailable
 
 SCHEMA = """
@@ -121,10 +122,11 @@ class SqliteStore:
             c.execute("ROLLBACK")
             raise
         self._ids.update(new_ids)  # only once committed: a rolled-back id may be handed out again
-        self._floor.update(*self._stored_evidence)
+        if self._stored_evidence is not None:
+            self._floor.update(*self._stored_evidence)
         return True
 
-    def _claim_prompts(self, c, run: str, prompts: list[Prompt]) -> bool:
+    def _claim_prompts(self, c: sqlite3.Connection, run: str, prompts: list[Prompt]) -> bool:
         uids = [p.uid for p in prompts]
         have = set()
         for i in range(0, len(uids), 900):
@@ -139,12 +141,12 @@ class SqliteStore:
         return True
 
     @staticmethod
-    def _insert_prompts(c, prompts: list[Prompt], verb: str) -> None:
+    def _insert_prompts(c: sqlite3.Connection, prompts: list[Prompt], verb: str) -> None:
         c.executemany(f"{verb} INTO prompts VALUES (?,?,?,?,?,?,?,?)",
                       [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
                         json.dumps(p.meta, sort_keys=True)) for p in prompts])
 
-    def _node_ids(self, c, nodes: list[NodeInfo]) -> tuple[np.ndarray, dict[str, int]]:
+    def _node_ids(self, c: sqlite3.Connection, nodes: list[NodeInfo]) -> tuple[np.ndarray, dict[str, int]]:
         """Dictionary ids of ``nodes`` (created where missing), and the ones not cached before."""
         missing = [n for n in nodes if n.uid not in self._ids]
         new: dict[str, int] = {}
@@ -159,7 +161,7 @@ class SqliteStore:
         ids = np.array([self._ids.get(n.uid) or new[n.uid] for n in nodes], dtype=np.int64)
         return ids, new
 
-    def _write_aggregate(self, c, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+    def _write_aggregate(self, c: sqlite3.Connection, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
         _clear_staging(c)
         e, h, v, s = agg.edges, agg.heads, agg.evidence, agg.stats
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)
@@ -182,7 +184,7 @@ class SqliteStore:
         c.execute(UPSERT_STATS)
         self._write_evidence(c, agg, ids, trim)
 
-    def _write_evidence(self, c, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+    def _write_evidence(self, c: sqlite3.Connection, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
         """Insert the window's evidence that can still make its edge's top N, then cut the edges that
         existed before and got new rows back to the per-edge cap."""
         v = agg.evidence
@@ -196,7 +198,7 @@ class SqliteStore:
             c.executemany("INSERT INTO b_touched VALUES (?)", ((k,) for k in np.unique(keys[keep]).tolist()))
             c.execute(TRIM_EVIDENCE, (self.evidence_per_edge,))
 
-    def start_run(self, run_id: str, manifest: dict, resume: bool) -> None:
+    def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
         c = self._conn
         row = c.execute("SELECT status, manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row and not resume:
@@ -209,7 +211,7 @@ class SqliteStore:
         else:
             c.execute("INSERT INTO runs VALUES (?, 'running', ?)", (run_id, json.dumps(manifest, sort_keys=True)))
 
-    def finish_run(self, run_id: str, status: str, updates: dict) -> None:
+    def finish_run(self, run_id: str, status: str, updates: JSON) -> None:
         c = self._conn
         c.execute("BEGIN IMMEDIATE")  # shards finishing together must not overwrite each other's counts
         try:
@@ -237,7 +239,7 @@ class SqliteStore:
         sql = f"SELECT {NODE_COLS.format(a='n')} FROM nodes n WHERE n.ref = ?" + (" AND n.model = ?" if model else "")
         return [NodeInfo(*r) for r in self._conn.execute(sql + " ORDER BY n.uid", (ref, model) if model else (ref,))]
 
-    def node(self, uid: str):
+    def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None:
         r = self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
                                "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id WHERE n.uid = ?", (uid,)).fetchone()
         if r is None:
@@ -253,7 +255,7 @@ class SqliteStore:
                 out.setdefault(e, {})[h] = s
         return out
 
-    def neighbours(self, uid: str, direction: str, q: EdgeQuery):
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeDelta]]:
         this, other = ("dst", "src") if direction == "up" else ("src", "dst")
         where, args = [f"e.{this} = (SELECT id FROM nodes WHERE uid = ?)", "e.n_prompts >= ?"], [uid, q.min_count]
         for col, values in (("e.kind", q.edge_kinds), ("o.kind", q.node_kinds), ("o.layer", q.layers)):
@@ -269,7 +271,7 @@ class SqliteStore:
         for r in rows:
             node = NodeInfo(*r[:7])
             src, dst = (node.uid, uid) if direction == "up" else (uid, node.uid)
-            out.append((node, EdgeDelta(src, dst, *r[7:16], heads.get(r[16], {}))))
+            out.append((node, EdgeDelta.of(src, dst, r[7:16], heads.get(r[16], {}))))
         return out
 
     def edges_between(self, src: str, dst: str) -> list[EdgeDelta]:
@@ -277,7 +279,7 @@ class SqliteStore:
             f"SELECT {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
             "WHERE s.uid = ? AND d.uid = ? ORDER BY e.kind", (src, dst)).fetchall()
         heads = self._heads([r[-1] for r in rows])
-        return [EdgeDelta(src, dst, *r[:9], heads.get(r[9], {})) for r in rows]
+        return [EdgeDelta.of(src, dst, r[:9], heads.get(r[9], {})) for r in rows]
 
     def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]:
         rows = self._conn.execute(
@@ -286,7 +288,7 @@ class SqliteStore:
             f"ORDER BY {EVIDENCE_ORDER} LIMIT ?", (src, dst, kind, limit)).fetchall()
         return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
 
-    def _prompt(self, r) -> Prompt:
+    def _prompt(self, r: Sequence[Any]) -> Prompt:
         return Prompt(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], json.loads(r[7]))
 
     def prompt(self, uid: str) -> Prompt | None:
@@ -306,7 +308,8 @@ class SqliteStore:
             (uid, limit)).fetchall()
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
-    def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None):
+    def top_nodes(self, node_kind: str | None, by: str, limit: int,
+                  layer: int | None = None) -> list[tuple[NodeInfo, float, int]]:
         """Nodes (of a kind, of a layer) by degree or total |sum| over the edges at either end; the
         candidates are chosen first, so only their edges are read (through edges_src / edges_dst). A
         self-loop counts once, as Neo4j's undirected match counts it."""
@@ -324,16 +327,16 @@ class SqliteStore:
                 for t in ("runs", "prompts", "nodes", "edges", "evidence")}
 
     # ---- bulk (export) ------------------------------------------------------------------------
-    def all_edges(self, edge_kinds=None) -> Iterator[EdgeDelta]:
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeDelta]:
         where = f"WHERE e.kind IN ({','.join('?' * len(edge_kinds))})" if edge_kinds else ""
         cur = self._conn.execute(f"SELECT s.uid, d.uid, {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src "
                                  f"JOIN nodes d ON d.id = e.dst {where} ORDER BY e.id", tuple(edge_kinds or ()))
         while rows := cur.fetchmany(5000):
             heads = self._heads([r[-1] for r in rows])
             for r in rows:
-                yield EdgeDelta(r[0], r[1], *r[2:11], heads.get(r[11], {}))
+                yield EdgeDelta.of(r[0], r[1], r[2:11], heads.get(r[11], {}))
 
-    def all_nodes(self):
+    def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
         for r in self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
                                     "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id ORDER BY n.id").fetchall():
             yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
@@ -368,17 +371,17 @@ class SqliteStore:
         self._conn.executemany("INSERT OR REPLACE INTO runs VALUES (?,?,?)",
                                [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in runs])
 
-    def cypher(self, query: str, params: dict, limit: int, timeout_s: float) -> list[dict]:
+    def cypher(self, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
         raise CypherUnsupported("Cypher needs the Neo4j store: this catalog is SQLite "
                                 f"({self.url}); export it with `circuit-catalog export --from {self.url} "
                                 "--to neo4j://127.0.0.1:7687` or query it with the other commands")
 
 
-def _lists(*columns) -> list[list]:
+def _lists(*columns: Any) -> list[list[Any]]:
     """numpy columns as Python lists (one C-level conversion each) for executemany."""
     return [np.asarray(col).tolist() for col in columns]
 
 
-def _clear_staging(c) -> None:
+def _clear_staging(c: sqlite3.Connection) -> None:
     for table in STAGING_TABLES:
         c.execute(f"DELETE FROM temp.{table}")

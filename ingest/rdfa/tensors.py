@@ -119,7 +119,7 @@ class SourceRows:
     index: torch.Tensor
     valid: torch.Tensor
 
-    def prefix(self, n: int) -> "SourceRows":
+    def prefix(self, n: int) -> SourceRows:
         return SourceRows(self.vec[:, :, :n], self.code[:n], self.layer[:n], self.index[:, :, :n],
                           self.valid[:, :, :n])
 
@@ -145,24 +145,24 @@ class EdgeTable:
                "dst_index", "dst_pos", "head", "value", "kind")
 
     @classmethod
-    def cat(cls, tables: list["EdgeTable"]) -> "EdgeTable":
+    def cat(cls, tables: list[EdgeTable]) -> EdgeTable:
         tables = [t for t in tables if t is not None]
         if not tables:
             return cls.empty()
         return cls(*[torch.cat([getattr(t, c) for t in tables]) for c in cls.COLUMNS])
 
     @classmethod
-    def empty(cls) -> "EdgeTable":
+    def empty(cls) -> EdgeTable:
         z = torch.zeros(0, dtype=torch.long)
         return cls(z, z, z, z, z, z, z, z, z, z, torch.zeros(0), z)
 
     def __len__(self) -> int:
         return self.value.shape[0]
 
-    def to(self, device) -> "EdgeTable":
+    def to(self, device) -> EdgeTable:
         return EdgeTable(*[getattr(self, c).to(device) for c in self.COLUMNS])
 
-    def select(self, keep: torch.Tensor) -> "EdgeTable":
+    def select(self, keep: torch.Tensor) -> EdgeTable:
         return EdgeTable(*[getattr(self, c)[keep] for c in self.COLUMNS])
 
 
@@ -185,17 +185,17 @@ class NodeTable:
     COLUMNS = ("prompt", "code", "layer", "index", "pos", "act", "pre", "explained")
 
     @classmethod
-    def cat(cls, tables: list["NodeTable"]) -> "NodeTable":
+    def cat(cls, tables: list[NodeTable]) -> NodeTable:
         tables = [t for t in tables if t is not None]
         return cls(*[torch.cat([getattr(t, c) for t in tables]) for c in cls.COLUMNS])
 
     def __len__(self) -> int:
         return self.pre.shape[0]
 
-    def to(self, device) -> "NodeTable":
+    def to(self, device) -> NodeTable:
         return NodeTable(*[getattr(self, c).to(device) for c in self.COLUMNS])
 
-    def select(self, keep: torch.Tensor) -> "NodeTable":
+    def select(self, keep: torch.Tensor) -> NodeTable:
         return NodeTable(*[getattr(self, c)[keep] for c in self.COLUMNS])
 
 

@@ -64,7 +64,7 @@ class SaeWeights:
             self._encoder_constant = self.b_enc - self.input_offset @ self.W_enc
         return self._encoder_constant
 
-    def to(self, device) -> "SaeWeights":
+    def to(self, device) -> SaeWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SaeWeights(self.kind, self.layer, move(self.W_enc), move(self.b_enc), move(self.W_dec),
                           move(self.b_dec), self.apply_b_dec_to_input, move(self.threshold), self.top_k)
