@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from api import pages
+from api import models, pages
 from api.settings import Settings
 from catalog import queries
 from catalog.ids import NodeRefError
@@ -37,6 +37,8 @@ ERROR_STATUS = {NodeRefError: 422, queries.NotFound: 404, queries.Ambiguous: 409
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
                            "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
                            "worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
+# Fields a query leaves out stay out (e.g. a direct pair has no "via"): the models describe, never pad.
+ANSWER: dict[str, Any] = {"response_model_exclude_unset": True}
 NodeKindName = Literal["attn", "resid", "error", "bias", "emb", "pos", "mlp", "attn_out"]
 KindQ = Annotated[list[NodeKindName] | None, Query(description="node kinds of the other end")]
 LayerQ = Annotated[list[int] | None, Query(description="layers of the other end")]
@@ -155,16 +157,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(pages.router(store, settings))
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=models.Health, **ANSWER)
     def healthz(s: Store) -> JSON:
         return {"ok": True, "store": queries.public_url(s.url), "runs": len(s.runs())}
 
-    @app.get("/overview")
+    @app.get("/overview", response_model=models.Overview, **ANSWER)
     def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5) -> JSON:
         """Counts, runs, and the strongest attention features of each layer (the home page's data)."""
         return queries.overview(s, per_layer)
 
-    @app.get("/features/{ref}")
+    @app.get("/features/{ref}", response_model=models.Feature, **ANSWER)
     def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None) -> JSON:
         return queries.feature(s, ref, model=model)
 
@@ -177,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"items": rows, "next_cursor": _cursor(offset + limit) if len(rows) == limit else None}
 
 
-    @app.get("/features/{ref}/upstream")
+    @app.get("/features/{ref}/upstream", response_model=models.NeighbourPage, **ANSWER)
     def get_upstream(ref: Annotated[str, Path(max_length=64)], s: Store,
                      kind: KindQ = None, layer: LayerQ = None,
                      edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
@@ -185,7 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
         return _neighbours("up", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
 
-    @app.get("/features/{ref}/downstream")
+    @app.get("/features/{ref}/downstream", response_model=models.NeighbourPage, **ANSWER)
     def get_downstream(ref: Annotated[str, Path(max_length=64)], s: Store,
                        kind: KindQ = None, layer: LayerQ = None,
                        edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
@@ -193,13 +195,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
         return _neighbours("down", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
 
-    @app.get("/edges/{src}/{dst}")
+    @app.get("/edges/{src}/{dst}", response_model=models.Edge, **ANSWER)
     def get_edge(src: Annotated[str, Path(max_length=64)], dst: Annotated[str, Path(max_length=64)], s: Store,
                  evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20,
                  model: str | None = None) -> JSON:
         return queries.edge(s, src, dst, model=model, evidence_limit=evidence)
 
-    @app.get("/prompts/{uid:path}/graph")
+    @app.get("/prompts/{uid:path}/graph", response_model=models.PromptGraph | models.NeuronpediaGraph, **ANSWER)
     def get_prompt_graph(uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200,
                          around: Annotated[str | None, Query(max_length=80, description=(
                              "keep the edges on paths into or out of this node: A2.17@14, or A2.17 for all "
@@ -211,24 +213,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return queries.prompt_graph_neuronpedia(s, uid, limit, around)
         return queries.prompt_graph(s, uid, limit, around)
 
-    @app.get("/prompts/{uid:path}")
+    @app.get("/prompts/{uid:path}", response_model=models.Prompt, **ANSWER)
     def get_prompt(uid: Annotated[str, Path(max_length=300)], s: Store) -> JSON:
         return queries.prompt(s, uid)
 
-    @app.get("/runs")
+    @app.get("/runs", response_model=list[models.Run], **ANSWER)
     def get_runs(s: Store) -> list[JSON]:
         return queries.runs(s)[: settings.max_limit]
 
-    @app.get("/runs/{run_id}")
+    @app.get("/runs/{run_id}", response_model=models.Run, **ANSWER)
     def get_run(run_id: Annotated[str, Path(max_length=200)], s: Store) -> JSON:
         return queries.run(s, run_id)
 
-    @app.get("/patterns/composition")
+    @app.get("/patterns/composition", response_model=models.Patterns, **ANSWER)
     def get_patterns(request: Request, s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
                      min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> JSON:
         return pages.mined(request.app.state, s, top, min_prompts)
 
-    @app.post("/cypher")
+    @app.post("/cypher", response_model=models.CypherAnswer, **ANSWER)
     def post_cypher(body: CypherRequest, s: Store) -> JSON:
         rows = s.cypher(body.query, body.params, settings.cypher_row_cap, settings.cypher_timeout_s)
         return {"rows": json.loads(json.dumps(rows, default=str)), "row_cap": settings.cypher_row_cap,

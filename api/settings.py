@@ -17,18 +17,11 @@ class Settings(BaseSettings):
     cypher_timeout_s: float = 5.0
     evidence_limit: int = 50
     warm_patterns: bool = True  # mine the default composition patterns in the background at start-up
-    write_token: str | None = None  # endpoints that write or trigger work stay off while this is unset
+    # no write settings: the API has no endpoint that writes (extra="ignore" drops unknown variables)
 
-    @field_validator("write_token")
-    @classmethod
-    def _strong_token(cls, v: str | None) -> str | None:
-        if v is not None and len(v) < 16:
-            raise ValueError("write_token must be at least 16 characters (or unset, which disables writes)")
-        return v
-
-    @field_validator("max_limit", "cypher_row_cap")
+    @field_validator("max_limit", "cypher_row_cap", "evidence_limit")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
-            raise ValueError("limits must be positive")
+            raise ValueError("max_limit, cypher_row_cap and evidence_limit must be at least 1")
         return v

@@ -41,10 +41,10 @@ def gpt2_shaped_session(device):
     from tokenizers import Tokenizer as Fast
     from tokenizers import models, pre_tokenizers
 
-    from ingest.forward import weights_of
+    from ingest.lens import weights_of
     from ingest.models import LoadedModel, Tokenizer
     from ingest.saes import LoadedSae, SaeSet
-    from ingest.session import Session
+    from ingest.session import ModelWithSaes
 
     model = rdfa.gpt2_shaped(device)
     attn, resid = rdfa.calibrated_saes(model, device)
@@ -54,7 +54,7 @@ def gpt2_shaped_session(device):
     wrap = lambda w, hook: LoadedSae(w, "bench", hook, hook, "random")  # noqa: E731
     saes = SaeSet({l: wrap(w, f"blocks.{l}.attn.hook_z") for l, w in attn.items()},
                   {l: wrap(w, f"blocks.{l}.hook_resid_pre") for l, w in resid.items()})
-    return Session(lm, saes, weights_of(model), attn, resid, device)
+    return ModelWithSaes(lm, saes, weights_of(model), attn, resid, device)
 
 
 def word_corpus(path: Path, n: int, tokens: int) -> str:
@@ -67,7 +67,7 @@ def word_corpus(path: Path, n: int, tokens: int) -> str:
 
 
 class ReplaySession:
-    """A Session whose attribute() returns recorded graphs instead of running RDFA: pass k over the
+    """A ModelWithSaes whose attribute() returns recorded graphs instead of running RDFA: pass k over the
     recording shifts every feature index by SHIFTS[k % len(SHIFTS)], so the same edge recurs in
     every len(SHIFTS)-th pass and the store sees both new and recurring edges."""
 
@@ -116,9 +116,9 @@ def one(session, corpus, url, run, batch, label, **opts):
 
 
 def toy_section(args, tmp, neo):
-    from ingest.session import Session
+    from ingest.session import ModelWithSaes
 
-    toy = Session.open("toy-ioi", ["toy-ioi"], args.device)
+    toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
     print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8, window {JobOptions.window}:")
     for url, kind in ((f"sqlite:///{tmp}/toy.db", "sqlite"), (neo, "neo4j")):
         if url is None:
@@ -129,9 +129,9 @@ def toy_section(args, tmp, neo):
 
 
 def windows_section(args, tmp):
-    from ingest.session import Session
+    from ingest.session import ModelWithSaes
 
-    toy = Session.open("toy-ioi", ["toy-ioi"], args.device)
+    toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
     print(f"toy-ioi, ioi:{args.toy_prompts} into SQLite, batch 8, by --window:")
     for w in (8, 32, 128, 256, 1024):
         one(toy, f"ioi:{args.toy_prompts}", f"sqlite:///{tmp}/w{w}.db", "w", 8, f"window {w}", window=w)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from catalog.ids import NodeKind  # noqa: E402
-from ingest.forward import capture, weights_of  # noqa: E402
+from ingest.lens import capture, weights_of  # noqa: E402
 from ingest.models import build_processed  # noqa: E402
 from ingest.rdfa.graph import full_graph  # noqa: E402
 from ingest.rdfa.tensors import Pruning  # noqa: E402

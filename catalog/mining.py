@@ -20,7 +20,7 @@ import networkx as nx
 import numpy as np
 
 from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
-from catalog.schema import JSON, EdgeDelta
+from catalog.schema import JSON, EdgeStats
 from catalog.stores.base import Store
 
 MAX_PAIRS_SCANNED = 200
@@ -122,7 +122,7 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
     return out
 
 
-def _chained_prompts(store: Store, hops: list[tuple[EdgeDelta, EdgeDelta]]) -> tuple[set[str], dict[int, float]]:
+def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]]) -> tuple[set[str], dict[int, float]]:
     """Prompts whose evidence has hop 1 (k@s -> j@s) and hop 2 (j@s -> f@t) at the same s; head sums of hop 2."""
     prompts: set[str] = set()
     heads: dict[int, float] = defaultdict(float)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
-from catalog.schema import EDGE_KINDS, JSON, EdgeDelta, Evidence, NodeInfo, NodeStats, Run
+from catalog.schema import EDGE_KINDS, JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Run
 from catalog.stores.base import ORDERS, EdgeQuery, Store, StoreError
 
 MAX_LIMIT = 1000
@@ -46,7 +46,7 @@ def resolve(store: Store, ref: str, model: str | None = None) -> NodeInfo:
     return found[0]
 
 
-def edge_stats(e: EdgeDelta) -> JSON:
+def edge_stats(e: EdgeStats) -> JSON:
     mean = e.sum / e.n_obs if e.n_obs else 0.0
     var = max(0.0, e.sumsq / e.n_obs - mean * mean) if e.n_obs else 0.0
     return {"edge_kind": e.kind, "n_prompts": e.n_prompts, "n_obs": e.n_obs, "sum": rnd(e.sum), "mean": rnd(mean),

@@ -75,8 +75,9 @@ class Prompt:
 
 
 @dataclass
-class EdgeDelta:
-    """Aggregate statistics of one (src, dst, kind) edge over some prompts; deltas add up."""
+class EdgeStats:
+    """Aggregate statistics of one (src, dst, kind) edge over some prompts: the stored totals, or what
+    a window adds to them (both add up the same way)."""
 
     src: str
     dst: str
@@ -92,7 +93,7 @@ class EdgeDelta:
     head_sums: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, src: str, dst: str, stats: Sequence[Any], head_sums: dict[int, float]) -> EdgeDelta:
+    def of(cls, src: str, dst: str, stats: Sequence[Any], head_sums: dict[int, float]) -> EdgeStats:
         """From a stored row's nine statistics, in field order (kind, n_prompts, ..., n_pos)."""
         kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos = stats
         return cls(src, dst, kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos, head_sums)

@@ -44,12 +44,12 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
     if format_ not in ("tree", "json", "neuronpedia"):
         raise ValueError(f"--format {format_!r}: expected tree, json or neuronpedia")
     from ingest.runtime import configure_threads
-    from ingest.session import Session
+    from ingest.session import ModelWithSaes
     from ingest.trace import render_tree
     from ingest.trace import trace as run_trace
 
     configure_threads(threads)
-    session = Session.open(model, saes, device)
+    session = ModelWithSaes.open(model, saes, device)
     result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top)
     if format_ == "neuronpedia":
         from catalog.prompt_graphs import to_neuronpedia
@@ -89,7 +89,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     from ingest.jobs import JobOptions, parse_shard, run_job
     from ingest.rdfa.tensors import Pruning
     from ingest.runtime import configure_threads
-    from ingest.session import Session
+    from ingest.session import ModelWithSaes
 
     if truncate and skip_long:
         raise ValueError("--truncate and --skip-long exclude each other")
@@ -102,7 +102,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
                       progress=progress, window=window, window_mem=window_mem << 20)
     target = open_store(store, evidence_per_edge=evidence_per_edge or None)
-    summary = run_job(Session.open(model, saes, device), corpus, target, opts, log=lambda m: typer.echo(m, err=True))
+    summary = run_job(ModelWithSaes.open(model, saes, device), corpus, target, opts, log=lambda m: typer.echo(m, err=True))
     emit(summary.as_dict(), True)
 
 
@@ -128,7 +128,7 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
     from ingest.evaluate import eval_saes as run_eval
     from ingest.evaluate import plot as draw
     from ingest.runtime import configure_threads
-    from ingest.session import Session
+    from ingest.session import ModelWithSaes
 
     if task != "ioi":
         raise ValueError(f"--task {task!r}: only ioi is implemented")
@@ -137,7 +137,7 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
     except ValueError:
         raise ValueError(f"--groups {groups!r}: expected comma-separated layers, groups split by ';'") from None
     configure_threads(threads)
-    session = Session.open(model, saes, device)
+    session = ModelWithSaes.open(model, saes, device)
     result = label_sae_rows(session, run_eval(session, n=n, groups=parsed, thresholds=Thresholds(min_recovery, max_kl)))
     draw(result, plot)
     result["plot"] = plot
@@ -162,13 +162,13 @@ def spot_check(model: Annotated[str, typer.Option()], saes: Annotated[list[str],
     from ingest.evaluate import spot_check as check
     from ingest.evaluate import store_spot_check
     from ingest.runtime import configure_threads
-    from ingest.session import Session
+    from ingest.session import ModelWithSaes
 
     configure_threads(threads)
     target = open_store(store, create=False)
     if target.run(run) is None:
         raise ValueError(f"no run {run!r} in {store}")
-    result = check(Session.open(model, saes, device), target, run, n=n)
+    result = check(ModelWithSaes.open(model, saes, device), target, run, n=n)
     store_spot_check(target, run, result)
     emit(result, True)
 

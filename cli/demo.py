@@ -13,7 +13,7 @@ from catalog.mining import mine
 from catalog.stores import open_store
 from ingest.jobs import JobOptions, run_job
 from ingest.runtime import configure_threads
-from ingest.session import Session
+from ingest.session import ModelWithSaes
 
 console = Console()
 
@@ -52,7 +52,7 @@ def run_demo(store_url: str, n_prompts: int, threads: int) -> None:
     configure_threads(threads)
     store = open_store(store_url)
     console.rule("[bold]circuit-catalog demo: toy-ioi on IOI prompts")
-    session = Session.open("toy-ioi", ["toy-ioi"], "cpu")
+    session = ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
     summary = run_job(session, f"ioi:{n_prompts}", store, JobOptions(run="demo", resume=store.run("demo") is not None),
                       log=console.print)
     console.print(f"ingested {summary.prompts} prompts ({summary.skipped_done} already stored), "

@@ -23,9 +23,8 @@ import torch
 from catalog.ids import NodeKind
 from catalog.queries import node_ref_of
 from ingest import ioi
-from ingest.session import Session
-
-HOOK = {NodeKind.ATTN: "blocks.{l}.attn.hook_z", NodeKind.RESID: "blocks.{l}.hook_resid_pre"}
+from ingest.lens import attn_out_hook, replay_hooks, run_with_cache, run_with_hooks, sae_hook
+from ingest.session import ModelWithSaes
 
 
 @dataclass
@@ -34,14 +33,14 @@ class Thresholds:
     max_kl: float = 0.5
 
 
-def _prompts(session: Session, kind: str, n: int, seed: int):
+def _prompts(session: ModelWithSaes, kind: str, n: int, seed: int):
     rng = random.Random(seed)
     make = ioi.ioi_prompt if kind == "ioi" else ioi.abc_prompt
     vocab = {} if session.lm.is_toy else __import__("ingest.corpora", fromlist=["gpt2_vocab"]).gpt2_vocab(session.lm.tokenizer)
     return [make(rng, **vocab) for _ in range(n)]
 
 
-def _batch(session: Session, prompts):
+def _batch(session: ModelWithSaes, prompts):
     ids = [session.lm.tokenizer.encode(p.text) for p in prompts]
     tokens, lengths = session.pad(ids)
     if "io" not in prompts[0].meta:  # ABC prompts: no answer
@@ -62,7 +61,7 @@ def _splice_hook(sae):
 
 @torch.no_grad()
 def _metrics(session, tokens, last, io, s, hooks, clean_logp=None):
-    logits = session.lm.model.run_with_hooks(tokens, fwd_hooks=hooks)
+    logits = run_with_hooks(session.lm.model, tokens, hooks)
     ar = torch.arange(len(tokens), device=tokens.device)
     final = logits[ar, last]
     ld = float((final[ar, io] - final[ar, s]).mean())
@@ -71,19 +70,19 @@ def _metrics(session, tokens, last, io, s, hooks, clean_logp=None):
     return ld, kl, logp
 
 
-def eval_saes(session: Session, n: int = 100, groups: list[list[int]] | None = None, seed: int = 0,
+def eval_saes(session: ModelWithSaes, n: int = 100, groups: list[list[int]] | None = None, seed: int = 0,
               thresholds: Thresholds | None = None) -> dict:
     """Per SAE and per group of layers: logit difference, KL, recovery and a flag."""
     th = thresholds or Thresholds()
     tokens, last, io, s = _batch(session, _prompts(session, "ioi", n, seed))
     abc_tokens, _, _, _ = _batch(session, _prompts(session, "abc", n, seed + 1))
     clean_ld, _, clean_logp = _metrics(session, tokens, last, io, s, [])
-    names = {HOOK[k].format(l=l) for k in HOOK for l in range(session.lm.cfg.n_layers)}
-    _, abc_cache = session.lm.model.run_with_cache(abc_tokens, names_filter=lambda x: x in names)
+    names = {sae_hook(k, l) for k in (NodeKind.ATTN, NodeKind.RESID) for l in range(session.lm.cfg.n_layers)}
+    _, abc_cache = run_with_cache(session.lm.model, abc_tokens, names)
     rows = []
     for kind, saes in ((NodeKind.ATTN, session.attn), (NodeKind.RESID, session.resid)):
         for layer, sae in sorted(saes.items()):
-            name = HOOK[kind].format(l=layer)
+            name = sae_hook(kind, layer)
             ld, kl, _ = _metrics(session, tokens, last, io, s, [(name, _splice_hook(sae))], clean_logp)
             mean = abc_cache[name].mean(dim=(0, 1))
             abl_ld, abl_kl, _ = _metrics(session, tokens, last, io, s,
@@ -91,7 +90,7 @@ def eval_saes(session: Session, n: int = 100, groups: list[list[int]] | None = N
             rows.append(_row(kind, layer, ld, kl, abl_ld, abl_kl, clean_ld, th))
     cross = []
     for group in groups or _default_groups(session):
-        hooks = [(HOOK[NodeKind.ATTN].format(l=l), _splice_hook(session.attn[l])) for l in group if l in session.attn]
+        hooks = [(sae_hook(NodeKind.ATTN, l), _splice_hook(session.attn[l])) for l in group if l in session.attn]
         ld, kl, _ = _metrics(session, tokens, last, io, s, hooks, clean_logp)
         cross.append({"layers": group, "logit_diff": ld, "kl": kl})
     return {"task": "ioi", "n": n, "clean_logit_diff": clean_ld, "thresholds": th.__dict__, "saes": rows,
@@ -106,7 +105,7 @@ def _row(kind, layer, ld, kl, abl_ld, abl_kl, clean_ld, th: Thresholds) -> dict:
             "mean_ablation_kl": abl_kl, "logit_diff_recovery": recovery, "flagged": bool(flagged)}
 
 
-def _default_groups(session: Session) -> list[list[int]]:
+def _default_groups(session: ModelWithSaes) -> list[list[int]]:
     L = session.lm.cfg.n_layers
     if L == 12:  # the seed's cross-sections for GPT-2 Small
         return [[0, 3], [2, 4], [5, 6], [7, 8], [9, 10, 11]]
@@ -138,21 +137,20 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _target_pre(session: Session, ref, cache_name: str, act: torch.Tensor) -> float:
+def _target_pre(session: ModelWithSaes, ref, cache_name: str, act: torch.Tensor) -> float:
     sae = session.attn[ref.layer] if ref.kind is NodeKind.ATTN else session.resid[ref.layer]
     x = act[0, ref.pos]
     return float(sae.pre_activation(x.flatten() if x.ndim == 2 else x)[ref.index])
 
 
 @torch.no_grad()
-def ablation_effect(session: Session, text: str, src, dst, frozen: bool) -> float:
+def ablation_effect(session: ModelWithSaes, text: str, src, dst, frozen: bool) -> float:
     """Clean minus ablated pre-activation of ``dst`` (a NodeRef with pos) when feature ``src`` (with
     pos) is zeroed at its hook (the SAE error is kept, so nothing else changes there)."""
     model = session.lm.model
     tokens = torch.tensor([session.lm.tokenizer.encode(text)], device=session.device)
-    src_hook = HOOK[src.kind].format(l=src.layer)
-    dst_hook = HOOK[dst.kind].format(l=dst.layer)
-    _, cache = model.run_with_cache(tokens)
+    src_hook, dst_hook = sae_hook(src.kind, src.layer), sae_hook(dst.kind, dst.layer)
+    _, cache = run_with_cache(model, tokens)
     sae = session.attn[src.layer] if src.kind is NodeKind.ATTN else session.resid[src.layer]
 
     def ablate(act, hook):
@@ -165,16 +163,12 @@ def ablation_effect(session: Session, text: str, src, dst, frozen: bool) -> floa
     seen = {}
     hooks = [(src_hook, ablate), (dst_hook, lambda act, hook: seen.setdefault("act", act))]
     if frozen:  # direct effect only: patterns, LN scales and every other component output as in the clean run
-        for name in cache:
-            keep_attn = src.kind is NodeKind.ATTN and name == f"blocks.{src.layer}.hook_attn_out"
-            if name.endswith(("hook_pattern", "hook_scale", "hook_mlp_out")) or \
-                    (name.endswith("hook_attn_out") and not keep_attn):
-                hooks.append((name, lambda act, hook, v=cache[name]: v))
-    model.run_with_hooks(tokens, fwd_hooks=hooks)
+        hooks += replay_hooks(cache, keep={attn_out_hook(src.layer)} if src.kind is NodeKind.ATTN else set())
+    run_with_hooks(model, tokens, hooks)
     return _target_pre(session, dst, dst_hook, cache[dst_hook]) - _target_pre(session, dst, dst_hook, seen["act"])
 
 
-def dfa_value(session: Session, text: str, src, dst) -> float:
+def dfa_value(session: ModelWithSaes, text: str, src, dst) -> float:
     """The RDFA value of src -> dst on this prompt, summed over heads, from an unpruned graph."""
     from ingest.rdfa.tensors import Pruning
 
@@ -187,7 +181,7 @@ def dfa_value(session: Session, text: str, src, dst) -> float:
     return float(e.value[hit].sum())
 
 
-def spot_check(session: Session, store, run_id: str, n: int = 20, seed: int = 0) -> dict:
+def spot_check(session: ModelWithSaes, store, run_id: str, n: int = 20, seed: int = 0) -> dict:
     """Ablate the source of ``n`` stored feature->feature edges (attn_in / resid_in) of a run."""
     rng = random.Random(seed)
     candidates = [e for e in store.all_edges(("attn_in", "resid_in"))
@@ -220,7 +214,7 @@ def _feature(uid: str) -> bool:
     return node_ref_of(uid).is_feature
 
 
-def label_sae_rows(session: Session, result: dict) -> dict:
+def label_sae_rows(session: ModelWithSaes, result: dict) -> dict:
     """Name the model and, on each row, the SAE's own key (what the catalog matches flags by)."""
     result["model"] = session.lm.name
     for row in result["saes"]:
@@ -228,7 +222,7 @@ def label_sae_rows(session: Session, result: dict) -> dict:
     return result
 
 
-def store_sae_eval(store, session: Session, result: dict) -> str:
+def store_sae_eval(store, session: ModelWithSaes, result: dict) -> str:
     """Record an ``eval_saes`` result in a catalog as run ``sae-eval-{model}`` (kind sae_eval), where
     feature pages find each SAE's flag by the SAE's own key. Returns the run id."""
     label_sae_rows(session, result)

@@ -28,7 +28,7 @@ from ingest.corpora import Corpus, CorpusItem, content_hash, open_corpus
 from ingest.errors import UserFacingError
 from ingest.rdfa.tensors import Pruning
 from ingest.reduce import Partial, merge, reduce_batch
-from ingest.session import Session
+from ingest.session import ModelWithSaes
 from ingest.to_catalog import NodeSlots, SaeKeys, observations, prompt_ranks, to_window
 
 DEFAULT_WINDOW = 256  # prompts per store write (bench/ingest_pipeline.py --only windows measures the choice)
@@ -82,7 +82,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def tokenize(items: list[CorpusItem], session: Session, opts: JobOptions) -> tuple[list[tuple[CorpusItem, list[int]]], int]:
+def tokenize(items: list[CorpusItem], session: ModelWithSaes, opts: JobOptions) -> tuple[list[tuple[CorpusItem, list[int]]], int]:
     """Token ids per item under the long-prompt policy; returns (kept, number skipped)."""
     limit = min(opts.max_tokens or session.lm.n_ctx, session.lm.n_ctx)
     kept, skipped = [], 0
@@ -110,7 +110,7 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def _prompt(run: str, item: CorpusItem, ids: list[int], session: Session, corpus: Corpus) -> Prompt:
+def _prompt(run: str, item: CorpusItem, ids: list[int], session: ModelWithSaes, corpus: Corpus) -> Prompt:
     tokens = session.lm.tokenizer.spell(ids)
     meta = dict(item.meta)
     if "io" in meta and "s" in meta:
@@ -121,7 +121,7 @@ def _prompt(run: str, item: CorpusItem, ids: list[int], session: Session, corpus
                   content_hash(item.text), meta)
 
 
-def run_job(session: Session, corpus_spec: str, store, opts: JobOptions, log=print) -> JobSummary:
+def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, log=print) -> JobSummary:
     """Ingest ``corpus_spec`` into ``store`` under run ``opts.run``; see the module docstring."""
     t0 = time.time()
     corpus = open_corpus(corpus_spec, session.lm.tokenizer, toy=session.lm.is_toy)
@@ -181,7 +181,7 @@ def _stored(batch, done: set[str]) -> bool:
     return all(stored)
 
 
-def node_slots(session: Session) -> NodeSlots:
+def node_slots(session: ModelWithSaes) -> NodeSlots:
     saes = session.saes
     keys = SaeKeys({l: (s.key, s.weights.d_sae) for l, s in saes.attn.items()},
                    {l: (s.key, s.weights.d_sae) for l, s in saes.resid.items()})
@@ -217,7 +217,7 @@ class _Window:
         return agg
 
 
-def _pipeline(session: Session, store, todo, corpus: Corpus, slots: NodeSlots, opts: JobOptions,
+def _pipeline(session: ModelWithSaes, store, todo, corpus: Corpus, slots: NodeSlots, opts: JobOptions,
               summary: JobSummary) -> None:
     """Compute and reduce on this thread, write on a writer thread, with a bounded queue between."""
     from tqdm import tqdm

@@ -1,5 +1,5 @@
-"""Model loading behind one narrow module (HookedTransformer is deprecated upstream in
-TransformerLens 3.x; a move to TransformerBridge stays local to this file).
+"""Model loading: sources, tokenizers and the on-disk format (the TransformerLens calls themselves are
+in ingest.lens).
 
 Three sources, one result (:class:`LoadedModel`):
   * ``toy-ioi``        the toy IOI model shipped inside the package (offline);
@@ -22,13 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ingest.errors import LoadError
+from ingest.lens import PROCESSING, build_processed, from_pretrained
 
-PROCESSING = {
-    "fold_ln": True,
-    "center_writing_weights": True,
-    "center_unembed": True,
-    "fold_value_biases": True,
-}
 TOY_NAME = "toy-ioi"
 TOY_DIR = Path(__file__).parent / "toy" / "assets" / TOY_NAME
 
@@ -104,26 +99,6 @@ def load_model(spec: str, device: torch.device | str = "cpu") -> LoadedModel:
     return _load_pretrained(spec, device)
 
 
-def _hooked_transformer():
-    # Imported here: transformer_lens takes seconds to import and the CLI should start fast.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    return HookedTransformer, HookedTransformerConfig
-
-
-def build_processed(cfg_dict: dict, state_dict: dict, device) -> torch.nn.Module:
-    """A HookedTransformer from a config and an *unprocessed* state dict, processed as PROCESSING."""
-    HookedTransformer, HookedTransformerConfig = _hooked_transformer()
-    cfg = HookedTransformerConfig(**{**cfg_dict, "device": str(device)})
-    model = HookedTransformer(cfg, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, **PROCESSING)
-    model.eval()
-    return model.to(device, print_details=False)
-
-
 def load_local_model(path: Path, device, name: str | None = None) -> LoadedModel:
     """Load the on-disk format :func:`save_local_model` writes."""
     missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (path / f).exists()]
@@ -151,14 +126,12 @@ def save_local_model(path: Path, cfg_dict: dict, state_dict: dict, fast_tokenize
 
 
 def _load_pretrained(name: str, device) -> LoadedModel:
-    HookedTransformer, _ = _hooked_transformer()
     try:
-        model = HookedTransformer.from_pretrained(name, device=str(device), **PROCESSING)
+        model = from_pretrained(name, device)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise LoadError(_offline_message(f"model {name!r}", exc,
                                          "or pass --model PATH (a directory with config.json, "
                                          "model.safetensors, tokenizer.json)")) from None
-    model.eval()
     hf = model.tokenizer
     return LoadedModel(model, Tokenizer(hf=hf, bos_id=hf.bos_token_id, name=name), name, "huggingface",
                        getattr(model.cfg, "original_architecture", None))

@@ -9,7 +9,6 @@ only inside the loaders here.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +16,9 @@ import torch
 
 from catalog.ids import NodeKind
 from ingest.errors import LoadError
+from ingest.lens import parse_sae_hook
 from ingest.models import TOY_DIR, TOY_NAME, _offline_message
 from ingest.rdfa.types import SaeWeights
-
-_HOOKS = {
-    NodeKind.ATTN: re.compile(r"blocks\.(\d+)\.attn\.hook_z"),
-    NodeKind.RESID: re.compile(r"blocks\.(\d+)\.hook_resid_pre"),
-}
 
 
 @dataclass
@@ -151,14 +146,14 @@ def _load_release(release: str, sae_id: str | None, device) -> list[LoadedSae]:
 def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None, local: bool = False) -> LoadedSae:
     cfg = sae.cfg
     hook = cfg.metadata.hook_name or ""
-    kind = next((k for k, rx in _HOOKS.items() if rx.fullmatch(hook)), None)
-    if kind is None:
+    parsed = parse_sae_hook(hook)
+    if parsed is None:
         raise LoadError(f"SAE {sae_id} reads {hook!r}; the catalog supports blocks.L.attn.hook_z and "
                         "blocks.L.hook_resid_pre")
     if getattr(cfg, "normalize_activations", "none") not in (None, "none"):
         raise LoadError(f"SAE {sae_id} normalizes its input ({cfg.normalize_activations}); RDFA needs "
                         "a linear encoder input, so fold the normalization into the weights first")
-    layer = int(_HOOKS[kind].fullmatch(hook).group(1))
+    kind, layer = parsed
     state = {k: v.detach().float() for k, v in sae.state_dict().items()}
     weights = SaeWeights(kind, layer, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"],
                          bool(getattr(cfg, "apply_b_dec_to_input", True)), state.get("threshold"),

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ingest.forward import capture, check_processed, weights_of
+from ingest.lens import capture, check_processed, weights_of
 from ingest.models import LoadedModel, load_model
 from ingest.rdfa.graph import check_decomposable, full_graph
 from ingest.rdfa.tensors import Graph, Pruning, Weights
@@ -16,7 +16,7 @@ from ingest.saes import SaeSet, load_saes
 
 
 @dataclass
-class Session:
+class ModelWithSaes:
     lm: LoadedModel
     saes: SaeSet
     weights: Weights
@@ -25,7 +25,7 @@ class Session:
     device: torch.device
 
     @classmethod
-    def open(cls, model_spec: str, sae_specs: list[str], device: str | None = None) -> Session:
+    def open(cls, model_spec: str, sae_specs: list[str], device: str | None = None) -> ModelWithSaes:
         dev = pick_device(device)
         lm = load_model(model_spec, dev)
         check_processed(lm.model)

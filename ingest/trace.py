@@ -14,12 +14,12 @@ import torch
 
 from catalog.ids import NodeKind, NodeRefError, format_ref, parse_ref
 from ingest.errors import UserFacingError
-from ingest.forward import capture
+from ingest.lens import capture
 from ingest.rdfa import steps
 from ingest.rdfa.blocks import position_blocks
 from ingest.rdfa.graph import direct_closure, direct_into, full_graph
 from ingest.rdfa.tensors import EDGE_KIND_NAMES, Code, EdgeTable, Pruning, code_to_ref
-from ingest.session import Session
+from ingest.session import ModelWithSaes
 
 Key = tuple[int, int, int, int]  # (code, layer, index, pos)
 
@@ -28,7 +28,7 @@ def _ref(key: Key) -> str:
     return format_ref(code_to_ref(*key))
 
 
-def _start(graph, session: Session, feature: str | None, pos: int) -> Key:
+def _start(graph, session: ModelWithSaes, feature: str | None, pos: int) -> Key:
     n = graph.nodes
     if feature:
         try:
@@ -74,7 +74,7 @@ def _edge_json(table: EdgeTable, i: int) -> dict:
             "kind": EDGE_KIND_NAMES[int(table.kind[i])], "head": None if head < 0 else head}
 
 
-def trace(session: Session, text: str, *, feature: str | None = None, pos: int = -1, depth: int = 3,
+def trace(session: ModelWithSaes, text: str, *, feature: str | None = None, pos: int = -1, depth: int = 3,
           top: int = 5) -> dict:
     """The trace as a JSON-ready dict: {prompt, tokens, nodes, edges, direct_edges}."""
     if not text.strip():
@@ -136,7 +136,7 @@ def _node_json(key: Key, info: dict) -> dict:
             "layer": ref.layer, "index": ref.index, "pos": ref.pos, "activation": act, "pre_activation": pre}
 
 
-def _direct_for(session: Session, cap, targets: list[Key], info: dict, top: int) -> list[dict]:
+def _direct_for(session: ModelWithSaes, cap, targets: list[Key], info: dict, top: int) -> list[dict]:
     """Exact direct attention->attention edges (all positions and heads) of the expanded attention nodes."""
     out = []
     acts = {l: steps.active_set(s, cap.z[l].flatten(-2), cap.valid) for l, s in session.attn.items()}

@@ -64,12 +64,14 @@ def make_batch(run: str, prompts: list[Prompt], rows, evidence_per_edge: int | N
 
 def expected_edges(rows) -> dict:
     """Plain-Python aggregation, independent of catalog.aggregate."""
-    out: dict = defaultdict(lambda: {"n_obs": 0, "sum": 0.0, "prompts": set(), "min": float("inf"),
-                                     "max": float("-inf"), "n_pos": 0, "heads": defaultdict(float)})
+    out: dict = defaultdict(lambda: {"n_obs": 0, "sum": 0.0, "sumsq": 0.0, "sum_abs": 0.0, "prompts": set(),
+                                     "min": float("inf"), "max": float("-inf"), "n_pos": 0, "heads": defaultdict(float)})
     for p, s, d, k, h, _sp, _dp, v in rows:
         e = out[(s, d, k)]
         e["n_obs"] += 1
         e["sum"] += v
+        e["sumsq"] += v * v
+        e["sum_abs"] += abs(v)
         e["prompts"].add(p)
         e["min"], e["max"] = min(e["min"], v), max(e["max"], v)
         e["n_pos"] += v > 0

@@ -127,10 +127,11 @@ def test_store_down_is_503_with_retry_hint():
     assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "retry" in r.json()["detail"]
 
 
-def test_binds_to_localhost_and_refuses_weak_write_tokens():
+def test_binds_to_localhost_and_refuses_limits_below_one():
     assert Settings().host == "127.0.0.1"
-    with pytest.raises(ValueError, match="at least 16"):
-        Settings(write_token="short")
+    for name in ("max_limit", "cypher_row_cap", "evidence_limit"):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            Settings(**{name: 0})
 
 
 def test_api_does_not_import_torch():
@@ -139,3 +140,16 @@ def test_api_does_not_import_torch():
 
     code = "import sys; from api.app import create_app; create_app(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_openapi_describes_every_response():
+    """Each operation's 200 answer has a schema (a response model), not an untyped object."""
+    spec = TestClient(create_app(Settings(store="sqlite:///unused.db", warm_patterns=False))).get("/openapi.json").json()
+    operations = [(path, method, op) for path, ops in spec["paths"].items() for method, op in ops.items()]
+    assert len(operations) >= 12
+    for path, method, op in operations:
+        schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        described = "$ref" in schema or "anyOf" in schema or schema.get("type") == "array" and "$ref" in schema["items"]
+        assert described, (method, path, schema)
+    upstream = spec["components"]["schemas"]["Neighbour"]["properties"]
+    assert {"id", "edge_kind", "n_prompts", "sum", "sign_share", "heads"} <= set(upstream)

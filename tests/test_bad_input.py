@@ -13,7 +13,7 @@ from cli import app
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
 from ingest.jobs import JobOptions, run_job
-from ingest.session import Session
+from ingest.session import ModelWithSaes
 from ingest.trace import trace
 
 TOY = ["--model", "toy-ioi", "--saes", "toy-ioi"]
@@ -21,7 +21,7 @@ TOY = ["--model", "toy-ioi", "--saes", "toy-ioi"]
 
 @pytest.fixture(scope="module")
 def toy():
-    return Session.open("toy-ioi", ["toy-ioi"], "cpu")
+    return ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
 
 
 @pytest.mark.parametrize("args, option", [

@@ -18,12 +18,12 @@ from catalog.stores import open_store
 from ingest.evaluate import eval_saes, spot_check
 from ingest.jobs import JobOptions, run_job
 from ingest.rdfa.types import SaeWeights
-from ingest.session import Session
+from ingest.session import ModelWithSaes
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return Session.open("toy-ioi", ["toy-ioi"], "cpu")
+    return ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
 
 
 def _identity_like(layer: int, d: int) -> SaeWeights:

@@ -41,6 +41,17 @@ def test_catalog_imports_neither_ingest_nor_api_nor_the_cli():
             assert not [n for n in names if n.split(".")[0] in ("ingest", "api", "cli")], (path, names)
 
 
+def test_transformer_lens_is_used_through_one_module():
+    """Imports of transformer_lens, forward passes with caches or hooks, and SAE hook names appear in
+    ingest/lens.py only, so a move to TransformerLens 4 changes one file."""
+    calls = re.compile(r"import transformer_lens|from transformer_lens|\.run_with_cache\(|\.run_with_hooks\(|"
+                       r"\.load_and_process_state_dict\(|HookedTransformer\.from_pretrained\(|\"blocks\.\{")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for room in ("catalog", "api", "ingest", "cli")
+                 for path in (ROOT / room).rglob("*.py") if path.name != "lens.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if calls.search(line)]
+    assert offenders == [], offenders
+
+
 def test_help_lists_every_command_in_its_group():
     out = subprocess.run(CLI + ["--help"], capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "160"}).stdout

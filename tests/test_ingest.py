@@ -16,7 +16,7 @@ from catalog.stores import open_store
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
 from ingest.jobs import JobOptions, run_job
-from ingest.session import Session
+from ingest.session import ModelWithSaes
 
 CLI = [sys.executable, "-m", "cli"]
 JOB = ["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--batch-size", "4", "--no-progress", "--run", "r"]
@@ -24,7 +24,7 @@ JOB = ["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--batch-size", "4",
 
 @pytest.fixture(scope="module")
 def toy():
-    return Session.open("toy-ioi", ["toy-ioi"], "cpu")
+    return ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
 
 
 def test_ioi_corpus_records_names_and_positions(toy, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from frozen import frozen_forward, grad_x_input
 from tiny import random_saes, tiny_model
 
-from ingest.forward import capture, hook_names, weights_of
+from ingest.lens import capture, hook_names, weights_of
 from ingest.rdfa.graph import full_graph
 from ingest.rdfa.tensors import Code, EdgeKind, Pruning
 
@@ -156,10 +156,12 @@ def test_attn_in_edges_equal_gradient_times_input_per_head(setup):
 
 
 def test_direct_edges_equal_gradient_times_input_per_head(setup):
+    """Every source kind of the direct view (EMB, POS, attention features, their SAE error and bias,
+    MLP outputs) at every source position, into attention features at every destination position."""
     model, attn, resid, tokens, lengths, cache, graph = setup
     edges = _edge_dict(graph.direct, EdgeKind.DIRECT)
     H, dh = model.cfg.n_heads, model.cfg.d_head
-    checked = 0
+    checked = {code: 0 for code in (Code.EMB, Code.POS, Code.ATTN, Code.ERR_A, Code.BIAS_A, Code.MLP)}
     for L in (1, 2):
         sae = attn[L]
         leaves, repl = _component_leaves(model, attn, cache, L)
@@ -169,22 +171,25 @@ def test_direct_edges_equal_gradient_times_input_per_head(setup):
         per_head = torch.einsum("bthe,hef->bthf", z, sae.W_enc.view(H, dh, -1))
         acts = sae.activation(sae.pre_activation(z.detach().flatten(-2)))
         for b in range(len(lengths)):
-            t = int(lengths[b]) - 1
-            for f in torch.nonzero(acts[b, t]).flatten().tolist():
-                for h in range(H):
-                    gx = grad_x_input(per_head[b, t, h, f], leaves)
-                    for l in range(L):
+            for t in range(int(lengths[b])):
+                for f in torch.nonzero(acts[b, t]).flatten().tolist()[:3]:
+                    for h in range(H):
+                        gx = grad_x_input(per_head[b, t, h, f], leaves)
+                        bias_total = {l: 0.0 for l in range(L)}
                         for s in range(t + 1):
-                            for j in torch.nonzero(gx[f"a{l}"][b, s]).flatten().tolist():
-                                got = edges[(b, Code.ATTN, l, j, s, Code.ATTN, L, f, t, h)]
-                                assert got == pytest.approx(float(gx[f"a{l}"][b, s, j]), rel=RTOL, abs=ATOL)
-                                checked += 1
-                            got = edges[(b, Code.MLP, l, -1, s, Code.ATTN, L, f, t, h)]
-                            assert got == pytest.approx(float(gx[f"m{l}"][b, s].sum()), rel=RTOL, abs=ATOL)
-                    for s in range(t + 1):
-                        got = edges[(b, Code.EMB, -1, -1, s, Code.ATTN, L, f, t, h)]
-                        assert got == pytest.approx(float(gx["hook_embed"][b, s].sum()), rel=RTOL, abs=ATOL)
-    assert checked > 100
+                            for (code, l, j, pos), want in _component_expect(gx, b, s, L).items():
+                                if code == Code.BIAS_A:
+                                    continue  # a bias leaf is one vector for all positions: compared summed below
+                                got = edges.get((b, code, l, j, pos, Code.ATTN, L, f, t, h), 0.0)
+                                assert got == pytest.approx(want, rel=RTOL, abs=ATOL), (code, l, j, s, t, h)
+                                checked[code] += 1
+                            for l in range(L):
+                                bias_total[l] += edges.get((b, Code.BIAS_A, l, -1, s, Code.ATTN, L, f, t, h), 0.0)
+                        for l in range(L):
+                            want = float((gx[f"ba{l}"].sum() + gx[f"bo{l}"].sum()).detach())
+                            assert bias_total[l] == pytest.approx(want, rel=RTOL, abs=ATOL)
+                            checked[Code.BIAS_A] += 1
+    assert min(checked.values()) > 20, checked
 
 
 def _sums_by_target(table):

@@ -4,6 +4,7 @@ each other byte for byte, and under repeated, crashed and failed writes."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from catalog_data import REFS, expected_edges, make_batch, random_observations, random_prompts
@@ -56,6 +57,10 @@ def test_answers_match_an_independent_aggregation(store_url):
             assert row["n_obs"] == e["n_obs"] and row["n_prompts"] == len(e["prompts"])
             assert row["sum"] == queries.rnd(e["sum"])
             assert row["min"] == queries.rnd(e["min"]) and row["max"] == queries.rnd(e["max"])
+            n, mean = e["n_obs"], e["sum"] / e["n_obs"]
+            assert row["mean"] == queries.rnd(mean) and row["sum_abs"] == queries.rnd(e["sum_abs"])
+            assert row["std"] == pytest.approx(math.sqrt(max(0.0, e["sumsq"] / n - mean * mean)), rel=1e-5, abs=1e-9)
+            assert row["sign_share"] == queries.rnd(max(e["n_pos"], n - e["n_pos"]) / n)
             assert row["heads"] == {str(h): queries.rnd(v) for h, v in sorted(e["heads"].items()) if v != 0.0}
             checked += 1
     assert checked == len(expect)  # every aggregated edge was seen exactly once

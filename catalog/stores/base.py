@@ -7,14 +7,14 @@ Both implementations pass the same conformance suite (tests/test_store_conforman
 
 from __future__ import annotations
 
-import os
+import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from catalog.aggregate import WindowAggregate
-from catalog.schema import JSON, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run
+from catalog.schema import JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run
 
 DEFAULT_URL = "sqlite:///catalog.db"
 ORDERS = ("sum", "mean", "count", "abs")
@@ -70,8 +70,8 @@ class Store(Protocol):
     def run(self, run_id: str) -> Run | None: ...
     def find_nodes(self, ref: str, model: str | None = None) -> list[NodeInfo]: ...
     def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None: ...
-    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeDelta]]: ...
-    def edges_between(self, src: str, dst: str) -> list[EdgeDelta]: ...
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]: ...
+    def edges_between(self, src: str, dst: str) -> list[EdgeStats]: ...
     def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]: ...
     def prompt(self, uid: str) -> Prompt | None: ...
     def prompts(self, uids: list[str]) -> dict[str, Prompt]: ...
@@ -79,7 +79,7 @@ class Store(Protocol):
     def top_nodes(self, node_kind: str | None, by: str, limit: int,
                   layer: int | None = None) -> list[tuple[NodeInfo, float, int]]: ...
     def counts(self) -> dict[str, int]: ...  # runs, prompts, nodes, edges, evidence
-    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeDelta]: ...
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeStats]: ...
     def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]: ...
     def all_prompts(self) -> Iterator[Prompt]: ...
     def all_evidence(self) -> Iterator[Evidence]: ...
@@ -87,25 +87,22 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+# URL scheme -> "module:function" that opens it, imported on use (the Neo4j driver stays unloaded for
+# SQLite users). A new store registers its schemes here; each opener takes (url, evidence_per_edge, create).
+STORE_OPENERS: dict[str, str] = {
+    "sqlite": "catalog.stores.sqlite:open_url",
+    **{scheme: "catalog.stores.neo4j:open_url"
+       for scheme in ("neo4j", "bolt", "neo4j+s", "bolt+s", "neo4j+ssc", "bolt+ssc")},
+}
+
+
 def open_store(url: str | None = None, *, evidence_per_edge: int | None = 8, create: bool = True) -> Store:
-    """Open the store named by ``url`` (see the module docstring)."""
+    """Open the store named by ``url`` through the opener its scheme is registered with."""
     url = url or DEFAULT_URL
-    parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        from catalog.stores.sqlite import SqliteStore
-
-        if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
-            raise StoreError(f"store URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db")
-        path = unquote(url[len("sqlite:///"):])  # SQLAlchemy's convention: four slashes = absolute
-        return SqliteStore(path, url=url, evidence_per_edge=evidence_per_edge, create=create)
-    if parsed.scheme in ("neo4j", "bolt", "neo4j+s", "bolt+s", "neo4j+ssc", "bolt+ssc"):
-        from catalog.stores.neo4j import Neo4jStore
-
-        user = unquote(parsed.username) if parsed.username else os.environ.get("NEO4J_USER")
-        password = unquote(parsed.password) if parsed.password else os.environ.get("NEO4J_PASSWORD")
-        database = parsed.path.strip("/") or os.environ.get("NEO4J_DATABASE", "neo4j")
-        host = parsed.hostname or "127.0.0.1"
-        bolt = f"{parsed.scheme}://{host}:{parsed.port or 7687}"
-        return Neo4jStore(bolt, user, password, database, url=url, evidence_per_edge=evidence_per_edge)
-    raise StoreError(f"store URL {url!r} not understood: use sqlite:///path/to/catalog.db or "
-                     "neo4j://host:port (bolt:// also works)")
+    opener = STORE_OPENERS.get(urlparse(url).scheme)
+    if opener is None:
+        raise StoreError(f"store URL {url!r} not understood: use sqlite:///path/to/catalog.db or "
+                         "neo4j://host:port (bolt:// also works)")
+    module, _, function = opener.partition(":")
+    opened: Store = getattr(importlib.import_module(module), function)(url, evidence_per_edge, create)
+    return opened

@@ -12,13 +12,15 @@ runs (:Run). One window is one transaction: every query in it UNWINDs parallel a
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
-from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
+from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherRefused, EdgeQuery, StoreError, StoreUnavailable
 
 Tx = Any  # a neo4j ManagedTransaction (typed loosely: the driver's own hints are incomplete)
@@ -358,11 +360,11 @@ class Neo4jStore:
         return NodeInfo(*r[:7]), (NodeStats(uid, *r[7:]) if r[7] is not None else None)
 
     @staticmethod
-    def _delta(src: str, dst: str, r: Sequence[Any]) -> EdgeDelta:
+    def _delta(src: str, dst: str, r: Sequence[Any]) -> EdgeStats:
         heads = {h: v for h, v in enumerate(r[9] or []) if v != 0.0}
-        return EdgeDelta.of(src, dst, r[:9], heads)
+        return EdgeStats.of(src, dst, r[:9], heads)
 
-    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeDelta]]:
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]:
         pattern = "(o:Node)-[r:EDGE]->(t:Node {uid: $uid})" if direction == "up" else \
             "(t:Node {uid: $uid})-[r:EDGE]->(o:Node)"
         rows = self._read(
@@ -379,7 +381,7 @@ class Neo4jStore:
             out.append((node, self._delta(src, dst, r[7:])))
         return out
 
-    def edges_between(self, src: str, dst: str) -> list[EdgeDelta]:
+    def edges_between(self, src: str, dst: str) -> list[EdgeStats]:
         rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE]->(:Node {{uid: $d}}) RETURN {EDGE_RET} ORDER BY r.kind",
                           s=src, d=dst)
         return [self._delta(src, dst, r) for r in rows]
@@ -433,7 +435,7 @@ class Neo4jStore:
         return {k: row[k] for k in ("runs", "prompts", "nodes", "edges", "evidence")}
 
     # ---- bulk (export) ------------------------------------------------------------------------
-    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeDelta]:
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeStats]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
             for r in s.run(f"MATCH (a:Node)-[r:EDGE]->(b:Node) WHERE $ek IS NULL OR r.kind IN $ek "
                            f"RETURN a.uid, b.uid, {EDGE_RET}", ek=list(edge_kinds) if edge_kinds else None):
@@ -457,7 +459,7 @@ class Neo4jStore:
 
     # ---- Cypher passthrough (read-only) -------------------------------------------------------
     def cypher(self, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
-        from catalog.cypher import run_read_only
+        from catalog.stores.neo4j_cypher import run_read_only
 
         return run_read_only(self.driver, self.database, query, params, limit, timeout_s)
 
@@ -485,3 +487,14 @@ def _sub_heads(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> JSON:
     starts = np.cumsum(widths) - widths
     take = np.repeat(offsets[rows], widths) + np.arange(widths.sum()) - np.repeat(starts, widths)
     return {"heads": flat[take].tolist(), "hoff": np.concatenate([[0], np.cumsum(widths)]).tolist()}
+
+
+def open_url(url: str, evidence_per_edge: int | None, create: bool) -> Neo4jStore:
+    """``neo4j://[user:password@]host[:port][/database]`` (or bolt://, +s, +ssc); credentials may
+    also come from NEO4J_USER / NEO4J_PASSWORD, the database from NEO4J_DATABASE."""
+    parsed = urlparse(url)
+    user = unquote(parsed.username) if parsed.username else os.environ.get("NEO4J_USER")
+    password = unquote(parsed.password) if parsed.password else os.environ.get("NEO4J_PASSWORD")
+    database = parsed.path.strip("/") or os.environ.get("NEO4J_DATABASE", "neo4j")
+    bolt = f"{parsed.scheme}://{parsed.hostname or '127.0.0.1'}:{parsed.port or 7687}"
+    return Neo4jStore(bolt, user, password, database, url=url, evidence_per_edge=evidence_per_edge)

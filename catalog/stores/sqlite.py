@@ -9,11 +9,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
-from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeDelta, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
+from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, StoreError, StoreUnavailable
 
 SCHEMA = """
@@ -255,7 +256,7 @@ class SqliteStore:
                 out.setdefault(e, {})[h] = s
         return out
 
-    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeDelta]]:
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]:
         this, other = ("dst", "src") if direction == "up" else ("src", "dst")
         where, args = [f"e.{this} = (SELECT id FROM nodes WHERE uid = ?)", "e.n_prompts >= ?"], [uid, q.min_count]
         for col, values in (("e.kind", q.edge_kinds), ("o.kind", q.node_kinds), ("o.layer", q.layers)):
@@ -271,15 +272,15 @@ class SqliteStore:
         for r in rows:
             node = NodeInfo(*r[:7])
             src, dst = (node.uid, uid) if direction == "up" else (uid, node.uid)
-            out.append((node, EdgeDelta.of(src, dst, r[7:16], heads.get(r[16], {}))))
+            out.append((node, EdgeStats.of(src, dst, r[7:16], heads.get(r[16], {}))))
         return out
 
-    def edges_between(self, src: str, dst: str) -> list[EdgeDelta]:
+    def edges_between(self, src: str, dst: str) -> list[EdgeStats]:
         rows = self._conn.execute(
             f"SELECT {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
             "WHERE s.uid = ? AND d.uid = ? ORDER BY e.kind", (src, dst)).fetchall()
         heads = self._heads([r[-1] for r in rows])
-        return [EdgeDelta.of(src, dst, r[:9], heads.get(r[9], {})) for r in rows]
+        return [EdgeStats.of(src, dst, r[:9], heads.get(r[9], {})) for r in rows]
 
     def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]:
         rows = self._conn.execute(
@@ -327,14 +328,14 @@ class SqliteStore:
                 for t in ("runs", "prompts", "nodes", "edges", "evidence")}
 
     # ---- bulk (export) ------------------------------------------------------------------------
-    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeDelta]:
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeStats]:
         where = f"WHERE e.kind IN ({','.join('?' * len(edge_kinds))})" if edge_kinds else ""
         cur = self._conn.execute(f"SELECT s.uid, d.uid, {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src "
                                  f"JOIN nodes d ON d.id = e.dst {where} ORDER BY e.id", tuple(edge_kinds or ()))
         while rows := cur.fetchmany(5000):
             heads = self._heads([r[-1] for r in rows])
             for r in rows:
-                yield EdgeDelta.of(r[0], r[1], r[2:11], heads.get(r[11], {}))
+                yield EdgeStats.of(r[0], r[1], r[2:11], heads.get(r[11], {}))
 
     def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
         for r in self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
@@ -385,3 +386,10 @@ def _lists(*columns: Any) -> list[list[Any]]:
 def _clear_staging(c: sqlite3.Connection) -> None:
     for table in STAGING_TABLES:
         c.execute(f"DELETE FROM temp.{table}")
+
+
+def open_url(url: str, evidence_per_edge: int | None, create: bool) -> SqliteStore:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (SQLAlchemy's convention)."""
+    if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+        raise StoreError(f"store URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    return SqliteStore(unquote(url[len("sqlite:///"):]), url=url, evidence_per_edge=evidence_per_edge, create=create)

@@ -76,7 +76,7 @@ def _n_rows(attn: dict[int, tuple[SaeWeights, ActiveSet]], b: torch.Tensor, s: t
     return rows
 
 
-def resid_in(blocks: list[PositionBlock], sae: SaeWeights, targets: ActiveSet, pruning: Pruning
+def resid_in_by_block(blocks: list[PositionBlock], sae: SaeWeights, targets: ActiveSet, pruning: Pruning
              ) -> tuple[EdgeTable, torch.Tensor]:
     """Step 4 into every active feature of ``targets`` [B, T, K], block by block. Returns kept edges
     and the kept sum per target [B, T, K]."""
@@ -92,7 +92,7 @@ def resid_in(blocks: list[PositionBlock], sae: SaeWeights, targets: ActiveSet, p
     return EdgeTable.cat(tables), kept_sum
 
 
-def direct(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: SaeWeights, tb: torch.Tensor,
+def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: SaeWeights, tb: torch.Tensor,
            tt: torch.Tensor, tf: torch.Tensor, B: int, T: int, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
     """Step 5's edges into the attention features (tb, tt, tf) [N] through their selected pairs:
     value = scale[n,p] * vec[b, s[n,p], r] . query[n,p], r over the rows of layers < sae.layer.

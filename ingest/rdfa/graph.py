@@ -15,9 +15,7 @@ import torch
 
 from catalog.ids import NodeKind
 from ingest.rdfa import steps
-from ingest.rdfa.blocks import PositionBlock, position_blocks
-from ingest.rdfa.blocks import direct as blocks_direct
-from ingest.rdfa.blocks import resid_in as blocks_resid_in
+from ingest.rdfa.blocks import PositionBlock, direct_by_block, position_blocks, resid_in_by_block
 from ingest.rdfa.tensors import ActiveSet, Capture, Code, EdgeKind, EdgeTable, Graph, NodeTable, Pruning, Weights
 from ingest.rdfa.types import SaeWeights
 
@@ -33,7 +31,7 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
     blocks = position_blocks(cap, weights, {l: (attn_saes[l], attn_act[l]) for l in attn_saes})
     nodes, edges, direct = [], [], []
     for L, sae in sorted(resid_saes.items()):
-        table, kept = blocks_resid_in(blocks, sae, resid_act[L], pruning)
+        table, kept = resid_in_by_block(blocks, sae, resid_act[L], pruning)
         const = sae.encoder_constant()[resid_act[L].index]
         n, e = _close_targets(resid_act[L], Code.RESID, L, const, kept, Code.BIAS_R, EdgeKind.RESID_IN)
         nodes.append(n)
@@ -82,7 +80,7 @@ def direct_into(cap: Capture, weights: Weights, blocks: list[PositionBlock], sae
     L = sae.layer
     pairs = steps.direct_pairs(cap.resid_pre[L], cap.ln1_scale[L], cap.pattern[L], weights.W_V[L], weights.b_V[L],
                                sae, b, t, f, pruning)
-    return blocks_direct(blocks, pairs, sae, b, t, f, *cap.valid.shape, pruning)
+    return direct_by_block(blocks, pairs, sae, b, t, f, *cap.valid.shape, pruning)
 
 
 def _direct_layer(cap: Capture, weights: Weights, blocks: list[PositionBlock], sae: SaeWeights, act: ActiveSet,

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from catalog.ids import NodeKind
 from ingest import ioi
+from ingest.lens import new_model, parse_sae_hook, run_with_cache, sae_hook
 from ingest.models import load_local_model, save_local_model
 from ingest.toy.vocab import BOS, build_tokenizer
 
@@ -66,11 +68,8 @@ def ioi_metrics(model, tok, n: int = 500, seed: int = 12345) -> dict:
 
 def train_model(tok, seed: int, steps: int, log) -> dict[str, torch.Tensor]:
     """Train the unprocessed model; returns its state dict."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(**MODEL_CFG, d_vocab=tok.get_vocab_size(), seed=seed, device="cpu")
-    model = HookedTransformer(cfg)
+    model = new_model({**MODEL_CFG, "d_vocab": tok.get_vocab_size(), "seed": seed, "device": "cpu"})
     ids, mask = training_corpus(tok, 30_000, random.Random(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -95,14 +94,13 @@ def collect_activations(model, tok, n: int, seed: int) -> dict[str, torch.Tensor
     rng = random.Random(seed)
     texts = [(ioi.ioi_prompt(rng) if rng.random() < 0.6 else
               (ioi.abc_prompt(rng) if rng.random() < 0.5 else ioi.filler_prompt(rng))).text for _ in range(n)]
-    names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)] + \
-            [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
+    names = [sae_hook(kind, l) for kind in (NodeKind.ATTN, NodeKind.RESID) for l in range(model.cfg.n_layers)]
     acts = {name: [] for name in names}
     for start in range(0, n, 256):
         enc = [_encode(tok, t) for t in texts[start:start + 256]]
         for length in sorted({len(e) for e in enc}):  # equal lengths: no padding inside the data
             group = torch.tensor([e for e in enc if len(e) == length])
-            _, cache = model.run_with_cache(group, names_filter=lambda nm: nm in acts)
+            _, cache = run_with_cache(model, group, names)
             for name in names:
                 a = cache[name][:, 1:]
                 acts[name].append(a.reshape(-1, a.shape[-2] * a.shape[-1]) if a.ndim == 4 else a.reshape(-1, a.shape[-1]))
@@ -177,10 +175,10 @@ def make_toy(out: Path, seed: int = 0, model_steps: int = 1000, sae_steps: int =
     test_x = collect_activations(loaded.model, tok, 1000, seed + 2)
     log("phase 3/3: training SAEs")
     for hook, x in train_x.items():
-        is_z = hook.endswith("hook_z")
-        layer = int(hook.split(".")[1])
+        kind, layer = parse_sae_hook(hook) or (None, -1)
+        is_z = kind is NodeKind.ATTN
         w = train_sae(x, SAE_WIDTH, SAE_L1["attn" if is_z else "resid"], seed + 10 + layer, sae_steps)
-        name = f"blocks.{layer}.{'attn.hook_z' if is_z else 'hook_resid_pre'}"
+        name = hook
         save_sae(w, out / "saes" / name, hook, reshape=is_z)
         metrics["saes"][name] = sae_metrics(w, test_x[hook])
         log(f"  {name} ({time.time() - t0:.0f}s): L0 {metrics['saes'][name]['l0']:.1f}  FVE {metrics['saes'][name]['fve']:.3f}")
