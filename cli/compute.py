@@ -84,7 +84,10 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            evidence_per_edge: Annotated[int, bounded(0, 10_000, "0 keeps every observation")] = 8,
            threads: Threads = 1, progress: bool = True,
            window: Annotated[int, typer.Option(help="prompts per store write (one all-or-nothing transaction)")] = 256,
-           window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048):
+           window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048,
+           partials: Annotated[str | None, typer.Option(help=(
+               "write each window to files in this folder instead of a store, for a later `merge` "
+               "(job arrays whose nodes cannot reach the database)"))] = None):
     """Run RDFA over a corpus and store every edge with its provenance."""
     from ingest.jobs import JobOptions, parse_shard, run_job
     from ingest.rdfa.tensors import Pruning
@@ -101,7 +104,12 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
                       progress=progress, window=window, window_mem=window_mem << 20)
-    target = open_store(store, evidence_per_edge=evidence_per_edge or None)
+    if partials:
+        from catalog.partials import PartialsDir
+
+        target = PartialsDir(partials, evidence_per_edge or None)
+    else:
+        target = open_store(store, evidence_per_edge=evidence_per_edge or None)
     summary = run_job(ModelWithSaes.open(model, saes, device), corpus, target, opts, log=lambda m: typer.echo(m, err=True))
     emit(summary.as_dict(), True)
 

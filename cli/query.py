@@ -100,6 +100,23 @@ def export(from_: Annotated[str, typer.Option("--from")], to: Annotated[str, typ
 
 @app.command(rich_help_panel=QUERY)
 @friendly
+def merge(folder: Annotated[str, typer.Argument(help="the folder `ingest --partials` wrote")],
+          store: StoreOpt = DEFAULT_URL):
+    """Write the windows of `ingest --partials FOLDER` into a catalog (idempotent: stored windows are skipped)."""
+    from catalog.partials import merge_partials
+
+    stores: dict[int | None, object] = {}
+
+    def store_for(cap: int | None):
+        if cap not in stores:
+            stores[cap] = open_store(store, evidence_per_edge=cap)
+        return stores[cap]
+
+    emit(merge_partials(folder, store_for), True)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
 def patterns(store: StoreOpt = DEFAULT_URL, top: Annotated[int, bounded(1, 100)] = 20,
              min_prompts: Annotated[int, bounded(1)] = 2,
              json_: JsonOpt = False):

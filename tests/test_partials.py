@@ -1,0 +1,107 @@
+"""Issue 14 (job arrays without a reachable database): shards write partial aggregates to a folder,
+`merge` writes them into a catalog; the README's SLURM script, run for every task index, then merged,
+gives the catalog of one process, on both stores; merging again stores nothing twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_ingest import _catalog, _fresh, _ingest
+from typer.testing import CliRunner
+
+from catalog.partials import PartialsDir, load_window, save_window
+from catalog.stores import open_store
+from cli import app
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+BIN = Path(sys.executable).parent  # where `circuit-catalog` is installed
+
+
+def job_script() -> str:
+    block = README.split("### Job arrays")[1]
+    return re.search(r"```bash\n(.*?)```", block, re.S).group(1)
+
+
+def test_the_readme_job_script_is_a_slurm_array_of_shards_writing_partials():
+    script = job_script()
+    assert re.search(r"^#SBATCH --array=0-7$", script, re.M)
+    assert '--shard "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"' in script
+    assert '--partials "$PARTIALS"' in script and "--store" not in script
+
+
+def _run_array(script: Path, partials: Path, n: int) -> None:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MODEL": "toy-ioi", "SAES": "toy-ioi",
+           "CORPUS": "ioi:16:6", "PARTIALS": str(partials), "SLURM_ARRAY_TASK_COUNT": str(n),
+           "CIRCUIT_CATALOG_TORCH_THREADS": "1"}
+    tasks = [subprocess.Popen(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    for task in tasks:
+        assert task.wait(timeout=600) == 0, task.stderr.read()
+
+
+def test_array_then_merge_equals_one_process_and_merging_again_adds_nothing(store_url, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(job_script())
+    partials = tmp_path / "partials"
+    _run_array(script, partials, 2)
+    windows = sorted((partials / "pile10k").glob("window-*.npz"))
+    assert len(windows) == 2  # ioi:16 in batches of 8: one window per shard
+    finishes = sorted(p.name for p in (partials / "pile10k").glob("finish-*.json"))
+    assert finishes == ["finish-shard-0-2-done.json", "finish-shard-1-2-done.json"]
+
+    first = CliRunner().invoke(app, ["merge", str(partials), "--store", store_url])
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)["runs"]["pile10k"]
+    assert report == {"windows_written": 2, "windows_stored_already": 0, "prompts_written": 16, "status": "done"}
+    merged = _catalog(store_url)
+    again = json.loads(CliRunner().invoke(app, ["merge", str(partials), "--store", store_url]).stdout)
+    assert again["runs"]["pile10k"]["windows_written"] == 0 and again["runs"]["pile10k"]["windows_stored_already"] == 2
+    assert _catalog(store_url) == merged
+    assert merged["runs"] == [("pile10k", "done")]
+    manifest = open_store(store_url).run("pile10k").manifest
+    assert manifest["counts_shard0"]["prompts"] + manifest["counts_shard1"]["prompts"] == 16
+
+    one = _fresh(store_url, "one", tmp_path)  # on Neo4j: the same database, wiped
+    _ingest(one, "--corpus", "ioi:16:6", "--run", "pile10k", "--batch-size", "8")
+    single = _catalog(one)
+    for key in ("edges", "evidence", "stats", "prompts"):
+        assert merged[key] == single[key], key
+
+
+def test_a_window_file_round_trips_exactly(tmp_path):
+    from test_store_conformance import _batches
+
+    (_, _, agg), _ = _batches()
+    save_window(agg, tmp_path / "w.npz")
+    back = load_window(tmp_path / "w.npz")
+    assert (back.run, back.prompts, back.nodes, back.evidence_cap, back.observations) == \
+        (agg.run, agg.prompts, agg.nodes, agg.evidence_cap, agg.observations)
+    for part in ("edges", "heads", "evidence", "stats"):
+        ours, theirs = getattr(agg, part).columns(), getattr(back, part).columns()
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert ours[name].dtype == theirs[name].dtype and (ours[name] == theirs[name]).all(), (part, name)
+
+
+def test_partials_resume_skips_written_windows_and_refuses_a_second_start(tmp_path):
+    folder = PartialsDir(tmp_path / "p", evidence_per_edge=8)
+    folder.start_run("r", {"batch_size": 8}, resume=False)
+    from test_store_conformance import _batches
+
+    (_, _, agg), _ = _batches("r")
+    assert folder.write_window(agg) is True and folder.write_window(agg) is False
+    assert folder.done_prompts("r") == {p.prompt_id for p in agg.prompts}
+    with pytest.raises(Exception, match="pass --resume"):
+        folder.start_run("r", {"batch_size": 8}, resume=False)
+    assert not list((tmp_path / "p" / "r").glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_merge_of_a_folder_without_partials_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["merge", str(tmp_path), "--store", f"sqlite:///{tmp_path}/c.db"])
+    assert result.exit_code == 2 and "no partials in" in result.output
