@@ -87,9 +87,14 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048,
            partials: Annotated[str | None, typer.Option(help=(
                "write each window to files in this folder instead of a store, for a later `merge` "
-               "(job arrays whose nodes cannot reach the database)"))] = None):
+               "(job arrays whose nodes cannot reach the database)"))] = None,
+           executor: Annotated[str, typer.Option(help="local (this process) or ray (RDFA workers on a Ray cluster)")] = "local",
+           ray_address: Annotated[str | None, typer.Option(
+               help="join this Ray cluster (auto or HOST:PORT); default: start a local one")] = None,
+           workers: Annotated[int, bounded(1, 1024, "Ray RDFA workers")] = 2,
+           gpus_per_worker: Annotated[float, bounded(0, 8, "GPUs per Ray worker (0: CPU workers)")] = 0.0):
     """Run RDFA over a corpus and store every edge with its provenance."""
-    from ingest.jobs import JobOptions, parse_shard, run_job
+    from ingest.jobs import JobOptions, RayOptions, parse_shard, run_job
     from ingest.rdfa.tensors import Pruning
     from ingest.runtime import configure_threads
     from ingest.session import ModelWithSaes
@@ -99,18 +104,23 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     for name, value in (("--window", window), ("--window-mem", window_mem), ("--batch-size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} {value}: must be at least 1")
+    if executor not in ("local", "ray"):
+        raise ValueError(f"--executor {executor!r}: expected local or ray")
     configure_threads(threads)
+    ray = RayOptions(ray_address, workers, gpus_per_worker, threads, model, list(saes)) if executor == "ray" else None
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
-                      progress=progress, window=window, window_mem=window_mem << 20)
+                      progress=progress, window=window, window_mem=window_mem << 20, executor=executor, ray=ray)
     if partials:
         from catalog.partials import PartialsDir
 
         target = PartialsDir(partials, evidence_per_edge or None)
     else:
         target = open_store(store, evidence_per_edge=evidence_per_edge or None)
-    summary = run_job(ModelWithSaes.open(model, saes, device), corpus, target, opts, log=lambda m: typer.echo(m, err=True))
+    # with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU
+    session = ModelWithSaes.open(model, saes, "cpu" if executor == "ray" else device)
+    summary = run_job(session, corpus, target, opts, log=lambda m: typer.echo(m, err=True))
     emit(summary.as_dict(), True)
 
 

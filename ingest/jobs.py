@@ -19,12 +19,14 @@ import queue
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from catalog import __version__
+from catalog.aggregate import WindowAggregate
 from catalog.schema import Prompt
-from ingest.corpora import Corpus, CorpusItem, content_hash, open_corpus
+from ingest.corpora import CorpusItem, content_hash, open_corpus
 from ingest.errors import UserFacingError
 from ingest.rdfa.tensors import Pruning
 from ingest.reduce import Partial, merge, reduce_batch
@@ -49,6 +51,18 @@ class JobOptions:
     progress: bool = True
     window: int = DEFAULT_WINDOW  # prompts per store write
     window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
+    executor: str = "local"  # local | ray
+    ray: RayOptions | None = None  # with executor "ray"
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: start a local cluster; "auto" or HOST:PORT: join one
+    workers: int = 2  # RDFA workers (actors), each with the model and SAEs loaded once
+    gpus_per_worker: float = 0.0  # 0: CPU workers
+    threads_per_worker: int = 1
+    model: str = ""  # what each worker loads (the driver's own session only tokenizes)
+    saes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,14 +124,14 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def _prompt(run: str, item: CorpusItem, ids: list[int], session: ModelWithSaes, corpus: Corpus) -> Prompt:
+def _prompt(run: str, item: CorpusItem, ids: list[int], session: ModelWithSaes, corpus_spec: str) -> Prompt:
     tokens = session.lm.tokenizer.spell(ids)
     meta = dict(item.meta)
     if "io" in meta and "s" in meta:
         from ingest.ioi import name_positions
 
         meta.update(name_positions(tokens, meta["io"], meta["s"]))
-    return Prompt(f"{run}/{item.prompt_id}", run, item.prompt_id, item.text, tokens, corpus.spec,
+    return Prompt(f"{run}/{item.prompt_id}", run, item.prompt_id, item.text, tokens, corpus_spec,
                   content_hash(item.text), meta)
 
 
@@ -145,7 +159,12 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     summary = JobSummary(opts.run, skipped_long=skipped_long, bad_lines=len(corpus.bad_lines),
                          skipped_done=sum(item.prompt_id in done for b in mine for item, _ in b))
     try:
-        _pipeline(session, store, todo, corpus, node_slots(session), opts, summary)
+        if opts.executor == "ray":
+            from ingest.ray_executor import run_on_ray
+
+            run_on_ray(store, todo, corpus.spec, opts, summary)
+        else:
+            _pipeline(session, store, todo, corpus.spec, node_slots(session), opts, summary)
     except BaseException as exc:
         summary.seconds = time.time() - t0
         store.finish_run(opts.run, "failed", {"error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -217,7 +236,32 @@ class _Window:
         return agg
 
 
-def _pipeline(session: ModelWithSaes, store, todo, corpus: Corpus, slots: NodeSlots, opts: JobOptions,
+def compute_windows(session: ModelWithSaes, batches: list, corpus_spec: str, slots: NodeSlots, opts: JobOptions,
+                    cap: int | None, after_batch=None) -> Iterator[WindowAggregate]:
+    """RDFA and the device reduction of one window's batches: yields its aggregate (more than one
+    when ``window_mem`` forces an early flush). ``after_batch(k)`` runs after batch k (a test hook)."""
+    prompts = [_prompt(opts.run, item, ids, session, corpus_spec) for b in batches for item, ids in b]
+    window = _Window(prompts, session.device, cap, opts.window_mem)
+    for k, batch in enumerate(batches):
+        _, graph = session.attribute([ids for _, ids in batch], opts.pruning)
+        obs, acts = observations(graph, slots, window.end)
+        part = reduce_batch(obs, acts, window.rank, slots.size, cap)
+        if window.add(part, len(batch), len(obs.value)):
+            yield window.flush(slots, opts.run)
+        if after_batch is not None:
+            after_batch(k)
+    if window.parts:
+        yield window.flush(slots, opts.run)
+
+
+def count_written(summary: JobSummary, agg: WindowAggregate) -> None:
+    summary.prompts += len(agg.prompts)
+    summary.observations += agg.observations
+    summary.edges += len(agg.edges)
+    summary.windows += 1
+
+
+def _pipeline(session: ModelWithSaes, store, todo, corpus_spec: str, slots: NodeSlots, opts: JobOptions,
               summary: JobSummary) -> None:
     """Compute and reduce on this thread, write on a writer thread, with a bounded queue between."""
     from tqdm import tqdm
@@ -231,10 +275,7 @@ def _pipeline(session: ModelWithSaes, store, todo, corpus: Corpus, slots: NodeSl
                 continue
             try:
                 if store.write_window(agg):
-                    summary.prompts += len(agg.prompts)
-                    summary.observations += agg.observations
-                    summary.edges += len(agg.edges)
-                    summary.windows += 1
+                    count_written(summary, agg)
             except BaseException as exc:  # surfaced on the compute thread
                 failure.append(exc)
 
@@ -249,21 +290,13 @@ def _pipeline(session: ModelWithSaes, store, todo, corpus: Corpus, slots: NodeSl
                dynamic_ncols=True)
     try:
         for batches in todo:
-            prompts = [_prompt(opts.run, item, ids, session, corpus) for b in batches for item, ids in b]
-            window = _Window(prompts, session.device, store.evidence_per_edge, opts.window_mem)
-            for batch in batches:
+            for agg in compute_windows(session, batches, corpus_spec, slots, opts, store.evidence_per_edge,
+                                       after_batch=lambda k, batches=batches: bar.update(len(batches[k]))):
                 if failure:
                     break
-                _, graph = session.attribute([ids for _, ids in batch], opts.pruning)
-                obs, acts = observations(graph, slots, window.end)
-                part = reduce_batch(obs, acts, window.rank, slots.size, store.evidence_per_edge)
-                if window.add(part, len(batch), len(obs.value)):
-                    put(window.flush(slots, opts.run))
-                bar.update(len(batch))
+                put(agg)
             if failure:
                 break
-            if window.parts:
-                put(window.flush(slots, opts.run))
     finally:
         waited = time.time()
         work.put(None)
