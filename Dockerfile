@@ -5,5 +5,6 @@ COPY pyproject.toml README.md ./
 COPY catalog ./catalog
 COPY ingest ./ingest
 COPY api ./api
+COPY cli ./cli
 RUN pip install --no-cache-dir .
 ENTRYPOINT ["circuit-catalog"]

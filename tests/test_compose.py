@@ -28,3 +28,15 @@ def test_neo4j_auth_from_env_with_data_volume_and_healthcheck():
 def test_ingest_worker_reserves_a_gpu():
     devices = COMPOSE["services"]["ingest"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    """The Dockerfile's COPY lines cover pyproject's packages (the CLI lives in cli/, its own package)."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", (root / "Dockerfile").read_text(), re.M))
+    assert packages == {"catalog", "ingest", "api", "cli"} and packages <= copied

@@ -1,0 +1,240 @@
+"""FastAPI app factory: ``create_app(Settings(...))``. The store opens in ``lifespan`` (nothing at
+import time); every handler goes through catalog.queries; errors map to 4xx/5xx with a message and
+never a stack trace.
+
+(No `from __future__ import annotations` here: FastAPI must evaluate the dependency aliases
+defined inside create_app.)"""
+
+
+import base64
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from api import models, pages
+from api.settings import Settings
+from catalog import queries
+from catalog.ids import NodeRefError
+from catalog.schema import EDGE_KINDS, JSON
+from catalog.stores import StoreError, StoreUnavailable, open_store
+from catalog.stores.base import CypherRefused, CypherUnsupported
+from catalog.stores.base import Store as StoreProtocol
+
+log = logging.getLogger("circuit_catalog.api")
+# Most specific first: Starlette picks the handler of the nearest class in the exception's MRO.
+ERROR_STATUS = {NodeRefError: 422, queries.NotFound: 404, queries.Ambiguous: 409, CypherUnsupported: 501,
+                CypherRefused: 400, StoreError: 400, ValueError: 422}
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+                           "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+                           "worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'")
+# Fields a query leaves out stay out (e.g. a direct pair has no "via"): the models describe, never pad.
+ANSWER: dict[str, Any] = {"response_model_exclude_unset": True}
+NodeKindName = Literal["attn", "resid", "error", "bias", "emb", "pos", "mlp", "attn_out"]
+KindQ = Annotated[list[NodeKindName] | None, Query(description="node kinds of the other end")]
+LayerQ = Annotated[list[int] | None, Query(description="layers of the other end")]
+EdgeKindQ = Annotated[list[Literal[EDGE_KINDS]] | None, Query(description="edge kinds")]  # type: ignore[valid-type]
+
+
+class CypherRequest(BaseModel):
+    query: str = Field(..., max_length=10_000, description="a read-only Cypher query")
+    params: dict[str, Any] = Field(default_factory=dict, description="query parameters ($name in the query)")
+
+
+def _cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"o": offset}).encode()).decode()
+
+
+def _offset(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    try:
+        offset = int(json.loads(base64.urlsafe_b64decode(cursor.encode()))["o"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("cursor is not one this API issued") from None
+    if offset < 0:
+        raise ValueError("cursor is not one this API issued")
+    return offset
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.warm_patterns:
+            threading.Thread(target=pages.warm, args=(app, lambda: _store(app)), daemon=True,
+                             name="patterns-warm-up").start()
+        yield
+        if app.state.store is not None:
+            app.state.store.close()
+
+    # docs_url/redoc_url off: FastAPI's own pages load Swagger UI and ReDoc from a CDN, blank offline;
+    # the routes below serve the same pages with the copies vendored in api/static/vendor.
+    app = FastAPI(title="circuit-catalog", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Feature circuits across prompt corpora: RDFA attribution edges with provenance. "
+                              "Browse it at [/](/); this page lists the JSON API.")
+    app.state.settings = settings
+    app.state.store = None  # opened on first use; also when a server runs without lifespan events
+    opening = threading.Lock()  # the warm-up thread and the first request may both open it
+    app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
+
+    @app.middleware("http")
+    async def same_origin_only(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Pages may load nothing from elsewhere: the vendored assets are all they need, and a
+        browser offline (or a bundle's hard-coded CDN image, as ReDoc's logo is) must not wait on
+        the internet. Inline scripts/styles: Swagger UI's start-up script and ReDoc's styles."""
+        response = await call_next(request)
+        if response.headers.get("content-type", "").startswith("text/html"):
+            response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return response
+
+    def _store(app_: FastAPI) -> StoreProtocol:
+        """The store, opened on first use (so a store that is down gives 503s, not a dead server)."""
+        with opening:
+            if app_.state.store is None:
+                app_.state.store = open_store(settings.store, create=False)
+        opened: StoreProtocol = app_.state.store
+        return opened
+
+    def store(request: Request) -> StoreProtocol:
+        return _store(request.app)
+
+    Store = Annotated[Any, Depends(store)]
+    Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
+
+    def error(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
+        """JSON for the API; an HTML page with the same message for a browser page."""
+        if pages.is_page(request):
+            return pages.error_page(request, status, detail, headers)
+        return JSONResponse(status_code=status, headers=headers, content={"detail": detail})
+
+    for exc_type, status in ERROR_STATUS.items():  # expected errors: their message, no stack trace
+        app.add_exception_handler(exc_type, lambda request, exc, status=status: error(request, status, str(exc)))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _down(request: Request, exc: Exception) -> Response:
+        return error(request, 503, f"catalog store unavailable: {exc}; retry shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return error(request, 422, [{"loc": list(e.get("loc", [])), "msg": e.get("msg")} for e in exc.errors()])
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        if type(exc).__module__.startswith(("neo4j", "sqlite3")):
+            log.warning("store failure: %r", exc)
+            return error(request, 503, "catalog store failed; retry shortly", {"Retry-After": "5"})
+        log.exception("unhandled error")
+        return error(request, 500, "internal error (logged on the server)")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="circuit-catalog API",
+                                   swagger_js_url=pages.vendored("swagger-ui/swagger-ui-bundle.js"),
+                                   swagger_css_url=pages.vendored("swagger-ui/swagger-ui.css"),
+                                   swagger_favicon_url=pages.vendored("swagger-ui/favicon-32x32.png"),
+                                   oauth2_redirect_url="/docs/oauth2-redirect")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title="circuit-catalog API",
+                              redoc_js_url=pages.vendored("redoc/redoc.standalone.js"),
+                              redoc_favicon_url=pages.vendored("swagger-ui/favicon-32x32.png"), with_google_fonts=False)
+
+    app.include_router(pages.router(store, settings))
+
+    @app.get("/healthz", response_model=models.Health, **ANSWER)
+    def healthz(s: Store) -> JSON:
+        return {"ok": True, "store": queries.public_url(s.url), "runs": len(s.runs())}
+
+    @app.get("/overview", response_model=models.Overview, **ANSWER)
+    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5) -> JSON:
+        """Counts, runs, and the strongest attention features of each layer (the home page's data)."""
+        return queries.overview(s, per_layer)
+
+    @app.get("/features/{ref}", response_model=models.Feature, **ANSWER)
+    def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None) -> JSON:
+        return queries.feature(s, ref, model=model)
+
+    def _neighbours(direction: str, ref: str, s: StoreProtocol, kind: Sequence[str] | None, layer: list[int] | None,
+                    edge_kind: Sequence[str] | None, min_count: int, order: str, limit: int, cursor: str | None,
+                    model: str | None) -> JSON:
+        offset = _offset(cursor)
+        rows = queries.neighbours(s, ref, direction, model=model, node_kinds=kind, layers=layer,
+                                  edge_kinds=edge_kind, min_count=min_count, order=order, limit=limit, offset=offset)
+        return {"items": rows, "next_cursor": _cursor(offset + limit) if len(rows) == limit else None}
+
+
+    @app.get("/features/{ref}/upstream", response_model=models.NeighbourPage, **ANSWER)
+    def get_upstream(ref: Annotated[str, Path(max_length=64)], s: Store,
+                     kind: KindQ = None, layer: LayerQ = None,
+                     edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
+                     order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
+                     cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
+        return _neighbours("up", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
+
+    @app.get("/features/{ref}/downstream", response_model=models.NeighbourPage, **ANSWER)
+    def get_downstream(ref: Annotated[str, Path(max_length=64)], s: Store,
+                       kind: KindQ = None, layer: LayerQ = None,
+                       edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
+                       order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
+                       cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
+        return _neighbours("down", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
+
+    @app.get("/edges/{src}/{dst}", response_model=models.Edge, **ANSWER)
+    def get_edge(src: Annotated[str, Path(max_length=64)], dst: Annotated[str, Path(max_length=64)], s: Store,
+                 evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20,
+                 model: str | None = None) -> JSON:
+        return queries.edge(s, src, dst, model=model, evidence_limit=evidence)
+
+    @app.get("/prompts/{uid:path}/graph", response_model=models.PromptGraph | models.NeuronpediaGraph, **ANSWER)
+    def get_prompt_graph(uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200,
+                         around: Annotated[str | None, Query(max_length=80, description=(
+                             "keep the edges on paths into or out of this node: A2.17@14, or A2.17 for all "
+                             "its positions"))] = None,
+                         format: Annotated[Literal["catalog", "neuronpedia"], Query(description=(
+                             "neuronpedia: the attribution-graph JSON Neuronpedia and circuit-tracer's "
+                             "frontend read"))] = "catalog") -> JSON:
+        if format == "neuronpedia":
+            return queries.prompt_graph_neuronpedia(s, uid, limit, around)
+        return queries.prompt_graph(s, uid, limit, around)
+
+    @app.get("/prompts/{uid:path}", response_model=models.Prompt, **ANSWER)
+    def get_prompt(uid: Annotated[str, Path(max_length=300)], s: Store) -> JSON:
+        return queries.prompt(s, uid)
+
+    @app.get("/runs", response_model=list[models.Run], **ANSWER)
+    def get_runs(s: Store) -> list[JSON]:
+        return queries.runs(s)[: settings.max_limit]
+
+    @app.get("/runs/{run_id}", response_model=models.Run, **ANSWER)
+    def get_run(run_id: Annotated[str, Path(max_length=200)], s: Store) -> JSON:
+        return queries.run(s, run_id)
+
+    @app.get("/patterns/composition", response_model=models.Patterns, **ANSWER)
+    def get_patterns(request: Request, s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
+                     min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> JSON:
+        return pages.mined(request.app.state, s, top, min_prompts)
+
+    @app.post("/cypher", response_model=models.CypherAnswer, **ANSWER)
+    def post_cypher(body: CypherRequest, s: Store) -> JSON:
+        rows = s.cypher(body.query, body.params, settings.cypher_row_cap, settings.cypher_timeout_s)
+        return {"rows": json.loads(json.dumps(rows, default=str)), "row_cap": settings.cypher_row_cap,
+                "truncated": len(rows) >= settings.cypher_row_cap}
+
+    return app
+

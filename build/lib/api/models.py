@@ -1,0 +1,216 @@
+"""Response models: what every JSON endpoint answers, so the OpenAPI schema (and /docs) describes each
+response. ``extra="forbid"``: a field that ``catalog.queries`` adds without a model here fails the
+tests instead of silently leaving the schema behind. Floats are rounded to 6 significant digits by
+``catalog.queries.rnd``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Activation(Model):
+    n_positions: int = Field(description="token positions where the feature is active")
+    n_prompts: int
+    mean: float | None
+    max: float | None
+
+
+class SaeFlags(Model):
+    flagged: bool = Field(description="the SAE damaged the model's behaviour when spliced in (eval-saes)")
+    logit_diff_recovery: float | None
+    kl: float | None
+    run: str
+
+
+class Feature(Model):
+    id: str = Field(description="canonical node id, e.g. A5.44256")
+    uid: str = Field(description="model|sae|id")
+    kind: str
+    layer: int | None
+    index: int | None
+    model: str
+    sae: str = Field(description="the SAE's own key: release:sae_id, local:<weights hash>, or empty")
+    activation: Activation | None = None
+    neuronpedia: str | None = None
+    sae_flags: SaeFlags | None = None
+
+
+class EdgeStatistics(Model):
+    edge_kind: str = Field(description="attn_in, resid_in or direct")
+    n_prompts: int
+    n_obs: int = Field(description="observations: (prompt, source position, destination position, head)")
+    sum: float | None
+    mean: float | None
+    std: float | None
+    sum_abs: float | None
+    min: float | None
+    max: float | None
+    sign_share: float | None = Field(description="share of observations with the dominant sign")
+    heads: dict[str, float | None] = Field(description="per-head sums (heads with a non-zero sum)")
+
+
+class Neighbour(EdgeStatistics):
+    id: str
+    uid: str
+    kind: str
+    layer: int | None
+
+
+class NeighbourPage(Model):
+    items: list[Neighbour]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class EvidenceRow(Model):
+    prompt: str
+    text: str | None
+    src_pos: int
+    src_token: str | None
+    dst_pos: int
+    dst_token: str | None
+    head: int | None
+    value: float | None
+
+
+class EdgeKindAnswer(EdgeStatistics):
+    evidence: list[EvidenceRow]
+
+
+class Edge(Model):
+    source: str
+    target: str
+    source_uid: str
+    target_uid: str
+    kinds: list[EdgeKindAnswer]
+    sae_flags: dict[str, SaeFlags | None]
+    through_flagged_sae: list[str]
+
+
+class Prompt(Model):
+    uid: str
+    run: str
+    prompt_id: str
+    text: str
+    tokens: list[str]
+    corpus: str
+    content_hash: str
+    meta: dict[str, Any]
+
+
+class PromptEdge(Model):
+    source: str = Field(description="node id at a position, e.g. R1.4@3")
+    target: str
+    kind: str
+    head: int | None
+    value: float | None
+
+
+class PromptGraph(Model):
+    prompt: Prompt
+    around: str | None
+    edges: list[PromptEdge]
+
+
+class NeuronpediaGraph(BaseModel):
+    """Attribution-graph JSON as Neuronpedia and circuit-tracer's frontend read it (see the README)."""
+
+    model_config = ConfigDict(extra="allow")
+    metadata: dict[str, Any]
+    qParams: dict[str, Any]  # noqa: N815 - the format's own field name
+    nodes: list[dict[str, Any]]
+    links: list[dict[str, Any]]
+
+
+class Run(Model):
+    run_id: str
+    status: str
+    manifest: dict[str, Any]
+
+
+class RunSummary(Model):
+    run_id: str
+    status: str
+    kind: str
+    model: str | None
+    saes: list[str | None]
+    corpus: str | None
+    prompts: int | None
+    finished: str | None
+
+
+class TopFeature(Model):
+    id: str
+    uid: str
+    kind: str
+    layer: int | None
+    degree: int
+    total_abs: float | None
+
+
+class LayerFeatures(Model):
+    layer: int
+    features: list[TopFeature]
+
+
+class Overview(Model):
+    store: str
+    counts: dict[str, int]
+    runs: list[RunSummary]
+    strongest_attention: list[LayerFeatures]
+
+
+class Exemplar(Model):
+    prompt: str
+    text: str | None
+
+
+class Pair(Model):
+    source: str
+    target: str
+    path: str = Field(description="direct, or via_resid (through one residual feature)")
+    via: list[str] | None = None
+    n_prompts: int
+    total: float | None
+    mean: float | None
+    sign_share: float | None
+    heads: dict[str, float | None]
+    z_score: float | None
+    exemplars: list[Exemplar]
+
+
+class Chain(Model):
+    chain: list[str]
+    strength: float | None
+    paths: list[str]
+
+
+class Hub(Model):
+    id: str
+    fed_by: int
+    feeds: int
+
+
+class Patterns(Model):
+    n_prompts: int
+    pairs: list[Pair]
+    chains: list[Chain]
+    hubs: list[Hub]
+    null: str
+
+
+class Health(Model):
+    ok: bool
+    store: str
+    runs: int
+
+
+class CypherAnswer(Model):
+    rows: list[dict[str, Any]]
+    row_cap: int
+    truncated: bool

@@ -1,0 +1,159 @@
+"""The columnar aggregate of a window of prompts: what goes from RDFA to the store in one write.
+
+Every column is a numpy array; the only Python objects are the window's prompts and the nodes it
+touches (what a person reads). Nodes and prompts are referred to by their row in ``nodes`` and
+``prompts``; edges by (src, dst, kind code). The reduction that fills it runs in torch on the device
+that ran RDFA (``ingest.reduce``); stores write it in bulk (one all-or-nothing write per window).
+No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
+import numpy as np
+
+from catalog.schema import EDGE_KINDS, NodeInfo, Prompt
+
+
+class _Columns:
+    """Parallel 1-D arrays of one length (subclasses are dataclasses)."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, fields(self)[0].name))  # type: ignore[arg-type]
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.columns().values())
+
+
+@dataclass
+class EdgeColumns(_Columns):
+    """One row per edge: counts and moments of its observations in the window."""
+
+    src: np.ndarray  # int64 [m] row in WindowAggregate.nodes
+    dst: np.ndarray  # int64 [m]
+    kind: np.ndarray  # int64 [m] index into EDGE_KINDS
+    n_prompts: np.ndarray  # int64 [m] prompts the edge was observed in
+    n_obs: np.ndarray  # int64 [m] observations (prompt, positions, head)
+    sum: np.ndarray  # float64 [m]
+    sumsq: np.ndarray  # float64 [m]
+    sum_abs: np.ndarray  # float64 [m]
+    min: np.ndarray  # float64 [m]
+    max: np.ndarray  # float64 [m]
+    n_pos: np.ndarray  # int64 [m] observations with value > 0
+
+
+@dataclass
+class HeadColumns(_Columns):
+    """Per-head sums of attention edges: one row per (edge, head) observed."""
+
+    src: np.ndarray  # int64 [h]
+    dst: np.ndarray  # int64 [h]
+    kind: np.ndarray  # int64 [h]
+    head: np.ndarray  # int64 [h]
+    sum: np.ndarray  # float64 [h]
+
+
+@dataclass
+class EvidenceColumns(_Columns):
+    """The top-N observations of each edge (N = WindowAggregate.evidence_cap)."""
+
+    src: np.ndarray  # int64 [e]
+    dst: np.ndarray  # int64 [e]
+    kind: np.ndarray  # int64 [e]
+    prompt: np.ndarray  # int64 [e] row in WindowAggregate.prompts
+    src_pos: np.ndarray  # int64 [e]
+    dst_pos: np.ndarray  # int64 [e]
+    head: np.ndarray  # int64 [e], -1 where no head applies
+    value: np.ndarray  # float64 [e]
+
+
+@dataclass
+class StatColumns(_Columns):
+    """Activation statistics of the decomposed nodes (SAE features) in the window."""
+
+    node: np.ndarray  # int64 [n] row in WindowAggregate.nodes
+    n_obs: np.ndarray  # int64 [n] active positions
+    n_prompts: np.ndarray  # int64 [n]
+    sum_act: np.ndarray  # float64 [n]
+    max_act: np.ndarray  # float64 [n]
+
+
+@dataclass
+class WindowAggregate:
+    """Whole prompts of one run, aggregated: the unit of one store write."""
+
+    run: str
+    prompts: list[Prompt]
+    nodes: list[NodeInfo]
+    edges: EdgeColumns
+    heads: HeadColumns
+    evidence: EvidenceColumns
+    stats: StatColumns
+    evidence_cap: int | None  # evidence kept per edge when it was aggregated (None: all)
+    observations: int = 0  # observations the window aggregates (for throughput figures)
+
+    @property
+    def nbytes(self) -> int:
+        return self.edges.nbytes + self.heads.nbytes + self.evidence.nbytes + self.stats.nbytes
+
+    def kind_names(self, kind: np.ndarray) -> list[str]:
+        names: list[str] = np.array(EDGE_KINDS, dtype=object)[kind].tolist()
+        return names
+
+
+C = TypeVar("C", bound=_Columns)
+
+
+def empty_columns(cls: type[C]) -> C:
+    """Columns of length 0 with the dtypes their docstrings give."""
+    floats = {"sum", "sumsq", "sum_abs", "min", "max", "value", "sum_act", "max_act"}
+    return cls(**{f.name: np.zeros(0, np.float64 if f.name in floats else np.int64)
+                  for f in fields(cls)})  # type: ignore[arg-type]
+
+
+class EvidenceFloor:
+    """Per edge key, a lower bound of the smallest |value| among the top-N evidence the catalog holds.
+
+    The stored top N of an edge only ever improves, so its N-th largest |value| never falls; an
+    observation strictly below the bound can never be kept, and a writer drops it before it costs a
+    row. The bound comes from what this writer itself stored (the N-th largest |value| of any N rows
+    it wrote for the edge), so it holds whatever other writers do. Keys and bounds live in two sorted
+    numpy arrays (16 bytes an edge)."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+        self.keys = np.zeros(0, np.int64)
+        self.floor = np.zeros(0, np.float64)
+
+    def keep(self, keys: np.ndarray, absval: np.ndarray) -> np.ndarray:
+        """[e] bool: rows that may still enter their edge's top N."""
+        if self.n is None or not len(self.keys):
+            return np.ones(len(keys), bool)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        known = self.keys[at] == keys
+        keep: np.ndarray = ~known | (absval >= self.floor[at])
+        return keep
+
+    def update(self, keys: np.ndarray, absval: np.ndarray) -> None:
+        """Raise the bounds with rows just stored (call once their write is committed)."""
+        if self.n is None or not len(keys):
+            return
+        order = np.lexsort((-absval, keys))
+        k, a = keys[order], absval[order]
+        first = np.r_[True, k[1:] != k[:-1]]
+        starts = np.flatnonzero(first)
+        counts = np.diff(np.r_[starts, len(k)])
+        full = counts >= self.n
+        new_keys, new_floor = k[starts[full]], a[starts[full] + self.n - 1]
+        merged = np.concatenate([self.keys, new_keys])
+        floors = np.concatenate([self.floor, new_floor])
+        uniq, inv = np.unique(merged, return_inverse=True)
+        best = np.full(len(uniq), -np.inf)
+        np.maximum.at(best, inv, floors)
+        self.keys, self.floor = uniq, best

@@ -1,0 +1,84 @@
+"""Copy a catalog between stores (SQLite <-> Neo4j), losslessly, in bounded chunks.
+
+Rows read from the source become the same columnar WindowAggregate an ingest writes, so the target
+loads them through its bulk path (import_window: no prompt claim, no evidence trim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any, TypeVar
+
+import numpy as np
+
+from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, StatColumns, WindowAggregate, empty_columns
+from catalog.schema import EDGE_KINDS, JSON
+from catalog.stores.base import Store
+
+T = TypeVar("T")
+
+
+def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
+    """Nodes (+stats), edges (+head sums), all evidence, prompts and runs; returns the counts copied."""
+    if dst.runs() or next(iter(dst.all_nodes()), None) is not None:
+        from catalog.stores.base import StoreError
+
+        raise StoreError(f"export target {dst.url} is not empty; export into an empty catalog")
+    pairs = list(src.all_nodes())
+    nodes = [n for n, _ in pairs]
+    row = {n.uid: i for i, n in enumerate(nodes)}
+    prompts = list(src.all_prompts())
+    prompt_row = {p.uid: i for i, p in enumerate(prompts)}
+    kind = {k: i for i, k in enumerate(EDGE_KINDS)}
+    stats = [(row[n.uid], s) for n, s in pairs if s is not None]
+    def window(**cols: Any) -> WindowAggregate:
+        return WindowAggregate("", [], nodes, **{
+            "edges": empty_columns(EdgeColumns), "heads": empty_columns(HeadColumns),
+            "evidence": empty_columns(EvidenceColumns), "stats": empty_columns(StatColumns), "evidence_cap": None,
+            **cols})
+    dst.import_window(window(stats=StatColumns(*_arrays(
+        stats, lambda r: r[0], lambda r: r[1].n_obs, lambda r: r[1].n_prompts, lambda r: r[1].sum_act,
+        lambda r: r[1].max_act))))
+    counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": 0}
+    for edges_part in _chunks(src.all_edges(), chunk):
+        heads = [(row[e.src], row[e.dst], kind[e.kind], h, v) for e in edges_part for h, v in sorted(e.head_sums.items())]
+        dst.import_window(window(
+            edges=EdgeColumns(*_arrays(edges_part, lambda e: row[e.src], lambda e: row[e.dst], lambda e: kind[e.kind],
+                                       *(lambda e, c=c: getattr(e, c) for c in (
+                                           "n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos")))),
+            heads=HeadColumns(*_arrays(heads, *(lambda r, i=i: r[i] for i in range(5))))))
+        counts["edges"] += len(edges_part)
+    for prompts_part in _chunks(prompts, chunk):
+        agg = window()
+        agg.prompts = prompts_part
+        dst.import_window(agg)
+        counts["prompts"] += len(prompts_part)
+    for evidence_part in _chunks(src.all_evidence(), chunk):
+        used = sorted({v.prompt for v in evidence_part})
+        local = {uid: i for i, uid in enumerate(used)}
+        agg = window(evidence=EvidenceColumns(*_arrays(
+            evidence_part, lambda v: row[v.src], lambda v: row[v.dst], lambda v: kind[v.kind], lambda v: local[v.prompt],  # noqa: B023 - consumed here
+            lambda v: v.src_pos, lambda v: v.dst_pos, lambda v: -1 if v.head is None else v.head, lambda v: v.value)))
+        agg.prompts = [prompts[prompt_row[uid]] for uid in used]  # stored above already: inserts are no-ops
+        dst.import_window(agg)
+        counts["evidence"] += len(evidence_part)
+    runs = src.runs()
+    dst.import_runs(runs)
+    counts["runs"] = len(runs)
+    return counts
+
+
+def _arrays(rows: Sequence[Any], *getters: Callable[[Any], Any]) -> list[np.ndarray]:
+    """One numpy column per getter (float64 where the values are floats, else int64)."""
+    out = []
+    for get in getters:
+        values = [get(r) for r in rows]
+        out.append(np.array(values, dtype=np.float64 if values and isinstance(values[0], float) else np.int64))
+    return out

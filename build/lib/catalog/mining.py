@@ -1,0 +1,174 @@
+"""Composition patterns that recur across a corpus (no torch; networkx for the pattern graph).
+
+* Pairs A_l.k -> A_L.f (l < L): ``direct`` (the exact direct edge, no residual SAE between) and
+  ``via_resid`` (A_l.k -resid_in-> R_L.j -attn_in-> A_L.f; its total is sum_j sum(j->f) *
+  sum(k->j) / in(j), k's share of j times j's attribution to f; its prompts are those whose
+  stored evidence chains the two hops at the same position).
+* Null baseline: the number of prompts a pair recurs in, against the same count when the prompts
+  of f's activity are shuffled among the corpus's prompts. That shuffle's distribution is
+  hypergeometric, so its mean n_k n_f / N and variance are exact, and ``z_score`` says how
+  many standard deviations the observed recurrence lies above it.
+* Chains of three attention features and hubs come from the graph of pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import networkx as nx
+import numpy as np
+
+from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
+from catalog.schema import JSON, EdgeStats
+from catalog.stores.base import Store
+
+MAX_PAIRS_SCANNED = 200
+
+
+def _ref(uid: str) -> str:
+    return str(node_ref_of(uid))
+
+
+def null_z(n_pair: int, n_src: int, n_dst: int, n_total: int) -> float | None:
+    """z of ``n_pair`` co-occurrences against shuffled prompt assignments (hypergeometric)."""
+    if n_total < 2 or not n_src or not n_dst:
+        return None
+    mean = n_src * n_dst / n_total
+    var = mean * (n_total - n_src) * (n_total - n_dst) / (n_total * (n_total - 1))
+    return rnd((n_pair - mean) / math.sqrt(var)) if var > 0 else None
+
+
+def _prompt_counts(store: Store) -> tuple[dict[str, int], int]:
+    counts = {n.uid: s.n_prompts for n, s in store.all_nodes() if s is not None}
+    n_total = sum(1 for _ in store.all_prompts())
+    return counts, n_total
+
+
+def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int) -> list[JSON]:
+    out: list[JSON] = []
+    for e in store.all_edges(("direct",)):
+        if _is_attn_feature(e.src) and _is_attn_feature(e.dst) and e.n_prompts >= min_prompts:
+            stats = edge_stats(e)
+            out.append({"source": _ref(e.src), "target": _ref(e.dst), "source_uid": e.src, "target_uid": e.dst,
+                        "path": "direct", "n_prompts": e.n_prompts, "total": stats["sum"], "mean": stats["mean"],
+                        "sign_share": stats["sign_share"], "heads": stats["heads"],
+                        "z_score": null_z(e.n_prompts, counts.get(e.src, 0), counts.get(e.dst, 0), n_total)})
+    return out
+
+
+def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int) -> list[JSON]:
+    """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence.
+
+    The join (every attention feature into a residual feature) x (that residual feature into every
+    later attention feature) has millions of rows on a corpus-sized catalog, so it runs in numpy:
+    edges sorted by uid first, so the sums do not depend on the order a store returns edges in."""
+    ups = sorted(store.all_edges(("resid_in",)), key=lambda e: (e.src, e.dst))
+    total_in: dict[str, float] = defaultdict(float)
+    for e in ups:
+        total_in[e.dst] += e.sum
+    ups = [e for e in ups if _is_attn_feature(e.src)]
+    fed = {e.dst for e in ups}
+    downs = sorted((e for e in store.all_edges(("attn_in",))
+                    if e.src in fed and total_in[e.src] and _is_attn_feature(e.dst)), key=lambda e: (e.src, e.dst))
+    if not ups or not downs:
+        return []
+    uids = sorted({e.src for e in ups} | {e.dst for e in downs})
+    uid_id = {u: i for i, u in enumerate(uids)}  # int order == uid order, so int keys sort as uid pairs
+    mids = sorted(fed)
+    mid_id = {m: i for i, m in enumerate(mids)}
+    up_mid = np.array([mid_id[e.dst] for e in ups])
+    by_mid = np.argsort(up_mid, kind="stable")
+    up_src = np.array([uid_id[e.src] for e in ups])[by_mid]
+    up_layer = np.array([_layer(e.src) for e in ups])[by_mid]
+    up_sum = np.array([e.sum for e in ups])[by_mid]
+    n_up = np.bincount(up_mid, minlength=len(mids))
+    first_up = np.cumsum(n_up) - n_up
+    down_mid = np.array([mid_id[e.src] for e in downs])
+    down_dst = np.array([uid_id[e.dst] for e in downs])
+    down_layer = np.array([_layer(e.dst) for e in downs])
+    down_sum = np.array([e.sum for e in downs])
+    mid_total = np.array([total_in[m] for m in mids])
+    # every (down, up) pair that meets at the same residual feature
+    reps = n_up[down_mid]
+    d = np.repeat(np.arange(len(downs)), reps)
+    u = np.repeat(first_up[down_mid], reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
+    keep = up_layer[u] < down_layer[d]
+    d, u = d[keep], u[keep]
+    contrib = down_sum[d] * up_sum[u] / mid_total[down_mid[d]]
+    pair = up_src[u] * len(uids) + down_dst[d]
+    keys, which = np.unique(pair, return_inverse=True)
+    score = np.bincount(which, weights=contrib, minlength=len(keys))
+    best = np.lexsort((keys, -np.abs(score)))[:MAX_PAIRS_SCANNED]
+    hop_rows = defaultdict(list)  # best pair -> its (up, down) hops, in join order
+    chosen = np.isin(which, best)
+    up_edges = [ups[i] for i in by_mid]
+    for w, ui, di in zip(which[chosen].tolist(), u[chosen].tolist(), d[chosen].tolist()):
+        hop_rows[w].append((up_edges[ui], downs[di]))
+    out = []
+    for w in best.tolist():
+        src, dst = uids[int(keys[w]) // len(uids)], uids[int(keys[w]) % len(uids)]
+        hops = hop_rows[w]
+        prompts, heads = _chained_prompts(store, hops)
+        if len(prompts) < min_prompts:
+            continue
+        total = float(score[w])
+        out.append({"source": _ref(src), "target": _ref(dst), "source_uid": src, "target_uid": dst,
+                    "path": "via_resid", "via": sorted({_ref(up.dst) for up, _ in hops}),
+                    "n_prompts": len(prompts), "total": rnd(total), "mean": rnd(total / len(prompts)),
+                    "sign_share": None, "heads": {str(h): rnd(v) for h, v in sorted(heads.items())},
+                    "z_score": null_z(len(prompts), counts.get(src, 0), counts.get(dst, 0), n_total),
+                    "exemplars": sorted(prompts)[:3]})
+    return out
+
+
+def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]]) -> tuple[set[str], dict[int, float]]:
+    """Prompts whose evidence has hop 1 (k@s -> j@s) and hop 2 (j@s -> f@t) at the same s; head sums of hop 2."""
+    prompts: set[str] = set()
+    heads: dict[int, float] = defaultdict(float)
+    for up, down in hops:
+        first = {(v.prompt, v.dst_pos) for v in store.evidence(up.src, up.dst, up.kind, 1000)}
+        for v in store.evidence(down.src, down.dst, down.kind, 1000):
+            if (v.prompt, v.src_pos) in first:
+                prompts.add(v.prompt)
+        for h, s in down.head_sums.items():
+            heads[h] += s
+    return prompts, heads
+
+
+def _exemplars(store: Store, pair: JSON, n: int = 3) -> list[JSON]:
+    if pair["path"] == "direct":
+        ev = store.evidence(pair["source_uid"], pair["target_uid"], "direct", 50)
+        uids = list(dict.fromkeys(v.prompt for v in ev))[:n]
+    else:
+        uids = pair.get("exemplars", [])[:n]
+    prompts = store.prompts(uids)
+    return [{"prompt": u, "text": prompts[u].text if u in prompts else None} for u in uids]
+
+
+def mine(store: Store, top: int = 20, min_prompts: int = 2) -> JSON:
+    """Pairs (ranked by |total|), chains of three, hubs; each pattern with exemplar prompts."""
+    counts, n_total = _prompt_counts(store)
+    pairs = direct_pairs(store, counts, n_total, min_prompts) + via_resid_pairs(store, counts, n_total, min_prompts)
+    pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
+    graph = nx.DiGraph()
+    for p in pairs:
+        w = abs(p["total"] or 0)
+        if not graph.has_edge(p["source"], p["target"]) or graph[p["source"]][p["target"]]["w"] < w:
+            graph.add_edge(p["source"], p["target"], w=w, path=p["path"])
+    chains: list[JSON] = []
+    for mid in graph.nodes:
+        for a in graph.predecessors(mid):
+            for c in graph.successors(mid):
+                w = min(graph[a][mid]["w"], graph[mid][c]["w"])
+                chains.append({"chain": [a, mid, c], "strength": rnd(w),
+                               "paths": [graph[a][mid]["path"], graph[mid][c]["path"]]})
+    chains.sort(key=lambda c: (-float(c["strength"]), c["chain"]))
+    hubs = [{"id": n, "fed_by": graph.in_degree(n), "feeds": graph.out_degree(n)} for n in graph.nodes]
+    hubs.sort(key=lambda h: (-(h["fed_by"] + h["feeds"]), h["id"]))
+    shown = pairs[:top]
+    for p in shown:
+        p["exemplars"] = _exemplars(store, p)
+        p.pop("source_uid"), p.pop("target_uid")
+    return {"n_prompts": n_total, "pairs": shown, "chains": chains[:top], "hubs": hubs[:top],
+            "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment"}

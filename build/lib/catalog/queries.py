@@ -1,0 +1,299 @@
+"""Store-independent questions with one answer format: fixed ordering (metric, then id), floats
+rounded the same way, so equal queries print byte-identical JSON on SQLite and Neo4j."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
+from catalog.schema import EDGE_KINDS, JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Run
+from catalog.stores.base import ORDERS, EdgeQuery, Store, StoreError
+
+MAX_LIMIT = 1000
+SIG_DIGITS = 6
+
+
+class NotFound(StoreError):
+    """A well-formed reference that names nothing in this catalog."""
+
+
+class Ambiguous(StoreError):
+    """A reference that names nodes of several models/releases; pass model= to choose."""
+
+
+def rnd(x: float | None) -> float | None:
+    """Round to SIG_DIGITS significant digits (the one rounding both stores' answers go through)."""
+    if x is None or not math.isfinite(x):
+        return x
+    return float(f"{x:.{SIG_DIGITS}g}")
+
+
+def resolve(store: Store, ref: str, model: str | None = None) -> NodeInfo:
+    """A user reference (A5.44256, L5.F44256, R3.ERR, ...) -> the catalog node it names."""
+    canonical = format_ref(parse_ref(ref).at(None))
+    if parse_ref(ref).pos is not None:
+        raise NodeRefError(f"{ref!r} names a position; catalog nodes aggregate over positions (drop '@...')")
+    found = store.find_nodes(canonical, model)
+    if not found:
+        raise NotFound(f"no node {canonical} in {store.url}" + (f" for model {model}" if model else ""))
+    if len(found) > 1:
+        raise Ambiguous(f"{canonical} exists for several models/releases: " + ", ".join(n.uid for n in found)
+                        + "; pass --model")
+    return found[0]
+
+
+def edge_stats(e: EdgeStats) -> JSON:
+    mean = e.sum / e.n_obs if e.n_obs else 0.0
+    var = max(0.0, e.sumsq / e.n_obs - mean * mean) if e.n_obs else 0.0
+    return {"edge_kind": e.kind, "n_prompts": e.n_prompts, "n_obs": e.n_obs, "sum": rnd(e.sum), "mean": rnd(mean),
+            "std": rnd(math.sqrt(var)), "sum_abs": rnd(e.sum_abs), "min": rnd(e.min), "max": rnd(e.max),
+            "sign_share": rnd(max(e.n_pos, e.n_obs - e.n_pos) / e.n_obs if e.n_obs else 0.0),
+            "heads": {str(h): rnd(v) for h, v in sorted(e.head_sums.items()) if v != 0.0}}
+
+
+def node_json(n: NodeInfo, stats: NodeStats | None = None) -> JSON:
+    out: JSON = {"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "index": n.index, "model": n.model,
+           "sae": n.sae}
+    if stats is not None:
+        out["activation"] = {"n_positions": stats.n_obs, "n_prompts": stats.n_prompts,
+                             "mean": rnd(stats.sum_act / stats.n_obs if stats.n_obs else 0.0), "max": rnd(stats.max_act)}
+    return out
+
+
+def edge_query(*, edge_kinds: Sequence[str] | None = None, node_kinds: Sequence[str] | None = None,
+               layers: Sequence[int] | None = None, min_count: int = 0, order: str = "abs", limit: int = 20,
+               offset: int = 0) -> EdgeQuery:
+    """Validate filters; raise ValueError naming the bad one."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    bad = [k for k in edge_kinds or () if k not in EDGE_KINDS]
+    if bad:
+        raise ValueError(f"unknown edge kind(s) {bad}: expected {', '.join(EDGE_KINDS)}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    if offset < 0 or min_count < 0:
+        raise ValueError("offset and min_count must be >= 0")
+    return EdgeQuery(tuple(edge_kinds) if edge_kinds else None, tuple(node_kinds) if node_kinds else None,
+                     tuple(layers) if layers else None, min_count, order, limit, offset)
+
+
+def neighbours(store: Store, ref: str, direction: str, *, model: str | None = None, **filters: Any) -> list[JSON]:
+    """Upstream (direction 'up') or downstream ('down') edges of a node, as JSON-ready dicts, id first."""
+    node = resolve(store, ref, model)
+    rows = store.neighbours(node.uid, direction, edge_query(**filters))
+    return [{"id": other.ref, "uid": other.uid, "kind": other.kind, "layer": other.layer, **edge_stats(e)}
+            for other, e in rows]
+
+
+def upstream(store: Store, ref: str, **kw: Any) -> list[JSON]:
+    return neighbours(store, ref, "up", **kw)
+
+
+def downstream(store: Store, ref: str, **kw: Any) -> list[JSON]:
+    return neighbours(store, ref, "down", **kw)
+
+
+def evidence_json(evidence: list[Evidence], prompts: JSON) -> list[JSON]:
+    out = []
+    for v in evidence:
+        p = prompts.get(v.prompt)
+        tokens = p.tokens if p else []
+
+        def tok(i: int, tokens: list[str] = tokens) -> str | None:
+            return tokens[i] if 0 <= i < len(tokens) else None
+        out.append({"prompt": v.prompt, "text": p.text if p else None, "src_pos": v.src_pos, "src_token": tok(v.src_pos),
+                    "dst_pos": v.dst_pos, "dst_token": tok(v.dst_pos), "head": v.head, "value": rnd(v.value)})
+    return out
+
+
+def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence_limit: int = 20) -> JSON:
+    """Statistics of every edge kind between two nodes, with per-head split and evidence (prompts, tokens)."""
+    s, d = resolve(store, src, model), resolve(store, dst, model)
+    found = store.edges_between(s.uid, d.uid)
+    if not found:
+        raise NotFound(f"no edge {s.ref} -> {d.ref} in {store.url}")
+    kinds = []
+    for e in found:
+        ev = store.evidence(s.uid, d.uid, e.kind, min(evidence_limit, MAX_LIMIT))
+        kinds.append({**edge_stats(e), "evidence": evidence_json(ev, store.prompts([v.prompt for v in ev]))})
+    flags = {n.ref: sae_info(store, n)["sae_flags"] for n in (s, d)}
+    through_flagged = [ref for ref, f in flags.items() if f and f["flagged"]]
+    return {"source": s.ref, "target": d.ref, "source_uid": s.uid, "target_uid": d.uid, "kinds": kinds,
+            "sae_flags": flags, "through_flagged_sae": through_flagged}
+
+
+def feature(store: Store, ref: str, *, model: str | None = None) -> JSON:
+    node = resolve(store, ref, model)
+    found = store.node(node.uid)
+    if found is None:  # removed between the two reads
+        raise NotFound(f"no node {node.ref} in {store.url}")
+    info, stats = found
+    return {**node_json(info, stats), **sae_info(store, info)}
+
+
+def sae_info(store: Store, node: NodeInfo) -> JSON:
+    """Neuronpedia link (from ingest manifests) and SAE sufficiency flags (from eval-saes runs)."""
+    out: JSON = {"neuronpedia": None, "sae_flags": None}
+    if node.kind not in ("attn", "resid"):
+        return out
+    for run in store.runs():
+        m = run.manifest
+        for sae in m.get("saes", []):
+            if sae.get("kind") == node.kind and sae.get("layer") == node.layer and sae.get("neuronpedia_id"):
+                out["neuronpedia"] = f"https://www.neuronpedia.org/{sae['neuronpedia_id']}/{node.index}"
+        ev = m.get("sae_eval")
+        if ev and ev.get("model") == node.model:
+            for row in ev["saes"]:
+                if row.get("sae") == node.sae and row["kind"] == node.kind and row["layer"] == node.layer:
+                    out["sae_flags"] = {"flagged": row["flagged"], "logit_diff_recovery": rnd(row["logit_diff_recovery"]),
+                                        "kl": rnd(row["kl"]), "run": run.run_id}
+    return out
+
+
+def prompt(store: Store, uid: str) -> JSON:
+    p = store.prompt(uid)
+    if p is None:
+        raise NotFound(f"no prompt {uid!r} in {store.url}")
+    return {"uid": p.uid, "run": p.run, "prompt_id": p.prompt_id, "text": p.text, "tokens": p.tokens,
+            "corpus": p.corpus, "content_hash": p.content_hash, "meta": p.meta}
+
+
+def prompt_graph(store: Store, uid: str, limit: int = 200, around: str | None = None) -> JSON:
+    """The stored observations of one prompt (the evidence the store kept, strongest first), with
+    token positions; ``around`` (``A2.17@14``, or ``A2.17`` for all its positions) keeps only the
+    edges on paths into or out of that node."""
+    p = prompt(store, uid)
+    limit = min(limit, MAX_LIMIT * 10)
+    # around a node: its paths are looked for among all the prompt's stored edges, then the strongest kept
+    ev = store.prompt_evidence(uid, MAX_LIMIT * 10 if around is not None else limit)
+    edges = [{"source": f"{node_ref_of(v.src)}@{v.src_pos}", "target": f"{node_ref_of(v.dst)}@{v.dst_pos}",
+              "kind": v.kind, "head": v.head, "value": rnd(v.value)} for v in ev]
+    if around is not None:
+        from catalog.prompt_graphs import neighbourhood
+
+        edges = neighbourhood(edges, around)[:limit]
+        if not edges:
+            raise NotFound(f"{around} is in none of the {len(ev)} stored edges of prompt {uid!r}")
+    return {"prompt": p, "around": around, "edges": edges}
+
+
+def prompt_graph_neuronpedia(store: Store, uid: str, limit: int = 200, around: str | None = None) -> JSON:
+    """:func:`prompt_graph` as attribution-graph JSON (catalog.prompt_graphs.to_neuronpedia)."""
+    from catalog.prompt_graphs import to_neuronpedia
+
+    graph = prompt_graph(store, uid, limit, around)
+    p = graph["prompt"]
+    run_ = store.run(p["run"])
+    manifest = run_.manifest if run_ else {}
+    return to_neuronpedia(prompt=p["text"], tokens=p["tokens"], edges=graph["edges"],
+                          scan=manifest_model(manifest).get("name") or "unknown",
+                          slug=re.sub(r"[^A-Za-z0-9_-]+", "-", uid).strip("-").lower() or "prompt",
+                          saes=[sae.get("key") for sae in manifest.get("saes", [])], clicked=around,
+                          description=f"circuit-catalog: stored evidence of prompt {uid} (run {p['run']})",
+                          version=manifest.get("code_version", ""))
+
+
+def top_features(store: Store, *, kind: str | None = None, by: str = "degree", limit: int = 20,
+                 layer: int | None = None) -> list[JSON]:
+    if by not in ("degree", "total"):
+        raise ValueError(f"by must be degree or total, got {by!r}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    return [{"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "degree": deg, "total_abs": rnd(total)}
+            for n, total, deg in store.top_nodes(kind, by, limit, layer)]
+
+
+def public_url(url: str) -> str:
+    """A store URL without credentials (what a page or /healthz may show)."""
+    return url.split("@")[-1] if "@" in url else url
+
+
+def manifest_model(manifest: JSON) -> JSON:
+    """The manifest's model record (ingest writes a dict; a bare name is read as {"name": name})."""
+    model = manifest.get("model")
+    return model if isinstance(model, dict) else {"name": model} if model else {}
+
+
+def run_summary(r: Run) -> JSON:
+    """The line a person reads about a run: what model, SAEs and corpus made it, how far it got."""
+    m = r.manifest
+    counts = m.get("counts", {})
+    return {"run_id": r.run_id, "status": r.status, "kind": m.get("kind", "ingest"),
+            "model": manifest_model(m).get("name"), "saes": [sae.get("key") for sae in m.get("saes", [])],
+            "corpus": (m.get("corpus") or {}).get("spec"), "prompts": counts.get("prompts"),
+            "finished": m.get("finished")}
+
+
+def overview(store: Store, per_layer: int = 5) -> JSON:
+    """The catalog at a glance: counts, runs, and the strongest attention features of each layer
+    (by total |attribution| over their edges)."""
+    if not 1 <= per_layer <= 50:
+        raise ValueError(f"per_layer must be between 1 and 50, got {per_layer}")
+    runs_ = store.runs()
+    layers = sorted({sae["layer"] for r in runs_ for sae in r.manifest.get("saes", []) if sae.get("kind") == "attn"})
+    return {"store": public_url(store.url), "counts": store.counts(), "runs": [run_summary(r) for r in runs_],
+            "strongest_attention": [{"layer": layer, "features": top_features(store, kind="attn", by="total",
+                                                                                limit=per_layer, layer=layer)}
+                                    for layer in layers]}
+
+
+def composition_counts(store: Store) -> list[JSON]:
+    """Attention->attention composition per (source layer, target layer): direct edges, and two-hop
+    paths through one residual feature (A_l -> R_m -> A_L, l < m = L)."""
+    counts: dict[tuple[int, int, str], list[float]] = {}
+    into_resid: dict[str, list[tuple[int, float]]] = {}
+    for e in store.all_edges(("resid_in",)):
+        if "|A" in e.src and ".ERR" not in e.src and ".BIAS" not in e.src:
+            into_resid.setdefault(e.dst, []).append((_layer(e.src), e.sum))
+    for e in store.all_edges(("direct", "attn_in")):
+        if not _is_attn_feature(e.dst):
+            continue
+        L = _layer(e.dst)
+        if e.kind == "direct" and _is_attn_feature(e.src):
+            c = counts.setdefault((_layer(e.src), L, "direct"), [0, 0.0])
+            c[0] += 1
+            c[1] += abs(e.sum)
+        elif e.kind == "attn_in" and e.src in into_resid:
+            for l, s in into_resid[e.src]:
+                c = counts.setdefault((l, L, "via_resid"), [0, 0.0])
+                c[0] += 1
+                c[1] += abs(s * e.sum)
+    return [{"source_layer": l, "target_layer": L, "path": path, "n_pairs": n, "total_abs": rnd(t)}
+            for (l, L, path), (n, t) in sorted(counts.items())]
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def node_ref_of(uid: str) -> NodeRef:
+    """The parsed id of a catalog node uid (``model|sae|ref``; the ref holds no '|'). Cached: mining
+    asks it for the same few thousand uids millions of times."""
+    return parse_ref(uid.rpartition("|")[2])
+
+
+def _is_attn_feature(uid: str) -> bool:
+    return node_ref_of(uid).kind is NodeKind.ATTN
+
+
+def _layer(uid: str) -> int:
+    layer = node_ref_of(uid).layer
+    if layer is None:
+        raise ValueError(f"{uid} has no layer")
+    return layer
+
+
+def runs(store: Store) -> list[JSON]:
+    return [{"run_id": r.run_id, "status": r.status, "manifest": r.manifest} for r in store.runs()]
+
+
+def run(store: Store, run_id: str) -> JSON:
+    r = store.run(run_id)
+    if r is None:
+        raise NotFound(f"no run {run_id!r} in {store.url}")
+    return {"run_id": r.run_id, "status": r.status, "manifest": r.manifest}
+
+
+__all__ = ["upstream", "downstream", "edge", "feature", "prompt", "prompt_graph", "top_features",
+           "composition_counts", "runs", "run", "resolve", "NotFound", "Ambiguous", "NodeRefError"]

@@ -1,0 +1,143 @@
+"""Plain records the catalog stores and answers with. No torch, no database types.
+
+A *catalog node* is keyed by (model, the SAE it belongs to, node id without position); its ``uid``
+joins them with '|', e.g. ``toy-ioi|toy-ioi:blocks.2.attn.hook_z|A2.17`` or ``gpt2-small||EMB``
+(components that belong to no SAE have an empty SAE key). An SAE's key is ``release:sae_id`` for a
+registry SAE and ``local:<weights hash>`` for a folder on disk (see ``ingest.saes.LoadedSae.key``), so
+two SAEs of one release at the same hook never share features. Prompts are keyed by (run, prompt id):
+``uid = run/prompt_id``, which is what makes writes idempotent per (run, prompt).
+
+Stores number nodes with small integers (a node dictionary per catalog) and key edges with one int64
+built by :func:`edge_key` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from catalog.ids import FEATURE_KINDS, NodeRef, format_ref
+
+JSON = dict[str, Any]  # an answer on its way to JSON: keys are field names
+
+EDGE_KINDS = ("attn_in", "resid_in", "direct")  # an edge kind's code is its index here
+NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys fit in 60 bits
+
+
+def node_uid(model: str, sae: str, ref: NodeRef) -> str:
+    return f"{model}|{sae}|{format_ref(ref.at(None))}"
+
+
+def edge_key(src_id: Any, dst_id: Any, kind_code: Any) -> Any:
+    """The int64 key of edge (src, dst, kind) from node dictionary ids and the kind's code; works on
+    ints and on numpy int64 arrays alike. The one place edge keys are built."""
+    return (np.asarray(src_id, dtype=np.int64) * NODE_ID_LIMIT + dst_id) * len(EDGE_KINDS) + kind_code
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A catalog node: an SAE feature or a component (EMB, POS, MLPl, ATTNl, error, bias)."""
+
+    uid: str
+    model: str
+    sae: str  # key of the SAE the node belongs to ("" for EMB, POS, MLP, ATTN): release:sae_id or local:<hash>
+    ref: str  # canonical id without position, e.g. A2.17, R1.ERR, EMB
+    kind: str  # NodeKind value
+    layer: int | None
+    index: int | None
+
+    @classmethod
+    def of(cls, model: str, sae: str, ref: NodeRef) -> NodeInfo:
+        r = ref.at(None)
+        sae = sae if (r.is_feature or r.sae_kind is not None) else ""
+        return cls(node_uid(model, sae, r), model, sae, format_ref(r), r.kind.value, r.layer, r.index)
+
+    @property
+    def is_feature(self) -> bool:
+        return self.kind in {k.value for k in FEATURE_KINDS}
+
+
+@dataclass
+class Prompt:
+    """One prompt of a run, with its tokens as the model's tokenizer spells them."""
+
+    uid: str
+    run: str
+    prompt_id: str
+    text: str
+    tokens: list[str]
+    corpus: str
+    content_hash: str
+    meta: JSON = field(default_factory=dict)
+
+
+@dataclass
+class EdgeStats:
+    """Aggregate statistics of one (src, dst, kind) edge over some prompts: the stored totals, or what
+    a window adds to them (both add up the same way)."""
+
+    src: str
+    dst: str
+    kind: str
+    n_prompts: int
+    n_obs: int
+    sum: float
+    sumsq: float
+    sum_abs: float
+    min: float
+    max: float
+    n_pos: int
+    head_sums: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, src: str, dst: str, stats: Sequence[Any], head_sums: dict[int, float]) -> EdgeStats:
+        """From a stored row's nine statistics, in field order (kind, n_prompts, ..., n_pos)."""
+        kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos = stats
+        return cls(src, dst, kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos, head_sums)
+
+    @property
+    def key(self) -> str:
+        return f"{self.src}>{self.dst}>{self.kind}"
+
+
+class Evidence(NamedTuple):
+    """One observation behind an aggregated edge: where, through which head, how much.
+    (A NamedTuple: batches create hundreds of thousands of these.)"""
+
+    src: str
+    dst: str
+    kind: str
+    prompt: str
+    src_pos: int
+    dst_pos: int
+    head: int | None
+    value: float
+
+    @property
+    def edge_key(self) -> str:
+        return f"{self.src}>{self.dst}>{self.kind}"
+
+    def rank_key(self) -> tuple[float, str, int, int, int]:
+        """Order of evidence kept per edge: largest |value| first, ties broken deterministically."""
+        return (-abs(self.value), self.prompt, self.src_pos, self.dst_pos, -1 if self.head is None else self.head)
+
+
+@dataclass
+class NodeStats:
+    """Activation statistics of a feature over some prompts; deltas add up."""
+
+    uid: str
+    n_obs: int
+    n_prompts: int
+    sum_act: float
+    max_act: float
+
+
+@dataclass
+class Run:
+    run_id: str
+    status: str
+    manifest: JSON

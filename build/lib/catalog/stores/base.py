@@ -1,0 +1,108 @@
+"""The Store protocol and the URL that picks an implementation.
+
+``sqlite:///path/to/catalog.db`` (the default, embedded) or ``neo4j://host:port[/database]`` /
+``bolt://...`` (credentials from the URL or NEO4J_USER / NEO4J_PASSWORD).
+Both implementations pass the same conformance suite (tests/test_store_conformance.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlparse
+
+from catalog.aggregate import WindowAggregate
+from catalog.schema import JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run
+
+DEFAULT_URL = "sqlite:///catalog.db"
+ORDERS = ("sum", "mean", "count", "abs")
+
+
+class StoreError(Exception):
+    """A store refused an operation; the message says why."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (server down, file not writable)."""
+
+
+class CypherUnsupported(StoreError):
+    """Cypher was asked of a store that has no Cypher engine."""
+
+
+class CypherRefused(StoreError):
+    """A Cypher query that is not read-only, or otherwise not allowed."""
+
+
+@dataclass
+class EdgeQuery:
+    """Filters and ordering for upstream/downstream; validated by catalog.queries."""
+
+    edge_kinds: tuple[str, ...] | None = None
+    node_kinds: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    min_count: int = 0
+    order: str = "abs"
+    limit: int = 20
+    offset: int = 0
+
+
+class Store(Protocol):
+    url: str
+    evidence_per_edge: int | None
+
+    def write_window(self, agg: WindowAggregate) -> bool:
+        """Store whole prompts of one run and their aggregates in one all-or-nothing transaction,
+        adding into the edges and statistics already stored and keeping the top-N evidence per edge;
+        False (nothing written) if every prompt was stored already."""
+
+    def import_window(self, agg: WindowAggregate) -> None:
+        """Load rows exported from another catalog into this (empty) one, as they are."""
+
+    def import_runs(self, runs: list[Run]) -> None: ...
+
+    def done_prompts(self, run: str) -> set[str]: ...
+    def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None: ...
+    def finish_run(self, run_id: str, status: str, updates: JSON) -> None: ...
+    def runs(self) -> list[Run]: ...
+    def run(self, run_id: str) -> Run | None: ...
+    def find_nodes(self, ref: str, model: str | None = None) -> list[NodeInfo]: ...
+    def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None: ...
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]: ...
+    def edges_between(self, src: str, dst: str) -> list[EdgeStats]: ...
+    def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]: ...
+    def prompt(self, uid: str) -> Prompt | None: ...
+    def prompts(self, uids: list[str]) -> dict[str, Prompt]: ...
+    def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]: ...
+    def top_nodes(self, node_kind: str | None, by: str, limit: int,
+                  layer: int | None = None) -> list[tuple[NodeInfo, float, int]]: ...
+    def counts(self) -> dict[str, int]: ...  # runs, prompts, nodes, edges, evidence
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeStats]: ...
+    def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]: ...
+    def all_prompts(self) -> Iterator[Prompt]: ...
+    def all_evidence(self) -> Iterator[Evidence]: ...
+    def cypher(self, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]: ...
+    def close(self) -> None: ...
+
+
+# URL scheme -> "module:function" that opens it, imported on use (the Neo4j driver stays unloaded for
+# SQLite users). A new store registers its schemes here; each opener takes (url, evidence_per_edge, create).
+STORE_OPENERS: dict[str, str] = {
+    "sqlite": "catalog.stores.sqlite:open_url",
+    **{scheme: "catalog.stores.neo4j:open_url"
+       for scheme in ("neo4j", "bolt", "neo4j+s", "bolt+s", "neo4j+ssc", "bolt+ssc")},
+}
+
+
+def open_store(url: str | None = None, *, evidence_per_edge: int | None = 8, create: bool = True) -> Store:
+    """Open the store named by ``url`` through the opener its scheme is registered with."""
+    url = url or DEFAULT_URL
+    opener = STORE_OPENERS.get(urlparse(url).scheme)
+    if opener is None:
+        raise StoreError(f"store URL {url!r} not understood: use sqlite:///path/to/catalog.db or "
+                         "neo4j://host:port (bolt:// also works)")
+    module, _, function = opener.partition(":")
+    opened: Store = getattr(importlib.import_module(module), function)(url, evidence_per_edge, create)
+    return opened

@@ -1,0 +1,395 @@
+"""The embedded store: one SQLite file in WAL mode, so readers (the API) keep working while one
+writer ingests. Every batch is one IMMEDIATE transaction: all of it lands or none of it does."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+
+from catalog.aggregate import EvidenceFloor, WindowAggregate
+from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
+from catalog.stores.base import CypherUnsupported, EdgeQuery, StoreError, StoreUnavailable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NULL, model TEXT, sae TEXT,
+    ref TEXT, kind TEXT, layer INTEGER, idx INTEGER);
+CREATE INDEX IF NOT EXISTS nodes_ref ON nodes(ref);
+CREATE TABLE IF NOT EXISTS node_stats (node INTEGER PRIMARY KEY, n_obs INTEGER, n_prompts INTEGER,
+    sum_act REAL, max_act REAL);
+CREATE TABLE IF NOT EXISTS edges (id INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,
+    kind TEXT NOT NULL, n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL,
+    max REAL, n_pos INTEGER);
+CREATE INDEX IF NOT EXISTS edges_dst ON edges(dst);
+CREATE INDEX IF NOT EXISTS edges_src ON edges(src);
+CREATE TABLE IF NOT EXISTS edge_heads (edge INTEGER, head INTEGER, sum REAL, PRIMARY KEY(edge, head)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evidence (edge INTEGER NOT NULL, prompt TEXT NOT NULL, src_pos INTEGER,
+    dst_pos INTEGER, head INTEGER, value REAL);
+CREATE INDEX IF NOT EXISTS evidence_edge ON evidence(edge);
+CREATE INDEX IF NOT EXISTS evidence_prompt ON evidence(prompt);
+CREATE TABLE IF NOT EXISTS prompts (uid TEXT PRIMARY KEY, run TEXT, prompt_id TEXT, text TEXT, tokens TEXT,
+    corpus TEXT, content_hash TEXT, meta TEXT);
+CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
+CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT);
+"""
+# edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, src INTEGER, dst INTEGER, kind TEXT,
+    n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER);
+CREATE TEMP TABLE IF NOT EXISTS b_heads (edge INTEGER, head INTEGER, sum REAL);
+CREATE TEMP TABLE IF NOT EXISTS b_stats (node INTEGER, n_obs INTEGER, n_prompts INTEGER, sum_act REAL, max_act REAL);
+CREATE TEMP TABLE IF NOT EXISTS b_trim (edge INTEGER PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS b_touched (edge INTEGER PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS b_uids (uid TEXT PRIMARY KEY);
+"""
+STAGING_TABLES = ("b_edges", "b_heads", "b_stats", "b_trim", "b_touched", "b_uids")
+UPSERT_EDGES = (
+    "INSERT INTO edges SELECT * FROM b_edges WHERE true ON CONFLICT(id) DO UPDATE SET "
+    "n_prompts = n_prompts + excluded.n_prompts, n_obs = n_obs + excluded.n_obs, sum = sum + excluded.sum, "
+    "sumsq = sumsq + excluded.sumsq, sum_abs = sum_abs + excluded.sum_abs, min = min(min, excluded.min), "
+    "max = max(max, excluded.max), n_pos = n_pos + excluded.n_pos")
+UPSERT_HEADS = ("INSERT INTO edge_heads SELECT edge, head, sum FROM b_heads WHERE true "
+                "ON CONFLICT(edge, head) DO UPDATE SET sum = sum + excluded.sum")
+UPSERT_STATS = (
+    "INSERT INTO node_stats SELECT * FROM b_stats WHERE true ON CONFLICT(node) DO UPDATE SET "
+    "n_obs = n_obs + excluded.n_obs, n_prompts = n_prompts + excluded.n_prompts, "
+    "sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)")
+EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
+TRIM_EVIDENCE = (
+    f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
+    f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.edge IN "
+    "(SELECT edge FROM b_trim JOIN b_touched USING (edge))) WHERE rn > ?)")
+METRIC = {"sum": "e.sum", "mean": "e.sum / e.n_obs", "count": "e.n_prompts", "abs": "abs(e.sum)"}
+EDGE_COLS = "e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs, e.min, e.max, e.n_pos, e.id"
+NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
+
+
+class SqliteStore:
+    def __init__(self, path: str, *, url: str, evidence_per_edge: int | None, create: bool = True):
+        self.url, self.path, self.evidence_per_edge = url, path, evidence_per_edge
+        if not create and not Path(path).exists():
+            raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
+        self._local = threading.local()
+        self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
+        self._floor = EvidenceFloor(evidence_per_edge)
+        self._stored_evidence: tuple[np.ndarray, np.ndarray] | None = None  # rows of the open write
+        try:
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite catalog {path}: {exc}") from None
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections are not shared across threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            conn.execute("PRAGMA cache_size=-262144")  # 256 MiB: window upserts touch index pages all over
+            conn.executescript(STAGING)  # per connection; executescript would commit an open transaction
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ---- writes -------------------------------------------------------------------------------
+    def write_window(self, agg: WindowAggregate) -> bool:
+        """Store a window's prompts and aggregates in one IMMEDIATE transaction; False if every
+        prompt was stored already. Columns go through executemany into temp tables, then one
+        set-based upsert per table."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._claim_prompts(c, agg.run, agg.prompts):
+                c.execute("ROLLBACK")
+                return False
+            ids, new_ids = self._node_ids(c, agg.nodes)
+            self._write_aggregate(c, agg, ids, trim=True)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        self._ids.update(new_ids)  # only once committed: a rolled-back id may be handed out again
+        if self._stored_evidence is not None:
+            self._floor.update(*self._stored_evidence)
+        return True
+
+    def _claim_prompts(self, c: sqlite3.Connection, run: str, prompts: list[Prompt]) -> bool:
+        uids = [p.uid for p in prompts]
+        have = set()
+        for i in range(0, len(uids), 900):
+            part = uids[i:i + 900]
+            have |= {r[0] for r in c.execute(f"SELECT uid FROM prompts WHERE uid IN ({','.join('?' * len(part))})", part)}
+        if have and len(have) == len(set(uids)):
+            return False
+        if have:
+            raise StoreError(f"window overlaps {len(have)} prompts already stored for run {run} "
+                             "(resume filters stored prompts before batching)")
+        self._insert_prompts(c, prompts, "INSERT")
+        return True
+
+    @staticmethod
+    def _insert_prompts(c: sqlite3.Connection, prompts: list[Prompt], verb: str) -> None:
+        c.executemany(f"{verb} INTO prompts VALUES (?,?,?,?,?,?,?,?)",
+                      [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
+                        json.dumps(p.meta, sort_keys=True)) for p in prompts])
+
+    def _node_ids(self, c: sqlite3.Connection, nodes: list[NodeInfo]) -> tuple[np.ndarray, dict[str, int]]:
+        """Dictionary ids of ``nodes`` (created where missing), and the ones not cached before."""
+        missing = [n for n in nodes if n.uid not in self._ids]
+        new: dict[str, int] = {}
+        if missing:
+            _clear_staging(c)
+            c.executemany("INSERT OR IGNORE INTO nodes(uid, model, sae, ref, kind, layer, idx) VALUES (?,?,?,?,?,?,?)",
+                          [(n.uid, n.model, n.sae, n.ref, n.kind, n.layer, n.index) for n in missing])
+            c.executemany("INSERT OR IGNORE INTO b_uids VALUES (?)", [(n.uid,) for n in missing])
+            new = dict(c.execute("SELECT n.uid, n.id FROM b_uids b JOIN nodes n ON n.uid = b.uid"))
+            if new and max(new.values()) >= NODE_ID_LIMIT:
+                raise StoreError(f"node dictionary of {self.url} is full ({NODE_ID_LIMIT} nodes)")
+        ids = np.array([self._ids.get(n.uid) or new[n.uid] for n in nodes], dtype=np.int64)
+        return ids, new
+
+    def _write_aggregate(self, c: sqlite3.Connection, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+        _clear_staging(c)
+        e, h, v, s = agg.edges, agg.heads, agg.evidence, agg.stats
+        keys = edge_key(ids[e.src], ids[e.dst], e.kind)
+        c.executemany("INSERT INTO b_edges VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", zip(*_lists(
+            keys, ids[e.src], ids[e.dst], np.array(EDGE_KINDS, dtype=object)[e.kind], e.n_prompts, e.n_obs, e.sum,
+            e.sumsq, e.sum_abs, e.min, e.max, e.n_pos)))
+        cap = self.evidence_per_edge
+        if trim and cap is not None and len(v):
+            # edges new to the catalog hold only this window's evidence, already cut to its cap
+            # (unless it was aggregated with a larger cap): only edges stored before can overflow
+            every = agg.evidence_cap is None or agg.evidence_cap > cap
+            c.execute("INSERT INTO b_trim SELECT id FROM b_edges b WHERE ? OR EXISTS (SELECT 1 FROM edges x "
+                      "WHERE x.id = b.id)", (every,))
+        c.execute(UPSERT_EDGES)
+        c.executemany("INSERT INTO b_heads VALUES (?,?,?)",
+                      zip(*_lists(edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)))
+        c.execute(UPSERT_HEADS)
+        c.executemany("INSERT INTO b_stats VALUES (?,?,?,?,?)",
+                      zip(*_lists(ids[s.node], s.n_obs, s.n_prompts, s.sum_act, s.max_act)))
+        c.execute(UPSERT_STATS)
+        self._write_evidence(c, agg, ids, trim)
+
+    def _write_evidence(self, c: sqlite3.Connection, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+        """Insert the window's evidence that can still make its edge's top N, then cut the edges that
+        existed before and got new rows back to the per-edge cap."""
+        v = agg.evidence
+        keys = edge_key(ids[v.src], ids[v.dst], v.kind)
+        keep = self._floor.keep(keys, np.abs(v.value)) if trim else np.ones(len(keys), bool)
+        prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
+        c.executemany("INSERT INTO evidence VALUES (?,?,?,?,?,?)", zip(*_lists(
+            keys[keep], prompt_uids[v.prompt[keep]], v.src_pos[keep], v.dst_pos[keep], v.head[keep], v.value[keep])))
+        self._stored_evidence = (keys[keep], np.abs(v.value[keep]))
+        if trim and self.evidence_per_edge is not None:
+            c.executemany("INSERT INTO b_touched VALUES (?)", ((k,) for k in np.unique(keys[keep]).tolist()))
+            c.execute(TRIM_EVIDENCE, (self.evidence_per_edge,))
+
+    def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
+        c = self._conn
+        row = c.execute("SELECT status, manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row and not resume:
+            raise StoreError(f"run {run_id!r} already exists in {self.url} (status {row[0]}); pass --resume to "
+                             "continue it or choose another --run")
+        if row:
+            merged = {**json.loads(row[1]), "resumed": json.loads(row[1]).get("resumed", 0) + 1}
+            c.execute("UPDATE runs SET status = 'running', manifest = ? WHERE run_id = ?",
+                      (json.dumps(merged, sort_keys=True), run_id))
+        else:
+            c.execute("INSERT INTO runs VALUES (?, 'running', ?)", (run_id, json.dumps(manifest, sort_keys=True)))
+
+    def finish_run(self, run_id: str, status: str, updates: JSON) -> None:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")  # shards finishing together must not overwrite each other's counts
+        try:
+            row = c.execute("SELECT manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            manifest = {**json.loads(row[0]), **updates} if row else updates
+            c.execute("UPDATE runs SET status = ?, manifest = ? WHERE run_id = ?",
+                      (status, json.dumps(manifest, sort_keys=True), run_id))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    # ---- reads --------------------------------------------------------------------------------
+    def done_prompts(self, run: str) -> set[str]:
+        return {r[0] for r in self._conn.execute("SELECT prompt_id FROM prompts WHERE run = ?", (run,))}
+
+    def runs(self) -> list[Run]:
+        return [Run(r[0], r[1], json.loads(r[2])) for r in self._conn.execute("SELECT * FROM runs ORDER BY run_id")]
+
+    def run(self, run_id: str) -> Run | None:
+        r = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return Run(r[0], r[1], json.loads(r[2])) if r else None
+
+    def find_nodes(self, ref: str, model: str | None = None) -> list[NodeInfo]:
+        sql = f"SELECT {NODE_COLS.format(a='n')} FROM nodes n WHERE n.ref = ?" + (" AND n.model = ?" if model else "")
+        return [NodeInfo(*r) for r in self._conn.execute(sql + " ORDER BY n.uid", (ref, model) if model else (ref,))]
+
+    def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None:
+        r = self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
+                               "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id WHERE n.uid = ?", (uid,)).fetchone()
+        if r is None:
+            return None
+        return NodeInfo(*r[:7]), (NodeStats(uid, *r[7:]) if r[7] is not None else None)
+
+    def _heads(self, edge_ids: list[int]) -> dict[int, dict[int, float]]:
+        out: dict[int, dict[int, float]] = {}
+        for i in range(0, len(edge_ids), 900):
+            part = edge_ids[i:i + 900]
+            for e, h, s in self._conn.execute(
+                    f"SELECT edge, head, sum FROM edge_heads WHERE edge IN ({','.join('?' * len(part))})", part):
+                out.setdefault(e, {})[h] = s
+        return out
+
+    def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]:
+        this, other = ("dst", "src") if direction == "up" else ("src", "dst")
+        where, args = [f"e.{this} = (SELECT id FROM nodes WHERE uid = ?)", "e.n_prompts >= ?"], [uid, q.min_count]
+        for col, values in (("e.kind", q.edge_kinds), ("o.kind", q.node_kinds), ("o.layer", q.layers)):
+            if values:
+                where.append(f"{col} IN ({','.join('?' * len(values))})")
+                args += list(values)
+        rows = self._conn.execute(
+            f"SELECT {NODE_COLS.format(a='o')}, {EDGE_COLS} FROM edges e JOIN nodes o ON o.id = e.{other} "
+            f"WHERE {' AND '.join(where)} ORDER BY {METRIC[q.order]} DESC, o.uid, e.kind LIMIT ? OFFSET ?",
+            args + [q.limit, q.offset]).fetchall()
+        heads = self._heads([r[-1] for r in rows])
+        out = []
+        for r in rows:
+            node = NodeInfo(*r[:7])
+            src, dst = (node.uid, uid) if direction == "up" else (uid, node.uid)
+            out.append((node, EdgeStats.of(src, dst, r[7:16], heads.get(r[16], {}))))
+        return out
+
+    def edges_between(self, src: str, dst: str) -> list[EdgeStats]:
+        rows = self._conn.execute(
+            f"SELECT {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
+            "WHERE s.uid = ? AND d.uid = ? ORDER BY e.kind", (src, dst)).fetchall()
+        heads = self._heads([r[-1] for r in rows])
+        return [EdgeStats.of(src, dst, r[:9], heads.get(r[9], {})) for r in rows]
+
+    def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]:
+        rows = self._conn.execute(
+            f"SELECT prompt, src_pos, dst_pos, head, value FROM evidence WHERE edge = (SELECT e.id FROM edges e "
+            "JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst WHERE s.uid = ? AND d.uid = ? AND e.kind = ?) "
+            f"ORDER BY {EVIDENCE_ORDER} LIMIT ?", (src, dst, kind, limit)).fetchall()
+        return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
+
+    def _prompt(self, r: Sequence[Any]) -> Prompt:
+        return Prompt(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], json.loads(r[7]))
+
+    def prompt(self, uid: str) -> Prompt | None:
+        r = self._conn.execute("SELECT * FROM prompts WHERE uid = ?", (uid,)).fetchone()
+        return self._prompt(r) if r else None
+
+    def prompts(self, uids: list[str]) -> dict[str, Prompt]:
+        uids = sorted(set(uids))
+        rows = self._conn.execute(f"SELECT * FROM prompts WHERE uid IN ({','.join('?' * len(uids))})", uids) if uids else []
+        return {r[0]: self._prompt(r) for r in rows}
+
+    def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
+        rows = self._conn.execute(
+            "SELECT s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head, x.value FROM evidence x "
+            "JOIN edges e ON e.id = x.edge JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
+            "WHERE x.prompt = ? ORDER BY abs(x.value) DESC, s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head LIMIT ?",
+            (uid, limit)).fetchall()
+        return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
+
+    def top_nodes(self, node_kind: str | None, by: str, limit: int,
+                  layer: int | None = None) -> list[tuple[NodeInfo, float, int]]:
+        """Nodes (of a kind, of a layer) by degree or total |sum| over the edges at either end; the
+        candidates are chosen first, so only their edges are read (through edges_src / edges_dst). A
+        self-loop counts once, as Neo4j's undirected match counts it."""
+        metric = {"degree": "COUNT(*)", "total": "SUM(a)"}[by]
+        rows = self._conn.execute(
+            "WITH cand AS (SELECT id FROM nodes WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR layer = ?2)), "
+            "ends AS (SELECT e.src AS node, abs(e.sum) AS a FROM edges e JOIN cand c ON e.src = c.id "
+            "UNION ALL SELECT e.dst, abs(e.sum) FROM edges e JOIN cand c ON e.dst = c.id WHERE e.src != e.dst) "
+            f"SELECT {NODE_COLS.format(a='n')}, SUM(a), COUNT(*) FROM ends JOIN nodes n ON n.id = ends.node "
+            f"GROUP BY n.id ORDER BY {metric} DESC, n.uid LIMIT ?3", (node_kind, layer, limit)).fetchall()
+        return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
+                for t in ("runs", "prompts", "nodes", "edges", "evidence")}
+
+    # ---- bulk (export) ------------------------------------------------------------------------
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeStats]:
+        where = f"WHERE e.kind IN ({','.join('?' * len(edge_kinds))})" if edge_kinds else ""
+        cur = self._conn.execute(f"SELECT s.uid, d.uid, {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src "
+                                 f"JOIN nodes d ON d.id = e.dst {where} ORDER BY e.id", tuple(edge_kinds or ()))
+        while rows := cur.fetchmany(5000):
+            heads = self._heads([r[-1] for r in rows])
+            for r in rows:
+                yield EdgeStats.of(r[0], r[1], r[2:11], heads.get(r[11], {}))
+
+    def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
+        for r in self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
+                                    "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id ORDER BY n.id").fetchall():
+            yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
+
+    def all_prompts(self) -> Iterator[Prompt]:
+        for r in self._conn.execute("SELECT * FROM prompts ORDER BY uid").fetchall():
+            yield self._prompt(r)
+
+    def all_evidence(self) -> Iterator[Evidence]:
+        cur = self._conn.execute("SELECT s.uid, d.uid, e.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
+                                 "FROM evidence x JOIN edges e ON e.id = x.edge JOIN nodes s ON s.id = e.src "
+                                 "JOIN nodes d ON d.id = e.dst ORDER BY x.rowid")
+        while rows := cur.fetchmany(5000):
+            for s, d, k, p, sp, dp, h, v in rows:
+                yield Evidence(s, d, k, p, sp, dp, None if h < 0 else h, v)
+
+    def import_window(self, agg: WindowAggregate) -> None:
+        """Bulk-load an exported catalog's rows (into an empty catalog: no prompt claim, no trim)."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert_prompts(c, agg.prompts, "INSERT OR IGNORE")
+            ids, new_ids = self._node_ids(c, agg.nodes)
+            self._write_aggregate(c, agg, ids, trim=False)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        self._ids.update(new_ids)
+
+    def import_runs(self, runs: list[Run]) -> None:
+        self._conn.executemany("INSERT OR REPLACE INTO runs VALUES (?,?,?)",
+                               [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in runs])
+
+    def cypher(self, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
+        raise CypherUnsupported("Cypher needs the Neo4j store: this catalog is SQLite "
+                                f"({self.url}); export it with `circuit-catalog export --from {self.url} "
+                                "--to neo4j://127.0.0.1:7687` or query it with the other commands")
+
+
+def _lists(*columns: Any) -> list[list[Any]]:
+    """numpy columns as Python lists (one C-level conversion each) for executemany."""
+    return [np.asarray(col).tolist() for col in columns]
+
+
+def _clear_staging(c: sqlite3.Connection) -> None:
+    for table in STAGING_TABLES:
+        c.execute(f"DELETE FROM temp.{table}")
+
+
+def open_url(url: str, evidence_per_edge: int | None, create: bool) -> SqliteStore:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (SQLAlchemy's convention)."""
+    if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+        raise StoreError(f"store URL {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    return SqliteStore(unquote(url[len("sqlite:///"):]), url=url, evidence_per_edge=evidence_per_edge, create=create)

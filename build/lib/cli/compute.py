@@ -1,0 +1,192 @@
+"""Commands that run models (toy training, trace, ingest, demo, SAE evaluation): the only commands that
+import ``ingest`` (and so torch), inside their bodies."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from catalog import __version__ as catalog_version
+from catalog.stores import open_store
+from catalog.stores.base import DEFAULT_URL
+from cli.common import COMPUTE, JsonOpt, StoreOpt, Threads, app, bounded, emit, friendly
+
+
+@app.command("make-toy", rich_help_panel=COMPUTE)
+@friendly
+def make_toy(out: str = "toy-ioi", seed: Annotated[int, bounded(0)] = 0, threads: Threads = 1):
+    """Train the toy IOI model and its SAEs on the CPU (a few minutes) into OUT."""
+    from pathlib import Path
+
+    from ingest.runtime import configure_threads
+    from ingest.toy.train import make_toy as train
+
+    configure_threads(threads)
+    metrics = train(Path(out), seed=seed)
+    emit(metrics, True)
+
+
+@app.command(rich_help_panel=COMPUTE)
+@friendly
+def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a TransformerLens name")],
+          saes: Annotated[list[str], typer.Option(help="toy-ioi, RELEASE[:ID] or a directory; repeatable")],
+          prompt: Annotated[str, typer.Option(help="the prompt text")],
+          feature: Annotated[str | None, typer.Option(help="start feature, e.g. A2.17")] = None,
+          pos: int = -1, depth: Annotated[int, bounded(1, 20)] = 3,
+          top: Annotated[int, bounded(1, 1000, "contributors kept per node")] = 5, device: str | None = None,
+          threads: Threads = 1,
+          json_: JsonOpt = False,
+          format_: Annotated[str, typer.Option("--format", help=(
+              "tree (the default), json, or neuronpedia: the attribution-graph JSON that Neuronpedia's graph "
+              "page and circuit-tracer's frontend read"))] = "tree"):
+    """Recursive RDFA trace of one prompt (the Attention Circuit Explorer's walk)."""
+    if format_ not in ("tree", "json", "neuronpedia"):
+        raise ValueError(f"--format {format_!r}: expected tree, json or neuronpedia")
+    from ingest.runtime import configure_threads
+    from ingest.session import ModelWithSaes
+    from ingest.trace import render_tree
+    from ingest.trace import trace as run_trace
+
+    configure_threads(threads)
+    session = ModelWithSaes.open(model, saes, device)
+    result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top)
+    if format_ == "neuronpedia":
+        from catalog.prompt_graphs import to_neuronpedia
+
+        manifest = session.manifest()
+        emit(to_neuronpedia(prompt=result["prompt"], tokens=result["tokens"], edges=result["edges"],
+                              scan=session.lm.name,
+                              slug="trace-" + result["start"].replace(".", "-").replace("@", "-at-").lower(),
+                              saes=[s["key"] for s in manifest["saes"]],
+                              activations={n["id"]: n["activation"] for n in result["nodes"]}, clicked=result["start"],
+                              description=f"circuit-catalog trace from {result['start']}, depth {depth}, top {top}",
+                              version=catalog_version), True)
+    elif json_ or format_ == "json":
+        emit(result, True)
+    else:
+        from rich.console import Console
+
+        Console().print(render_tree(result))
+
+
+@app.command(rich_help_panel=COMPUTE)
+@friendly
+def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typer.Option()],
+           corpus: Annotated[str, typer.Option(help="ioi:N[:seed], abc:N[:seed], FILE.jsonl, FILE.txt, hf:DATASET")],
+           store: StoreOpt = DEFAULT_URL, run: str = "default",
+           batch_size: Annotated[int, bounded(1, 4096)] = 8,
+           limit: Annotated[int | None, bounded(1, help="stop after this many prompts")] = None,
+           device: str | None = None, shard: str = "0/1", resume: bool = False,
+           max_tokens: int | None = None, truncate: bool = False, skip_long: bool = False,
+           top_k: Annotated[int, bounded(1, 10_000)] = 5, min_abs: Annotated[float, bounded(0)] = 0.01,
+           direct_positions: Annotated[int, bounded(0, 100_000)] = 2,
+           evidence_per_edge: Annotated[int, bounded(0, 10_000, "0 keeps every observation")] = 8,
+           threads: Threads = 1, progress: bool = True,
+           window: Annotated[int, typer.Option(help="prompts per store write (one all-or-nothing transaction)")] = 256,
+           window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048,
+           partials: Annotated[str | None, typer.Option(help=(
+               "write each window to files in this folder instead of a store, for a later `merge` "
+               "(job arrays whose nodes cannot reach the database)"))] = None,
+           executor: Annotated[str, typer.Option(help="local (this process) or ray (RDFA workers on a Ray cluster)")] = "local",
+           ray_address: Annotated[str | None, typer.Option(
+               help="join this Ray cluster (auto or HOST:PORT); default: start a local one")] = None,
+           workers: Annotated[int, bounded(1, 1024, "Ray RDFA workers")] = 2,
+           gpus_per_worker: Annotated[float, bounded(0, 8, "GPUs per Ray worker (0: CPU workers)")] = 0.0):
+    """Run RDFA over a corpus and store every edge with its provenance."""
+    from ingest.jobs import JobOptions, RayOptions, parse_shard, run_job
+    from ingest.rdfa.tensors import Pruning
+    from ingest.runtime import configure_threads
+    from ingest.session import ModelWithSaes
+
+    if truncate and skip_long:
+        raise ValueError("--truncate and --skip-long exclude each other")
+    for name, value in (("--window", window), ("--window-mem", window_mem), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: must be at least 1")
+    if executor not in ("local", "ray"):
+        raise ValueError(f"--executor {executor!r}: expected local or ray")
+    configure_threads(threads)
+    ray = RayOptions(ray_address, workers, gpus_per_worker, threads, model, list(saes)) if executor == "ray" else None
+    opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
+                      max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
+                      pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
+                      progress=progress, window=window, window_mem=window_mem << 20, executor=executor, ray=ray)
+    if partials:
+        from catalog.partials import PartialsDir
+
+        target = PartialsDir(partials, evidence_per_edge or None)
+    else:
+        target = open_store(store, evidence_per_edge=evidence_per_edge or None)
+    # with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU
+    session = ModelWithSaes.open(model, saes, "cpu" if executor == "ray" else device)
+    summary = run_job(session, corpus, target, opts, log=lambda m: typer.echo(m, err=True))
+    emit(summary.as_dict(), True)
+
+
+@app.command(rich_help_panel=COMPUTE)
+@friendly
+def demo(store: StoreOpt = "sqlite:///demo-catalog.db", prompts: Annotated[int, bounded(1, 100_000)] = 500,
+         threads: Threads = 2):
+    """The showcase: ingest IOI prompts with toy-ioi into the embedded store and ask it three questions."""
+    from cli.demo import run_demo
+
+    run_demo(store, prompts, threads)
+
+
+@app.command("eval-saes", rich_help_panel=COMPUTE)
+@friendly
+def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typer.Option()],
+              task: str = "ioi", n: Annotated[int, bounded(1, 100_000)] = 100, groups: Annotated[str | None, typer.Option(
+                  help='cross-sections, e.g. "0,3;2,4" (default: the seed\'s groups for 12 layers)')] = None,
+              min_recovery: float = 0.8, max_kl: Annotated[float, bounded(0)] = 0.5, store: str | None = None,
+              plot: str = "eval-saes.png", device: str | None = None, threads: Threads = 1, json_: JsonOpt = False):
+    """Splice each SAE in (no error term): IOI logit difference and KL vs clean and mean ablation; flag damage."""
+    from ingest.evaluate import Thresholds, label_sae_rows, store_sae_eval
+    from ingest.evaluate import eval_saes as run_eval
+    from ingest.evaluate import plot as draw
+    from ingest.runtime import configure_threads
+    from ingest.session import ModelWithSaes
+
+    if task != "ioi":
+        raise ValueError(f"--task {task!r}: only ioi is implemented")
+    try:
+        parsed = [[int(x) for x in g.split(",")] for g in groups.split(";")] if groups else None
+    except ValueError:
+        raise ValueError(f"--groups {groups!r}: expected comma-separated layers, groups split by ';'") from None
+    configure_threads(threads)
+    session = ModelWithSaes.open(model, saes, device)
+    result = label_sae_rows(session, run_eval(session, n=n, groups=parsed, thresholds=Thresholds(min_recovery, max_kl)))
+    draw(result, plot)
+    result["plot"] = plot
+    if store:
+        store_sae_eval(open_store(store), session, result)
+    if json_:
+        emit(result, True)
+    else:
+        emit([{**r, "logit_diff": round(r["logit_diff"], 3), "kl": round(r["kl"], 4),
+                 "logit_diff_recovery": None if r["logit_diff_recovery"] is None else round(r["logit_diff_recovery"], 3)}
+                for r in result["saes"]], False,
+               ["kind", "layer", "logit_diff", "kl", "logit_diff_recovery", "flagged"])
+        typer.echo(f"clean logit difference {result['clean_logit_diff']:.3f}; plot written to {plot}")
+
+
+@app.command("spot-check", rich_help_panel=COMPUTE)
+@friendly
+def spot_check(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typer.Option()],
+               run: Annotated[str, typer.Option()], store: StoreOpt = DEFAULT_URL,
+               n: Annotated[int, bounded(1, 100_000)] = 20, device: str | None = None, threads: Threads = 1):
+    """Causal spot-check of a run's stored edges: ablate the source, compare with DFA (frozen and not)."""
+    from ingest.evaluate import spot_check as check
+    from ingest.evaluate import store_spot_check
+    from ingest.runtime import configure_threads
+    from ingest.session import ModelWithSaes
+
+    configure_threads(threads)
+    target = open_store(store, create=False)
+    if target.run(run) is None:
+        raise ValueError(f"no run {run!r} in {store}")
+    result = check(ModelWithSaes.open(model, saes, device), target, run, n=n)
+    store_spot_check(target, run, result)
+    emit(result, True)
+

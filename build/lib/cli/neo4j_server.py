@@ -1,0 +1,80 @@
+"""Build and run the repo's Neo4j Community launcher (tools/neo4j-server) — for tests and local use.
+
+Maven fetches Neo4j from Maven Central once (~125 MB into ~/.m2 and target/lib); the server then
+runs embedded with Bolt on 127.0.0.1, auth disabled (local use only).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MODULE = Path(__file__).resolve().parent.parent / "tools" / "neo4j-server"
+JVM_FLAGS = ["--add-opens=java.base/java.nio=ALL-UNNAMED", "--add-opens=java.base/java.io=ALL-UNNAMED",
+             "--add-opens=java.base/sun.nio.ch=ALL-UNNAMED", "--enable-native-access=ALL-UNNAMED",
+             "-Dio.netty.tryReflectionSetAccessible=true"]
+
+
+def build() -> None:
+    built = MODULE / "target" / "classes" / "circuitcatalog" / "Neo4jServer.class"
+    source = MODULE / "src" / "main" / "java" / "circuitcatalog" / "Neo4jServer.java"
+    if built.exists() and built.stat().st_mtime >= source.stat().st_mtime and (MODULE / "target" / "lib").is_dir():
+        return
+    if shutil.which("mvn") is None:
+        raise RuntimeError("Maven (mvn) is needed to build the Neo4j launcher: apt-get install maven")
+    subprocess.run(["mvn", "-q", "-B", "package", "-DskipTests"], cwd=MODULE, check=True)
+
+
+def command(home: str, port: int, page_cache: str = "256m", heap: str = "1g") -> list[str]:
+    cp = f"{MODULE / 'target' / 'classes'}{os.pathsep}{MODULE / 'target' / 'lib' / '*'}"
+    return ["java", f"-Xmx{heap}", *JVM_FLAGS, "-cp", cp, "circuitcatalog.Neo4jServer", home, str(port), page_cache]
+
+
+def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120, heap: str = "1g") -> subprocess.Popen:
+    """Start in the background; return once it prints READY (raise with its log otherwise)."""
+    build()
+    Path(home).mkdir(parents=True, exist_ok=True)
+    log = open(Path(home) / "server.log", "w")
+    proc = subprocess.Popen(command(home, port, page_cache, heap), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if "READY" in (Path(home) / "server.log").read_text():
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"Neo4j did not start on port {port}:\n{(Path(home) / 'server.log').read_text()[-3000:]}")
+
+
+def run_foreground(home: str, port: int, page_cache: str) -> None:
+    build()
+    Path(home).mkdir(parents=True, exist_ok=True)
+    print(f"Neo4j Community on bolt://127.0.0.1:{port} (data in {home}); Ctrl-C stops it", flush=True)
+    os.execvp("java", command(home, port, page_cache))
+
+
+def start_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g") -> tuple[subprocess.Popen, str]:
+    """Start on a free loopback port; returns (process, neo4j:// URL)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return start(home, port, page_cache=page_cache, heap=heap), f"neo4j://127.0.0.1:{port}"
+
+
+@contextmanager
+def running_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g") -> Iterator[str]:
+    """A server for the length of a ``with`` block (benchmarks): yields its neo4j:// URL, stops it after."""
+    proc, url = start_on_free_port(home, page_cache=page_cache, heap=heap)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -1,0 +1,133 @@
+"""Commands that read a catalog: they never import torch (a test checks it in a fresh interpreter)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from catalog import queries
+from catalog.stores import open_store
+from catalog.stores.base import DEFAULT_URL
+from cli.common import QUERY, JsonOpt, MinCount, ModelSel, StoreOpt, Top, app, bounded, emit, friendly
+
+NEIGHBOUR_COLS = ["id", "kind", "edge_kind", "n_prompts", "n_obs", "sum", "mean", "sign_share"]
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def upstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help="node kind of the sources: attn, resid, error, bias, emb, pos, mlp")] = None,
+             edge_kind: Annotated[list[str] | None, typer.Option("--edge-kind")] = None,
+             layer: Annotated[list[int] | None, typer.Option("--layer")] = None,
+             order: str = "abs", top: Top = 20, min_count: MinCount = 0, model: ModelSel = None,
+             json_: JsonOpt = False):
+    """Which nodes feed REF (e.g. A2.17 or L2.F17), how strongly, over how many prompts."""
+    s = open_store(store, create=False)
+    emit(queries.upstream(s, ref, model=model, node_kinds=kind, edge_kinds=edge_kind, layers=layer, order=order,
+                            limit=top, min_count=min_count), json_, NEIGHBOUR_COLS)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def downstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help="node kind of the targets: attn, resid")] = None,
+               edge_kind: Annotated[list[str] | None, typer.Option("--edge-kind")] = None,
+               layer: Annotated[list[int] | None, typer.Option("--layer")] = None,
+               order: str = "abs", top: Top = 20, min_count: MinCount = 0, model: ModelSel = None,
+             json_: JsonOpt = False):
+    """Which nodes REF feeds."""
+    s = open_store(store, create=False)
+    emit(queries.downstream(s, ref, model=model, node_kinds=kind, edge_kinds=edge_kind, layers=layer, order=order,
+                              limit=top, min_count=min_count), json_, NEIGHBOUR_COLS)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def edge(src: str, dst: str, store: StoreOpt = DEFAULT_URL,
+         evidence: Annotated[int, bounded(0, 1000, "evidence rows per edge kind")] = 10, model: ModelSel = None):
+    """Statistics, per-head split and evidence (prompts, tokens, positions) of the edge SRC -> DST."""
+    emit(queries.edge(open_store(store, create=False), src, dst, model=model, evidence_limit=evidence), True)
+
+
+@app.command("top-features", rich_help_panel=QUERY)
+@friendly
+def top_features(store: StoreOpt = DEFAULT_URL, kind: str | None = None, by: str = "degree", limit: Top = 20,
+                 json_: JsonOpt = False):
+    """Nodes with the most edges (--by degree) or the largest total |attribution| (--by total)."""
+    emit(queries.top_features(open_store(store, create=False), kind=kind, by=by, limit=limit), json_,
+           ["id", "kind", "layer", "degree", "total_abs"])
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def feature(ref: str, store: StoreOpt = DEFAULT_URL, model: ModelSel = None):
+    """A feature's metadata and activation statistics."""
+    emit(queries.feature(open_store(store, create=False), ref, model=model), True)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def runs(store: StoreOpt = DEFAULT_URL):
+    """Runs and their manifests."""
+    emit(queries.runs(open_store(store, create=False)), True)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def cypher(query: str, store: StoreOpt = "neo4j://127.0.0.1:7687",
+           params: Annotated[str, typer.Option(help="JSON object of query parameters")] = "{}",
+           limit: Annotated[int, bounded(1, 10_000)] = 1000,
+           timeout: Annotated[float, bounded(0.1, 600, "seconds")] = 10.0):
+    """Run a read-only Cypher query (Neo4j store only)."""
+    try:
+        bound = json.loads(params)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--params is not a JSON object: {exc.msg}") from None
+    emit(open_store(store, create=False).cypher(query, bound, min(limit, 10_000), timeout), True)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def export(from_: Annotated[str, typer.Option("--from")], to: Annotated[str, typer.Option("--to")]):
+    """Copy a whole catalog between stores, losslessly."""
+    from catalog.export import copy_catalog
+
+    counts = copy_catalog(open_store(from_, create=False), open_store(to, evidence_per_edge=None))
+    emit(counts, True)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def merge(folder: Annotated[str, typer.Argument(help="the folder `ingest --partials` wrote")],
+          store: StoreOpt = DEFAULT_URL):
+    """Write the windows of `ingest --partials FOLDER` into a catalog (idempotent: stored windows are skipped)."""
+    from catalog.partials import merge_partials
+
+    stores: dict[int | None, object] = {}
+
+    def store_for(cap: int | None):
+        if cap not in stores:
+            stores[cap] = open_store(store, evidence_per_edge=cap)
+        return stores[cap]
+
+    emit(merge_partials(folder, store_for), True)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def patterns(store: StoreOpt = DEFAULT_URL, top: Annotated[int, bounded(1, 100)] = 20,
+             min_prompts: Annotated[int, bounded(1)] = 2,
+             json_: JsonOpt = False):
+    """Attention->attention composition patterns that recur across the corpus, with a null baseline."""
+    from catalog.mining import mine
+
+    result = mine(open_store(store, create=False), top=top, min_prompts=min_prompts)
+    if json_:
+        emit(result, True)
+    else:
+        emit(result["pairs"], False, ["source", "target", "path", "n_prompts", "total", "mean", "sign_share",
+                                        "heads", "z_score"])
+
+

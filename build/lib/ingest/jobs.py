@@ -1,0 +1,307 @@
+"""Batch ingest: corpus -> tokens -> batches -> RDFA -> device aggregates -> windows -> writer -> store.
+
+Batches are cut from the whole corpus in a fixed order, so batch k holds the same prompts in
+every process: ``--shard i/n`` takes batches k with k % n == i. A shard's batches are grouped into
+windows of ``window`` prompts in that order. Each batch's graph is reduced on the device that ran
+RDFA, the partial aggregates of a window merge on the device (compacted, and the window flushed
+early, when they pass ``window_mem`` bytes), and the window goes to the store as one all-or-nothing
+write of whole batches. So a killed job leaves whole batches, and ``--resume`` recomputes exactly
+the batches not stored. Aggregates merge exactly (counts; sums in float64; evidence by a total
+order), so the catalog does not depend on where windows were cut: a resumed, sharded or windowed
+run stores what one uninterrupted process stores.
+A writer thread writes one window while the next is computed; the summary reports how much of
+the wall time the compute loop spent waiting on the store.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from catalog import __version__
+from catalog.aggregate import WindowAggregate
+from catalog.schema import Prompt
+from ingest.corpora import CorpusItem, content_hash, open_corpus
+from ingest.errors import UserFacingError
+from ingest.rdfa.tensors import Pruning
+from ingest.reduce import Partial, merge, reduce_batch
+from ingest.session import ModelWithSaes
+from ingest.to_catalog import NodeSlots, SaeKeys, observations, prompt_ranks, to_window
+
+DEFAULT_WINDOW = 256  # prompts per store write (bench/ingest_pipeline.py --only windows measures the choice)
+DEFAULT_WINDOW_MEM = 2 << 30  # bytes of device aggregates before a window is compacted or flushed early
+
+
+@dataclass
+class JobOptions:
+    run: str
+    batch_size: int = 8
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+    max_tokens: int | None = None
+    long_policy: str = "refuse"  # refuse | truncate | skip
+    pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
+    queue_size: int = 1  # windows waiting for the writer (each holds its host copy)
+    progress: bool = True
+    window: int = DEFAULT_WINDOW  # prompts per store write
+    window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
+    executor: str = "local"  # local | ray
+    ray: RayOptions | None = None  # with executor "ray"
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: start a local cluster; "auto" or HOST:PORT: join one
+    workers: int = 2  # RDFA workers (actors), each with the model and SAEs loaded once
+    gpus_per_worker: float = 0.0  # 0: CPU workers
+    threads_per_worker: int = 1
+    model: str = ""  # what each worker loads (the driver's own session only tokenizes)
+    saes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobSummary:
+    run: str
+    prompts: int = 0
+    skipped_long: int = 0
+    skipped_done: int = 0
+    bad_lines: int = 0
+    observations: int = 0
+    edges: int = 0  # edge rows written (an edge recurring in several windows counts once per window)
+    windows: int = 0
+    seconds: float = 0.0
+    store_wait_seconds: float = 0.0
+
+    @property
+    def store_wait_share(self) -> float:
+        return self.store_wait_seconds / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "store_wait_share": round(self.store_wait_share, 4)}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserFacingError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserFacingError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def tokenize(items: list[CorpusItem], session: ModelWithSaes, opts: JobOptions) -> tuple[list[tuple[CorpusItem, list[int]]], int]:
+    """Token ids per item under the long-prompt policy; returns (kept, number skipped)."""
+    limit = min(opts.max_tokens or session.lm.n_ctx, session.lm.n_ctx)
+    kept, skipped = [], 0
+    for item in items:
+        ids = session.lm.tokenizer.encode(item.text)
+        if len(ids) > limit:
+            if opts.long_policy == "truncate":
+                ids = ids[:limit]
+            elif opts.long_policy == "skip":
+                skipped += 1
+                continue
+            else:
+                raise UserFacingError(f"prompt {item.prompt_id!r} has {len(ids)} tokens, more than the limit of {limit} "
+                                      "(model context or --max-tokens); pass --truncate or --skip-long")
+        kept.append((item, ids))
+    return kept, skipped
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=__file__.rsplit("/", 2)[0]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def _prompt(run: str, item: CorpusItem, ids: list[int], session: ModelWithSaes, corpus_spec: str) -> Prompt:
+    tokens = session.lm.tokenizer.spell(ids)
+    meta = dict(item.meta)
+    if "io" in meta and "s" in meta:
+        from ingest.ioi import name_positions
+
+        meta.update(name_positions(tokens, meta["io"], meta["s"]))
+    return Prompt(f"{run}/{item.prompt_id}", run, item.prompt_id, item.text, tokens, corpus_spec,
+                  content_hash(item.text), meta)
+
+
+def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, log=print) -> JobSummary:
+    """Ingest ``corpus_spec`` into ``store`` under run ``opts.run``; see the module docstring."""
+    t0 = time.time()
+    corpus = open_corpus(corpus_spec, session.lm.tokenizer, toy=session.lm.is_toy)
+    items = corpus.items()[: opts.limit] if opts.limit else corpus.items()
+    for bad in corpus.bad_lines[:20]:
+        log(f"corpus line {bad.line}: {bad.reason} (skipped)")
+    pairs, skipped_long = tokenize(items, session, opts)
+    batches = [pairs[k:k + opts.batch_size] for k in range(0, len(pairs), opts.batch_size)]
+    mine = [b for k, b in enumerate(batches) if k % opts.shard[1] == opts.shard[0]]
+    per_window = max(1, opts.window // opts.batch_size)
+    windows = [mine[k:k + per_window] for k in range(0, len(mine), per_window)]
+    manifest = {**session.manifest(), "code_version": code_version(), "pruning": opts.pruning.manifest(),
+                "corpus": {"spec": corpus_spec, "fingerprint": corpus.fingerprint(), "n_items": len(corpus.items())},
+                "batch_size": opts.batch_size, "window": opts.window, "limit": opts.limit, "long_policy": opts.long_policy,
+                "max_tokens": opts.max_tokens, "evidence_per_edge": store.evidence_per_edge,
+                "started": datetime.now(UTC).isoformat(timespec="seconds")}
+    _check_resume(store, opts, manifest)
+    store.start_run(opts.run, manifest, resume=opts.resume or opts.shard[1] > 1)
+    done = store.done_prompts(opts.run) if (opts.resume or opts.shard[1] > 1) else set()
+    todo = [w for w in ([b for b in window if not _stored(b, done)] for window in windows) if w]
+    summary = JobSummary(opts.run, skipped_long=skipped_long, bad_lines=len(corpus.bad_lines),
+                         skipped_done=sum(item.prompt_id in done for b in mine for item, _ in b))
+    try:
+        if opts.executor == "ray":
+            from ingest.ray_executor import run_on_ray
+
+            run_on_ray(store, todo, corpus.spec, opts, summary)
+        else:
+            _pipeline(session, store, todo, corpus.spec, node_slots(session), opts, summary)
+    except BaseException as exc:
+        summary.seconds = time.time() - t0
+        store.finish_run(opts.run, "failed", {"error": f"{type(exc).__name__}: {exc}"[:500]})
+        raise
+    summary.seconds = time.time() - t0
+    status = "done" if opts.shard[1] == 1 else f"shard {opts.shard[0]}/{opts.shard[1]} done"
+    store.finish_run(opts.run, status, {
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "counts" + ("" if opts.shard[1] == 1 else f"_shard{opts.shard[0]}"): summary.as_dict(),
+        "bad_lines": [{"line": b.line, "reason": b.reason} for b in corpus.bad_lines[:100]]})
+    return summary
+
+
+def _check_resume(store, opts: JobOptions, manifest: dict) -> None:
+    """A resumed run must cut the same batches from the same corpus, or the catalog would differ."""
+    old = store.run(opts.run)
+    if old is None or not (opts.resume or opts.shard[1] > 1):
+        return
+    for key in ("batch_size", "limit", "long_policy", "max_tokens", "pruning"):
+        if old.manifest.get(key) != manifest[key]:
+            raise UserFacingError(f"run {opts.run!r} was started with {key}={old.manifest.get(key)!r}; "
+                                  f"this job has {manifest[key]!r}. Resume with the same options")
+    if old.manifest.get("corpus", {}).get("fingerprint") != manifest["corpus"]["fingerprint"]:
+        raise UserFacingError(f"run {opts.run!r} was started on a different corpus (fingerprint differs)")
+
+
+def _stored(batch, done: set[str]) -> bool:
+    """Whether a batch is stored; windows hold whole batches, so a part-stored one is a foreign run."""
+    stored = [item.prompt_id in done for item, _ in batch]
+    if any(stored) and not all(stored):
+        raise UserFacingError(f"a batch is only partly stored ({sum(stored)} of {len(stored)} prompts, from "
+                              f"{batch[0][0].prompt_id!r}); was the run written with another --batch-size?")
+    return all(stored)
+
+
+def node_slots(session: ModelWithSaes) -> NodeSlots:
+    saes = session.saes
+    keys = SaeKeys({l: (s.key, s.weights.d_sae) for l, s in saes.attn.items()},
+                   {l: (s.key, s.weights.d_sae) for l, s in saes.resid.items()})
+    return NodeSlots(session.lm.name, session.lm.cfg.n_layers, keys)
+
+
+class _Window:
+    """The partial aggregates of the window being computed, on the device."""
+
+    def __init__(self, prompts: list[Prompt], device, cap: int | None, mem: int):
+        self.prompts, self.rank, self.cap, self.mem = prompts, prompt_ranks(prompts, device), cap, mem
+        self.parts: list[Partial] = []
+        self.first = 0  # window row of the first prompt not flushed yet
+        self.end = 0  # window row after the last prompt reduced
+        self.observations = 0
+
+    def add(self, part: Partial, n_prompts: int, n_observations: int) -> bool:
+        """Add a batch's partial; True when the window should be flushed early (memory)."""
+        self.parts.append(part)
+        self.end += n_prompts
+        self.observations += n_observations
+        if sum(p.nbytes for p in self.parts) > self.mem // 2:
+            self.parts = [merge(self.parts, self.rank, self.cap)]
+            return self.parts[0].nbytes > self.mem // 2
+        return False
+
+    def flush(self, slots: NodeSlots, run: str):
+        part = merge(self.parts, self.rank, self.cap)
+        part.ev_prompt = part.ev_prompt - self.first
+        agg = to_window(part, slots.info, slots.size, run, self.prompts[self.first:self.end], self.cap,
+                        self.observations)
+        self.parts, self.first, self.observations = [], self.end, 0
+        return agg
+
+
+def compute_windows(session: ModelWithSaes, batches: list, corpus_spec: str, slots: NodeSlots, opts: JobOptions,
+                    cap: int | None, after_batch=None) -> Iterator[WindowAggregate]:
+    """RDFA and the device reduction of one window's batches: yields its aggregate (more than one
+    when ``window_mem`` forces an early flush). ``after_batch(k)`` runs after batch k (a test hook)."""
+    prompts = [_prompt(opts.run, item, ids, session, corpus_spec) for b in batches for item, ids in b]
+    window = _Window(prompts, session.device, cap, opts.window_mem)
+    for k, batch in enumerate(batches):
+        _, graph = session.attribute([ids for _, ids in batch], opts.pruning)
+        obs, acts = observations(graph, slots, window.end)
+        part = reduce_batch(obs, acts, window.rank, slots.size, cap)
+        if window.add(part, len(batch), len(obs.value)):
+            yield window.flush(slots, opts.run)
+        if after_batch is not None:
+            after_batch(k)
+    if window.parts:
+        yield window.flush(slots, opts.run)
+
+
+def count_written(summary: JobSummary, agg: WindowAggregate) -> None:
+    summary.prompts += len(agg.prompts)
+    summary.observations += agg.observations
+    summary.edges += len(agg.edges)
+    summary.windows += 1
+
+
+def _pipeline(session: ModelWithSaes, store, todo, corpus_spec: str, slots: NodeSlots, opts: JobOptions,
+              summary: JobSummary) -> None:
+    """Compute and reduce on this thread, write on a writer thread, with a bounded queue between."""
+    from tqdm import tqdm
+
+    work: queue.Queue = queue.Queue(maxsize=opts.queue_size)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        while (agg := work.get()) is not None:
+            if failure:
+                continue
+            try:
+                if store.write_window(agg):
+                    count_written(summary, agg)
+            except BaseException as exc:  # surfaced on the compute thread
+                failure.append(exc)
+
+    def put(agg) -> None:
+        waited = time.time()
+        work.put(agg)
+        summary.store_wait_seconds += time.time() - waited
+
+    thread = threading.Thread(target=writer, name="catalog-writer", daemon=True)
+    thread.start()
+    bar = tqdm(total=sum(len(b) for w in todo for b in w), unit="prompt", disable=not opts.progress,
+               dynamic_ncols=True)
+    try:
+        for batches in todo:
+            for agg in compute_windows(session, batches, corpus_spec, slots, opts, store.evidence_per_edge,
+                                       after_batch=lambda k, batches=batches: bar.update(len(batches[k]))):
+                if failure:
+                    break
+                put(agg)
+            if failure:
+                break
+    finally:
+        waited = time.time()
+        work.put(None)
+        thread.join()
+        summary.store_wait_seconds += time.time() - waited
+        bar.close()
+    if failure:
+        raise failure[0]

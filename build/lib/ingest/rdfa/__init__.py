@@ -1,0 +1,1 @@
+"""Pure RDFA maths (docs/rdfa.md): tensors in, typed results out; no I/O, no printing."""

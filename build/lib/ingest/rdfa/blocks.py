@@ -1,0 +1,130 @@
+"""Steps 3-5 over blocks of positions, each padded only to its own busiest position.
+
+The sources of steps 4 and 5 are every upstream component at a position: EMB, POS, and per layer
+the attention features (padded to K slots), error, bias and MLP output. Padding every position to
+the batch's largest K would let one position that fires thousands of features (a BOS position, say)
+multiply the memory of all. So positions are grouped by their number of active attention features
+(powers of two), each group cut into blocks of at most BLOCK_ELEMENTS floats of source vectors, and
+each block padded to its own largest K. The Python loop runs over blocks, never over features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ingest.rdfa import steps
+from ingest.rdfa.tensors import ActiveSet, Capture, Code, EdgeKind, EdgeTable, Pruning, SourceRows, Weights
+from ingest.rdfa.types import SaeWeights
+
+BLOCK_ELEMENTS = 1 << 26  # floats of source vectors per block (256 MB in float32)
+
+
+@dataclass
+class PositionBlock:
+    """Source rows of P positions: ``rows`` is [1, P, R, d] (P in place of T); position p is
+    position ``pos[p]`` of prompt ``prompt[p]``; ``rows.prefix(ends[L])`` sums to resid_pre of layer L."""
+
+    prompt: torch.Tensor  # [P]
+    pos: torch.Tensor  # [P]
+    rows: SourceRows
+    ends: list[int]
+
+
+def _take(act: ActiveSet, b: torch.Tensor, s: torch.Tensor) -> ActiveSet:
+    """The active set at positions (b, s) [P] as [1, P, K'], K' the largest count among them (slots are
+    sorted by |activation|, real ones first, so cutting at K' loses none)."""
+    mask = act.mask[b, s]
+    k = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
+    return ActiveSet(act.index[b, s, :k][None], act.act[b, s, :k][None], act.pre[b, s, :k][None], mask[:, :k][None])
+
+
+def _view(cap: Capture, b: torch.Tensor, s: torch.Tensor) -> Capture:
+    """What component_rows reads of ``cap``, at positions (b, s) [P] only, as one prompt of P positions."""
+    at = lambda xs: [x[b, s][None] for x in xs]  # noqa: E731
+    return Capture(lengths=torch.tensor([b.shape[0]], device=b.device), embed=cap.embed[b, s][None],
+                   pos_embed=cap.pos_embed[b, s][None], resid_pre=[], ln1_scale=[], pattern=[], z=at(cap.z),
+                   attn_out=at(cap.attn_out), mlp_out=at(cap.mlp_out))
+
+
+def position_blocks(cap: Capture, weights: Weights, attn: dict[int, tuple[SaeWeights, ActiveSet]]
+                    ) -> list[PositionBlock]:
+    """Every valid position of the batch in exactly one block; see the module docstring."""
+    b, s = cap.valid.nonzero(as_tuple=True)
+    count = sum((act.mask[b, s].sum(-1) for _, act in attn.values()), torch.zeros_like(b))
+    group = torch.ceil(torch.log2(count.double() + 1)).long()
+    d = cap.embed.shape[-1]
+    blocks = []
+    for g in torch.unique(group).tolist():
+        bg, sg = b[group == g], s[group == g]
+        step = max(1, BLOCK_ELEMENTS // (_n_rows(attn, bg, sg, weights.n_layers) * d))
+        for i in range(0, bg.shape[0], step):
+            pb, ps = bg[i:i + step], sg[i:i + step]
+            taken = {l: (sae, _take(act, pb, ps)) for l, (sae, act) in attn.items()}
+            rows, ends = steps.component_rows(_view(cap, pb, ps), weights, taken, weights.n_layers)
+            blocks.append(PositionBlock(pb, ps, rows, ends))
+    return blocks
+
+
+def _n_rows(attn: dict[int, tuple[SaeWeights, ActiveSet]], b: torch.Tensor, s: torch.Tensor, n_layers: int) -> int:
+    """Source rows per position when positions (b, s) share one padding: EMB, POS, per layer the
+    attention output (features + error + bias, or one row without an SAE) and the MLP output."""
+    rows = 2
+    for l in range(n_layers):
+        rows += 1 + (int(attn[l][1].mask[b, s].sum(-1).max()) + 2 if l in attn else 1)
+    return rows
+
+
+def resid_in_by_block(blocks: list[PositionBlock], sae: SaeWeights, targets: ActiveSet, pruning: Pruning
+             ) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 4 into every active feature of ``targets`` [B, T, K], block by block. Returns kept edges
+    and the kept sum per target [B, T, K]."""
+    kept_sum = torch.zeros(targets.index.shape, device=targets.index.device)
+    tables = []
+    for blk in blocks:
+        sub = _take(targets, blk.prompt, blk.pos)
+        table, kept = steps.resid_in(blk.rows.prefix(blk.ends[sae.layer]), sae, sub, pruning)
+        kept_sum[blk.prompt, blk.pos, :sub.K] = kept[0]
+        local = table.dst_pos
+        table.prompt, table.src_pos, table.dst_pos = blk.prompt[local], blk.pos[local], blk.pos[local]
+        tables.append(table)
+    return EdgeTable.cat(tables), kept_sum
+
+
+def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: SaeWeights, tb: torch.Tensor,
+           tt: torch.Tensor, tf: torch.Tensor, B: int, T: int, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 5's edges into the attention features (tb, tt, tf) [N] through their selected pairs:
+    value = scale[n,p] * vec[b, s[n,p], r] . query[n,p], r over the rows of layers < sae.layer.
+
+    Each pair's candidates are its top-k rows (all rows when top_k is None); the target keeps the top k
+    of its pairs' candidates. Returns kept edges and the kept sum per target [N].
+    """
+    N, P = pairs.pos.shape
+    dev = tb.device
+    n_cand = pruning.top_k if pruning.top_k is not None else max(blk.ends[sae.layer] for blk in blocks)
+    val = torch.zeros(N, P, n_cand, device=dev)
+    code = torch.full((N, P, n_cand), int(Code.REST), dtype=torch.long, device=dev)
+    layer, index = torch.full_like(code, -1), torch.full_like(code, -1)
+    where = torch.full((B, T), -1, dtype=torch.long, device=dev)  # position -> its block's local index
+    for blk in blocks:
+        where[blk.prompt, blk.pos] = torch.arange(blk.prompt.shape[0], device=dev)
+        n, p = (where[tb[:, None], pairs.pos] >= 0).nonzero(as_tuple=True)  # the pairs whose source is here
+        loc = where[tb[n], pairs.pos[n, p]]
+        where[blk.prompt, blk.pos] = -1
+        if n.numel() == 0:
+            continue
+        rows = blk.rows.prefix(blk.ends[sae.layer])
+        v = steps.rows_dot(rows.vec[0], loc, pairs.query[n, p]) * pairs.scale[n, p, None]  # [M, R]
+        k = min(n_cand, v.shape[1])
+        r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
+        val[n, p, :k] = v.gather(1, r)
+        code[n, p, :k], layer[n, p, :k], index[n, p, :k] = rows.code[r], rows.layer[r], rows.index[0, loc[:, None], r]
+    # s > t carries zero attention, padded feature slots are zero vectors: both give exact zeros, dropped
+    (n,), j, vals, kept = steps.select_edges(val.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)
+    p, c = j // n_cand, j % n_cand
+    full = lambda x: torch.full_like(n, int(x))  # noqa: E731
+    table = EdgeTable(tb[n], code[n, p, c], layer[n, p, c], index[n, p, c], pairs.pos[n, p], full(Code.ATTN),
+                      full(sae.layer), tf[n], tt[n], pairs.head[n, p], vals, full(EdgeKind.DIRECT))
+    return table, kept
+

@@ -1,0 +1,70 @@
+"""Plain tensor containers the RDFA maths works on (no SAELens, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from catalog.ids import NodeKind
+
+
+@dataclass
+class SaeWeights:
+    """One SAE as the maths needs it.
+
+    Shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+    For hook_z SAEs d_in = n_heads * d_head (z flattened head-major, as SAELens reshapes it).
+    Pre-activation: (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc. Activation: ReLU, or
+    JumpReLU when ``threshold`` [d_sae] is set, or TopK (over ReLU'd pre-activations) when ``top_k``.
+    """
+
+    kind: NodeKind  # ATTN (hook_z) or RESID (hook_resid_pre)
+    layer: int
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    apply_b_dec_to_input: bool = True
+    threshold: torch.Tensor | None = None
+    top_k: int | None = None
+    _encoder_constant: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def input_offset(self) -> torch.Tensor:
+        """The vector subtracted from the input before W_enc: [d_in]."""
+        return self.b_dec if self.apply_b_dec_to_input else torch.zeros_like(self.b_dec)
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_sae]."""
+        return (x - self.input_offset) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """[..., d_sae] pre-activations -> feature activations."""
+        if self.threshold is not None:
+            return pre * (pre > self.threshold)
+        acts = torch.relu(pre)
+        if self.top_k is not None:
+            vals, idx = acts.topk(self.top_k, dim=-1)
+            acts = torch.zeros_like(acts).scatter_(-1, idx, vals)
+        return acts
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """[..., d_sae] -> [..., d_in]."""
+        return acts @ self.W_dec + self.b_dec
+
+    def encoder_constant(self) -> torch.Tensor:
+        """The input-independent part of every pre-activation: b_enc - offset @ W_enc, [d_sae].
+        Computed once (a d_in x d_sae product every batch would cost as much as a small step)."""
+        if self._encoder_constant is None:
+            self._encoder_constant = self.b_enc - self.input_offset @ self.W_enc
+        return self._encoder_constant
+
+    def to(self, device) -> SaeWeights:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SaeWeights(self.kind, self.layer, move(self.W_enc), move(self.b_enc), move(self.W_dec),
+                          move(self.b_dec), self.apply_b_dec_to_input, move(self.threshold), self.top_k)

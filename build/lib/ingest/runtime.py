@@ -1,0 +1,31 @@
+"""Device and thread choices, made deliberately in one place.
+
+On small machines torch's default intra-op thread pool thrashes as soon as another process (the
+Neo4j JVM, the writer thread, a second test) wants a core, so every entry point sets the count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_THREADS_ENV = "CIRCUIT_CATALOG_TORCH_THREADS"
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: explicit value, else $CIRCUIT_CATALOG_TORCH_THREADS, else 1."""
+    n = threads or int(os.environ.get(DEFAULT_THREADS_ENV, "1"))
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present (or when asked for), CPU otherwise; a CUDA request without CUDA is an error."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        from ingest.errors import UserFacingError
+
+        raise UserFacingError(f"--device {requested} was requested but torch sees no CUDA device")
+    return torch.device(requested)

@@ -1,0 +1,153 @@
+"""RDFA graph tensors -> device observations -> the catalog's columnar WindowAggregate.
+
+Positions stay in the evidence; aggregation keys drop them. REST edges (what pruning removed)
+belong to per-prompt views only and are not stored as catalog edges, and neither are an SAE's
+encoder constants (the same value on every prompt: a weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, StatColumns, WindowAggregate
+from catalog.schema import NodeInfo, Prompt
+from ingest.rdfa.tensors import Code, EdgeTable, Graph, code_to_ref
+from ingest.reduce import HEAD_SLOTS, N_KINDS, Activations, Observations, Partial, reduce_batch
+
+_FEATURE_CODES = (Code.ATTN, Code.RESID)
+_ATTN_SIDE = (Code.ATTN, Code.ERR_A, Code.BIAS_A)
+_RESID_SIDE = (Code.RESID, Code.ERR_R, Code.BIAS_R)
+_LAYERLESS = (Code.EMB, Code.POS)
+
+
+@dataclass
+class SaeKeys:
+    """The catalog key of each layer's SAE (``LoadedSae.key``) and its width."""
+
+    attn: dict[int, tuple[str, int]]  # layer -> (key, d_sae)
+    resid: dict[int, tuple[str, int]]
+
+
+class NodeSlots:
+    """Dense integer slots for every node a run can produce, (code, layer, index) <-> slot.
+
+    Each (code, layer) owns a block of slots: d_sae wide for features, one slot for a component.
+    Slots are local to a job (the store's node dictionary gives catalog ids); decoding builds a
+    NodeInfo once per slot, only for slots that occur.
+    """
+
+    def __init__(self, model: str, n_layers: int, saes: SaeKeys):
+        self.model, self.saes = model, saes
+        self._start = torch.full((len(Code), n_layers + 1), -1, dtype=torch.long)
+        blocks, size = [], 0
+        for code in Code:
+            if code is Code.REST:
+                continue
+            for layer in ([-1] if code in _LAYERLESS else range(n_layers)):
+                width = self._width(code, layer)
+                if width:
+                    self._start[code, layer + 1] = size
+                    blocks.append((size, int(code), layer))
+                    size += width
+        self.size = size
+        self._block_start = np.array([b[0] for b in blocks], dtype=np.int64)
+        self._blocks = blocks
+        self._infos: dict[int, NodeInfo] = {}
+        self._device_start: dict[torch.device, torch.Tensor] = {}
+
+    def _width(self, code: Code, layer: int) -> int:
+        if code in _FEATURE_CODES:
+            table = self.saes.attn if code is Code.ATTN else self.saes.resid
+            return table[layer][1] if layer in table else 0
+        if code in (Code.ERR_A, Code.BIAS_A):
+            return int(layer in self.saes.attn)
+        if code in (Code.ERR_R, Code.BIAS_R):
+            return int(layer in self.saes.resid)
+        if code is Code.ATTN_OUT:
+            return int(layer not in self.saes.attn)
+        return 1
+
+    def slot(self, code: torch.Tensor, layer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Slots of nodes given as parallel tensors (layer and index -1 where absent)."""
+        start = self._device_start.get(code.device)
+        if start is None:
+            start = self._device_start.setdefault(code.device, self._start.to(code.device))
+        base = start[code, layer + 1]
+        if len(base) and bool((base < 0).any()):
+            raise ValueError("RDFA produced a node the run's SAEs do not define")
+        return base + index.clamp(min=0)
+
+    def info(self, slot: int) -> NodeInfo:
+        node = self._infos.get(slot)
+        if node is None:
+            b = int(np.searchsorted(self._block_start, slot, side="right")) - 1
+            start, code, layer = self._blocks[b]
+            index = slot - start if code in _FEATURE_CODES else -1
+            table = self.saes.attn if code in _ATTN_SIDE else self.saes.resid if code in _RESID_SIDE else {}
+            sae = table[layer][0] if layer in table else ""
+            node = self._infos[slot] = NodeInfo.of(self.model, sae, code_to_ref(code, layer, index, None))
+        return node
+
+
+def _catalog_edges(t: EdgeTable) -> torch.Tensor:
+    """Edges worth aggregating: not REST and not an SAE's encoder constant (BIAS of the target's own SAE)."""
+    own_bias = (((t.src_code == Code.BIAS_A) & (t.dst_code == Code.ATTN)) |
+                ((t.src_code == Code.BIAS_R) & (t.dst_code == Code.RESID))) & (t.src_layer == t.dst_layer)
+    return (t.src_code != Code.REST) & ~own_bias
+
+
+def observations(graph: Graph, slots: NodeSlots, first_prompt: int) -> tuple[Observations, Activations]:
+    """A batch's graph as device observations; its prompt i is row ``first_prompt + i`` of the window."""
+    t = EdgeTable.cat([graph.edges, graph.direct])
+    t = t.select(_catalog_edges(t))
+    obs = Observations(t.prompt + first_prompt, slots.slot(t.src_code, t.src_layer, t.src_index),
+                       slots.slot(t.dst_code, t.dst_layer, t.dst_index), t.kind, t.head, t.src_pos, t.dst_pos,
+                       t.value)
+    n = graph.nodes
+    return obs, Activations(slots.slot(n.code, n.layer, n.index), n.prompt + first_prompt, n.act)
+
+
+def to_window(part: Partial, node_of: Callable[[int], NodeInfo], n_slots: int, run: str, prompts: list[Prompt],
+              cap: int | None, n_observations: int) -> WindowAggregate:
+    """Decode a window's Partial into the catalog's columnar record (one device->host copy);
+    ``node_of(slot)`` names the node of a slot (NodeSlots.info)."""
+    pair, kind = part.edge_key // N_KINDS, part.edge_key % N_KINDS
+    hpair, hkind = (part.head_key // HEAD_SLOTS) // N_KINDS, (part.head_key // HEAD_SLOTS) % N_KINDS
+    epair, ekind = part.ev_key // N_KINDS, part.ev_key % N_KINDS
+    ends = [pair // n_slots, pair % n_slots, hpair // n_slots, hpair % n_slots, epair // n_slots,
+            epair % n_slots, part.node]
+    used = torch.unique(torch.cat(ends))
+    rows = [torch.searchsorted(used, e) for e in ends]
+    host = lambda x: x.cpu().numpy()  # noqa: E731
+    nodes = [node_of(s) for s in used.tolist()]
+    return WindowAggregate(
+        run, prompts, nodes,
+        EdgeColumns(host(rows[0]), host(rows[1]), host(kind), *(host(getattr(part, c)) for c in (
+            "n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos"))),
+        HeadColumns(host(rows[2]), host(rows[3]), host(hkind), host(part.head_key % HEAD_SLOTS), host(part.head_sum)),
+        EvidenceColumns(host(rows[4]), host(rows[5]), host(ekind), host(part.ev_prompt), host(part.ev_src_pos),
+                        host(part.ev_dst_pos), host(part.ev_head), host(part.ev_value)),
+        StatColumns(host(rows[6]), host(part.node_n_obs), host(part.node_n_prompts), host(part.node_sum_act),
+                    host(part.node_max_act)),
+        cap, n_observations)
+
+
+def aggregate_rows(obs: Observations, acts: Activations, nodes: list[NodeInfo], run: str, prompts: list[Prompt],
+                   cap: int | None, prompt_rank: torch.Tensor | None = None) -> WindowAggregate:
+    """One WindowAggregate from observations whose node slots are rows of ``nodes`` (hand-built
+    catalogs: tests and benchmarks); prompts are ranked by uid unless ``prompt_rank`` is given."""
+    rank = prompt_ranks(prompts, obs.value.device) if prompt_rank is None else prompt_rank
+    part = reduce_batch(obs, acts, rank, len(nodes), cap)
+    return to_window(part, nodes.__getitem__, len(nodes), run, prompts, cap, len(obs.value))
+
+
+def prompt_ranks(prompts: list[Prompt], device) -> torch.Tensor:
+    """[P] rank of each prompt's uid among ``prompts`` (evidence ties are broken by uid)."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].uid)
+    rank = torch.empty(len(prompts), dtype=torch.long)
+    rank[torch.tensor(order, dtype=torch.long)] = torch.arange(len(prompts))
+    return rank.to(device)
