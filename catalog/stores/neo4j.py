@@ -313,15 +313,23 @@ class Neo4jStore:
                 tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra, **_sub_heads(heads, offsets, r))
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
-        rows = self._read("MATCH (r:Run {run_id: $id}) RETURN r.status, r.manifest", id=run_id)
-        if rows and not resume:
-            raise StoreError(f"run {run_id!r} already exists in {self.url} (status {rows[0][0]}); pass --resume to "
-                             "continue it or choose another --run")
-        if rows:
-            old = json.loads(rows[0][1])
-            manifest = {**old, "resumed": old.get("resumed", 0) + 1}
-        self.driver.execute_query("MERGE (r:Run {run_id: $id}) SET r.status = 'running', r.manifest = $m",
-                                  id=run_id, m=json.dumps(manifest, sort_keys=True), database_=self.database)
+        def tx_fn(tx: Tx) -> None:
+            # lock the Run node before reading it: a shard starting while another finishes keeps its counts
+            rows = list(tx.run("MERGE (r:Run {run_id: $id}) ON CREATE SET r.__new = true REMOVE r.__lock "
+                               "WITH r, r.__new AS new REMOVE r.__new RETURN r.status, r.manifest, new", id=run_id))
+            exists = not rows[0][2]
+            if exists and not resume:
+                raise StoreError(f"run {run_id!r} already exists in {self.url} (status {rows[0][0]}); pass --resume "
+                                 "to continue it or choose another --run")
+            new = manifest
+            if exists:
+                old = json.loads(rows[0][1])
+                new = {**old, "resumed": old.get("resumed", 0) + 1}
+            tx.run("MATCH (r:Run {run_id: $id}) SET r.status = 'running', r.manifest = $m", id=run_id,
+                   m=json.dumps(new, sort_keys=True))
+
+        with self.driver.session(database=self.database) as session:
+            session.execute_write(tx_fn)
 
     def finish_run(self, run_id: str, status: str, updates: JSON) -> None:
         def tx_fn(tx: Tx) -> None:

@@ -201,16 +201,22 @@ class SqliteStore:
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
         c = self._conn
-        row = c.execute("SELECT status, manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        if row and not resume:
-            raise StoreError(f"run {run_id!r} already exists in {self.url} (status {row[0]}); pass --resume to "
-                             "continue it or choose another --run")
-        if row:
-            merged = {**json.loads(row[1]), "resumed": json.loads(row[1]).get("resumed", 0) + 1}
-            c.execute("UPDATE runs SET status = 'running', manifest = ? WHERE run_id = ?",
-                      (json.dumps(merged, sort_keys=True), run_id))
-        else:
-            c.execute("INSERT INTO runs VALUES (?, 'running', ?)", (run_id, json.dumps(manifest, sort_keys=True)))
+        c.execute("BEGIN IMMEDIATE")  # a shard starting while another finishes must not drop its counts
+        try:
+            row = c.execute("SELECT status, manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row and not resume:
+                raise StoreError(f"run {run_id!r} already exists in {self.url} (status {row[0]}); pass --resume "
+                                 "to continue it or choose another --run")
+            if row:
+                merged = {**json.loads(row[1]), "resumed": json.loads(row[1]).get("resumed", 0) + 1}
+                c.execute("UPDATE runs SET status = 'running', manifest = ? WHERE run_id = ?",
+                          (json.dumps(merged, sort_keys=True), run_id))
+            else:
+                c.execute("INSERT INTO runs VALUES (?, 'running', ?)", (run_id, json.dumps(manifest, sort_keys=True)))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
 
     def finish_run(self, run_id: str, status: str, updates: JSON) -> None:
         c = self._conn
