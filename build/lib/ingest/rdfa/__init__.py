@@ -1,1 +1,0 @@
-"""Pure RDFA maths (docs/rdfa.md): tensors in, typed results out; no I/O, no printing."""
