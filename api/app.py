@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field
 from api import models, pages
 from api.settings import Settings
 from catalog import queries
+from catalog.diff import diff
 from catalog.ids import NodeRefError
+from catalog.runs import IncompatibleRuns
 from catalog.schema import EDGE_KINDS, JSON
 from catalog.stores import StoreError, StoreUnavailable, open_store
 from catalog.stores.base import CypherRefused, CypherUnsupported
@@ -44,6 +46,11 @@ NodeKindName = Literal["attn", "resid", "error", "bias", "emb", "pos", "mlp", "a
 KindQ = Annotated[list[NodeKindName] | None, Query(description="node kinds of the other end")]
 LayerQ = Annotated[list[int] | None, Query(description="layers of the other end")]
 EdgeKindQ = Annotated[list[Literal[EDGE_KINDS]] | None, Query(description="edge kinds")]  # type: ignore[valid-type]
+RunQ = Annotated[list[Annotated[str, Query(max_length=200)]] | None, Query(
+    max_length=100, description="runs to sum over (repeat for several); default: every run, when they share model, "
+                                "SAEs and pruning (else 409 naming the groups)")]
+INCOMPATIBLE: dict[int | str, dict[str, Any]] = {
+    409: {"model": models.IncompatibleRunsAnswer, "description": "runs of different settings selected"}}
 
 
 class CypherRequest(BaseModel):
@@ -139,6 +146,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type, status in ERROR_STATUS.items():  # expected errors: their message, no stack trace
         app.add_exception_handler(exc_type, lambda request, exc, status=status: error(request, status, str(exc)))
 
+    @app.exception_handler(IncompatibleRuns)
+    async def _incompatible(request: Request, exc: IncompatibleRuns) -> Response:
+        if pages.is_page(request):
+            return pages.error_page(request, 409, str(exc))
+        return JSONResponse(status_code=409, content={"detail": str(exc), "groups": exc.groups})
+
     @app.exception_handler(StoreUnavailable)
     async def _down(request: Request, exc: Exception) -> Response:
         return error(request, 503, f"catalog store unavailable: {exc}; retry shortly", {"Retry-After": "5"})
@@ -179,45 +192,59 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz(s: Store) -> JSON:
         return {"ok": True, "store": queries.public_url(s.url), "runs": len(s.runs())}
 
-    @app.get("/overview", response_model=models.Overview, **ANSWER)
-    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5) -> JSON:
-        """Counts, runs, and the strongest attention features of each layer (the home page's data)."""
-        return queries.overview(s, per_layer)
+    @app.get("/overview", response_model=models.Overview, responses=INCOMPATIBLE, **ANSWER)
+    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5, run: RunQ = None) -> JSON:
+        """Counts, runs, the groups of runs that may be added together, and the strongest attention
+        features of each layer in the runs chosen (the home page's data)."""
+        return queries.overview(s, per_layer, runs=run)
 
-    @app.get("/features/{ref}", response_model=models.Feature, **ANSWER)
-    def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None) -> JSON:
-        return queries.feature(s, ref, model=model)
+    @app.get("/features/{ref}", response_model=models.Feature, responses=INCOMPATIBLE, **ANSWER)
+    def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None,
+                    run: RunQ = None) -> JSON:
+        return queries.feature(s, ref, model=model, runs=run)
+
+    @app.get("/features/{ref}/diff", response_model=models.Diff, **ANSWER)
+    def get_diff(ref: Annotated[str, Path(max_length=64)], s: Store,
+                 run: Annotated[list[Annotated[str, Query(max_length=200)]], Query(
+                     min_length=2, max_length=2, description="the two runs: ?run=A&run=B (change is B - A)")],
+                 direction: Literal["up", "down"] = "up", edge_kind: EdgeKindQ = None, limit: Limit = 20,
+                 model: str | None = None) -> JSON:
+        """Upstream (or downstream) edges of a feature in two runs side by side, ranked by the change in
+        attribution per prompt of each run; each side with its prompt and observation counts."""
+        return diff(s, ref, run[0], run[1], model=model, limit=limit, edge_kinds=edge_kind, direction=direction)
 
     def _neighbours(direction: str, ref: str, s: StoreProtocol, kind: Sequence[str] | None, layer: list[int] | None,
                     edge_kind: Sequence[str] | None, min_count: int, order: str, limit: int, cursor: str | None,
-                    model: str | None) -> JSON:
+                    model: str | None, run: list[str] | None) -> JSON:
         offset = _offset(cursor)
-        rows = queries.neighbours(s, ref, direction, model=model, node_kinds=kind, layers=layer,
+        rows = queries.neighbours(s, ref, direction, model=model, runs=run, node_kinds=kind, layers=layer,
                                   edge_kinds=edge_kind, min_count=min_count, order=order, limit=limit, offset=offset)
         return {"items": rows, "next_cursor": _cursor(offset + limit) if len(rows) == limit else None}
 
 
-    @app.get("/features/{ref}/upstream", response_model=models.NeighbourPage, **ANSWER)
+    @app.get("/features/{ref}/upstream", response_model=models.NeighbourPage, responses=INCOMPATIBLE, **ANSWER)
     def get_upstream(ref: Annotated[str, Path(max_length=64)], s: Store,
                      kind: KindQ = None, layer: LayerQ = None,
                      edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                      order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
-                     cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
-        return _neighbours("up", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
+                     cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None,
+                     run: RunQ = None) -> JSON:
+        return _neighbours("up", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model, run)
 
-    @app.get("/features/{ref}/downstream", response_model=models.NeighbourPage, **ANSWER)
+    @app.get("/features/{ref}/downstream", response_model=models.NeighbourPage, responses=INCOMPATIBLE, **ANSWER)
     def get_downstream(ref: Annotated[str, Path(max_length=64)], s: Store,
                        kind: KindQ = None, layer: LayerQ = None,
                        edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                        order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
-                       cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None) -> JSON:
-        return _neighbours("down", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model)
+                       cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None,
+                     run: RunQ = None) -> JSON:
+        return _neighbours("down", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model, run)
 
-    @app.get("/edges/{src}/{dst}", response_model=models.Edge, **ANSWER)
+    @app.get("/edges/{src}/{dst}", response_model=models.Edge, responses=INCOMPATIBLE, **ANSWER)
     def get_edge(src: Annotated[str, Path(max_length=64)], dst: Annotated[str, Path(max_length=64)], s: Store,
                  evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20,
-                 model: str | None = None) -> JSON:
-        return queries.edge(s, src, dst, model=model, evidence_limit=evidence)
+                 model: str | None = None, run: RunQ = None) -> JSON:
+        return queries.edge(s, src, dst, model=model, evidence_limit=evidence, runs=run)
 
     @app.get("/prompts/{uid:path}/graph", response_model=models.PromptGraph | models.NeuronpediaGraph, **ANSWER)
     def get_prompt_graph(uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200,
@@ -243,10 +270,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_run(run_id: Annotated[str, Path(max_length=200)], s: Store) -> JSON:
         return queries.run(s, run_id)
 
-    @app.get("/patterns/composition", response_model=models.Patterns, **ANSWER)
+    @app.get("/patterns/composition", response_model=models.Patterns, responses=INCOMPATIBLE, **ANSWER)
     def get_patterns(request: Request, s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
-                     min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> JSON:
-        return pages.mined(request.app.state, s, top, min_prompts)
+                     min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2, run: RunQ = None) -> JSON:
+        return pages.mined(request.app.state, s, top, min_prompts, run)
 
     @app.post("/cypher", response_model=models.CypherAnswer, **ANSWER)
     def post_cypher(body: CypherRequest, s: Store) -> JSON:

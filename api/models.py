@@ -5,7 +5,7 @@ tests instead of silently leaving the schema behind. Floats are rounded to 6 sig
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,7 @@ class Feature(Model):
     model: str
     sae: str = Field(description="the SAE's own key: release:sae_id, local:<weights hash>, or empty")
     activation: Activation | None = None
+    runs: list[str] = Field(description="the runs whose rows were summed (see catalog.runs)")
     neuronpedia: str | None = None
     sae_flags: SaeFlags | None = None
 
@@ -87,6 +88,7 @@ class Edge(Model):
     target: str
     source_uid: str
     target_uid: str
+    runs: list[str] = Field(description="the runs whose rows were summed (see catalog.runs)")
     kinds: list[EdgeKindAnswer]
     sae_flags: dict[str, SaeFlags | None]
     through_flagged_sae: list[str]
@@ -158,11 +160,19 @@ class LayerFeatures(Model):
     features: list[TopFeature]
 
 
+class RunGroup(Model):
+    settings: str = Field(description="model, SAEs and pruning the runs share")
+    runs: list[str]
+
+
 class Overview(Model):
     store: str
     counts: dict[str, int]
     runs: list[RunSummary]
+    run_groups: list[RunGroup] = Field(description="runs that may be added together; queries never mix groups")
     strongest_attention: list[LayerFeatures]
+    selection_error: str | None = Field(None, description="why no strongest features are shown: the stored runs "
+                                        "do not share settings and none were chosen (?run=)")
 
 
 class Exemplar(Model):
@@ -197,6 +207,7 @@ class Hub(Model):
 
 
 class Patterns(Model):
+    runs: list[str] = Field(description="the runs whose rows were summed (see catalog.runs)")
     n_prompts: int
     pairs: list[Pair]
     chains: list[Chain]
@@ -214,3 +225,43 @@ class CypherAnswer(Model):
     rows: list[dict[str, Any]]
     row_cap: int
     truncated: bool
+
+
+class DiffSide(Model):
+    n_prompts: int = Field(description="prompts of the run the edge was observed in")
+    n_obs: int = Field(description="observations (evidence) of the edge in the run")
+    sum: float | None
+    mean: float | None = Field(description="mean attribution per observation")
+    per_prompt: float | None = Field(description="sum / prompts of the run: the number compared across runs")
+
+
+class DiffRow(Model):
+    id: str
+    uid: str
+    kind: str
+    layer: int | None
+    edge_kind: str
+    change: float | None = Field(description="b.per_prompt - a.per_prompt (a side without the edge counts 0)")
+    a: DiffSide | None
+    b: DiffSide | None
+
+
+class DiffRun(Model):
+    run: str
+    prompts: int
+
+
+class Diff(Model):
+    feature: str
+    uid: str
+    direction: Literal["up", "down"]
+    runs: dict[str, DiffRun] = Field(description="a and b")
+    same_settings: bool
+    settings: dict[str, str] | None = Field(description="each run's model, SAEs and pruning, when they differ")
+    n_edges: int = Field(description="edges in either run (the answer shows the first `limit`)")
+    edges: list[DiffRow]
+
+
+class IncompatibleRunsAnswer(Model):
+    detail: str
+    groups: list[list[str]] = Field(description="run ids that share model, SAEs and pruning")

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
@@ -55,18 +55,18 @@ def error_page(request: Request, status: int, detail: Any, headers: JSON | None 
 _mining = threading.Lock()
 
 
-def mined(state: Any, store: Store, top: int, min_prompts: int) -> JSON:
+def mined(state: Any, store: Store, top: int, min_prompts: int, runs: Sequence[str] | None = None) -> JSON:
     """``catalog.mining.mine``, cached per process (``state``: the app's state): mining reads the
     whole catalog (seconds on a corpus), its answer changes only when the catalog does, and the key
     holds what would change (counts, runs and their status)."""
     from catalog.mining import mine
 
-    key = (top, min_prompts, json.dumps(store.counts(), sort_keys=True),
+    key = (top, min_prompts, tuple(sorted(set(runs or ()))), json.dumps(store.counts(), sort_keys=True),
            tuple((r.run_id, r.status, r.manifest.get("finished")) for r in store.runs()))
     with _mining:  # one mining at a time: a second caller waits for the first's answer
         cache: OrderedDict[Any, JSON] = state.__dict__.setdefault("_mined", OrderedDict())
         if key not in cache:
-            cache[key] = mine(store, top=top, min_prompts=min_prompts)
+            cache[key] = mine(store, top=top, min_prompts=min_prompts, runs=runs)
             while len(cache) > MINED_CACHE:
                 cache.popitem(last=False)
         cache.move_to_end(key)
@@ -155,13 +155,14 @@ def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRoute
     StoreDep = Annotated[Any, Depends(store_dependency)]
     Ref = Annotated[str, Path(max_length=64)]
     Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
+    Runs = Annotated[list[Annotated[str, Query(max_length=200)]] | None, Query(max_length=100)]
 
     def render(request: Request, template: str, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, template, context)
 
     @pages.get("/", response_class=HTMLResponse)
-    def home(request: Request, s: StoreDep) -> HTMLResponse:
-        return render(request, "home.html", overview=queries.overview(s), title="circuit-catalog")
+    def home(request: Request, s: StoreDep, run: Runs = None) -> HTMLResponse:
+        return render(request, "home.html", overview=queries.overview(s, runs=run), title="circuit-catalog")
 
     @pages.get("/view/search")
     def search(s: StoreDep, q: Annotated[str, Query(max_length=300)] = "") -> RedirectResponse:
@@ -183,11 +184,11 @@ def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRoute
                 edge_kind: Annotated[list[Literal[EDGE_KINDS]] | None, Query()] = None,  # type: ignore[valid-type]
                 order: Literal[ORDERS] = "abs", min_count: Annotated[int, Query(ge=0)] = 0,  # type: ignore[valid-type]
                 limit: Limit = 20, up_offset: Annotated[int, Query(ge=0)] = 0,
-                down_offset: Annotated[int, Query(ge=0)] = 0, model: str | None = None) -> HTMLResponse:
-        node = queries.feature(s, ref, model=model)
+                down_offset: Annotated[int, Query(ge=0)] = 0, model: str | None = None, run: Runs = None) -> HTMLResponse:
+        node = queries.feature(s, ref, model=model, runs=run)
         layers = _layers(layer)
         filters = {"node_kinds": kind, "layers": layers, "edge_kinds": edge_kind, "order": order,
-                   "min_count": min_count, "limit": limit, "model": model}
+                   "min_count": min_count, "limit": limit, "model": model, "runs": run}
         tables, heads = {}, n_heads(s)
         for direction, offset in (("up", up_offset), ("down", down_offset)):
             rows = queries.neighbours(s, ref, direction, offset=offset, **filters)
@@ -197,7 +198,8 @@ def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRoute
                                  "next": offset + limit if len(rows) == limit else None,
                                  "prev": max(offset - limit, 0) if offset else None}
         query = {"kind": kind or [], "layer": layers or [], "edge_kind": edge_kind or [], "order": order,
-                 "min_count": min_count, "limit": limit, **({"model": model} if model else {})}
+                 "min_count": min_count, "limit": limit, **({"model": model} if model else {}),
+                 **({"run": run} if run else {})}
 
         def link(**change: int) -> str:
             params = {**query, "up_offset": up_offset, "down_offset": down_offset, **change}
@@ -209,8 +211,8 @@ def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRoute
     @pages.get("/view/edge/{src}/{dst}", response_class=HTMLResponse)
     def edge(request: Request, src: Ref, dst: Ref, s: StoreDep,
              evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20,
-             model: str | None = None) -> HTMLResponse:
-        body = queries.edge(s, src, dst, model=model, evidence_limit=evidence)
+             model: str | None = None, run: Runs = None) -> HTMLResponse:
+        body = queries.edge(s, src, dst, model=model, evidence_limit=evidence, runs=run)
         uids = sorted({v["prompt"] for k in body["kinds"] for v in k["evidence"]})
         tokens = {uid: p.tokens for uid, p in s.prompts(uids).items()}
         for k in body["kinds"]:
@@ -230,8 +232,8 @@ def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRoute
 
     @pages.get("/view/patterns", response_class=HTMLResponse)
     def patterns(request: Request, s: StoreDep, top: Annotated[int, Query(ge=1, le=100)] = 20,
-                 min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2) -> HTMLResponse:
-        result = mined(request.app.state, s, top, min_prompts)
+                 min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2, run: Runs = None) -> HTMLResponse:
+        result = mined(request.app.state, s, top, min_prompts, run)
         heads = n_heads(s)
         for p in result["pairs"]:
             p["head_bars"] = _heads_svg(p["heads"], heads)

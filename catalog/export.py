@@ -26,52 +26,57 @@ def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
 
 
 def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
-    """Nodes (+stats), edges (+head sums), all evidence, prompts and runs; returns the counts copied."""
+    """Runs, prompts, nodes, and per run: node statistics, edges (+head sums) and all evidence;
+    returns the counts copied (edges and evidence: stored rows, one per edge and run)."""
     if dst.runs() or next(iter(dst.all_nodes()), None) is not None:
         from catalog.stores.base import StoreError
 
         raise StoreError(f"export target {dst.url} is not empty; export into an empty catalog")
-    pairs = list(src.all_nodes())
-    nodes = [n for n, _ in pairs]
+    runs = src.runs()
+    dst.import_runs(runs)  # first: the target files each run's rows under the run
+    nodes = [n for n, _ in src.all_nodes()]
     row = {n.uid: i for i, n in enumerate(nodes)}
     prompts = list(src.all_prompts())
     prompt_row = {p.uid: i for i, p in enumerate(prompts)}
     kind = {k: i for i, k in enumerate(EDGE_KINDS)}
-    stats = [(row[n.uid], s) for n, s in pairs if s is not None]
-    def window(**cols: Any) -> WindowAggregate:
-        return WindowAggregate("", [], nodes, **{
+
+    def window(run: str, **cols: Any) -> WindowAggregate:
+        return WindowAggregate(run, [], nodes, **{
             "edges": empty_columns(EdgeColumns), "heads": empty_columns(HeadColumns),
             "evidence": empty_columns(EvidenceColumns), "stats": empty_columns(StatColumns), "evidence_cap": None,
             **cols})
-    dst.import_window(window(stats=StatColumns(*_arrays(
-        stats, lambda r: r[0], lambda r: r[1].n_obs, lambda r: r[1].n_prompts, lambda r: r[1].sum_act,
-        lambda r: r[1].max_act))))
-    counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": 0}
-    for edges_part in _chunks(src.all_edges(), chunk):
-        heads = [(row[e.src], row[e.dst], kind[e.kind], h, v) for e in edges_part for h, v in sorted(e.head_sums.items())]
-        dst.import_window(window(
-            edges=EdgeColumns(*_arrays(edges_part, lambda e: row[e.src], lambda e: row[e.dst], lambda e: kind[e.kind],
-                                       *(lambda e, c=c: getattr(e, c) for c in (
-                                           "n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos")))),
-            heads=HeadColumns(*_arrays(heads, *(lambda r, i=i: r[i] for i in range(5))))))
-        counts["edges"] += len(edges_part)
+    counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": len(runs)}
     for prompts_part in _chunks(prompts, chunk):
-        agg = window()
+        agg = window(prompts_part[0].run)
         agg.prompts = prompts_part
         dst.import_window(agg)
         counts["prompts"] += len(prompts_part)
-    for evidence_part in _chunks(src.all_evidence(), chunk):
-        used = sorted({v.prompt for v in evidence_part})
-        local = {uid: i for i, uid in enumerate(used)}
-        agg = window(evidence=EvidenceColumns(*_arrays(
-            evidence_part, lambda v: row[v.src], lambda v: row[v.dst], lambda v: kind[v.kind], lambda v: local[v.prompt],  # noqa: B023 - consumed here
-            lambda v: v.src_pos, lambda v: v.dst_pos, lambda v: -1 if v.head is None else v.head, lambda v: v.value)))
-        agg.prompts = [prompts[prompt_row[uid]] for uid in used]  # stored above already: inserts are no-ops
-        dst.import_window(agg)
-        counts["evidence"] += len(evidence_part)
-    runs = src.runs()
-    dst.import_runs(runs)
-    counts["runs"] = len(runs)
+    for run in (r.run_id for r in runs):
+        stats = [(row[n.uid], s) for n, s in src.all_nodes((run,)) if s is not None]
+        dst.import_window(window(run, stats=StatColumns(*_arrays(
+            stats, lambda r: r[0], lambda r: r[1].n_obs, lambda r: r[1].n_prompts, lambda r: r[1].sum_act,
+            lambda r: r[1].max_act))))
+        for edges_part in _chunks(src.all_edges(runs=(run,)), chunk):
+            heads = [(row[e.src], row[e.dst], kind[e.kind], h, v) for e in edges_part
+                     for h, v in sorted(e.head_sums.items())]
+            dst.import_window(window(
+                run, edges=EdgeColumns(*_arrays(
+                    edges_part, lambda e: row[e.src], lambda e: row[e.dst], lambda e: kind[e.kind],
+                    *(lambda e, c=c: getattr(e, c) for c in (
+                        "n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos")))),
+                heads=HeadColumns(*_arrays(heads, *(lambda r, i=i: r[i] for i in range(5))))))
+            counts["edges"] += len(edges_part)
+        for evidence_part in _chunks(src.all_evidence((run,)), chunk):
+            used = sorted({v.prompt for v in evidence_part})
+            local = {uid: i for i, uid in enumerate(used)}
+            agg = window(run, evidence=EvidenceColumns(*_arrays(
+                evidence_part, lambda v: row[v.src], lambda v: row[v.dst], lambda v: kind[v.kind],
+                lambda v: local[v.prompt],  # noqa: B023 - consumed here
+                lambda v: v.src_pos, lambda v: v.dst_pos, lambda v: -1 if v.head is None else v.head,
+                lambda v: v.value)))
+            agg.prompts = [prompts[prompt_row[uid]] for uid in used]  # stored above already: inserts are no-ops
+            dst.import_window(agg)
+            counts["evidence"] += len(evidence_part)
     return counts
 
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 
 import networkx as nx
 import numpy as np
 
 from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
+from catalog.runs import select_runs
 from catalog.schema import JSON, EdgeStats
-from catalog.stores.base import Store
+from catalog.stores.base import Runs, Store
 
 MAX_PAIRS_SCANNED = 200
 
@@ -39,15 +41,15 @@ def null_z(n_pair: int, n_src: int, n_dst: int, n_total: int) -> float | None:
     return rnd((n_pair - mean) / math.sqrt(var)) if var > 0 else None
 
 
-def _prompt_counts(store: Store) -> tuple[dict[str, int], int]:
-    counts = {n.uid: s.n_prompts for n, s in store.all_nodes() if s is not None}
-    n_total = sum(1 for _ in store.all_prompts())
+def _prompt_counts(store: Store, runs: Runs) -> tuple[dict[str, int], int]:
+    counts = {n.uid: s.n_prompts for n, s in store.all_nodes(runs) if s is not None}
+    n_total = sum(store.prompt_count(run) for run in runs or ())
     return counts, n_total
 
 
-def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int) -> list[JSON]:
+def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs) -> list[JSON]:
     out: list[JSON] = []
-    for e in store.all_edges(("direct",)):
+    for e in store.all_edges(("direct",), runs):
         if _is_attn_feature(e.src) and _is_attn_feature(e.dst) and e.n_prompts >= min_prompts:
             stats = edge_stats(e)
             out.append({"source": _ref(e.src), "target": _ref(e.dst), "source_uid": e.src, "target_uid": e.dst,
@@ -57,19 +59,19 @@ def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts
     return out
 
 
-def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int) -> list[JSON]:
+def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs) -> list[JSON]:
     """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence.
 
     The join (every attention feature into a residual feature) x (that residual feature into every
     later attention feature) has millions of rows on a corpus-sized catalog, so it runs in numpy:
     edges sorted by uid first, so the sums do not depend on the order a store returns edges in."""
-    ups = sorted(store.all_edges(("resid_in",)), key=lambda e: (e.src, e.dst))
+    ups = sorted(store.all_edges(("resid_in",), runs), key=lambda e: (e.src, e.dst))
     total_in: dict[str, float] = defaultdict(float)
     for e in ups:
         total_in[e.dst] += e.sum
     ups = [e for e in ups if _is_attn_feature(e.src)]
     fed = {e.dst for e in ups}
-    downs = sorted((e for e in store.all_edges(("attn_in",))
+    downs = sorted((e for e in store.all_edges(("attn_in",), runs)
                     if e.src in fed and total_in[e.src] and _is_attn_feature(e.dst)), key=lambda e: (e.src, e.dst))
     if not ups or not downs:
         return []
@@ -109,7 +111,7 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
     for w in best.tolist():
         src, dst = uids[int(keys[w]) // len(uids)], uids[int(keys[w]) % len(uids)]
         hops = hop_rows[w]
-        prompts, heads = _chained_prompts(store, hops)
+        prompts, heads = _chained_prompts(store, hops, runs)
         if len(prompts) < min_prompts:
             continue
         total = float(score[w])
@@ -122,13 +124,14 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
     return out
 
 
-def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]]) -> tuple[set[str], dict[int, float]]:
+def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]],
+                     runs: Runs) -> tuple[set[str], dict[int, float]]:
     """Prompts whose evidence has hop 1 (k@s -> j@s) and hop 2 (j@s -> f@t) at the same s; head sums of hop 2."""
     prompts: set[str] = set()
     heads: dict[int, float] = defaultdict(float)
     for up, down in hops:
-        first = {(v.prompt, v.dst_pos) for v in store.evidence(up.src, up.dst, up.kind, 1000)}
-        for v in store.evidence(down.src, down.dst, down.kind, 1000):
+        first = {(v.prompt, v.dst_pos) for v in store.evidence(up.src, up.dst, up.kind, 1000, runs)}
+        for v in store.evidence(down.src, down.dst, down.kind, 1000, runs):
             if (v.prompt, v.src_pos) in first:
                 prompts.add(v.prompt)
         for h, s in down.head_sums.items():
@@ -136,9 +139,9 @@ def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]]) -> t
     return prompts, heads
 
 
-def _exemplars(store: Store, pair: JSON, n: int = 3) -> list[JSON]:
+def _exemplars(store: Store, pair: JSON, runs: Runs, n: int = 3) -> list[JSON]:
     if pair["path"] == "direct":
-        ev = store.evidence(pair["source_uid"], pair["target_uid"], "direct", 50)
+        ev = store.evidence(pair["source_uid"], pair["target_uid"], "direct", 50, runs)
         uids = list(dict.fromkeys(v.prompt for v in ev))[:n]
     else:
         uids = pair.get("exemplars", [])[:n]
@@ -146,10 +149,13 @@ def _exemplars(store: Store, pair: JSON, n: int = 3) -> list[JSON]:
     return [{"prompt": u, "text": prompts[u].text if u in prompts else None} for u in uids]
 
 
-def mine(store: Store, top: int = 20, min_prompts: int = 2) -> JSON:
-    """Pairs (ranked by |total|), chains of three, hubs; each pattern with exemplar prompts."""
-    counts, n_total = _prompt_counts(store)
-    pairs = direct_pairs(store, counts, n_total, min_prompts) + via_resid_pairs(store, counts, n_total, min_prompts)
+def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] | None = None) -> JSON:
+    """Pairs (ranked by |total|), chains of three, hubs; each pattern with exemplar prompts; over the
+    runs named (default: every run, if they share settings; see catalog.runs)."""
+    selected = select_runs(store, runs)
+    counts, n_total = _prompt_counts(store, selected)
+    pairs = (direct_pairs(store, counts, n_total, min_prompts, selected)
+             + via_resid_pairs(store, counts, n_total, min_prompts, selected))
     pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
     graph = nx.DiGraph()
     for p in pairs:
@@ -168,7 +174,7 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2) -> JSON:
     hubs.sort(key=lambda h: (-(h["fed_by"] + h["feeds"]), h["id"]))
     shown = pairs[:top]
     for p in shown:
-        p["exemplars"] = _exemplars(store, p)
+        p["exemplars"] = _exemplars(store, p, selected)
         p.pop("source_uid"), p.pop("target_uid")
-    return {"n_prompts": n_total, "pairs": shown, "chains": chains[:top], "hubs": hubs[:top],
+    return {"runs": list(selected), "n_prompts": n_total, "pairs": shown, "chains": chains[:top], "hubs": hubs[:top],
             "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment"}

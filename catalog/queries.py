@@ -10,26 +10,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
+from catalog.runs import IncompatibleRuns, compatibility_groups, describe, holds_edges, select_runs
 from catalog.schema import EDGE_KINDS, JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Run
-from catalog.stores.base import ORDERS, EdgeQuery, Store, StoreError
+from catalog.stores.base import ORDERS, Ambiguous, EdgeQuery, NotFound, Store
 
 MAX_LIMIT = 1000
 SIG_DIGITS = 6
-
-
-class NotFound(StoreError):
-    """A well-formed reference that names nothing in this catalog."""
-
-
-class Ambiguous(StoreError):
-    """A reference that names nodes of several models/releases; pass model= to choose."""
 
 
 def rnd(x: float | None) -> float | None:
     """Round to SIG_DIGITS significant digits (the one rounding both stores' answers go through)."""
     if x is None or not math.isfinite(x):
         return x
-    return float(f"{x:.{SIG_DIGITS}g}")
+    return float(f"{x:.{SIG_DIGITS}g}") + 0.0  # + 0.0: -0.0 prints as 0.0 (min/max of tied zeros pick either)
 
 
 def resolve(store: Store, ref: str, model: str | None = None) -> NodeInfo:
@@ -81,10 +74,14 @@ def edge_query(*, edge_kinds: Sequence[str] | None = None, node_kinds: Sequence[
                      tuple(layers) if layers else None, min_count, order, limit, offset)
 
 
-def neighbours(store: Store, ref: str, direction: str, *, model: str | None = None, **filters: Any) -> list[JSON]:
-    """Upstream (direction 'up') or downstream ('down') edges of a node, as JSON-ready dicts, id first."""
+def neighbours(store: Store, ref: str, direction: str, *, model: str | None = None, runs: Sequence[str] | None = None,
+               **filters: Any) -> list[JSON]:
+    """Upstream (direction 'up') or downstream ('down') edges of a node, as JSON-ready dicts, id first,
+    each edge summed over the runs selected (catalog.runs.select_runs)."""
+    q = edge_query(**filters)
+    q.runs = select_runs(store, runs)
     node = resolve(store, ref, model)
-    rows = store.neighbours(node.uid, direction, edge_query(**filters))
+    rows = store.neighbours(node.uid, direction, q)
     return [{"id": other.ref, "uid": other.uid, "kind": other.kind, "layer": other.layer, **edge_stats(e)}
             for other, e in rows]
 
@@ -110,29 +107,39 @@ def evidence_json(evidence: list[Evidence], prompts: JSON) -> list[JSON]:
     return out
 
 
-def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence_limit: int = 20) -> JSON:
-    """Statistics of every edge kind between two nodes, with per-head split and evidence (prompts, tokens)."""
+def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence_limit: int = 20,
+         runs: Sequence[str] | None = None) -> JSON:
+    """Statistics of every edge kind between two nodes, with per-head split and evidence (prompts,
+    tokens), summed over the runs selected."""
+    selected = select_runs(store, runs)
     s, d = resolve(store, src, model), resolve(store, dst, model)
-    found = store.edges_between(s.uid, d.uid)
+    found = store.edges_between(s.uid, d.uid, selected)
     if not found:
-        raise NotFound(f"no edge {s.ref} -> {d.ref} in {store.url}")
+        raise NotFound(f"no edge {s.ref} -> {d.ref} in {store.url}" + _in_runs(runs))
     kinds = []
     for e in found:
-        ev = store.evidence(s.uid, d.uid, e.kind, min(evidence_limit, MAX_LIMIT))
+        ev = store.evidence(s.uid, d.uid, e.kind, min(evidence_limit, MAX_LIMIT), selected)
         kinds.append({**edge_stats(e), "evidence": evidence_json(ev, store.prompts([v.prompt for v in ev]))})
     flags = {n.ref: sae_info(store, n)["sae_flags"] for n in (s, d)}
     through_flagged = [ref for ref, f in flags.items() if f and f["flagged"]]
-    return {"source": s.ref, "target": d.ref, "source_uid": s.uid, "target_uid": d.uid, "kinds": kinds,
+    return {"source": s.ref, "target": d.ref, "source_uid": s.uid, "target_uid": d.uid, "runs": list(selected),
+            "kinds": kinds,
             "sae_flags": flags, "through_flagged_sae": through_flagged}
 
 
-def feature(store: Store, ref: str, *, model: str | None = None) -> JSON:
+def feature(store: Store, ref: str, *, model: str | None = None, runs: Sequence[str] | None = None) -> JSON:
+    """A node with its activation statistics summed over the runs selected."""
+    selected = select_runs(store, runs)
     node = resolve(store, ref, model)
-    found = store.node(node.uid)
+    found = store.node(node.uid, selected)
     if found is None:  # removed between the two reads
         raise NotFound(f"no node {node.ref} in {store.url}")
     info, stats = found
-    return {**node_json(info, stats), **sae_info(store, info)}
+    return {**node_json(info, stats), "runs": list(selected), **sae_info(store, info)}
+
+
+def _in_runs(runs: Sequence[str] | None) -> str:
+    return f" in run(s) {', '.join(runs)}" if runs else ""
 
 
 def sae_info(store: Store, node: NodeInfo) -> JSON:
@@ -198,13 +205,15 @@ def prompt_graph_neuronpedia(store: Store, uid: str, limit: int = 200, around: s
 
 
 def top_features(store: Store, *, kind: str | None = None, by: str = "degree", limit: int = 20,
-                 layer: int | None = None) -> list[JSON]:
+                 layer: int | None = None, runs: Sequence[str] | None = None) -> list[JSON]:
+    """Nodes by degree or by total |sum| of their edges (each edge summed over the runs selected)."""
     if by not in ("degree", "total"):
         raise ValueError(f"by must be degree or total, got {by!r}")
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    selected = select_runs(store, runs)
     return [{"id": n.ref, "uid": n.uid, "kind": n.kind, "layer": n.layer, "degree": deg, "total_abs": rnd(total)}
-            for n, total, deg in store.top_nodes(kind, by, limit, layer)]
+            for n, total, deg in store.top_nodes(kind, by, limit, layer, selected)]
 
 
 def public_url(url: str) -> str:
@@ -228,28 +237,40 @@ def run_summary(r: Run) -> JSON:
             "finished": m.get("finished")}
 
 
-def overview(store: Store, per_layer: int = 5) -> JSON:
-    """The catalog at a glance: counts, runs, and the strongest attention features of each layer
-    (by total |attribution| over their edges)."""
+def overview(store: Store, per_layer: int = 5, runs: Sequence[str] | None = None) -> JSON:
+    """The catalog at a glance: counts, runs, the groups of runs that may be added together, and the
+    strongest attention features of each layer (by total |attribution| over their edges) in the runs
+    selected; when no selection is given and the stored runs do not share settings, the strongest
+    features wait for a choice (``selection_error`` says so) instead of mixing them."""
     if not 1 <= per_layer <= 50:
         raise ValueError(f"per_layer must be between 1 and 50, got {per_layer}")
     runs_ = store.runs()
-    layers = sorted({sae["layer"] for r in runs_ for sae in r.manifest.get("saes", []) if sae.get("kind") == "attn"})
-    return {"store": public_url(store.url), "counts": store.counts(), "runs": [run_summary(r) for r in runs_],
-            "strongest_attention": [{"layer": layer, "features": top_features(store, kind="attn", by="total",
-                                                                                limit=per_layer, layer=layer)}
-                                    for layer in layers]}
+    groups = [{"settings": describe(s), "runs": ids} for s, ids in compatibility_groups([r for r in runs_ if holds_edges(r)])]
+    out: JSON = {"store": public_url(store.url), "counts": store.counts(), "runs": [run_summary(r) for r in runs_],
+                 "run_groups": groups, "strongest_attention": []}
+    try:
+        selected = select_runs(store, runs)
+    except IncompatibleRuns as exc:
+        if runs:
+            raise
+        return {**out, "selection_error": str(exc)}
+    chosen = [r for r in runs_ if r.run_id in selected]
+    layers = sorted({sae["layer"] for r in chosen for sae in r.manifest.get("saes", []) if sae.get("kind") == "attn"})
+    out["strongest_attention"] = [{"layer": layer, "features": top_features(
+        store, kind="attn", by="total", limit=per_layer, layer=layer, runs=selected)} for layer in layers]
+    return out
 
 
-def composition_counts(store: Store) -> list[JSON]:
+def composition_counts(store: Store, runs: Sequence[str] | None = None) -> list[JSON]:
     """Attention->attention composition per (source layer, target layer): direct edges, and two-hop
-    paths through one residual feature (A_l -> R_m -> A_L, l < m = L)."""
+    paths through one residual feature (A_l -> R_m -> A_L, l < m = L), in the runs selected."""
+    selected = select_runs(store, runs)
     counts: dict[tuple[int, int, str], list[float]] = {}
     into_resid: dict[str, list[tuple[int, float]]] = {}
-    for e in store.all_edges(("resid_in",)):
+    for e in store.all_edges(("resid_in",), selected):
         if "|A" in e.src and ".ERR" not in e.src and ".BIAS" not in e.src:
             into_resid.setdefault(e.dst, []).append((_layer(e.src), e.sum))
-    for e in store.all_edges(("direct", "attn_in")):
+    for e in store.all_edges(("direct", "attn_in"), selected):
         if not _is_attn_feature(e.dst):
             continue
         L = _layer(e.dst)

@@ -20,6 +20,8 @@ QUERY, COMPUTE, SERVE = "Query the catalog", "Compute (runs models)", "Serve"
 StoreOpt = Annotated[str, typer.Option("--store", help="sqlite:///path.db or neo4j://host:port")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 ModelSel = Annotated[str | None, typer.Option("--model", help="model name, when the catalog holds several")]
+RunSel = Annotated[list[str] | None, typer.Option(
+    "--run", help="a run to sum over (repeat for several); default: every run, when they share model, SAEs and pruning")]
 
 
 def friendly(fn):

@@ -10,7 +10,7 @@ import typer
 from catalog import queries
 from catalog.stores import open_store
 from catalog.stores.base import DEFAULT_URL
-from cli.common import QUERY, JsonOpt, MinCount, ModelSel, StoreOpt, Top, app, bounded, emit, friendly
+from cli.common import QUERY, JsonOpt, MinCount, ModelSel, RunSel, StoreOpt, Top, app, bounded, emit, friendly
 
 NEIGHBOUR_COLS = ["id", "kind", "edge_kind", "n_prompts", "n_obs", "sum", "mean", "sign_share"]
 
@@ -22,10 +22,10 @@ def upstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str] 
              edge_kind: Annotated[list[str] | None, typer.Option("--edge-kind")] = None,
              layer: Annotated[list[int] | None, typer.Option("--layer")] = None,
              order: str = "abs", top: Top = 20, min_count: MinCount = 0, model: ModelSel = None,
-             json_: JsonOpt = False):
+             run: RunSel = None, json_: JsonOpt = False):
     """Which nodes feed REF (e.g. A2.17 or L2.F17), how strongly, over how many prompts."""
     s = open_store(store, create=False)
-    emit(queries.upstream(s, ref, model=model, node_kinds=kind, edge_kinds=edge_kind, layers=layer, order=order,
+    emit(queries.upstream(s, ref, model=model, runs=run, node_kinds=kind, edge_kinds=edge_kind, layers=layer, order=order,
                             limit=top, min_count=min_count), json_, NEIGHBOUR_COLS)
 
 
@@ -36,35 +36,65 @@ def downstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str
                edge_kind: Annotated[list[str] | None, typer.Option("--edge-kind")] = None,
                layer: Annotated[list[int] | None, typer.Option("--layer")] = None,
                order: str = "abs", top: Top = 20, min_count: MinCount = 0, model: ModelSel = None,
-             json_: JsonOpt = False):
+               run: RunSel = None, json_: JsonOpt = False):
     """Which nodes REF feeds."""
     s = open_store(store, create=False)
-    emit(queries.downstream(s, ref, model=model, node_kinds=kind, edge_kinds=edge_kind, layers=layer, order=order,
+    emit(queries.downstream(s, ref, model=model, runs=run, node_kinds=kind, edge_kinds=edge_kind, layers=layer, order=order,
                               limit=top, min_count=min_count), json_, NEIGHBOUR_COLS)
 
 
 @app.command(rich_help_panel=QUERY)
 @friendly
 def edge(src: str, dst: str, store: StoreOpt = DEFAULT_URL,
-         evidence: Annotated[int, bounded(0, 1000, "evidence rows per edge kind")] = 10, model: ModelSel = None):
+         evidence: Annotated[int, bounded(0, 1000, "evidence rows per edge kind")] = 10, model: ModelSel = None,
+         run: RunSel = None):
     """Statistics, per-head split and evidence (prompts, tokens, positions) of the edge SRC -> DST."""
-    emit(queries.edge(open_store(store, create=False), src, dst, model=model, evidence_limit=evidence), True)
+    emit(queries.edge(open_store(store, create=False), src, dst, model=model, evidence_limit=evidence, runs=run), True)
 
 
 @app.command("top-features", rich_help_panel=QUERY)
 @friendly
 def top_features(store: StoreOpt = DEFAULT_URL, kind: str | None = None, by: str = "degree", limit: Top = 20,
-                 json_: JsonOpt = False):
+                 run: RunSel = None, json_: JsonOpt = False):
     """Nodes with the most edges (--by degree) or the largest total |attribution| (--by total)."""
-    emit(queries.top_features(open_store(store, create=False), kind=kind, by=by, limit=limit), json_,
+    emit(queries.top_features(open_store(store, create=False), kind=kind, by=by, limit=limit, runs=run), json_,
            ["id", "kind", "layer", "degree", "total_abs"])
 
 
 @app.command(rich_help_panel=QUERY)
 @friendly
-def feature(ref: str, store: StoreOpt = DEFAULT_URL, model: ModelSel = None):
+def feature(ref: str, store: StoreOpt = DEFAULT_URL, model: ModelSel = None, run: RunSel = None):
     """A feature's metadata and activation statistics."""
-    emit(queries.feature(open_store(store, create=False), ref, model=model), True)
+    emit(queries.feature(open_store(store, create=False), ref, model=model, runs=run), True)
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def diff(ref: str, run: Annotated[list[str], typer.Option("--run", help="run A, then run B (change is B - A)")],
+         store: StoreOpt = DEFAULT_URL, direction: Annotated[str, typer.Option(help="up or down")] = "up",
+         edge_kind: Annotated[list[str] | None, typer.Option("--edge-kind")] = None, top: Top = 20,
+         model: ModelSel = None, json_: JsonOpt = False):
+    """What feeds REF in run A against run B: edges side by side, ranked by change in attribution per prompt."""
+    from catalog.diff import diff as diff_runs
+
+    if len(run) != 2:
+        raise ValueError(f"diff takes exactly two --run options (A, then B), got {len(run)}")
+    if direction not in ("up", "down"):
+        raise ValueError(f"--direction must be up or down, got {direction!r}")
+    result = diff_runs(open_store(store, create=False), ref, run[0], run[1], model=model, limit=top,
+                       edge_kinds=edge_kind, direction=direction)
+    if json_:
+        emit(result, True)
+        return
+    a, b = result["runs"]["a"], result["runs"]["b"]
+    typer.echo(f"{result['feature']}: {result['direction']}stream edges, {a['run']} ({a['prompts']} prompts) -> "
+          f"{b['run']} ({b['prompts']} prompts); {result['n_edges']} edges in either run")
+    if not result["same_settings"]:
+        typer.echo(f"note: the runs differ in settings: A {result['settings']['a']}; B {result['settings']['b']}")
+    emit([{"id": r["id"], "edge_kind": r["edge_kind"], "change": r["change"],
+           **{f"{side}_{k}": (r[side] or {}).get(k, "-") for side in "ab" for k in ("per_prompt", "n_prompts", "n_obs")}}
+          for r in result["edges"]], False,
+         ["id", "edge_kind", "change", "a_per_prompt", "b_per_prompt", "a_n_prompts", "b_n_prompts", "a_n_obs", "b_n_obs"])
 
 
 @app.command(rich_help_panel=QUERY)
@@ -118,12 +148,12 @@ def merge(folder: Annotated[str, typer.Argument(help="the folder `ingest --parti
 @app.command(rich_help_panel=QUERY)
 @friendly
 def patterns(store: StoreOpt = DEFAULT_URL, top: Annotated[int, bounded(1, 100)] = 20,
-             min_prompts: Annotated[int, bounded(1)] = 2,
+             min_prompts: Annotated[int, bounded(1)] = 2, run: RunSel = None,
              json_: JsonOpt = False):
     """Attention->attention composition patterns that recur across the corpus, with a null baseline."""
     from catalog.mining import mine
 
-    result = mine(open_store(store, create=False), top=top, min_prompts=min_prompts)
+    result = mine(open_store(store, create=False), top=top, min_prompts=min_prompts, runs=run)
     if json_:
         emit(result, True)
     else:

@@ -184,12 +184,12 @@ def dfa_value(session: ModelWithSaes, text: str, src, dst) -> float:
 def spot_check(session: ModelWithSaes, store, run_id: str, n: int = 20, seed: int = 0) -> dict:
     """Ablate the source of ``n`` stored feature->feature edges (attn_in / resid_in) of a run."""
     rng = random.Random(seed)
-    candidates = [e for e in store.all_edges(("attn_in", "resid_in"))
+    candidates = [e for e in store.all_edges(("attn_in", "resid_in"), (run_id,))
                   if _feature(e.src) and _feature(e.dst) and e.n_prompts > 0]
     rng.shuffle(candidates)
     rows = []
     for e in candidates:
-        ev = [v for v in store.evidence(e.src, e.dst, e.kind, 5) if v.prompt.startswith(run_id + "/")]
+        ev = store.evidence(e.src, e.dst, e.kind, 5, (run_id,))
         if not ev:
             continue
         v = ev[0]

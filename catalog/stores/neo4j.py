@@ -1,12 +1,15 @@
 """The production store: Neo4j over Bolt with the official driver.
 
 Graph model: (:Node {nid, uid, model, sae, ref, kind, layer, index}) — features also carry the label
-:Feature; ``nid`` is the node dictionary's integer id — joined by [:EDGE {key, kind, n_prompts, n_obs,
-sum, sumsq, sum_abs, min, max, n_pos, head_sums}] (``key`` = catalog.schema.edge_key of the two nids
-and the kind; head_sums: a list indexed by head). Evidence is (:Evidence {edge, prompt, src_pos,
+:Feature; ``nid`` is the node dictionary's integer id — joined by one [:EDGE {run, key, kind, n_prompts,
+n_obs, sum, sumsq, sum_abs, min, max, n_pos, head_sums}] per run that observed the edge (``run`` = the
+run id; ``key`` = catalog.schema.edge_key of the two nids and the kind, the same in every run;
+head_sums: a list indexed by head). A feature's activation statistics are (:Stats {nid, run, n_obs,
+n_prompts, sum_act, max_act}), one per run. Evidence is (:Evidence {edge, run, prompt, src_pos,
 dst_pos, head, value, absval}) with ``edge`` the edge's key; prompts are (:Prompt {uid, run, ...}),
-runs (:Run). One window is one transaction: every query in it UNWINDs parallel arrays of primitives
-(CHUNK rows each), nodes are found by their indexed integer nid, edges by their indexed integer key.
+runs (:Run). Reads sum over the selected runs' relationships (docs/catalog.md has the Cypher).
+One window is one transaction: every query in it UNWINDs parallel arrays of primitives (CHUNK rows
+each), nodes are found by their indexed integer nid, edges by their indexed integer key.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
-from catalog.stores.base import CypherRefused, EdgeQuery, StoreError, StoreUnavailable
+from catalog.stores.base import CypherRefused, EdgeQuery, Runs, StoreError, StoreUnavailable
 
 Tx = Any  # a neo4j ManagedTransaction (typed loosely: the driver's own hints are incomplete)
 
@@ -34,13 +37,23 @@ SCHEMA = [
     "CREATE INDEX node_ref IF NOT EXISTS FOR (n:Node) ON (n.ref)",
     "CREATE INDEX prompt_run IF NOT EXISTS FOR (p:Prompt) ON (p.run)",
     "CREATE INDEX evidence_edge IF NOT EXISTS FOR (e:Evidence) ON (e.edge)",
+    "CREATE INDEX stats_node_run IF NOT EXISTS FOR (s:Stats) ON (s.nid, s.run)",
     "CREATE INDEX evidence_prompt IF NOT EXISTS FOR (e:Evidence) ON (e.prompt)",
     "CREATE INDEX edge_key IF NOT EXISTS FOR ()-[r:EDGE]-() ON (r.key)",
 ]
 CHUNK = 20_000  # rows per UNWIND query
-METRIC = {"sum": "r.sum", "mean": "r.sum / r.n_obs", "count": "r.n_prompts", "abs": "abs(r.sum)"}
+SCHEMA_VERSION = 2  # 2: edges, statistics and evidence per run
+# reads sum an edge's relationships over the selected runs: RUNS filters them, EDGE_SUMS sums them
+RUNS = "($runs IS NULL OR r.run IN $runs)"
+EDGE_SUMS = ("sum(r.n_prompts) AS n_prompts, sum(r.n_obs) AS n_obs, sum(r.sum) AS total, sum(r.sumsq) AS sumsq, "
+             "sum(r.sum_abs) AS sum_abs, min(r.min) AS low, max(r.max) AS high, sum(r.n_pos) AS n_pos, "
+             "collect(r.head_sums) AS heads")
+EDGE_RET = "kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos, heads"
+METRIC = {"sum": "total", "mean": "total / n_obs", "count": "n_prompts", "abs": "abs(total)"}
 NODE_RET = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.index"
-EDGE_RET = "r.kind, r.n_prompts, r.n_obs, r.sum, r.sumsq, r.sum_abs, r.min, r.max, r.n_pos, r.head_sums"
+STATS = ("OPTIONAL MATCH (s:Stats {nid: n.nid}) WHERE $runs IS NULL OR s.run IN $runs "
+         "WITH n, count(s) AS n_stats, sum(s.n_obs) AS n_obs, sum(s.n_prompts) AS n_prompts, "
+         "sum(s.sum_act) AS sum_act, max(s.max_act) AS max_act")
 EVIDENCE_ORDER = "x.absval DESC, x.prompt, x.src_pos, x.dst_pos, x.head"
 
 # Queries name the index they seek with (USING INDEX): a plan compiled while the catalog is empty
@@ -51,7 +64,8 @@ EVIDENCE_ORDER = "x.absval DESC, x.prompt, x.src_pos, x.dst_pos, x.head"
 # Every writer takes this lock first, so windows of concurrent shards apply one after another: an
 # edge is never created twice, and node ids are handed out in one sequence. (REMOVE of a property
 # the node never has takes its write lock without changing it.)
-LOCK = "MERGE (d:Dictionary {name: 'nodes'}) ON CREATE SET d.next = 0 REMOVE d.__lock RETURN d.next"
+LOCK = (f"MERGE (d:Dictionary {{name: 'nodes'}}) ON CREATE SET d.next = 0, d.schema = {SCHEMA_VERSION} "
+        "REMOVE d.__lock RETURN d.next")
 CREATE_NODES = """
 UNWIND range(0, size($uid) - 1) AS i
 CREATE (n:Node {nid: $base + i, uid: $uid[i], model: $model[i], sae: $sae[i], ref: $ref[i], kind: $kind[i],
@@ -60,7 +74,7 @@ WITH n, i WHERE $feature[i] SET n:Feature
 """
 FIND_EDGES = """
 UNWIND $keys AS k
-MATCH ()-[r:EDGE {key: k}]->() USING INDEX r:EDGE(key)
+MATCH ()-[r:EDGE {key: k}]->() USING INDEX r:EDGE(key) WHERE r.run = $run
 RETURN k, elementId(r)
 """
 UPDATE_EDGES = """
@@ -78,25 +92,34 @@ CREATE_EDGES = """
 UNWIND range(0, size($key) - 1) AS i
 MATCH (s:Node {nid: $src[i]})
 MATCH (d:Node {nid: $dst[i]})
-CREATE (s)-[:EDGE {key: $key[i], kind: $kind[i], n_prompts: $n_prompts[i], n_obs: $n_obs[i], sum: $sum[i],
+CREATE (s)-[:EDGE {run: $run, key: $key[i], kind: $kind[i], n_prompts: $n_prompts[i], n_obs: $n_obs[i], sum: $sum[i],
                    sumsq: $sumsq[i], sum_abs: $sum_abs[i], min: $min[i], max: $max[i], n_pos: $n_pos[i],
                    head_sums: $heads[$hoff[i]..$hoff[i + 1]]}]->(d)
 """
-WRITE_STATS = """
-UNWIND range(0, size($node) - 1) AS i
-MATCH (x:Node {nid: $node[i]})
-SET x.n_obs = coalesce(x.n_obs, 0) + $n_obs[i], x.n_prompts = coalesce(x.n_prompts, 0) + $n_prompts[i],
-    x.sum_act = coalesce(x.sum_act, 0.0) + $sum_act[i],
-    x.max_act = CASE WHEN x.max_act IS NULL OR $max_act[i] > x.max_act THEN $max_act[i] ELSE x.max_act END
+FIND_STATS = """
+UNWIND $nids AS k
+MATCH (x:Stats {nid: k, run: $run})
+RETURN k, elementId(x)
+"""
+UPDATE_STATS = """
+UNWIND range(0, size($eid) - 1) AS i
+MATCH (x:Stats) WHERE elementId(x) = $eid[i]
+SET x.n_obs = x.n_obs + $n_obs[i], x.n_prompts = x.n_prompts + $n_prompts[i], x.sum_act = x.sum_act + $sum_act[i],
+    x.max_act = CASE WHEN $max_act[i] > x.max_act THEN $max_act[i] ELSE x.max_act END
+"""
+CREATE_STATS = """
+UNWIND range(0, size($nid) - 1) AS i
+CREATE (:Stats {nid: $nid[i], run: $run, n_obs: $n_obs[i], n_prompts: $n_prompts[i], sum_act: $sum_act[i],
+                max_act: $max_act[i]})
 """
 CREATE_EVIDENCE = """
 UNWIND range(0, size($edge) - 1) AS i
-CREATE (:Evidence {edge: $edge[i], prompt: $prompt[i], src_pos: $src_pos[i], dst_pos: $dst_pos[i], head: $head[i],
+CREATE (:Evidence {edge: $edge[i], run: $run, prompt: $prompt[i], src_pos: $src_pos[i], dst_pos: $dst_pos[i], head: $head[i],
                    value: $value[i], absval: abs($value[i])})
 """
 OLD_EVIDENCE = """
 UNWIND $keys AS k
-MATCH (x:Evidence {edge: k}) USING INDEX x:Evidence(edge)
+MATCH (x:Evidence {edge: k}) USING INDEX x:Evidence(edge) WHERE x.run = $run
 RETURN k, elementId(x), x.value, x.prompt, x.src_pos, x.dst_pos, x.head
 """
 
@@ -117,8 +140,8 @@ class Neo4jStore:
 
         self.url, self.database, self.evidence_per_edge = url, database, evidence_per_edge
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
-        self._floor = EvidenceFloor(evidence_per_edge)
-        self._stored_evidence: tuple[np.ndarray, np.ndarray] | None = None  # rows of the open write
+        self._floors: dict[str, EvidenceFloor] = {}  # per run
+        self._stored_evidence: tuple[str, np.ndarray, np.ndarray] | None = None  # run, rows of the open write
         auth = (user, password or "") if user else None
         try:
             # notifications off: the server warns about absent property keys on every query of an empty catalog
@@ -127,9 +150,15 @@ class Neo4jStore:
             self.driver.verify_connectivity()
             for stmt in SCHEMA:
                 self.driver.execute_query(stmt, database_=database)
+            found = self.driver.execute_query("MATCH (d:Dictionary {name: 'nodes'}) RETURN d.schema",
+                                              database_=database).records
         except Exception as exc:  # driver raises ServiceUnavailable, AuthError, ...; all mean "cannot use it"
             raise StoreUnavailable(f"cannot reach Neo4j at {bolt} (database {database}): {type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if found and found[0][0] != SCHEMA_VERSION:
+            self.driver.close()
+            raise StoreError(f"database {database} at {bolt} holds a catalog from before edges were kept per run; "
+                             "its numbers cannot be split by run. Ingest its corpora again into an empty database")
 
     def close(self) -> None:
         self.driver.close()
@@ -146,8 +175,12 @@ class Neo4jStore:
             return False
         self._ids.update(done)  # only once committed: a rolled-back id may be handed out again
         if self._stored_evidence is not None:
-            self._floor.update(*self._stored_evidence)
+            run, keys, absval = self._stored_evidence
+            self._floor(run).update(keys, absval)
         return True
+
+    def _floor(self, run: str) -> EvidenceFloor:
+        return self._floors.setdefault(run, EvidenceFloor(self.evidence_per_edge))
 
     def import_window(self, agg: WindowAggregate) -> None:
         """Bulk-load an exported catalog's rows (into an empty catalog: no prompt claim, no trim)."""
@@ -172,13 +205,14 @@ class Neo4jStore:
         known = self._known_ids(tx, agg.nodes)
         ids = np.array([known.get(n.uid, -1) for n in agg.nodes], dtype=np.int64)
         found = self._find_edges(tx, agg, ids)
+        stats_found = self._find_stats(tx, agg, ids)
         evidence = self._merge_evidence(tx, agg, ids, found) if ingest else None
         # ---- writes
         tx.run(f"UNWIND $rows AS p {'CREATE (x:Prompt)' if ingest else 'MERGE (x:Prompt {uid: p.uid})'} SET x = p",
                rows=[self._prompt_props(p) for p in agg.prompts])
         new = self._create_nodes(tx, agg.nodes, known, next_id)
         ids = np.array([known.get(n.uid, new.get(n.uid, -1)) for n in agg.nodes], dtype=np.int64)
-        self._write_stats(tx, agg, ids)
+        self._write_stats(tx, agg, ids, stats_found)
         self._write_edges(tx, agg, ids, found)
         self._write_evidence(tx, agg, ids, evidence)
         return {**known, **new}
@@ -226,12 +260,13 @@ class Neo4jStore:
             return keep, []
         known = (ids[v.src] >= 0) & (ids[v.dst] >= 0)
         keys = np.where(known, edge_key(np.maximum(ids[v.src], 0), np.maximum(ids[v.dst], 0), v.kind), -1)
-        keep = self._floor.keep(keys, np.abs(v.value)) | ~known
+        keep = self._floor(agg.run).keep(keys, np.abs(v.value)) | ~known
         every = agg.evidence_cap is None or agg.evidence_cap > cap
         stored_keys = np.array(sorted(found), dtype=np.int64)
         touched = np.unique(keys[keep & known])
         touched = touched if every else np.intersect1d(touched, stored_keys)
-        old = [r for part in _chunks(len(touched)) for r in tx.run(OLD_EVIDENCE, keys=touched[part].tolist())]
+        old = [r for part in _chunks(len(touched))
+               for r in tx.run(OLD_EVIDENCE, keys=touched[part].tolist(), run=agg.run)]
         compete = keep & np.isin(keys, touched) if len(touched) else np.zeros(len(v), bool)
         if every:  # new edges may hold more than the cap too: rank all of the window's rows
             compete |= keep & ~known
@@ -265,11 +300,12 @@ class Neo4jStore:
         prompt, src_pos, dst_pos, head, value = (v.prompt[keep], v.src_pos[keep], v.dst_pos[keep], v.head[keep],
                                                  v.value[keep])
         for part in _chunks(len(keys)):
-            tx.run(CREATE_EVIDENCE, _lists(edge=keys[part], prompt=prompt_uids[prompt[part]], src_pos=src_pos[part],
+            tx.run(CREATE_EVIDENCE, run=agg.run, **_lists(edge=keys[part], prompt=prompt_uids[prompt[part]],
+                                                          src_pos=src_pos[part],
                                            dst_pos=dst_pos[part], head=head[part], value=value[part]))
         for i in range(0, len(gone), CHUNK):
             tx.run("UNWIND $ids AS id MATCH (x:Evidence) WHERE elementId(x) = id DELETE x", ids=gone[i:i + CHUNK])
-        self._stored_evidence = (keys, np.abs(value))
+        self._stored_evidence = (agg.run, keys, np.abs(value))
 
     @staticmethod
     def _prompt_props(p: Prompt) -> JSON:
@@ -277,11 +313,28 @@ class Neo4jStore:
                 "corpus": p.corpus, "content_hash": p.content_hash, "meta": json.dumps(p.meta, sort_keys=True)}
 
     @staticmethod
-    def _write_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> None:
+    def _find_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
+        """Element ids of the run's Stats nodes that the window adds to, by node id."""
+        nids = ids[agg.stats.node]
+        nids = nids[nids >= 0]
+        found: dict[int, str] = {}
+        for part in _chunks(len(nids)):
+            found.update((r[0], r[1]) for r in tx.run(FIND_STATS, nids=nids[part].tolist(), run=agg.run))
+        return found
+
+    @staticmethod
+    def _write_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
         s = agg.stats
-        for part in _chunks(len(s)):
-            tx.run(WRITE_STATS, _lists(node=ids[s.node[part]], n_obs=s.n_obs[part], n_prompts=s.n_prompts[part],
-                                       sum_act=s.sum_act[part], max_act=s.max_act[part]))
+        nids = ids[s.node]
+        old = np.array([k in found for k in nids.tolist()], dtype=bool)
+        for mask, query in ((old, UPDATE_STATS), (~old, CREATE_STATS)):
+            rows = np.flatnonzero(mask)
+            for part in _chunks(len(rows)):
+                r = rows[part]
+                where = ({"eid": [found[k] for k in nids[r].tolist()]} if query is UPDATE_STATS else
+                         {"nid": nids[r].tolist(), "run": agg.run})
+                tx.run(query, **where, **_lists(n_obs=s.n_obs[r], n_prompts=s.n_prompts[r], sum_act=s.sum_act[r],
+                                                max_act=s.max_act[r]))
 
     @staticmethod
     def _find_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
@@ -291,7 +344,7 @@ class Neo4jStore:
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)[stored_ends]
         found: dict[int, str] = {}
         for part in _chunks(len(keys)):
-            found.update((r[0], r[1]) for r in tx.run(FIND_EDGES, keys=keys[part].tolist()))
+            found.update((r[0], r[1]) for r in tx.run(FIND_EDGES, keys=keys[part].tolist(), run=agg.run))
         return found
 
     @staticmethod
@@ -309,7 +362,7 @@ class Neo4jStore:
             for part in _chunks(len(rows)):
                 r = rows[part]
                 extra = ({"eid": [found[k] for k in keys[r].tolist()]} if query is UPDATE_EDGES else
-                         _lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r]))
+                         {"run": agg.run, **_lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r])})
                 tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra, **_sub_heads(heads, offsets, r))
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
@@ -359,27 +412,32 @@ class Neo4jStore:
                           f"RETURN {NODE_RET.format(a='n')} ORDER BY n.uid", ref=ref, model=model)
         return [NodeInfo(*r) for r in rows]
 
-    def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None:
-        rows = self._read(f"MATCH (n:Node {{uid: $uid}}) RETURN {NODE_RET.format(a='n')}, n.n_obs, n.n_prompts, "
-                          "n.sum_act, n.max_act", uid=uid)
+    def node(self, uid: str, runs: Runs = None) -> tuple[NodeInfo, NodeStats | None] | None:
+        rows = self._read(f"MATCH (n:Node {{uid: $uid}}) {STATS} RETURN {NODE_RET.format(a='n')}, n_stats, n_obs, "
+                          "n_prompts, sum_act, max_act", uid=uid, runs=_runs(runs))
         if not rows:
             return None
         r = rows[0]
-        return NodeInfo(*r[:7]), (NodeStats(uid, *r[7:]) if r[7] is not None else None)
+        return NodeInfo(*r[:7]), (NodeStats(uid, *r[8:]) if r[7] else None)
 
     @staticmethod
     def _delta(src: str, dst: str, r: Sequence[Any]) -> EdgeStats:
-        heads = {h: v for h, v in enumerate(r[9] or []) if v != 0.0}
-        return EdgeStats.of(src, dst, r[:9], heads)
+        """EdgeStats from the EDGE_RET columns: the per-run head lists are added here, index by index."""
+        heads: dict[int, float] = {}
+        for per_run in r[9]:
+            for h, v in enumerate(per_run or []):
+                heads[h] = heads.get(h, 0.0) + v
+        return EdgeStats.of(src, dst, r[:9], {h: v for h, v in heads.items() if v != 0.0})
 
     def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]:
         pattern = "(o:Node)-[r:EDGE]->(t:Node {uid: $uid})" if direction == "up" else \
             "(t:Node {uid: $uid})-[r:EDGE]->(o:Node)"
         rows = self._read(
-            f"MATCH {pattern} WHERE r.n_prompts >= $min_count AND ($ek IS NULL OR r.kind IN $ek) "
+            f"MATCH {pattern} WHERE {RUNS} AND ($ek IS NULL OR r.kind IN $ek) "
             "AND ($nk IS NULL OR o.kind IN $nk) AND ($layers IS NULL OR o.layer IN $layers) "
-            f"RETURN {NODE_RET.format(a='o')}, {EDGE_RET} ORDER BY {METRIC[q.order]} DESC, o.uid, r.kind "
-            "SKIP $offset LIMIT $limit", uid=uid, min_count=q.min_count,
+            f"WITH o, r.kind AS kind, {EDGE_SUMS} WHERE n_prompts >= $min_count "
+            f"RETURN {NODE_RET.format(a='o')}, {EDGE_RET} ORDER BY {METRIC[q.order]} DESC, o.uid, kind "
+            "SKIP $offset LIMIT $limit", uid=uid, min_count=q.min_count, runs=_runs(q.runs),
             ek=list(q.edge_kinds) if q.edge_kinds else None, nk=list(q.node_kinds) if q.node_kinds else None,
             layers=list(q.layers) if q.layers else None, offset=q.offset, limit=q.limit)
         out = []
@@ -389,16 +447,20 @@ class Neo4jStore:
             out.append((node, self._delta(src, dst, r[7:])))
         return out
 
-    def edges_between(self, src: str, dst: str) -> list[EdgeStats]:
-        rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE]->(:Node {{uid: $d}}) RETURN {EDGE_RET} ORDER BY r.kind",
-                          s=src, d=dst)
+    def edges_between(self, src: str, dst: str, runs: Runs = None) -> list[EdgeStats]:
+        rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE]->(:Node {{uid: $d}}) WHERE {RUNS} "
+                          f"WITH r.kind AS kind, {EDGE_SUMS} RETURN {EDGE_RET} ORDER BY kind",
+                          s=src, d=dst, runs=_runs(runs))
         return [self._delta(src, dst, r) for r in rows]
 
-    def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]:
+    def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
         rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE {{kind: $kind}}]->(:Node {{uid: $d}}) "
-                          f"MATCH (x:Evidence {{edge: r.key}}) USING INDEX x:Evidence(edge) "
+                          "WITH r.key AS key LIMIT 1 "
+                          f"MATCH (x:Evidence {{edge: key}}) USING INDEX x:Evidence(edge) "
+                          "WHERE $runs IS NULL OR x.run IN $runs "
                           f"RETURN x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
-                          f"ORDER BY {EVIDENCE_ORDER} LIMIT $limit", s=src, d=dst, kind=kind, limit=limit)
+                          f"ORDER BY {EVIDENCE_ORDER} LIMIT $limit", s=src, d=dst, kind=kind, limit=limit,
+                          runs=_runs(runs))
         return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
 
     @staticmethod
@@ -416,20 +478,21 @@ class Neo4jStore:
 
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
         rows = self._read("MATCH (x:Evidence {prompt: $uid}) "
-                          "MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX r:EDGE(key) "
+                          "MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX r:EDGE(key) WHERE r.run = x.run "
                           "RETURN s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head, x.value "
                           "ORDER BY x.absval DESC, s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head LIMIT $limit",
                           uid=uid, limit=limit)
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
-    def top_nodes(self, node_kind: str | None, by: str, limit: int,
-                  layer: int | None = None) -> list[tuple[NodeInfo, float, int]]:
+    def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None,
+                  runs: Runs = None) -> list[tuple[NodeInfo, float, int]]:
         metric = {"degree": "degree", "total": "total"}[by]
         rows = self._read(
             "MATCH (n:Node) WHERE ($kind IS NULL OR n.kind = $kind) AND ($layer IS NULL OR n.layer = $layer) "
-            "MATCH (n)-[r:EDGE]-() WITH n, sum(abs(r.sum)) AS total, count(r) AS degree "
+            f"MATCH (n)-[r:EDGE]-() WHERE {RUNS} WITH n, r.key AS key, sum(r.sum) AS edge_sum "
+            "WITH n, sum(abs(edge_sum)) AS total, count(key) AS degree "
             f"RETURN {NODE_RET.format(a='n')}, total, degree ORDER BY {metric} DESC, n.uid LIMIT $limit",
-            kind=node_kind, layer=layer, limit=limit)
+            kind=node_kind, layer=layer, limit=limit, runs=_runs(runs))
         return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -443,26 +506,35 @@ class Neo4jStore:
         return {k: row[k] for k in ("runs", "prompts", "nodes", "edges", "evidence")}
 
     # ---- bulk (export) ------------------------------------------------------------------------
-    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeStats]:
+    def prompt_count(self, run: str) -> int:
+        n: int = self._read("MATCH (p:Prompt {run: $run}) RETURN count(p)", run=run)[0][0]
+        return n
+
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
-            for r in s.run(f"MATCH (a:Node)-[r:EDGE]->(b:Node) WHERE $ek IS NULL OR r.kind IN $ek "
-                           f"RETURN a.uid, b.uid, {EDGE_RET}", ek=list(edge_kinds) if edge_kinds else None):
+            for r in s.run(f"MATCH (a:Node)-[r:EDGE]->(b:Node) WHERE ($ek IS NULL OR r.kind IN $ek) AND {RUNS} "
+                           f"WITH a.uid AS src, b.uid AS dst, r.kind AS kind, {EDGE_SUMS} "
+                           f"RETURN src, dst, {EDGE_RET}", ek=list(edge_kinds) if edge_kinds else None,
+                           runs=_runs(runs)):
                 yield self._delta(r[0], r[1], r[2:])
 
-    def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
+    def all_nodes(self, runs: Runs = None) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
-            for r in s.run(f"MATCH (n:Node) RETURN {NODE_RET.format(a='n')}, n.n_obs, n.n_prompts, n.sum_act, n.max_act"):
-                yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
+            for r in s.run(f"MATCH (n:Node) {STATS} RETURN {NODE_RET.format(a='n')}, n_stats, n_obs, n_prompts, "
+                           "sum_act, max_act", runs=_runs(runs)):
+                yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[8:]) if r[7] else None)
 
     def all_prompts(self) -> Iterator[Prompt]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
             for r in s.run("MATCH (p:Prompt) RETURN p ORDER BY p.uid"):
                 yield self._prompt(r[0])
 
-    def all_evidence(self) -> Iterator[Evidence]:
+    def all_evidence(self, runs: Runs = None) -> Iterator[Evidence]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
-            for r in s.run("MATCH (x:Evidence) MATCH (a:Node)-[r:EDGE {key: x.edge}]->(b:Node) USING INDEX r:EDGE(key) "
-                           "RETURN a.uid, b.uid, r.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value"):
+            for r in s.run("MATCH (x:Evidence) WHERE $runs IS NULL OR x.run IN $runs "
+                           "MATCH (a:Node)-[r:EDGE {key: x.edge}]->(b:Node) USING INDEX r:EDGE(key) WHERE r.run = x.run "
+                           "RETURN a.uid, b.uid, r.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value",
+                           runs=_runs(runs)):
                 yield Evidence(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] < 0 else r[6], r[7])
 
     # ---- Cypher passthrough (read-only) -------------------------------------------------------
@@ -473,6 +545,10 @@ class Neo4jStore:
 
 
 __all__ = ["Neo4jStore", "CypherRefused"]
+
+
+def _runs(runs: Runs) -> list[str] | None:
+    return None if runs is None else list(runs)
 
 
 def _dense_heads(edge_keys: np.ndarray, head_keys: np.ndarray, head: np.ndarray,

@@ -15,30 +15,32 @@ import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
-from catalog.stores.base import CypherUnsupported, EdgeQuery, StoreError, StoreUnavailable
+from catalog.stores.base import CypherUnsupported, EdgeQuery, Runs, StoreError, StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NULL, model TEXT, sae TEXT,
     ref TEXT, kind TEXT, layer INTEGER, idx INTEGER);
 CREATE INDEX IF NOT EXISTS nodes_ref ON nodes(ref);
-CREATE TABLE IF NOT EXISTS node_stats (node INTEGER PRIMARY KEY, n_obs INTEGER, n_prompts INTEGER,
-    sum_act REAL, max_act REAL);
-CREATE TABLE IF NOT EXISTS edges (id INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,
-    kind TEXT NOT NULL, n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL,
-    max REAL, n_pos INTEGER);
+CREATE TABLE IF NOT EXISTS node_stats (node INTEGER NOT NULL, run INTEGER NOT NULL, n_obs INTEGER, n_prompts INTEGER,
+    sum_act REAL, max_act REAL, PRIMARY KEY (node, run)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS edges (id INTEGER NOT NULL, run INTEGER NOT NULL, src INTEGER NOT NULL,
+    dst INTEGER NOT NULL, kind TEXT NOT NULL, n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL,
+    min REAL, max REAL, n_pos INTEGER, PRIMARY KEY (id, run)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS edges_dst ON edges(dst);
 CREATE INDEX IF NOT EXISTS edges_src ON edges(src);
-CREATE TABLE IF NOT EXISTS edge_heads (edge INTEGER, head INTEGER, sum REAL, PRIMARY KEY(edge, head)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS evidence (edge INTEGER NOT NULL, prompt TEXT NOT NULL, src_pos INTEGER,
-    dst_pos INTEGER, head INTEGER, value REAL);
-CREATE INDEX IF NOT EXISTS evidence_edge ON evidence(edge);
+CREATE TABLE IF NOT EXISTS edge_heads (edge INTEGER, run INTEGER, head INTEGER, sum REAL,
+    PRIMARY KEY(edge, run, head)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evidence (edge INTEGER NOT NULL, run INTEGER NOT NULL, prompt TEXT NOT NULL,
+    src_pos INTEGER, dst_pos INTEGER, head INTEGER, value REAL);
+CREATE INDEX IF NOT EXISTS evidence_edge ON evidence(edge, run);
 CREATE INDEX IF NOT EXISTS evidence_prompt ON evidence(prompt);
 CREATE TABLE IF NOT EXISTS prompts (uid TEXT PRIMARY KEY, run TEXT, prompt_id TEXT, text TEXT, tokens TEXT,
     corpus TEXT, content_hash TEXT, meta TEXT);
 CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
-CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT);
+CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT, no INTEGER UNIQUE NOT NULL);
 """
-# edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it
+# edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it. Edges,
+# their head sums, node statistics and evidence are kept per run: ``run`` is the run's number (runs.no).
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, src INTEGER, dst INTEGER, kind TEXT,
     n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER);
@@ -50,23 +52,29 @@ CREATE TEMP TABLE IF NOT EXISTS b_uids (uid TEXT PRIMARY KEY);
 """
 STAGING_TABLES = ("b_edges", "b_heads", "b_stats", "b_trim", "b_touched", "b_uids")
 UPSERT_EDGES = (
-    "INSERT INTO edges SELECT * FROM b_edges WHERE true ON CONFLICT(id) DO UPDATE SET "
+    "INSERT INTO edges SELECT id, ?, src, dst, kind, n_prompts, n_obs, sum, sumsq, sum_abs, min, max, n_pos "
+    "FROM b_edges WHERE true ON CONFLICT(id, run) DO UPDATE SET "
     "n_prompts = n_prompts + excluded.n_prompts, n_obs = n_obs + excluded.n_obs, sum = sum + excluded.sum, "
     "sumsq = sumsq + excluded.sumsq, sum_abs = sum_abs + excluded.sum_abs, min = min(min, excluded.min), "
     "max = max(max, excluded.max), n_pos = n_pos + excluded.n_pos")
-UPSERT_HEADS = ("INSERT INTO edge_heads SELECT edge, head, sum FROM b_heads WHERE true "
-                "ON CONFLICT(edge, head) DO UPDATE SET sum = sum + excluded.sum")
+UPSERT_HEADS = ("INSERT INTO edge_heads SELECT edge, ?, head, sum FROM b_heads WHERE true "
+                "ON CONFLICT(edge, run, head) DO UPDATE SET sum = sum + excluded.sum")
 UPSERT_STATS = (
-    "INSERT INTO node_stats SELECT * FROM b_stats WHERE true ON CONFLICT(node) DO UPDATE SET "
+    "INSERT INTO node_stats SELECT node, ?, n_obs, n_prompts, sum_act, max_act FROM b_stats WHERE true "
+    "ON CONFLICT(node, run) DO UPDATE SET "
     "n_obs = n_obs + excluded.n_obs, n_prompts = n_prompts + excluded.n_prompts, "
     "sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)")
 EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
 TRIM_EVIDENCE = (
     f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
-    f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.edge IN "
-    "(SELECT edge FROM b_trim JOIN b_touched USING (edge))) WHERE rn > ?)")
-METRIC = {"sum": "e.sum", "mean": "e.sum / e.n_obs", "count": "e.n_prompts", "abs": "abs(e.sum)"}
-EDGE_COLS = "e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs, e.min, e.max, e.n_pos, e.id"
+    f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.run = ?1 AND x.edge IN "
+    "(SELECT edge FROM b_trim JOIN b_touched USING (edge))) WHERE rn > ?2)")
+# reads sum an edge's rows over the selected runs (GROUP BY e.id)
+METRIC = {"sum": "SUM(e.sum)", "mean": "SUM(e.sum) / SUM(e.n_obs)", "count": "SUM(e.n_prompts)",
+          "abs": "abs(SUM(e.sum))"}
+EDGE_COLS = ("e.kind, SUM(e.n_prompts), SUM(e.n_obs), SUM(e.sum), SUM(e.sumsq), SUM(e.sum_abs), MIN(e.min), "
+             "MAX(e.max), SUM(e.n_pos), e.id")
+STAT_COLS = "SUM(s.n_obs), SUM(s.n_prompts), SUM(s.sum_act), MAX(s.max_act)"
 NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
 
 
@@ -77,9 +85,13 @@ class SqliteStore:
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
         self._local = threading.local()
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
-        self._floor = EvidenceFloor(evidence_per_edge)
-        self._stored_evidence: tuple[np.ndarray, np.ndarray] | None = None  # rows of the open write
+        self._floors: dict[int, EvidenceFloor] = {}  # per run number
+        self._stored_evidence: tuple[int, np.ndarray, np.ndarray] | None = None  # run, rows of the open write
         try:
+            edge_columns = [r[1] for r in self._conn.execute("PRAGMA table_info(edges)")]
+            if edge_columns and "run" not in edge_columns:
+                raise StoreError(f"{path} holds a catalog from before edges were kept per run; its numbers "
+                                 "cannot be split by run. Ingest its corpora again into a new catalog")
             self._conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite catalog {path}: {exc}") from None
@@ -113,19 +125,31 @@ class SqliteStore:
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
+            run = self._run_no(c, agg.run)
             if not self._claim_prompts(c, agg.run, agg.prompts):
                 c.execute("ROLLBACK")
                 return False
             ids, new_ids = self._node_ids(c, agg.nodes)
-            self._write_aggregate(c, agg, ids, trim=True)
+            self._write_aggregate(c, agg, run, ids, trim=True)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
         self._ids.update(new_ids)  # only once committed: a rolled-back id may be handed out again
         if self._stored_evidence is not None:
-            self._floor.update(*self._stored_evidence)
+            run, keys, absval = self._stored_evidence
+            self._floor(run).update(keys, absval)
         return True
+
+    def _floor(self, run: int) -> EvidenceFloor:
+        return self._floors.setdefault(run, EvidenceFloor(self.evidence_per_edge))
+
+    def _run_no(self, c: sqlite3.Connection, run_id: str) -> int:
+        row = c.execute("SELECT no FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"run {run_id!r} was never started in {self.url} (start_run comes first)")
+        no: int = row[0]
+        return no
 
     def _claim_prompts(self, c: sqlite3.Connection, run: str, prompts: list[Prompt]) -> bool:
         uids = [p.uid for p in prompts]
@@ -162,7 +186,8 @@ class SqliteStore:
         ids = np.array([self._ids.get(n.uid) or new[n.uid] for n in nodes], dtype=np.int64)
         return ids, new
 
-    def _write_aggregate(self, c: sqlite3.Connection, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+    def _write_aggregate(self, c: sqlite3.Connection, agg: WindowAggregate, run: int, ids: np.ndarray,
+                         trim: bool) -> None:
         _clear_staging(c)
         e, h, v, s = agg.edges, agg.heads, agg.evidence, agg.stats
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)
@@ -175,29 +200,30 @@ class SqliteStore:
             # (unless it was aggregated with a larger cap): only edges stored before can overflow
             every = agg.evidence_cap is None or agg.evidence_cap > cap
             c.execute("INSERT INTO b_trim SELECT id FROM b_edges b WHERE ? OR EXISTS (SELECT 1 FROM edges x "
-                      "WHERE x.id = b.id)", (every,))
-        c.execute(UPSERT_EDGES)
+                      "WHERE x.id = b.id AND x.run = ?)", (every, run))
+        c.execute(UPSERT_EDGES, (run,))
         c.executemany("INSERT INTO b_heads VALUES (?,?,?)",
                       zip(*_lists(edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)))
-        c.execute(UPSERT_HEADS)
+        c.execute(UPSERT_HEADS, (run,))
         c.executemany("INSERT INTO b_stats VALUES (?,?,?,?,?)",
                       zip(*_lists(ids[s.node], s.n_obs, s.n_prompts, s.sum_act, s.max_act)))
-        c.execute(UPSERT_STATS)
-        self._write_evidence(c, agg, ids, trim)
+        c.execute(UPSERT_STATS, (run,))
+        self._write_evidence(c, agg, run, ids, trim)
 
-    def _write_evidence(self, c: sqlite3.Connection, agg: WindowAggregate, ids: np.ndarray, trim: bool) -> None:
+    def _write_evidence(self, c: sqlite3.Connection, agg: WindowAggregate, run: int, ids: np.ndarray,
+                        trim: bool) -> None:
         """Insert the window's evidence that can still make its edge's top N, then cut the edges that
         existed before and got new rows back to the per-edge cap."""
         v = agg.evidence
         keys = edge_key(ids[v.src], ids[v.dst], v.kind)
-        keep = self._floor.keep(keys, np.abs(v.value)) if trim else np.ones(len(keys), bool)
+        keep = self._floor(run).keep(keys, np.abs(v.value)) if trim else np.ones(len(keys), bool)
         prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
-        c.executemany("INSERT INTO evidence VALUES (?,?,?,?,?,?)", zip(*_lists(
+        c.executemany(f"INSERT INTO evidence VALUES (?,{run},?,?,?,?,?)", zip(*_lists(
             keys[keep], prompt_uids[v.prompt[keep]], v.src_pos[keep], v.dst_pos[keep], v.head[keep], v.value[keep])))
-        self._stored_evidence = (keys[keep], np.abs(v.value[keep]))
+        self._stored_evidence = (run, keys[keep], np.abs(v.value[keep]))
         if trim and self.evidence_per_edge is not None:
             c.executemany("INSERT INTO b_touched VALUES (?)", ((k,) for k in np.unique(keys[keep]).tolist()))
-            c.execute(TRIM_EVIDENCE, (self.evidence_per_edge,))
+            c.execute(TRIM_EVIDENCE, (run, self.evidence_per_edge))
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
         c = self._conn
@@ -212,7 +238,8 @@ class SqliteStore:
                 c.execute("UPDATE runs SET status = 'running', manifest = ? WHERE run_id = ?",
                           (json.dumps(merged, sort_keys=True), run_id))
             else:
-                c.execute("INSERT INTO runs VALUES (?, 'running', ?)", (run_id, json.dumps(manifest, sort_keys=True)))
+                c.execute("INSERT INTO runs VALUES (?, 'running', ?, (SELECT COALESCE(MAX(no), -1) + 1 FROM runs))",
+                          (run_id, json.dumps(manifest, sort_keys=True)))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -236,44 +263,51 @@ class SqliteStore:
         return {r[0] for r in self._conn.execute("SELECT prompt_id FROM prompts WHERE run = ?", (run,))}
 
     def runs(self) -> list[Run]:
-        return [Run(r[0], r[1], json.loads(r[2])) for r in self._conn.execute("SELECT * FROM runs ORDER BY run_id")]
+        return [Run(r[0], r[1], json.loads(r[2])) for r in
+                self._conn.execute("SELECT run_id, status, manifest FROM runs ORDER BY run_id")]
 
     def run(self, run_id: str) -> Run | None:
-        r = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        r = self._conn.execute("SELECT run_id, status, manifest FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return Run(r[0], r[1], json.loads(r[2])) if r else None
 
     def find_nodes(self, ref: str, model: str | None = None) -> list[NodeInfo]:
         sql = f"SELECT {NODE_COLS.format(a='n')} FROM nodes n WHERE n.ref = ?" + (" AND n.model = ?" if model else "")
         return [NodeInfo(*r) for r in self._conn.execute(sql + " ORDER BY n.uid", (ref, model) if model else (ref,))]
 
-    def node(self, uid: str) -> tuple[NodeInfo, NodeStats | None] | None:
-        r = self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
-                               "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id WHERE n.uid = ?", (uid,)).fetchone()
+    def node(self, uid: str, runs: Runs = None) -> tuple[NodeInfo, NodeStats | None] | None:
+        among, args = _among("s", runs)
+        r = self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, {STAT_COLS} FROM nodes n LEFT JOIN node_stats s "
+                               f"ON s.node = n.id AND {among} WHERE n.uid = ? GROUP BY n.id", [*args, uid]).fetchone()
         if r is None:
             return None
         return NodeInfo(*r[:7]), (NodeStats(uid, *r[7:]) if r[7] is not None else None)
 
-    def _heads(self, edge_ids: list[int]) -> dict[int, dict[int, float]]:
+    def _heads(self, edge_ids: list[int], runs: Runs) -> dict[int, dict[int, float]]:
         out: dict[int, dict[int, float]] = {}
+        among, args = _among("h", runs)
         for i in range(0, len(edge_ids), 900):
             part = edge_ids[i:i + 900]
-            for e, h, s in self._conn.execute(
-                    f"SELECT edge, head, sum FROM edge_heads WHERE edge IN ({','.join('?' * len(part))})", part):
-                out.setdefault(e, {})[h] = s
+            for e, head, total in self._conn.execute(
+                    f"SELECT edge, head, SUM(sum) FROM edge_heads h WHERE edge IN ({','.join('?' * len(part))}) "
+                    f"AND {among} GROUP BY edge, head", [*part, *args]):
+                out.setdefault(e, {})[head] = total
         return out
 
     def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]:
         this, other = ("dst", "src") if direction == "up" else ("src", "dst")
-        where, args = [f"e.{this} = (SELECT id FROM nodes WHERE uid = ?)", "e.n_prompts >= ?"], [uid, q.min_count]
+        among, run_args = _among("e", q.runs)
+        where = [f"e.{this} = (SELECT id FROM nodes WHERE uid = ?)", among]
+        args: list[Any] = [uid, *run_args]
         for col, values in (("e.kind", q.edge_kinds), ("o.kind", q.node_kinds), ("o.layer", q.layers)):
             if values:
                 where.append(f"{col} IN ({','.join('?' * len(values))})")
                 args += list(values)
         rows = self._conn.execute(
             f"SELECT {NODE_COLS.format(a='o')}, {EDGE_COLS} FROM edges e JOIN nodes o ON o.id = e.{other} "
-            f"WHERE {' AND '.join(where)} ORDER BY {METRIC[q.order]} DESC, o.uid, e.kind LIMIT ? OFFSET ?",
-            args + [q.limit, q.offset]).fetchall()
-        heads = self._heads([r[-1] for r in rows])
+            f"WHERE {' AND '.join(where)} GROUP BY e.id HAVING SUM(e.n_prompts) >= ? "
+            f"ORDER BY {METRIC[q.order]} DESC, o.uid, e.kind LIMIT ? OFFSET ?",
+            args + [q.min_count, q.limit, q.offset]).fetchall()
+        heads = self._heads([r[-1] for r in rows], q.runs)
         out = []
         for r in rows:
             node = NodeInfo(*r[:7])
@@ -281,18 +315,20 @@ class SqliteStore:
             out.append((node, EdgeStats.of(src, dst, r[7:16], heads.get(r[16], {}))))
         return out
 
-    def edges_between(self, src: str, dst: str) -> list[EdgeStats]:
+    def edges_between(self, src: str, dst: str, runs: Runs = None) -> list[EdgeStats]:
+        among, args = _among("e", runs)
         rows = self._conn.execute(
             f"SELECT {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
-            "WHERE s.uid = ? AND d.uid = ? ORDER BY e.kind", (src, dst)).fetchall()
-        heads = self._heads([r[-1] for r in rows])
+            f"WHERE s.uid = ? AND d.uid = ? AND {among} GROUP BY e.id ORDER BY e.kind", [src, dst, *args]).fetchall()
+        heads = self._heads([r[-1] for r in rows], runs)
         return [EdgeStats.of(src, dst, r[:9], heads.get(r[9], {})) for r in rows]
 
-    def evidence(self, src: str, dst: str, kind: str, limit: int) -> list[Evidence]:
+    def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
+        among, args = _among("x", runs)
         rows = self._conn.execute(
-            f"SELECT prompt, src_pos, dst_pos, head, value FROM evidence WHERE edge = (SELECT e.id FROM edges e "
-            "JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst WHERE s.uid = ? AND d.uid = ? AND e.kind = ?) "
-            f"ORDER BY {EVIDENCE_ORDER} LIMIT ?", (src, dst, kind, limit)).fetchall()
+            f"SELECT prompt, src_pos, dst_pos, head, value FROM evidence x WHERE edge = (SELECT e.id FROM edges e "
+            "JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst WHERE s.uid = ? AND d.uid = ? AND e.kind = ? "
+            f"LIMIT 1) AND {among} ORDER BY {EVIDENCE_ORDER} LIMIT ?", [src, dst, kind, *args, limit]).fetchall()
         return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
 
     def _prompt(self, r: Sequence[Any]) -> Prompt:
@@ -310,52 +346,66 @@ class SqliteStore:
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
         rows = self._conn.execute(
             "SELECT s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head, x.value FROM evidence x "
-            "JOIN edges e ON e.id = x.edge JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
+            "JOIN edges e ON e.id = x.edge AND e.run = x.run JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
             "WHERE x.prompt = ? ORDER BY abs(x.value) DESC, s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head LIMIT ?",
             (uid, limit)).fetchall()
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
-    def top_nodes(self, node_kind: str | None, by: str, limit: int,
-                  layer: int | None = None) -> list[tuple[NodeInfo, float, int]]:
-        """Nodes (of a kind, of a layer) by degree or total |sum| over the edges at either end; the
-        candidates are chosen first, so only their edges are read (through edges_src / edges_dst). A
-        self-loop counts once, as Neo4j's undirected match counts it."""
+    def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None,
+                  runs: Runs = None) -> list[tuple[NodeInfo, float, int]]:
+        """Nodes (of a kind, of a layer) by degree or total |sum| over the edges at either end (each
+        edge's sum over the selected runs first); the candidates are chosen first, so only their edges
+        are read (through edges_src / edges_dst). A self-loop counts once, as Neo4j's undirected match
+        counts it."""
         metric = {"degree": "COUNT(*)", "total": "SUM(a)"}[by]
+        among, args = _among("e", runs)
         rows = self._conn.execute(
-            "WITH cand AS (SELECT id FROM nodes WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR layer = ?2)), "
-            "ends AS (SELECT e.src AS node, abs(e.sum) AS a FROM edges e JOIN cand c ON e.src = c.id "
-            "UNION ALL SELECT e.dst, abs(e.sum) FROM edges e JOIN cand c ON e.dst = c.id WHERE e.src != e.dst) "
-            f"SELECT {NODE_COLS.format(a='n')}, SUM(a), COUNT(*) FROM ends JOIN nodes n ON n.id = ends.node "
-            f"GROUP BY n.id ORDER BY {metric} DESC, n.uid LIMIT ?3", (node_kind, layer, limit)).fetchall()
+            "WITH cand AS (SELECT id FROM nodes WHERE (? IS NULL OR kind = ?) AND (? IS NULL OR layer = ?)), "
+            f"ends AS (SELECT e.src AS node, e.id AS edge, e.sum AS s FROM edges e JOIN cand c ON e.src = c.id "
+            f"WHERE {among} UNION ALL SELECT e.dst, e.id, e.sum FROM edges e JOIN cand c ON e.dst = c.id "
+            f"WHERE e.src != e.dst AND {among}), per_edge AS (SELECT node, abs(SUM(s)) AS a FROM ends "
+            f"GROUP BY node, edge) SELECT {NODE_COLS.format(a='n')}, SUM(a), COUNT(*) FROM per_edge "
+            f"JOIN nodes n ON n.id = per_edge.node GROUP BY n.id ORDER BY {metric} DESC, n.uid LIMIT ?",
+            [node_kind, node_kind, layer, layer, *args, *args, limit]).fetchall()
         return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
 
     def counts(self) -> dict[str, int]:
         return {t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
                 for t in ("runs", "prompts", "nodes", "edges", "evidence")}
 
-    # ---- bulk (export) ------------------------------------------------------------------------
-    def all_edges(self, edge_kinds: tuple[str, ...] | None = None) -> Iterator[EdgeStats]:
-        where = f"WHERE e.kind IN ({','.join('?' * len(edge_kinds))})" if edge_kinds else ""
+    def prompt_count(self, run: str) -> int:
+        n: int = self._conn.execute("SELECT COUNT(*) FROM prompts WHERE run = ?", (run,)).fetchone()[0]
+        return n
+
+    # ---- bulk (export, mining) ------------------------------------------------------------------
+    def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
+        among, args = _among("e", runs)
+        kinds = f"AND e.kind IN ({','.join('?' * len(edge_kinds))})" if edge_kinds else ""
         cur = self._conn.execute(f"SELECT s.uid, d.uid, {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src "
-                                 f"JOIN nodes d ON d.id = e.dst {where} ORDER BY e.id", tuple(edge_kinds or ()))
+                                 f"JOIN nodes d ON d.id = e.dst WHERE {among} {kinds} GROUP BY e.id ORDER BY e.id",
+                                 [*args, *(edge_kinds or ())])
         while rows := cur.fetchmany(5000):
-            heads = self._heads([r[-1] for r in rows])
+            heads = self._heads([r[-1] for r in rows], runs)
             for r in rows:
                 yield EdgeStats.of(r[0], r[1], r[2:11], heads.get(r[11], {}))
 
-    def all_nodes(self) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
-        for r in self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, s.n_obs, s.n_prompts, s.sum_act, s.max_act "
-                                    "FROM nodes n LEFT JOIN node_stats s ON s.node = n.id ORDER BY n.id").fetchall():
+    def all_nodes(self, runs: Runs = None) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
+        among, args = _among("s", runs)
+        for r in self._conn.execute(f"SELECT {NODE_COLS.format(a='n')}, {STAT_COLS} FROM nodes n LEFT JOIN "
+                                    f"node_stats s ON s.node = n.id AND {among} GROUP BY n.id ORDER BY n.id",
+                                    args).fetchall():
             yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
 
     def all_prompts(self) -> Iterator[Prompt]:
         for r in self._conn.execute("SELECT * FROM prompts ORDER BY uid").fetchall():
             yield self._prompt(r)
 
-    def all_evidence(self) -> Iterator[Evidence]:
+    def all_evidence(self, runs: Runs = None) -> Iterator[Evidence]:
+        among, args = _among("x", runs)
         cur = self._conn.execute("SELECT s.uid, d.uid, e.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
-                                 "FROM evidence x JOIN edges e ON e.id = x.edge JOIN nodes s ON s.id = e.src "
-                                 "JOIN nodes d ON d.id = e.dst ORDER BY x.rowid")
+                                 "FROM evidence x JOIN edges e ON e.id = x.edge AND e.run = x.run "
+                                 "JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
+                                 f"WHERE {among} ORDER BY x.rowid", args)
         while rows := cur.fetchmany(5000):
             for s, d, k, p, sp, dp, h, v in rows:
                 yield Evidence(s, d, k, p, sp, dp, None if h < 0 else h, v)
@@ -367,7 +417,7 @@ class SqliteStore:
         try:
             self._insert_prompts(c, agg.prompts, "INSERT OR IGNORE")
             ids, new_ids = self._node_ids(c, agg.nodes)
-            self._write_aggregate(c, agg, ids, trim=False)
+            self._write_aggregate(c, agg, self._run_no(c, agg.run), ids, trim=False)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -375,13 +425,22 @@ class SqliteStore:
         self._ids.update(new_ids)
 
     def import_runs(self, runs: list[Run]) -> None:
-        self._conn.executemany("INSERT OR REPLACE INTO runs VALUES (?,?,?)",
-                               [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in runs])
+        self._conn.executemany(
+            "INSERT INTO runs VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(no), -1) + 1 FROM runs)) "
+            "ON CONFLICT(run_id) DO UPDATE SET status = ?2, manifest = ?3",
+            [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in runs])
 
     def cypher(self, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
         raise CypherUnsupported("Cypher needs the Neo4j store: this catalog is SQLite "
                                 f"({self.url}); export it with `circuit-catalog export --from {self.url} "
                                 "--to neo4j://127.0.0.1:7687` or query it with the other commands")
+
+
+def _among(alias: str, runs: Runs) -> tuple[str, list[str]]:
+    """SQL restricting ``alias``'s rows to the runs named (by their numbers), and its arguments."""
+    if runs is None:
+        return "1", []
+    return f"{alias}.run IN (SELECT no FROM runs WHERE run_id IN ({','.join('?' * len(runs))}))", list(runs)
 
 
 def _lists(*columns: Any) -> list[list[Any]]:

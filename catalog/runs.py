@@ -1,0 +1,83 @@
+"""Which runs a query adds up: the selection (``--run`` / ``?run=``) and the rule that numbers made
+under different settings are never added together.
+
+Edges, node statistics and evidence are stored per run (docs/catalog.md). A query reads a
+selection of runs and the stores sum over it; two runs may be summed only when they share the
+model, the SAEs and the pruning (their *settings*, read from the run manifests). Without a
+selection a query reads every run that holds edges, and refuses, naming the groups of compatible
+runs, when they do not all share settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from catalog.schema import JSON, Run
+from catalog.stores.base import NotFound, Store, StoreError
+
+EDGE_RUN_KINDS = ("ingest",)  # manifest "kind" of runs that hold edges (sae_eval runs hold a result only)
+
+
+class IncompatibleRuns(StoreError):
+    """The selected runs used different model, SAEs or pruning; ``groups`` lists the compatible sets."""
+
+    def __init__(self, message: str, groups: list[list[str]]):
+        super().__init__(message)
+        self.groups = groups
+
+
+def holds_edges(run: Run) -> bool:
+    return run.manifest.get("kind", "ingest") in EDGE_RUN_KINDS
+
+
+def settings_of(run: Run) -> JSON:
+    """What must match for two runs' numbers to be added: the model (name, source, revision, weight
+    processing), the SAEs (their keys) and the pruning (top-k, min |v|, direct view and positions)."""
+    m = run.manifest
+    model = m.get("model")
+    model = model if isinstance(model, dict) else {"name": model}
+    return {"model": {k: model.get(k) for k in ("name", "source", "revision", "processing")},
+            "saes": sorted(str(s.get("key")) for s in m.get("saes", [])),
+            "pruning": m.get("pruning")}
+
+
+def describe(settings: JSON) -> str:
+    pruning = settings["pruning"] or {}
+    prune = ", ".join(f"{k}={pruning[k]}" for k in sorted(pruning)) or "unrecorded"
+    return (f"model {settings['model']['name']}, SAEs {', '.join(settings['saes']) or 'none recorded'}, "
+            f"pruning {prune}")
+
+
+def compatibility_groups(runs: Sequence[Run]) -> list[tuple[JSON, list[str]]]:
+    """Runs grouped by settings, groups in the order of their first run id, ids sorted."""
+    groups: dict[str, tuple[JSON, list[str]]] = {}
+    for r in sorted(runs, key=lambda r: r.run_id):
+        s = settings_of(r)
+        groups.setdefault(json.dumps(s, sort_keys=True), (s, []))[1].append(r.run_id)
+    return list(groups.values())
+
+
+def select_runs(store: Store, run_ids: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The runs a query sums over: ``run_ids`` as given (each must exist and hold edges), or every run
+    that holds edges; raises IncompatibleRuns when they do not share settings."""
+    stored = {r.run_id: r for r in store.runs()}
+    if run_ids:
+        chosen = []
+        for run_id in dict.fromkeys(run_ids):
+            run = stored.get(run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r} in this catalog; runs: {', '.join(sorted(stored)) or 'none'}")
+            if not holds_edges(run):
+                raise StoreError(f"run {run_id!r} is a {run.manifest.get('kind')} run and holds no edges")
+            chosen.append(run)
+    else:
+        chosen = [r for r in stored.values() if holds_edges(r)]
+    groups = compatibility_groups(chosen)
+    if len(groups) > 1:
+        lines = "; ".join(f"group {i + 1} ({describe(s)}): {', '.join(ids)}" for i, (s, ids) in enumerate(groups))
+        raise IncompatibleRuns(
+            f"{'the selected' if run_ids else 'the stored'} runs used different settings and are never added "
+            f"together: {lines}. Choose runs of one group with --run (REST: ?run=)",
+            [ids for _, ids in groups])
+    return tuple(sorted(r.run_id for r in chosen))
