@@ -7,6 +7,7 @@ defined inside create_app.)"""
 
 
 import base64
+import functools
 import json
 import logging
 import threading
@@ -19,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from api import models, pages
 from api.settings import Settings
@@ -137,6 +138,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Store = Annotated[Any, Depends(store)]
     Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
 
+    @functools.cache
+    def validator(model: Any) -> TypeAdapter[Any]:
+        return TypeAdapter(model)
+
+    def reply(model: Any, data: JSON) -> Response:
+        """``data`` as JSON, not validated again on the way out: the route's response_model documents it
+        and, with ``check_responses`` (on in the tests), every answer is validated against it. (FastAPI's
+        own validation and encoding of the answer cost as much as the query on the hot endpoints.)"""
+        if settings.check_responses:
+            try:
+                validator(model).validate_python(data)
+            except ValidationError as exc:  # a field the model lacks, or a wrong type: our fault, a 500
+                raise RuntimeError(f"answer does not match its response model {model}: {exc}") from None
+        return JSONResponse(data)
+
     def error(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
         """JSON for the API; an HTML page with the same message for a browser page."""
         if pages.is_page(request):
@@ -193,33 +209,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"ok": True, "store": queries.public_url(s.url), "runs": len(s.runs())}
 
     @app.get("/overview", response_model=models.Overview, responses=INCOMPATIBLE, **ANSWER)
-    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5, run: RunQ = None) -> JSON:
+    def get_overview(s: Store, per_layer: Annotated[int, Query(ge=1, le=50)] = 5, run: RunQ = None) -> Response:
         """Counts, runs, the groups of runs that may be added together, and the strongest attention
         features of each layer in the runs chosen (the home page's data)."""
-        return queries.overview(s, per_layer, runs=run)
+        return reply(models.Overview, queries.overview(s, per_layer, runs=run))
 
     @app.get("/features/{ref}", response_model=models.Feature, responses=INCOMPATIBLE, **ANSWER)
     def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None,
-                    run: RunQ = None) -> JSON:
-        return queries.feature(s, ref, model=model, runs=run)
+                    run: RunQ = None) -> Response:
+        return reply(models.Feature, queries.feature(s, ref, model=model, runs=run))
 
     @app.get("/features/{ref}/diff", response_model=models.Diff, **ANSWER)
     def get_diff(ref: Annotated[str, Path(max_length=64)], s: Store,
                  run: Annotated[list[Annotated[str, Query(max_length=200)]], Query(
                      min_length=2, max_length=2, description="the two runs: ?run=A&run=B (change is B - A)")],
                  direction: Literal["up", "down"] = "up", edge_kind: EdgeKindQ = None, limit: Limit = 20,
-                 model: str | None = None) -> JSON:
+                 model: str | None = None) -> Response:
         """Upstream (or downstream) edges of a feature in two runs side by side, ranked by the change in
         attribution per prompt of each run; each side with its prompt and observation counts."""
-        return diff(s, ref, run[0], run[1], model=model, limit=limit, edge_kinds=edge_kind, direction=direction)
+        return reply(models.Diff, diff(s, ref, run[0], run[1], model=model, limit=limit, edge_kinds=edge_kind,
+                                       direction=direction))
 
     def _neighbours(direction: str, ref: str, s: StoreProtocol, kind: Sequence[str] | None, layer: list[int] | None,
                     edge_kind: Sequence[str] | None, min_count: int, order: str, limit: int, cursor: str | None,
-                    model: str | None, run: list[str] | None) -> JSON:
+                    model: str | None, run: list[str] | None) -> Response:
         offset = _offset(cursor)
         rows = queries.neighbours(s, ref, direction, model=model, runs=run, node_kinds=kind, layers=layer,
                                   edge_kinds=edge_kind, min_count=min_count, order=order, limit=limit, offset=offset)
-        return {"items": rows, "next_cursor": _cursor(offset + limit) if len(rows) == limit else None}
+        return reply(models.NeighbourPage,
+                     {"items": rows, "next_cursor": _cursor(offset + limit) if len(rows) == limit else None})
 
 
     @app.get("/features/{ref}/upstream", response_model=models.NeighbourPage, responses=INCOMPATIBLE, **ANSWER)
@@ -228,7 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                      order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
                      cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None,
-                     run: RunQ = None) -> JSON:
+                     run: RunQ = None) -> Response:
         return _neighbours("up", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model, run)
 
     @app.get("/features/{ref}/downstream", response_model=models.NeighbourPage, responses=INCOMPATIBLE, **ANSWER)
@@ -237,14 +255,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        edge_kind: EdgeKindQ = None, min_count: Annotated[int, Query(ge=0)] = 0,
                        order: Literal["sum", "mean", "count", "abs"] = "abs", limit: Limit = 20,
                        cursor: Annotated[str | None, Query(max_length=200)] = None, model: str | None = None,
-                     run: RunQ = None) -> JSON:
+                     run: RunQ = None) -> Response:
         return _neighbours("down", ref, s, kind, layer, edge_kind, min_count, order, limit, cursor, model, run)
 
     @app.get("/edges/{src}/{dst}", response_model=models.Edge, responses=INCOMPATIBLE, **ANSWER)
     def get_edge(src: Annotated[str, Path(max_length=64)], dst: Annotated[str, Path(max_length=64)], s: Store,
                  evidence: Annotated[int, Query(ge=0, le=settings.evidence_limit)] = 20,
-                 model: str | None = None, run: RunQ = None) -> JSON:
-        return queries.edge(s, src, dst, model=model, evidence_limit=evidence, runs=run)
+                 model: str | None = None, run: RunQ = None) -> Response:
+        return reply(models.Edge, queries.edge(s, src, dst, model=model, evidence_limit=evidence, runs=run))
 
     @app.get("/prompts/{uid:path}/graph", response_model=models.PromptGraph | models.NeuronpediaGraph, **ANSWER)
     def get_prompt_graph(uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200,

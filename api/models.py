@@ -1,6 +1,7 @@
 """Response models: what every JSON endpoint answers, so the OpenAPI schema (and /docs) describes each
 response. ``extra="forbid"``: a field that ``catalog.queries`` adds without a model here fails the
-tests instead of silently leaving the schema behind. Floats are rounded to 6 significant digits by
+tests instead of silently leaving the schema behind (the hot endpoints skip validating their answers
+in production; ``check_responses``, on in the tests, validates every one). Floats are rounded to 6 significant digits by
 ``catalog.queries.rnd``."""
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     cypher_row_cap: int = 1000
     cypher_timeout_s: float = 5.0
     evidence_limit: int = 50
+    check_responses: bool = False  # validate each hot answer against its response model (the tests turn it on)
     warm_patterns: bool = True  # mine the default composition patterns in the background at start-up ...
     warm_patterns_max_edges: int = 200_000  # ... on catalogs this small (the demo's has 72k edges)
     # no write settings: the API has no endpoint that writes (extra="ignore" drops unknown variables)

@@ -1,9 +1,12 @@
-"""Store benchmark: ~1M observations over 50k features with Zipf-like degrees, into SQLite and a
-live Neo4j (started here from tools/neo4j-server).
+"""Store benchmark: ~1M observations over 50k features with Zipf-like degrees, spread over 5 runs of
+one setting (edges are stored per run, so a query sums 5 rows per edge), into SQLite and a live
+Neo4j (started here from tools/neo4j-server).
 
 Prints per store: write throughput (observations/s and aggregated edge updates/s), for Neo4j the
-ratio of batched UNWIND writes to one query per edge (same edges, same run), and p50/p99 latency of
-upstream, downstream, edge and prompt queries. Usage: python bench/store.py [--obs 1000000]
+ratio of batched UNWIND writes to one query per edge (same edges, same run), p50/p99 latency of
+upstream (over all runs and over one), downstream, edge, diff and prompt queries, and the API's
+latency at 8 clients (bench/api_load.py), each against its target: upstream p50 <= 10 ms and API
+p99 <= 50 ms on both stores. Usage: python bench/store.py [--obs 1000000] [--runs 5] [--no-api]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from catalog import queries  # noqa: E402
+from catalog.diff import diff  # noqa: E402
 from catalog.ids import attn, resid  # noqa: E402
 from catalog.schema import NodeInfo, Prompt  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
@@ -44,14 +48,23 @@ def zipf_index(rng, n, size, a=1.3):
     return (rng.zipf(a, size) - 1) % n
 
 
-def make_batches(n_obs: int, seed: int = 0):
+RUN_MANIFEST = {"kind": "ingest", "model": {"name": "bench"}, "saes": [{"key": "rel"}],
+                "pruning": {"top_k": 50, "min_abs": 0.0, "direct": True, "direct_positions": "last"}}
+P50_TARGET_MS, API_P99_TARGET_MS = 10.0, 50.0
+
+
+def run_ids(n_runs: int) -> list[str]:
+    return [f"bench-{k}" for k in range(n_runs)]
+
+
+def make_batches(n_obs: int, seed: int = 0, run: str = "bench-0"):
     rng = np.random.default_rng(seed)
     nodes = feature_nodes()
-    perm = rng.permutation(len(nodes))
+    perm = np.random.default_rng(0).permutation(len(nodes))  # the same popular features in every run
     n_prompts = n_obs // PER_PROMPT
     for start in range(0, n_prompts, PROMPTS_PER_BATCH):
         ids = [f"s{seed}p{i:06d}" for i in range(start, min(n_prompts, start + PROMPTS_PER_BATCH))]  # seed: new prompts
-        prompts = [Prompt(f"bench/{pid}", "bench", pid, f"prompt {pid}", [f"t{j}" for j in range(64)], "bench", f"h{pid}")
+        prompts = [Prompt(f"{run}/{pid}", run, pid, f"prompt {pid}", [f"t{j}" for j in range(64)], "bench", f"h{pid}")
                    for pid in ids]
         m = len(prompts) * PER_PROMPT
         cols = [np.repeat(np.arange(len(prompts)), PER_PROMPT), perm[zipf_index(rng, len(nodes), m)],
@@ -59,20 +72,32 @@ def make_batches(n_obs: int, seed: int = 0):
                 rng.integers(0, 64, m), rng.integers(0, 64, m), rng.normal(0, 1, m)]
         obs = Observations(*(torch.from_numpy(np.ascontiguousarray(c)) for c in cols))
         acts = Activations(obs.dst, obs.prompt, obs.value.abs())
-        yield aggregate_rows(obs, acts, nodes, "bench", prompts, 8)
+        yield aggregate_rows(obs, acts, nodes, run, prompts, 8)
+
+
+def fill_runs(store, n_obs: int, n_runs: int):
+    """Write ``n_obs`` observations, split evenly over ``n_runs`` runs of one setting; yields each
+    window after it is written (for timing)."""
+    for k, run in enumerate(run_ids(n_runs)):
+        store.start_run(run, RUN_MANIFEST, resume=False)
+        yield from make_batches(n_obs // n_runs, seed=k, run=run)
+        store.finish_run(run, "done", {})
 
 
 def pct(xs, q):
     return float(np.percentile(np.array(xs) * 1000, q))
 
 
-def latencies(store, rng, n=200) -> dict:
+def latencies(store, rng, runs: list[str], n=200) -> dict:
     edges = list(store.all_edges())
     feats = sorted({e.dst.split("|")[2] for e in edges})
-    prompts = [p.uid for p in store.prompts([f"bench/s0p{i:06d}" for i in range(50)]).values()]
+    prompts = [p.uid for p in store.prompts([f"{runs[0]}/s0p{i:06d}" for i in range(50)]).values()]
     out = {}
     for name, fn in (
             ("upstream", lambda: queries.upstream(store, feats[rng.integers(len(feats))], limit=20)),
+            ("upstream, one run", lambda: queries.upstream(store, feats[rng.integers(len(feats))], limit=20,
+                                                             runs=runs[:1])),
+            ("diff", lambda: diff(store, feats[rng.integers(len(feats))], runs[0], runs[-1], limit=20)),
             ("downstream", lambda: queries.downstream(store, feats[rng.integers(len(feats))], limit=20)),
             ("edge", lambda: (lambda e: queries.edge(store, e.src.split("|")[2], e.dst.split("|")[2]))(
                 edges[rng.integers(len(edges))])),
@@ -97,7 +122,7 @@ def per_edge_baseline(store, batch, n: int) -> float:
     keys = edge_key(ids[e.src], ids[e.dst], e.kind)[:n].tolist()
     t = time.perf_counter()
     for i, key in enumerate(keys):
-        eid = store.driver.execute_query(FIND_EDGES, keys=[key], database_=store.database).records[0][1]
+        eid = store.driver.execute_query(FIND_EDGES, keys=[key], run=batch.run, database_=store.database).records[0][1]
         store.driver.execute_query(UPDATE_EDGES, eid=[eid], n_prompts=[int(e.n_prompts[i])], n_obs=[int(e.n_obs[i])],
                                    sum=[float(e.sum[i])], sumsq=[float(e.sumsq[i])], sum_abs=[float(e.sum_abs[i])],
                                    min=[float(e.min[i])], max=[float(e.max[i])], n_pos=[int(e.n_pos[i])], heads=[],
@@ -105,12 +130,12 @@ def per_edge_baseline(store, batch, n: int) -> float:
     return len(keys) / (time.perf_counter() - t)
 
 
-def bench_store(url: str, n_obs: int, baseline: bool) -> None:
+def bench_store(url: str, n_obs: int, n_runs: int, baseline: bool, api: bool) -> None:
     store = open_store(url)
     t0 = time.perf_counter()
     n_edges = n_ev = 0
     agg_time = 0.0
-    for batch in make_batches(n_obs):
+    for batch in fill_runs(store, n_obs, n_runs):
         t = time.perf_counter()
         store.write_window(batch)
         agg_time += time.perf_counter() - t
@@ -122,25 +147,41 @@ def bench_store(url: str, n_obs: int, baseline: bool) -> None:
           "synthetic aggregation)")
     if baseline:
         batched = n_edges / agg_time
-        first = next(make_batches(PER_PROMPT * PROMPTS_PER_BATCH, seed=99))
+        first = next(make_batches(PER_PROMPT * PROMPTS_PER_BATCH, seed=99, run=run_ids(n_runs)[-1]))
         store.write_window(first)  # new prompts, so the baseline updates edges the same way
         per_edge = per_edge_baseline(store, first, 2000)
         print(f"  one query per edge: {per_edge:,.0f} upserts/s -> batched is {batched / per_edge:.1f}x")
-    for name, (p50, p99) in latencies(store, np.random.default_rng(1)).items():
-        print(f"  {name:<10} p50 {p50:6.2f} ms   p99 {p99:6.2f} ms")
+    print(f"  {store.counts()['edges']:,} edge rows (one per edge and run) in {n_runs} runs")
+    for name, (p50, p99) in latencies(store, np.random.default_rng(1), run_ids(n_runs)).items():
+        verdict = f"   target p50 <= {P50_TARGET_MS:g} ms: {'met' if p50 <= P50_TARGET_MS else 'MISSED'}" \
+            if name == "upstream" else ""
+        print(f"  {name:<18} p50 {p50:6.2f} ms   p99 {p99:6.2f} ms{verdict}")
+    if api:
+        from api_load import serve_and_measure
+
+        feats = sorted({e.dst.split("|")[2] for e in store.all_edges()})
+        serve_and_measure(url, feats, 400, workers=1)
+        p99 = serve_and_measure(url, feats, 400, workers=2)
+        print(f"  API target p99 <= {API_P99_TARGET_MS:g} ms (2 server processes): "
+              f"{'met' if p99 <= API_P99_TARGET_MS else 'MISSED'}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--obs", type=int, default=1_000_000)
+    ap.add_argument("--obs", type=int, default=1_000_000, help="observations in all runs together")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-api", dest="api", action="store_false", help="skip the API load over HTTP")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip Neo4j's one-query-per-edge baseline")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
-        print(f"{args.obs:,} observations, {N_FEATURES:,} features, Zipf(1.3) degrees, evidence 8 per edge")
+        print(f"{args.obs:,} observations in {args.runs} runs of one setting, {N_FEATURES:,} features, Zipf(1.3) "
+              "degrees, evidence 8 per edge and run")
         print("SQLite:")
-        bench_store(f"sqlite:///{tmp}/bench.db", args.obs, baseline=False)
+        bench_store(f"sqlite:///{tmp}/bench.db", args.obs, args.runs, baseline=False, api=args.api)
         with running_on_free_port(f"{tmp}/neo4j", page_cache="1g", heap="3g") as neo:
             print("Neo4j:")
-            bench_store(neo, args.obs, baseline=True)
+            bench_store(neo, args.obs, args.runs, baseline=args.baseline, api=args.api)
 
 if __name__ == "__main__":
     main()

@@ -25,12 +25,22 @@ def rnd(x: float | None) -> float | None:
     return float(f"{x:.{SIG_DIGITS}g}") + 0.0  # + 0.0: -0.0 prints as 0.0 (min/max of tied zeros pick either)
 
 
+def canonical_ref(ref: str) -> str:
+    """A user reference (A5.44256, L5.F44256, R3.ERR, ...) in canonical form, without position."""
+    parsed = parse_ref(ref)
+    if parsed.pos is not None:
+        raise NodeRefError(f"{ref!r} names a position; catalog nodes aggregate over positions (drop '@...')")
+    return format_ref(parsed.at(None))
+
+
 def resolve(store: Store, ref: str, model: str | None = None) -> NodeInfo:
     """A user reference (A5.44256, L5.F44256, R3.ERR, ...) -> the catalog node it names."""
-    canonical = format_ref(parse_ref(ref).at(None))
-    if parse_ref(ref).pos is not None:
-        raise NodeRefError(f"{ref!r} names a position; catalog nodes aggregate over positions (drop '@...')")
-    found = store.find_nodes(canonical, model)
+    canonical = canonical_ref(ref)
+    return the_one(store, store.find_nodes(canonical, model), canonical, model)
+
+
+def the_one(store: Store, found: list[NodeInfo], canonical: str, model: str | None) -> NodeInfo:
+    """The node a reference names, from the nodes found for it; NotFound / Ambiguous otherwise."""
     if not found:
         raise NotFound(f"no node {canonical} in {store.url}" + (f" for model {model}" if model else ""))
     if len(found) > 1:
@@ -80,8 +90,9 @@ def neighbours(store: Store, ref: str, direction: str, *, model: str | None = No
     each edge summed over the runs selected (catalog.runs.select_runs)."""
     q = edge_query(**filters)
     q.runs = select_runs(store, runs)
-    node = resolve(store, ref, model)
-    rows = store.neighbours(node.uid, direction, q)
+    canonical = canonical_ref(ref)
+    found, rows = store.resolve_neighbours(canonical, model, direction, q)  # one round trip on Neo4j
+    the_one(store, found, canonical, model)
     return [{"id": other.ref, "uid": other.uid, "kind": other.kind, "layer": other.layer, **edge_stats(e)}
             for other, e in rows]
 

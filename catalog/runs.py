@@ -11,12 +11,22 @@ runs, when they do not all share settings.
 from __future__ import annotations
 
 import json
+import threading
+import time
+import weakref
 from collections.abc import Sequence
+from typing import Any
 
 from catalog.schema import JSON, Run
 from catalog.stores.base import NotFound, Store, StoreError
 
 EDGE_RUN_KINDS = ("ingest",)  # manifest "kind" of runs that hold edges (sae_eval runs hold a result only)
+# A query may reuse the list of runs another query read this long ago: a run's settings never change
+# once it starts, and stores read exactly the runs named, so a reused list can only leave out a run
+# started in the last second, never mix settings. (On Neo4j the list costs a round trip a query.)
+RUNS_REUSE_S = 1.0
+_runs_read: weakref.WeakKeyDictionary[Any, tuple[float, dict[str, Run]]] = weakref.WeakKeyDictionary()
+_runs_lock = threading.Lock()
 
 
 class IncompatibleRuns(StoreError):
@@ -61,7 +71,7 @@ def compatibility_groups(runs: Sequence[Run]) -> list[tuple[JSON, list[str]]]:
 def select_runs(store: Store, run_ids: Sequence[str] | None = None) -> tuple[str, ...]:
     """The runs a query sums over: ``run_ids`` as given (each must exist and hold edges), or every run
     that holds edges; raises IncompatibleRuns when they do not share settings."""
-    stored = {r.run_id: r for r in store.runs()}
+    stored = _stored_runs(store, run_ids or ())
     if run_ids:
         chosen = []
         for run_id in dict.fromkeys(run_ids):
@@ -81,3 +91,15 @@ def select_runs(store: Store, run_ids: Sequence[str] | None = None) -> tuple[str
             f"together: {lines}. Choose runs of one group with --run (REST: ?run=)",
             [ids for _, ids in groups])
     return tuple(sorted(r.run_id for r in chosen))
+
+
+def _stored_runs(store: Store, needed: Sequence[str]) -> dict[str, Run]:
+    """The store's runs by id, read again unless read less than RUNS_REUSE_S ago (and holding ``needed``)."""
+    with _runs_lock:
+        seen = _runs_read.get(store)
+    if seen is not None and time.monotonic() - seen[0] < RUNS_REUSE_S and all(r in seen[1] for r in needed):
+        return seen[1]
+    stored = {r.run_id: r for r in store.runs()}
+    with _runs_lock:
+        _runs_read[store] = (time.monotonic(), stored)
+    return stored

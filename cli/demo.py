@@ -61,16 +61,16 @@ def run_demo(store_url: str, n_prompts: int, threads: int) -> None:
     target = strongest_answer_feature(store, "demo", max(session.attn))
     console.print(f"\n[bold]1. Which features feed {target}[/bold], the strongest top-layer attention feature at "
                   "the answer position?")
-    up = queries.upstream(store, target, node_kinds=["attn", "resid"], limit=8)
+    up = queries.upstream(store, target, node_kinds=["attn", "resid"], limit=8, runs=["demo"])
     _table(f"upstream of {target}", up, ["id", "edge_kind", "n_prompts", "sum", "mean", "sign_share", "heads"])
     source = next((r["id"] for r in up if r["kind"] == "resid"), up[0]["id"]) if up else target
-    src_attn = queries.upstream(store, source, node_kinds=["attn"], limit=1) if source.startswith("R") else []
+    src_attn = queries.upstream(store, source, node_kinds=["attn"], limit=1, runs=["demo"]) if source.startswith("R") else []
     probe = src_attn[0]["id"] if src_attn else source
     console.print(f"\n[bold]2. What does {probe} feed?[/bold]")
-    _table(f"downstream of {probe}", queries.downstream(store, probe, limit=8),
+    _table(f"downstream of {probe}", queries.downstream(store, probe, limit=8, runs=["demo"]),
            ["id", "edge_kind", "n_prompts", "sum", "mean", "sign_share"])
     console.print("\n[bold]3. Attention->attention compositions that recur across prompts[/bold]")
-    pairs = mine(store, top=8, min_prompts=5)["pairs"]
+    pairs = mine(store, top=8, min_prompts=5, runs=["demo"])["pairs"]
     console.print("z: recurrence against a prompt-shuffled null (n/a when a feature fires on every prompt)")
     _table("composition pairs", pairs,
            ["source", "target", "path", "n_prompts", "total", "sign_share", "heads", "z_score"])

@@ -4,6 +4,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# every answer of the API (also of servers the tests start as subprocesses) is validated against its
+# response model: a field the model lacks fails the test (production skips it: api.settings)
+os.environ.setdefault("CIRCUIT_CATALOG_CHECK_RESPONSES", "1")
 
 import torch  # noqa: E402
 

@@ -153,3 +153,17 @@ def test_openapi_describes_every_response():
         assert described, (method, path, schema)
     upstream = spec["components"]["schemas"]["Neighbour"]["properties"]
     assert {"id", "edge_kind", "n_prompts", "sum", "sign_share", "heads"} <= set(upstream)
+
+
+def test_every_hot_answer_is_checked_against_its_model_in_the_tests(tmp_path, monkeypatch):
+    """Production skips validating the hot answers; the tests validate each (check_responses), so a
+    field a query adds without a response model fails instead of leaving the schema behind."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    _fill(url, _batches())
+    real = queries.feature
+    monkeypatch.setattr(queries, "feature", lambda *a, **k: {**real(*a, **k), "surprise": 1})
+    with TestClient(create_app(Settings(store=url, check_responses=True)), raise_server_exceptions=False) as c:
+        assert c.get("/features/A1.3").status_code == 500
+    with TestClient(create_app(Settings(store=url, check_responses=False)), raise_server_exceptions=False) as c:
+        r = c.get("/features/A1.3")
+        assert r.status_code == 200 and r.json()["surprise"] == 1 and r.json()["id"] == "A1.3"

@@ -69,9 +69,13 @@ TRIM_EVIDENCE = (
     f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
     f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.run = ?1 AND x.edge IN "
     "(SELECT edge FROM b_trim JOIN b_touched USING (edge))) WHERE rn > ?2)")
-# reads sum an edge's rows over the selected runs (GROUP BY e.id)
-METRIC = {"sum": "SUM(e.sum)", "mean": "SUM(e.sum) / SUM(e.n_obs)", "count": "SUM(e.n_prompts)",
-          "abs": "abs(SUM(e.sum))"}
+# reads sum an edge's rows over the selected runs (GROUP BY e.id). Orderings compare metrics rounded
+# to ORDER_DECIMALS: sums of the same numbers in another order (Neo4j's) may differ in the last bit,
+# and exact ties must stay ties for both stores to break them by id alike.
+ORDER_DECIMALS = 9
+METRIC = {name: f"round({expr}, {ORDER_DECIMALS})" for name, expr in {
+    "sum": "SUM(e.sum)", "mean": "SUM(e.sum) / SUM(e.n_obs)", "count": "SUM(e.n_prompts)",
+    "abs": "abs(SUM(e.sum))"}.items()}
 EDGE_COLS = ("e.kind, SUM(e.n_prompts), SUM(e.n_obs), SUM(e.sum), SUM(e.sumsq), SUM(e.sum_abs), MIN(e.min), "
              "MAX(e.max), SUM(e.n_pos), e.id")
 STAT_COLS = "SUM(s.n_obs), SUM(s.n_prompts), SUM(s.sum_act), MAX(s.max_act)"
@@ -315,6 +319,11 @@ class SqliteStore:
             out.append((node, EdgeStats.of(src, dst, r[7:16], heads.get(r[16], {}))))
         return out
 
+    def resolve_neighbours(self, ref: str, model: str | None, direction: str,
+                           q: EdgeQuery) -> tuple[list[NodeInfo], list[tuple[NodeInfo, EdgeStats]]]:
+        found = self.find_nodes(ref, model)
+        return found, self.neighbours(found[0].uid, direction, q) if len(found) == 1 else []
+
     def edges_between(self, src: str, dst: str, runs: Runs = None) -> list[EdgeStats]:
         among, args = _among("e", runs)
         rows = self._conn.execute(
@@ -357,7 +366,7 @@ class SqliteStore:
         edge's sum over the selected runs first); the candidates are chosen first, so only their edges
         are read (through edges_src / edges_dst). A self-loop counts once, as Neo4j's undirected match
         counts it."""
-        metric = {"degree": "COUNT(*)", "total": "SUM(a)"}[by]
+        metric = {"degree": "COUNT(*)", "total": f"round(SUM(a), {ORDER_DECIMALS})"}[by]
         among, args = _among("e", runs)
         rows = self._conn.execute(
             "WITH cand AS (SELECT id FROM nodes WHERE (? IS NULL OR kind = ?) AND (? IS NULL OR layer = ?)), "
