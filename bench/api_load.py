@@ -7,13 +7,14 @@ Usage: python bench/api_load.py [--obs 1000000] [--requests 400]
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -45,30 +46,46 @@ def fill(url: str, n_obs: int, n_runs: int) -> list[str]:
     return sorted({e.dst.split("|")[2] for e in store.all_edges()})
 
 
-def load(port: int, refs: list[str], per_client: int) -> tuple[float, list[float]]:
-    lat: list[float] = []
-    lock = threading.Lock()
-    rng = np.random.default_rng(0)
-    picks = [refs[i] for i in rng.integers(len(refs), size=CLIENTS * per_client)]
-
-    def client(k: int) -> None:
-        mine = []
+def _client(port: int, refs: list[str], start: Any, out: Any) -> None:
+    """One client: requests one after another, each timed; started with the others at ``start``."""
+    try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-            for ref in picks[k::CLIENTS]:
+            c.get("/healthz")  # connect before the clock starts
+            start.wait()
+            mine = []
+            for ref in refs:
                 t = time.perf_counter()
                 r = c.get(f"/features/{ref}/upstream", params={"limit": 20})
                 mine.append(time.perf_counter() - t)
-                assert r.status_code == 200, r.text
-        with lock:
-            lat.extend(mine)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
+        out.put(mine)
+    except Exception as exc:  # noqa: BLE001 - reported by the parent, which waits for every client
+        out.put(f"client failed: {exc!r}")
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
+
+def load(port: int, refs: list[str], per_client: int) -> tuple[float, list[float]]:
+    """CLIENTS concurrent clients, each its own process: threads of one Python process queue for its GIL
+    and add that wait to the latencies they measure (side by side on this VM: p99 37.5 -> 30.8 ms and
+    44.2 -> 40.4 ms for threads -> processes against the same server)."""
+    rng = np.random.default_rng(0)
+    picks = [refs[i] for i in rng.integers(len(refs), size=CLIENTS * per_client)]
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Barrier(CLIENTS + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(port, picks[k::CLIENTS], start, out)) for k in range(CLIENTS)]
+    for p in procs:
+        p.start()
+    start.wait()
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(lat) / (time.perf_counter() - t0), lat
+    answers = [out.get() for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    failed = [a for a in answers if isinstance(a, str)]
+    if failed:
+        raise RuntimeError(failed[0])
+    lat: list[float] = [x for a in answers for x in a]
+    return len(lat) / wall, lat
 
 
 def serve_and_measure(url: str, refs: list[str], per_client: int, workers: int = WORKERS) -> float:
