@@ -37,6 +37,9 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
           top: Annotated[int, bounded(1, 1000, "contributors kept per node")] = 5, device: str | None = None,
           threads: Threads = 1,
           json_: JsonOpt = False,
+          qk: Annotated[bool, typer.Option("--qk", help=(
+              "also split the score behind each attention edge into query-side x key-side terms (exact; "
+              "attention-score logits)"))] = False,
           format_: Annotated[str, typer.Option("--format", help=(
               "tree (the default), json, or neuronpedia: the attribution-graph JSON that Neuronpedia's graph "
               "page and circuit-tracer's frontend read"))] = "tree"):
@@ -50,7 +53,7 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
 
     configure_threads(threads)
     session = ModelWithSaes.open(model, saes, device)
-    result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top)
+    result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top, qk=qk)
     if format_ == "neuronpedia":
         from catalog.prompt_graphs import to_neuronpedia
 
@@ -68,6 +71,10 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
         from rich.console import Console
 
         Console().print(render_tree(result))
+        if qk:
+            from ingest.trace_qk import render_qk
+
+            Console().print(render_qk(result), soft_wrap=True, markup=False)
 
 
 @app.command(rich_help_panel=COMPUTE)

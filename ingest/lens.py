@@ -149,3 +149,9 @@ def weights_of(model) -> Weights:
         W_O=[b.attn.W_O.detach() for b in blocks],
         b_O=[b.attn.b_O.detach() for b in blocks],
     )
+
+
+def qk_weights(model, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Layer ``layer``'s W_Q, W_K [H, d, dh], b_Q, b_K [H, dh] (detached) and the score divisor."""
+    attn = model.blocks[layer].attn
+    return attn.W_Q.detach(), attn.W_K.detach(), attn.b_Q.detach(), attn.b_K.detach(), float(attn.attn_scale)

@@ -75,8 +75,9 @@ def _edge_json(table: EdgeTable, i: int) -> dict:
 
 
 def trace(session: ModelWithSaes, text: str, *, feature: str | None = None, pos: int = -1, depth: int = 3,
-          top: int = 5) -> dict:
-    """The trace as a JSON-ready dict: {prompt, tokens, nodes, edges, direct_edges}."""
+          top: int = 5, qk: bool = False) -> dict:
+    """The trace as a JSON-ready dict: {prompt, tokens, nodes, edges, direct_edges}, and with ``qk`` the
+    exact QK decomposition of the score behind each traced attention edge (ingest.trace_qk)."""
     if not text.strip():
         raise UserFacingError("the prompt is empty: give --prompt some text to trace")
     for name, value, low in (("--depth", depth, 1), ("--top", top, 1)):
@@ -111,8 +112,14 @@ def trace(session: ModelWithSaes, text: str, *, feature: str | None = None, pos:
     direct = _direct_for(session, cap, [k for k in expanded if k[0] == Code.ATTN], info, top)
     seen = dict.fromkeys([start] + expanded + [_key(graph.edges, i, "src") for i in edge_rows])
     nodes = [_node_json(k, info) for k in seen]
-    return {"prompt": text, "tokens": session.lm.tokenizer.spell(ids), "start": _ref(start), "nodes": nodes,
-            "edges": edges, "direct_edges": direct, "pruning": {"top_k": top, "depth": depth}}
+    result = {"prompt": text, "tokens": session.lm.tokenizer.spell(ids), "start": _ref(start), "nodes": nodes,
+              "edges": edges, "direct_edges": direct, "pruning": {"top_k": top, "depth": depth}}
+    if qk:
+        from ingest.trace_qk import qk_decomposition, score_keys
+
+        traced = graph.edges.select(torch.tensor(edge_rows, dtype=torch.long, device=graph.edges.value.device))
+        result["qk"] = qk_decomposition(session.lm.model, cap, session.resid, score_keys(traced), top)
+    return result
 
 
 def _key(table: EdgeTable, i: int, side: str) -> Key:

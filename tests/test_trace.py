@@ -84,3 +84,28 @@ def test_bad_feature_and_position_are_refused():
     assert out.returncode == 2 and "cannot parse node reference 'A2.x'" in out.stderr
     out = subprocess.run(base + ["--pos", "99"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--pos 99 is outside" in out.stderr
+
+
+def test_qk_splits_each_traced_heads_score_exactly():
+    """`trace --qk`: for every head and (t, s) behind a traced attention edge, the terms shown plus the
+    rest equal TransformerLens's own attention score, and each side's marginals add up to it too."""
+    out = subprocess.run([sys.executable, "-m", "cli", "trace", "--model", "toy-ioi", "--saes", "toy-ioi",
+                          "--prompt", PROMPT, "--depth", "2", "--top", "4", "--qk", "--json"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout)
+    lm = load_model("toy-ioi")
+    _, cache = lm.model.run_with_cache(torch.tensor([lm.tokenizer.encode(PROMPT)]))
+    heads = {(parse_ref(e["target"]).layer, e["head"], parse_ref(e["target"]).pos, parse_ref(e["source"]).pos)
+             for e in result["edges"] if e["kind"] == "attn_in" and e["head"] is not None}
+    assert heads and {(q["layer"], q["head"], q["query_pos"], q["key_pos"]) for q in result["qk"]} == heads
+    for q in result["qk"]:
+        want = float(cache[f"blocks.{q['layer']}.attn.hook_attn_scores"][0, q["head"], q["query_pos"], q["key_pos"]])
+        assert q["score"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert sum(p["value"] for p in q["pairs"]) + q["pairs_rest"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert len(q["pairs"]) == 4 and q["units"].startswith("attention-score logits")
+        assert all(p["query"].endswith(f"@{q['query_pos']}") or p["query"] == "b_Q" for p in q["pairs"])
+        assert all(p["key"].endswith(f"@{q['key_pos']}") or p["key"] == "b_K" for p in q["pairs"])
+    tree = subprocess.run([sys.executable, "-m", "cli", "trace", "--model", "toy-ioi", "--saes", "toy-ioi",
+                           "--prompt", PROMPT, "--depth", "2", "--top", "4", "--qk"],
+                          capture_output=True, text=True, check=True, timeout=300)
+    assert "QK: why each traced head attended" in tree.stdout and "score" in tree.stdout
