@@ -95,7 +95,8 @@ class SqliteStore:
             edge_columns = [r[1] for r in self._conn.execute("PRAGMA table_info(edges)")]
             if edge_columns and "run" not in edge_columns:
                 raise StoreError(f"{path} holds a catalog from before edges were kept per run; its numbers "
-                                 "cannot be split by run. Ingest its corpora again into a new catalog")
+                                 "cannot be split by run. Ingest its corpora again into a new catalog (delete "
+                                 "the file, or choose another path; `make demo` rebuilds the demo's)")
             self._conn.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite catalog {path}: {exc}") from None
