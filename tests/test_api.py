@@ -167,3 +167,35 @@ def test_every_hot_answer_is_checked_against_its_model_in_the_tests(tmp_path, mo
     with TestClient(create_app(Settings(store=url, check_responses=False)), raise_server_exceptions=False) as c:
         r = c.get("/features/A1.3")
         assert r.status_code == 200 and r.json()["surprise"] == 1 and r.json()["id"] == "A1.3"
+
+
+def test_serve_with_several_worker_processes_answers_as_one(tmp_path):
+    """`serve --workers 2`: each worker builds the app from the environment the command sets."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    url = f"sqlite:///{tmp_path}/w.db"
+    _fill(url, _batches())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--store", url, "--port", str(port), "--workers",
+                               "2", "--no-access-log"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(150):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        answers = [httpx.get(f"http://127.0.0.1:{port}/features/A2.1/upstream", params={"limit": 50}).json()["items"]
+                   for _ in range(6)]
+        assert answers[0] and all(a == queries.upstream(open_store(url), "A2.1", limit=50) for a in answers)
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "Started parent process" in err and err.count("Started server process") == 2
