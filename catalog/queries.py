@@ -88,9 +88,9 @@ def neighbours(store: Store, ref: str, direction: str, *, model: str | None = No
                **filters: Any) -> list[JSON]:
     """Upstream (direction 'up') or downstream ('down') edges of a node, as JSON-ready dicts, id first,
     each edge summed over the runs selected (catalog.runs.select_runs)."""
+    canonical = canonical_ref(ref)  # a reference that does not parse is the first thing to say
     q = edge_query(**filters)
     q.runs = select_runs(store, runs)
-    canonical = canonical_ref(ref)
     found, rows = store.resolve_neighbours(canonical, model, direction, q)  # one round trip on Neo4j
     the_one(store, found, canonical, model)
     return [{"id": other.ref, "uid": other.uid, "kind": other.kind, "layer": other.layer, **edge_stats(e)}
@@ -122,8 +122,8 @@ def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence
          runs: Sequence[str] | None = None) -> JSON:
     """Statistics of every edge kind between two nodes, with per-head split and evidence (prompts,
     tokens), summed over the runs selected."""
-    selected = select_runs(store, runs)
     s, d = resolve(store, src, model), resolve(store, dst, model)
+    selected = select_runs(store, runs)
     found = store.edges_between(s.uid, d.uid, selected)
     if not found:
         raise NotFound(f"no edge {s.ref} -> {d.ref} in {store.url}" + _in_runs(runs))
@@ -140,8 +140,8 @@ def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence
 
 def feature(store: Store, ref: str, *, model: str | None = None, runs: Sequence[str] | None = None) -> JSON:
     """A node with its activation statistics summed over the runs selected."""
-    selected = select_runs(store, runs)
     node = resolve(store, ref, model)
+    selected = select_runs(store, runs)
     found = store.node(node.uid, selected)
     if found is None:  # removed between the two reads
         raise NotFound(f"no node {node.ref} in {store.url}")

@@ -154,6 +154,8 @@ def test_rest_and_cli_select_runs_and_refuse_mixtures(store_url, tmp_path):
         assert mixed.status_code == 409
         assert mixed.json()["groups"] == [["r1", "r2"], ["r3"]] and "Choose runs of one group" in mixed.json()["detail"]
         assert c.get("/features/A1.2/upstream", params={"run": ["r1", "r3"]}).status_code == 409
+        assert c.get("/features/A1.x/upstream").status_code == 422  # a bad reference is said first
+        assert c.get("/features/A9.9").status_code == 404
         assert c.get("/patterns/composition").status_code == 409
         one = c.get("/features/A1.2/upstream", params={"run": ["r1", "r2"], "limit": 500, "order": "count"})
         assert one.status_code == 200
