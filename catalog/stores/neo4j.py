@@ -545,10 +545,11 @@ class Neo4jStore:
 
     def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
-            for r in s.run(f"MATCH (a:Node)-[r:EDGE]->(b:Node) WHERE ($ek IS NULL OR r.kind IN $ek) AND {RUNS} "
-                           f"WITH a.uid AS src, b.uid AS dst, r.kind AS kind, {EDGE_SUMS} "
-                           f"RETURN src, dst, {EDGE_RET}", ek=list(edge_kinds) if edge_kinds else None,
-                           runs=_runs(runs)):
+            # summed per source node in a subquery: one node's edges in memory at a time, rows streamed
+            for r in s.run(f"MATCH (a:Node) CALL (a) {{ MATCH (a)-[r:EDGE]->(b:Node) WHERE ($ek IS NULL OR "
+                           f"r.kind IN $ek) AND {RUNS} WITH b.uid AS dst, r.kind AS kind, {EDGE_SUMS} "
+                           f"RETURN dst, {EDGE_RET} }} RETURN a.uid AS src, dst, {EDGE_RET}",
+                           ek=list(edge_kinds) if edge_kinds else None, runs=_runs(runs)):
                 yield self._delta(r[0], r[1], r[2:])
 
     def all_nodes(self, runs: Runs = None) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
