@@ -100,7 +100,7 @@ CREATE (s)-[:EDGE {run: $run, key: $key[i], kind: $kind[i], n_prompts: $n_prompt
                    head_sums: $heads[$hoff[i]..$hoff[i + 1]]}]->(d)
 """
 FIND_STATS = """
-UNWIND $nids AS k
+UNWIND $keys AS k
 MATCH (x:Stats {nid: k, run: $run}) USING INDEX x:Stats(nid, run)
 RETURN k, elementId(x)
 """
@@ -322,11 +322,7 @@ class Neo4jStore:
     def _find_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
         """Element ids of the run's Stats nodes that the window adds to, by node id."""
         nids = ids[agg.stats.node]
-        nids = nids[nids >= 0]
-        found: dict[int, str] = {}
-        for part in _chunks(len(nids)):
-            found.update((r[0], r[1]) for r in tx.run(FIND_STATS, nids=nids[part].tolist(), run=agg.run))
-        return found
+        return _element_ids(tx, FIND_STATS, nids[nids >= 0], agg.run)
 
     @staticmethod
     def _write_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
@@ -347,11 +343,7 @@ class Neo4jStore:
         """Element ids of the window's edges that are stored already, by key."""
         e = agg.edges
         stored_ends = (ids[e.src] >= 0) & (ids[e.dst] >= 0)  # an edge to a node not stored yet is new
-        keys = edge_key(ids[e.src], ids[e.dst], e.kind)[stored_ends]
-        found: dict[int, str] = {}
-        for part in _chunks(len(keys)):
-            found.update((r[0], r[1]) for r in tx.run(FIND_EDGES, keys=keys[part].tolist(), run=agg.run))
-        return found
+        return _element_ids(tx, FIND_EDGES, edge_key(ids[e.src], ids[e.dst], e.kind)[stored_ends], agg.run)
 
     @staticmethod
     def _write_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
@@ -579,6 +571,14 @@ class Neo4jStore:
 
 
 __all__ = ["Neo4jStore", "CypherRefused"]
+
+
+def _element_ids(tx: Tx, query: str, keys: np.ndarray, run: str) -> dict[int, str]:
+    """{key: element id} of what ``query`` (FIND_EDGES or FIND_STATS: UNWIND $keys) finds of ``run``."""
+    found: dict[int, str] = {}
+    for part in _chunks(len(keys)):
+        found.update((r[0], r[1]) for r in tx.run(query, keys=keys[part].tolist(), run=run))
+    return found
 
 
 def _runs(runs: Runs) -> list[str] | None:
