@@ -99,16 +99,25 @@ class SameOriginOnly:
         await self.app(scope, receive, send_with_policy)
 
 
+WARM_UP_JOIN_S = 60.0  # how long shutdown waits for a patterns warm-up still mining
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warm_up = None
         if settings.warm_patterns:
-            threading.Thread(target=pages.warm, args=(app, lambda: _store(app), settings.warm_patterns_max_edges),
-                             daemon=True,
-                             name="patterns-warm-up").start()
+            # its own store: closing the app's store at shutdown must never close a connection the warm-up
+            # is using (the Neo4j driver's connections are not thread-safe: a BufferError was seen in CI)
+            warm_up = threading.Thread(target=pages.warm, daemon=True, name="patterns-warm-up",
+                                       args=(app, lambda: open_store(settings.store, create=False),
+                                             settings.warm_patterns_max_edges))
+            warm_up.start()
         yield
+        if warm_up is not None:
+            warm_up.join(WARM_UP_JOIN_S)  # bounded: warm-up runs only on small catalogs (seconds)
         if app.state.store is not None:
             app.state.store.close()
 

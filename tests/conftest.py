@@ -53,7 +53,7 @@ def wipe_neo4j(url: str) -> None:
 
     with neo4j.GraphDatabase.driver(url.replace("neo4j://", "bolt://"), auth=None) as d, d.session() as s:
         # CALL {...} IN TRANSACTIONS needs an auto-commit transaction: session.run, not execute_query
-        s.run("MATCH (n) CALL { WITH n DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS").consume()
+        s.run("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS").consume()
 
 
 @pytest.fixture(params=["sqlite", "neo4j"])

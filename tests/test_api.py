@@ -199,3 +199,17 @@ def test_serve_with_several_worker_processes_answers_as_one(tmp_path):
         server.terminate()
         _, err = server.communicate(timeout=30)
     assert "Started parent process" in err and err.count("Started server process") == 2
+
+
+def test_shutdown_waits_for_the_patterns_warm_up_which_uses_its_own_store(store_url):
+    """The warm-up mines on a store of its own and shutdown joins it before closing the app's store:
+    closing a Neo4j driver whose connection another thread is using broke a later test in CI."""
+    import threading
+
+    _fill(store_url, _batches()).close()
+    app = create_app(Settings(store=store_url))
+    with TestClient(app):
+        pass  # no request: only the warm-up touches the catalog
+    assert not [t for t in threading.enumerate() if t.name == "patterns-warm-up"]
+    assert app.state.store is None  # the app's own store was never opened by the warm-up
+    assert len(app.state._mined) == 1  # the warm-up finished its mining before shutdown returned
