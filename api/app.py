@@ -299,8 +299,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/patterns/composition", response_model=models.Patterns, responses=INCOMPATIBLE, **ANSWER)
     def get_patterns(request: Request, s: Store, top: Annotated[int, Query(ge=1, le=100)] = 20,
-                     min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2, run: RunQ = None) -> JSON:
-        return pages.mined(request.app.state, s, top, min_prompts, run)
+                     min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2, run: RunQ = None) -> Response:
+        """Served from the result stored when the run was ingested (or `circuit-catalog mine`d) while the
+        runs are unchanged since; otherwise mined for this request (slow on a big catalog)."""
+        return reply(models.Patterns, pages.mined(request.app.state, s, top, min_prompts, run))
 
     @app.post("/cypher", response_model=models.CypherAnswer, **ANSWER)
     def post_cypher(body: CypherRequest, s: Store) -> JSON:

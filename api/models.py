@@ -214,6 +214,8 @@ class Patterns(Model):
     chains: list[Chain]
     hubs: list[Hub]
     null: str
+    mined: str | None = Field(description="when the stored result served was mined (UTC, ISO 8601); null when "
+                                          "it was mined for this request (none stored, or the runs changed since)")
 
 
 class Health(Model):

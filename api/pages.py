@@ -56,11 +56,16 @@ _mining = threading.Lock()
 
 
 def mined(state: Any, store: Store, top: int, min_prompts: int, runs: Sequence[str] | None = None) -> JSON:
-    """``catalog.mining.mine``, cached per process (``state``: the app's state): mining reads the
-    whole catalog (seconds on a corpus), its answer changes only when the catalog does, and the key
-    holds what would change (counts, runs and their status)."""
+    """The stored mining result (catalog.mined) while current; else ``catalog.mining.mine``, cached
+    per process (``state``: the app's state): mining reads the whole catalog (seconds on a corpus),
+    its answer changes only when the catalog does, and the key holds what would change (counts, runs
+    and their status)."""
+    from catalog.mined import stored_patterns
     from catalog.mining import mine
 
+    stored = stored_patterns(store, top, min_prompts, runs)
+    if stored is not None:
+        return stored
     key = (top, min_prompts, tuple(sorted(set(runs or ()))), json.dumps(store.counts(), sort_keys=True),
            tuple((r.run_id, r.status, r.manifest.get("finished")) for r in store.runs()))
     with _mining:  # one mining at a time: a second caller waits for the first's answer

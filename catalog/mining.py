@@ -177,4 +177,5 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
         p["exemplars"] = _exemplars(store, p, selected)
         p.pop("source_uid"), p.pop("target_uid")
     return {"runs": list(selected), "n_prompts": n_total, "pairs": shown, "chains": chains[:top], "hubs": hubs[:top],
-            "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment"}
+            "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment",
+            "mined": None}  # catalog.mined sets when a stored result was mined

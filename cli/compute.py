@@ -99,7 +99,10 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            ray_address: Annotated[str | None, typer.Option(
                help="join this Ray cluster (auto or HOST:PORT); default: start a local one")] = None,
            workers: Annotated[int, bounded(1, 1024, "Ray RDFA workers")] = 2,
-           gpus_per_worker: Annotated[float, bounded(0, 8, "GPUs per Ray worker (0: CPU workers)")] = 0.0):
+           gpus_per_worker: Annotated[float, bounded(0, 8, "GPUs per Ray worker (0: CPU workers)")] = 0.0,
+           mine: Annotated[bool, typer.Option(help=(
+               "when the run is done, mine its composition patterns and store them for the API "
+               "(later: `circuit-catalog mine`)"))] = True):
     """Run RDFA over a corpus and store every edge with its provenance."""
     from ingest.jobs import JobOptions, RayOptions, parse_shard, run_job
     from ingest.rdfa.tensors import Pruning
@@ -118,7 +121,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
-                      progress=progress, window=window, window_mem=window_mem << 20, executor=executor, ray=ray)
+                      progress=progress, window=window, window_mem=window_mem << 20, executor=executor, ray=ray,
+                      mine=mine and not partials)
     if partials:
         from catalog.partials import PartialsDir
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from catalog import queries
-from catalog.mining import mine
+from catalog.mined import patterns
 from catalog.stores import open_store
 from ingest.jobs import JobOptions, run_job
 from ingest.runtime import configure_threads
@@ -70,7 +70,7 @@ def run_demo(store_url: str, n_prompts: int, threads: int) -> None:
     _table(f"downstream of {probe}", queries.downstream(store, probe, limit=8, runs=["demo"]),
            ["id", "edge_kind", "n_prompts", "sum", "mean", "sign_share"])
     console.print("\n[bold]3. Attention->attention compositions that recur across prompts[/bold]")
-    pairs = mine(store, top=8, min_prompts=5, runs=["demo"])["pairs"]
+    pairs = patterns(store, top=8, runs=["demo"])["pairs"]  # stored by the ingest job when the run was done
     console.print("z: recurrence against a prompt-shuffled null (n/a when a feature fires on every prompt)")
     _table("composition pairs", pairs,
            ["source", "target", "path", "n_prompts", "total", "sign_share", "heads", "z_score"])

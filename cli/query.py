@@ -150,10 +150,11 @@ def merge(folder: Annotated[str, typer.Argument(help="the folder `ingest --parti
 def patterns(store: StoreOpt = DEFAULT_URL, top: Annotated[int, bounded(1, 100)] = 20,
              min_prompts: Annotated[int, bounded(1)] = 2, run: RunSel = None,
              json_: JsonOpt = False):
-    """Attention->attention composition patterns that recur across the corpus, with a null baseline."""
-    from catalog.mining import mine
+    """Attention->attention composition patterns that recur across the corpus, with a null baseline
+    (the result stored at ingest or by `mine` while the runs are unchanged; else mined now)."""
+    from catalog.mined import patterns as stored_or_mined
 
-    result = mine(open_store(store, create=False), top=top, min_prompts=min_prompts, runs=run)
+    result = stored_or_mined(open_store(store, create=False), top=top, min_prompts=min_prompts, runs=run)
     if json_:
         emit(result, True)
     else:
@@ -161,3 +162,16 @@ def patterns(store: StoreOpt = DEFAULT_URL, top: Annotated[int, bounded(1, 100)]
                                         "heads", "z_score"])
 
 
+
+
+@app.command("mine", rich_help_panel=QUERY)
+@friendly
+def mine_command(store: StoreOpt = DEFAULT_URL, min_prompts: Annotated[int, bounded(1)] = 2, run: RunSel = None):
+    """Mine the composition patterns of the selected runs (default: every run) and store them, so the API
+    and `patterns` answer from the catalog (an ingest does this when its run is done; shards and merges
+    leave it to this command)."""
+    from catalog.mined import STORED_TOP, mine_and_store
+
+    result, seconds = mine_and_store(open_store(store, create=False), run, min_prompts)
+    emit({"runs": result["runs"], "min_prompts": min_prompts, "pairs": len(result["pairs"]), "top": STORED_TOP,
+          "mined": result["mined"], "seconds": round(seconds, 2)}, True)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 from catalog import __version__
 from catalog.aggregate import WindowAggregate
+from catalog.mined import mine_after_ingest
 from catalog.schema import Prompt
 from ingest.corpora import CorpusItem, content_hash, open_corpus
 from ingest.errors import UserFacingError
@@ -53,6 +54,7 @@ class JobOptions:
     window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
     executor: str = "local"  # local | ray
     ray: RayOptions | None = None  # with executor "ray"
+    mine: bool = True  # mine and store composition patterns when the run is done (catalog.mined)
 
 
 @dataclass
@@ -75,8 +77,9 @@ class JobSummary:
     observations: int = 0
     edges: int = 0  # edge rows written (an edge recurring in several windows counts once per window)
     windows: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # ingest, from start to the run's finish (mining excluded)
     store_wait_seconds: float = 0.0
+    mining_seconds: float = 0.0  # mining the run's composition patterns afterwards (catalog.mined)
 
     @property
     def store_wait_share(self) -> float:
@@ -175,6 +178,12 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "counts" + ("" if opts.shard[1] == 1 else f"_shard{opts.shard[0]}"): summary.as_dict(),
         "bad_lines": [{"line": b.line, "reason": b.reason} for b in corpus.bad_lines[:100]]})
+    if opts.mine and opts.shard[1] == 1:
+        for runs, seconds in mine_after_ingest(store, opts.run):
+            summary.mining_seconds += seconds
+            log(f"mined the composition patterns of {', '.join(runs)} in {seconds:.1f} s (stored for the API)")
+    elif opts.mine:
+        log(f"shard done; once every shard is, `circuit-catalog mine --run {opts.run}` stores its patterns")
     return summary
 
 

@@ -35,6 +35,7 @@ def toy():
     (["cypher", "MATCH (n) RETURN n", "--timeout", "0"], "--timeout"),
     (["patterns", "--top", "0"], "--top"),
     (["patterns", "--min-prompts", "0"], "--min-prompts"),
+    (["mine", "--min-prompts", "0"], "--min-prompts"),
     (["serve", "--port", "0"], "--port"),
     (["serve", "--port", "70000"], "--port"),
     (["trace", *TOY, "--prompt", "a b", "--top", "-1"], "--top"),
@@ -53,7 +54,7 @@ def toy():
 def test_numeric_options_out_of_range_are_one_line_errors(args, option, tmp_path):
     result = CliRunner().invoke(app, [*args, *(["--store", f"sqlite:///{tmp_path}/c.db"]
                                              if args[0] in ("upstream", "downstream", "edge", "top-features",
-                                                            "patterns", "ingest", "spot-check") else [])])
+                                                            "patterns", "mine", "ingest", "spot-check") else [])])
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}'" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "c.db").exists()  # refused before anything was opened or written

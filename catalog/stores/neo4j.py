@@ -34,6 +34,7 @@ SCHEMA = [
     "CREATE CONSTRAINT prompt_uid IF NOT EXISTS FOR (p:Prompt) REQUIRE p.uid IS UNIQUE",
     "CREATE CONSTRAINT run_id IF NOT EXISTS FOR (r:Run) REQUIRE r.run_id IS UNIQUE",
     "CREATE CONSTRAINT dictionary_name IF NOT EXISTS FOR (d:Dictionary) REQUIRE d.name IS UNIQUE",
+    "CREATE CONSTRAINT mined_key IF NOT EXISTS FOR (m:Mined) REQUIRE m.key IS UNIQUE",
     "CREATE INDEX node_ref IF NOT EXISTS FOR (n:Node) ON (n.ref)",
     "CREATE INDEX prompt_run IF NOT EXISTS FOR (p:Prompt) ON (p.run)",
     "CREATE INDEX evidence_edge IF NOT EXISTS FOR (e:Evidence) ON (e.edge)",
@@ -534,6 +535,14 @@ class Neo4jStore:
     def prompt_count(self, run: str) -> int:
         n: int = self._read("MATCH (p:Prompt {run: $run}) RETURN count(p)", run=run)[0][0]
         return n
+
+    def put_mined(self, key: str, fingerprint: str, result: str) -> None:
+        self.driver.execute_query("MERGE (m:Mined {key: $key}) SET m.fingerprint = $fingerprint, m.result = $result",
+                                  key=key, fingerprint=fingerprint, result=result, database_=self.database)
+
+    def get_mined(self, key: str) -> tuple[str, str] | None:
+        rows = self._read("MATCH (m:Mined {key: $key}) RETURN m.fingerprint, m.result", key=key)
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS prompts (uid TEXT PRIMARY KEY, run TEXT, prompt_id TE
     corpus TEXT, content_hash TEXT, meta TEXT);
 CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT, no INTEGER UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS mined (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, result TEXT NOT NULL);
 """
 # edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it. Edges,
 # their head sums, node statistics and evidence are kept per run: ``run`` is the run's number (runs.no).
@@ -386,6 +387,14 @@ class SqliteStore:
     def prompt_count(self, run: str) -> int:
         n: int = self._conn.execute("SELECT COUNT(*) FROM prompts WHERE run = ?", (run,)).fetchone()[0]
         return n
+
+    def put_mined(self, key: str, fingerprint: str, result: str) -> None:
+        self._conn.execute("INSERT INTO mined VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                           "fingerprint = excluded.fingerprint, result = excluded.result", (key, fingerprint, result))
+
+    def get_mined(self, key: str) -> tuple[str, str] | None:
+        row = self._conn.execute("SELECT fingerprint, result FROM mined WHERE key = ?", (key,)).fetchone()
+        return (row[0], row[1]) if row else None
 
     # ---- bulk (export, mining) ------------------------------------------------------------------
     def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
