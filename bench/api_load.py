@@ -1,7 +1,11 @@
-"""API benchmark: requests/s and p50/p99 latency of GET /features/{ref}/upstream with 8 concurrent
-clients, against the API served by uvicorn (a separate process) over a 1M-observation catalog
-(bench/store.py's synthetic data) in SQLite and in Neo4j. Target: p99 <= 50 ms.
-Usage: python bench/api_load.py [--obs 1000000] [--requests 400]
+"""API benchmark: requests/s and p50/p99 latency with 8 concurrent clients, against the API served by
+uvicorn (separate processes):
+* GET /features/{ref}/upstream over a 1M-observation catalog (bench/store.py's synthetic data) in
+  SQLite and in Neo4j (issue 12). Target: p99 <= 50 ms.
+* GET /patterns/composition on the demo's catalog (toy-ioi, 500 IOI prompts, ingested by this script
+  as `make demo` does, patterns stored at the end of the run) in SQLite and, exported, in Neo4j
+  (issue 15). Target: p99 <= 50 ms.
+Usage: python bench/api_load.py [--obs 1000000] [--requests 400] [--demo-prompts 500] [--skip-upstream]
 """
 
 from __future__ import annotations
@@ -46,16 +50,16 @@ def fill(url: str, n_obs: int, n_runs: int) -> list[str]:
     return sorted({e.dst.split("|")[2] for e in store.all_edges()})
 
 
-def _client(port: int, refs: list[str], start: Any, out: Any) -> None:
+def _client(port: int, paths: list[str], start: Any, out: Any) -> None:
     """One client: requests one after another, each timed; started with the others at ``start``."""
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             c.get("/healthz")  # connect before the clock starts
             start.wait()
             mine = []
-            for ref in refs:
+            for path in paths:
                 t = time.perf_counter()
-                r = c.get(f"/features/{ref}/upstream", params={"limit": 20})
+                r = c.get(path)
                 mine.append(time.perf_counter() - t)
                 if r.status_code != 200:
                     raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
@@ -64,12 +68,12 @@ def _client(port: int, refs: list[str], start: Any, out: Any) -> None:
         out.put(f"client failed: {exc!r}")
 
 
-def load(port: int, refs: list[str], per_client: int) -> tuple[float, list[float]]:
+def load(port: int, paths: list[str], per_client: int) -> tuple[float, list[float]]:
     """CLIENTS concurrent clients, each its own process: threads of one Python process queue for its GIL
     and add that wait to the latencies they measure (side by side on this VM: p99 37.5 -> 30.8 ms and
     44.2 -> 40.4 ms for threads -> processes against the same server)."""
     rng = np.random.default_rng(0)
-    picks = [refs[i] for i in rng.integers(len(refs), size=CLIENTS * per_client)]
+    picks = [paths[i] for i in rng.integers(len(paths), size=CLIENTS * per_client)]
     ctx = multiprocessing.get_context("fork")
     start, out = ctx.Barrier(CLIENTS + 1), ctx.Queue()
     procs = [ctx.Process(target=_client, args=(port, picks[k::CLIENTS], start, out)) for k in range(CLIENTS)]
@@ -88,7 +92,8 @@ def load(port: int, refs: list[str], per_client: int) -> tuple[float, list[float
     return len(lat) / wall, lat
 
 
-def serve_and_measure(url: str, refs: list[str], per_client: int, workers: int = WORKERS) -> float:
+def serve_and_measure(url: str, paths: list[str], per_client: int, workers: int = WORKERS,
+                      stored_patterns: bool = False) -> float:
     """Serve ``url`` with `circuit-catalog serve --workers N` and load it; prints and returns p99 in ms."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--store", url, "--port", str(port),
@@ -101,8 +106,10 @@ def serve_and_measure(url: str, refs: list[str], per_client: int, workers: int =
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        load(port, refs, 5)  # warm-up
-        rps, lat = load(port, refs, per_client)
+        if stored_patterns and httpx.get(f"http://127.0.0.1:{port}{paths[0]}", timeout=60).json()["mined"] is None:
+            raise RuntimeError(f"{url}: the patterns are not stored (this would measure live mining)")
+        load(port, paths, 5)  # warm-up
+        rps, lat = load(port, paths, per_client)
         ms = np.array(lat) * 1000
         print(f"  {url.split(':')[0]:<7} {rps:7.0f} requests/s   p50 {np.percentile(ms, 50):6.1f} ms   "
               f"p99 {np.percentile(ms, 99):6.1f} ms   ({len(lat)} requests, {CLIENTS} clients, {workers} server "
@@ -113,22 +120,52 @@ def serve_and_measure(url: str, refs: list[str], per_client: int, workers: int =
         server.wait(timeout=30)
 
 
+def upstream_paths(refs: list[str]) -> list[str]:
+    return [f"/features/{ref}/upstream?limit=20" for ref in refs]
+
+
+def demo_catalog(url: str, prompts: int) -> None:
+    """The demo's ingest (toy-ioi, IOI prompts, run "demo"), which stores its mined patterns at the end."""
+    subprocess.run([sys.executable, "-m", "cli", "ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--corpus",
+                    f"ioi:{prompts}", "--run", "demo", "--store", url, "--threads", "2", "--no-progress"],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+PATTERN_PATHS = [f"/patterns/composition?top={top}" for top in (10, 20, 50)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--obs", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=5, help="runs the observations are spread over")
     ap.add_argument("--requests", type=int, default=400, help="per client")
     ap.add_argument("--workers", type=int, default=WORKERS, help="server processes")
+    ap.add_argument("--demo-prompts", type=int, default=500, help="prompts of the demo catalog (patterns)")
+    ap.add_argument("--skip-upstream", action="store_true", help="only the patterns endpoint")
+    ap.add_argument("--skip-patterns", action="store_true", help="only the upstream endpoint")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
-        print(f"catalog: {args.obs:,} synthetic observations in {args.runs} runs (bench/store.py); "
-              "GET /features/{ref}/upstream?limit=20")
-        sqlite = f"sqlite:///{tmp}/api.db"
-        refs = fill(sqlite, args.obs, args.runs)
-        serve_and_measure(sqlite, refs, args.requests, args.workers)
-        with running_on_free_port(f"{tmp}/neo4j", page_cache="1g", heap="3g") as neo:
-            fill(neo, args.obs, args.runs)
-            serve_and_measure(neo, refs, args.requests, args.workers)
+        if not args.skip_upstream:
+            print(f"catalog: {args.obs:,} synthetic observations in {args.runs} runs (bench/store.py); "
+                  "GET /features/{ref}/upstream?limit=20")
+            sqlite = f"sqlite:///{tmp}/api.db"
+            refs = fill(sqlite, args.obs, args.runs)
+            serve_and_measure(sqlite, upstream_paths(refs), args.requests, args.workers)
+            with running_on_free_port(f"{tmp}/neo4j", page_cache="1g", heap="3g") as neo:
+                fill(neo, args.obs, args.runs)
+                serve_and_measure(neo, upstream_paths(refs), args.requests, args.workers)
+        if not args.skip_patterns:
+            print(f"catalog: the demo's (toy-ioi, {args.demo_prompts} IOI prompts); "
+                  "GET /patterns/composition?top=10|20|50 (stored at the end of the ingest)")
+            demo = f"sqlite:///{tmp}/demo.db"
+            demo_catalog(demo, args.demo_prompts)
+            serve_and_measure(demo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True)
+            with running_on_free_port(f"{tmp}/neo4j-demo", page_cache="512m", heap="2g") as neo:
+                # export copies the stored patterns with the rest
+                subprocess.run([sys.executable, "-m", "cli", "export", "--from", demo, "--to", neo],
+                               check=True, stdout=subprocess.DEVNULL)
+                serve_and_measure(neo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True)
+
 
 if __name__ == "__main__":
     main()

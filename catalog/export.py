@@ -26,7 +26,8 @@ def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
 
 
 def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
-    """Runs, prompts, nodes, and per run: node statistics, edges (+head sums) and all evidence;
+    """Runs, prompts, nodes, per run: node statistics, edges (+head sums) and all evidence, and the
+    stored mining results;
     returns the counts copied (edges and evidence: stored rows, one per edge and run)."""
     if dst.runs() or next(iter(dst.all_nodes()), None) is not None:
         from catalog.stores.base import StoreError
@@ -45,7 +46,7 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
             "edges": empty_columns(EdgeColumns), "heads": empty_columns(HeadColumns),
             "evidence": empty_columns(EvidenceColumns), "stats": empty_columns(StatColumns), "evidence_cap": None,
             **cols})
-    counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": len(runs)}
+    counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": len(runs), "mined": 0}
     for prompts_part in _chunks(prompts, chunk):
         agg = window(prompts_part[0].run)
         agg.prompts = prompts_part
@@ -77,6 +78,10 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
             agg.prompts = [prompts[prompt_row[uid]] for uid in used]  # stored above already: inserts are no-ops
             dst.import_window(agg)
             counts["evidence"] += len(evidence_part)
+    # stored mining results stay current: their fingerprints (runs, status, prompt counts) are copied too
+    for key, state, result in src.all_mined():
+        dst.put_mined(key, state, result)
+        counts["mined"] += 1
     return counts
 
 

@@ -12,6 +12,7 @@ from conftest import wipe_neo4j
 
 from catalog import queries
 from catalog.export import copy_catalog
+from catalog.mined import mine_and_store, stored_patterns
 from catalog.stores import StoreUnavailable, open_store
 from catalog.stores.base import CypherUnsupported
 
@@ -41,7 +42,8 @@ def snapshot(store) -> dict:
     stats = sorted((n.uid, s.n_obs, s.n_prompts, queries.rnd(s.sum_act), s.max_act) for n, s in store.all_nodes() if s)
     return {"edges": edges, "evidence": sorted(store.all_evidence()), "stats": stats,
             "prompts": sorted((p.uid, p.text, tuple(p.tokens), json.dumps(p.meta)) for p in store.all_prompts()),
-            "runs": [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in store.runs()]}
+            "runs": [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in store.runs()],
+            "mined": list(store.all_mined())}
 
 
 def test_answers_match_an_independent_aggregation(store_url):
@@ -199,12 +201,14 @@ def test_evidence_drill_down_reaches_prompts_and_tokens(store_url):
 def test_export_round_trip_is_lossless(tmp_path, neo4j_url):
     wipe_neo4j(neo4j_url)
     src = _fill(f"sqlite:///{tmp_path}/src.db", _batches())
+    mine_and_store(src)
     mid = open_store(neo4j_url, evidence_per_edge=None)
     counts = copy_catalog(src, mid)
     back = open_store(f"sqlite:///{tmp_path}/back.db", evidence_per_edge=None)
     assert copy_catalog(mid, back) == counts
-    assert counts["edges"] > 100 and counts["evidence"] > 100 and counts["prompts"] == 20
+    assert counts["edges"] > 100 and counts["evidence"] > 100 and counts["prompts"] == 20 and counts["mined"] == 1
     assert snapshot(src) == snapshot(mid) == snapshot(back)
+    assert stored_patterns(back, 20, 2, None) is not None  # still current in the copy
 
 
 def test_export_refuses_a_non_empty_target(tmp_path):

@@ -106,6 +106,7 @@ class Store(Protocol):
     def put_mined(self, key: str, fingerprint: str, result: str) -> None: ...
     def get_mined(self, key: str) -> tuple[str, str] | None:
         """(fingerprint, result) stored under ``key``, or None."""
+    def all_mined(self) -> Iterator[tuple[str, str, str]]: ...  # (key, fingerprint, result), by key
     def close(self) -> None: ...
 
 

@@ -544,6 +544,10 @@ class Neo4jStore:
         rows = self._read("MATCH (m:Mined {key: $key}) RETURN m.fingerprint, m.result", key=key)
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def all_mined(self) -> Iterator[tuple[str, str, str]]:
+        for r in self._read("MATCH (m:Mined) RETURN m.key, m.fingerprint, m.result ORDER BY m.key"):
+            yield r[0], r[1], r[2]
+
     def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
             # summed per source node in a subquery: one node's edges in memory at a time, rows streamed

@@ -396,6 +396,9 @@ class SqliteStore:
         row = self._conn.execute("SELECT fingerprint, result FROM mined WHERE key = ?", (key,)).fetchone()
         return (row[0], row[1]) if row else None
 
+    def all_mined(self) -> Iterator[tuple[str, str, str]]:
+        yield from self._conn.execute("SELECT key, fingerprint, result FROM mined ORDER BY key")
+
     # ---- bulk (export, mining) ------------------------------------------------------------------
     def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
         among, args = _among("e", runs)
