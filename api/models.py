@@ -80,7 +80,18 @@ class EvidenceRow(Model):
     value: float | None
 
 
+class RoleShare(Model):
+    role: str = Field(description="positional role of the observations (what source position s is to "
+                                  "destination t): duplicate, induction, previous, first, offset t-s, or "
+                                  "a pair of the prompt's named positions such as S1->END")
+    n: int = Field(description="observations of this edge with the role")
+    share: float = Field(description="n / the edge's observations")
+    abs_share: float = Field(description="their sum of |value| / the edge's sum of |value|")
+
+
 class EdgeKindAnswer(EdgeStatistics):
+    roles: list[RoleShare] = Field(description="positional roles of its attention observations, over all of "
+                                               "them (not only the evidence kept); empty for edges without a head")
     evidence: list[EvidenceRow]
 
 

@@ -9,7 +9,7 @@ No torch here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 import numpy as np
@@ -60,6 +60,18 @@ class HeadColumns(_Columns):
 
 
 @dataclass
+class RoleColumns(_Columns):
+    """Positional roles of attention edges' observations: one row per (edge, role) observed."""
+
+    src: np.ndarray  # int64 [r]
+    dst: np.ndarray  # int64 [r]
+    kind: np.ndarray  # int64 [r]
+    role: np.ndarray  # int64 [r] index into catalog.schema.ROLES
+    n: np.ndarray  # int64 [r] observations of the edge with that role
+    sum_abs: np.ndarray  # float64 [r] their sum of |value|
+
+
+@dataclass
 class EvidenceColumns(_Columns):
     """The top-N observations of each edge (N = WindowAggregate.evidence_cap)."""
 
@@ -97,10 +109,11 @@ class WindowAggregate:
     stats: StatColumns
     evidence_cap: int | None  # evidence kept per edge when it was aggregated (None: all)
     observations: int = 0  # observations the window aggregates (for throughput figures)
+    roles: RoleColumns = field(default_factory=lambda: empty_columns(RoleColumns))
 
     @property
     def nbytes(self) -> int:
-        return self.edges.nbytes + self.heads.nbytes + self.evidence.nbytes + self.stats.nbytes
+        return self.edges.nbytes + self.heads.nbytes + self.evidence.nbytes + self.stats.nbytes + self.roles.nbytes
 
     def kind_names(self, kind: np.ndarray) -> list[str]:
         names: list[str] = np.array(EDGE_KINDS, dtype=object)[kind].tolist()

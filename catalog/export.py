@@ -12,8 +12,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, StatColumns, WindowAggregate, empty_columns
-from catalog.schema import EDGE_KINDS, JSON
+from catalog.aggregate import (
+    EdgeColumns,
+    EvidenceColumns,
+    HeadColumns,
+    RoleColumns,
+    StatColumns,
+    WindowAggregate,
+    empty_columns,
+)
+from catalog.schema import EDGE_KINDS, JSON, ROLES
 from catalog.stores.base import Store
 
 T = TypeVar("T")
@@ -45,6 +53,7 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
         return WindowAggregate(run, [], nodes, **{
             "edges": empty_columns(EdgeColumns), "heads": empty_columns(HeadColumns),
             "evidence": empty_columns(EvidenceColumns), "stats": empty_columns(StatColumns), "evidence_cap": None,
+            "roles": empty_columns(RoleColumns),
             **cols})
     counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": len(runs), "mined": 0}
     for prompts_part in _chunks(prompts, chunk):
@@ -60,12 +69,15 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
         for edges_part in _chunks(src.all_edges(runs=(run,)), chunk):
             heads = [(row[e.src], row[e.dst], kind[e.kind], h, v) for e in edges_part
                      for h, v in sorted(e.head_sums.items())]
+            roles = [(row[e.src], row[e.dst], kind[e.kind], ROLES.index(name), n, a) for e in edges_part
+                     for name, (n, a) in sorted(e.roles.items())]
             dst.import_window(window(
                 run, edges=EdgeColumns(*_arrays(
                     edges_part, lambda e: row[e.src], lambda e: row[e.dst], lambda e: kind[e.kind],
                     *(lambda e, c=c: getattr(e, c) for c in (
                         "n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos")))),
-                heads=HeadColumns(*_arrays(heads, *(lambda r, i=i: r[i] for i in range(5))))))
+                heads=HeadColumns(*_arrays(heads, *(lambda r, i=i: r[i] for i in range(5)))),
+                roles=RoleColumns(*_arrays(roles, *(lambda r, i=i: r[i] for i in range(6))))))
             counts["edges"] += len(edges_part)
         for evidence_part in _chunks(src.all_evidence((run,)), chunk):
             used = sorted({v.prompt for v in evidence_part})

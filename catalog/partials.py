@@ -23,11 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, StatColumns, WindowAggregate
+from catalog.aggregate import (
+    EdgeColumns,
+    EvidenceColumns,
+    HeadColumns,
+    RoleColumns,
+    StatColumns,
+    WindowAggregate,
+    empty_columns,
+)
 from catalog.schema import JSON, NodeInfo, Prompt, Run
 from catalog.stores.base import Store, StoreError
 
-COLUMNS = {"edges": EdgeColumns, "heads": HeadColumns, "evidence": EvidenceColumns, "stats": StatColumns}
+COLUMNS = {"edges": EdgeColumns, "heads": HeadColumns, "evidence": EvidenceColumns, "stats": StatColumns,
+           "roles": RoleColumns}
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -51,11 +60,12 @@ def save_window(agg: WindowAggregate, path: Path) -> None:
 def load_window(path: Path) -> WindowAggregate:
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
+        # files written before roles were kept hold no roles columns: those windows add no roles
         parts = {part: cls(**{f.name: data[f"{part}.{f.name}"] for f in fields(cls)})
-                 for part, cls in COLUMNS.items()}
+                 if f"{part}.{fields(cls)[0].name}" in data else empty_columns(cls) for part, cls in COLUMNS.items()}
     return WindowAggregate(meta["run"], [Prompt(**p) for p in meta["prompts"]], [NodeInfo(**n) for n in meta["nodes"]],
                            parts["edges"], parts["heads"], parts["evidence"], parts["stats"], meta["evidence_cap"],
-                           meta["observations"])
+                           meta["observations"], parts["roles"])
 
 
 def _prompt_ids(path: Path) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
 from catalog.runs import IncompatibleRuns, compatibility_groups, describe, holds_edges, select_runs
-from catalog.schema import EDGE_KINDS, JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Run
+from catalog.schema import EDGE_KINDS, JSON, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Run
 from catalog.stores.base import ORDERS, Ambiguous, EdgeQuery, NotFound, Store
 
 MAX_LIMIT = 1000
@@ -56,6 +56,14 @@ def edge_stats(e: EdgeStats) -> JSON:
             "std": rnd(math.sqrt(var)), "sum_abs": rnd(e.sum_abs), "min": rnd(e.min), "max": rnd(e.max),
             "sign_share": rnd(max(e.n_pos, e.n_obs - e.n_pos) / e.n_obs if e.n_obs else 0.0),
             "heads": {str(h): rnd(v) for h, v in sorted(e.head_sums.items()) if v != 0.0}}
+
+
+def roles_json(e: EdgeStats) -> list[JSON]:
+    """The edge's positional roles (catalog.schema.ROLES order): observations with the role, their
+    share of the edge's observations, and their share of its sum of |value|."""
+    return [{"role": name, "n": e.roles[name][0], "share": rnd(e.roles[name][0] / e.n_obs if e.n_obs else 0.0),
+             "abs_share": rnd(e.roles[name][1] / e.sum_abs if e.sum_abs else 0.0)}
+            for name in ROLES if name in e.roles]
 
 
 def node_json(n: NodeInfo, stats: NodeStats | None = None) -> JSON:
@@ -130,7 +138,8 @@ def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence
     kinds = []
     for e in found:
         ev = store.evidence(s.uid, d.uid, e.kind, min(evidence_limit, MAX_LIMIT), selected)
-        kinds.append({**edge_stats(e), "evidence": evidence_json(ev, store.prompts([v.prompt for v in ev]))})
+        kinds.append({**edge_stats(e), "roles": roles_json(e),
+                      "evidence": evidence_json(ev, store.prompts([v.prompt for v in ev]))})
     flags = {n.ref: sae_info(store, n)["sae_flags"] for n in (s, d)}
     through_flagged = [ref for ref, f in flags.items() if f and f["flagged"]]
     return {"source": s.ref, "target": d.ref, "source_uid": s.uid, "target_uid": d.uid, "runs": list(selected),

@@ -27,6 +27,20 @@ EDGE_KINDS = ("attn_in", "resid_in", "direct")  # an edge kind's code is its ind
 NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys fit in 60 bits
 
 
+# Positional roles of an attention observation: what the source position s is to the destination
+# position t (attention from t to s). A role's code is its index in ROLES; an observation may have
+# several (e.g. previous and duplicate). Relations come from the tokens, offsets from t - s, and role
+# pairs ("S1->END": s is S1, t is END) from a prompt's meta, which names positions as <role>_pos.
+RELATIONS = ("duplicate",  # the token at s is the token at t (s < t)
+             "induction",  # the token before s is the token at t
+             "previous",  # s = t - 1
+             "first")  # s = 0
+OFFSETS = ("offset 0", "offset 1", "offset 2", "offset 3", "offset 4-7", "offset 8-15", "offset 16+")
+PROMPT_ROLES = ("IO", "S1", "S2", "END")  # meta io_pos, s1_pos, s2_pos, end_pos (IOI)
+ROLE_PAIRS = tuple(f"{a}->{b}" for a in PROMPT_ROLES for b in PROMPT_ROLES)
+ROLES = RELATIONS + OFFSETS + ROLE_PAIRS
+
+
 def node_uid(model: str, sae: str, ref: NodeRef) -> str:
     return f"{model}|{sae}|{format_ref(ref.at(None))}"
 
@@ -91,12 +105,16 @@ class EdgeStats:
     max: float
     n_pos: int
     head_sums: dict[int, float] = field(default_factory=dict)
+    # per positional role (catalog.schema.ROLES) of its attention observations: (count, sum of |value|);
+    # filled by the reads that need it (edge detail, all_edges), empty elsewhere
+    roles: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, src: str, dst: str, stats: Sequence[Any], head_sums: dict[int, float]) -> EdgeStats:
+    def of(cls, src: str, dst: str, stats: Sequence[Any], head_sums: dict[int, float],
+           roles: dict[str, tuple[int, float]] | None = None) -> EdgeStats:
         """From a stored row's nine statistics, in field order (kind, n_prompts, ..., n_pos)."""
         kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos = stats
-        return cls(src, dst, kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos, head_sums)
+        return cls(src, dst, kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos, head_sums, roles or {})
 
     @property
     def key(self) -> str:

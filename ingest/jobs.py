@@ -31,6 +31,7 @@ from ingest.corpora import CorpusItem, content_hash, open_corpus
 from ingest.errors import UserFacingError
 from ingest.rdfa.tensors import Pruning
 from ingest.reduce import Partial, merge, reduce_batch
+from ingest.roles import PromptPositions, role_rows
 from ingest.session import ModelWithSaes
 from ingest.to_catalog import NodeSlots, SaeKeys, observations, prompt_ranks, to_window
 
@@ -251,9 +252,11 @@ def compute_windows(session: ModelWithSaes, batches: list, corpus_spec: str, slo
     when ``window_mem`` forces an early flush). ``after_batch(k)`` runs after batch k (a test hook)."""
     prompts = [_prompt(opts.run, item, ids, session, corpus_spec) for b in batches for item, ids in b]
     window = _Window(prompts, session.device, cap, opts.window_mem)
+    positions = PromptPositions.of(prompts, session.device)
     for k, batch in enumerate(batches):
         _, graph = session.attribute([ids for _, ids in batch], opts.pruning)
         obs, acts = observations(graph, slots, window.end)
+        obs.role_row, obs.role_code = role_rows(obs.prompt, obs.head, obs.src_pos, obs.dst_pos, positions)
         part = reduce_batch(obs, acts, window.rank, slots.size, cap)
         if window.add(part, len(batch), len(obs.value)):
             yield window.flush(slots, opts.run)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from catalog.schema import EDGE_KINDS
+from ingest.roles import ROLE_SLOTS
 
 N_KINDS = len(EDGE_KINDS)
 HEAD_SLOTS = 256  # per-head rows are keyed edge_key * HEAD_SLOTS + head
@@ -36,6 +37,9 @@ class Observations:
     src_pos: torch.Tensor  # int64 [n]
     dst_pos: torch.Tensor  # int64 [n]
     value: torch.Tensor  # float32 or float64 [n]
+    # positional roles (ingest.roles.role_rows): observation row and role code, [k] each; None: none
+    role_row: torch.Tensor | None = None
+    role_code: torch.Tensor | None = None
 
 
 @dataclass
@@ -62,6 +66,9 @@ class Partial:
     n_pos: torch.Tensor  # int64 [m]
     head_key: torch.Tensor  # int64 [h] edge_key * HEAD_SLOTS + head, sorted, unique
     head_sum: torch.Tensor  # float64 [h]
+    role_key: torch.Tensor  # int64 [r] edge_key * ROLE_SLOTS + role code, sorted, unique
+    role_n: torch.Tensor  # int64 [r] observations of the edge with that role
+    role_abs: torch.Tensor  # float64 [r] their sum of |value|
     ev_key: torch.Tensor  # int64 [e] edge key of each evidence row, top-N rows per key
     ev_prompt: torch.Tensor  # int64 [e]
     ev_src_pos: torch.Tensor  # int64 [e]
@@ -99,6 +106,9 @@ def reduce_batch(obs: Observations, acts: Activations, prompt_rank: torch.Tensor
     v = obs.value.double()
     has_head = obs.head >= 0
     hkey, hinv = torch.unique(key[has_head] * HEAD_SLOTS + obs.head[has_head], return_inverse=True)
+    role_row = obs.role_row if obs.role_row is not None else key.new_zeros(0)
+    role_code = obs.role_code if obs.role_code is not None else key.new_zeros(0)
+    rkey, rinv = torch.unique(key[role_row] * ROLE_SLOTS + role_code, return_inverse=True)
     keep = top_evidence(key, v, prompt_rank[obs.prompt], obs.src_pos, obs.dst_pos, obs.head, cap)
     nodes, ninv = torch.unique(acts.node, return_inverse=True)
     act = acts.act.double()
@@ -107,6 +117,7 @@ def reduce_batch(obs: Observations, acts: Activations, prompt_rank: torch.Tensor
         _add(inv, v, len(uniq)), _add(inv, v * v, len(uniq)), _add(inv, v.abs(), len(uniq)),
         _reduce(inv, v, len(uniq), "amin"), _reduce(inv, v, len(uniq), "amax"), _count(inv[v > 0], len(uniq)),
         hkey, _add(hinv, v[has_head], len(hkey)),
+        rkey, _count(rinv, len(rkey)), _add(rinv, v.abs()[role_row], len(rkey)),
         key[keep], obs.prompt[keep], obs.src_pos[keep], obs.dst_pos[keep], obs.head[keep], v[keep],
         nodes, _count(ninv, len(nodes)), _distinct_prompts(ninv, acts.prompt, len(nodes), n_window),
         _add(ninv, act, len(nodes)), _reduce(ninv, act, len(nodes), "amax"))
@@ -120,6 +131,7 @@ def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> P
     uniq, inv = torch.unique(cat["edge_key"], return_inverse=True)
     m = len(uniq)
     hkey, hinv = torch.unique(cat["head_key"], return_inverse=True)
+    rkey, rinv = torch.unique(cat["role_key"], return_inverse=True)
     keep = top_evidence(cat["ev_key"], cat["ev_value"], prompt_rank[cat["ev_prompt"]], cat["ev_src_pos"],
                         cat["ev_dst_pos"], cat["ev_head"], cap)
     nodes, ninv = torch.unique(cat["node"], return_inverse=True)
@@ -129,6 +141,7 @@ def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> P
         _add(inv, cat["sumsq"], m), _add(inv, cat["sum_abs"], m), _reduce(inv, cat["min"], m, "amin"),
         _reduce(inv, cat["max"], m, "amax"), _add(inv, cat["n_pos"], m),
         hkey, _add(hinv, cat["head_sum"], len(hkey)),
+        rkey, _add(rinv, cat["role_n"], len(rkey)), _add(rinv, cat["role_abs"], len(rkey)),
         *(cat[c][keep] for c in ("ev_key", "ev_prompt", "ev_src_pos", "ev_dst_pos", "ev_head", "ev_value")),
         nodes, _add(ninv, cat["node_n_obs"], a), _add(ninv, cat["node_n_prompts"], a),
         _add(ninv, cat["node_sum_act"], a), _reduce(ninv, cat["node_max_act"], a, "amax"))

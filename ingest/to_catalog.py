@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, StatColumns, WindowAggregate
+from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, RoleColumns, StatColumns, WindowAggregate
 from catalog.schema import NodeInfo, Prompt
 from ingest.rdfa.tensors import Code, EdgeTable, Graph, code_to_ref
 from ingest.reduce import HEAD_SLOTS, N_KINDS, Activations, Observations, Partial, reduce_batch
+from ingest.roles import ROLE_SLOTS, PromptPositions, role_rows
 
 _FEATURE_CODES = (Code.ATTN, Code.RESID)
 _ATTN_SIDE = (Code.ATTN, Code.ERR_A, Code.BIAS_A)
@@ -117,9 +118,10 @@ def to_window(part: Partial, node_of: Callable[[int], NodeInfo], n_slots: int, r
     ``node_of(slot)`` names the node of a slot (NodeSlots.info)."""
     pair, kind = part.edge_key // N_KINDS, part.edge_key % N_KINDS
     hpair, hkind = (part.head_key // HEAD_SLOTS) // N_KINDS, (part.head_key // HEAD_SLOTS) % N_KINDS
+    rpair, rkind = (part.role_key // ROLE_SLOTS) // N_KINDS, (part.role_key // ROLE_SLOTS) % N_KINDS
     epair, ekind = part.ev_key // N_KINDS, part.ev_key % N_KINDS
     ends = [pair // n_slots, pair % n_slots, hpair // n_slots, hpair % n_slots, epair // n_slots,
-            epair % n_slots, part.node]
+            epair % n_slots, part.node, rpair // n_slots, rpair % n_slots]
     used = torch.unique(torch.cat(ends))
     rows = [torch.searchsorted(used, e) for e in ends]
     host = lambda x: x.cpu().numpy()  # noqa: E731
@@ -133,13 +135,24 @@ def to_window(part: Partial, node_of: Callable[[int], NodeInfo], n_slots: int, r
                         host(part.ev_dst_pos), host(part.ev_head), host(part.ev_value)),
         StatColumns(host(rows[6]), host(part.node_n_obs), host(part.node_n_prompts), host(part.node_sum_act),
                     host(part.node_max_act)),
-        cap, n_observations)
+        cap, n_observations,
+        RoleColumns(host(rows[7]), host(rows[8]), host(rkind), host(part.role_key % ROLE_SLOTS), host(part.role_n),
+                    host(part.role_abs)))
+
+
+def with_roles(obs: Observations, prompts: list[Prompt]) -> Observations:
+    """``obs`` with the positional roles of its attention observations; ``obs.prompt`` indexes ``prompts``."""
+    obs.role_row, obs.role_code = role_rows(obs.prompt, obs.head, obs.src_pos, obs.dst_pos,
+                                            PromptPositions.of(prompts, obs.prompt.device))
+    return obs
 
 
 def aggregate_rows(obs: Observations, acts: Activations, nodes: list[NodeInfo], run: str, prompts: list[Prompt],
                    cap: int | None, prompt_rank: torch.Tensor | None = None) -> WindowAggregate:
     """One WindowAggregate from observations whose node slots are rows of ``nodes`` (hand-built
-    catalogs: tests and benchmarks); prompts are ranked by uid unless ``prompt_rank`` is given."""
+    catalogs: tests and benchmarks), with their positional roles; prompts are ranked by uid unless
+    ``prompt_rank`` is given."""
+    with_roles(obs, prompts)
     rank = prompt_ranks(prompts, obs.value.device) if prompt_rank is None else prompt_rank
     part = reduce_batch(obs, acts, rank, len(nodes), cap)
     return to_window(part, nodes.__getitem__, len(nodes), run, prompts, cap, len(obs.value))

@@ -26,8 +26,11 @@ def nodes() -> list[NodeInfo]:
 
 
 def random_prompts(run: str, n: int, start: int = 0) -> list[Prompt]:
-    return [Prompt(f"{run}/p{i:04d}", run, f"p{i:04d}", f"prompt number {i}", [f"t{j}" for j in range(8)], "test:1",
-                   f"h{i}", {"i": i}) for i in range(start, start + n)]
+    """Prompts of 8 tokens that repeat (so duplicate and induction roles occur), with IOI-style role
+    positions in their meta."""
+    return [Prompt(f"{run}/p{i:04d}", run, f"p{i:04d}", f"prompt number {i}", [f"t{(i + j * j) % 5}" for j in range(8)],
+                   "test:1", f"h{i}", {"i": i, "io_pos": i % 3, "s1_pos": 3, "s2_pos": 5, "end_pos": 7})
+            for i in range(start, start + n)]
 
 
 def random_observations(prompts: list[Prompt], seed: int, per_prompt: int = 60):
@@ -77,4 +80,43 @@ def expected_edges(rows) -> dict:
         e["n_pos"] += v > 0
         if h >= 0:
             e["heads"][h] += v
+    return out
+
+
+def _roles_of(prompt: Prompt, sp: int, dp: int) -> list[str]:
+    """The positional roles of an attention observation from dst position dp to src position sp,
+    spelled out from their definitions (catalog.schema.ROLES), in plain Python."""
+    toks, out = prompt.tokens, []
+    if sp != dp and toks[sp] == toks[dp]:
+        out.append("duplicate")
+    if sp > 0 and toks[sp - 1] == toks[dp]:
+        out.append("induction")
+    if dp - sp == 1:
+        out.append("previous")
+    if sp == 0:
+        out.append("first")
+    off = dp - sp
+    if 0 <= off <= 3:
+        out.append(f"offset {off}")
+    elif 4 <= off <= 7:
+        out.append("offset 4-7")
+    elif 8 <= off <= 15:
+        out.append("offset 8-15")
+    elif off >= 16:
+        out.append("offset 16+")
+    at = {prompt.meta[f"{r.lower()}_pos"]: r for r in ("IO", "S1", "S2", "END") if f"{r.lower()}_pos" in prompt.meta}
+    if sp in at and dp in at:
+        out.append(f"{at[sp]}->{at[dp]}")
+    return out
+
+
+def expected_roles(rows, prompts: list[Prompt]) -> dict:
+    """Per edge (src, dst, kind): {role: (count, sum of |value|)} over observations with a head."""
+    by_uid = {p.uid: p for p in prompts}
+    out: dict = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
+    for p, s, d, k, h, sp, dp, v in rows:
+        if h >= 0:
+            for role in _roles_of(by_uid[p], sp, dp):
+                out[(s, d, k)][role][0] += 1
+                out[(s, d, k)][role][1] += abs(v)
     return out

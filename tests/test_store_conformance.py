@@ -7,12 +7,13 @@ import json
 import math
 
 import pytest
-from catalog_data import REFS, expected_edges, make_batch, random_observations, random_prompts
+from catalog_data import REFS, expected_edges, expected_roles, make_batch, random_observations, random_prompts
 from conftest import wipe_neo4j
 
 from catalog import queries
 from catalog.export import copy_catalog
 from catalog.mined import mine_and_store, stored_patterns
+from catalog.schema import ROLES
 from catalog.stores import StoreUnavailable, open_store
 from catalog.stores.base import CypherUnsupported
 
@@ -38,7 +39,9 @@ def snapshot(store) -> dict:
     """Everything a catalog holds, in a canonical order (floats rounded as queries round them)."""
     edges = sorted((e.src, e.dst, e.kind, e.n_prompts, e.n_obs, queries.rnd(e.sum), queries.rnd(e.sumsq),
                     queries.rnd(e.sum_abs), e.min, e.max, e.n_pos,
-                    tuple(sorted((h, queries.rnd(v)) for h, v in e.head_sums.items() if v))) for e in store.all_edges())
+                    tuple(sorted((h, queries.rnd(v)) for h, v in e.head_sums.items() if v)),
+                    tuple(sorted((name, n, queries.rnd(a)) for name, (n, a) in e.roles.items())))
+                   for e in store.all_edges())
     stats = sorted((n.uid, s.n_obs, s.n_prompts, queries.rnd(s.sum_act), s.max_act) for n, s in store.all_nodes() if s)
     return {"edges": edges, "evidence": sorted(store.all_evidence()), "stats": stats,
             "prompts": sorted((p.uid, p.text, tuple(p.tokens), json.dumps(p.meta)) for p in store.all_prompts()),
@@ -66,6 +69,27 @@ def test_answers_match_an_independent_aggregation(store_url):
             assert row["heads"] == {str(h): queries.rnd(v) for h, v in sorted(e["heads"].items()) if v != 0.0}
             checked += 1
     assert checked == len(expect)  # every aggregated edge was seen exactly once
+
+
+def test_positional_roles_match_an_independent_computation(store_url):
+    """Issue 15 §3: every attention observation's roles (tokens, offsets, the meta's IOI positions),
+    counted and |value|-summed per edge over all observations, not only the kept evidence."""
+    batches = _batches()
+    store = _fill(store_url, batches)
+    expect = expected_roles(batches[0][1] + batches[1][1], batches[0][0] + batches[1][0])
+    got = {(e.src.split("|")[2], e.dst.split("|")[2], e.kind): e.roles for e in store.all_edges()}
+    assert sum(bool(r) for r in got.values()) == len(expect) > 50
+    for key, roles in got.items():
+        want = {name: (n, queries.rnd(a)) for name, (n, a) in expect.get(key, {}).items()}
+        assert {name: (n, queries.rnd(a)) for name, (n, a) in roles.items()} == want, key
+    seen = {name for roles in got.values() for name in roles}
+    assert {"duplicate", "induction", "previous", "first", "offset 0", "offset 4-7", "S1->S2", "S2->END"} <= seen
+    detail = queries.edge(store, *next((s, d) for (s, d, k), r in got.items() if r and k == "direct"))
+    direct = next(k for k in detail["kinds"] if k["edge_kind"] == "direct")
+    roles = got[(detail["source"], detail["target"], "direct")]
+    assert [r["role"] for r in direct["roles"]] == [name for name in ROLES if name in roles]
+    assert all(r["n"] == roles[r["role"]][0] and r["share"] == queries.rnd(r["n"] / direct["n_obs"])
+               for r in direct["roles"])
 
 
 def test_evidence_is_the_top_n_of_all_observations(store_url):

@@ -2,9 +2,11 @@
 
 Graph model: (:Node {nid, uid, model, sae, ref, kind, layer, index}) — features also carry the label
 :Feature; ``nid`` is the node dictionary's integer id — joined by one [:EDGE {run, key, kind, n_prompts,
-n_obs, sum, sumsq, sum_abs, min, max, n_pos, head_sums}] per run that observed the edge (``run`` = the
-run id; ``key`` = catalog.schema.edge_key of the two nids and the kind, the same in every run;
-head_sums: a list indexed by head). A feature's activation statistics are (:Stats {nid, run, n_obs,
+n_obs, sum, sumsq, sum_abs, min, max, n_pos, head_sums, role_n, role_abs}] per run that observed the
+edge (``run`` = the run id; ``key`` = catalog.schema.edge_key of the two nids and the kind, the same in
+every run; head_sums: a list indexed by head; role_n/role_abs: count and sum of |value| of its
+observations per positional role, lists indexed by the role's code in catalog.schema.ROLES).
+A feature's activation statistics are (:Stats {nid, run, n_obs,
 n_prompts, sum_act, max_act}), one per run. Evidence is (:Evidence {edge, run, prompt, src_pos,
 dst_pos, head, value, absval}) with ``edge`` the edge's key; prompts are (:Prompt {uid, run, ...}),
 runs (:Run). Reads sum over the selected runs' relationships (docs/catalog.md has the Cypher).
@@ -23,7 +25,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
-from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
+from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherRefused, EdgeQuery, Runs, StoreError, StoreUnavailable
 
 Tx = Any  # a neo4j ManagedTransaction (typed loosely: the driver's own hints are incomplete)
@@ -51,6 +53,9 @@ EDGE_SUMS = ("sum(r.n_prompts) AS n_prompts, sum(r.n_obs) AS n_obs, sum(r.sum) A
              "sum(r.sum_abs) AS sum_abs, min(r.min) AS low, max(r.max) AS high, sum(r.n_pos) AS n_pos, "
              "collect(r.head_sums) AS heads")
 EDGE_RET = "kind, n_prompts, n_obs, total, sumsq, sum_abs, low, high, n_pos, heads"
+# the per-role lists, read only where an answer shows roles (edge detail, all_edges)
+ROLE_SUMS = "collect(r.role_n) AS role_n, collect(r.role_abs) AS role_abs"
+ROLE_RET = "role_n, role_abs"
 ORDER_DECIMALS = 9  # orderings compare rounded metrics: see catalog.stores.sqlite (last-bit differences of sums)
 METRIC = {name: f"round({expr}, {ORDER_DECIMALS})" for name, expr in {
     "sum": "total", "mean": "total / n_obs", "count": "n_prompts", "abs": "abs(total)"}.items()}
@@ -84,13 +89,18 @@ RETURN k, elementId(r)
 UPDATE_EDGES = """
 UNWIND range(0, size($eid) - 1) AS i
 MATCH ()-[r]->() WHERE elementId(r) = $eid[i]
-WITH r, i, $heads[$hoff[i]..$hoff[i + 1]] AS h
+WITH r, i, $heads[$hoff[i]..$hoff[i + 1]] AS h, $role_n[$roff[i]..$roff[i + 1]] AS rn,
+     $role_abs[$roff[i]..$roff[i + 1]] AS ra, coalesce(r.role_n, []) AS old_n, coalesce(r.role_abs, []) AS old_a
 SET r.n_prompts = r.n_prompts + $n_prompts[i], r.n_obs = r.n_obs + $n_obs[i], r.sum = r.sum + $sum[i],
     r.sumsq = r.sumsq + $sumsq[i], r.sum_abs = r.sum_abs + $sum_abs[i], r.n_pos = r.n_pos + $n_pos[i],
     r.min = CASE WHEN $min[i] < r.min THEN $min[i] ELSE r.min END,
     r.max = CASE WHEN $max[i] > r.max THEN $max[i] ELSE r.max END,
     r.head_sums = [j IN range(0, CASE WHEN size(r.head_sums) > size(h) THEN size(r.head_sums) ELSE size(h) END - 1)
-                   | coalesce(r.head_sums[j], 0.0) + coalesce(h[j], 0.0)]
+                   | coalesce(r.head_sums[j], 0.0) + coalesce(h[j], 0.0)],
+    r.role_n = [j IN range(0, CASE WHEN size(old_n) > size(rn) THEN size(old_n) ELSE size(rn) END - 1)
+                | coalesce(old_n[j], 0) + coalesce(rn[j], 0)],
+    r.role_abs = [j IN range(0, CASE WHEN size(old_a) > size(ra) THEN size(old_a) ELSE size(ra) END - 1)
+                  | coalesce(old_a[j], 0.0) + coalesce(ra[j], 0.0)]
 """
 CREATE_EDGES = """
 UNWIND range(0, size($key) - 1) AS i
@@ -98,7 +108,8 @@ MATCH (s:Node {nid: $src[i]})
 MATCH (d:Node {nid: $dst[i]})
 CREATE (s)-[:EDGE {run: $run, key: $key[i], kind: $kind[i], n_prompts: $n_prompts[i], n_obs: $n_obs[i], sum: $sum[i],
                    sumsq: $sumsq[i], sum_abs: $sum_abs[i], min: $min[i], max: $max[i], n_pos: $n_pos[i],
-                   head_sums: $heads[$hoff[i]..$hoff[i + 1]]}]->(d)
+                   head_sums: $heads[$hoff[i]..$hoff[i + 1]], role_n: $role_n[$roff[i]..$roff[i + 1]],
+                   role_abs: $role_abs[$roff[i]..$roff[i + 1]]}]->(d)
 """
 FIND_STATS = """
 UNWIND $keys AS k
@@ -349,9 +360,11 @@ class Neo4jStore:
     @staticmethod
     def _write_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
         """Add the window's edges: update the stored ones (``found``), create the rest."""
-        e, h = agg.edges, agg.heads
+        e, h, ro = agg.edges, agg.heads, agg.roles
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)
-        heads, offsets = _dense_heads(keys, edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)
+        (heads,), offsets = _dense(keys, edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)
+        (role_n, role_abs), role_offsets = _dense(keys, edge_key(ids[ro.src], ids[ro.dst], ro.kind), ro.role,
+                                                  ro.n, ro.sum_abs)
         kinds = np.array(EDGE_KINDS, dtype=object)[e.kind]
         old = np.array([k in found for k in keys.tolist()], dtype=bool)
         cols = dict(n_prompts=e.n_prompts, n_obs=e.n_obs, sum=e.sum, sumsq=e.sumsq, sum_abs=e.sum_abs, min=e.min,
@@ -362,7 +375,9 @@ class Neo4jStore:
                 r = rows[part]
                 extra = ({"eid": [found[k] for k in keys[r].tolist()]} if query is UPDATE_EDGES else
                          {"run": agg.run, **_lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r])})
-                tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra, **_sub_heads(heads, offsets, r))
+                tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra,
+                       **_sub_lists({"heads": heads}, offsets, r, "hoff"),
+                       **_sub_lists({"role_n": role_n, "role_abs": role_abs}, role_offsets, r, "roff"))
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
         def tx_fn(tx: Tx) -> None:
@@ -426,7 +441,14 @@ class Neo4jStore:
         for per_run in r[9]:
             for h, v in enumerate(per_run or []):
                 heads[h] = heads.get(h, 0.0) + v
-        return EdgeStats.of(src, dst, r[:9], {h: v for h, v in heads.items() if v != 0.0})
+        roles: dict[str, tuple[int, float]] = {}
+        if len(r) > 10:  # ROLE_RET read
+            for per_run_n, per_run_abs in zip(r[10], r[11], strict=True):
+                for code, (n, a) in enumerate(zip(per_run_n or [], per_run_abs or [], strict=True)):
+                    if n:
+                        old = roles.get(ROLES[code], (0, 0.0))
+                        roles[ROLES[code]] = (old[0] + n, old[1] + a)
+        return EdgeStats.of(src, dst, r[:9], {h: v for h, v in heads.items() if v != 0.0}, roles)
 
     @staticmethod
     def _neighbours_query(direction: str, q: EdgeQuery) -> str:
@@ -475,7 +497,7 @@ class Neo4jStore:
 
     def edges_between(self, src: str, dst: str, runs: Runs = None) -> list[EdgeStats]:
         rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE]->(:Node {{uid: $d}}) WHERE {RUNS} "
-                          f"WITH r.kind AS kind, {EDGE_SUMS} RETURN {EDGE_RET} ORDER BY kind",
+                          f"WITH r.kind AS kind, {EDGE_SUMS}, {ROLE_SUMS} RETURN {EDGE_RET}, {ROLE_RET} ORDER BY kind",
                           s=src, d=dst, runs=_runs(runs))
         return [self._delta(src, dst, r) for r in rows]
 
@@ -552,8 +574,8 @@ class Neo4jStore:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
             # summed per source node in a subquery: one node's edges in memory at a time, rows streamed
             for r in s.run(f"MATCH (a:Node) CALL (a) {{ MATCH (a)-[r:EDGE]->(b:Node) WHERE ($ek IS NULL OR "
-                           f"r.kind IN $ek) AND {RUNS} WITH b.uid AS dst, r.kind AS kind, {EDGE_SUMS} "
-                           f"RETURN dst, {EDGE_RET} }} RETURN a.uid AS src, dst, {EDGE_RET}",
+                           f"r.kind IN $ek) AND {RUNS} WITH b.uid AS dst, r.kind AS kind, {EDGE_SUMS}, {ROLE_SUMS} "
+                           f"RETURN dst, {EDGE_RET}, {ROLE_RET} }} RETURN a.uid AS src, dst, {EDGE_RET}, {ROLE_RET}",
                            ek=list(edge_kinds) if edge_kinds else None, runs=_runs(runs)):
                 yield self._delta(r[0], r[1], r[2:])
 
@@ -598,26 +620,32 @@ def _runs(runs: Runs) -> list[str] | None:
     return None if runs is None else list(runs)
 
 
-def _dense_heads(edge_keys: np.ndarray, head_keys: np.ndarray, head: np.ndarray,
-                 sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-head sums as one flat array plus offsets: edge i's list is flat[off[i]:off[i+1]], dense up to
-    its largest head (0.0 where a head never contributed), empty for edges without heads."""
+def _dense(edge_keys: np.ndarray, item_keys: np.ndarray, index: np.ndarray,
+           *values: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-edge lists (per head, per role) as flat arrays plus offsets: edge i's list is
+    flat[off[i]:off[i+1]], dense up to its largest index (0 where nothing contributed), empty for edges
+    without items. ``item_keys`` [k]: the edge key of each item; ``index`` [k] its place in the list."""
     m = len(edge_keys)
     order = np.argsort(edge_keys)
-    row = order[np.searchsorted(edge_keys, head_keys, sorter=order)] if len(head_keys) else np.zeros(0, np.int64)
+    row = order[np.searchsorted(edge_keys, item_keys, sorter=order)] if len(item_keys) else np.zeros(0, np.int64)
     width = np.zeros(m, np.int64)
-    np.maximum.at(width, row, head + 1)
+    np.maximum.at(width, row, index + 1)
     offsets = np.concatenate([[0], np.cumsum(width)])
-    flat = np.zeros(offsets[-1], np.float64)
-    np.add.at(flat, offsets[row] + head, sums)
-    return flat, offsets
+    flats = []
+    for v in values:
+        flat = np.zeros(offsets[-1], v.dtype)
+        np.add.at(flat, offsets[row] + index, v)
+        flats.append(flat)
+    return flats, offsets
 
 
-def _sub_heads(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> JSON:
+def _sub_lists(flats: dict[str, np.ndarray], offsets: np.ndarray, rows: np.ndarray, offsets_name: str) -> JSON:
+    """The lists of edges ``rows`` as query parameters: each flat array cut to them, and their offsets."""
     widths = offsets[rows + 1] - offsets[rows]
     starts = np.cumsum(widths) - widths
     take = np.repeat(offsets[rows], widths) + np.arange(widths.sum()) - np.repeat(starts, widths)
-    return {"heads": flat[take].tolist(), "hoff": np.concatenate([[0], np.cumsum(widths)]).tolist()}
+    return {**{name: flat[take].tolist() for name, flat in flats.items()},
+            offsets_name: np.concatenate([[0], np.cumsum(widths)]).tolist()}
 
 
 def open_url(url: str, evidence_per_edge: int | None, create: bool) -> Neo4jStore:

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from catalog.aggregate import EvidenceFloor, WindowAggregate
-from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
+from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, Runs, StoreError, StoreUnavailable
 
 SCHEMA = """
@@ -30,6 +30,8 @@ CREATE INDEX IF NOT EXISTS edges_dst ON edges(dst);
 CREATE INDEX IF NOT EXISTS edges_src ON edges(src);
 CREATE TABLE IF NOT EXISTS edge_heads (edge INTEGER, run INTEGER, head INTEGER, sum REAL,
     PRIMARY KEY(edge, run, head)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS edge_roles (edge INTEGER, run INTEGER, role INTEGER, n INTEGER, sum_abs REAL,
+    PRIMARY KEY(edge, run, role)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evidence (edge INTEGER NOT NULL, run INTEGER NOT NULL, prompt TEXT NOT NULL,
     src_pos INTEGER, dst_pos INTEGER, head INTEGER, value REAL);
 CREATE INDEX IF NOT EXISTS evidence_edge ON evidence(edge, run);
@@ -46,12 +48,13 @@ STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, src INTEGER, dst INTEGER, kind TEXT,
     n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER);
 CREATE TEMP TABLE IF NOT EXISTS b_heads (edge INTEGER, head INTEGER, sum REAL);
+CREATE TEMP TABLE IF NOT EXISTS b_roles (edge INTEGER, role INTEGER, n INTEGER, sum_abs REAL);
 CREATE TEMP TABLE IF NOT EXISTS b_stats (node INTEGER, n_obs INTEGER, n_prompts INTEGER, sum_act REAL, max_act REAL);
 CREATE TEMP TABLE IF NOT EXISTS b_trim (edge INTEGER PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS b_touched (edge INTEGER PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS b_uids (uid TEXT PRIMARY KEY);
 """
-STAGING_TABLES = ("b_edges", "b_heads", "b_stats", "b_trim", "b_touched", "b_uids")
+STAGING_TABLES = ("b_edges", "b_heads", "b_roles", "b_stats", "b_trim", "b_touched", "b_uids")
 UPSERT_EDGES = (
     "INSERT INTO edges SELECT id, ?, src, dst, kind, n_prompts, n_obs, sum, sumsq, sum_abs, min, max, n_pos "
     "FROM b_edges WHERE true ON CONFLICT(id, run) DO UPDATE SET "
@@ -60,6 +63,8 @@ UPSERT_EDGES = (
     "max = max(max, excluded.max), n_pos = n_pos + excluded.n_pos")
 UPSERT_HEADS = ("INSERT INTO edge_heads SELECT edge, ?, head, sum FROM b_heads WHERE true "
                 "ON CONFLICT(edge, run, head) DO UPDATE SET sum = sum + excluded.sum")
+UPSERT_ROLES = ("INSERT INTO edge_roles SELECT edge, ?, role, n, sum_abs FROM b_roles WHERE true "
+                "ON CONFLICT(edge, run, role) DO UPDATE SET n = n + excluded.n, sum_abs = sum_abs + excluded.sum_abs")
 UPSERT_STATS = (
     "INSERT INTO node_stats SELECT node, ?, n_obs, n_prompts, sum_act, max_act FROM b_stats WHERE true "
     "ON CONFLICT(node, run) DO UPDATE SET "
@@ -211,6 +216,10 @@ class SqliteStore:
         c.executemany("INSERT INTO b_heads VALUES (?,?,?)",
                       zip(*_lists(edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)))
         c.execute(UPSERT_HEADS, (run,))
+        r = agg.roles
+        c.executemany("INSERT INTO b_roles VALUES (?,?,?,?)",
+                      zip(*_lists(edge_key(ids[r.src], ids[r.dst], r.kind), r.role, r.n, r.sum_abs)))
+        c.execute(UPSERT_ROLES, (run,))
         c.executemany("INSERT INTO b_stats VALUES (?,?,?,?,?)",
                       zip(*_lists(ids[s.node], s.n_obs, s.n_prompts, s.sum_act, s.max_act)))
         c.execute(UPSERT_STATS, (run,))
@@ -299,6 +308,18 @@ class SqliteStore:
                 out.setdefault(e, {})[head] = total
         return out
 
+    def _roles(self, edge_ids: list[int], runs: Runs) -> dict[int, dict[str, tuple[int, float]]]:
+        out: dict[int, dict[str, tuple[int, float]]] = {}
+        among, args = _among("r", runs)
+        for i in range(0, len(edge_ids), 900):
+            part = edge_ids[i:i + 900]
+            for e, role, n, total in self._conn.execute(
+                    f"SELECT edge, role, SUM(n), SUM(sum_abs) FROM edge_roles r WHERE edge IN "
+                    f"({','.join('?' * len(part))}) AND {among} GROUP BY edge, role ORDER BY edge, role",
+                    [*part, *args]):
+                out.setdefault(e, {})[ROLES[role]] = (n, total)
+        return out
+
     def neighbours(self, uid: str, direction: str, q: EdgeQuery) -> list[tuple[NodeInfo, EdgeStats]]:
         this, other = ("dst", "src") if direction == "up" else ("src", "dst")
         among, run_args = _among("e", q.runs)
@@ -331,8 +352,8 @@ class SqliteStore:
         rows = self._conn.execute(
             f"SELECT {EDGE_COLS} FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
             f"WHERE s.uid = ? AND d.uid = ? AND {among} GROUP BY e.id ORDER BY e.kind", [src, dst, *args]).fetchall()
-        heads = self._heads([r[-1] for r in rows], runs)
-        return [EdgeStats.of(src, dst, r[:9], heads.get(r[9], {})) for r in rows]
+        heads, roles = self._heads([r[-1] for r in rows], runs), self._roles([r[-1] for r in rows], runs)
+        return [EdgeStats.of(src, dst, r[:9], heads.get(r[9], {}), roles.get(r[9], {})) for r in rows]
 
     def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
         among, args = _among("x", runs)
@@ -407,9 +428,9 @@ class SqliteStore:
                                  f"JOIN nodes d ON d.id = e.dst WHERE {among} {kinds} GROUP BY e.id ORDER BY e.id",
                                  [*args, *(edge_kinds or ())])
         while rows := cur.fetchmany(5000):
-            heads = self._heads([r[-1] for r in rows], runs)
+            heads, roles = self._heads([r[-1] for r in rows], runs), self._roles([r[-1] for r in rows], runs)
             for r in rows:
-                yield EdgeStats.of(r[0], r[1], r[2:11], heads.get(r[11], {}))
+                yield EdgeStats.of(r[0], r[1], r[2:11], heads.get(r[11], {}), roles.get(r[11], {}))
 
     def all_nodes(self, runs: Runs = None) -> Iterator[tuple[NodeInfo, NodeStats | None]]:
         among, args = _among("s", runs)
