@@ -192,6 +192,18 @@ class Exemplar(Model):
     text: str | None
 
 
+class DominantRole(Model):
+    role: str
+    share: float = Field(description="its share of the pattern's |value|")
+    base: float = Field(description="its share of the |value| of every attention observation (the null)")
+
+
+class Position(Model):
+    relation: DominantRole | None = Field(description="duplicate, induction, previous or first")
+    offset: DominantRole | None = Field(description="t - s, in buckets")
+    pair: DominantRole | None = Field(description="the prompt's named positions, source->destination (e.g. S1->END)")
+
+
 class Pair(Model):
     source: str
     target: str
@@ -202,6 +214,8 @@ class Pair(Model):
     mean: float | None
     sign_share: float | None
     heads: dict[str, float | None]
+    position: Position | None = Field(description="where the attention of the pattern reads (attention hop: "
+                                                  "the direct edge, or the resid->attn hops of via_resid)")
     z_score: float | None
     exemplars: list[Exemplar]
 
@@ -225,6 +239,8 @@ class Patterns(Model):
     chains: list[Chain]
     hubs: list[Hub]
     null: str
+    base_rates: dict[str, float] = Field(description="each positional role's share of the |value| of every "
+                                                     "attention observation in the runs")
     mined: str | None = Field(description="when the stored result served was mined (UTC, ISO 8601); null when "
                                           "it was mined for this request (none stored, or the runs changed since)")
 

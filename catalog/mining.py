@@ -9,6 +9,10 @@
   hypergeometric, so its mean n_k n_f / N and variance are exact, and ``z_score`` says how
   many standard deviations the observed recurrence lies above it.
 * Chains of three attention features and hubs come from the graph of pairs.
+* Positions: each pair's dominant positional relation, offset and role pair (catalog.schema.ROLES)
+  with its share of the pair's |value|, against the same share over every attention observation
+  of the selection (the base rate): a duplicate share of 0.9 against a base of 0.05 names a
+  duplicate-token reading, not chance.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
 from catalog.runs import select_runs
-from catalog.schema import JSON, EdgeStats
+from catalog.schema import JSON, OFFSETS, RELATIONS, ROLE_PAIRS, ROLES, EdgeStats
 from catalog.stores.base import Runs, Store
 
 MAX_PAIRS_SCANNED = 200
@@ -47,7 +51,36 @@ def _prompt_counts(store: Store, runs: Runs) -> tuple[dict[str, int], int]:
     return counts, n_total
 
 
-def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs) -> list[JSON]:
+def base_rates(store: Store, runs: Runs) -> dict[str, float]:
+    """The null for positional roles: each role's share of the |value| of every attention observation
+    (attn_in and direct edges) in the selection."""
+    mass: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for e in store.all_edges(("attn_in", "direct"), runs):
+        total += e.sum_abs
+        for name, (_, a) in e.roles.items():
+            mass[name] += a
+    return {name: mass[name] / total for name in ROLES if name in mass} if total else {}
+
+
+def position(roles: dict[str, tuple[int, float]], sum_abs: float, base: dict[str, float]) -> JSON | None:
+    """Where a pattern's attention reads: its dominant relation, offset and role pair, each with its
+    share of the pattern's |value| and the same share over every attention observation (``base``)."""
+    if not roles or not sum_abs:
+        return None
+
+    def dominant(names: tuple[str, ...]) -> JSON | None:
+        present = [n for n in names if n in roles]
+        if not present:
+            return None
+        best = min(present, key=lambda n: (-round(roles[n][1], 9), ROLES.index(n)))
+        return {"role": best, "share": rnd(roles[best][1] / sum_abs), "base": rnd(base.get(best, 0.0))}
+
+    return {"relation": dominant(RELATIONS), "offset": dominant(OFFSETS), "pair": dominant(ROLE_PAIRS)}
+
+
+def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs,
+                 base: dict[str, float]) -> list[JSON]:
     out: list[JSON] = []
     for e in store.all_edges(("direct",), runs):
         if _is_attn_feature(e.src) and _is_attn_feature(e.dst) and e.n_prompts >= min_prompts:
@@ -55,11 +88,13 @@ def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts
             out.append({"source": _ref(e.src), "target": _ref(e.dst), "source_uid": e.src, "target_uid": e.dst,
                         "path": "direct", "n_prompts": e.n_prompts, "total": stats["sum"], "mean": stats["mean"],
                         "sign_share": stats["sign_share"], "heads": stats["heads"],
+                        "position": position(e.roles, e.sum_abs, base),
                         "z_score": null_z(e.n_prompts, counts.get(e.src, 0), counts.get(e.dst, 0), n_total)})
     return out
 
 
-def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs) -> list[JSON]:
+def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs,
+                    base: dict[str, float]) -> list[JSON]:
     """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence.
 
     The join (every attention feature into a residual feature) x (that residual feature into every
@@ -115,10 +150,15 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
         if len(prompts) < min_prompts:
             continue
         total = float(score[w])
+        roles: dict[str, tuple[int, float]] = {}
+        for down in {id(d): d for _, d in hops}.values():  # the attention hops (resid -> attn), each once
+            for name, (n, a) in down.roles.items():
+                roles[name] = (roles.get(name, (0, 0.0))[0] + n, roles.get(name, (0, 0.0))[1] + a)
         out.append({"source": _ref(src), "target": _ref(dst), "source_uid": src, "target_uid": dst,
                     "path": "via_resid", "via": sorted({_ref(up.dst) for up, _ in hops}),
                     "n_prompts": len(prompts), "total": rnd(total), "mean": rnd(total / len(prompts)),
                     "sign_share": None, "heads": {str(h): rnd(v) for h, v in sorted(heads.items())},
+                    "position": position(roles, sum(d.sum_abs for d in {id(d): d for _, d in hops}.values()), base),
                     "z_score": null_z(len(prompts), counts.get(src, 0), counts.get(dst, 0), n_total),
                     "exemplars": sorted(prompts)[:3]})
     return out
@@ -154,8 +194,9 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
     runs named (default: every run, if they share settings; see catalog.runs)."""
     selected = select_runs(store, runs)
     counts, n_total = _prompt_counts(store, selected)
-    pairs = (direct_pairs(store, counts, n_total, min_prompts, selected)
-             + via_resid_pairs(store, counts, n_total, min_prompts, selected))
+    base = base_rates(store, selected)
+    pairs = (direct_pairs(store, counts, n_total, min_prompts, selected, base)
+             + via_resid_pairs(store, counts, n_total, min_prompts, selected, base))
     pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
     graph = nx.DiGraph()
     for p in pairs:
@@ -177,5 +218,7 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
         p["exemplars"] = _exemplars(store, p, selected)
         p.pop("source_uid"), p.pop("target_uid")
     return {"runs": list(selected), "n_prompts": n_total, "pairs": shown, "chains": chains[:top], "hubs": hubs[:top],
-            "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment",
+            "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment; "
+                    "positions: each role's share of the |value| of every attention observation (base)",
+            "base_rates": {name: rnd(v) for name, v in base.items()},
             "mined": None}  # catalog.mined sets when a stored result was mined

@@ -11,6 +11,7 @@ import torch
 
 from catalog.ids import parse_ref
 from catalog.mining import mine, null_z
+from catalog.queries import rnd
 from catalog.schema import NodeInfo, Prompt
 from catalog.stores import open_store
 from ingest.reduce import Activations, Observations
@@ -24,8 +25,9 @@ def _catalog(url: str):
     rng = random.Random(7)
     infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in REFS]
     idx = {n.ref: i for i, n in enumerate(infos)}
-    prompts = [Prompt(f"m/p{i:03d}", "m", f"p{i:03d}", f"prompt {i}", [f"t{j}" for j in range(10)], "t", f"h{i}")
-               for i in range(60)]
+    # the token at 9 repeats the token at 2: the planted direct pair (2 -> 9) reads a duplicate token
+    prompts = [Prompt(f"m/p{i:03d}", "m", f"p{i:03d}", f"prompt {i}", [f"t{j}" for j in range(9)] + ["t2"], "t",
+                      f"h{i}") for i in range(60)]
     rows = []  # (prompt index, src, dst, kind, head, src_pos, dst_pos, value)
     for p in range(60):
         if p % 2 == 0:  # the planted patterns, on every even prompt
@@ -80,3 +82,23 @@ def test_null_baseline_separates_recurrence_from_chance():
     shared = [int((src & rng.permutation(src)).sum()) for _ in range(20000)]
     assert np.mean(shared) == pytest.approx(15.0, abs=0.05)
     assert (30 - np.mean(shared)) / np.std(shared) == pytest.approx(7.68, rel=0.02)
+
+
+def test_pairs_name_where_their_attention_reads_against_the_base_rate(store_url):
+    """Issue 15 §4: each pair's dominant relation, offset and role pair with its |value| share, and
+    the base rate of that role over every attention observation (computed here from the rows)."""
+    store = _catalog(store_url)
+    result = mine(store, top=10, min_prompts=5)
+    pairs = {(p["source"], p["target"], p["path"]): p for p in result["pairs"]}
+    direct = pairs[("A0.5", "A2.7", "direct")]["position"]
+    assert direct["relation"]["role"] == "duplicate" and direct["relation"]["share"] == 1.0
+    assert direct["offset"] == {"role": "offset 4-7", "share": 1.0, "base": result["base_rates"]["offset 4-7"]}
+    assert direct["pair"] is None  # these prompts name no IOI positions
+    via = pairs[("A0.3", "A1.9", "via_resid")]["position"]
+    assert via["offset"]["role"] == "offset 4-7" and via["offset"]["share"] > 0.9  # R1.4@4 -> A1.9@8
+    # the base rate of duplicate reading, from the stored aggregates and from the rows themselves
+    prompts = {p.uid: p for p in store.all_prompts()}
+    attn = [v for v in store.all_evidence() if v.kind in ("attn_in", "direct")]
+    dup = sum(abs(v.value) for v in attn if v.head is not None and v.src_pos != v.dst_pos
+              and prompts[v.prompt].tokens[v.src_pos] == prompts[v.prompt].tokens[v.dst_pos])
+    assert direct["relation"]["base"] == rnd(dup / sum(abs(v.value) for v in attn)) < 0.5

@@ -244,6 +244,10 @@ def test_patterns_page_equals_the_mining_endpoint(page, server):
             (pair["source"], pair["target"], pair["path"])
         assert row.locator("td[data-field='n_prompts']").inner_text() == str(pair["n_prompts"])
         assert row.locator("td[data-field='total']").inner_text() == str(pair["total"])
+        pos = pair["position"]
+        reads = ", ".join(f"{x['role']} {round(x['share'] * 100)}% ({round(x['base'] * 100)}%)"
+                          for x in (pos["relation"], pos["pair"], pos["offset"]) if x) if pos else ""
+        assert row.locator("td[data-field='position']").inner_text() == reads
         assert [a.get_attribute("href").split("?")[0].removeprefix("/view/prompt/")
                 for a in row.locator("a.exemplar").all()] == [x["prompt"] for x in pair["exemplars"]]
     shot(page, "patterns")
