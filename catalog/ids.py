@@ -13,11 +13,12 @@ Grammar (case-sensitive; whitespace around a reference is ignored)::
     EMB, POS              token and position embeddings
     MLP{layer}            MLP output of a layer (a leaf: no linear path back through it)
     ATTN{layer}           attention output of a layer that has no attention SAE (a leaf)
+    H{layer}.{head}       an attention head: the target of q_in / k_in edges (QK attribution)  H1.3
     REST                  what pruning removed from one target (per-prompt graphs only)
 
 A per-prompt node appends ``@{pos}`` (a non-negative token position): ``A5.44256@7``, ``R3.ERR@2``.
-Features carry an index; component nodes (ERR, BIAS, EMB, POS, MLP, ATTN, REST) never do, so no
-component id can collide with a feature id, and kinds never share a prefix.
+Features and heads carry an index; component nodes (ERR, BIAS, EMB, POS, MLP, ATTN, REST) never do,
+so no component id can collide with a feature id, and kinds never share a prefix.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class NodeKind(StrEnum):
     POS = "pos"
     MLP = "mlp"
     ATTN_OUT = "attn_out"  # whole attention output of a layer without an SAE
+    HEAD = "head"  # an attention head (index: the head), whose scores QK attribution explains
     REST = "rest"
 
 
@@ -49,6 +51,7 @@ _FEATURE = re.compile(r"(?P<p>[AR])(?P<layer>\d+)\.(?P<index>\d+)")
 _ALIAS = re.compile(r"L(?P<layer>\d+)\.F(?P<index>\d+)")
 _SAE_COMPONENT = re.compile(r"(?P<p>[AR])(?P<layer>\d+)\.(?P<what>ERR|BIAS)")
 _LAYER_LEAF = re.compile(r"(?P<what>MLP|ATTN)(?P<layer>\d+)")
+_HEAD = re.compile(r"H(?P<layer>\d+)\.(?P<head>\d+)")
 _POS = re.compile(r"(?P<body>.+)@(?P<pos>\d+)")
 
 
@@ -110,6 +113,10 @@ def attn_out(layer: int, pos: int | None = None) -> NodeRef:
     return NodeRef(NodeKind.ATTN_OUT, layer, None, pos)
 
 
+def head(layer: int, index: int, pos: int | None = None) -> NodeRef:
+    return NodeRef(NodeKind.HEAD, layer, index, pos)
+
+
 REST = NodeRef(NodeKind.REST)
 
 
@@ -126,6 +133,8 @@ def format_ref(ref: NodeRef) -> str:
         body = f"MLP{ref.layer}"
     elif k is NodeKind.ATTN_OUT:
         body = f"ATTN{ref.layer}"
+    elif k is NodeKind.HEAD:
+        body = f"H{ref.layer}.{ref.index}"
     else:
         body = k.name if k is not NodeKind.REST else "REST"
     return body if ref.pos is None else f"{body}@{ref.pos}"
@@ -139,6 +148,8 @@ def _parse_body(body: str) -> NodeRef | None:
     if m := _SAE_COMPONENT.fullmatch(body):
         kind = NodeKind.ERROR if m["what"] == "ERR" else NodeKind.BIAS
         return NodeRef(kind, int(m["layer"]), None, None, _SAE_PREFIX[m["p"]])
+    if m := _HEAD.fullmatch(body):
+        return head(int(m["layer"]), int(m["head"]))
     if m := _LAYER_LEAF.fullmatch(body):
         kind = NodeKind.MLP if m["what"] == "MLP" else NodeKind.ATTN_OUT
         return NodeRef(kind, int(m["layer"]))
@@ -147,7 +158,7 @@ def _parse_body(body: str) -> NodeRef | None:
 
 GRAMMAR_HINT = (
     "expected A{layer}.{index} (alias L{layer}.F{index}), R{layer}.{index}, A|R{layer}.ERR, "
-    "A|R{layer}.BIAS, EMB, POS, MLP{layer}, ATTN{layer} or REST, optionally followed by @{pos}"
+    "A|R{layer}.BIAS, EMB, POS, MLP{layer}, ATTN{layer}, H{layer}.{head} or REST, optionally followed by @{pos}"
 )
 
 

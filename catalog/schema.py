@@ -23,7 +23,9 @@ from catalog.ids import FEATURE_KINDS, NodeRef, format_ref
 
 JSON = dict[str, Any]  # an answer on its way to JSON: keys are field names
 
-EDGE_KINDS = ("attn_in", "resid_in", "direct")  # an edge kind's code is its index here
+EDGE_KINDS = ("attn_in", "resid_in", "direct", "q_in", "k_in", "qk")  # an edge kind's code is its index here
+ATTENTION_KINDS = ("attn_in", "direct")  # edges that read through a head (V-composition)
+QK_KINDS = ("q_in", "k_in", "qk")  # QK attribution of attention scores (positions: key s, query t)
 NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys fit in 60 bits
 
 

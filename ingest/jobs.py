@@ -214,7 +214,7 @@ def node_slots(session: ModelWithSaes) -> NodeSlots:
     saes = session.saes
     keys = SaeKeys({l: (s.key, s.weights.d_sae) for l, s in saes.attn.items()},
                    {l: (s.key, s.weights.d_sae) for l, s in saes.resid.items()})
-    return NodeSlots(session.lm.name, session.lm.cfg.n_layers, keys)
+    return NodeSlots(session.lm.name, session.lm.cfg.n_layers, keys, session.lm.cfg.n_heads)
 
 
 class _Window:

@@ -148,6 +148,11 @@ def weights_of(model) -> Weights:
         b_V=[b.attn.b_V.detach() for b in blocks],
         W_O=[b.attn.W_O.detach() for b in blocks],
         b_O=[b.attn.b_O.detach() for b in blocks],
+        W_Q=[b.attn.W_Q.detach() for b in blocks],
+        W_K=[b.attn.W_K.detach() for b in blocks],
+        b_Q=[b.attn.b_Q.detach() for b in blocks],
+        b_K=[b.attn.b_K.detach() for b in blocks],
+        attn_scale=float(blocks[0].attn.attn_scale) if blocks else 1.0,
     )
 
 

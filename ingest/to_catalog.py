@@ -15,7 +15,7 @@ import torch
 
 from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, RoleColumns, StatColumns, WindowAggregate
 from catalog.schema import NodeInfo, Prompt
-from ingest.rdfa.tensors import Code, EdgeTable, Graph, code_to_ref
+from ingest.rdfa.tensors import Code, EdgeKind, EdgeTable, Graph, code_to_ref
 from ingest.reduce import HEAD_SLOTS, N_KINDS, Activations, Observations, Partial, reduce_batch
 from ingest.roles import ROLE_SLOTS, PromptPositions, role_rows
 
@@ -41,8 +41,8 @@ class NodeSlots:
     NodeInfo once per slot, only for slots that occur.
     """
 
-    def __init__(self, model: str, n_layers: int, saes: SaeKeys):
-        self.model, self.saes = model, saes
+    def __init__(self, model: str, n_layers: int, saes: SaeKeys, n_heads: int = 0):
+        self.model, self.saes, self.n_heads = model, saes, n_heads
         self._start = torch.full((len(Code), n_layers + 1), -1, dtype=torch.long)
         blocks, size = [], 0
         for code in Code:
@@ -70,6 +70,8 @@ class NodeSlots:
             return int(layer in self.saes.resid)
         if code is Code.ATTN_OUT:
             return int(layer not in self.saes.attn)
+        if code is Code.HEAD:  # heads whose scores QK attribution explains: layers with an attention SAE
+            return self.n_heads if layer in self.saes.attn else 0
         return 1
 
     def slot(self, code: torch.Tensor, layer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ class NodeSlots:
         if node is None:
             b = int(np.searchsorted(self._block_start, slot, side="right")) - 1
             start, code, layer = self._blocks[b]
-            index = slot - start if code in _FEATURE_CODES else -1
+            index = slot - start if code in _FEATURE_CODES or code == Code.HEAD else -1
             table = self.saes.attn if code in _ATTN_SIDE else self.saes.resid if code in _RESID_SIDE else {}
             sae = table[layer][0] if layer in table else ""
             node = self._infos[slot] = NodeInfo.of(self.model, sae, code_to_ref(code, layer, index, None))
@@ -97,13 +99,14 @@ class NodeSlots:
 def _catalog_edges(t: EdgeTable) -> torch.Tensor:
     """Edges worth aggregating: not REST and not an SAE's encoder constant (BIAS of the target's own SAE)."""
     own_bias = (((t.src_code == Code.BIAS_A) & (t.dst_code == Code.ATTN)) |
-                ((t.src_code == Code.BIAS_R) & (t.dst_code == Code.RESID))) & (t.src_layer == t.dst_layer)
+                ((t.src_code == Code.BIAS_R) & (t.dst_code == Code.RESID))) & (t.src_layer == t.dst_layer) & \
+        (t.kind != EdgeKind.QK)  # a qk pair with a decoder bias on one side is a term of a score, not a constant
     return (t.src_code != Code.REST) & ~own_bias
 
 
 def observations(graph: Graph, slots: NodeSlots, first_prompt: int) -> tuple[Observations, Activations]:
     """A batch's graph as device observations; its prompt i is row ``first_prompt + i`` of the window."""
-    t = EdgeTable.cat([graph.edges, graph.direct])
+    t = EdgeTable.cat([graph.edges, graph.direct, graph.qk])
     t = t.select(_catalog_edges(t))
     obs = Observations(t.prompt + first_prompt, slots.slot(t.src_code, t.src_layer, t.src_index),
                        slots.slot(t.dst_code, t.dst_layer, t.dst_index), t.kind, t.head, t.src_pos, t.dst_pos,

@@ -8,6 +8,7 @@ from catalog.ids import (
     attn_out,
     emb,
     format_ref,
+    head,
     mlp,
     parse_feature,
     parse_ref,
@@ -18,7 +19,8 @@ from catalog.ids import (
 )
 
 ALL = [attn(5, 44256), resid(3, 19755), sae_error(NodeKind.ATTN, 2), sae_error(NodeKind.RESID, 0),
-       sae_bias(NodeKind.ATTN, 11), sae_bias(NodeKind.RESID, 4), emb(), pos_emb(), mlp(7), attn_out(3), REST]
+       sae_bias(NodeKind.ATTN, 11), sae_bias(NodeKind.RESID, 4), emb(), pos_emb(), mlp(7), attn_out(3), head(1, 3),
+       REST]
 
 
 @pytest.mark.parametrize("ref", ALL + [r.at(9) for r in ALL if r.kind is not NodeKind.REST])
@@ -28,7 +30,7 @@ def test_round_trip(ref):
 
 def test_written_forms():
     assert [format_ref(r) for r in ALL] == ["A5.44256", "R3.19755", "A2.ERR", "R0.ERR", "A11.BIAS", "R4.BIAS", "EMB",
-                                             "POS", "MLP7", "ATTN3", "REST"]
+                                             "POS", "MLP7", "ATTN3", "H1.3", "REST"]
     assert format_ref(attn(5, 1, 12)) == "A5.1@12"
 
 
@@ -46,7 +48,8 @@ def test_no_component_collides_with_a_feature():
         assert not feats & comps
 
 
-@pytest.mark.parametrize("bad", ["A5", "A5.x", "L5.44256", "Q1.2", "", "A5.3@-1", "MLP", "A5.3@", "EMB@x"])
+@pytest.mark.parametrize("bad", ["A5", "A5.x", "L5.44256", "Q1.2", "", "A5.3@-1", "MLP", "A5.3@", "EMB@x", "H1",
+                                 "H1.x", "H.2"])
 def test_bad_references_are_named(bad):
     with pytest.raises(NodeRefError, match="cannot parse node reference") as exc:
         parse_ref(bad)

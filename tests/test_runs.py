@@ -260,6 +260,26 @@ def test_a_catalog_from_before_per_run_edges_is_refused_with_a_reason(tmp_path):
         open_store(f"sqlite:///{path}")
 
 
+def test_a_catalog_of_an_older_format_is_refused_with_a_reason(tmp_path, neo4j_url):
+    """Format 3 counts six edge kinds in its edge keys: a format-2 catalog's keys would be misread."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    fill(url, ("r1",))
+    with sqlite3.connect(tmp_path / "c.db") as c:
+        c.execute("PRAGMA user_version = 2")
+    with pytest.raises(StoreError, match="catalog of format 2 .this version reads 3"):
+        open_store(url)
+    assert open_store(f"sqlite:///{tmp_path}/new.db").counts()["edges"] == 0  # a new one is fine
+    wipe_neo4j(neo4j_url)
+    open_store(neo4j_url).close()
+    import neo4j
+
+    with neo4j.GraphDatabase.driver(neo4j_url.replace("neo4j://", "bolt://"), auth=None) as d:
+        d.execute_query("MERGE (x:Dictionary {name: 'nodes'}) SET x.schema = 2")
+    with pytest.raises(StoreError, match="catalog of format 2 .this version reads 3"):
+        open_store(neo4j_url)
+    wipe_neo4j(neo4j_url)
+
+
 def documented_cypher(source: str) -> list[str]:
     """The Cypher queries docs/catalog.md shows, with its example names swapped for this catalog's."""
     from pathlib import Path

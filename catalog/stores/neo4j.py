@@ -46,7 +46,7 @@ SCHEMA = [
     "CREATE INDEX edge_key IF NOT EXISTS FOR ()-[r:EDGE]-() ON (r.key)",
 ]
 CHUNK = 20_000  # rows per UNWIND query
-SCHEMA_VERSION = 2  # 2: edges, statistics and evidence per run
+SCHEMA_VERSION = 3  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles
 # reads sum an edge's relationships over the selected runs: RUNS filters them, EDGE_SUMS sums them
 RUNS = "($runs IS NULL OR r.run IN $runs)"
 EDGE_SUMS = ("sum(r.n_prompts) AS n_prompts, sum(r.n_obs) AS n_obs, sum(r.sum) AS total, sum(r.sumsq) AS sumsq, "
@@ -172,8 +172,8 @@ class Neo4jStore:
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         if found and found[0][0] != SCHEMA_VERSION:
             self.driver.close()
-            raise StoreError(f"database {database} at {bolt} holds a catalog from before edges were kept per run; "
-                             "its numbers cannot be split by run. Ingest its corpora again into an empty database")
+            raise StoreError(f"database {database} at {bolt} holds a catalog of format {found[0][0]} (this version "
+                             f"reads {SCHEMA_VERSION}); ingest its corpora again into an empty database")
 
     def close(self) -> None:
         self.driver.close()

@@ -42,6 +42,7 @@ CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT, no INTEGER UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS mined (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, result TEXT NOT NULL);
 """
+SCHEMA_VERSION = 3  # PRAGMA user_version; 3: six edge kinds (QK) in the edge keys, positional roles
 # edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it. Edges,
 # their head sums, node statistics and evidence are kept per run: ``run`` is the run's number (runs.no).
 STAGING = """
@@ -102,8 +103,15 @@ class SqliteStore:
             if edge_columns and "run" not in edge_columns:
                 raise StoreError(f"{path} holds a catalog from before edges were kept per run; its numbers "
                                  "cannot be split by run. Ingest its corpora again into a new catalog (delete "
-                                 "the file, or choose another path; `make demo` rebuilds the demo's)")
+                                 "the file, or choose another path)")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if edge_columns and version != SCHEMA_VERSION and self._conn.execute("SELECT 1 FROM edges LIMIT 1").fetchone():
+                raise StoreError(f"{path} holds a catalog of format {version} (this version reads {SCHEMA_VERSION}: "
+                                 "edge keys count the QK edge kinds); ingest its corpora again into a new catalog "
+                                 "(delete the file, or choose another path)")
             self._conn.executescript(SCHEMA)
+            if version != SCHEMA_VERSION:  # a new (or edgeless) catalog
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite catalog {path}: {exc}") from None
 

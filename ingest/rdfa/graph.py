@@ -3,7 +3,8 @@
 For every layer L with an attention SAE (which needs the residual SAE of L to decompose its
 sources): edges into every active attention feature from residual features, errors and biases
 at every source position, per head (``attn_in``), plus the SAE's bias node, plus the direct
-attention->attention view (``direct``). For every layer with a residual SAE: edges into every
+attention->attention view (``direct``), plus the QK attribution of the scores behind those
+edges (``qk``: q_in, k_in, qk; ingest/rdfa/qk_step.py). For every layer with a residual SAE: edges into every
 active residual feature from EMB, POS, upstream attention features / errors / biases and MLP
 outputs (``resid_in``). Each target also gets a REST edge carrying what pruning removed, so the
 incoming values of every decomposed node sum to its pre-activation.
@@ -16,6 +17,7 @@ import torch
 from catalog.ids import NodeKind
 from ingest.rdfa import steps
 from ingest.rdfa.blocks import PositionBlock, direct_by_block, position_blocks, resid_in_by_block
+from ingest.rdfa.qk_step import qk_edges, score_keys
 from ingest.rdfa.tensors import ActiveSet, Capture, Code, EdgeKind, EdgeTable, Graph, NodeTable, Pruning, Weights
 from ingest.rdfa.types import SaeWeights
 
@@ -29,7 +31,7 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
     attn_act = {l: steps.active_set(s, cap.z[l].flatten(-2), valid) for l, s in attn_saes.items()}
     resid_act = {l: steps.active_set(s, cap.resid_pre[l], valid) for l, s in resid_saes.items()}
     blocks = position_blocks(cap, weights, {l: (attn_saes[l], attn_act[l]) for l in attn_saes})
-    nodes, edges, direct = [], [], []
+    nodes, edges, direct, qk = [], [], [], []
     for L, sae in sorted(resid_saes.items()):
         table, kept = resid_in_by_block(blocks, sae, resid_act[L], pruning)
         const = sae.encoder_constant()[resid_act[L].index]
@@ -47,7 +49,12 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
         edges += [table, e]
         if pruning.direct:
             direct.append(_direct_layer(cap, weights, blocks, sae, attn_act[L], L, constant, pruning))
-    return Graph(NodeTable.cat(nodes), EdgeTable.cat(edges), EdgeTable.cat(direct), pruning)
+        if pruning.qk and weights.W_Q:
+            keys = score_keys([table, *direct[-1:]] if pruning.direct else [table], weights.W_Q[L].shape[0],
+                              valid.shape[1])
+            qk.append(qk_edges(rows, sigma, keys.to(sigma.device), weights.W_Q[L], weights.W_K[L], weights.b_Q[L],
+                               weights.b_K[L], weights.attn_scale, L, pruning))
+    return Graph(NodeTable.cat(nodes), EdgeTable.cat(edges), EdgeTable.cat(direct), pruning, EdgeTable.cat(qk))
 
 
 def check_decomposable(attn_saes: dict, resid_saes: dict) -> None:

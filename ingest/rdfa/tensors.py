@@ -28,6 +28,7 @@ class Code(IntEnum):
     MLP = 8
     ATTN_OUT = 9
     REST = 10
+    HEAD = 11  # an attention head (index: the head): target of q_in / k_in edges
 
 
 _TO_REF = {
@@ -35,7 +36,7 @@ _TO_REF = {
     Code.ERR_A: (NodeKind.ERROR, NodeKind.ATTN), Code.ERR_R: (NodeKind.ERROR, NodeKind.RESID),
     Code.BIAS_A: (NodeKind.BIAS, NodeKind.ATTN), Code.BIAS_R: (NodeKind.BIAS, NodeKind.RESID),
     Code.EMB: (NodeKind.EMB, None), Code.POS: (NodeKind.POS, None), Code.MLP: (NodeKind.MLP, None),
-    Code.ATTN_OUT: (NodeKind.ATTN_OUT, None), Code.REST: (NodeKind.REST, None),
+    Code.ATTN_OUT: (NodeKind.ATTN_OUT, None), Code.REST: (NodeKind.REST, None), Code.HEAD: (NodeKind.HEAD, None),
 }
 _LAYERLESS = {Code.EMB, Code.POS, Code.REST}
 
@@ -51,9 +52,15 @@ class EdgeKind(IntEnum):
     ATTN_IN = 0  # into an attention feature, from the residual-SAE decomposition of its sources (step 2)
     RESID_IN = 1  # into a residual feature, from upstream components (steps 3-4)
     DIRECT = 2  # into an attention feature, from upstream components with no residual SAE between (step 5)
+    # QK attribution (ingest/rdfa/qk.py) of the scores behind the attention edges: positions are the
+    # score's (src_pos = key position s, dst_pos = query position t) on all three
+    Q_IN = 3  # query-side node at t -> head: its share of the score
+    K_IN = 4  # key-side node at s -> head
+    QK = 5  # query-side node at t -> key-side node at s: one pairwise term of the score (head in ``head``)
 
 
-EDGE_KIND_NAMES = {EdgeKind.ATTN_IN: "attn_in", EdgeKind.RESID_IN: "resid_in", EdgeKind.DIRECT: "direct"}
+EDGE_KIND_NAMES = {EdgeKind.ATTN_IN: "attn_in", EdgeKind.RESID_IN: "resid_in", EdgeKind.DIRECT: "direct",
+                   EdgeKind.Q_IN: "q_in", EdgeKind.K_IN: "k_in", EdgeKind.QK: "qk"}
 
 
 @dataclass
@@ -85,6 +92,12 @@ class Weights:
     b_V: list[torch.Tensor]  # [H, dh]
     W_O: list[torch.Tensor]  # [H, dh, d]
     b_O: list[torch.Tensor]  # [d]
+    # the query/key side (QK attribution); empty lists where not loaded
+    W_Q: list[torch.Tensor] = field(default_factory=list)  # [H, d, dh]
+    W_K: list[torch.Tensor] = field(default_factory=list)  # [H, d, dh]
+    b_Q: list[torch.Tensor] = field(default_factory=list)  # [H, dh]
+    b_K: list[torch.Tensor] = field(default_factory=list)  # [H, dh]
+    attn_scale: float = 1.0  # the score's divisor (sqrt(d_head) in GPT-2)
 
     @property
     def n_layers(self) -> int:
@@ -213,10 +226,11 @@ class Pruning:
     min_abs: float = 0.0
     direct_positions: int | None = None
     direct: bool = True
+    qk: bool = True  # QK attribution of the scores behind the kept attention edges (same top_k, min_abs)
 
     def manifest(self) -> dict:
         return {"top_k": self.top_k, "min_abs": self.min_abs, "direct": self.direct,
-                "direct_positions": self.direct_positions}
+                "direct_positions": self.direct_positions, "qk": self.qk}
 
 
 @dataclass
@@ -228,3 +242,4 @@ class Graph:
     edges: EdgeTable
     direct: EdgeTable
     pruning: Pruning = field(default_factory=Pruning)
+    qk: EdgeTable = field(default_factory=lambda: EdgeTable.empty())  # q_in, k_in and qk edges

@@ -1,0 +1,96 @@
+"""Issue 15 §2: QK attribution at ingest. Stored q_in / k_in / qk edges against TransformerLens's own
+hook_attn_scores, hook_q and hook_k (nothing here calls the code under test for expected values):
+
+    score[h, t, s] = sum of q_in over the query side + b_Q[h] . k[s, h] / sqrt(d_head)
+                   = sum of k_in over the key side + q[t, h] . b_K[h] / sqrt(d_head)
+                   = sum of qk over all pairs + the two bias sides - b_Q[h] . b_K[h] / sqrt(d_head)
+
+(the q_in of a query-side node holds its pairs with every key-side node plus its term with b_K).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from catalog import queries
+from catalog.ids import parse_ref
+from catalog.stores import open_store
+from ingest.jobs import JobOptions, run_job
+from ingest.rdfa.tensors import Pruning
+from ingest.session import ModelWithSaes
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
+
+
+@pytest.fixture(scope="module")
+def exact(toy, tmp_path_factory):
+    """A catalog with every observation kept: no pruning, no evidence cap."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('qk')}/c.db"
+    store = open_store(url, evidence_per_edge=None)
+    run_job(toy, "ioi:3:7", store, JobOptions(run="q", progress=False, mine=False,
+                                              pruning=Pruning(top_k=None, min_abs=0.0, direct_positions=2)))
+    return store
+
+
+def _sums(store) -> dict:
+    """(prompt, layer, head, t, s) -> {kind: summed value} over every stored QK observation."""
+    out: dict = defaultdict(lambda: defaultdict(float))
+    for v in store.all_evidence():
+        if v.kind in ("q_in", "k_in", "qk"):
+            layer = parse_ref(v.dst.split("|")[2]).layer
+            out[(v.prompt, layer, v.head, v.dst_pos, v.src_pos)][v.kind] += v.value
+    return out
+
+
+def test_stored_qk_edges_add_up_to_the_models_attention_scores(toy, exact):
+    model = toy.lm.model
+    prompts = {p.uid: p for p in exact.all_prompts()}
+    sums = _sums(exact)
+    assert len(sums) > 50
+    checked = 0
+    for uid, prompt in prompts.items():
+        with torch.no_grad():
+            _, cache = model.run_with_cache(torch.tensor([toy.lm.tokenizer.encode(prompt.text)]))
+        for (p, layer, h, t, s), by_kind in sums.items():
+            if p != uid:
+                continue
+            attn = model.blocks[layer].attn
+            b_Q, b_K = attn.b_Q.detach(), attn.b_K.detach()
+            scale = attn.attn_scale
+            score = float(cache[f"blocks.{layer}.attn.hook_attn_scores"][0, h, t, s])
+            q, k = cache[f"blocks.{layer}.attn.hook_q"][0, t, h], cache[f"blocks.{layer}.attn.hook_k"][0, s, h]
+            query_bias_side = float(b_Q[h] @ k) / scale  # b_Q with the whole key side
+            key_bias_side = float(q @ b_K[h]) / scale
+            both_biases = float(b_Q[h] @ b_K[h]) / scale
+            assert by_kind["q_in"] + query_bias_side == pytest.approx(score, rel=RTOL, abs=1e-4)
+            assert by_kind["k_in"] + key_bias_side == pytest.approx(score, rel=RTOL, abs=1e-4)
+            assert by_kind["qk"] + query_bias_side + key_bias_side - both_biases == pytest.approx(score, rel=RTOL,
+                                                                                                 abs=1e-4)
+            checked += 1
+    assert checked == len(sums)
+
+
+def test_scores_decomposed_are_those_of_the_kept_attention_edges(exact):
+    """Each decomposed (prompt, layer, head, t, s) carries an attn_in or direct edge, and each of those
+    edges' scores was decomposed."""
+    heads = {(v.prompt, parse_ref(v.dst.split("|")[2]).layer, v.head, v.dst_pos, v.src_pos)
+             for v in exact.all_evidence() if v.kind in ("attn_in", "direct") and v.head is not None}
+    assert set(_sums(exact)) == heads
+
+
+def test_heads_are_nodes_and_their_qk_is_queryable(exact):
+    head = next(e.dst for e in exact.all_edges(("k_in",)))
+    ref = head.split("|")[2]
+    assert parse_ref(ref).kind.value == "head"
+    up = queries.upstream(exact, ref, edge_kinds=["k_in"], limit=5)
+    assert up and all(r["edge_kind"] == "k_in" for r in up)
+    q_side = queries.upstream(exact, ref, edge_kinds=["q_in"], limit=5)
+    assert q_side and all(r["edge_kind"] == "q_in" for r in q_side)
