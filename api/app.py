@@ -273,6 +273,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  model: str | None = None, run: RunQ = None) -> Response:
         return reply(models.Edge, queries.edge(s, src, dst, model=model, evidence_limit=evidence, runs=run))
 
+    @app.get("/heads/{ref}/qk", response_model=models.HeadQK, responses=INCOMPATIBLE, **ANSWER)
+    def get_head_qk(ref: Annotated[str, Path(max_length=64, description="a head: H{layer}.{head}, e.g. H1.3")],
+                    s: Store, limit: Annotated[int, Query(ge=1, le=100)] = 20, model: str | None = None,
+                    run: RunQ = None) -> Response:
+        """Why a head attends where it does, across the corpus (QK attribution; values are attention-score
+        logits): its query-side and key-side nodes with their positional roles, and its largest pairs."""
+        return reply(models.HeadQK, queries.head_qk(s, ref, model=model, limit=limit, runs=run))
+
     @app.get("/prompts/{uid:path}/graph", response_model=models.PromptGraph | models.NeuronpediaGraph, **ANSWER)
     def get_prompt_graph(uid: Annotated[str, Path(max_length=300)], s: Store, limit: Limit = 200,
                          around: Annotated[str | None, Query(max_length=80, description=(

@@ -106,6 +106,29 @@ class Edge(Model):
     through_flagged_sae: list[str]
 
 
+class QKSide(Neighbour):
+    roles: list[RoleShare] = Field(description="positional roles of the scores it contributed to (s: key "
+                                               "position, t: query position)")
+
+
+class QKPair(Model):
+    query: str = Field(description="query-side node (at t)")
+    key: str = Field(description="key-side node (at s)")
+    value: float = Field(description="this head's summed pairwise terms (attention-score logits)")
+    n_prompts: int = Field(description="prompts the pair was kept in (any head)")
+    roles_all_heads: list[RoleShare] = Field(description="positional roles of the pair's terms over every head")
+
+
+class HeadQK(Model):
+    head: str
+    uid: str
+    runs: list[str] = Field(description="the runs whose rows were summed (see catalog.runs)")
+    units: str
+    query_side: list[QKSide] = Field(description="q_in edges: each query-side node's share of the head's scores")
+    key_side: list[QKSide] = Field(description="k_in edges: each key-side node's share of the head's scores")
+    pairs: list[QKPair] = Field(description="qk edges of this head: the largest query x key terms")
+
+
 class Prompt(Model):
     uid: str
     run: str

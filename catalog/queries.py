@@ -113,6 +113,36 @@ def downstream(store: Store, ref: str, **kw: Any) -> list[JSON]:
     return neighbours(store, ref, "down", **kw)
 
 
+QK_UNITS = "attention-score logits (pre-softmax), not feature pre-activations"
+
+
+def head_qk(store: Store, ref: str, *, model: str | None = None, limit: int = 20,
+            runs: Sequence[str] | None = None) -> JSON:
+    """Why a head attends where it does, across the corpus: the query-side nodes (q_in) and key-side
+    nodes (k_in) that raise or lower its scores, with their positional roles, and its largest
+    query x key pairs (qk), each summed over the runs selected."""
+    node = resolve(store, ref, model)
+    if node.kind != NodeKind.HEAD:
+        raise NotFound(f"{node.ref} is not an attention head (expected H{{layer}}.{{head}})")
+    selected = select_runs(store, runs)
+
+    def side(kind: str) -> list[JSON]:
+        rows = neighbours(store, node.ref, "up", model=node.model, runs=selected, edge_kinds=[kind], limit=limit)
+        for row in rows:
+            found = store.edges_between(row["uid"], node.uid, selected)
+            row["roles"] = next((roles_json(e) for e in found if e.kind == kind), [])
+        return rows
+
+    assert node.layer is not None and node.index is not None
+    pairs = []
+    for q_uid, k_uid, value in store.head_pairs(node.model, node.layer, node.index, limit, selected):
+        e = next(x for x in store.edges_between(q_uid, k_uid, selected) if x.kind == "qk")
+        pairs.append({"query": format_ref(node_ref_of(q_uid)), "key": format_ref(node_ref_of(k_uid)),
+                      "value": rnd(value), "n_prompts": e.n_prompts, "roles_all_heads": roles_json(e)})
+    return {"head": node.ref, "uid": node.uid, "runs": list(selected), "units": QK_UNITS,
+            "query_side": side("q_in"), "key_side": side("k_in"), "pairs": pairs}
+
+
 def evidence_json(evidence: list[Evidence], prompts: JSON) -> list[JSON]:
     out = []
     for v in evidence:

@@ -40,6 +40,15 @@ def exact(toy, tmp_path_factory):
     return store
 
 
+@pytest.fixture(scope="module")
+def pruned(toy, tmp_path_factory):
+    """A catalog pruned as by default, with every observation of the kept edges as evidence."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('qk')}/p.db"
+    store = open_store(url, evidence_per_edge=None)
+    run_job(toy, "ioi:3:7", store, JobOptions(run="q", progress=False, mine=False))
+    return store
+
+
 def _sums(store) -> dict:
     """(prompt, layer, head, t, s) -> {kind: summed value} over every stored QK observation."""
     out: dict = defaultdict(lambda: defaultdict(float))
@@ -94,3 +103,49 @@ def test_heads_are_nodes_and_their_qk_is_queryable(exact):
     assert up and all(r["edge_kind"] == "k_in" for r in up)
     q_side = queries.upstream(exact, ref, edge_kinds=["q_in"], limit=5)
     assert q_side and all(r["edge_kind"] == "q_in" for r in q_side)
+
+
+def test_head_qk_answers_from_all_observations_and_alike_on_both_stores(pruned, neo4j_url):
+    """GET /heads/{ref}/qk: each side and the pairs against plain sums of every stored observation,
+    and the same JSON from Neo4j (the catalog exported there)."""
+    from conftest import wipe_neo4j
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+    from catalog.export import copy_catalog
+
+    evidence = list(pruned.all_evidence())
+    head_uid = max({v.dst for v in evidence if v.kind == "k_in"},
+                   key=lambda u: (sum(1 for v in evidence if v.dst == u), u))
+    ref = head_uid.split("|")[2]
+    layer, head = parse_ref(ref).layer, parse_ref(ref).index
+    answer = queries.head_qk(pruned, ref, limit=5)
+    for side, kind in (("query_side", "q_in"), ("key_side", "k_in")):
+        total: dict = defaultdict(float)
+        for v in evidence:
+            if v.kind == kind and v.dst == head_uid:
+                total[v.src.split("|")[2]] += v.value
+        best = sorted(total, key=lambda r: (-round(abs(total[r]), 9), r))[:5]
+        assert [row["id"] for row in answer[side]] == best
+        assert [row["sum"] for row in answer[side]] == [queries.rnd(total[r]) for r in best]
+        assert all(row["roles"] for row in answer[side])
+    pairs: dict = defaultdict(float)
+    for v in evidence:
+        if v.kind == "qk" and v.head == head and parse_ref(v.src.split("|")[2]).layer == layer:
+            pairs[(v.src, v.dst)] += v.value
+    best = sorted(pairs, key=lambda k: (-round(abs(pairs[k]), 9), k))[:5]
+    assert [(p["query"], p["key"]) for p in answer["pairs"]] == [(a.split("|")[2], b.split("|")[2]) for a, b in best]
+    assert [p["value"] for p in answer["pairs"]] == [queries.rnd(pairs[k]) for k in best]
+    wipe_neo4j(neo4j_url)
+    copy_catalog(pruned, open_store(neo4j_url, evidence_per_edge=None))
+    bodies = []
+    for url in (pruned.url, neo4j_url):
+        with TestClient(create_app(Settings(store=url, warm_patterns=False))) as client:
+            r = client.get(f"/heads/{ref}/qk", params={"limit": 5})
+            assert r.status_code == 200 and "logits" in r.json()["units"]
+            bodies.append(r.content)
+            assert client.get("/heads/A1.2/qk").status_code == 404  # not a head
+            assert client.get("/heads/H1.x/qk").status_code == 422
+    assert bodies[0] == bodies[1]
+    wipe_neo4j(neo4j_url)

@@ -501,6 +501,15 @@ class Neo4jStore:
                           s=src, d=dst, runs=_runs(runs))
         return [self._delta(src, dst, r) for r in rows]
 
+    def head_pairs(self, model: str, layer: int, head: int, limit: int,
+                   runs: Runs = None) -> list[tuple[str, str, float]]:
+        rows = self._read(f"MATCH (s:Node)-[r:EDGE {{kind: 'qk'}}]->(d:Node) WHERE s.model = $model AND "
+                          f"s.layer = $layer AND {RUNS} WITH s, d, sum(coalesce(r.head_sums[$head], 0.0)) AS v "
+                          f"WHERE v <> 0 RETURN s.uid, d.uid, v ORDER BY round(abs(v), {ORDER_DECIMALS}) DESC, "
+                          "s.uid, d.uid LIMIT $limit", model=model, layer=layer, head=head, runs=_runs(runs),
+                          limit=limit)
+        return [(r[0], r[1], r[2]) for r in rows]
+
     def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
         rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE {{kind: $kind}}]->(:Node {{uid: $d}}) "
                           "WITH r.key AS key LIMIT 1 "

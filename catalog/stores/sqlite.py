@@ -363,6 +363,15 @@ class SqliteStore:
         heads, roles = self._heads([r[-1] for r in rows], runs), self._roles([r[-1] for r in rows], runs)
         return [EdgeStats.of(src, dst, r[:9], heads.get(r[9], {}), roles.get(r[9], {})) for r in rows]
 
+    def head_pairs(self, model: str, layer: int, head: int, limit: int,
+                   runs: Runs = None) -> list[tuple[str, str, float]]:
+        among, args = _among("h", runs)
+        return [(a, b, v) for a, b, v in self._conn.execute(
+            f"SELECT s.uid, d.uid, SUM(h.sum) AS v FROM edge_heads h JOIN edges e ON e.id = h.edge AND e.run = h.run "
+            f"JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst WHERE e.kind = 'qk' AND s.model = ? "
+            f"AND s.layer = ? AND h.head = ? AND {among} GROUP BY e.id HAVING v != 0 "
+            f"ORDER BY round(abs(v), {ORDER_DECIMALS}) DESC, s.uid, d.uid LIMIT ?", [model, layer, head, *args, limit])]
+
     def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
         among, args = _among("x", runs)
         rows = self._conn.execute(
