@@ -11,12 +11,14 @@ hook_attn_scores, hook_q and hook_k (nothing here calls the code under test for 
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 
 from catalog import queries
 from catalog.ids import parse_ref
+from catalog.schema import ROLES
 from catalog.stores import open_store
 from ingest.jobs import JobOptions, run_job
 from ingest.rdfa.tensors import Pruning
@@ -148,4 +150,16 @@ def test_head_qk_answers_from_all_observations_and_alike_on_both_stores(pruned, 
             assert client.get("/heads/A1.2/qk").status_code == 404  # not a head
             assert client.get("/heads/H1.x/qk").status_code == 422
     assert bodies[0] == bodies[1]
+    # docs/catalog.md's QK walk, on the live server, against the stored roles read through the store
+    text = (Path(__file__).parent.parent / "docs" / "catalog.md").read_text()
+    walk = text.split("A QK walk", 1)[1].split("```cypher\n", 1)[1].split("```", 1)[0]
+    k_in = [e for e in pruned.all_edges(("k_in",)) if "S1->END" in e.roles]
+    walked = max({e.dst for e in k_in}, key=lambda u: (sum(e.roles["S1->END"][1] for e in k_in if e.dst == u), u))
+    walk = "\n".join(line for line in walk.splitlines() if not line.startswith("//"))
+    rows = open_store(neo4j_url).cypher(walk.replace("'H1.3'", f"'{walked.split('|')[2]}'"), {}, 100, 10.0)
+    code = ROLES.index("S1->END")
+    toward = {e.src.split("|")[2]: e.roles["S1->END"][1] for e in k_in if e.dst == walked}
+    best = sorted(toward, key=lambda r: (-toward[r], r))[:10]
+    assert code == 18 and [r["key_side"] for r in rows] == best and best
+    assert [round(r["toward_s1"], 6) for r in rows] == [round(toward[r], 6) for r in best]
     wipe_neo4j(neo4j_url)
