@@ -230,7 +230,8 @@ class Position(Model):
 class Pair(Model):
     source: str
     target: str
-    path: str = Field(description="direct, or via_resid (through one residual feature)")
+    path: str = Field(description="direct, or via_resid (through one residual feature); k_via_resid / "
+                                  "q_via_resid: into a head's key / query side through one residual feature")
     via: list[str] | None = None
     n_prompts: int
     total: float | None
@@ -258,7 +259,9 @@ class Hub(Model):
 class Patterns(Model):
     runs: list[str] = Field(description="the runs whose rows were summed (see catalog.runs)")
     n_prompts: int
-    pairs: list[Pair]
+    pairs: list[Pair] = Field(description="V-composition (direct, via_resid), ranked by |total|")
+    qk_pairs: list[Pair] = Field(description="K- and Q-composition into heads (k_via_resid, q_via_resid), totals "
+                                             "in attention-score logits, ranked by |total|")
     chains: list[Chain]
     hubs: list[Hub]
     null: str

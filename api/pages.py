@@ -247,7 +247,7 @@ def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRoute
                  min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2, run: Runs = None) -> HTMLResponse:
         result = mined(request.app.state, s, top, min_prompts, run)
         heads = n_heads(s)
-        for p in result["pairs"]:
+        for p in result["pairs"] + result["qk_pairs"]:
             p["head_bars"] = _heads_svg(p["heads"], heads)
         return render(request, "patterns.html", result=result, top=top, min_prompts=min_prompts,
                       title="composition patterns")

@@ -8,7 +8,10 @@
   of f's activity are shuffled among the corpus's prompts. That shuffle's distribution is
   hypergeometric, so its mean n_k n_f / N and variance are exact, and ``z_score`` says how
   many standard deviations the observed recurrence lies above it.
-* Chains of three attention features and hubs come from the graph of pairs.
+* K- and Q-composition (``qk_pairs``): A_l.k -resid_in-> R_L.j -k_in (or q_in)-> head H_L.h, scored
+  like via_resid (k's share of j times j's share of the head's scores), in attention-score logits, so
+  ranked apart from the V pairs; chained at the residual feature's position on the key (query) side.
+* Chains of three attention features and hubs come from the graph of V pairs.
 * Positions: each pair's dominant positional relation, offset and role pair (catalog.schema.ROLES)
   with its share of the pair's |value|, against the same share over every attention observation
   of the selection (the base rate): a duplicate share of 0.9 against a base of 0.05 names a
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 import networkx as nx
 import numpy as np
 
+from catalog.ids import NodeKind
 from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
 from catalog.runs import select_runs
 from catalog.schema import JSON, OFFSETS, RELATIONS, ROLE_PAIRS, ROLES, EdgeStats
@@ -93,21 +97,31 @@ def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts
     return out
 
 
+VIA_PATHS = {"attn_in": "via_resid", "k_in": "k_via_resid", "q_in": "q_via_resid"}
+
+
+def _is_head(uid: str) -> bool:
+    return node_ref_of(uid).kind is NodeKind.HEAD
+
+
 def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs,
-                    base: dict[str, float]) -> list[JSON]:
+                    base: dict[str, float], down_kind: str = "attn_in") -> list[JSON]:
     """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence.
 
     The join (every attention feature into a residual feature) x (that residual feature into every
     later attention feature) has millions of rows on a corpus-sized catalog, so it runs in numpy:
-    edges sorted by uid first, so the sums do not depend on the order a store returns edges in."""
+    edges sorted by uid first, so the sums do not depend on the order a store returns edges in.
+    ``down_kind``: attn_in (V-composition: into attention features), k_in or q_in (K-/Q-composition:
+    into heads, through the residual feature on the key or query side of their scores)."""
     ups = sorted(store.all_edges(("resid_in",), runs), key=lambda e: (e.src, e.dst))
     total_in: dict[str, float] = defaultdict(float)
     for e in ups:
         total_in[e.dst] += e.sum
     ups = [e for e in ups if _is_attn_feature(e.src)]
     fed = {e.dst for e in ups}
-    downs = sorted((e for e in store.all_edges(("attn_in",), runs)
-                    if e.src in fed and total_in[e.src] and _is_attn_feature(e.dst)), key=lambda e: (e.src, e.dst))
+    into = _is_attn_feature if down_kind == "attn_in" else _is_head
+    downs = sorted((e for e in store.all_edges((down_kind,), runs)
+                    if e.src in fed and total_in[e.src] and into(e.dst)), key=lambda e: (e.src, e.dst))
     if not ups or not downs:
         return []
     uids = sorted({e.src for e in ups} | {e.dst for e in downs})
@@ -146,7 +160,8 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
     for w in best.tolist():
         src, dst = uids[int(keys[w]) // len(uids)], uids[int(keys[w]) % len(uids)]
         hops = hop_rows[w]
-        prompts, heads = _chained_prompts(store, hops, runs)
+        # the residual feature's position in the second hop's evidence: s (attn_in, k_in) or t (q_in)
+        prompts, heads = _chained_prompts(store, hops, runs, "dst_pos" if down_kind == "q_in" else "src_pos")
         if len(prompts) < min_prompts:
             continue
         total = float(score[w])
@@ -155,7 +170,7 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
             for name, (n, a) in down.roles.items():
                 roles[name] = (roles.get(name, (0, 0.0))[0] + n, roles.get(name, (0, 0.0))[1] + a)
         out.append({"source": _ref(src), "target": _ref(dst), "source_uid": src, "target_uid": dst,
-                    "path": "via_resid", "via": sorted({_ref(up.dst) for up, _ in hops}),
+                    "path": VIA_PATHS[down_kind], "via": sorted({_ref(up.dst) for up, _ in hops}),
                     "n_prompts": len(prompts), "total": rnd(total), "mean": rnd(total / len(prompts)),
                     "sign_share": None, "heads": {str(h): rnd(v) for h, v in sorted(heads.items())},
                     "position": position(roles, sum(d.sum_abs for d in {id(d): d for _, d in hops}.values()), base),
@@ -164,15 +179,16 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
     return out
 
 
-def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]],
-                     runs: Runs) -> tuple[set[str], dict[int, float]]:
-    """Prompts whose evidence has hop 1 (k@s -> j@s) and hop 2 (j@s -> f@t) at the same s; head sums of hop 2."""
+def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]], runs: Runs,
+                     at: str = "src_pos") -> tuple[set[str], dict[int, float]]:
+    """Prompts whose evidence has hop 1 (k@p -> j@p) and hop 2 from j@p (p: the evidence field ``at`` of
+    hop 2) at the same p; head sums of hop 2."""
     prompts: set[str] = set()
     heads: dict[int, float] = defaultdict(float)
     for up, down in hops:
         first = {(v.prompt, v.dst_pos) for v in store.evidence(up.src, up.dst, up.kind, 1000, runs)}
         for v in store.evidence(down.src, down.dst, down.kind, 1000, runs):
-            if (v.prompt, v.src_pos) in first:
+            if (v.prompt, getattr(v, at)) in first:
                 prompts.add(v.prompt)
         for h, s in down.head_sums.items():
             heads[h] += s
@@ -198,6 +214,10 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
     pairs = (direct_pairs(store, counts, n_total, min_prompts, selected, base)
              + via_resid_pairs(store, counts, n_total, min_prompts, selected, base))
     pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
+    # K- and Q-composition: their totals are attention-score logits, so they rank apart from V's
+    qk_pairs = [p for kind in ("k_in", "q_in")
+                for p in via_resid_pairs(store, counts, n_total, min_prompts, selected, base, kind)]
+    qk_pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
     graph = nx.DiGraph()
     for p in pairs:
         w = abs(p["total"] or 0)
@@ -213,11 +233,12 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
     chains.sort(key=lambda c: (-float(c["strength"]), c["chain"]))
     hubs = [{"id": n, "fed_by": graph.in_degree(n), "feeds": graph.out_degree(n)} for n in graph.nodes]
     hubs.sort(key=lambda h: (-(h["fed_by"] + h["feeds"]), h["id"]))
-    shown = pairs[:top]
-    for p in shown:
+    shown, shown_qk = pairs[:top], qk_pairs[:top]
+    for p in shown + shown_qk:
         p["exemplars"] = _exemplars(store, p, selected)
         p.pop("source_uid"), p.pop("target_uid")
-    return {"runs": list(selected), "n_prompts": n_total, "pairs": shown, "chains": chains[:top], "hubs": hubs[:top],
+    return {"runs": list(selected), "n_prompts": n_total, "pairs": shown, "qk_pairs": shown_qk,
+            "chains": chains[:top], "hubs": hubs[:top],
             "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment; "
                     "positions: each role's share of the |value| of every attention observation (base)",
             "base_rates": {name: rnd(v) for name, v in base.items()},

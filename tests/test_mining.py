@@ -12,18 +12,18 @@ import torch
 from catalog.ids import parse_ref
 from catalog.mining import mine, null_z
 from catalog.queries import rnd
-from catalog.schema import NodeInfo, Prompt
+from catalog.schema import EDGE_KINDS, NodeInfo, Prompt
 from catalog.stores import open_store
 from ingest.reduce import Activations, Observations
 from ingest.to_catalog import aggregate_rows
 
-KINDS = ["attn_in", "resid_in", "direct"]
+KINDS = list(EDGE_KINDS)
 REFS = [f"A{l}.{i}" for l in range(3) for i in range(12)] + [f"R{l}.{i}" for l in range(3) for i in range(12)]
 
 
 def _catalog(url: str):
     rng = random.Random(7)
-    infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in REFS]
+    infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in [*REFS, "H1.2"]]
     idx = {n.ref: i for i, n in enumerate(infos)}
     # the token at 9 repeats the token at 2: the planted direct pair (2 -> 9) reads a duplicate token
     prompts = [Prompt(f"m/p{i:03d}", "m", f"p{i:03d}", f"prompt {i}", [f"t{j}" for j in range(9)] + ["t2"], "t",
@@ -34,6 +34,7 @@ def _catalog(url: str):
             rows.append((p, "A0.5", "A2.7", "direct", 3, 2, 9, 1.5 + 0.1 * rng.random()))
             rows.append((p, "A0.3", "R1.4", "resid_in", -1, 4, 4, 2.0))
             rows.append((p, "R1.4", "A1.9", "attn_in", 1, 4, 8, 1.2))
+            rows.append((p, "R1.4", "H1.2", "k_in", 2, 4, 8, 0.7))  # R1.4 on the key side of head 1.2's scores
         for _ in range(20):  # noise among the other features
             src, dst = rng.choice(REFS[12:36] + REFS[36:]), rng.choice(REFS[13:36])
             if parse_ref(src).layer < parse_ref(dst).layer or src[0] == "R":
@@ -102,3 +103,16 @@ def test_pairs_name_where_their_attention_reads_against_the_base_rate(store_url)
     dup = sum(abs(v.value) for v in attn if v.head is not None and v.src_pos != v.dst_pos
               and prompts[v.prompt].tokens[v.src_pos] == prompts[v.prompt].tokens[v.dst_pos])
     assert direct["relation"]["base"] == rnd(dup / sum(abs(v.value) for v in attn)) < 0.5
+
+
+def test_k_composition_through_a_residual_feature_on_the_key_side(store_url):
+    """A0.3 is all of R1.4's input, and R1.4 sits on the key side of head H1.2's scores on the even
+    prompts: a K-composition pair A0.3 -> H1.2 of 30 x 0.7 logits, chained at the key position."""
+    result = mine(_catalog(store_url), top=10, min_prompts=5)
+    qk = {(p["source"], p["target"], p["path"]): p for p in result["qk_pairs"]}
+    pair = qk[("A0.3", "H1.2", "k_via_resid")]
+    assert pair["via"] == ["R1.4"] and pair["n_prompts"] == 30 and pair["heads"] == {"2": rnd(30 * 0.7)}
+    assert pair["total"] == pytest.approx(30 * 0.7, rel=1e-6)
+    assert pair["position"]["offset"]["role"] == "offset 4-7" and [e["prompt"] for e in pair["exemplars"]] == \
+        ["m/p000", "m/p002", "m/p004"]
+    assert all(p["path"] != "k_via_resid" for p in result["pairs"])  # logits never rank among V pairs

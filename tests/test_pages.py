@@ -250,6 +250,10 @@ def test_patterns_page_equals_the_mining_endpoint(page, server):
         assert row.locator("td[data-field='position']").inner_text() == reads
         assert [a.get_attribute("href").split("?")[0].removeprefix("/view/prompt/")
                 for a in row.locator("a.exemplar").all()] == [x["prompt"] for x in pair["exemplars"]]
+    qk_rows = page.locator("#qk-pairs tbody tr[data-path]").all()
+    assert [(r.get_attribute("data-source"), r.get_attribute("data-target"), r.get_attribute("data-path"),
+             r.locator("td[data-field='total']").inner_text()) for r in qk_rows] == \
+        [(p["source"], p["target"], p["path"], str(p["total"])) for p in mined["qk_pairs"]]
     shot(page, "patterns")
     page.locator("#pairs a.edge-link").first.click()
     page.wait_for_url("**/view/edge/**")
