@@ -6,7 +6,9 @@ per position here: a random model's attention averages shrink z with position, s
 thousands at position 0 to near zero late in the prompt.)
 
 Prints prompts/s and the ratio (full attribution time) / (forward pass + all 24 SAE encodes), both
-measured in the same run on the same inputs. Usage: python bench/rdfa.py [--threads 2] [--quick]
+measured in the same run on the same inputs, and the cost of QK attribution (issue 15: the scores
+behind the kept attention edges split over the residual SAE decompositions) as a ratio to the full
+graph without it, in the same run (target <= 1.0). Usage: python bench/rdfa.py [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -94,14 +96,15 @@ def main() -> None:
     model = gpt2_shaped(device)
     attn, resid = calibrated_saes(model, device)
     weights = weights_of(model)
-    pruning = Pruning(top_k=5, min_abs=0.01, direct_positions=2)  # the ingest defaults
+    pruning = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=False)  # the ingest defaults, without QK
+    with_qk = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=True)  # ... and with it (what ingest runs)
     configs = [(1, 64)] if args.quick else [(1, 64), (4, 64), (8, 64), (1, 128), (4, 128)]
     if args.long:
         configs.append((1, 1024))
     if args.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd+enc s':>10} {'attrib s':>9} {'ratio':>6} "
-          f"{'prompts/s':>9} {'edges':>9}")
+          f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8}")
     for B, T in configs:
         tokens = torch.randint(0, CFG["d_vocab"], (B, T), device=device)
         lengths = torch.full((B,), T, device=device)
@@ -117,15 +120,23 @@ def main() -> None:
             t_base, cap = timed(baseline, device, 2 if T * B <= 256 else 1)
             t_attr, graph = timed(lambda: full_graph(cap, weights, attn, resid, pruning), device,  # noqa: B023
                                   2 if T * B <= 256 else 1)
+            t_full, graph_qk = timed(lambda: full_graph(cap, weights, attn, resid, with_qk), device,  # noqa: B023
+                                     2 if T * B <= 256 else 1)
+        t_qk = t_full - t_attr
+        qk = graph_qk.qk
+        scores = len({(int(b), int(h), int(t), int(s)) for b, h, t, s in zip(
+            qk.prompt.tolist(), qk.head.tolist(), qk.dst_pos.tolist(), qk.src_pos.tolist())}) if len(qk) < 5_000_000 else -1
         l0 = [(resid[l].activation(resid[l].pre_activation(cap.resid_pre[l])) > 0).sum(-1)[:, 1:] for l in range(12)]
         l0 = torch.cat([x.flatten() for x in l0]).float()
         total = t_base + t_attr  # what an ingest step costs: forward + encodes happen inside full_graph too
         print(f"{B:>5} {T:>6} {f'{l0.mean():.0f} ({l0.min():.0f}-{l0.max():.0f})':>14} {t_base:>10.2f} "
-              f"{t_attr:>9.2f} {t_attr / t_base:>6.2f} {B / total:>9.2f} {len(graph.edges) + len(graph.direct):>9}")
+              f"{t_attr:>9.2f} {t_attr / t_base:>6.2f} {B / total:>9.2f} {len(graph.edges) + len(graph.direct):>9} "
+              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8}")
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print(f"peak memory: {peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-    print("ratio = full_graph time / (forward with cache + 24 SAE encodes); prompts/s counts both")
+    print("ratio = full_graph time / (forward with cache + 24 SAE encodes); prompts/s counts both (without QK)")
+    print("+QK s = full_graph with QK - without; QK/attrib = that / full_graph without QK (target <= 1.0)")
 
 
 if __name__ == "__main__":

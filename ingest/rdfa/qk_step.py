@@ -21,7 +21,7 @@ import torch
 from ingest.rdfa.steps import FlatRows
 from ingest.rdfa.tensors import Code, EdgeKind, EdgeTable, Pruning
 
-PAIRS_PER_CHUNK = 1 << 19  # pairwise terms computed at once (each gathers two [dh] vectors)
+CHUNK_ELEMENTS = 1 << 22  # padded pairwise terms computed at once (scores x query rows x key rows)
 
 
 def score_keys(tables: list[EdgeTable], n_heads: int, T: int) -> torch.Tensor:
@@ -39,25 +39,26 @@ def score_keys(tables: list[EdgeTable], n_heads: int, T: int) -> torch.Tensor:
     return torch.stack([code // n_heads, code % n_heads, t, s], 1)
 
 
-def _ragged(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For groups of ``counts`` items beginning at ``starts``: (group of each item, item index)."""
-    group = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    first = torch.cumsum(counts, 0) - counts
-    within = torch.arange(int(counts.sum()), device=counts.device) - first[group]
-    return group, starts[group] + within
+def _top_rows(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``value`` [C, M] (``valid`` marks real entries): the top_k |value| entries, then
+    |value| >= min_abs and non-zero. Returns (row, column) [n] each."""
+    v = value.masked_fill(~valid, 0.0)
+    if pruning.top_k is not None and pruning.top_k < v.shape[1]:
+        col = v.abs().topk(pruning.top_k, dim=1).indices  # [C, k]
+        picked = v.gather(1, col)
+    else:
+        col, picked = torch.arange(v.shape[1], device=v.device).expand_as(v), v
+    keep = (picked.abs() >= pruning.min_abs) & (picked != 0)
+    row, j = keep.nonzero(as_tuple=True)
+    return row, col[row, j]
 
 
-def top_per_group(group: torch.Tensor, value: torch.Tensor, pruning: Pruning) -> torch.Tensor:
-    """Indices of the top_k |value| of each group (ties: input order), |value| >= min_abs, non-zero."""
-    order = torch.argsort(-value.abs(), stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
-    if pruning.top_k is not None:
-        _, counts = torch.unique_consecutive(group[order], return_counts=True)
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(order), device=order.device) - torch.repeat_interleave(first, counts)
-        order = order[rank < pruning.top_k]
-    v = value[order]
-    return order[(v.abs() >= pruning.min_abs) & (v != 0)]
+def _padded(start: torch.Tensor, count: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices [C, width] of each score's rows (start, start+1, ...; repeated past its count) and
+    the mask [C, width] of the real ones."""
+    offsets = torch.arange(width, device=start.device)
+    valid = offsets[None, :] < count[:, None]
+    return start[:, None] + torch.minimum(offsets[None, :], (count - 1).clamp(min=0)[:, None]), valid
 
 
 def qk_edges(rows: FlatRows, sigma: torch.Tensor, keys: torch.Tensor, W_Q: torch.Tensor, W_K: torch.Tensor,
@@ -65,52 +66,49 @@ def qk_edges(rows: FlatRows, sigma: torch.Tensor, keys: torch.Tensor, W_Q: torch
     """q_in, k_in and qk edges of the scores ``keys`` [n, 4] (prompt, head, t, s) of one layer.
 
     rows: the residual SAE decomposition of resid_pre[layer] (steps.resid_sae_rows), sorted by
-    (prompt, position); sigma [B, T]: LN1's scale; W_Q, W_K [H, d, dh], b_Q, b_K [H, dh] processed."""
+    (prompt, position); sigma [B, T]: LN1's scale; W_Q, W_K [H, d, dh], b_Q, b_K [H, dh] processed.
+    Scores go in chunks, each padded to its largest query and key side and multiplied as one batched
+    matmul [C, nq, dh] x [C, dh, nk]; scores are ordered by size first so that padding stays small."""
     T = sigma.shape[1]
     H, d, dh = W_Q.shape
     x = rows.vec / sigma[rows.prompt, rows.pos, None]  # LN1 with its scale frozen; centering is in the weights
     Q = (x @ (W_Q - W_Q.mean(1, keepdim=True)).permute(1, 0, 2).reshape(d, H * dh)).view(-1, H, dh)
     K = (x @ (W_K - W_K.mean(1, keepdim=True)).permute(1, 0, 2).reshape(d, H * dh)).view(-1, H, dh)
-    b, h, t, s = keys.unbind(1)
     row_key = rows.prompt * T + rows.pos
+    b, h, t, s = keys.unbind(1)
     q0, q1 = torch.searchsorted(row_key, b * T + t), torch.searchsorted(row_key, b * T + t, right=True)
     k0, k1 = torch.searchsorted(row_key, b * T + s), torch.searchsorted(row_key, b * T + s, right=True)
     nq, nk = q1 - q0, k1 - k0
-    # each side's rows of each score, flat: (score, row) with the bias term of the other side
-    q_score, q_row = _ragged(q0, nq)
-    k_score, k_row = _ragged(k0, nk)
-    q_share = (Q[q_row, h[q_score]] * b_K[h[q_score]]).sum(-1) / attn_scale
-    k_share = (b_Q[h[k_score]] * K[k_row, h[k_score]]).sum(-1) / attn_scale
-    q_first, k_first = torch.cumsum(nq, 0) - nq, torch.cumsum(nk, 0) - nk
-    pairs = []
-    n_pairs = nq * nk
-    cum = torch.cumsum(n_pairs, 0)
-    c0 = 0
+    by_size = torch.argsort(torch.maximum(nq, nk), stable=True)
+    sizes = torch.maximum(nq, nk)[by_size].tolist()
+    tables, c0 = [], 0
     while c0 < len(keys):
-        done = int(cum[c0 - 1]) if c0 else 0
-        c1 = max(c0 + 1, int(torch.searchsorted(cum, done + PAIRS_PER_CHUNK, right=True)))
-        score, flat = _ragged(torch.zeros(c1 - c0, dtype=torch.long, device=keys.device), n_pairs[c0:c1])
-        score = score + c0
-        i, j = flat // nk[score], flat % nk[score]
-        head = h[score]
-        value = (Q[q0[score] + i, head] * K[k0[score] + j, head]).sum(-1) / attn_scale
-        q_share.index_add_(0, q_first[score] + i, value)
-        k_share.index_add_(0, k_first[score] + j, value)
-        keep = top_per_group(score, value, pruning)
-        sc, qi, kj = score[keep], (q0[score] + i)[keep], (k0[score] + j)[keep]
-        pairs.append(EdgeTable(b[sc], rows.code[qi], rows.layer[qi], rows.index[qi], s[sc], rows.code[kj],
-                               rows.layer[kj], rows.index[kj], t[sc], h[sc], value[keep], torch.full_like(sc, EdgeKind.QK)))
+        width = sizes[min(len(sizes) - 1, c0)]
+        c1 = c0 + 1
+        while c1 < len(keys) and (c1 - c0 + 1) * sizes[c1] ** 2 <= CHUNK_ELEMENTS:
+            c1 += 1
+        sc = by_size[c0:c1]
+        width = sizes[c1 - 1]
+        qi, q_ok = _padded(q0[sc], nq[sc], width)
+        kj, k_ok = _padded(k0[sc], nk[sc], width)
+        hh = h[sc]
+        Qg, Kg = Q[qi, hh[:, None]], K[kj, hh[:, None]]  # [C, width, dh]
+        pair = torch.bmm(Qg, Kg.transpose(1, 2)) / attn_scale  # [C, width(q), width(k)]
+        pair = pair * (q_ok[:, :, None] & k_ok[:, None, :])
+        # a side's share: its pairs with the whole other side, plus its term with the other side's bias
+        q_share = pair.sum(2) + (Qg * b_K[hh][:, None, :]).sum(-1) / attn_scale
+        k_share = pair.sum(1) + (Kg * b_Q[hh][:, None, :]).sum(-1) / attn_scale
+        for share, idx, ok, kind in ((q_share, qi, q_ok, EdgeKind.Q_IN), (k_share, kj, k_ok, EdgeKind.K_IN)):
+            c, j = _top_rows(share, ok, pruning)
+            r, g = idx[c, j], sc[c]
+            full = lambda v, g=g: torch.full_like(g, int(v))  # noqa: E731
+            tables.append(EdgeTable(b[g], rows.code[r], rows.layer[r], rows.index[r], s[g], full(Code.HEAD),
+                                    full(layer), h[g], t[g], h[g], share[c, j], full(kind)))
+        flat_ok = (q_ok[:, :, None] & k_ok[:, None, :]).flatten(1)
+        c, j = _top_rows(pair.flatten(1), flat_ok, pruning)
+        qr, kr, g = qi[c, j // width], kj[c, j % width], sc[c]
+        tables.append(EdgeTable(b[g], rows.code[qr], rows.layer[qr], rows.index[qr], s[g], rows.code[kr],
+                                rows.layer[kr], rows.index[kr], t[g], h[g], pair.flatten(1)[c, j],
+                                torch.full_like(g, int(EdgeKind.QK))))
         c0 = c1
-    return EdgeTable.cat([_into_head(rows, q_score, q_row, q_share, b, h, t, s, layer, EdgeKind.Q_IN, pruning),
-                          _into_head(rows, k_score, k_row, k_share, b, h, t, s, layer, EdgeKind.K_IN, pruning),
-                          *pairs])
-
-
-def _into_head(rows: FlatRows, score: torch.Tensor, row: torch.Tensor, value: torch.Tensor, b: torch.Tensor,
-               h: torch.Tensor, t: torch.Tensor, s: torch.Tensor, layer: int, kind: EdgeKind,
-               pruning: Pruning) -> EdgeTable:
-    keep = top_per_group(score, value, pruning)
-    sc, r = score[keep], row[keep]
-    full = lambda v: torch.full_like(sc, int(v))  # noqa: E731
-    return EdgeTable(b[sc], rows.code[r], rows.layer[r], rows.index[r], s[sc], full(Code.HEAD), full(layer), h[sc],
-                     t[sc], h[sc], value[keep], full(kind))
+    return EdgeTable.cat(tables)
