@@ -88,6 +88,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            max_tokens: int | None = None, truncate: bool = False, skip_long: bool = False,
            top_k: Annotated[int, bounded(1, 10_000)] = 5, min_abs: Annotated[float, bounded(0)] = 0.01,
            direct_positions: Annotated[int, bounded(0, 100_000)] = 2,
+           qk: Annotated[bool, typer.Option(help=(
+               "QK attribution: split the scores behind the kept attention edges into q_in, k_in and qk edges"))] = True,
            evidence_per_edge: Annotated[int, bounded(0, 10_000, "0 keeps every observation")] = 8,
            threads: Threads = 1, progress: bool = True,
            window: Annotated[int, typer.Option(help="prompts per store write (one all-or-nothing transaction)")] = 256,
@@ -120,7 +122,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     ray = RayOptions(ray_address, workers, gpus_per_worker, threads, model, list(saes)) if executor == "ray" else None
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
-                      pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions),
+                      pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk),
                       progress=progress, window=window, window_mem=window_mem << 20, executor=executor, ray=ray,
                       mine=mine and not partials)
     if partials:

@@ -172,7 +172,7 @@ def dfa_value(session: ModelWithSaes, text: str, src, dst) -> float:
     """The RDFA value of src -> dst on this prompt, summed over heads, from an unpruned graph."""
     from ingest.rdfa.tensors import Pruning
 
-    _, graph = session.attribute([session.lm.tokenizer.encode(text)], Pruning(direct=False))
+    _, graph = session.attribute([session.lm.tokenizer.encode(text)], Pruning(direct=False, qk=False))
     e = graph.edges
     code = {NodeKind.ATTN: 0, NodeKind.RESID: 1}
     hit = ((e.src_code == code[src.kind]) & (e.src_layer == src.layer) & (e.src_index == src.index) &

@@ -91,7 +91,8 @@ def trace(session: ModelWithSaes, text: str, *, feature: str | None = None, pos:
     pos %= len(ids)
     tokens, lengths = session.pad([ids])
     _, cap = capture(session.lm.model, tokens, lengths)
-    graph = full_graph(cap, session.weights, session.attn, session.resid, Pruning(top_k=top, direct=False))
+    # the tree reads attn_in / resid_in only (trace --qk decomposes its own scores: ingest/trace_qk.py)
+    graph = full_graph(cap, session.weights, session.attn, session.resid, Pruning(top_k=top, direct=False, qk=False))
     n = graph.nodes
     info = {(int(c), int(l), int(i), int(p)): (float(a), float(pr)) for c, l, i, p, a, pr in
             zip(n.code, n.layer, n.index, n.pos, n.act, n.pre)}
