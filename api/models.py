@@ -250,6 +250,16 @@ class Chain(Model):
     paths: list[str]
 
 
+class QKChain(Model):
+    chain: list[str] = Field(description="A_l.x, head H_L.h, A_L.y, A_M.z")
+    paths: list[str] = Field(description="k_via_resid or q_via_resid, writes, then direct or via_resid")
+    positions: list[str | None] = Field(description="the dominant role pair of the K/Q hop and of the V hop")
+    qk_total: float | None = Field(description="the K/Q pair's total (attention-score logits)")
+    head_share: float = Field(description="the head's share of A_L.y's per-head attribution")
+    v_total: float | None
+    score: float | None = Field(description="|qk_total| x head_share x |v_total|: a ranking, not a quantity")
+
+
 class Hub(Model):
     id: str
     fed_by: int
@@ -263,6 +273,8 @@ class Patterns(Model):
     qk_pairs: list[Pair] = Field(description="K- and Q-composition into heads (k_via_resid, q_via_resid), totals "
                                              "in attention-score logits, ranked by |total|")
     chains: list[Chain]
+    qk_chains: list[QKChain] = Field(description="K/Q composition into a head, the head writing an attention "
+                                                 "feature, that feature's V composition")
     hubs: list[Hub]
     null: str
     base_rates: dict[str, float] = Field(description="each positional role's share of the |value| of every "

@@ -93,7 +93,7 @@ def load(port: int, paths: list[str], per_client: int) -> tuple[float, list[floa
 
 
 def serve_and_measure(url: str, paths: list[str], per_client: int, workers: int = WORKERS,
-                      stored_patterns: bool = False) -> float:
+                      stored_patterns: bool = False, warmup: int = 100) -> float:
     """Serve ``url`` with `circuit-catalog serve --workers N` and load it; prints and returns p99 in ms."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--store", url, "--port", str(port),
@@ -108,7 +108,9 @@ def serve_and_measure(url: str, paths: list[str], per_client: int, workers: int 
                 time.sleep(0.2)
         if stored_patterns and httpx.get(f"http://127.0.0.1:{port}{paths[0]}", timeout=60).json()["mined"] is None:
             raise RuntimeError(f"{url}: the patterns are not stored (this would measure live mining)")
-        load(port, paths, 5)  # warm-up
+        # steady state: a served API is warm. The JVM compiles Neo4j's query paths only after thousands of
+        # calls, and each server process's first requests pay imports and connection set-up
+        load(port, paths, warmup)
         rps, lat = load(port, paths, per_client)
         ms = np.array(lat) * 1000
         print(f"  {url.split(':')[0]:<7} {rps:7.0f} requests/s   p50 {np.percentile(ms, 50):6.1f} ms   "
@@ -143,6 +145,7 @@ def main() -> None:
     ap.add_argument("--demo-prompts", type=int, default=500, help="prompts of the demo catalog (patterns)")
     ap.add_argument("--skip-upstream", action="store_true", help="only the patterns endpoint")
     ap.add_argument("--skip-patterns", action="store_true", help="only the upstream endpoint")
+    ap.add_argument("--warmup", type=int, default=100, help="warm-up requests per client before measuring")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         if not args.skip_upstream:
@@ -150,21 +153,23 @@ def main() -> None:
                   "GET /features/{ref}/upstream?limit=20")
             sqlite = f"sqlite:///{tmp}/api.db"
             refs = fill(sqlite, args.obs, args.runs)
-            serve_and_measure(sqlite, upstream_paths(refs), args.requests, args.workers)
+            serve_and_measure(sqlite, upstream_paths(refs), args.requests, args.workers, warmup=args.warmup)
             with running_on_free_port(f"{tmp}/neo4j", page_cache="1g", heap="3g") as neo:
                 fill(neo, args.obs, args.runs)
-                serve_and_measure(neo, upstream_paths(refs), args.requests, args.workers)
+                serve_and_measure(neo, upstream_paths(refs), args.requests, args.workers, warmup=args.warmup)
         if not args.skip_patterns:
             print(f"catalog: the demo's (toy-ioi, {args.demo_prompts} IOI prompts); "
                   "GET /patterns/composition?top=10|20|50 (stored at the end of the ingest)")
             demo = f"sqlite:///{tmp}/demo.db"
             demo_catalog(demo, args.demo_prompts)
-            serve_and_measure(demo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True)
+            serve_and_measure(demo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True,
+                              warmup=args.warmup)
             with running_on_free_port(f"{tmp}/neo4j-demo", page_cache="512m", heap="2g") as neo:
                 # export copies the stored patterns with the rest
                 subprocess.run([sys.executable, "-m", "cli", "export", "--from", demo, "--to", neo],
                                check=True, stdout=subprocess.DEVNULL)
-                serve_and_measure(neo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True)
+                serve_and_measure(neo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True,
+                                  warmup=args.warmup)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def mine_after_ingest(store: Store, run: str) -> list[tuple[list[str], float]]:
 
 
 def cut(result: JSON, top: int) -> JSON:
-    return {**result, **{part: result[part][:top] for part in ("pairs", "qk_pairs", "chains", "hubs")}}
+    return {**result, **{part: result[part][:top] for part in ("pairs", "qk_pairs", "chains", "qk_chains", "hubs")}}
 
 
 def stored_patterns(store: Store, top: int, min_prompts: int, runs: Sequence[str] | None) -> JSON | None:

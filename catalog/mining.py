@@ -11,7 +11,8 @@
 * K- and Q-composition (``qk_pairs``): A_l.k -resid_in-> R_L.j -k_in (or q_in)-> head H_L.h, scored
   like via_resid (k's share of j times j's share of the head's scores), in attention-score logits, so
   ranked apart from the V pairs; chained at the residual feature's position on the key (query) side.
-* Chains of three attention features and hubs come from the graph of V pairs.
+* Chains of three attention features and hubs come from the graph of V pairs; ``qk_chains`` join the
+  halves: A_l.x -(K or Q)-> head H_L.h -writes-> A_L.y -(V)-> A_M.z, with each hop's role pair.
 * Positions: each pair's dominant positional relation, offset and role pair (catalog.schema.ROLES)
   with its share of the pair's |value|, against the same share over every attention observation
   of the selection (the base rate): a duplicate share of 0.9 against a base of 0.05 names a
@@ -55,16 +56,49 @@ def _prompt_counts(store: Store, runs: Runs) -> tuple[dict[str, int], int]:
     return counts, n_total
 
 
-def base_rates(store: Store, runs: Runs) -> dict[str, float]:
-    """The null for positional roles: each role's share of the |value| of every attention observation
-    (attn_in and direct edges) in the selection."""
+def attention_scan(store: Store, runs: Runs) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """One pass over the attention edges (attn_in, direct) of the selection: the null for positional
+    roles (each role's share of the |value| of every attention observation), and which heads write
+    each attention feature (per head, its share of the |per-head sums| into the feature)."""
     mass: dict[str, float] = defaultdict(float)
+    writes: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     total = 0.0
-    for e in store.all_edges(("attn_in", "direct"), runs):
+    for e in sorted(store.all_edges(("attn_in", "direct"), runs), key=lambda e: (e.src, e.dst, e.kind)):
         total += e.sum_abs
         for name, (_, a) in e.roles.items():
             mass[name] += a
-    return {name: mass[name] / total for name in ROLES if name in mass} if total else {}
+        if e.kind == "attn_in":
+            for h, v in e.head_sums.items():
+                writes[e.dst][h] += abs(v)
+    shares = {f: {h: v / sum(by_head.values()) for h, v in by_head.items()}
+              for f, by_head in writes.items() if sum(by_head.values())}
+    return ({name: mass[name] / total for name in ROLES if name in mass} if total else {}), shares
+
+
+def qk_chains(qk_pairs: list[JSON], pairs: list[JSON], writes: dict[str, dict[int, float]],
+              min_share: float = 0.5) -> list[JSON]:
+    """Mechanisms across the two halves of attention: A_l.x feeds head H_L.h's key (query) side; the head
+    writes A_L.y (its share of A_L.y's per-head attribution >= ``min_share``); A_L.y feeds A_M.z (V).
+    ``score`` = |K/Q total| (logits) x the head's share x |V total|: a ranking, not a quantity."""
+    by_source: dict[str, list[JSON]] = defaultdict(list)
+    for v in pairs:
+        by_source[v["source_uid"]].append(v)
+    out = []
+    for k in qk_pairs:
+        head = node_ref_of(k["target_uid"])
+        for written, share_by_head in writes.items():
+            share = share_by_head.get(head.index or 0, 0.0) if _layer(written) == head.layer else 0.0
+            if share < min_share:
+                continue
+            for v in by_source.get(written, []):
+                where = [x["position"]["pair"]["role"] if x["position"] and x["position"]["pair"] else None
+                         for x in (k, v)]
+                out.append({"chain": [k["source"], k["target"], v["source"], v["target"]],
+                            "paths": [k["path"], "writes", v["path"]], "positions": where,
+                            "qk_total": k["total"], "head_share": rnd(share), "v_total": v["total"],
+                            "score": rnd(abs(k["total"] or 0) * share * abs(v["total"] or 0))})
+    out.sort(key=lambda c: (-float(c["score"] or 0), c["chain"], c["paths"]))
+    return out
 
 
 def position(roles: dict[str, tuple[int, float]], sum_abs: float, base: dict[str, float]) -> JSON | None:
@@ -210,7 +244,7 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
     runs named (default: every run, if they share settings; see catalog.runs)."""
     selected = select_runs(store, runs)
     counts, n_total = _prompt_counts(store, selected)
-    base = base_rates(store, selected)
+    base, writes = attention_scan(store, selected)
     pairs = (direct_pairs(store, counts, n_total, min_prompts, selected, base)
              + via_resid_pairs(store, counts, n_total, min_prompts, selected, base))
     pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
@@ -233,12 +267,13 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
     chains.sort(key=lambda c: (-float(c["strength"]), c["chain"]))
     hubs = [{"id": n, "fed_by": graph.in_degree(n), "feeds": graph.out_degree(n)} for n in graph.nodes]
     hubs.sort(key=lambda h: (-(h["fed_by"] + h["feeds"]), h["id"]))
+    mechanisms = qk_chains(qk_pairs, pairs, writes)
     shown, shown_qk = pairs[:top], qk_pairs[:top]
     for p in shown + shown_qk:
         p["exemplars"] = _exemplars(store, p, selected)
         p.pop("source_uid"), p.pop("target_uid")
     return {"runs": list(selected), "n_prompts": n_total, "pairs": shown, "qk_pairs": shown_qk,
-            "chains": chains[:top], "hubs": hubs[:top],
+            "chains": chains[:top], "qk_chains": mechanisms[:top], "hubs": hubs[:top],
             "null": "hypergeometric: prompts shared by source and target under shuffled prompt assignment; "
                     "positions: each role's share of the |value| of every attention observation (base)",
             "base_rates": {name: rnd(v) for name, v in base.items()},

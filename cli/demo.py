@@ -23,6 +23,8 @@ def _cell(v) -> str:
         return " ".join(f"h{h}:{x:+.3g}" for h, x in sorted(v.items(), key=lambda kv: -abs(kv[1]))[:3])
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list):  # residual features a pair goes through, or a chain's paths
+        return ", ".join(str(x) for x in v[:3]) + (f" +{len(v) - 3}" if len(v) > 3 else "")
     return "n/a" if v is None else str(v)
 
 
@@ -31,6 +33,12 @@ def _table(title: str, rows: list[dict], cols: list[str]) -> None:
     for r in rows:
         t.add_row(*[_cell(r.get(c)) for c in cols])
     console.print(t)
+
+
+def reads(position: dict | None) -> str:
+    """A pattern's dominant relation, role pair and offset: share of its |value| (base rate)."""
+    parts = [position[k] for k in ("relation", "pair", "offset") if position and position[k]]
+    return ", ".join(f"{x['role']} {x['share']:.0%} ({x['base']:.0%})" for x in parts)
 
 
 def strongest_answer_feature(store, run: str, top_layer: int, sample: int = 50) -> str:
@@ -70,10 +78,17 @@ def run_demo(store_url: str, n_prompts: int, threads: int) -> None:
     _table(f"downstream of {probe}", queries.downstream(store, probe, limit=8, runs=["demo"]),
            ["id", "edge_kind", "n_prompts", "sum", "mean", "sign_share"])
     console.print("\n[bold]3. Attention->attention compositions that recur across prompts[/bold]")
-    pairs = patterns(store, top=8, runs=["demo"])["pairs"]  # stored by the ingest job when the run was done
-    console.print("z: recurrence against a prompt-shuffled null (n/a when a feature fires on every prompt)")
-    _table("composition pairs", pairs,
-           ["source", "target", "path", "n_prompts", "total", "sign_share", "heads", "z_score"])
+    mined = patterns(store, top=8, runs=["demo"])  # stored by the ingest job when the run was done
+    console.print("z: recurrence against a prompt-shuffled null (n/a when a feature fires on every prompt); reads: "
+                  "where the attention hop reads, share of |attribution| (base rate over all attention)")
+    _table("V-composition pairs", [{**p, "reads": reads(p["position"])} for p in mined["pairs"]],
+           ["source", "target", "path", "n_prompts", "total", "heads", "z_score", "reads"])
+    _table("K/Q-composition into heads (attention-score logits)",
+           [{**p, "reads": reads(p["position"])} for p in mined["qk_pairs"][:6]],
+           ["source", "target", "path", "via", "n_prompts", "total", "reads"])
+    _table("mechanisms: K/Q into a head, the head writes a feature, the feature's V composition",
+           [{**c, "chain": " -> ".join(c["chain"]), "positions": " / ".join(x or "-" for x in c["positions"])}
+            for c in mined["qk_chains"][:6]], ["chain", "paths", "positions", "qk_total", "head_share", "v_total"])
     console.print(f"\nBrowse it: [bold].venv/bin/circuit-catalog serve --store {store_url}[/bold], then open "
                   f"http://127.0.0.1:8000/view/feature/{target} (home: http://127.0.0.1:8000/, API: /docs)",
                   soft_wrap=True)  # one line, so the URL can be copied whole

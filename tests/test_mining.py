@@ -21,9 +21,9 @@ KINDS = list(EDGE_KINDS)
 REFS = [f"A{l}.{i}" for l in range(3) for i in range(12)] + [f"R{l}.{i}" for l in range(3) for i in range(12)]
 
 
-def _catalog(url: str):
+def _catalog(url: str, chain: bool = False):
     rng = random.Random(7)
-    infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in [*REFS, "H1.2"]]
+    infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in [*REFS, "H1.2", "H1.1"]]
     idx = {n.ref: i for i, n in enumerate(infos)}
     # the token at 9 repeats the token at 2: the planted direct pair (2 -> 9) reads a duplicate token
     prompts = [Prompt(f"m/p{i:03d}", "m", f"p{i:03d}", f"prompt {i}", [f"t{j}" for j in range(9)] + ["t2"], "t",
@@ -35,6 +35,9 @@ def _catalog(url: str):
             rows.append((p, "A0.3", "R1.4", "resid_in", -1, 4, 4, 2.0))
             rows.append((p, "R1.4", "A1.9", "attn_in", 1, 4, 8, 1.2))
             rows.append((p, "R1.4", "H1.2", "k_in", 2, 4, 8, 0.7))  # R1.4 on the key side of head 1.2's scores
+            if chain:  # R1.4 also on the key side of head 1.1, which writes A1.9; A1.9 feeds A2.7
+                rows.append((p, "R1.4", "H1.1", "k_in", 1, 4, 8, 0.9))
+                rows.append((p, "A1.9", "A2.7", "direct", 3, 8, 9, 1.1))
         for _ in range(20):  # noise among the other features
             src, dst = rng.choice(REFS[12:36] + REFS[36:]), rng.choice(REFS[13:36])
             if parse_ref(src).layer < parse_ref(dst).layer or src[0] == "R":
@@ -116,3 +119,17 @@ def test_k_composition_through_a_residual_feature_on_the_key_side(store_url):
     assert pair["position"]["offset"]["role"] == "offset 4-7" and [e["prompt"] for e in pair["exemplars"]] == \
         ["m/p000", "m/p002", "m/p004"]
     assert all(p["path"] != "k_via_resid" for p in result["pairs"])  # logits never rank among V pairs
+
+
+def test_a_k_composition_chain_through_the_head_that_writes_a_feature(store_url):
+    """A0.3 -> R1.4 on head 1.1's key side; head 1.1 writes A1.9 (all of its per-head attribution);
+    A1.9 feeds A2.7 directly: the chain A0.3 -> H1.1 -> A1.9 -> A2.7 with each hop's numbers."""
+    result = mine(_catalog(store_url, chain=True), top=50, min_prompts=5)
+    found = [c for c in result["qk_chains"] if c["chain"] == ["A0.3", "H1.1", "A1.9", "A2.7"]]
+    assert len(found) == 1
+    c = found[0]
+    assert c["paths"] == ["k_via_resid", "writes", "direct"] and c["head_share"] > 0.9
+    assert c["qk_total"] == pytest.approx(30 * 0.9, rel=1e-6)
+    assert c["v_total"] == pytest.approx(30 * 1.1, rel=1e-6)
+    assert c["score"] == rnd(abs(c["qk_total"]) * c["head_share"] * abs(c["v_total"]))
+    assert not [c for c in result["qk_chains"] if c["chain"][1] == "H1.2"]  # head 1.2 writes no feature here
