@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -27,6 +28,7 @@ from api.settings import Settings
 from catalog import queries
 from catalog.diff import diff
 from catalog.ids import NodeRefError
+from catalog.mined import stored_stamp
 from catalog.runs import IncompatibleRuns
 from catalog.schema import EDGE_KINDS, JSON
 from catalog.stores import StoreError, StoreUnavailable, open_store
@@ -146,6 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Store = Annotated[Any, Depends(store)]
     Limit = Annotated[int, Query(ge=1, le=settings.max_limit)]
+
+    answers: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()  # encoded stored-pattern answers
+    answers_lock = threading.Lock()
 
     @functools.cache
     def validator(model: Any) -> TypeAdapter[Any]:
@@ -310,7 +315,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      min_prompts: Annotated[int, Query(ge=1, le=100000)] = 2, run: RunQ = None) -> Response:
         """Served from the result stored when the run was ingested (or `circuit-catalog mine`d) while the
         runs are unchanged since; otherwise mined for this request (slow on a big catalog)."""
-        return reply(models.Patterns, pages.mined(request.app.state, s, top, min_prompts, run))
+        stamp = stored_stamp(s, min_prompts, run)
+        if stamp is None:
+            return reply(models.Patterns, pages.mined(request.app.state, s, top, min_prompts, run))
+        # the stored result's answers are fixed until it is re-mined: encode each (stamp, top) once
+        key = (s.url, stamp, min_prompts, tuple(sorted(run or ())), top)
+        with answers_lock:
+            body = answers.get(key)
+        if body is None:
+            body = bytes(reply(models.Patterns, pages.mined(request.app.state, s, top, min_prompts, run)).body)
+            with answers_lock:
+                answers[key] = body
+                while len(answers) > 64:
+                    answers.popitem(last=False)
+        return Response(body, media_type="application/json")
 
     @app.post("/cypher", response_model=models.CypherAnswer, **ANSWER)
     def post_cypher(body: CypherRequest, s: Store) -> JSON:

@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--demo-prompts", type=int, default=500, help="prompts of the demo catalog (patterns)")
     ap.add_argument("--skip-upstream", action="store_true", help="only the patterns endpoint")
     ap.add_argument("--skip-patterns", action="store_true", help="only the upstream endpoint")
+    ap.add_argument("--demo-catalog", help="a demo catalog already ingested (its patterns stored), instead of "
+                                           "ingesting one")
     ap.add_argument("--warmup", type=int, default=100, help="warm-up requests per client before measuring")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
@@ -160,8 +162,9 @@ def main() -> None:
         if not args.skip_patterns:
             print(f"catalog: the demo's (toy-ioi, {args.demo_prompts} IOI prompts); "
                   "GET /patterns/composition?top=10|20|50 (stored at the end of the ingest)")
-            demo = f"sqlite:///{tmp}/demo.db"
-            demo_catalog(demo, args.demo_prompts)
+            demo = args.demo_catalog or f"sqlite:///{tmp}/demo.db"
+            if not args.demo_catalog:
+                demo_catalog(demo, args.demo_prompts)
             serve_and_measure(demo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True,
                               warmup=args.warmup)
             with running_on_free_port(f"{tmp}/neo4j-demo", page_cache="512m", heap="2g") as neo:

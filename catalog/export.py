@@ -91,8 +91,8 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
             dst.import_window(agg)
             counts["evidence"] += len(evidence_part)
     # stored mining results stay current: their fingerprints (runs, status, prompt counts) are copied too
-    for key, state, result in src.all_mined():
-        dst.put_mined(key, state, result)
+    for key, state, stamp, result in src.all_mined():
+        dst.put_mined(key, state, stamp, result)
         counts["mined"] += 1
     return counts
 

@@ -15,8 +15,11 @@ missing result is mined live (and the answer says so: ``mined`` is null).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -27,6 +30,9 @@ from catalog.stores.base import Store
 
 STORED_TOP = 100  # the largest ?top= of GET /patterns/composition
 DEFAULT_MIN_PROMPTS = 2
+PARSED_KEPT = 8  # parsed stored results kept per process, keyed by (store, selection, stamp)
+_parsed: OrderedDict[tuple[str, str, str], JSON] = OrderedDict()
+_parsed_lock = threading.Lock()
 
 
 def selection_key(runs: Sequence[str], min_prompts: int) -> str:
@@ -50,7 +56,9 @@ def mine_and_store(store: Store, runs: Sequence[str] | None = None,
     state = fingerprint(store, selected)
     result = mine(store, top=STORED_TOP, min_prompts=min_prompts, runs=selected)
     result["mined"] = datetime.now(UTC).isoformat(timespec="seconds")
-    store.put_mined(selection_key(selected, min_prompts), state, json.dumps(result))
+    text = json.dumps(result)
+    stamp = hashlib.sha1(text.encode()).hexdigest()[:16]
+    store.put_mined(selection_key(selected, min_prompts), state, stamp, text)
     return result, time.perf_counter() - t0
 
 
@@ -68,7 +76,17 @@ def mine_after_ingest(store: Store, run: str) -> list[tuple[list[str], float]]:
 
 
 def cut(result: JSON, top: int) -> JSON:
-    return {**result, **{part: result[part][:top] for part in ("pairs", "qk_pairs", "chains", "qk_chains", "hubs")}}
+    """The first ``top`` of each list, as copies a caller may change (pages add fields to pairs)."""
+    return {**result, **{part: [dict(x) for x in result[part][:top]]
+                         for part in ("pairs", "qk_pairs", "chains", "qk_chains", "hubs")}}
+
+
+def stored_stamp(store: Store, min_prompts: int, runs: Sequence[str] | None) -> str | None:
+    """The stamp of the stored result for this selection while it is current, else None (no result
+    text is read: a server may cache its answers by stamp)."""
+    selected = select_runs(store, runs)
+    state = store.mined_stamp(selection_key(selected, min_prompts))
+    return state[1] if state is not None and state[0] == fingerprint(store, selected) else None
 
 
 def stored_patterns(store: Store, top: int, min_prompts: int, runs: Sequence[str] | None) -> JSON | None:
@@ -76,10 +94,21 @@ def stored_patterns(store: Store, top: int, min_prompts: int, runs: Sequence[str
     if top > STORED_TOP:
         return None
     selected = select_runs(store, runs)
-    found = store.get_mined(selection_key(selected, min_prompts))
-    if found is None or found[0] != fingerprint(store, selected):
+    key = selection_key(selected, min_prompts)
+    state = store.mined_stamp(key)
+    if state is None or state[0] != fingerprint(store, selected):
         return None
-    result: JSON = json.loads(found[1])
+    with _parsed_lock:
+        result = _parsed.get((store.url, key, state[1]))
+    if result is None:  # parse once per stored result (a few ms for the demo's 230 kB), not per request
+        found = store.get_mined(key)
+        if found is None or found[1] != state[1]:  # re-mined in between: the next request reads the new one
+            return None
+        result = json.loads(found[2])
+        with _parsed_lock:
+            _parsed[(store.url, key, state[1])] = result
+            while len(_parsed) > PARSED_KEPT:
+                _parsed.popitem(last=False)
     return cut(result, top)
 
 

@@ -72,6 +72,14 @@ def test_api_serves_the_stored_result_and_mines_live_when_stale(store_url):
         assert live["mined"] is None and live["pairs"] == _live(store, 5, 3)["pairs"]
         page = client.get("/view/patterns")
         assert page.status_code == 200 and result["pairs"][0]["source"] in page.text
+        # answers are cached by the stored result's stamp: a window landing makes them stale at once
+        assert client.get("/patterns/composition", params={"top": 5}).json() == served
+        late = Prompt("m/late", "m", "late", "a late prompt", ["t"], "t", "hl")
+        store.write_window(WindowAggregate("m", [late], [], empty_columns(EdgeColumns), empty_columns(HeadColumns),
+                                           empty_columns(EvidenceColumns), empty_columns(StatColumns), None))
+        assert client.get("/patterns/composition", params={"top": 5}).json()["mined"] is None
+        again, _ = mine_and_store(store)
+        assert client.get("/patterns/composition", params={"top": 5}).json()["mined"] == again["mined"]
 
 
 def test_ingest_stores_its_patterns_and_the_cli_mines_on_demand(toy, tmp_path):

@@ -105,11 +105,13 @@ class Store(Protocol):
     def all_evidence(self, runs: Runs = None) -> Iterator[Evidence]: ...
     def cypher(self, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]: ...
     # Stored mining results (catalog.mined): one JSON text per selection key, with the fingerprint of
-    # the catalog state it was mined from.
-    def put_mined(self, key: str, fingerprint: str, result: str) -> None: ...
-    def get_mined(self, key: str) -> tuple[str, str] | None:
-        """(fingerprint, result) stored under ``key``, or None."""
-    def all_mined(self) -> Iterator[tuple[str, str, str]]: ...  # (key, fingerprint, result), by key
+    # the catalog state it was mined from and a stamp naming the result (readers cache it by stamp).
+    def put_mined(self, key: str, fingerprint: str, stamp: str, result: str) -> None: ...
+    def get_mined(self, key: str) -> tuple[str, str, str] | None:
+        """(fingerprint, stamp, result) stored under ``key``, or None."""
+    def mined_stamp(self, key: str) -> tuple[str, str] | None:
+        """(fingerprint, stamp) stored under ``key``, or None: without the result's text."""
+    def all_mined(self) -> Iterator[tuple[str, str, str, str]]: ...  # (key, fingerprint, stamp, result), by key
     def close(self) -> None: ...
 
 

@@ -567,17 +567,22 @@ class Neo4jStore:
         n: int = self._read("MATCH (p:Prompt {run: $run}) RETURN count(p)", run=run)[0][0]
         return n
 
-    def put_mined(self, key: str, fingerprint: str, result: str) -> None:
-        self.driver.execute_query("MERGE (m:Mined {key: $key}) SET m.fingerprint = $fingerprint, m.result = $result",
-                                  key=key, fingerprint=fingerprint, result=result, database_=self.database)
+    def put_mined(self, key: str, fingerprint: str, stamp: str, result: str) -> None:
+        self.driver.execute_query("MERGE (m:Mined {key: $key}) SET m.fingerprint = $fingerprint, m.stamp = $stamp, "
+                                  "m.result = $result", key=key, fingerprint=fingerprint, stamp=stamp, result=result,
+                                  database_=self.database)
 
-    def get_mined(self, key: str) -> tuple[str, str] | None:
-        rows = self._read("MATCH (m:Mined {key: $key}) RETURN m.fingerprint, m.result", key=key)
+    def get_mined(self, key: str) -> tuple[str, str, str] | None:
+        rows = self._read("MATCH (m:Mined {key: $key}) RETURN m.fingerprint, m.stamp, m.result", key=key)
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    def mined_stamp(self, key: str) -> tuple[str, str] | None:
+        rows = self._read("MATCH (m:Mined {key: $key}) RETURN m.fingerprint, m.stamp", key=key)
         return (rows[0][0], rows[0][1]) if rows else None
 
-    def all_mined(self) -> Iterator[tuple[str, str, str]]:
-        for r in self._read("MATCH (m:Mined) RETURN m.key, m.fingerprint, m.result ORDER BY m.key"):
-            yield r[0], r[1], r[2]
+    def all_mined(self) -> Iterator[tuple[str, str, str, str]]:
+        for r in self._read("MATCH (m:Mined) RETURN m.key, m.fingerprint, m.stamp, m.result ORDER BY m.key"):
+            yield r[0], r[1], r[2], r[3]
 
     def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS prompts (uid TEXT PRIMARY KEY, run TEXT, prompt_id TE
     corpus TEXT, content_hash TEXT, meta TEXT);
 CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT, no INTEGER UNIQUE NOT NULL);
-CREATE TABLE IF NOT EXISTS mined (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, result TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mined (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, stamp TEXT NOT NULL,
+    result TEXT NOT NULL);
 """
 SCHEMA_VERSION = 3  # PRAGMA user_version; 3: six edge kinds (QK) in the edge keys, positional roles
 # edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it. Edges,
@@ -109,6 +110,9 @@ class SqliteStore:
                 raise StoreError(f"{path} holds a catalog of format {version} (this version reads {SCHEMA_VERSION}: "
                                  "edge keys count the QK edge kinds); ingest its corpora again into a new catalog "
                                  "(delete the file, or choose another path)")
+            mined_columns = [r[1] for r in self._conn.execute("PRAGMA table_info(mined)")]
+            if mined_columns and "stamp" not in mined_columns:  # derived data of an earlier build: mine again
+                self._conn.execute("DROP TABLE mined")
             self._conn.executescript(SCHEMA)
             if version != SCHEMA_VERSION:  # a new (or edgeless) catalog
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -426,16 +430,21 @@ class SqliteStore:
         n: int = self._conn.execute("SELECT COUNT(*) FROM prompts WHERE run = ?", (run,)).fetchone()[0]
         return n
 
-    def put_mined(self, key: str, fingerprint: str, result: str) -> None:
-        self._conn.execute("INSERT INTO mined VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                           "fingerprint = excluded.fingerprint, result = excluded.result", (key, fingerprint, result))
+    def put_mined(self, key: str, fingerprint: str, stamp: str, result: str) -> None:
+        self._conn.execute("INSERT INTO mined VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET fingerprint = "
+                           "excluded.fingerprint, stamp = excluded.stamp, result = excluded.result",
+                           (key, fingerprint, stamp, result))
 
-    def get_mined(self, key: str) -> tuple[str, str] | None:
-        row = self._conn.execute("SELECT fingerprint, result FROM mined WHERE key = ?", (key,)).fetchone()
+    def get_mined(self, key: str) -> tuple[str, str, str] | None:
+        row = self._conn.execute("SELECT fingerprint, stamp, result FROM mined WHERE key = ?", (key,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def mined_stamp(self, key: str) -> tuple[str, str] | None:
+        row = self._conn.execute("SELECT fingerprint, stamp FROM mined WHERE key = ?", (key,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    def all_mined(self) -> Iterator[tuple[str, str, str]]:
-        yield from self._conn.execute("SELECT key, fingerprint, result FROM mined ORDER BY key")
+    def all_mined(self) -> Iterator[tuple[str, str, str, str]]:
+        yield from self._conn.execute("SELECT key, fingerprint, stamp, result FROM mined ORDER BY key")
 
     # ---- bulk (export, mining) ------------------------------------------------------------------
     def all_edges(self, edge_kinds: tuple[str, ...] | None = None, runs: Runs = None) -> Iterator[EdgeStats]:
