@@ -33,6 +33,8 @@ DEFAULT_MIN_PROMPTS = 2
 PARSED_KEPT = 8  # parsed stored results kept per process, keyed by (store, selection, stamp)
 _parsed: OrderedDict[tuple[str, str, str], JSON] = OrderedDict()
 _parsed_lock = threading.Lock()
+CHECK_REUSE_S = 1.0
+_checked: OrderedDict[tuple[str, str], tuple[float, str | None]] = OrderedDict()  # (store URL, selection) -> stamp
 
 
 def selection_key(runs: Sequence[str], min_prompts: int) -> str:
@@ -83,10 +85,23 @@ def cut(result: JSON, top: int) -> JSON:
 
 def stored_stamp(store: Store, min_prompts: int, runs: Sequence[str] | None) -> str | None:
     """The stamp of the stored result for this selection while it is current, else None (no result
-    text is read: a server may cache its answers by stamp)."""
+    text is read: a server may cache its answers by stamp). The check is reused for up to
+    CHECK_REUSE_S, as catalog.runs reuses the run list: an answer can lag a window written in the
+    last second, never mix runs (on Neo4j the check costs a few round trips a request)."""
     selected = select_runs(store, runs)
-    state = store.mined_stamp(selection_key(selected, min_prompts))
-    return state[1] if state is not None and state[0] == fingerprint(store, selected) else None
+    key = selection_key(selected, min_prompts)
+    now = time.monotonic()
+    with _parsed_lock:
+        seen = _checked.get((store.url, key))
+    if seen is not None and now - seen[0] < CHECK_REUSE_S:
+        return seen[1]
+    state = store.mined_stamp(key)
+    stamp = state[1] if state is not None and state[0] == fingerprint(store, selected) else None
+    with _parsed_lock:
+        _checked[(store.url, key)] = (now, stamp)
+        while len(_checked) > 64:
+            _checked.popitem(last=False)
+    return stamp
 
 
 def stored_patterns(store: Store, top: int, min_prompts: int, runs: Sequence[str] | None) -> JSON | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +14,7 @@ from test_mining import _catalog
 from api.app import create_app
 from api.settings import Settings
 from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, StatColumns, WindowAggregate, empty_columns
-from catalog.mined import STORED_TOP, mine_and_store, selection_key, stored_patterns
+from catalog.mined import CHECK_REUSE_S, STORED_TOP, mine_and_store, selection_key, stored_patterns
 from catalog.mining import mine
 from catalog.schema import Prompt
 from ingest.jobs import JobOptions, run_job
@@ -77,8 +78,10 @@ def test_api_serves_the_stored_result_and_mines_live_when_stale(store_url):
         late = Prompt("m/late", "m", "late", "a late prompt", ["t"], "t", "hl")
         store.write_window(WindowAggregate("m", [late], [], empty_columns(EdgeColumns), empty_columns(HeadColumns),
                                            empty_columns(EvidenceColumns), empty_columns(StatColumns), None))
+        time.sleep(CHECK_REUSE_S)  # the server checks the stored result's freshness at most once a second
         assert client.get("/patterns/composition", params={"top": 5}).json()["mined"] is None
         again, _ = mine_and_store(store)
+        time.sleep(CHECK_REUSE_S)
         assert client.get("/patterns/composition", params={"top": 5}).json()["mined"] == again["mined"]
 
 
