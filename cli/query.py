@@ -157,9 +157,22 @@ def patterns(store: StoreOpt = DEFAULT_URL, top: Annotated[int, bounded(1, 100)]
     result = stored_or_mined(open_store(store, create=False), top=top, min_prompts=min_prompts, runs=run)
     if json_:
         emit(result, True)
-    else:
-        emit(result["pairs"], False, ["source", "target", "path", "n_prompts", "total", "mean", "sign_share",
-                                        "heads", "z_score"])
+        return
+
+    def reads(position: dict | None) -> str:  # dominant relation, role pair, offset: share (base rate)
+        parts = [position[k] for k in ("relation", "pair", "offset") if position and position[k]]
+        return ", ".join(f"{x['role']} {x['share']:.0%} ({x['base']:.0%})" for x in parts)
+
+    typer.echo("V-composition (attribution to feature pre-activations)")
+    emit([{**p, "reads": reads(p["position"])} for p in result["pairs"]], False,
+         ["source", "target", "path", "n_prompts", "total", "mean", "sign_share", "heads", "z_score", "reads"])
+    typer.echo("K/Q-composition into heads (attention-score logits)")
+    emit([{**p, "reads": reads(p["position"])} for p in result["qk_pairs"]], False,
+         ["source", "target", "path", "n_prompts", "total", "heads", "reads"])
+    typer.echo("mechanisms: K/Q into a head -> the head writes a feature -> that feature's V composition")
+    emit([{**c, "chain": " -> ".join(c["chain"]), "paths": ", ".join(c["paths"]),
+           "positions": " / ".join(x or "-" for x in c["positions"])} for c in result["qk_chains"]], False,
+         ["chain", "paths", "positions", "qk_total", "head_share", "v_total"])
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,3 +109,7 @@ def test_ingest_stores_its_patterns_and_the_cli_mines_on_demand(toy, tmp_path):
     shown = subprocess.run([*CLI, "patterns", "--store", url, "--run", "c", "--min-prompts", "1", "--json"],
                            capture_output=True, text=True)
     assert json.loads(shown.stdout)["mined"] is not None
+    plain = subprocess.run([*CLI, "patterns", "--store", url, "--run", "c", "--min-prompts", "1"],
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert plain.returncode == 0 and all(title in plain.stdout for title in (
+        "V-composition", "K/Q-composition into heads", "mechanisms")), plain.stdout[-500:]
