@@ -107,6 +107,9 @@ def _ingest(store_url, *extra, check=True):
 def _catalog(store_url):
     snap = snapshot(open_store(store_url))
     snap["runs"] = [(r[0], r[1]) for r in snap["runs"]]  # manifests hold times and resume counts
+    # stored mining results: their content (fingerprints and stamps hold finish times)
+    snap["mined"] = [(key, {k: v for k, v in json.loads(result).items() if k != "mined"})
+                     for key, _, _, result in snap["mined"]]
     return snap
 
 
@@ -167,6 +170,9 @@ def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
+    assert _catalog(store_url)["mined"] == []  # shards do not mine: the run is whole only when all are done
+    mined = subprocess.run(CLI + ["mine", "--store", store_url, "--run", "r"], capture_output=True, text=True)
+    assert mined.returncode == 0, mined.stderr
     sharded = _catalog(store_url)
     manifest = open_store(store_url).run("r").manifest
     assert manifest["counts_shard0"]["prompts"] + manifest["counts_shard1"]["prompts"] == 16
@@ -174,7 +180,7 @@ def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
     _ingest(one_url, *corpus)
     single = _catalog(one_url)
     assert len(single["prompts"]) == 16
-    for key in ("edges", "evidence", "stats", "prompts"):
+    for key in ("edges", "evidence", "stats", "prompts", "mined"):
         assert sharded[key] == single[key], key
 
 
