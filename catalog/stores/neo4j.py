@@ -536,6 +536,7 @@ class Neo4jStore:
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
         rows = self._read("MATCH (x:Evidence {prompt: $uid}) "
                           "MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX r:EDGE(key) WHERE r.run = x.run "
+                          "AND NOT r.kind IN ['q_in', 'k_in', 'qk'] "
                           "RETURN s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head, x.value "
                           "ORDER BY x.absval DESC, s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head LIMIT $limit",
                           uid=uid, limit=limit)

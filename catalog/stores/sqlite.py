@@ -400,7 +400,8 @@ class SqliteStore:
         rows = self._conn.execute(
             "SELECT s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head, x.value FROM evidence x "
             "JOIN edges e ON e.id = x.edge AND e.run = x.run JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
-            "WHERE x.prompt = ? ORDER BY abs(x.value) DESC, s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head LIMIT ?",
+            "WHERE x.prompt = ? AND e.kind NOT IN ('q_in', 'k_in', 'qk') "
+            "ORDER BY abs(x.value) DESC, s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head LIMIT ?",
             (uid, limit)).fetchall()
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
