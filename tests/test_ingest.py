@@ -190,7 +190,7 @@ def test_manifest_records_what_reproduces_a_run(toy, tmp_path):
     m = store.run("m").manifest
     assert m["model"]["name"] == "toy-ioi" and m["model"]["processing"]["fold_ln"] is True
     assert len(m["saes"]) == 6 and all(len(s["weights_hash"]) == 32 for s in m["saes"])
-    assert m["pruning"] == {"top_k": 5, "min_abs": 0.01, "direct": True, "direct_positions": 2}
+    assert m["pruning"] == {"top_k": 5, "min_abs": 0.01, "direct": True, "direct_positions": 2, "qk": True}
     assert m["corpus"]["spec"] == "ioi:4" and len(m["corpus"]["fingerprint"]) == 32
     assert m["counts"]["prompts"] == 4 and m["dtype"] == "float32" and m["device"] == "cpu"
     assert store.run("m").status == "done" and m["started"] and m["finished"]
