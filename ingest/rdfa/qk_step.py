@@ -83,7 +83,6 @@ def qk_edges(rows: FlatRows, sigma: torch.Tensor, keys: torch.Tensor, W_Q: torch
     sizes = torch.maximum(nq, nk)[by_size].tolist()
     tables, c0 = [], 0
     while c0 < len(keys):
-        width = sizes[min(len(sizes) - 1, c0)]
         c1 = c0 + 1
         while c1 < len(keys) and (c1 - c0 + 1) * sizes[c1] ** 2 <= CHUNK_ELEMENTS:
             c1 += 1
