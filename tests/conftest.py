@@ -14,6 +14,7 @@ import torch  # noqa: E402
 # torch's default pool thrash (measured: 19 us -> 2.8 ms for one elementwise op).
 torch.set_num_threads(1)
 
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -46,6 +47,9 @@ def neo4j_url():
         proc.wait(timeout=60)
     except Exception:  # noqa: BLE001
         proc.kill()
+        proc.wait(timeout=60)
+    # its store and transaction logs are GBs after the suite: left behind, a few runs fill a disk
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def wipe_neo4j(url: str) -> None:

@@ -35,6 +35,14 @@ public final class Neo4jServer {
                 // one ingest batch is one transaction; large models write ~1e6 rows per batch, more
                 // than the default cap (70% of heap) allows, so the cap is the heap itself
                 .setConfig(GraphDatabaseSettings.memory_transaction_global_max_size, 0L)
+                // a test or benchmark server writes GBs of transactions: by default Neo4j keeps
+                // 2 days / 2 GB of transaction logs in 256 MB preallocated files, which filled
+                // small disks; nothing here needs point-in-time recovery, so keep only the latest
+                .setConfig(GraphDatabaseSettings.keep_logical_logs, "false")
+                .setConfig(GraphDatabaseSettings.logical_log_rotation_threshold, 64L * 1024 * 1024)
+                .setConfig(GraphDatabaseSettings.preallocate_logical_logs, false)
+                // logs are pruned only at a checkpoint, by default every 15 minutes
+                .setConfig(GraphDatabaseSettings.check_point_interval_time, Duration.ofMinutes(1))
                 .build();
         Runtime.getRuntime().addShutdownHook(new Thread(service::shutdown, "neo4j-shutdown"));
 
