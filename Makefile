@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test bench neo4j browser
+.PHONY: setup demo test bench neo4j browser loadgen
 # The browser tests drive Debian's chromium through Playwright (a browser download does not work here).
 CHROMIUM ?= /usr/bin/chromium
 setup: $(STAMP)
@@ -23,12 +23,17 @@ test: setup browser
 	$(VENV)/bin/mypy
 	CIRCUIT_CATALOG_TORCH_THREADS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider
 
-bench: setup
+bench: setup loadgen
 	$(VENV)/bin/python bench/rdfa.py && $(VENV)/bin/python bench/store.py && $(VENV)/bin/python bench/ingest_pipeline.py && $(VENV)/bin/python bench/api_load.py
 
 browser:
 	@test -x $(CHROMIUM) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+# bench/api_load.py loads the API with wrk (Debian's package)
+loadgen:
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q wrk; }
 
 neo4j: setup
 	$(VENV)/bin/circuit-catalog neo4j-server

@@ -5,13 +5,19 @@ uvicorn (separate processes):
 * GET /patterns/composition on the demo's catalog (toy-ioi, 500 IOI prompts, ingested by this script
   as `make demo` does, patterns stored at the end of the run) in SQLite and, exported, in Neo4j
   (issue 15). Target: p99 <= 50 ms.
-Usage: python bench/api_load.py [--obs 1000000] [--requests 400] [--demo-prompts 500] [--skip-upstream]
+Load generator: wrk (Debian's package; `make bench` installs it), 8 connections over 2 threads, closed loop
+like the Python clients it replaced as the default: those 8 Python processes spent as much CPU making
+requests as the server spent answering them, on the 2 cores the server has (`--client python` keeps them).
+Usage: python bench/api_load.py [--obs 1000000] [--seconds 12] [--demo-prompts 500] [--skip-upstream]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import multiprocessing
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,8 +98,32 @@ def load(port: int, paths: list[str], per_client: int) -> tuple[float, list[floa
     return len(lat) / wall, lat
 
 
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_paths.lua"
+
+
+def wrk_load(port: int, paths: list[str], seconds: float) -> tuple[float, float, float, int]:
+    """CLIENTS connections over 2 wrk threads for ``seconds``; (requests/s, p50 ms, p99 ms, requests)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk, or `make bench`); or use --client python")
+    rng = np.random.default_rng(0)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
+        listing.write("\n".join(paths[i] for i in rng.integers(len(paths), size=20_000)) + "\n")
+        listing.flush()
+        done = subprocess.run([wrk, "-t2", f"-c{CLIENTS}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(WRK_SCRIPT),
+                               f"http://127.0.0.1:{port}", "--", listing.name], capture_output=True, text=True,
+                              check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    if figures["non_2xx"] or figures["socket_errors"]:
+        raise RuntimeError(f"wrk saw {figures['non_2xx']} non-2xx answers and {figures['socket_errors']} socket "
+                           f"errors:\n{done.stdout}")
+    return (figures["requests"] / (figures["duration_us"] / 1e6), figures["p50_us"] / 1000,
+            figures["p99_us"] / 1000, figures["requests"])
+
+
 def serve_and_measure(url: str, paths: list[str], per_client: int, workers: int = WORKERS,
-                      stored_patterns: bool = False, warmup: int = 100) -> float:
+                      stored_patterns: bool = False, warmup: int = 100, client: str = "wrk",
+                      seconds: float = 12.0) -> float:
     """Serve ``url`` with `circuit-catalog serve --workers N` and load it; prints and returns p99 in ms."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--store", url, "--port", str(port),
@@ -110,16 +140,25 @@ def serve_and_measure(url: str, paths: list[str], per_client: int, workers: int 
             raise RuntimeError(f"{url}: the patterns are not stored (this would measure live mining)")
         # steady state: a served API is warm. The JVM compiles Neo4j's query paths only after thousands of
         # calls, and each server process's first requests pay imports and connection set-up
-        load(port, paths, warmup)
-        rps, lat = load(port, paths, per_client)
-        ms = np.array(lat) * 1000
-        print(f"  {url.split(':')[0]:<7} {rps:7.0f} requests/s   p50 {np.percentile(ms, 50):6.1f} ms   "
-              f"p99 {np.percentile(ms, 99):6.1f} ms   ({len(lat)} requests, {CLIENTS} clients, {workers} server "
-              f"process{'es' if workers > 1 else ''})")
-        return float(np.percentile(ms, 99))
+        if client == "wrk":
+            wrk_load(port, paths, max(1.0, warmup * CLIENTS / 200))  # ~warmup requests a connection
+            rps, p50, p99, n = wrk_load(port, paths, seconds)
+        else:
+            load(port, paths, warmup)
+            rps, lat = load(port, paths, per_client)
+            ms = np.array(lat) * 1000
+            p50, p99, n = float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(lat)
+        print(f"  {url.split(':')[0]:<7} {rps:7.0f} requests/s   p50 {p50:6.1f} ms   p99 {p99:6.1f} ms   "
+              f"({n} requests, {CLIENTS} {'wrk connections' if client == 'wrk' else 'client processes'}, "
+              f"{workers} server process{'es' if workers > 1 else ''})")
+        return p99
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:  # shutdown waits for a patterns warm-up still mining (small catalogs), up to a minute
+            server.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def upstream_paths(refs: list[str]) -> list[str]:
@@ -140,7 +179,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--obs", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=5, help="runs the observations are spread over")
-    ap.add_argument("--requests", type=int, default=400, help="per client")
+    ap.add_argument("--client", choices=["wrk", "python"], default="wrk", help="load generator")
+    ap.add_argument("--seconds", type=float, default=12.0, help="measured seconds (wrk)")
+    ap.add_argument("--requests", type=int, default=400, help="per client (--client python)")
     ap.add_argument("--workers", type=int, default=WORKERS, help="server processes")
     ap.add_argument("--demo-prompts", type=int, default=500, help="prompts of the demo catalog (patterns)")
     ap.add_argument("--skip-upstream", action="store_true", help="only the patterns endpoint")
@@ -149,30 +190,30 @@ def main() -> None:
                                            "ingesting one")
     ap.add_argument("--warmup", type=int, default=100, help="warm-up requests per client before measuring")
     args = ap.parse_args()
+    measure = functools.partial(serve_and_measure, per_client=args.requests, workers=args.workers,
+                                warmup=args.warmup, client=args.client, seconds=args.seconds)
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         if not args.skip_upstream:
             print(f"catalog: {args.obs:,} synthetic observations in {args.runs} runs (bench/store.py); "
                   "GET /features/{ref}/upstream?limit=20")
             sqlite = f"sqlite:///{tmp}/api.db"
             refs = fill(sqlite, args.obs, args.runs)
-            serve_and_measure(sqlite, upstream_paths(refs), args.requests, args.workers, warmup=args.warmup)
+            measure(sqlite, upstream_paths(refs))
             with running_on_free_port(f"{tmp}/neo4j", page_cache="1g", heap="3g") as neo:
                 fill(neo, args.obs, args.runs)
-                serve_and_measure(neo, upstream_paths(refs), args.requests, args.workers, warmup=args.warmup)
+                measure(neo, upstream_paths(refs))
         if not args.skip_patterns:
             print(f"catalog: the demo's (toy-ioi, {args.demo_prompts} IOI prompts); "
                   "GET /patterns/composition?top=10|20|50 (stored at the end of the ingest)")
             demo = args.demo_catalog or f"sqlite:///{tmp}/demo.db"
             if not args.demo_catalog:
                 demo_catalog(demo, args.demo_prompts)
-            serve_and_measure(demo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True,
-                              warmup=args.warmup)
+            measure(demo, PATTERN_PATHS, stored_patterns=True)
             with running_on_free_port(f"{tmp}/neo4j-demo", page_cache="512m", heap="2g") as neo:
                 # export copies the stored patterns with the rest
                 subprocess.run([sys.executable, "-m", "cli", "export", "--from", demo, "--to", neo],
                                check=True, stdout=subprocess.DEVNULL)
-                serve_and_measure(neo, PATTERN_PATHS, args.requests, args.workers, stored_patterns=True,
-                                  warmup=args.warmup)
+                measure(neo, PATTERN_PATHS, stored_patterns=True)
 
 
 if __name__ == "__main__":

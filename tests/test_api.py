@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from catalog_data import random_prompts
 from fastapi.testclient import TestClient
 from test_store_conformance import _batches, _fill
 
@@ -56,7 +57,9 @@ def test_edge_prompt_and_runs(client, store_url):
     assert body["kinds"] and body["kinds"][0]["evidence"][0]["text"].startswith("prompt number")
     assert body == queries.edge(store, src, dst)
     uid = body["kinds"][0]["evidence"][0]["prompt"]
-    assert client.get(f"/prompts/{uid}").json()["tokens"][0] == "t0"
+    written = {p.uid: p for p in random_prompts("r1", 20)}  # the prompts _batches wrote (tests/catalog_data.py)
+    answer = client.get(f"/prompts/{uid}").json()
+    assert answer["text"] == written[uid].text and answer["tokens"] == written[uid].tokens
     assert client.get(f"/prompts/{uid}/graph").json()["edges"]
     assert client.get("/prompts/r1/nope").status_code == 404
     assert client.get("/runs").json()[0]["run_id"] == "r1"
