@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     cypher_timeout_s: float = 5.0
     evidence_limit: int = 50
     check_responses: bool = False  # validate each hot answer against its response model (the tests turn it on)
+    # gc.freeze() at start-up (api.app); `serve` turns it on. Off for a process that builds many apps, as
+    # the tests do: frozen objects are never collected, so each app's garbage would stay
+    freeze_gc: bool = False
     warm_patterns: bool = True  # mine the default composition patterns in the background at start-up ...
     warm_patterns_max_edges: int = 200_000  # ... on catalogs this small (the demo's has 72k edges)
     # no write settings: the API has no endpoint that writes (extra="ignore" drops unknown variables)

@@ -23,13 +23,13 @@ def serve(store: StoreOpt = DEFAULT_URL, host: str = "127.0.0.1", port: Port = 8
     from api.app import create_app
     from api.settings import Settings
 
-    settings = Settings(store=store, host=host, port=port)
+    settings = Settings(store=store, host=host, port=port, freeze_gc=True)
     if workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=access_log)
         return
     # each worker process builds its own app (and store connection) from the environment
     os.environ.update(CIRCUIT_CATALOG_STORE=settings.store, CIRCUIT_CATALOG_HOST=settings.host,
-                      CIRCUIT_CATALOG_PORT=str(settings.port))
+                      CIRCUIT_CATALOG_PORT=str(settings.port), CIRCUIT_CATALOG_FREEZE_GC="1")
     uvicorn.run("api.app:create_app", factory=True, host=settings.host, port=settings.port, workers=workers,
                 access_log=access_log)
 

@@ -130,6 +130,22 @@ def test_store_down_is_503_with_retry_hint():
     assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "retry" in r.json()["detail"]
 
 
+def test_a_served_app_freezes_what_start_up_built_and_a_library_app_does_not(tmp_path):
+    """`serve` freezes the start-up heap out of the collector's sight (the p99 of bench/api_load.py);
+    an app built in a longer-lived process (tests, notebooks) leaves the collector alone."""
+    import gc
+
+    url = f"sqlite:///{tmp_path}/c.db"
+    try:
+        gc.unfreeze()
+        with TestClient(create_app(Settings(store=url, warm_patterns=False))):
+            assert gc.get_freeze_count() == 0
+        with TestClient(create_app(Settings(store=url, warm_patterns=False, freeze_gc=True))):
+            assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
+
+
 def test_binds_to_localhost_and_refuses_limits_below_one():
     assert Settings().host == "127.0.0.1"
     for name in ("max_limit", "cypher_row_cap", "evidence_limit"):
