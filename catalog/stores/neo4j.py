@@ -71,10 +71,13 @@ EVIDENCE_ORDER = "x.absval DESC, x.prompt, x.src_pos, x.dst_pos, x.head"
 # relationship index inside a transaction that has already changed many edges were measured slower
 # than the 10-minute transaction limit.
 # Every writer takes this lock first, so windows of concurrent shards apply one after another: an
-# edge is never created twice, and node ids are handed out in one sequence. (REMOVE of a property
-# the node never has takes its write lock without changing it.)
+# edge is never created twice, and node ids are handed out in one sequence. The lock is a write that
+# always changes the node (a counter): a REMOVE of a property the node lacks, used before, took no
+# lock at all, and two shards handed out the same nids (a ConstraintError, seen in the shard test and
+# reproduced by two concurrent writers). The next id is read once the lock is held.
 LOCK = (f"MERGE (d:Dictionary {{name: 'nodes'}}) ON CREATE SET d.next = 0, d.schema = {SCHEMA_VERSION} "
-        "REMOVE d.__lock RETURN d.next")
+        "SET d.writes = coalesce(d.writes, 0) + 1")
+NEXT_ID = "MATCH (d:Dictionary {name: 'nodes'}) RETURN d.next"
 CREATE_NODES = """
 UNWIND range(0, size($uid) - 1) AS i
 CREATE (n:Node {nid: $base + i, uid: $uid[i], model: $model[i], sae: $sae[i], ref: $ref[i], kind: $kind[i],
@@ -164,7 +167,7 @@ class Neo4jStore:
                                                      notifications_min_severity="OFF")
             self.driver.verify_connectivity()
             for stmt in SCHEMA:
-                self.driver.execute_query(stmt, database_=database)
+                _create_schema(self.driver, stmt, database)
             found = self.driver.execute_query("MATCH (d:Dictionary {name: 'nodes'}) RETURN d.schema",
                                               database_=database).records
         except Exception as exc:  # driver raises ServiceUnavailable, AuthError, ...; all mean "cannot use it"
@@ -217,7 +220,8 @@ class Neo4jStore:
         was measured ~100x slower (0.13 s -> 17.7 s for 20k edge keys), so every lookup the window
         needs (stored prompts, node ids, edges, the evidence it competes with) happens before its
         first write."""
-        next_id = tx.run(LOCK).single()[0]
+        tx.run(LOCK).consume()
+        next_id = tx.run(NEXT_ID).single()[0]
         if ingest and self._prompts_stored(tx, agg):
             return None
         known = self._known_ids(tx, agg.nodes)
@@ -629,6 +633,19 @@ def _element_ids(tx: Tx, query: str, keys: np.ndarray, run: str) -> dict[int, st
     for part in _chunks(len(keys)):
         found.update((r[0], r[1]) for r in tx.run(query, keys=keys[part].tolist(), run=run))
     return found
+
+
+def _create_schema(driver: Any, stmt: str, database: str) -> None:
+    """``IF NOT EXISTS`` is no guard against a second process creating the same rule at the same time
+    (shards opening an empty database together): Neo4j then answers EquivalentSchemaRuleAlreadyExists,
+    which means the rule is there, as wanted."""
+    import neo4j
+
+    try:
+        driver.execute_query(stmt, database_=database)
+    except neo4j.exceptions.ClientError as exc:
+        if exc.code != "Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists":
+            raise
 
 
 def _runs(runs: Runs) -> list[str] | None:
