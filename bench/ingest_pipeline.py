@@ -21,6 +21,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,13 +120,19 @@ def toy_section(args, tmp, neo):
     from ingest.session import ModelWithSaes
 
     toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
-    print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8, window {JobOptions.window}:")
+    default = JobOptions.__dataclass_fields__["pruning"].default_factory()
+    print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8, window {JobOptions.window}; without QK attribution (the work "
+          "main did before) and with it (the default since):")
     for url, kind in ((f"sqlite:///{tmp}/toy.db", "sqlite"), (neo, "neo4j")):
         if url is None:
             continue
-        s, _ = one(toy, f"ioi:{args.toy_prompts}", url, f"toy-{time.time_ns()}", 8, kind)
-        if s:
-            print(f"  {'':<22} {s.prompts / s.seconds / BEFORE[kind]:.1f}x the {BEFORE[kind]} prompts/s of main before")
+        for qk in (False, True):
+            pruning = replace(default, qk=qk)
+            s, _ = one(toy, f"ioi:{args.toy_prompts}", url, f"toy-{time.time_ns()}", 8,
+                       f"{kind}{', QK' if qk else ''}", pruning=pruning)
+            if s and not qk:
+                print(f"  {'':<22} {s.prompts / s.seconds / BEFORE[kind]:.1f}x the {BEFORE[kind]} prompts/s of main "
+                      "before")
 
 
 def windows_section(args, tmp):

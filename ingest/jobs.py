@@ -149,8 +149,7 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     pairs, skipped_long = tokenize(items, session, opts)
     batches = [pairs[k:k + opts.batch_size] for k in range(0, len(pairs), opts.batch_size)]
     mine = [b for k, b in enumerate(batches) if k % opts.shard[1] == opts.shard[0]]
-    per_window = max(1, opts.window // opts.batch_size)
-    windows = [mine[k:k + per_window] for k in range(0, len(mine), per_window)]
+    windows = cut_windows(mine, max(1, opts.window // opts.batch_size))
     manifest = {**session.manifest(), "code_version": code_version(), "pruning": opts.pruning.manifest(),
                 "corpus": {"spec": corpus_spec, "fingerprint": corpus.fingerprint(), "n_items": len(corpus.items())},
                 "batch_size": opts.batch_size, "window": opts.window, "limit": opts.limit, "long_policy": opts.long_policy,
@@ -186,6 +185,22 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     elif opts.mine:
         log(f"shard done; once every shard is, `circuit-catalog mine --run {opts.run}` stores its patterns")
     return summary
+
+
+def cut_windows(batches: list, per_window: int) -> list[list]:
+    """Consecutive batches grouped into windows of ``per_window``, except at the end: once fewer than
+    two full windows are left, each window takes half of what is left (rounded up), down to one batch.
+    Why: the writer stores a window while the next is computed, so only the last window's write is
+    never overlapped; a halving tail makes that write one batch's instead of a full window's (the
+    demo's store wait: 19% -> see README). Where windows are cut never changes the catalog (merges
+    are exact), and the cut depends only on the batch list, so a resumed or sharded job cuts alike."""
+    windows, k = [], 0
+    while k < len(batches):
+        left = len(batches) - k
+        size = per_window if left >= 2 * per_window else min(per_window, (left + 1) // 2)
+        windows.append(batches[k:k + size])
+        k += size
+    return windows
 
 
 def _check_resume(store, opts: JobOptions, manifest: dict) -> None:

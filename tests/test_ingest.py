@@ -15,7 +15,7 @@ from test_store_conformance import snapshot
 from catalog.stores import open_store
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
-from ingest.jobs import JobOptions, run_job
+from ingest.jobs import JobOptions, cut_windows, run_job
 from ingest.session import ModelWithSaes
 
 CLI = [sys.executable, "-m", "cli"]
@@ -121,7 +121,7 @@ def _fresh(store_url, name, tmp_path):
 
 
 DIE_AT = [sys.executable, str(Path(__file__).parent / "die_at.py")]
-WINDOWED = ["--window", "8"]  # two batches of 4 per window: ioi:24 is three windows
+WINDOWED = ["--window", "8"]  # two batches of 4 per window: ioi:24 is windows of 2, 2, 1 and 1 batches
 
 
 @pytest.mark.parametrize("point,at", [("flush", 2), ("batch", 4)], ids=["inside-a-flush", "mid-window"])
@@ -144,6 +144,19 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path, poi
     assert _catalog(clean_url) == resumed
 
 
+def test_windows_are_full_until_the_halving_tail():
+    """Full windows while two or more are left, then halves of what is left (rounded up) down to one
+    batch, in corpus order; every batch exactly once."""
+    sizes = lambda n, w: [len(x) for x in cut_windows(list(range(n)), w)]  # noqa: E731
+    assert sizes(63, 32) == [32, 16, 8, 4, 2, 1]  # the demo: 500 prompts in batches of 8, --window 256
+    assert sizes(6, 2) == [2, 2, 1, 1]
+    assert sizes(10, 2) == [2, 2, 2, 2, 1, 1]
+    assert sizes(7, 10) == [4, 2, 1]
+    assert sizes(5, 1) == [1, 1, 1, 1, 1]
+    assert sizes(0, 4) == []
+    assert [b for w in cut_windows(list(range(63)), 32) for b in w] == list(range(63))
+
+
 def test_window_below_one_is_refused_before_anything_is_written(tmp_path):
     db = tmp_path / "c.db"
     out = _ingest(f"sqlite:///{db}", "--corpus", "ioi:4", "--window", "0", check=False)
@@ -152,14 +165,15 @@ def test_window_below_one_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_window_cuts_do_not_change_the_catalog(toy, store_url, tmp_path):
-    """One window per batch, early flushes forced by a tiny memory bound, and one window for the
-    whole corpus store the same catalog (counts exact, sums to 6 significant digits, same evidence)."""
+    """One window per batch, early flushes forced by a tiny memory bound, and windows as large as the
+    corpus (cut 2 + 1 batches: the halving tail) store the same catalog (counts exact, sums to 6
+    significant digits, same evidence)."""
     runs = [dict(window=4), dict(window=1000, window_mem=1), dict(window=1000)]
     catalogs = []
     for k, extra in enumerate(runs):
         url = _fresh(store_url, f"w{k}", tmp_path)
         s = run_job(toy, "ioi:12:3", open_store(url), JobOptions(run="r", batch_size=4, progress=False, **extra))
-        assert s.prompts == 12 and s.windows == (3, 3, 1)[k]
+        assert s.prompts == 12 and s.windows == (3, 3, 2)[k]
         catalogs.append(_catalog(url))
     assert catalogs[0] == catalogs[1] == catalogs[2]
 
