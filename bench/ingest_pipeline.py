@@ -33,6 +33,7 @@ from catalog.stores import open_store  # noqa: E402
 from ingest.jobs import JobOptions, run_job  # noqa: E402
 from ingest.rdfa.tensors import Code, EdgeTable, Graph  # noqa: E402
 
+TRACEBACKS = False  # --traceback: a failed configuration stops the benchmark with its traceback
 BEFORE = {"sqlite": 8.2, "neo4j": 2.4}  # toy-ioi prompts/s on main before this path (issue 11's measurement)
 
 
@@ -105,6 +106,8 @@ def one(session, corpus, url, run, batch, label, **opts):
         s = run_job(session, corpus, store, JobOptions(run=run, batch_size=batch, progress=False, **opts),
                     log=lambda *_: None)
     except Exception as exc:  # report and go on: a failed configuration is a figure too
+        if TRACEBACKS:
+            raise
         print(f"  {label:<22} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
         return None, None
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
@@ -163,7 +166,7 @@ def replay_section(args, tmp, neo, session):
     print(f"replay: {args.record} GPT-2-shaped 64-token graphs recorded in {time.time() - t:.0f} s "
           f"(~{n_obs / args.record:,.0f} observations each, REST included); {args.replay} prompts replayed, "
           f"batch 1, window {args.replay_window}:")
-    replay_corpus = word_corpus(tmp / "replay.jsonl", args.replay, 2)
+    replay_corpus = word_corpus(tmp / "replay.jsonl", args.replay, 64)  # as long as the recorded: roles read positions
     for url, kind in ((f"sqlite:///{tmp}/replay.db", "sqlite"), (neo, "neo4j")):
         if url is None:
             continue
@@ -213,7 +216,10 @@ def main() -> None:
     ap.add_argument("--replay", type=int, default=64)
     ap.add_argument("--replay-window", type=int, default=16)
     ap.add_argument("--check", action="store_true", help="replay: compare the SQLite catalog with numpy")
+    ap.add_argument("--traceback", action="store_true", help="stop at a failure, with its traceback")
     args = ap.parse_args()
+    global TRACEBACKS
+    TRACEBACKS = args.traceback
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
