@@ -24,7 +24,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from catalog.aggregate import EvidenceFloor, WindowAggregate
+from catalog.aggregate import WindowAggregate
+from catalog.evidence_floor import EvidenceFloor, pack
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherRefused, EdgeQuery, Runs, StoreError, StoreUnavailable
 
@@ -159,7 +160,7 @@ class Neo4jStore:
         self.url, self.database, self.evidence_per_edge = url, database, evidence_per_edge
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         self._floors: dict[str, EvidenceFloor] = {}  # per run
-        self._stored_evidence: tuple[str, np.ndarray, np.ndarray] | None = None  # run, rows of the open write
+        self._stored_evidence: tuple[Any, ...] | None = None  # run and EvidenceFloor.update's rows, of the open write
         auth = (user, password or "") if user else None
         try:
             # notifications off: the server warns about absent property keys on every query of an empty catalog
@@ -196,8 +197,9 @@ class Neo4jStore:
             return False
         self._ids.update(done)  # only once committed: a rolled-back id may be handed out again
         if self._stored_evidence is not None:
-            run, keys, absval = self._stored_evidence
-            self._floor(run).update(keys, absval)
+            run, *rows = self._stored_evidence
+            self._floor(run).update(*rows)
+            self._stored_evidence = None
         return True
 
     def _floor(self, run: str) -> EvidenceFloor:
@@ -282,7 +284,10 @@ class Neo4jStore:
             return keep, []
         known = (ids[v.src] >= 0) & (ids[v.dst] >= 0)
         keys = np.where(known, edge_key(np.maximum(ids[v.src], 0), np.maximum(ids[v.dst], 0), v.kind), -1)
-        keep = self._floor(agg.run).keep(keys, np.abs(v.value)) | ~known
+        prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
+        floor = self._floor(agg.run)  # a bound only: see EvidenceFloor for why this store never reads it as exact
+        keep = floor.keep(keys, np.abs(v.value), floor.prompt_ids([p.uid for p in agg.prompts])[v.prompt],
+                          pack(v.src_pos, v.dst_pos, v.head)) | ~known
         every = agg.evidence_cap is None or agg.evidence_cap > cap
         stored_keys = np.array(sorted(found), dtype=np.int64)
         touched = np.unique(keys[keep & known])
@@ -294,7 +299,6 @@ class Neo4jStore:
             compete |= keep & ~known
             keys = np.where(known, keys, -1 - (v.src * len(agg.nodes) + v.dst) * 3 - v.kind)
         rows = np.flatnonzero(compete)
-        prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
         cand_key = np.concatenate([keys[rows], np.array([r[0] for r in old], dtype=np.int64)])
         cand_abs = np.concatenate([np.abs(v.value[rows]), np.array([abs(r[2]) for r in old], dtype=np.float64)])
         cand_prompt = np.concatenate([prompt_uids[v.prompt[rows]], np.array([r[3] for r in old], dtype=object)])
@@ -327,7 +331,9 @@ class Neo4jStore:
                                            dst_pos=dst_pos[part], head=head[part], value=value[part]))
         for i in range(0, len(gone), CHUNK):
             tx.run("UNWIND $ids AS id MATCH (x:Evidence) WHERE elementId(x) = id DELETE x", ids=gone[i:i + CHUNK])
-        self._stored_evidence = (agg.run, keys, np.abs(value))
+        self._stored_evidence = (agg.run, keys, np.abs(value),
+                                 self._floor(agg.run).prompt_ids([p.uid for p in agg.prompts])[prompt],
+                                 pack(src_pos, dst_pos, head))
 
     @staticmethod
     def _prompt_props(p: Prompt) -> JSON:

@@ -13,7 +13,8 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from catalog.aggregate import EvidenceFloor, WindowAggregate
+from catalog.aggregate import WindowAggregate
+from catalog.evidence_floor import EvidenceFloor, pack, unpack
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, Runs, StoreError, StoreUnavailable
 
@@ -98,7 +99,8 @@ class SqliteStore:
         self._local = threading.local()
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         self._floors: dict[int, EvidenceFloor] = {}  # per run number
-        self._stored_evidence: tuple[int, np.ndarray, np.ndarray] | None = None  # run, rows of the open write
+        # run and the rows EvidenceFloor.update takes in (none: it merged them), of the open write
+        self._stored_evidence: tuple[Any, ...] | None = None
         try:
             edge_columns = [r[1] for r in self._conn.execute("PRAGMA table_info(edges)")]
             if edge_columns and "run" not in edge_columns:
@@ -149,6 +151,7 @@ class SqliteStore:
         c.execute("BEGIN IMMEDIATE")
         try:
             run = self._run_no(c, agg.run)
+            self._check_floors(c, run, agg.run)
             if not self._claim_prompts(c, agg.run, agg.prompts):
                 c.execute("ROLLBACK")
                 return False
@@ -160,9 +163,23 @@ class SqliteStore:
             raise
         self._ids.update(new_ids)  # only once committed: a rolled-back id may be handed out again
         if self._stored_evidence is not None:
-            run, keys, absval = self._stored_evidence
-            self._floor(run).update(keys, absval)
+            run, *rows = self._stored_evidence
+            self._floor(run).commit_merge() if not rows else self._floor(run).update(*rows)
+            self._stored_evidence = None
         return True
+
+    def _check_floors(self, c: sqlite3.Connection, run: int, run_id: str) -> None:
+        """Under the write lock: the run's evidence floor, exact if the run has no prompt yet; every
+        floor stops being exact once another connection has committed (PRAGMA data_version changes
+        exactly then; this connection's own commits leave it as it is)."""
+        version = c.execute("PRAGMA data_version").fetchone()[0]
+        if getattr(self._local, "data_version", None) != version:
+            for floor in self._floors.values():
+                floor.exact = False
+        self._local.data_version = version
+        if run not in self._floors:
+            empty = c.execute("SELECT 1 FROM prompts WHERE run = ? LIMIT 1", (run_id,)).fetchone() is None
+            self._floors[run] = EvidenceFloor(self.evidence_per_edge, exact=empty)
 
     def _floor(self, run: int) -> EvidenceFloor:
         return self._floors.setdefault(run, EvidenceFloor(self.evidence_per_edge))
@@ -218,7 +235,7 @@ class SqliteStore:
             keys, ids[e.src], ids[e.dst], np.array(EDGE_KINDS, dtype=object)[e.kind], e.n_prompts, e.n_obs, e.sum,
             e.sumsq, e.sum_abs, e.min, e.max, e.n_pos)))
         cap = self.evidence_per_edge
-        if trim and cap is not None and len(v):
+        if trim and cap is not None and len(v) and not self._floor(run).exact:
             # edges new to the catalog hold only this window's evidence, already cut to its cap
             # (unless it was aggregated with a larger cap): only edges stored before can overflow
             every = agg.evidence_cap is None or agg.evidence_cap > cap
@@ -239,16 +256,28 @@ class SqliteStore:
 
     def _write_evidence(self, c: sqlite3.Connection, agg: WindowAggregate, run: int, ids: np.ndarray,
                         trim: bool) -> None:
-        """Insert the window's evidence that can still make its edge's top N, then cut the edges that
-        existed before and got new rows back to the per-edge cap."""
+        """Insert the window's evidence that can still make its edge's top N. With an exact floor,
+        only the rows that enter the top N go in and the stored rows they displace are deleted;
+        otherwise the edges that existed before and got new rows are cut back to the cap here."""
         v = agg.evidence
         keys = edge_key(ids[v.src], ids[v.dst], v.kind)
-        keep = self._floor(run).keep(keys, np.abs(v.value)) if trim else np.ones(len(keys), bool)
-        prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
+        floor = self._floor(run)
+        uids = [p.uid for p in agg.prompts]
+        prompt, pos, absval = floor.prompt_ids(uids)[v.prompt], pack(v.src_pos, v.dst_pos, v.head), np.abs(v.value)
+        keep = floor.keep(keys, absval, prompt, pos) if trim else np.ones(len(keys), bool)
+        exact = trim and floor.exact
+        if exact:
+            rows = np.flatnonzero(keep)
+            win, (gone_key, gone_prompt, gone_pos) = floor.merge(keys[rows], absval[rows], prompt[rows], pos[rows])
+            keep[rows[~win]] = False
+            c.executemany(f"DELETE FROM evidence WHERE edge = ? AND run = {run} AND prompt = ? AND src_pos = ? "
+                          "AND dst_pos = ? AND head = ?",
+                          zip(*_lists(gone_key, floor.uids(gone_prompt), *unpack(gone_pos))))
         c.executemany(f"INSERT INTO evidence VALUES (?,{run},?,?,?,?,?)", zip(*_lists(
-            keys[keep], prompt_uids[v.prompt[keep]], v.src_pos[keep], v.dst_pos[keep], v.head[keep], v.value[keep])))
-        self._stored_evidence = (run, keys[keep], np.abs(v.value[keep]))
-        if trim and self.evidence_per_edge is not None:
+            keys[keep], np.array(uids or [""], object)[v.prompt[keep]], v.src_pos[keep], v.dst_pos[keep],
+            v.head[keep], v.value[keep])))
+        self._stored_evidence = (run,) if exact else (run, keys[keep], absval[keep], prompt[keep], pos[keep])
+        if trim and not exact and self.evidence_per_edge is not None:
             c.executemany("INSERT INTO b_touched VALUES (?)", ((k,) for k in np.unique(keys[keep]).tolist()))
             c.execute(TRIM_EVIDENCE, (run, self.evidence_per_edge))
 
