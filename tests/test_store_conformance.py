@@ -35,6 +35,10 @@ def _fill(url, batches):
     return store
 
 
+def _no_head_first(v) -> tuple:
+    return tuple(-1 if x is None else x for x in v)  # head None (an observation of no head) sorts first
+
+
 def snapshot(store) -> dict:
     """Everything a catalog holds, in a canonical order (floats rounded as queries round them)."""
     edges = sorted((e.src, e.dst, e.kind, e.n_prompts, e.n_obs, queries.rnd(e.sum), queries.rnd(e.sumsq),
@@ -43,7 +47,7 @@ def snapshot(store) -> dict:
                     tuple(sorted((name, n, queries.rnd(a)) for name, (n, a) in e.roles.items())))
                    for e in store.all_edges())
     stats = sorted((n.uid, s.n_obs, s.n_prompts, queries.rnd(s.sum_act), s.max_act) for n, s in store.all_nodes() if s)
-    return {"edges": edges, "evidence": sorted(store.all_evidence()), "stats": stats,
+    return {"edges": edges, "evidence": sorted(store.all_evidence(), key=_no_head_first), "stats": stats,
             "prompts": sorted((p.uid, p.text, tuple(p.tokens), json.dumps(p.meta)) for p in store.all_prompts()),
             "runs": [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in store.runs()],
             "mined": list(store.all_mined())}

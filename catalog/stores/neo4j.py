@@ -61,24 +61,27 @@ ORDER_DECIMALS = 9  # orderings compare rounded metrics: see catalog.stores.sqli
 METRIC = {name: f"round({expr}, {ORDER_DECIMALS})" for name, expr in {
     "sum": "total", "mean": "total / n_obs", "count": "n_prompts", "abs": "abs(total)"}.items()}
 NODE_RET = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.index"
-STATS = ("OPTIONAL MATCH (s:Stats {nid: n.nid}) USING INDEX s:Stats(nid) WHERE $runs IS NULL OR s.run IN $runs "
+STATS = ("OPTIONAL MATCH (s:Stats {nid: n.nid}) USING INDEX SEEK s:Stats(nid) WHERE $runs IS NULL OR s.run IN $runs "
          "WITH n, count(s) AS n_stats, sum(s.n_obs) AS n_obs, sum(s.n_prompts) AS n_prompts, "
          "sum(s.sum_act) AS sum_act, max(s.max_act) AS max_act")
 EVIDENCE_ORDER = "x.absval DESC, x.prompt, x.src_pos, x.dst_pos, x.head"
 
-# Queries name the index they seek with (USING INDEX): a plan compiled while the catalog is empty
-# would otherwise scan every edge per row once it is not (measured: 210 s instead of 4 s per 20k rows).
-# Edges are looked up by key before the window writes anything and updated by element id: seeks of the
-# relationship index inside a transaction that has already changed many edges were measured slower
-# than the 10-minute transaction limit.
-# Every writer takes this lock first, so windows of concurrent shards apply one after another: an
-# edge is never created twice, and node ids are handed out in one sequence. The lock is a write that
-# always changes the node (a counter): a REMOVE of a property the node lacks, used before, took no
-# lock at all, and two shards handed out the same nids (a ConstraintError, seen in the shard test and
-# reproduced by two concurrent writers). The next id is read once the lock is held.
+# Queries name the index they seek with (USING INDEX SEEK): a plan compiled while the catalog is empty
+# would otherwise scan every edge per row once it is not. A bare USING INDEX is not enough: it allows
+# an index *scan* filtered per row, which the planner chose for FIND_EDGES when its first 20k-key list
+# was planned right after the first window's commit (PROFILE: 462M db hits, 190 s instead of 1 s; the
+# cache keys plans by list-size bucket, so smaller lists of the same query were planned well).
+# Edges are looked up by key before the window writes anything and updated by element id.
+# Every writer takes this lock, so windows of concurrent shards apply one after another: an edge is
+# never created twice, and node ids are handed out in one sequence. The lock is a write that always
+# changes the node (a counter): a REMOVE of a property the node lacks, used before, took no lock at
+# all, and two shards handed out the same nids (a ConstraintError, seen in the shard test and
+# reproduced by two concurrent writers). Being a write, the lock is taken *after* the window's
+# lookups (see _window_tx); the counter then says whether another writer committed in between.
 LOCK = (f"MERGE (d:Dictionary {{name: 'nodes'}}) ON CREATE SET d.next = 0, d.schema = {SCHEMA_VERSION} "
         "SET d.writes = coalesce(d.writes, 0) + 1")
-NEXT_ID = "MATCH (d:Dictionary {name: 'nodes'}) RETURN d.next"
+WRITES = "OPTIONAL MATCH (d:Dictionary {name: 'nodes'}) RETURN coalesce(d.writes, 0)"
+LOCKED = "MATCH (d:Dictionary {name: 'nodes'}) RETURN d.writes, d.next"
 CREATE_NODES = """
 UNWIND range(0, size($uid) - 1) AS i
 CREATE (n:Node {nid: $base + i, uid: $uid[i], model: $model[i], sae: $sae[i], ref: $ref[i], kind: $kind[i],
@@ -87,7 +90,7 @@ WITH n, i WHERE $feature[i] SET n:Feature
 """
 FIND_EDGES = """
 UNWIND $keys AS k
-MATCH ()-[r:EDGE {key: k}]->() USING INDEX r:EDGE(key) WHERE r.run = $run
+MATCH ()-[r:EDGE {key: k}]->() USING INDEX SEEK r:EDGE(key) WHERE r.run = $run
 RETURN k, elementId(r)
 """
 UPDATE_EDGES = """
@@ -117,7 +120,7 @@ CREATE (s)-[:EDGE {run: $run, key: $key[i], kind: $kind[i], n_prompts: $n_prompt
 """
 FIND_STATS = """
 UNWIND $keys AS k
-MATCH (x:Stats {nid: k, run: $run}) USING INDEX x:Stats(nid, run)
+MATCH (x:Stats {nid: k, run: $run}) USING INDEX SEEK x:Stats(nid, run)
 RETURN k, elementId(x)
 """
 UPDATE_STATS = """
@@ -136,9 +139,21 @@ UNWIND range(0, size($edge) - 1) AS i
 CREATE (:Evidence {edge: $edge[i], run: $run, prompt: $prompt[i], src_pos: $src_pos[i], dst_pos: $dst_pos[i], head: $head[i],
                    value: $value[i], absval: abs($value[i])})
 """
+EDGES_PER_READ = 1000
+# rows come in order per edge: the subquery orders them, and UNWIND keeps the edges' order
+EVIDENCE_OF_EDGES = f"""
+UNWIND range(0, size($s) - 1) AS i
+CALL (i) {{
+  MATCH (:Node {{uid: $s[i]}})-[r:EDGE {{kind: $kind[i]}}]->(:Node {{uid: $d[i]}})
+  WITH r.key AS key LIMIT 1
+  MATCH (x:Evidence {{edge: key}}) USING INDEX SEEK x:Evidence(edge) WHERE $runs IS NULL OR x.run IN $runs
+  RETURN x ORDER BY {EVIDENCE_ORDER} LIMIT $limit
+}}
+RETURN i, x.prompt, x.src_pos, x.dst_pos, x.head, x.value
+"""
 OLD_EVIDENCE = """
 UNWIND $keys AS k
-MATCH (x:Evidence {edge: k}) USING INDEX x:Evidence(edge) WHERE x.run = $run
+MATCH (x:Evidence {edge: k}) USING INDEX SEEK x:Evidence(edge) WHERE x.run = $run
 RETURN k, elementId(x), x.value, x.prompt, x.src_pos, x.dst_pos, x.head
 """
 
@@ -218,19 +233,20 @@ class Neo4jStore:
                   for r in runs], database_=self.database)
 
     def _window_tx(self, tx: Tx, /, agg: WindowAggregate, ingest: bool) -> dict[str, int] | None:
-        """Reads first, then writes: an index seek in a transaction that has already changed anything
-        was measured ~100x slower (0.13 s -> 17.7 s for 20k edge keys), so every lookup the window
-        needs (stored prompts, node ids, edges, the evidence it competes with) happens before its
-        first write."""
+        """Look up, lock, write. Every lookup the window needs (stored prompts, node ids, edges, the
+        evidence it competes with) runs before the lock, so concurrent shards overlap their reads and
+        hold the lock only to write. The lock's counter then tells whether another writer committed
+        since the lookups began (it grew by more than this lock's one); only then are they repeated,
+        now under the lock, where nobody else can write."""
+        seen = tx.run(WRITES).single()[0]
+        looked_up = self._look_up(tx, agg, ingest)
         tx.run(LOCK).consume()
-        next_id = tx.run(NEXT_ID).single()[0]
-        if ingest and self._prompts_stored(tx, agg):
+        writes, next_id = tx.run(LOCKED).single()
+        if writes != seen + 1:
+            looked_up = self._look_up(tx, agg, ingest)
+        if looked_up is None:
             return None
-        known = self._known_ids(tx, agg.nodes)
-        ids = np.array([known.get(n.uid, -1) for n in agg.nodes], dtype=np.int64)
-        found = self._find_edges(tx, agg, ids)
-        stats_found = self._find_stats(tx, agg, ids)
-        evidence = self._merge_evidence(tx, agg, ids, found) if ingest else None
+        known, found, stats_found, evidence = looked_up
         # ---- writes
         tx.run(f"UNWIND $rows AS p {'CREATE (x:Prompt)' if ingest else 'MERGE (x:Prompt {uid: p.uid})'} SET x = p",
                rows=[self._prompt_props(p) for p in agg.prompts])
@@ -240,6 +256,17 @@ class Neo4jStore:
         self._write_edges(tx, agg, ids, found)
         self._write_evidence(tx, agg, ids, evidence)
         return {**known, **new}
+
+    def _look_up(self, tx: Tx, agg: WindowAggregate, ingest: bool) -> tuple[Any, ...] | None:
+        """What the window's writes depend on: known node ids, stored edges and Stats by key, and the
+        evidence merge; None when an ingest window's prompts are stored already."""
+        if ingest and self._prompts_stored(tx, agg):
+            return None
+        known = self._known_ids(tx, agg.nodes)
+        ids = np.array([known.get(n.uid, -1) for n in agg.nodes], dtype=np.int64)
+        found = self._find_edges(tx, agg, ids)
+        return (known, found, self._find_stats(tx, agg, ids),
+                self._merge_evidence(tx, agg, ids, found) if ingest else None)
 
     def _prompts_stored(self, tx: Tx, agg: WindowAggregate) -> bool:
         uids = [p.uid for p in agg.prompts]
@@ -523,12 +550,25 @@ class Neo4jStore:
     def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
         rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE {{kind: $kind}}]->(:Node {{uid: $d}}) "
                           "WITH r.key AS key LIMIT 1 "
-                          f"MATCH (x:Evidence {{edge: key}}) USING INDEX x:Evidence(edge) "
+                          f"MATCH (x:Evidence {{edge: key}}) USING INDEX SEEK x:Evidence(edge) "
                           "WHERE $runs IS NULL OR x.run IN $runs "
                           f"RETURN x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
                           f"ORDER BY {EVIDENCE_ORDER} LIMIT $limit", s=src, d=dst, kind=kind, limit=limit,
                           runs=_runs(runs))
         return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
+
+    def evidence_of_edges(self, edges: Sequence[tuple[str, str, str]], limit: int,
+                          runs: Runs = None) -> list[list[Evidence]]:
+        """One query per EDGES_PER_READ edges, each edge's rows as ``evidence`` orders them (a query per
+        edge cost ~2 ms of round trip; mining a 24-prompt toy catalog asked for 6k edges)."""
+        out: list[list[Evidence]] = [[] for _ in edges]
+        for start in range(0, len(edges), EDGES_PER_READ):
+            part = edges[start:start + EDGES_PER_READ]
+            for i, p, sp, dp, h, v in self._read(EVIDENCE_OF_EDGES, s=[e[0] for e in part], d=[e[1] for e in part],
+                                                 kind=[e[2] for e in part], limit=limit, runs=_runs(runs)):
+                src, dst, kind = part[i]
+                out[start + i].append(Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v))
+        return out
 
     @staticmethod
     def _prompt(r: Any) -> Prompt:
@@ -545,7 +585,7 @@ class Neo4jStore:
 
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
         rows = self._read("MATCH (x:Evidence {prompt: $uid}) "
-                          "MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX r:EDGE(key) WHERE r.run = x.run "
+                          "MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX SEEK r:EDGE(key) WHERE r.run = x.run "
                           "AND NOT r.kind IN ['q_in', 'k_in', 'qk'] "
                           "RETURN s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head, x.value "
                           "ORDER BY x.absval DESC, s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head LIMIT $limit",
@@ -618,7 +658,7 @@ class Neo4jStore:
     def all_evidence(self, runs: Runs = None) -> Iterator[Evidence]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
             for r in s.run("MATCH (x:Evidence) WHERE $runs IS NULL OR x.run IN $runs "
-                           "MATCH (a:Node)-[r:EDGE {key: x.edge}]->(b:Node) USING INDEX r:EDGE(key) WHERE r.run = x.run "
+                           "MATCH (a:Node)-[r:EDGE {key: x.edge}]->(b:Node) USING INDEX SEEK r:EDGE(key) WHERE r.run = x.run "
                            "RETURN a.uid, b.uid, r.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value",
                            runs=_runs(runs)):
                 yield Evidence(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] < 0 else r[6], r[7])
