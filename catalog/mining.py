@@ -31,7 +31,7 @@ import numpy as np
 from catalog.ids import NodeKind
 from catalog.queries import _is_attn_feature, _layer, edge_stats, node_ref_of, rnd
 from catalog.runs import select_runs
-from catalog.schema import JSON, OFFSETS, RELATIONS, ROLE_PAIRS, ROLES, EdgeStats
+from catalog.schema import JSON, OFFSETS, RELATIONS, ROLE_PAIRS, ROLES, EdgeStats, Evidence
 from catalog.stores.base import Runs, Store
 
 MAX_PAIRS_SCANNED = 200
@@ -191,11 +191,13 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
     for w, ui, di in zip(which[chosen].tolist(), u[chosen].tolist(), d[chosen].tolist()):
         hop_rows[w].append((up_edges[ui], downs[di]))
     out = []
+    # the residual feature's position in the second hop's evidence: s (attn_in, k_in) or t (q_in)
+    placed = _PlacedEvidence(store, runs)
+    placed.read([e for w in best.tolist() for hop in hop_rows[w] for e in hop])
     for w in best.tolist():
         src, dst = uids[int(keys[w]) // len(uids)], uids[int(keys[w]) % len(uids)]
         hops = hop_rows[w]
-        # the residual feature's position in the second hop's evidence: s (attn_in, k_in) or t (q_in)
-        prompts, heads = _chained_prompts(store, hops, runs, "dst_pos" if down_kind == "q_in" else "src_pos")
+        prompts, heads = _chained_prompts(placed, hops, "dst_pos" if down_kind == "q_in" else "src_pos")
         if len(prompts) < min_prompts:
             continue
         total = float(score[w])
@@ -213,17 +215,35 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
     return out
 
 
-def _chained_prompts(store: Store, hops: list[tuple[EdgeStats, EdgeStats]], runs: Runs,
+class _PlacedEvidence:
+    """The stored evidence of the edges a mining pass chains, read at once and once: the best pairs
+    share their hops (one residual feature's up edge serves every pair through it), and reading them
+    per pair made ~14k evidence queries (~2 ms each on Neo4j) for 600 pairs of a 24-prompt toy catalog."""
+
+    def __init__(self, store: Store, runs: Runs):
+        self.store, self.runs = store, runs
+        self._rows: dict[tuple[str, str, str], list[Evidence]] = {}
+
+    def read(self, edges: Sequence[EdgeStats]) -> None:
+        missing = list(dict.fromkeys((e.src, e.dst, e.kind) for e in edges if (e.src, e.dst, e.kind) not in self._rows))
+        self._rows.update(zip(missing, self.store.evidence_of_edges(missing, 1000, self.runs)))
+
+    def at(self, edge: EdgeStats, field: str) -> list[tuple[str, int]]:
+        """(prompt, ``field``) of each evidence row of ``edge`` (read first if it was not)."""
+        if (edge.src, edge.dst, edge.kind) not in self._rows:
+            self.read([edge])
+        return [(v.prompt, getattr(v, field)) for v in self._rows[edge.src, edge.dst, edge.kind]]
+
+
+def _chained_prompts(placed: _PlacedEvidence, hops: list[tuple[EdgeStats, EdgeStats]],
                      at: str = "src_pos") -> tuple[set[str], dict[int, float]]:
     """Prompts whose evidence has hop 1 (k@p -> j@p) and hop 2 from j@p (p: the evidence field ``at`` of
     hop 2) at the same p; head sums of hop 2."""
     prompts: set[str] = set()
     heads: dict[int, float] = defaultdict(float)
     for up, down in hops:
-        first = {(v.prompt, v.dst_pos) for v in store.evidence(up.src, up.dst, up.kind, 1000, runs)}
-        for v in store.evidence(down.src, down.dst, down.kind, 1000, runs):
-            if (v.prompt, getattr(v, at)) in first:
-                prompts.add(v.prompt)
+        first = set(placed.at(up, "dst_pos"))
+        prompts.update(prompt for prompt, pos in placed.at(down, at) if (prompt, pos) in first)
         for h, s in down.head_sums.items():
             heads[h] += s
     return prompts, heads

@@ -92,6 +92,9 @@ class Store(Protocol):
                    runs: Runs = None) -> list[tuple[str, str, float]]:
         """The qk edges of one head (query-side uid, key-side uid, that head's summed share), largest |share| first."""
     def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]: ...
+    def evidence_of_edges(self, edges: Sequence[tuple[str, str, str]], limit: int,
+                          runs: Runs = None) -> list[list[Evidence]]:
+        """``evidence`` of each (src, dst, kind), in order: what mining reads for hundreds of edges at once."""
     def prompt(self, uid: str) -> Prompt | None: ...
     def prompts(self, uids: list[str]) -> dict[str, Prompt]: ...
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:

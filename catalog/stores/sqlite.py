@@ -413,6 +413,10 @@ class SqliteStore:
             f"LIMIT 1) AND {among} ORDER BY {EVIDENCE_ORDER} LIMIT ?", [src, dst, kind, *args, limit]).fetchall()
         return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
 
+    def evidence_of_edges(self, edges: Sequence[tuple[str, str, str]], limit: int,
+                          runs: Runs = None) -> list[list[Evidence]]:
+        return [self.evidence(src, dst, kind, limit, runs) for src, dst, kind in edges]  # in-process: no trip to batch
+
     def _prompt(self, r: Sequence[Any]) -> Prompt:
         return Prompt(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], json.loads(r[7]))
 
