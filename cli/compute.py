@@ -106,7 +106,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                "when the run is done, mine its composition patterns and store them for the API "
                "(later: `circuit-catalog mine`)"))] = True):
     """Run RDFA over a corpus and store every edge with its provenance."""
-    from ingest.jobs import JobOptions, RayOptions, parse_shard, run_job
+    from ingest.jobs import JobOptions, RayOptions, parse_shard, refuse_existing_run, run_job
     from ingest.rdfa.tensors import Pruning
     from ingest.runtime import configure_threads
     from ingest.session import ModelWithSaes
@@ -131,6 +131,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
         target = PartialsDir(partials, evidence_per_edge or None)
     else:
         target = open_store(store, evidence_per_edge=evidence_per_edge or None)
+        refuse_existing_run(target, opts)
     # with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU
     session = ModelWithSaes.open(model, saes, "cpu" if executor == "ray" else device)
     summary = run_job(session, corpus, target, opts, log=lambda m: typer.echo(m, err=True))

@@ -203,6 +203,15 @@ def cut_windows(batches: list, per_window: int) -> list[list]:
     return windows
 
 
+def refuse_existing_run(store, opts: JobOptions) -> None:
+    """The refusal start_run gives a run that exists and is neither resumed nor sharded, asked before
+    the model loads (a TransformerLens import alone is ~12 s); start_run still decides under its lock."""
+    old = store.run(opts.run)
+    if old is not None and not (opts.resume or opts.shard[1] > 1):
+        raise UserFacingError(f"run {opts.run!r} already exists in {store.url} (status {old.status}); pass --resume "
+                              "to continue it or choose another --run")
+
+
 def _check_resume(store, opts: JobOptions, manifest: dict) -> None:
     """A resumed run must cut the same batches from the same corpus, or the catalog would differ."""
     old = store.run(opts.run)

@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_ingest import CLI, DIE_AT, JOB, _catalog, _fresh, _ingest
+from test_ingest import CLI, DIE_AT, JOB, WINDOWED, _catalog, _uninterrupted
 
 from catalog.stores import open_store
 from ingest.ray_executor import DIE_ONCE_ENV
 
-CORPUS = ["--corpus", "ioi:24:5", "--window", "8"]  # batches of 4: windows of 2, 2, 1 and 1 batches
+CORPUS = [*WINDOWED, "--corpus", "ioi:24:5"]  # batches of 4: windows of 2, 2, 1 and 1 batches
 RAY = ["--executor", "ray", "--workers", "2", "--no-progress"]
 
 
@@ -33,9 +33,7 @@ def test_ray_run_equals_one_process_and_survives_a_lost_worker(store_url, tmp_pa
     assert marker.exists()  # a worker really died mid-window (after its first batch) ...
     assert summary["prompts"] == 24 and summary["windows"] == 4  # ... and its window was written once
     on_ray = _catalog(store_url)
-    one = _fresh(store_url, "one", tmp_path)
-    _ingest(one, *CORPUS)
-    single = _catalog(one)
+    single = _uninterrupted(store_url, tmp_path, *CORPUS)
     for key in ("edges", "evidence", "stats", "prompts"):
         assert on_ray[key] == single[key], key
     assert on_ray["runs"] == single["runs"] == [("r", "done")]
@@ -54,8 +52,6 @@ def test_driver_killed_inside_a_write_then_resume_equals_one_process(store_url, 
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)["skipped_done"] == 8
     resumed = _catalog(store_url)
-    one = _fresh(store_url, "one", tmp_path)
-    _ingest(one, *CORPUS)
-    single = _catalog(one)
+    single = _uninterrupted(store_url, tmp_path, *CORPUS)
     for key in ("edges", "evidence", "stats", "prompts"):
         assert resumed[key] == single[key], key
