@@ -112,6 +112,31 @@ def test_evidence_is_the_top_n_of_all_observations(store_url):
         assert sorted(stored[key]) == sorted(obs)[:N], key
 
 
+def test_evidence_of_many_edges_is_each_edges_top_rows_in_order(store_url, monkeypatch):
+    """What mining reads at once: per edge asked (in the order asked, a missing edge answering nothing)
+    its ``limit`` best observations by the evidence order, read in several queries on Neo4j."""
+    import catalog.stores.neo4j as neo4j_store
+
+    monkeypatch.setattr(neo4j_store, "EDGES_PER_READ", 7)
+    batches = _batches()
+    store = _fill(store_url, batches)
+    by_edge: dict = {}
+    for p, s, d, k, h, sp, dp, v in batches[0][1] + batches[1][1]:
+        by_edge.setdefault((s, d, k), []).append((-abs(v), p, sp, dp, h, v))
+    edges = sorted({(e.src, e.dst, e.kind) for e in store.all_edges()}, reverse=True)
+    assert len(edges) > 20
+    asked = edges[:10] + [(edges[0][0], edges[0][1], "no-such-kind")] + edges[10:]
+    limit = N - 1
+    answers = store.evidence_of_edges(asked, limit)
+    assert len(answers) == len(asked) and answers[10] == []
+    for (src, dst, kind), rows in zip(asked[:10] + asked[11:], answers[:10] + answers[11:]):
+        expected = sorted(by_edge[src.split("|")[2], dst.split("|")[2], kind])[:limit]
+        assert [(-abs(v.value), v.prompt, v.src_pos, v.dst_pos, -1 if v.head is None else v.head, v.value)
+                for v in rows] == expected
+        assert all((v.src, v.dst, v.kind) == (src, dst, kind) for v in rows)
+    assert store.evidence_of_edges(asked[:3], limit, runs=["other-run"]) == [[], [], []]
+
+
 def test_evidence_of_an_edge_seen_in_many_batches_is_its_top_n(store_url):
     """Three edges observed 6 times in every one of three batches: each write must cut the stored
     evidence (old and new) back to the top N, whichever batch created the edge."""
