@@ -18,18 +18,21 @@ from ingest.to_catalog import aggregate_rows
 WINDOWS, NODES_PER_WINDOW, ROWS_PER_WINDOW = 6, 300, 6000
 
 
-def window(writer: int, w: int, run: str | None = None, offset: int | None = None):
+def window(writer: int, w: int, run: str | None = None, offset: int | None = None, n_nodes: int = NODES_PER_WINDOW,
+           scale: float = 1.0):
     """A window whose every node is new: features A0.{offset + j} of this writer and window (or of the
-    ``offset`` given: windows of one offset share their nodes and edges)."""
+    ``offset`` given: windows of one offset share their nodes and edges); ``n_nodes`` nodes, values
+    drawn from N(0, scale)."""
     offset = (writer * WINDOWS + w) * NODES_PER_WINDOW if offset is None else offset
     run = run or f"run{writer}"
-    nodes = [NodeInfo.of("toy", "rel", parse_ref(f"A0.{offset + j}")) for j in range(NODES_PER_WINDOW)]
+    nodes = [NodeInfo.of("toy", "rel", parse_ref(f"A0.{offset + j}")) for j in range(n_nodes)]
     prompts = [Prompt(f"{run}/p{writer}-{w}-{i}", run, f"p{writer}-{w}-{i}", "text", ["a", "b"], "test", f"h{w}{i}")
                for i in range(4)]
     rng = np.random.default_rng(writer * 100 + w)
     n = ROWS_PER_WINDOW
-    cols = [rng.integers(0, 4, n), rng.integers(0, NODES_PER_WINDOW, n), rng.integers(0, NODES_PER_WINDOW, n),
-            rng.integers(0, 3, n), rng.integers(-1, 4, n), rng.integers(0, 2, n), rng.integers(0, 2, n), rng.normal(0, 1, n)]
+    cols = [rng.integers(0, 4, n), rng.integers(0, n_nodes, n), rng.integers(0, n_nodes, n),
+            rng.integers(0, 3, n), rng.integers(-1, 4, n), rng.integers(0, 2, n), rng.integers(0, 2, n),
+            rng.normal(0, scale, n)]
     obs = Observations(*(torch.from_numpy(np.ascontiguousarray(c)) for c in cols))
     return aggregate_rows(obs, Activations(obs.dst, obs.prompt, obs.value.abs()), nodes, run, prompts, 4)
 
@@ -98,3 +101,49 @@ def test_a_writer_that_commits_during_anothers_lookups_is_seen_before_it_writes(
     assert snapshot(slow) == expected
     read = lambda q: slow.cypher(q, {}, limit=10_000, timeout_s=30)  # noqa: E731
     assert read("MATCH (n:Node) RETURN count(n) AS n") == [{"n": NODES_PER_WINDOW}]
+
+
+def test_evidence_deleted_while_another_writer_reads_it_is_looked_up_again_under_the_lock(neo4j_url):
+    """A writer reads the stored evidence of its edges before it takes the lock, streamed in batches of
+    the driver's fetch size. When another writer displaces (deletes) some of those rows and commits
+    while that read is still streaming, the rows read after the commit belong to deleted nodes and come
+    back with null properties (CI's shard test died on them: abs(None)). The writer must not trust a read
+    that raced another commit: it reads again under the lock, and the catalog is as if one writer had
+    written the three windows in commit order."""
+    from conftest import wipe_neo4j
+    from neo4j import Result
+    from test_store_conformance import snapshot
+
+    from catalog.stores.neo4j import OLD_EVIDENCE
+
+    # 20 nodes: each of the ~1200 edges has ~5 observations a window, so every window holds 4 evidence
+    # rows of most edges (~4000 in all, several fetches), and the displacing window's rows outrank them
+    base, displacing, last = (window(k, 0, run="r", offset=0, n_nodes=20, scale=100.0 if k == 1 else 1.0)
+                              for k in range(3))
+    wipe_neo4j(neo4j_url)
+    alone = open_store(neo4j_url, evidence_per_edge=4)
+    alone.start_run("r", {"kind": "test"}, resume=False)
+    assert all(alone.write_window(w) for w in (base, displacing, last))
+    expected = snapshot(alone)
+
+    wipe_neo4j(neo4j_url)
+    first, fast, slow = (open_store(neo4j_url, evidence_per_edge=4) for _ in range(3))
+    first.start_run("r", {"kind": "test"}, resume=False)
+    assert first.write_window(base)
+    streamed: list[int] = []
+    run = Result.__iter__
+
+    def stream_then_let_the_other_commit(result):
+        for i, record in enumerate(run(result)):
+            if i == 1 and not streamed and result._metadata.get("query") == OLD_EVIDENCE:
+                streamed.append(1)
+                assert fast.write_window(displacing)
+            yield record
+
+    Result.__iter__ = stream_then_let_the_other_commit
+    try:
+        assert slow.write_window(last)
+    finally:
+        Result.__iter__ = run
+    assert streamed == [1]
+    assert snapshot(slow) == expected

@@ -158,6 +158,12 @@ RETURN k, elementId(x), x.value, x.prompt, x.src_pos, x.dst_pos, x.head
 """
 
 
+class _RacedACommit(StoreError):
+    """A lookup read rows that another writer deleted mid-read: read committed isolation streams rows
+    found by the index and reads their properties later, so a row deleted (and committed) in between
+    comes back with null properties. It can only happen before the lock; under it nobody else writes."""
+
+
 def _lists(**columns: Any) -> dict[str, list[Any]]:
     return {name: np.asarray(col).tolist() for name, col in columns.items()}
 
@@ -239,10 +245,13 @@ class Neo4jStore:
         since the lookups began (it grew by more than this lock's one); only then are they repeated,
         now under the lock, where nobody else can write."""
         seen = tx.run(WRITES).single()[0]
-        looked_up = self._look_up(tx, agg, ingest)
+        try:
+            looked_up, raced = self._look_up(tx, agg, ingest), False
+        except _RacedACommit:  # the counter will say so too; read again under the lock
+            looked_up, raced = None, True
         tx.run(LOCK).consume()
         writes, next_id = tx.run(LOCKED).single()
-        if writes != seen + 1:
+        if raced or writes != seen + 1:
             looked_up = self._look_up(tx, agg, ingest)
         if looked_up is None:
             return None
@@ -321,6 +330,8 @@ class Neo4jStore:
         touched = touched if every else np.intersect1d(touched, stored_keys)
         old = [r for part in _chunks(len(touched))
                for r in tx.run(OLD_EVIDENCE, keys=touched[part].tolist(), run=agg.run)]
+        if any(field is None for r in old for field in r):
+            raise _RacedACommit(f"evidence of run {agg.run} was deleted by another writer while it was read")
         compete = keep & np.isin(keys, touched) if len(touched) else np.zeros(len(v), bool)
         if every:  # new edges may hold more than the cap too: rank all of the window's rows
             compete |= keep & ~known
