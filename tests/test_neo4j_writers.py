@@ -103,21 +103,22 @@ def test_a_writer_that_commits_during_anothers_lookups_is_seen_before_it_writes(
     assert read("MATCH (n:Node) RETURN count(n) AS n") == [{"n": NODES_PER_WINDOW}]
 
 
-def test_evidence_deleted_while_another_writer_reads_it_is_looked_up_again_under_the_lock(neo4j_url):
-    """A writer reads the stored evidence of its edges before it takes the lock, streamed in batches of
-    the driver's fetch size. When another writer displaces (deletes) some of those rows and commits
-    while that read is still streaming, the rows read after the commit belong to deleted nodes and come
-    back with null properties (CI's shard test died on them: abs(None)). The writer must not trust a read
-    that raced another commit: it reads again under the lock, and the catalog is as if one writer had
-    written the three windows in commit order."""
+def test_a_commit_while_anothers_lookups_stream_is_read_again_under_the_lock(neo4j_url):
+    """A writer reads its window's stored edges and their evidence lists before it takes the lock,
+    streamed in batches of the driver's fetch size. When another writer changes some of those lists
+    and commits while that read is still streaming, the rows read after the commit are from after it
+    and the rows before from before (read committed isolation). The writer must not use such a read:
+    it reads again under the lock, and the catalog is as if one writer had written the three windows
+    in commit order. (With evidence as nodes, this read once saw nodes deleted mid-stream and died on
+    their null properties in CI's shard test.)"""
     from conftest import wipe_neo4j
     from neo4j import Result
     from test_store_conformance import snapshot
 
-    from catalog.stores.neo4j import OLD_EVIDENCE
+    from catalog.stores.neo4j import FIND_EDGES
 
-    # 20 nodes: each of the ~1200 edges has ~5 observations a window, so every window holds 4 evidence
-    # rows of most edges (~4000 in all, several fetches), and the displacing window's rows outrank them
+    # 20 nodes: each of the ~1200 edges has ~5 observations a window, so the lookup streams more rows
+    # than one fetch holds, and the displacing window's rows outrank every stored one
     base, displacing, last = (window(k, 0, run="r", offset=0, n_nodes=20, scale=100.0 if k == 1 else 1.0)
                               for k in range(3))
     wipe_neo4j(neo4j_url)
@@ -135,7 +136,7 @@ def test_evidence_deleted_while_another_writer_reads_it_is_looked_up_again_under
 
     def stream_then_let_the_other_commit(result):
         for i, record in enumerate(run(result)):
-            if i == 1 and not streamed and result._metadata.get("query") == OLD_EVIDENCE:
+            if i == 1 and not streamed and result._metadata.get("query") == FIND_EDGES:
                 streamed.append(1)
                 assert fast.write_window(displacing)
             yield record

@@ -112,6 +112,35 @@ def test_evidence_is_the_top_n_of_all_observations(store_url):
         assert sorted(stored[key]) == sorted(obs)[:N], key
 
 
+def test_a_prompts_evidence_is_what_its_observations_kept_in_their_edges_top_n(store_url):
+    """prompt_evidence (the prompt page's graph) lists the prompt's observations that are in their
+    edge's top N after both batches (some the second batch displaced), QK kinds left out, best first;
+    computed here from the raw observations. counts() counts every kept row."""
+    cap = 1  # these batches repeat few edges, so only a cap of one displaces rows
+    p1, p2 = random_prompts("r1", 10), random_prompts("r1", 10, start=10)
+    r1, r2 = random_observations(p1, seed=1), random_observations(p2, seed=2)
+    store = open_store(store_url, evidence_per_edge=cap)
+    store.start_run("r1", {"model": "toy"}, resume=False)
+    assert store.write_window(make_batch("r1", p1, r1, cap)) and store.write_window(make_batch("r1", p2, r2, cap))
+    rows = r1 + r2
+    by_edge: dict = {}
+    for p, s, d, k, h, sp, dp, v in rows:
+        by_edge.setdefault((s, d, k), []).append((-abs(v), p, sp, dp, h, v))
+    kept = [(edge, row) for edge, obs in by_edge.items() for row in sorted(obs)[:cap]]
+    assert store.counts()["evidence"] == len(kept)
+    displaced = 0
+    for prompt in sorted({r[0] for r in rows}):
+        want = sorted((-abs(v), s, d, k, sp, dp, h, v) for (s, d, k), (_, p, sp, dp, h, v) in kept
+                      if p == prompt and k not in ("q_in", "k_in", "qk"))
+        got = [(-abs(e.value), e.src.split("|")[2], e.dst.split("|")[2], e.kind, e.src_pos, e.dst_pos,
+                -1 if e.head is None else e.head, e.value) for e in store.prompt_evidence(prompt, 10_000)]
+        assert sorted(got) == want, prompt  # ties are broken by uid in the store; refs order otherwise
+        assert [g[0] for g in got] == [w[0] for w in want]  # best first
+        assert store.prompt_evidence(prompt, 3) == store.prompt_evidence(prompt, 10_000)[:3]
+        displaced += sum(1 for p, s, d, k, *_ in rows if p == prompt) - len(want)
+    assert displaced > 100  # of the 139 edges seen more than once, most kept a row of the other prompt
+
+
 def test_evidence_of_many_edges_is_each_edges_top_rows_in_order(store_url, monkeypatch):
     """What mining reads at once: per edge asked (in the order asked, a missing edge answering nothing)
     its ``limit`` best observations by the evidence order, read in several queries on Neo4j."""

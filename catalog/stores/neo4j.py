@@ -2,13 +2,14 @@
 
 Graph model: (:Node {nid, uid, model, sae, ref, kind, layer, index}) — features also carry the label
 :Feature; ``nid`` is the node dictionary's integer id — joined by one [:EDGE {run, key, kind, n_prompts,
-n_obs, sum, sumsq, sum_abs, min, max, n_pos, head_sums, role_n, role_abs}] per run that observed the
-edge (``run`` = the run id; ``key`` = catalog.schema.edge_key of the two nids and the kind, the same in
-every run; head_sums: a list indexed by head; role_n/role_abs: count and sum of |value| of its
-observations per positional role, lists indexed by the role's code in catalog.schema.ROLES).
-A feature's activation statistics are (:Stats {nid, run, n_obs,
-n_prompts, sum_act, max_act}), one per run. Evidence is (:Evidence {edge, run, prompt, src_pos,
-dst_pos, head, value, absval}) with ``edge`` the edge's key; prompts are (:Prompt {uid, run, ...}),
+n_obs, sum, sumsq, sum_abs, min, max, n_pos, head_sums, role_n, role_abs, ev_prompt, ev_src_pos, ev_dst_pos,
+ev_head, ev_value}] per run that observed the edge (``run`` = the run id; ``key`` =
+catalog.schema.edge_key of the two nids and the kind, the same in every run; head_sums: a list indexed
+by head; role_n/role_abs: count and sum of |value| of its observations per positional role, lists
+indexed by the role's code in catalog.schema.ROLES; ev_*: the run's top-N evidence of the edge as
+parallel lists, best first: see catalog.stores.neo4j_evidence). A feature's activation statistics
+are (:Stats {nid, run, n_obs, n_prompts, sum_act, max_act}), one per run; prompts are (:Prompt {uid,
+run, ..., evidence_edges}) with the keys of the edges whose evidence took one of its observations;
 runs (:Run). Reads sum over the selected runs' relationships (docs/catalog.md has the Cypher).
 One window is one transaction: every query in it UNWINDs parallel arrays of primitives (CHUNK rows
 each), nodes are found by their indexed integer nid, edges by their indexed integer key.
@@ -28,6 +29,7 @@ from catalog.aggregate import WindowAggregate
 from catalog.evidence_floor import EvidenceFloor, pack
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherRefused, EdgeQuery, Runs, StoreError, StoreUnavailable
+from catalog.stores.neo4j_evidence import LISTS, MergedLists, merge_lists
 
 Tx = Any  # a neo4j ManagedTransaction (typed loosely: the driver's own hints are incomplete)
 
@@ -40,14 +42,13 @@ SCHEMA = [
     "CREATE CONSTRAINT mined_key IF NOT EXISTS FOR (m:Mined) REQUIRE m.key IS UNIQUE",
     "CREATE INDEX node_ref IF NOT EXISTS FOR (n:Node) ON (n.ref)",
     "CREATE INDEX prompt_run IF NOT EXISTS FOR (p:Prompt) ON (p.run)",
-    "CREATE INDEX evidence_edge IF NOT EXISTS FOR (e:Evidence) ON (e.edge)",
     "CREATE INDEX stats_node_run IF NOT EXISTS FOR (s:Stats) ON (s.nid, s.run)",
     "CREATE INDEX stats_node IF NOT EXISTS FOR (s:Stats) ON (s.nid)",
-    "CREATE INDEX evidence_prompt IF NOT EXISTS FOR (e:Evidence) ON (e.prompt)",
     "CREATE INDEX edge_key IF NOT EXISTS FOR ()-[r:EDGE]-() ON (r.key)",
 ]
 CHUNK = 20_000  # rows per UNWIND query
-SCHEMA_VERSION = 3  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles
+SCHEMA_VERSION = 4  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles;
+# 4: evidence as lists on the EDGE relationship instead of (:Evidence) nodes
 # reads sum an edge's relationships over the selected runs: RUNS filters them, EDGE_SUMS sums them
 RUNS = "($runs IS NULL OR r.run IN $runs)"
 EDGE_SUMS = ("sum(r.n_prompts) AS n_prompts, sum(r.n_obs) AS n_obs, sum(r.sum) AS total, sum(r.sumsq) AS sumsq, "
@@ -64,7 +65,11 @@ NODE_RET = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.index
 STATS = ("OPTIONAL MATCH (s:Stats {nid: n.nid}) USING INDEX SEEK s:Stats(nid) WHERE $runs IS NULL OR s.run IN $runs "
          "WITH n, count(s) AS n_stats, sum(s.n_obs) AS n_obs, sum(s.n_prompts) AS n_prompts, "
          "sum(s.sum_act) AS sum_act, max(s.max_act) AS max_act")
-EVIDENCE_ORDER = "x.absval DESC, x.prompt, x.src_pos, x.dst_pos, x.head"
+# an edge's evidence lists, one row per entry (EV_ROWS yields prompt, src_pos, dst_pos, head, value of
+# relationship r), and their order across runs (each run's list is in this order already)
+EV_ROWS = ("UNWIND range(0, size(r.ev_value) - 1) AS j WITH r, r.ev_prompt[j] AS prompt, r.ev_src_pos[j] AS src_pos, "
+           "r.ev_dst_pos[j] AS dst_pos, r.ev_head[j] AS head, r.ev_value[j] AS value")
+EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
 
 # Queries name the index they seek with (USING INDEX SEEK): a plan compiled while the catalog is empty
 # would otherwise scan every edge per row once it is not. A bare USING INDEX is not enough: it allows
@@ -88,10 +93,12 @@ CREATE (n:Node {nid: $base + i, uid: $uid[i], model: $model[i], sae: $sae[i], re
                 layer: $layer[i], index: $index[i]})
 WITH n, i WHERE $feature[i] SET n:Feature
 """
+# the run's stored edges among $keys, with the evidence lists of those flagged in $lists
 FIND_EDGES = """
-UNWIND $keys AS k
-MATCH ()-[r:EDGE {key: k}]->() USING INDEX SEEK r:EDGE(key) WHERE r.run = $run
-RETURN k, elementId(r)
+UNWIND range(0, size($keys) - 1) AS i
+MATCH ()-[r:EDGE {key: $keys[i]}]->() USING INDEX SEEK r:EDGE(key) WHERE r.run = $run
+RETURN $keys[i], elementId(r),
+       CASE WHEN $lists[i] THEN [r.ev_prompt, r.ev_src_pos, r.ev_dst_pos, r.ev_head, r.ev_value] END
 """
 UPDATE_EDGES = """
 UNWIND range(0, size($eid) - 1) AS i
@@ -116,7 +123,9 @@ MATCH (d:Node {nid: $dst[i]})
 CREATE (s)-[:EDGE {run: $run, key: $key[i], kind: $kind[i], n_prompts: $n_prompts[i], n_obs: $n_obs[i], sum: $sum[i],
                    sumsq: $sumsq[i], sum_abs: $sum_abs[i], min: $min[i], max: $max[i], n_pos: $n_pos[i],
                    head_sums: $heads[$hoff[i]..$hoff[i + 1]], role_n: $role_n[$roff[i]..$roff[i + 1]],
-                   role_abs: $role_abs[$roff[i]..$roff[i + 1]]}]->(d)
+                   role_abs: $role_abs[$roff[i]..$roff[i + 1]], ev_prompt: $ev_prompt[$eoff[i]..$eoff[i + 1]],
+                   ev_src_pos: $ev_src_pos[$eoff[i]..$eoff[i + 1]], ev_dst_pos: $ev_dst_pos[$eoff[i]..$eoff[i + 1]],
+                   ev_head: $ev_head[$eoff[i]..$eoff[i + 1]], ev_value: $ev_value[$eoff[i]..$eoff[i + 1]]}]->(d)
 """
 FIND_STATS = """
 UNWIND $keys AS k
@@ -134,34 +143,30 @@ UNWIND range(0, size($nid) - 1) AS i
 CREATE (:Stats {nid: $nid[i], run: $run, n_obs: $n_obs[i], n_prompts: $n_prompts[i], sum_act: $sum_act[i],
                 max_act: $max_act[i]})
 """
-CREATE_EVIDENCE = """
-UNWIND range(0, size($edge) - 1) AS i
-CREATE (:Evidence {edge: $edge[i], run: $run, prompt: $prompt[i], src_pos: $src_pos[i], dst_pos: $dst_pos[i], head: $head[i],
-                   value: $value[i], absval: abs($value[i])})
+SET_EVIDENCE = """
+UNWIND range(0, size($eid) - 1) AS i
+MATCH ()-[r]->() WHERE elementId(r) = $eid[i]
+SET r.ev_prompt = $ev_prompt[$eoff[i]..$eoff[i + 1]], r.ev_src_pos = $ev_src_pos[$eoff[i]..$eoff[i + 1]],
+    r.ev_dst_pos = $ev_dst_pos[$eoff[i]..$eoff[i + 1]], r.ev_head = $ev_head[$eoff[i]..$eoff[i + 1]],
+    r.ev_value = $ev_value[$eoff[i]..$eoff[i + 1]]
 """
+PROMPT_EVIDENCE_EDGES = """
+UNWIND range(0, size($uid) - 1) AS i
+MATCH (p:Prompt {uid: $uid[i]})
+SET p.evidence_edges = coalesce(p.evidence_edges, []) + $keys[$koff[i]..$koff[i + 1]]
+"""
+COUNT_EVIDENCE = "MATCH (d:Dictionary {name: 'nodes'}) SET d.evidence = coalesce(d.evidence, 0) + $n"
 EDGES_PER_READ = 1000
 # rows come in order per edge: the subquery orders them, and UNWIND keeps the edges' order
 EVIDENCE_OF_EDGES = f"""
 UNWIND range(0, size($s) - 1) AS i
 CALL (i) {{
-  MATCH (:Node {{uid: $s[i]}})-[r:EDGE {{kind: $kind[i]}}]->(:Node {{uid: $d[i]}})
-  WITH r.key AS key LIMIT 1
-  MATCH (x:Evidence {{edge: key}}) USING INDEX SEEK x:Evidence(edge) WHERE $runs IS NULL OR x.run IN $runs
-  RETURN x ORDER BY {EVIDENCE_ORDER} LIMIT $limit
+  MATCH (:Node {{uid: $s[i]}})-[r:EDGE {{kind: $kind[i]}}]->(:Node {{uid: $d[i]}}) WHERE $runs IS NULL OR r.run IN $runs
+  {EV_ROWS}
+  RETURN prompt, src_pos, dst_pos, head, value ORDER BY {EVIDENCE_ORDER} LIMIT $limit
 }}
-RETURN i, x.prompt, x.src_pos, x.dst_pos, x.head, x.value
+RETURN i, prompt, src_pos, dst_pos, head, value
 """
-OLD_EVIDENCE = """
-UNWIND $keys AS k
-MATCH (x:Evidence {edge: k}) USING INDEX SEEK x:Evidence(edge) WHERE x.run = $run
-RETURN k, elementId(x), x.value, x.prompt, x.src_pos, x.dst_pos, x.head
-"""
-
-
-class _RacedACommit(StoreError):
-    """A lookup read rows that another writer deleted mid-read: read committed isolation streams rows
-    found by the index and reads their properties later, so a row deleted (and committed) in between
-    comes back with null properties. It can only happen before the lock; under it nobody else writes."""
 
 
 def _lists(**columns: Any) -> dict[str, list[Any]]:
@@ -239,43 +244,45 @@ class Neo4jStore:
                   for r in runs], database_=self.database)
 
     def _window_tx(self, tx: Tx, /, agg: WindowAggregate, ingest: bool) -> dict[str, int] | None:
-        """Look up, lock, write. Every lookup the window needs (stored prompts, node ids, edges, the
-        evidence it competes with) runs before the lock, so concurrent shards overlap their reads and
-        hold the lock only to write. The lock's counter then tells whether another writer committed
-        since the lookups began (it grew by more than this lock's one); only then are they repeated,
-        now under the lock, where nobody else can write."""
+        """Look up, lock, write. Every lookup the window needs (stored prompts, node ids, edges and
+        the evidence lists it merges with) runs before the lock, so concurrent shards overlap their
+        reads and hold the lock only to write. The lock's counter then tells whether another writer
+        committed since the lookups began (it grew by more than this lock's one); only then are they
+        repeated, now under the lock, where nobody else can write. Nothing read before the lock is
+        used unless the counter says no commit came in between: such a read may have seen part of
+        another writer's window (read committed isolation streams rows and reads their properties as
+        it goes)."""
         seen = tx.run(WRITES).single()[0]
-        try:
-            looked_up, raced = self._look_up(tx, agg, ingest), False
-        except _RacedACommit:  # the counter will say so too; read again under the lock
-            looked_up, raced = None, True
+        looked_up = self._look_up(tx, agg, ingest)
         tx.run(LOCK).consume()
         writes, next_id = tx.run(LOCKED).single()
-        if raced or writes != seen + 1:
+        if writes != seen + 1:
             looked_up = self._look_up(tx, agg, ingest)
         if looked_up is None:
             return None
-        known, found, stats_found, evidence = looked_up
+        known, found, stored, stats_found, candidates = looked_up
         # ---- writes
-        tx.run(f"UNWIND $rows AS p {'CREATE (x:Prompt)' if ingest else 'MERGE (x:Prompt {uid: p.uid})'} SET x = p",
+        tx.run(f"UNWIND $rows AS p {'CREATE (x:Prompt)' if ingest else 'MERGE (x:Prompt {uid: p.uid})'} SET x += p",
                rows=[self._prompt_props(p) for p in agg.prompts])
         new = self._create_nodes(tx, agg.nodes, known, next_id)
         ids = np.array([known.get(n.uid, new.get(n.uid, -1)) for n in agg.nodes], dtype=np.int64)
         self._write_stats(tx, agg, ids, stats_found)
-        self._write_edges(tx, agg, ids, found)
-        self._write_evidence(tx, agg, ids, evidence)
+        merged = self._merge_evidence(agg, ids, stored, candidates)
+        self._write_edges(tx, agg, ids, found, merged)
+        self._write_evidence(tx, agg, ids, found, merged, candidates)
         return {**known, **new}
 
     def _look_up(self, tx: Tx, agg: WindowAggregate, ingest: bool) -> tuple[Any, ...] | None:
-        """What the window's writes depend on: known node ids, stored edges and Stats by key, and the
-        evidence merge; None when an ingest window's prompts are stored already."""
+        """What the window's writes depend on: known node ids, stored edges and Stats by key, the
+        evidence rows that may enter their edge's list and the stored lists they compete with; None
+        when an ingest window's prompts are stored already."""
         if ingest and self._prompts_stored(tx, agg):
             return None
         known = self._known_ids(tx, agg.nodes)
         ids = np.array([known.get(n.uid, -1) for n in agg.nodes], dtype=np.int64)
-        found = self._find_edges(tx, agg, ids)
-        return (known, found, self._find_stats(tx, agg, ids),
-                self._merge_evidence(tx, agg, ids, found) if ingest else None)
+        candidates = self._evidence_candidates(agg, ids, ingest)
+        found, stored = self._find_edges(tx, agg, ids, candidates)
+        return known, found, stored, self._find_stats(tx, agg, ids), candidates
 
     def _prompts_stored(self, tx: Tx, agg: WindowAggregate) -> bool:
         uids = [p.uid for p in agg.prompts]
@@ -308,70 +315,65 @@ class Neo4jStore:
         tx.run("MATCH (d:Dictionary {name: 'nodes'}) SET d.next = d.next + $k", k=len(create))
         return {n.uid: next_id + i for i, n in enumerate(create)}
 
-    def _merge_evidence(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray,
-                        found: dict[int, str]) -> tuple[np.ndarray, list[str]]:
-        """Which of the window's evidence rows to create and which stored rows to delete so every
-        touched edge keeps exactly its top N: rows under this writer's floor are dropped; the stored
-        evidence of edges that get rows is read and merged here, by the total order of
-        Evidence.rank_key. Returns (row mask over agg.evidence, element ids to delete)."""
-        v, cap = agg.evidence, self.evidence_per_edge
-        keep = np.ones(len(v), bool)
-        if cap is None or not len(v):
-            return keep, []
+    def _evidence_candidates(self, agg: WindowAggregate, ids: np.ndarray, ingest: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The window's evidence rows that may enter their edge's list ([c] row indices: at ingest, those
+        that this writer's floor does not rule out; on import, all) and the stored edge keys [t] whose
+        lists they compete with (-1 marks no stored key: the edge has a node that is new)."""
+        v = agg.evidence
         known = (ids[v.src] >= 0) & (ids[v.dst] >= 0)
         keys = np.where(known, edge_key(np.maximum(ids[v.src], 0), np.maximum(ids[v.dst], 0), v.kind), -1)
-        prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
-        floor = self._floor(agg.run)  # a bound only: see EvidenceFloor for why this store never reads it as exact
-        keep = floor.keep(keys, np.abs(v.value), floor.prompt_ids([p.uid for p in agg.prompts])[v.prompt],
-                          pack(v.src_pos, v.dst_pos, v.head)) | ~known
-        every = agg.evidence_cap is None or agg.evidence_cap > cap
-        stored_keys = np.array(sorted(found), dtype=np.int64)
-        touched = np.unique(keys[keep & known])
-        touched = touched if every else np.intersect1d(touched, stored_keys)
-        old = [r for part in _chunks(len(touched))
-               for r in tx.run(OLD_EVIDENCE, keys=touched[part].tolist(), run=agg.run)]
-        if any(field is None for r in old for field in r):
-            raise _RacedACommit(f"evidence of run {agg.run} was deleted by another writer while it was read")
-        compete = keep & np.isin(keys, touched) if len(touched) else np.zeros(len(v), bool)
-        if every:  # new edges may hold more than the cap too: rank all of the window's rows
-            compete |= keep & ~known
-            keys = np.where(known, keys, -1 - (v.src * len(agg.nodes) + v.dst) * 3 - v.kind)
-        rows = np.flatnonzero(compete)
-        cand_key = np.concatenate([keys[rows], np.array([r[0] for r in old], dtype=np.int64)])
-        cand_abs = np.concatenate([np.abs(v.value[rows]), np.array([abs(r[2]) for r in old], dtype=np.float64)])
-        cand_prompt = np.concatenate([prompt_uids[v.prompt[rows]], np.array([r[3] for r in old], dtype=object)])
-        cand_sp = np.concatenate([v.src_pos[rows], np.array([r[4] for r in old], dtype=np.int64)])
-        cand_dp = np.concatenate([v.dst_pos[rows], np.array([r[5] for r in old], dtype=np.int64)])
-        cand_head = np.concatenate([v.head[rows], np.array([r[6] for r in old], dtype=np.int64)])
-        _, prompt_rank = np.unique(cand_prompt.astype(str), return_inverse=True) if len(cand_prompt) else (0, cand_sp)
-        order = np.lexsort((cand_head, cand_dp, cand_sp, prompt_rank, -cand_abs, cand_key))
-        sorted_keys = cand_key[order]
-        starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1] if len(order) else np.zeros(0, int)
-        within = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-        kept = np.zeros(len(order), bool)
-        kept[order[within < cap]] = True
-        keep[rows[~kept[:len(rows)]]] = False
-        return keep, [r[1] for r, k in zip(old, kept[len(rows):]) if not k]
+        keep = np.ones(len(v), bool)
+        if ingest and self.evidence_per_edge is not None and len(v):
+            floor = self._floor(agg.run)  # a bound only: see EvidenceFloor for why this store never reads it as exact
+            keep = floor.keep(keys, np.abs(v.value), floor.prompt_ids([p.uid for p in agg.prompts])[v.prompt],
+                              pack(v.src_pos, v.dst_pos, v.head)) | ~known
+        rows = np.flatnonzero(keep)
+        return rows, np.unique(keys[rows][known[rows]])
 
-    def _write_evidence(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray,
-                        merged: tuple[np.ndarray, list[str]] | None) -> None:
-        """Create the window's evidence rows that ``merged`` keeps and delete the stored rows it
-        displaces (None: import, every row as it is)."""
-        v = agg.evidence
-        keep, gone = merged if merged is not None else (np.ones(len(v), bool), [])
+    def _merge_evidence(self, agg: WindowAggregate, ids: np.ndarray, stored: dict[int, list[list[Any]]],
+                        candidates: tuple[np.ndarray, np.ndarray]) -> MergedLists:
+        """The new evidence lists of the edges the window's candidate rows change (their top N by the
+        total order of Evidence.rank_key), grouped by the edge's identity in the window (_window_edge).
+        Every stored list read is the list of some candidate row's edge (nodes keep their ids)."""
+        v, (rows, _) = agg.evidence, candidates
+        group = _window_edge(agg, v.src[rows], v.dst[rows], v.kind[rows])
+        by_key = dict(zip(edge_key(ids[v.src[rows]], ids[v.dst[rows]], v.kind[rows]).tolist(), group.tolist()))
         prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
-        keys = edge_key(ids[v.src], ids[v.dst], v.kind)[keep]
-        prompt, src_pos, dst_pos, head, value = (v.prompt[keep], v.src_pos[keep], v.dst_pos[keep], v.head[keep],
-                                                 v.value[keep])
-        for part in _chunks(len(keys)):
-            tx.run(CREATE_EVIDENCE, run=agg.run, **_lists(edge=keys[part], prompt=prompt_uids[prompt[part]],
-                                                          src_pos=src_pos[part],
-                                           dst_pos=dst_pos[part], head=head[part], value=value[part]))
-        for i in range(0, len(gone), CHUNK):
-            tx.run("UNWIND $ids AS id MATCH (x:Evidence) WHERE elementId(x) = id DELETE x", ids=gone[i:i + CHUNK])
-        self._stored_evidence = (agg.run, keys, np.abs(value),
-                                 self._floor(agg.run).prompt_ids([p.uid for p in agg.prompts])[prompt],
-                                 pack(src_pos, dst_pos, head))
+        return merge_lists(group, prompt_uids[v.prompt[rows]], v.src_pos[rows], v.dst_pos[rows], v.head[rows],
+                           v.value[rows], {by_key[k]: lists for k, lists in stored.items()}, self.evidence_per_edge)
+
+    def _write_evidence(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str],
+                        merged: MergedLists, candidates: tuple[np.ndarray, np.ndarray]) -> None:
+        """Set the changed evidence lists of stored edges (new edges got theirs with the edge), add to
+        each prompt's evidence_edges the keys where its rows went, and count the rows."""
+        v, (rows, _) = agg.evidence, candidates
+        keys = _group_keys(agg, ids, merged.group)
+        stored = np.array([k in found for k in keys.tolist()], dtype=bool)
+        if not np.isin(keys[~stored], edge_key(ids[agg.edges.src], ids[agg.edges.dst], agg.edges.kind)).all():
+            raise StoreError(f"window of run {agg.run} has evidence of edges that are neither stored nor in the window")
+        take = np.flatnonzero(stored)
+        for part in _chunks(len(take)):
+            g = take[part]
+            tx.run(SET_EVIDENCE, eid=[found[k] for k in keys[g].tolist()],
+                   **_sub_lists(dict(zip(LISTS, merged.columns, strict=True)), merged.offsets, g, "eoff"))
+        went = rows[merged.window_rows]  # the window's evidence rows that are in a list now
+        w_keys, w_prompt = edge_key(ids[v.src[went]], ids[v.dst[went]], v.kind[went]), v.prompt[went]
+        order = np.lexsort((w_keys, w_prompt))
+        w_keys, w_prompt = w_keys[order], w_prompt[order]
+        first = np.r_[True, (w_keys[1:] != w_keys[:-1]) | (w_prompt[1:] != w_prompt[:-1])] if len(order) else order > 0
+        w_keys, w_prompt = w_keys[first], w_prompt[first]
+        per_prompt = np.bincount(w_prompt, minlength=len(agg.prompts))
+        has = np.flatnonzero(per_prompt)
+        offsets = np.r_[0, np.cumsum(per_prompt)]
+        for part in _chunks(len(has)):
+            p = has[part]
+            tx.run(PROMPT_EVIDENCE_EDGES, uid=[agg.prompts[i].uid for i in p.tolist()],
+                   **_sub_lists({"keys": w_keys}, offsets, p, "koff"))
+        tx.run(COUNT_EVIDENCE, n=int(merged.grown.sum()))
+        floor = self._floor(agg.run)
+        self._stored_evidence = (agg.run, edge_key(ids[v.src[went]], ids[v.dst[went]], v.kind[went]),
+                                 np.abs(v.value[went]), floor.prompt_ids([p.uid for p in agg.prompts])[v.prompt[went]],
+                                 pack(v.src_pos[went], v.dst_pos[went], v.head[went]))
 
     @staticmethod
     def _prompt_props(p: Prompt) -> JSON:
@@ -382,7 +384,11 @@ class Neo4jStore:
     def _find_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
         """Element ids of the run's Stats nodes that the window adds to, by node id."""
         nids = ids[agg.stats.node]
-        return _element_ids(tx, FIND_STATS, nids[nids >= 0], agg.run)
+        found: dict[int, str] = {}
+        keys = nids[nids >= 0]
+        for part in _chunks(len(keys)):
+            found.update((r[0], r[1]) for r in tx.run(FIND_STATS, keys=keys[part].tolist(), run=agg.run))
+        return found
 
     @staticmethod
     def _write_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
@@ -398,16 +404,30 @@ class Neo4jStore:
                 tx.run(query, **where, **_lists(n_obs=s.n_obs[r], n_prompts=s.n_prompts[r], sum_act=s.sum_act[r],
                                                 max_act=s.max_act[r]))
 
-    @staticmethod
-    def _find_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray) -> dict[int, str]:
-        """Element ids of the window's edges that are stored already, by key."""
-        e = agg.edges
-        stored_ends = (ids[e.src] >= 0) & (ids[e.dst] >= 0)  # an edge to a node not stored yet is new
-        return _element_ids(tx, FIND_EDGES, edge_key(ids[e.src], ids[e.dst], e.kind)[stored_ends], agg.run)
+    def _find_edges(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray,
+                    candidates: tuple[np.ndarray, np.ndarray]) -> tuple[dict[int, str], dict[int, list[list[Any]]]]:
+        """Element ids of the window's edges that are stored already, by key, and the evidence lists of
+        those that candidate rows compete with. Covers the edges of the window's evidence too (an
+        import sends evidence without its edges)."""
+        e, v = agg.edges, agg.evidence
+        ends = (ids[e.src] >= 0) & (ids[e.dst] >= 0)  # an edge to a node not stored yet is new
+        v_ends = (ids[v.src] >= 0) & (ids[v.dst] >= 0)
+        keys = np.unique(np.concatenate([edge_key(ids[e.src], ids[e.dst], e.kind)[ends],
+                                         edge_key(ids[v.src], ids[v.dst], v.kind)[v_ends]]))
+        want = np.isin(keys, candidates[1])
+        found: dict[int, str] = {}
+        stored: dict[int, list[list[Any]]] = {}
+        for part in _chunks(len(keys)):
+            for k, eid, lists in tx.run(FIND_EDGES, keys=keys[part].tolist(), lists=want[part].tolist(), run=agg.run):
+                found[k] = eid
+                if lists is not None:
+                    stored[k] = lists
+        return found, stored
 
     @staticmethod
-    def _write_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
-        """Add the window's edges: update the stored ones (``found``), create the rest."""
+    def _write_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str], merged: MergedLists) -> None:
+        """Add the window's edges: update the stored ones (``found``), create the rest with their
+        evidence lists."""
         e, h, ro = agg.edges, agg.heads, agg.roles
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)
         (heads,), offsets = _dense(keys, edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)
@@ -415,6 +435,12 @@ class Neo4jStore:
                                                   ro.n, ro.sum_abs)
         kinds = np.array(EDGE_KINDS, dtype=object)[e.kind]
         old = np.array([k in found for k in keys.tolist()], dtype=bool)
+        # each new edge's evidence list: its group's entries in merged (none if it has no group)
+        group = _window_edge(agg, e.src, e.dst, e.kind)
+        at = np.minimum(np.searchsorted(merged.group, group), max(len(merged.group) - 1, 0))
+        has = (merged.group[at] == group) if len(merged.group) else np.zeros(len(group), bool)
+        ev_start = np.where(has, merged.offsets[at], 0)
+        ev_width = np.where(has, merged.offsets[np.minimum(at + 1, len(merged.offsets) - 1)] - ev_start, 0)
         cols = dict(n_prompts=e.n_prompts, n_obs=e.n_obs, sum=e.sum, sumsq=e.sumsq, sum_abs=e.sum_abs, min=e.min,
                     max=e.max, n_pos=e.n_pos)
         for mask, query in ((old, UPDATE_EDGES), (~old, CREATE_EDGES)):
@@ -422,7 +448,8 @@ class Neo4jStore:
             for part in _chunks(len(rows)):
                 r = rows[part]
                 extra = ({"eid": [found[k] for k in keys[r].tolist()]} if query is UPDATE_EDGES else
-                         {"run": agg.run, **_lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r])})
+                         {"run": agg.run, **_lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r]),
+                          **_slices(dict(zip(LISTS, merged.columns, strict=True)), ev_start[r], ev_width[r], "eoff")})
                 tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra,
                        **_sub_lists({"heads": heads}, offsets, r, "hoff"),
                        **_sub_lists({"role_n": role_n, "role_abs": role_abs}, role_offsets, r, "roff"))
@@ -559,11 +586,8 @@ class Neo4jStore:
         return [(r[0], r[1], r[2]) for r in rows]
 
     def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
-        rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE {{kind: $kind}}]->(:Node {{uid: $d}}) "
-                          "WITH r.key AS key LIMIT 1 "
-                          f"MATCH (x:Evidence {{edge: key}}) USING INDEX SEEK x:Evidence(edge) "
-                          "WHERE $runs IS NULL OR x.run IN $runs "
-                          f"RETURN x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
+        rows = self._read(f"MATCH (:Node {{uid: $s}})-[r:EDGE {{kind: $kind}}]->(:Node {{uid: $d}}) WHERE {RUNS} "
+                          f"{EV_ROWS} RETURN prompt, src_pos, dst_pos, head, value "
                           f"ORDER BY {EVIDENCE_ORDER} LIMIT $limit", s=src, d=dst, kind=kind, limit=limit,
                           runs=_runs(runs))
         return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
@@ -595,11 +619,12 @@ class Neo4jStore:
         return {r[0]["uid"]: self._prompt(r[0]) for r in rows}
 
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
-        rows = self._read("MATCH (x:Evidence {prompt: $uid}) "
-                          "MATCH (s:Node)-[r:EDGE {key: x.edge}]->(d:Node) USING INDEX SEEK r:EDGE(key) WHERE r.run = x.run "
-                          "AND NOT r.kind IN ['q_in', 'k_in', 'qk'] "
-                          "RETURN s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head, x.value "
-                          "ORDER BY x.absval DESC, s.uid, d.uid, r.kind, x.src_pos, x.dst_pos, x.head LIMIT $limit",
+        # evidence_edges may name an edge whose list has since lost the prompt's rows: filtered here
+        rows = self._read("MATCH (p:Prompt {uid: $uid}) UNWIND p.evidence_edges AS k WITH DISTINCT p, k "
+                          "MATCH (s:Node)-[r:EDGE {key: k}]->(d:Node) USING INDEX SEEK r:EDGE(key) WHERE r.run = p.run "
+                          f"AND NOT r.kind IN ['q_in', 'k_in', 'qk'] WITH s, d, r {EV_ROWS}, s, d WHERE prompt = $uid "
+                          "RETURN s.uid, d.uid, r.kind, src_pos, dst_pos, head, value "
+                          "ORDER BY abs(value) DESC, s.uid, d.uid, r.kind, src_pos, dst_pos, head LIMIT $limit",
                           uid=uid, limit=limit)
         return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
 
@@ -615,12 +640,13 @@ class Neo4jStore:
         return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        """From Neo4j's count store (constant time)."""
+        """From Neo4j's count store and the evidence counter the writers keep (constant time)."""
         row = self._read("CALL () { MATCH (r:Run) RETURN count(r) AS runs } "
                          "CALL () { MATCH (p:Prompt) RETURN count(p) AS prompts } "
                          "CALL () { MATCH (n:Node) RETURN count(n) AS nodes } "
                          "CALL () { MATCH ()-[e:EDGE]->() RETURN count(e) AS edges } "
-                         "CALL () { MATCH (x:Evidence) RETURN count(x) AS evidence } "
+                         "CALL () { OPTIONAL MATCH (d:Dictionary {name: 'nodes'}) "
+                         "RETURN coalesce(d.evidence, 0) AS evidence } "
                          "RETURN runs, prompts, nodes, edges, evidence")[0]
         return {k: row[k] for k in ("runs", "prompts", "nodes", "edges", "evidence")}
 
@@ -668,10 +694,8 @@ class Neo4jStore:
 
     def all_evidence(self, runs: Runs = None) -> Iterator[Evidence]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:
-            for r in s.run("MATCH (x:Evidence) WHERE $runs IS NULL OR x.run IN $runs "
-                           "MATCH (a:Node)-[r:EDGE {key: x.edge}]->(b:Node) USING INDEX SEEK r:EDGE(key) WHERE r.run = x.run "
-                           "RETURN a.uid, b.uid, r.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value",
-                           runs=_runs(runs)):
+            for r in s.run(f"MATCH (a:Node)-[r:EDGE]->(b:Node) WHERE {RUNS} {EV_ROWS}, a, b "
+                           "RETURN a.uid, b.uid, r.kind, prompt, src_pos, dst_pos, head, value", runs=_runs(runs)):
                 yield Evidence(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] < 0 else r[6], r[7])
 
     # ---- Cypher passthrough (read-only) -------------------------------------------------------
@@ -682,14 +706,6 @@ class Neo4jStore:
 
 
 __all__ = ["Neo4jStore", "CypherRefused"]
-
-
-def _element_ids(tx: Tx, query: str, keys: np.ndarray, run: str) -> dict[int, str]:
-    """{key: element id} of what ``query`` (FIND_EDGES or FIND_STATS: UNWIND $keys) finds of ``run``."""
-    found: dict[int, str] = {}
-    for part in _chunks(len(keys)):
-        found.update((r[0], r[1]) for r in tx.run(query, keys=keys[part].tolist(), run=run))
-    return found
 
 
 def _create_schema(driver: Any, stmt: str, database: str) -> None:
@@ -730,11 +746,30 @@ def _dense(edge_keys: np.ndarray, item_keys: np.ndarray, index: np.ndarray,
 
 def _sub_lists(flats: dict[str, np.ndarray], offsets: np.ndarray, rows: np.ndarray, offsets_name: str) -> JSON:
     """The lists of edges ``rows`` as query parameters: each flat array cut to them, and their offsets."""
-    widths = offsets[rows + 1] - offsets[rows]
-    starts = np.cumsum(widths) - widths
-    take = np.repeat(offsets[rows], widths) + np.arange(widths.sum()) - np.repeat(starts, widths)
+    return _slices(flats, offsets[rows], offsets[rows + 1] - offsets[rows], offsets_name)
+
+
+def _slices(flats: dict[str, np.ndarray], starts: np.ndarray, widths: np.ndarray, offsets_name: str) -> JSON:
+    """Query parameters for one list per row: row i's list is flat[starts[i]:starts[i] + widths[i]] of
+    each flat array; they travel concatenated, with their offsets."""
+    at = np.cumsum(widths) - widths
+    take = np.repeat(starts, widths) + np.arange(widths.sum()) - np.repeat(at, widths)
     return {**{name: flat[take].tolist() for name, flat in flats.items()},
             offsets_name: np.concatenate([[0], np.cumsum(widths)]).tolist()}
+
+
+def _window_edge(agg: WindowAggregate, src: np.ndarray, dst: np.ndarray, kind: np.ndarray) -> np.ndarray:
+    """[k] an edge's identity within a window, from its nodes' rows and kind (known before node ids are)."""
+    identity: np.ndarray = (src.astype(np.int64) * len(agg.nodes) + dst) * len(EDGE_KINDS) + kind
+    return identity
+
+
+def _group_keys(agg: WindowAggregate, ids: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """[g] the catalog edge keys of _window_edge identities, once every node has its id."""
+    pair, kind = np.divmod(group, len(EDGE_KINDS))
+    src, dst = np.divmod(pair, len(agg.nodes))
+    keys: np.ndarray = edge_key(ids[src], ids[dst], kind)
+    return keys
 
 
 def open_url(url: str, evidence_per_edge: int | None, create: bool) -> Neo4jStore:
