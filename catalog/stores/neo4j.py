@@ -317,8 +317,8 @@ class Neo4jStore:
 
     def _evidence_candidates(self, agg: WindowAggregate, ids: np.ndarray, ingest: bool) -> tuple[np.ndarray, np.ndarray]:
         """The window's evidence rows that may enter their edge's list ([c] row indices: at ingest, those
-        that this writer's floor does not rule out; on import, all) and the stored edge keys [t] whose
-        lists they compete with (-1 marks no stored key: the edge has a node that is new)."""
+        that this writer's floor does not rule out; on import, all) and the keys [t] of their edges
+        that may be stored (both nodes known), whose stored lists they compete with."""
         v = agg.evidence
         known = (ids[v.src] >= 0) & (ids[v.dst] >= 0)
         keys = np.where(known, edge_key(np.maximum(ids[v.src], 0), np.maximum(ids[v.dst], 0), v.kind), -1)
