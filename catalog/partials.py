@@ -84,6 +84,7 @@ class PartialsDir:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.evidence_per_edge = evidence_per_edge
+        self.max_window_edges: int | None = None
         self.url = f"partials:{self.folder}"
 
     def _run_dir(self, run_id: str) -> Path:

@@ -94,6 +94,9 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            threads: Threads = 1, progress: bool = True,
            window: Annotated[int, typer.Option(help="prompts per store write (one all-or-nothing transaction)")] = 256,
            window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048,
+           window_edges: Annotated[int | None, bounded(1, help=(
+               "edges a window may hold before it is flushed early (default: the store's bound, 100k on Neo4j, "
+               "whose server holds a write in its heap; none on SQLite)"))] = None,
            partials: Annotated[str | None, typer.Option(help=(
                "write each window to files in this folder instead of a store, for a later `merge` "
                "(job arrays whose nodes cannot reach the database)"))] = None,
@@ -123,7 +126,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk),
-                      progress=progress, window=window, window_mem=window_mem << 20, executor=executor, ray=ray,
+                      progress=progress, window=window, window_mem=window_mem << 20, window_edges=window_edges,
+                      executor=executor, ray=ray,
                       mine=mine and not partials)
     if partials:
         from catalog.partials import PartialsDir

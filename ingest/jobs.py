@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from catalog import __version__
@@ -53,6 +53,7 @@ class JobOptions:
     progress: bool = True
     window: int = DEFAULT_WINDOW  # prompts per store write
     window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
+    window_edges: int | None = None  # edges a window may hold before it is flushed early; None: the store's bound
     executor: str = "local"  # local | ray
     ray: RayOptions | None = None  # with executor "ray"
     mine: bool = True  # mine and store composition patterns when the run is done (catalog.mined)
@@ -142,6 +143,8 @@ def _prompt(run: str, item: CorpusItem, ids: list[int], session: ModelWithSaes, 
 def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, log=print) -> JobSummary:
     """Ingest ``corpus_spec`` into ``store`` under run ``opts.run``; see the module docstring."""
     t0 = time.time()
+    if opts.window_edges is None:
+        opts = replace(opts, window_edges=store.max_window_edges)
     corpus = open_corpus(corpus_spec, session.lm.tokenizer, toy=session.lm.is_toy)
     items = corpus.items()[: opts.limit] if opts.limit else corpus.items()
     for bad in corpus.bad_lines[:20]:
@@ -244,21 +247,25 @@ def node_slots(session: ModelWithSaes) -> NodeSlots:
 class _Window:
     """The partial aggregates of the window being computed, on the device."""
 
-    def __init__(self, prompts: list[Prompt], device, cap: int | None, mem: int):
+    def __init__(self, prompts: list[Prompt], device, cap: int | None, mem: int, max_edges: int | None):
         self.prompts, self.rank, self.cap, self.mem = prompts, prompt_ranks(prompts, device), cap, mem
+        self.max_edges = max_edges
         self.parts: list[Partial] = []
         self.first = 0  # window row of the first prompt not flushed yet
         self.end = 0  # window row after the last prompt reduced
         self.observations = 0
 
     def add(self, part: Partial, n_prompts: int, n_observations: int) -> bool:
-        """Add a batch's partial; True when the window should be flushed early (memory)."""
+        """Add a batch's partial; True when the window should be flushed early (memory, or more
+        edges than the store takes in one write)."""
         self.parts.append(part)
         self.end += n_prompts
         self.observations += n_observations
-        if sum(p.nbytes for p in self.parts) > self.mem // 2:
+        too_many = self.max_edges is not None and sum(len(p.edge_key) for p in self.parts) > self.max_edges
+        if too_many or sum(p.nbytes for p in self.parts) > self.mem // 2:
             self.parts = [merge(self.parts, self.rank, self.cap)]
-            return self.parts[0].nbytes > self.mem // 2
+            return self.parts[0].nbytes > self.mem // 2 or (
+                self.max_edges is not None and len(self.parts[0].edge_key) > self.max_edges)
         return False
 
     def flush(self, slots: NodeSlots, run: str):
@@ -275,7 +282,7 @@ def compute_windows(session: ModelWithSaes, batches: list, corpus_spec: str, slo
     """RDFA and the device reduction of one window's batches: yields its aggregate (more than one
     when ``window_mem`` forces an early flush). ``after_batch(k)`` runs after batch k (a test hook)."""
     prompts = [_prompt(opts.run, item, ids, session, corpus_spec) for b in batches for item, ids in b]
-    window = _Window(prompts, session.device, cap, opts.window_mem)
+    window = _Window(prompts, session.device, cap, opts.window_mem, opts.window_edges)
     positions = PromptPositions.of(prompts, session.device)
     for k, batch in enumerate(batches):
         _, graph = session.attribute([ids for _, ids in batch], opts.pruning)

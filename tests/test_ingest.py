@@ -178,17 +178,18 @@ def test_window_below_one_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_window_cuts_do_not_change_the_catalog(toy, store_url, tmp_path):
-    """One window per batch, early flushes forced by a tiny memory bound, and windows as large as the
-    corpus (cut 2 + 1 batches: the halving tail) store the same catalog (counts exact, sums to 6
-    significant digits, same evidence)."""
-    runs = [dict(window=4), dict(window=1000, window_mem=1), dict(window=1000)]
+    """One window per batch, early flushes forced by a tiny memory bound or a tiny edge bound (the
+    one a Neo4j store sets for its server's heap), and windows as large as the corpus (cut 2 + 1
+    batches: the halving tail) store the same catalog (counts exact, sums to 6 significant digits,
+    same evidence)."""
+    runs = [dict(window=4), dict(window=1000, window_mem=1), dict(window=1000), dict(window=1000, window_edges=1)]
     catalogs = []
     for k, extra in enumerate(runs):
         url = _fresh(store_url, f"w{k}", tmp_path)
         s = run_job(toy, "ioi:12:3", open_store(url), JobOptions(run="r", batch_size=4, progress=False, **extra))
-        assert s.prompts == 12 and s.windows == (3, 3, 2)[k]
+        assert s.prompts == 12 and s.windows == (3, 3, 2, 3)[k]
         catalogs.append(_catalog(url))
-    assert catalogs[0] == catalogs[1] == catalogs[2]
+    assert catalogs[0] == catalogs[1] == catalogs[2] == catalogs[3]
 
 
 def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):

@@ -64,6 +64,7 @@ Runs = Sequence[str] | None  # run ids whose rows a read sums over; None: every 
 class Store(Protocol):
     url: str
     evidence_per_edge: int | None
+    max_window_edges: int | None  # the most edges one write should carry (a server's memory); None: no bound
 
     def write_window(self, agg: WindowAggregate) -> bool:
         """Store whole prompts of run ``agg.run`` (started with start_run) and their aggregates in one

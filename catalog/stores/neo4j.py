@@ -47,6 +47,11 @@ SCHEMA = [
     "CREATE INDEX edge_key IF NOT EXISTS FOR ()-[r:EDGE]-() ON (r.key)",
 ]
 CHUNK = 20_000  # rows per UNWIND query
+# A window's write is one transaction, held in the server's heap until it commits: a replayed
+# GPT-2-shaped window of 4 prompts (~350k new edges) kept a 3 GB heap in stop-the-world GC until the
+# client timed out, while 256-prompt toy windows (~80k edges) commit in a 1 GB one. Jobs flush a
+# window early once it holds this many edges.
+MAX_WINDOW_EDGES = 100_000
 SCHEMA_VERSION = 4  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles;
 # 4: evidence as lists on the EDGE relationship instead of (:Evidence) nodes
 # reads sum an edge's relationships over the selected runs: RUNS filters them, EDGE_SUMS sums them
@@ -184,6 +189,7 @@ class Neo4jStore:
         import neo4j
 
         self.url, self.database, self.evidence_per_edge = url, database, evidence_per_edge
+        self.max_window_edges: int | None = MAX_WINDOW_EDGES
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         self._floors: dict[str, EvidenceFloor] = {}  # per run
         self._stored_evidence: tuple[Any, ...] | None = None  # run and EvidenceFloor.update's rows, of the open write

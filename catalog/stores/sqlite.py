@@ -94,6 +94,7 @@ NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
 class SqliteStore:
     def __init__(self, path: str, *, url: str, evidence_per_edge: int | None, create: bool = True):
         self.url, self.path, self.evidence_per_edge = url, path, evidence_per_edge
+        self.max_window_edges: int | None = None  # one file on this machine: the window's own bounds do
         if not create and not Path(path).exists():
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
         self._local = threading.local()
