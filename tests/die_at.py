@@ -2,7 +2,7 @@
 kill -9, at a moment the test controls rather than one found by polling.
 
     python tests/die_at.py flush N -- ARGS...   inside the N-th window's store transaction
-                                               (after its prompts, nodes, stats and edges were written)
+                                               (after its prompts, nodes, stats, heads and roles were written)
     python tests/die_at.py batch N -- ARGS...   before reducing the N-th batch, once the windows
                                                before it are stored (dies computing, not writing)
 """

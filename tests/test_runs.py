@@ -261,15 +261,16 @@ def test_a_catalog_from_before_per_run_edges_is_refused_with_a_reason(tmp_path):
 
 
 def test_a_catalog_of_an_older_format_is_refused_with_a_reason(tmp_path, neo4j_url):
-    """Format 3 counts six edge kinds in its edge keys: a format-2 catalog's keys would be misread.
-    Neo4j's format 4 keeps evidence on the edges: a format-3 database's (:Evidence) nodes would be
-    invisible to every read."""
+    """Format 4 keeps evidence on the edges, on both stores: a format-3 catalog's evidence table (SQLite)
+    or (:Evidence) nodes (Neo4j) would be invisible to every read, and a format-2 catalog's edge keys
+    (three edge kinds) would be misread."""
     url = f"sqlite:///{tmp_path}/c.db"
     fill(url, ("r1",))
-    with sqlite3.connect(tmp_path / "c.db") as c:
-        c.execute("PRAGMA user_version = 2")
-    with pytest.raises(StoreError, match="catalog of format 2 .this version reads 3"):
-        open_store(url)
+    for old, reason in ((3, "its evidence in a table of its own"), (2, "edge keys that counted three edge kinds")):
+        with sqlite3.connect(tmp_path / "c.db") as c:
+            c.execute(f"PRAGMA user_version = {old}")
+        with pytest.raises(StoreError, match=f"catalog of format {old} .this version reads 4; format {old} had {reason}"):
+            open_store(url)
     assert open_store(f"sqlite:///{tmp_path}/new.db").counts()["edges"] == 0  # a new one is fine
     wipe_neo4j(neo4j_url)
     open_store(neo4j_url).close()

@@ -1,5 +1,6 @@
 """The embedded store: one SQLite file in WAL mode, so readers (the API) keep working while one
-writer ingests. Every batch is one IMMEDIATE transaction: all of it lands or none of it does."""
+writer ingests. Every window is one IMMEDIATE transaction: all of it lands or none of it does. An
+edge's evidence is a blob on its row (``catalog.stores.sqlite_evidence``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from urllib.parse import unquote
 import numpy as np
 
 from catalog.aggregate import WindowAggregate
-from catalog.evidence_floor import EvidenceFloor, pack, unpack
+from catalog.evidence_rank import sorted_unique
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, Runs, StoreError, StoreUnavailable
+from catalog.stores.sqlite_evidence import EV_ROW, MergedBlobs, decode, merge, rows_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NULL, model TEXT, sae TEXT,
@@ -26,44 +28,46 @@ CREATE TABLE IF NOT EXISTS node_stats (node INTEGER NOT NULL, run INTEGER NOT NU
     sum_act REAL, max_act REAL, PRIMARY KEY (node, run)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS edges (id INTEGER NOT NULL, run INTEGER NOT NULL, src INTEGER NOT NULL,
     dst INTEGER NOT NULL, kind TEXT NOT NULL, n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL,
-    min REAL, max REAL, n_pos INTEGER, PRIMARY KEY (id, run)) WITHOUT ROWID;
+    min REAL, max REAL, n_pos INTEGER, ev BLOB, PRIMARY KEY (id, run)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS edges_dst ON edges(dst);
 CREATE INDEX IF NOT EXISTS edges_src ON edges(src);
 CREATE TABLE IF NOT EXISTS edge_heads (edge INTEGER, run INTEGER, head INTEGER, sum REAL,
     PRIMARY KEY(edge, run, head)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS edge_roles (edge INTEGER, run INTEGER, role INTEGER, n INTEGER, sum_abs REAL,
     PRIMARY KEY(edge, run, role)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS evidence (edge INTEGER NOT NULL, run INTEGER NOT NULL, prompt TEXT NOT NULL,
-    src_pos INTEGER, dst_pos INTEGER, head INTEGER, value REAL);
-CREATE INDEX IF NOT EXISTS evidence_edge ON evidence(edge, run);
-CREATE INDEX IF NOT EXISTS evidence_prompt ON evidence(prompt);
-CREATE TABLE IF NOT EXISTS prompts (uid TEXT PRIMARY KEY, run TEXT, prompt_id TEXT, text TEXT, tokens TEXT,
-    corpus TEXT, content_hash TEXT, meta TEXT);
+CREATE TABLE IF NOT EXISTS prompts (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NULL, run TEXT, prompt_id TEXT,
+    text TEXT, tokens TEXT, corpus TEXT, content_hash TEXT, meta TEXT, evidence_edges BLOB);
 CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run);
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, status TEXT, manifest TEXT, no INTEGER UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS mined (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, stamp TEXT NOT NULL,
     result TEXT NOT NULL);
 """
-SCHEMA_VERSION = 3  # PRAGMA user_version; 3: six edge kinds (QK) in the edge keys, positional roles
-# edges.id is catalog.schema.edge_key(src, dst, kind): upserts and evidence find their edge by it. Edges,
-# their head sums, node statistics and evidence are kept per run: ``run`` is the run's number (runs.no).
+SCHEMA_VERSION = 4  # PRAGMA user_version; 3: six edge kinds (QK) in the edge keys; 4: evidence on the edges
+# edges.id is catalog.schema.edge_key(src, dst, kind): upserts find their edge by it. Edges (with their
+# evidence: ``ev``, EV_ROW records of its top N, prompts by prompts.id), their head sums and node statistics
+# are kept per run: ``run`` is the run's number (runs.no). prompts.evidence_edges: int64 keys of the edges
+# whose evidence took one of the prompt's observations when it was written (a later window may have
+# displaced them since).
+FORMATS = {2: "edge keys that counted three edge kinds", 3: "its evidence in a table of its own"}
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, src INTEGER, dst INTEGER, kind TEXT,
-    n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER);
+    n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL, min REAL, max REAL, n_pos INTEGER,
+    ev_start INTEGER, ev_size INTEGER);
 CREATE TEMP TABLE IF NOT EXISTS b_heads (edge INTEGER, head INTEGER, sum REAL);
 CREATE TEMP TABLE IF NOT EXISTS b_roles (edge INTEGER, role INTEGER, n INTEGER, sum_abs REAL);
 CREATE TEMP TABLE IF NOT EXISTS b_stats (node INTEGER, n_obs INTEGER, n_prompts INTEGER, sum_act REAL, max_act REAL);
-CREATE TEMP TABLE IF NOT EXISTS b_trim (edge INTEGER PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS b_touched (edge INTEGER PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS b_ev (id INTEGER PRIMARY KEY, ev_start INTEGER, ev_size INTEGER);
 CREATE TEMP TABLE IF NOT EXISTS b_uids (uid TEXT PRIMARY KEY);
 """
-STAGING_TABLES = ("b_edges", "b_heads", "b_roles", "b_stats", "b_trim", "b_touched", "b_uids")
+STAGING_TABLES = ("b_edges", "b_heads", "b_roles", "b_stats", "b_touched", "b_ev", "b_uids")
 UPSERT_EDGES = (
-    "INSERT INTO edges SELECT id, ?, src, dst, kind, n_prompts, n_obs, sum, sumsq, sum_abs, min, max, n_pos "
+    "INSERT INTO edges SELECT id, ?1, src, dst, kind, n_prompts, n_obs, sum, sumsq, sum_abs, min, max, n_pos, "
+    "substr(?2, ev_start + 1, ev_size) "
     "FROM b_edges WHERE true ON CONFLICT(id, run) DO UPDATE SET "
     "n_prompts = n_prompts + excluded.n_prompts, n_obs = n_obs + excluded.n_obs, sum = sum + excluded.sum, "
     "sumsq = sumsq + excluded.sumsq, sum_abs = sum_abs + excluded.sum_abs, min = min(min, excluded.min), "
-    "max = max(max, excluded.max), n_pos = n_pos + excluded.n_pos")
+    "max = max(max, excluded.max), n_pos = n_pos + excluded.n_pos, ev = coalesce(excluded.ev, ev)")
 UPSERT_HEADS = ("INSERT INTO edge_heads SELECT edge, ?, head, sum FROM b_heads WHERE true "
                 "ON CONFLICT(edge, run, head) DO UPDATE SET sum = sum + excluded.sum")
 UPSERT_ROLES = ("INSERT INTO edge_roles SELECT edge, ?, role, n, sum_abs FROM b_roles WHERE true "
@@ -73,11 +77,9 @@ UPSERT_STATS = (
     "ON CONFLICT(node, run) DO UPDATE SET "
     "n_obs = n_obs + excluded.n_obs, n_prompts = n_prompts + excluded.n_prompts, "
     "sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)")
-EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
-TRIM_EVIDENCE = (
-    f"DELETE FROM evidence WHERE rowid IN (SELECT rid FROM (SELECT x.rowid AS rid, ROW_NUMBER() OVER "
-    f"(PARTITION BY x.edge ORDER BY {EVIDENCE_ORDER}) AS rn FROM evidence x WHERE x.run = ?1 AND x.edge IN "
-    "(SELECT edge FROM b_trim JOIN b_touched USING (edge))) WHERE rn > ?2)")
+SET_EVIDENCE = ("UPDATE edges SET ev = substr(?2, b.ev_start + 1, b.ev_size) FROM b_ev b "  # import only
+                "WHERE edges.id = b.id AND edges.run = ?1")
+STORED_EVIDENCE = "SELECT t.edge, e.ev FROM b_touched t JOIN edges e ON e.id = t.edge AND e.run = ? WHERE e.ev NOT NULL"
 # reads sum an edge's rows over the selected runs (GROUP BY e.id). Orderings compare metrics rounded
 # to ORDER_DECIMALS: sums of the same numbers in another order (Neo4j's) may differ in the last bit,
 # and exact ties must stay ties for both stores to break them by id alike.
@@ -89,6 +91,7 @@ EDGE_COLS = ("e.kind, SUM(e.n_prompts), SUM(e.n_obs), SUM(e.sum), SUM(e.sumsq), 
              "MAX(e.max), SUM(e.n_pos), e.id")
 STAT_COLS = "SUM(s.n_obs), SUM(s.n_prompts), SUM(s.sum_act), MAX(s.max_act)"
 NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
+PROMPT_COLS = "uid, run, prompt_id, text, tokens, corpus, content_hash, meta"
 
 
 class SqliteStore:
@@ -99,9 +102,12 @@ class SqliteStore:
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
         self._local = threading.local()
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
-        self._floors: dict[int, EvidenceFloor] = {}  # per run number
-        # run and the rows EvidenceFloor.update takes in (none: it merged them), of the open write
-        self._stored_evidence: tuple[Any, ...] | None = None
+        # prompts.id <-> uid of committed prompts this process has seen (evidence names prompts by id, and
+        # ranks them by uid); ``_pending``: those the open write saw, taken in once it commits
+        self._prompt_uid: dict[int, str] = {}
+        self._prompt_id: dict[str, int] = {}
+        self._pending: dict[int, str] = {}
+        self._rank: np.ndarray = np.zeros(0, np.int64)  # prompt id -> rank of its uid among those seen
         try:
             edge_columns = [r[1] for r in self._conn.execute("PRAGMA table_info(edges)")]
             if edge_columns and "run" not in edge_columns:
@@ -109,10 +115,14 @@ class SqliteStore:
                                  "cannot be split by run. Ingest its corpora again into a new catalog (delete "
                                  "the file, or choose another path)")
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if edge_columns and version != SCHEMA_VERSION and self._conn.execute("SELECT 1 FROM edges LIMIT 1").fetchone():
-                raise StoreError(f"{path} holds a catalog of format {version} (this version reads {SCHEMA_VERSION}: "
-                                 "edge keys count the QK edge kinds); ingest its corpora again into a new catalog "
-                                 "(delete the file, or choose another path)")
+            if edge_columns and version != SCHEMA_VERSION:
+                if self._conn.execute("SELECT 1 FROM edges UNION ALL SELECT 1 FROM prompts LIMIT 1").fetchone():
+                    raise StoreError(f"{path} holds a catalog of format {version} (this version reads "
+                                     f"{SCHEMA_VERSION}; format {version} had {FORMATS.get(version, 'another layout')}); "
+                                     "ingest its corpora again into a new catalog (delete the file, or choose "
+                                     "another path)")
+                for table in ("edges", "prompts", "evidence"):  # an older layout holding nothing: made anew
+                    self._conn.execute(f"DROP TABLE IF EXISTS {table}")
             mined_columns = [r[1] for r in self._conn.execute("PRAGMA table_info(mined)")]
             if mined_columns and "stamp" not in mined_columns:  # derived data of an earlier build: mine again
                 self._conn.execute("DROP TABLE mined")
@@ -152,38 +162,26 @@ class SqliteStore:
         c.execute("BEGIN IMMEDIATE")
         try:
             run = self._run_no(c, agg.run)
-            self._check_floors(c, run, agg.run)
             if not self._claim_prompts(c, agg.run, agg.prompts):
                 c.execute("ROLLBACK")
                 return False
             ids, new_ids = self._node_ids(c, agg.nodes)
-            self._write_aggregate(c, agg, run, ids, trim=True)
+            self._write_aggregate(c, agg, run, ids, self.evidence_per_edge)
             c.execute("COMMIT")
         except BaseException:
+            self._pending = {}
             c.execute("ROLLBACK")
             raise
-        self._ids.update(new_ids)  # only once committed: a rolled-back id may be handed out again
-        if self._stored_evidence is not None:
-            run, *rows = self._stored_evidence
-            self._floor(run).commit_merge() if not rows else self._floor(run).update(*rows)
-            self._stored_evidence = None
+        self._committed(new_ids)
         return True
 
-    def _check_floors(self, c: sqlite3.Connection, run: int, run_id: str) -> None:
-        """Under the write lock: the run's evidence floor, exact if the run has no prompt yet; every
-        floor stops being exact once another connection has committed (PRAGMA data_version changes
-        exactly then; this connection's own commits leave it as it is)."""
-        version = c.execute("PRAGMA data_version").fetchone()[0]
-        if getattr(self._local, "data_version", None) != version:
-            for floor in self._floors.values():
-                floor.exact = False
-        self._local.data_version = version
-        if run not in self._floors:
-            empty = c.execute("SELECT 1 FROM prompts WHERE run = ? LIMIT 1", (run_id,)).fetchone() is None
-            self._floors[run] = EvidenceFloor(self.evidence_per_edge, exact=empty)
-
-    def _floor(self, run: int) -> EvidenceFloor:
-        return self._floors.setdefault(run, EvidenceFloor(self.evidence_per_edge))
+    def _committed(self, new_ids: dict[str, int]) -> None:
+        """Take in the node and prompt ids a write saw, once it committed: a rolled-back id may be
+        handed out again, to another node or prompt."""
+        self._ids.update(new_ids)
+        self._prompt_uid.update(self._pending)
+        self._prompt_id.update((uid, i) for i, uid in self._pending.items())
+        self._pending = {}
 
     def _run_no(self, c: sqlite3.Connection, run_id: str) -> int:
         row = c.execute("SELECT no FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -208,7 +206,7 @@ class SqliteStore:
 
     @staticmethod
     def _insert_prompts(c: sqlite3.Connection, prompts: list[Prompt], verb: str) -> None:
-        c.executemany(f"{verb} INTO prompts VALUES (?,?,?,?,?,?,?,?)",
+        c.executemany(f"{verb} INTO prompts({PROMPT_COLS}) VALUES (?,?,?,?,?,?,?,?)",
                       [(p.uid, p.run, p.prompt_id, p.text, json.dumps(p.tokens), p.corpus, p.content_hash,
                         json.dumps(p.meta, sort_keys=True)) for p in prompts])
 
@@ -228,59 +226,78 @@ class SqliteStore:
         return ids, new
 
     def _write_aggregate(self, c: sqlite3.Connection, agg: WindowAggregate, run: int, ids: np.ndarray,
-                         trim: bool) -> None:
+                         cap: int | None) -> None:
         _clear_staging(c)
-        e, h, v, s = agg.edges, agg.heads, agg.evidence, agg.stats
-        keys = edge_key(ids[e.src], ids[e.dst], e.kind)
-        c.executemany("INSERT INTO b_edges VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", zip(*_lists(
-            keys, ids[e.src], ids[e.dst], np.array(EDGE_KINDS, dtype=object)[e.kind], e.n_prompts, e.n_obs, e.sum,
-            e.sumsq, e.sum_abs, e.min, e.max, e.n_pos)))
-        cap = self.evidence_per_edge
-        if trim and cap is not None and len(v) and not self._floor(run).exact:
-            # edges new to the catalog hold only this window's evidence, already cut to its cap
-            # (unless it was aggregated with a larger cap): only edges stored before can overflow
-            every = agg.evidence_cap is None or agg.evidence_cap > cap
-            c.execute("INSERT INTO b_trim SELECT id FROM b_edges b WHERE ? OR EXISTS (SELECT 1 FROM edges x "
-                      "WHERE x.id = b.id AND x.run = ?)", (every, run))
-        c.execute(UPSERT_EDGES, (run,))
+        e, h, r, s = agg.edges, agg.heads, agg.roles, agg.stats
         c.executemany("INSERT INTO b_heads VALUES (?,?,?)",
                       zip(*_lists(edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)))
         c.execute(UPSERT_HEADS, (run,))
-        r = agg.roles
         c.executemany("INSERT INTO b_roles VALUES (?,?,?,?)",
                       zip(*_lists(edge_key(ids[r.src], ids[r.dst], r.kind), r.role, r.n, r.sum_abs)))
         c.execute(UPSERT_ROLES, (run,))
         c.executemany("INSERT INTO b_stats VALUES (?,?,?,?,?)",
                       zip(*_lists(ids[s.node], s.n_obs, s.n_prompts, s.sum_act, s.max_act)))
         c.execute(UPSERT_STATS, (run,))
-        self._write_evidence(c, agg, run, ids, trim)
+        merged = self._write_evidence(c, agg, run, ids, cap)
+        keys = edge_key(ids[e.src], ids[e.dst], e.kind)
+        # each edge's new blob, as its place in merged.buffer (NULL: its evidence did not change)
+        ev_start, ev_size = np.full(len(keys), None, object), np.full(len(keys), None, object)
+        if len(merged.keys):
+            order = np.argsort(keys)
+            at = order[np.minimum(np.searchsorted(keys[order], merged.keys), max(0, len(keys) - 1))] if len(keys) \
+                else np.zeros(len(merged.keys), np.int64)
+            hit = keys[at] == merged.keys if len(keys) else np.zeros(len(merged.keys), bool)
+            ev_start[at[hit]], ev_size[at[hit]] = merged.start[hit], merged.size[hit]
+            if not hit.all():  # an import's evidence reaches edges stored by an earlier window
+                c.executemany("INSERT INTO b_ev VALUES (?,?,?)",
+                              zip(*_lists(merged.keys[~hit], merged.start[~hit], merged.size[~hit])))
+                c.execute(SET_EVIDENCE, (run, merged.buffer))
+        c.executemany("INSERT INTO b_edges VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", zip(*_lists(
+            keys, ids[e.src], ids[e.dst], np.array(EDGE_KINDS, dtype=object)[e.kind], e.n_prompts, e.n_obs, e.sum,
+            e.sumsq, e.sum_abs, e.min, e.max, e.n_pos, ev_start, ev_size)))
+        c.execute(UPSERT_EDGES, (run, merged.buffer))
 
     def _write_evidence(self, c: sqlite3.Connection, agg: WindowAggregate, run: int, ids: np.ndarray,
-                        trim: bool) -> None:
-        """Insert the window's evidence that can still make its edge's top N. With an exact floor,
-        only the rows that enter the top N go in and the stored rows they displace are deleted;
-        otherwise the edges that existed before and got new rows are cut back to the cap here."""
+                        cap: int | None) -> MergedBlobs:
+        """Merge the window's evidence with the stored blobs of the edges it reaches (read here,
+        under the write lock) into each edge's top ``cap``; appends each prompt's edges to its
+        evidence_edges. Returns the changed edges' blobs, for the edge upsert to write."""
         v = agg.evidence
+        if not len(v):
+            return MergedBlobs.of(np.zeros(0, np.int64), np.zeros(0, EV_ROW), np.zeros(0, np.int64), np.zeros(0, np.int64))
         keys = edge_key(ids[v.src], ids[v.dst], v.kind)
-        floor = self._floor(run)
-        uids = [p.uid for p in agg.prompts]
-        prompt, pos, absval = floor.prompt_ids(uids)[v.prompt], pack(v.src_pos, v.dst_pos, v.head), np.abs(v.value)
-        keep = floor.keep(keys, absval, prompt, pos) if trim else np.ones(len(keys), bool)
-        exact = trim and floor.exact
-        if exact:
-            rows = np.flatnonzero(keep)
-            win, (gone_key, gone_prompt, gone_pos) = floor.merge(keys[rows], absval[rows], prompt[rows], pos[rows])
-            keep[rows[~win]] = False
-            c.executemany(f"DELETE FROM evidence WHERE edge = ? AND run = {run} AND prompt = ? AND src_pos = ? "
-                          "AND dst_pos = ? AND head = ?",
-                          zip(*_lists(gone_key, floor.uids(gone_prompt), *unpack(gone_pos))))
-        c.executemany(f"INSERT INTO evidence VALUES (?,{run},?,?,?,?,?)", zip(*_lists(
-            keys[keep], np.array(uids or [""], object)[v.prompt[keep]], v.src_pos[keep], v.dst_pos[keep],
-            v.head[keep], v.value[keep])))
-        self._stored_evidence = (run,) if exact else (run, keys[keep], absval[keep], prompt[keep], pos[keep])
-        if trim and not exact and self.evidence_per_edge is not None:
-            c.executemany("INSERT INTO b_touched VALUES (?)", ((k,) for k in np.unique(keys[keep]).tolist()))
-            c.execute(TRIM_EVIDENCE, (run, self.evidence_per_edge))
+        window_ids = self._prompt_ids(c, agg.prompts)
+        rows = rows_of(window_ids[v.prompt], v.src_pos, v.dst_pos, v.head, v.value)
+        c.executemany("INSERT INTO b_touched VALUES (?)", zip(sorted_unique(keys).tolist()))
+        stored_keys, blobs = np.zeros(0, np.int64), ()
+        if stored := c.execute(STORED_EVIDENCE, (run,)).fetchall():
+            stored_edge, blobs = zip(*stored)
+            stored_keys = np.array(stored_edge, np.int64)
+        merged = merge(keys, rows, stored_keys, blobs, self._rank, cap)
+        went = merged.window_rows
+        by_prompt = np.argsort(v.prompt[went], kind="stable")
+        prompt_of, key_of = v.prompt[went][by_prompt], keys[went][by_prompt]
+        bounds = np.flatnonzero(np.r_[True, prompt_of[1:] != prompt_of[:-1], True]).tolist() if len(went) else [0]
+        c.executemany("UPDATE prompts SET evidence_edges = CAST(coalesce(evidence_edges, x'') || ? AS BLOB) WHERE id = ?",
+                      [(sorted_unique(key_of[a:b]).tobytes(), int(window_ids[prompt_of[a]]))
+                       for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return merged
+
+    def _prompt_ids(self, c: sqlite3.Connection, prompts: list[Prompt]) -> np.ndarray:
+        """[p] the ids of ``prompts`` in the prompts table. Learns the prompts stored (by anyone, or by
+        the open write) since the last look, and ranks every prompt seen by uid (``_rank``)."""
+        new = dict(c.execute("SELECT id, uid FROM prompts WHERE id > ?", (max(self._prompt_uid, default=0),)))
+        self._pending = new
+        if new:
+            every = {**self._prompt_uid, **new}
+            ranked = sorted(every, key=every.__getitem__)
+            self._rank = np.zeros(max(every) + 1, np.int64)
+            self._rank[np.array(ranked, np.int64)] = np.arange(len(ranked))
+        new_id = {uid: i for i, uid in new.items()}
+        missing = [p.uid for p in prompts if p.uid not in self._prompt_id and p.uid not in new_id]
+        if missing:
+            raise StoreError(f"prompt {missing[0]!r} is not in {self.url}: a window's evidence names stored prompts only")
+        return np.array([self._prompt_id.get(p.uid, new_id.get(p.uid, -1)) for p in prompts], np.int64)
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
         c = self._conn
@@ -407,12 +424,22 @@ class SqliteStore:
             f"ORDER BY round(abs(v), {ORDER_DECIMALS}) DESC, s.uid, d.uid LIMIT ?", [model, layer, head, *args, limit])]
 
     def evidence(self, src: str, dst: str, kind: str, limit: int, runs: Runs = None) -> list[Evidence]:
-        among, args = _among("x", runs)
-        rows = self._conn.execute(
-            f"SELECT prompt, src_pos, dst_pos, head, value FROM evidence x WHERE edge = (SELECT e.id FROM edges e "
-            "JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst WHERE s.uid = ? AND d.uid = ? AND e.kind = ? "
-            f"LIMIT 1) AND {among} ORDER BY {EVIDENCE_ORDER} LIMIT ?", [src, dst, kind, *args, limit]).fetchall()
-        return [Evidence(src, dst, kind, p, sp, dp, None if h < 0 else h, v) for p, sp, dp, h, v in rows]
+        among, args = _among("e", runs)
+        blobs = [b for (b,) in self._conn.execute(
+            "SELECT e.ev FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst WHERE s.uid = ? "
+            f"AND d.uid = ? AND e.kind = ? AND e.ev NOT NULL AND {among}", [src, dst, kind, *args])]
+        rows = decode(blobs)[1]
+        uid = self._uids_of(rows["prompt"])
+        return sorted((Evidence(src, dst, kind, uid[p], sp, dp, None if h < 0 else h, v)
+                       for p, sp, dp, h, v in rows.tolist()), key=Evidence.rank_key)[:limit]
+
+    def _uids_of(self, prompt_ids: np.ndarray) -> dict[int, str]:
+        wanted = np.unique(prompt_ids).tolist()
+        out: dict[int, str] = {}
+        for i in range(0, len(wanted), 900):
+            part = wanted[i:i + 900]
+            out.update(self._conn.execute(f"SELECT id, uid FROM prompts WHERE id IN ({','.join('?' * len(part))})", part))
+        return out
 
     def evidence_of_edges(self, edges: Sequence[tuple[str, str, str]], limit: int,
                           runs: Runs = None) -> list[list[Evidence]]:
@@ -422,22 +449,36 @@ class SqliteStore:
         return Prompt(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], json.loads(r[7]))
 
     def prompt(self, uid: str) -> Prompt | None:
-        r = self._conn.execute("SELECT * FROM prompts WHERE uid = ?", (uid,)).fetchone()
+        r = self._conn.execute(f"SELECT {PROMPT_COLS} FROM prompts WHERE uid = ?", (uid,)).fetchone()
         return self._prompt(r) if r else None
 
     def prompts(self, uids: list[str]) -> dict[str, Prompt]:
         uids = sorted(set(uids))
-        rows = self._conn.execute(f"SELECT * FROM prompts WHERE uid IN ({','.join('?' * len(uids))})", uids) if uids else []
+        rows = self._conn.execute(f"SELECT {PROMPT_COLS} FROM prompts WHERE uid IN ({','.join('?' * len(uids))})",
+                                  uids) if uids else []
         return {r[0]: self._prompt(r) for r in rows}
 
     def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
-        rows = self._conn.execute(
-            "SELECT s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head, x.value FROM evidence x "
-            "JOIN edges e ON e.id = x.edge AND e.run = x.run JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
-            "WHERE x.prompt = ? AND e.kind NOT IN ('q_in', 'k_in', 'qk') "
-            "ORDER BY abs(x.value) DESC, s.uid, d.uid, e.kind, x.src_pos, x.dst_pos, x.head LIMIT ?",
-            (uid, limit)).fetchall()
-        return [Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v) for s, d, k, sp, dp, h, v in rows]
+        """The prompt's rows still in the evidence of the edges its evidence_edges name (a later
+        window may have displaced some), attention-output edges only, strongest first."""
+        row = self._conn.execute("SELECT p.id, p.evidence_edges, r.no FROM prompts p JOIN runs r ON r.run_id = p.run "
+                                 "WHERE p.uid = ?", (uid,)).fetchone()
+        if row is None or not row[1]:
+            return []
+        prompt_id, keys, run = row
+        out: list[Evidence] = []
+        cur = self._conn.execute(
+            "SELECT s.uid, d.uid, e.kind, e.ev FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
+            "WHERE e.id IN (SELECT value FROM json_each(?)) AND e.run = ? AND e.kind NOT IN ('q_in', 'k_in', 'qk')",
+            (json.dumps(np.unique(np.frombuffer(keys, np.int64)).tolist()), run))
+        while part := cur.fetchmany(5000):
+            counts, rows = decode([r[3] for r in part])
+            mine = np.flatnonzero(rows["prompt"] == prompt_id)
+            edge = np.repeat(np.arange(len(part)), counts)[mine]
+            for (s, d, k, _), (_, sp, dp, h, v) in zip((part[i] for i in edge.tolist()), rows[mine].tolist(), strict=True):
+                out.append(Evidence(s, d, k, uid, sp, dp, None if h < 0 else h, v))
+        out.sort(key=lambda e: (-abs(e.value), e.src, e.dst, e.kind, e.src_pos, e.dst_pos, -1 if e.head is None else e.head))
+        return out[:limit]
 
     def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None,
                   runs: Runs = None) -> list[tuple[NodeInfo, float, int]]:
@@ -458,8 +499,10 @@ class SqliteStore:
         return [(NodeInfo(*r[:7]), r[7], r[8]) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        return {t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
-                for t in ("runs", "prompts", "nodes", "edges", "evidence")}
+        out = {t: self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
+               for t in ("runs", "prompts", "nodes", "edges")}
+        ev_bytes = self._conn.execute("SELECT COALESCE(SUM(length(ev)), 0) FROM edges").fetchone()[0]
+        return {**out, "evidence": ev_bytes // EV_ROW.itemsize}
 
     def prompt_count(self, run: str) -> int:
         n: int = self._conn.execute("SELECT COUNT(*) FROM prompts WHERE run = ?", (run,)).fetchone()[0]
@@ -501,32 +544,36 @@ class SqliteStore:
             yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
 
     def all_prompts(self) -> Iterator[Prompt]:
-        for r in self._conn.execute("SELECT * FROM prompts ORDER BY uid").fetchall():
+        for r in self._conn.execute(f"SELECT {PROMPT_COLS} FROM prompts ORDER BY uid").fetchall():
             yield self._prompt(r)
 
     def all_evidence(self, runs: Runs = None) -> Iterator[Evidence]:
-        among, args = _among("x", runs)
-        cur = self._conn.execute("SELECT s.uid, d.uid, e.kind, x.prompt, x.src_pos, x.dst_pos, x.head, x.value "
-                                 "FROM evidence x JOIN edges e ON e.id = x.edge AND e.run = x.run "
-                                 "JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
-                                 f"WHERE {among} ORDER BY x.rowid", args)
-        while rows := cur.fetchmany(5000):
-            for s, d, k, p, sp, dp, h, v in rows:
-                yield Evidence(s, d, k, p, sp, dp, None if h < 0 else h, v)
+        among, args = _among("e", runs)
+        uid = dict(self._conn.execute("SELECT id, uid FROM prompts").fetchall())
+        cur = self._conn.execute("SELECT s.uid, d.uid, e.kind, e.ev FROM edges e JOIN nodes s ON s.id = e.src "
+                                 f"JOIN nodes d ON d.id = e.dst WHERE e.ev NOT NULL AND {among} ORDER BY e.id, e.run",
+                                 args)
+        while part := cur.fetchmany(5000):
+            counts, rows = decode([r[3] for r in part])
+            edge = np.repeat(np.arange(len(part)), counts).tolist()
+            for i, (p, sp, dp, h, v) in zip(edge, rows.tolist(), strict=True):
+                yield Evidence(part[i][0], part[i][1], part[i][2], uid[p], sp, dp, None if h < 0 else h, v)
 
     def import_window(self, agg: WindowAggregate) -> None:
-        """Bulk-load an exported catalog's rows (into an empty catalog: no prompt claim, no trim)."""
+        """Bulk-load an exported catalog's rows (into an empty catalog: no prompt claim, every
+        evidence row kept)."""
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
             self._insert_prompts(c, agg.prompts, "INSERT OR IGNORE")
             ids, new_ids = self._node_ids(c, agg.nodes)
-            self._write_aggregate(c, agg, self._run_no(c, agg.run), ids, trim=False)
+            self._write_aggregate(c, agg, self._run_no(c, agg.run), ids, None)
             c.execute("COMMIT")
         except BaseException:
+            self._pending = {}
             c.execute("ROLLBACK")
             raise
-        self._ids.update(new_ids)
+        self._committed(new_ids)
 
     def import_runs(self, runs: list[Run]) -> None:
         self._conn.executemany(
