@@ -1,5 +1,5 @@
 """What a writer knows of an edge's stored top-N evidence, so that evidence rows that cannot be kept
-never cost an insert, and, while the writer is the only one, nothing is read back or trimmed.
+never cost a write (Neo4j's writer; SQLite's reads its edges' stored blobs under its lock instead).
 
 Evidence is ranked by the total order of ``Evidence.rank_key`` (|value| descending, then prompt,
 positions, head), and an edge's stored top N (per run) only ever improves: its N-th row never ranks
@@ -9,12 +9,9 @@ rows it stored itself over all its windows:
 * **bound** (always): a new row that ranks after their N-th can never be kept. This holds whatever
   other writers do. Exact ties matter: a toy model on templated prompts, or a replayed graph,
   repeats values to the bit, and only the prompt breaks the tie.
-* **exact** (while ``exact``): if the run had no stored prompt when the floor began and nobody else
-  has written since (``SqliteStore`` checks ``PRAGMA data_version``), those N rows *are* the stored
-  top N, so the store merges a window here and only deletes the rows it displaces, by their
-  (edge, run, prompt, positions, head). Neo4j uses the bound only: finding displaced rows by their
-  properties was measured at 0.4 ms a row there (75k rows a toy window), slower than reading back
-  the touched edges' evidence as it does.
+
+It is a bound only, never the stored rows themselves: until SQLite format 4 a lone SQLite writer
+also merged windows here exactly; both stores now merge against what is stored.
 
 No torch here: numpy arrays, rows given as parallel columns ([e] each: edge key, |value|, prompt id,
 ``pack``ed positions).
@@ -25,8 +22,6 @@ from __future__ import annotations
 import numpy as np
 
 Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # three parallel columns
-Merged = tuple[np.ndarray, np.ndarray, np.ndarray, Rows]  # touched keys, their floor rows, had, [t, N] top
-
 
 
 def pack(src_pos: np.ndarray, dst_pos: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -36,19 +31,14 @@ def pack(src_pos: np.ndarray, dst_pos: np.ndarray, head: np.ndarray) -> np.ndarr
     return (src_pos.astype(np.int64) << 40) | (dst_pos.astype(np.int64) << 16) | (head.astype(np.int64) + 1)
 
 
-def unpack(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[e] src_pos, dst_pos, head of ``pack``ed positions."""
-    return pos >> 40, (pos >> 16) & ((1 << 24) - 1), (pos & 0xFFFF) - 1
-
-
 class EvidenceFloor:
     """Per edge key, the N best evidence rows this writer stored (one run). Memory: 8 + 24N bytes an
-    edge, at most ``max_bytes``; edges past that get no floor (their rows are all written and
-    trimmed by the store) and the floor stops being exact. Prompts are held as ids into the floor's
+    edge, at most ``max_bytes``; edges past that get no floor (their rows are all sent to the
+    store, which merges them). Prompts are held as ids into the floor's
     own table of uids (``prompt_ids``), ranked by uid."""
 
-    def __init__(self, n: int | None, exact: bool = False, max_bytes: int = 1 << 30):
-        self.n, self.exact = n, exact and n is not None
+    def __init__(self, n: int | None, max_bytes: int = 1 << 30):
+        self.n = n
         self.max_keys = max_bytes // (8 + 24 * (n or 1))
         self.keys = np.zeros(0, np.int64)  # [K] sorted, unique
         self.value = np.zeros((0, n or 0), np.float64)  # [K, N] |value|, best first; -inf where fewer than N
@@ -57,7 +47,6 @@ class EvidenceFloor:
         self._uids: list[str] = []  # prompt id -> uid
         self._ids: dict[str, int] = {}
         self._rank = np.zeros(0, np.int64)  # prompt id -> rank of its uid among all the floor knows
-        self._merged: Merged | None = None  # what the last merge() computed, until commit_merge()
 
     def prompt_ids(self, uids: list[str]) -> np.ndarray:
         """[p] the floor's ids of these prompt uids (new ones are added)."""
@@ -69,11 +58,6 @@ class EvidenceFloor:
             self._rank = np.empty(len(self._uids), np.int64)
             self._rank[np.array(order, np.int64)] = np.arange(len(self._uids))
         return np.array([self._ids[u] for u in uids], np.int64)
-
-    def uids(self, prompt: np.ndarray) -> np.ndarray:
-        """[e] object: the uids of prompt ids."""
-        uids: np.ndarray = np.array(self._uids + [""], object)[prompt]
-        return uids
 
     def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row of each key in the floor, and whether it has one."""
@@ -97,11 +81,10 @@ class EvidenceFloor:
         return keep
 
     def _top(self, keys: np.ndarray, absval: np.ndarray, prompt: np.ndarray,
-             pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Rows, np.ndarray, Rows]:
+             pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Rows]:
         """The top N of the floor's rows and the given ones, per key among ``keys``. Returns the touched
-        keys [t], where they go (rows of the floor, and which of them the floor has), the merged
-        [t, N] value/prompt/pos, and which candidates made it: the given rows' [e] mask and the
-        floor's displaced rows (key, prompt id, pos)."""
+        keys [t], where they go (rows of the floor, and which of them the floor has) and the merged
+        [t, N] value/prompt/pos."""
         n = self.n or 0
         touched = np.unique(keys)
         at, had = self._find(touched)
@@ -120,32 +103,12 @@ class EvidenceFloor:
         value = np.full((len(touched), n), -np.inf)
         prompts, packed = np.zeros((len(touched), n), np.int64), np.zeros((len(touched), n), np.int64)
         value[row, col], prompts[row, col], packed[row, col] = cand_val[src], cand_prompt[src], cand_pos[src]
-        made = np.zeros(len(cand_key), bool)
-        made[src] = True
-        n_old = len(old) * n
-        out = ~made[:n_old] & (cand_val[:n_old] > -np.inf)
-        displaced = (cand_key[:n_old][out], cand_prompt[:n_old][out], cand_pos[:n_old][out])
-        return touched, at, had, (value, prompts, packed), made[n_old:], displaced
-
-    def merge(self, keys: np.ndarray, absval: np.ndarray, prompt: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, Rows]:
-        """For an exact floor: which of the given rows enter their edge's stored top N ([e] mask), and
-        the stored rows they displace (edge key, prompt id, packed positions)."""
-        if self.n is None:
-            return np.ones(len(keys), bool), (keys[:0], prompt[:0], pos[:0])
-        touched, at, had, merged, made, displaced = self._top(keys, absval, prompt, pos)
-        self._merged = touched, at, had, merged
-        return made, displaced
-
-    def commit_merge(self) -> None:
-        """Take in the rows the last ``merge`` let in (call once their write is committed)."""
-        if self._merged is not None:
-            self._apply(*self._merged)
-        self._merged = None
+        return touched, at, had, (value, prompts, packed)
 
     def update(self, keys: np.ndarray, absval: np.ndarray, prompt: np.ndarray, pos: np.ndarray) -> None:
         """Take in rows just stored (call once their write is committed)."""
         if self.n is not None and len(keys):
-            touched, at, had, merged, _, _ = self._top(keys, absval, prompt, pos)
+            touched, at, had, merged = self._top(keys, absval, prompt, pos)
             self._apply(touched, at, had, merged)
 
     def _apply(self, touched: np.ndarray, at: np.ndarray, had: np.ndarray, merged: Rows) -> None:
@@ -154,7 +117,7 @@ class EvidenceFloor:
         self.value[old], self.prompt[old], self.pos[old] = value[had], prompts[had], packed[had]
         new = np.flatnonzero(~had)
         if len(self.keys) + len(new) > self.max_keys:
-            new, self.exact = new[: max(0, self.max_keys - len(self.keys))], False
+            new = new[: max(0, self.max_keys - len(self.keys))]
         self.keys = np.insert(self.keys, at[new], touched[new])
         self.value = np.insert(self.value, at[new], value[new], axis=0)
         self.prompt = np.insert(self.prompt, at[new], prompts[new], axis=0)
