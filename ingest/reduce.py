@@ -23,6 +23,8 @@ from ingest.roles import ROLE_SLOTS
 N_KINDS = len(EDGE_KINDS)
 HEAD_SLOTS = 256  # per-head rows are keyed edge_key * HEAD_SLOTS + head
 POS_LIMIT = 1 << 12  # token positions must fit the evidence tie-break key (12 bits each)
+_DESCENDING = (1 << 63) - 1  # minus a non-negative float64's bit pattern: ascending as the float descends
+_MAX_GROUP_BITS = 29  # a float32 widened to float64 has 29 zero low bits: room for 2^29 groups
 
 
 @dataclass
@@ -104,18 +106,20 @@ def reduce_batch(obs: Observations, acts: Activations, prompt_rank: torch.Tensor
     key = edge_keys(obs, n_slots)
     uniq, inv = torch.unique(key, return_inverse=True)
     v = obs.value.double()
-    has_head = obs.head >= 0
+    has_head = (obs.head >= 0).nonzero().squeeze(1)  # indices: a mask would be resolved once per use
     hkey, hinv = torch.unique(key[has_head] * HEAD_SLOTS + obs.head[has_head], return_inverse=True)
     role_row = obs.role_row if obs.role_row is not None else key.new_zeros(0)
     role_code = obs.role_code if obs.role_code is not None else key.new_zeros(0)
     rkey, rinv = torch.unique(key[role_row] * ROLE_SLOTS + role_code, return_inverse=True)
-    keep = top_evidence(key, v, prompt_rank[obs.prompt], obs.src_pos, obs.dst_pos, obs.head, cap)
+    keep = top_evidence(inv, len(uniq), v, prompt_rank[obs.prompt], obs.src_pos, obs.dst_pos, obs.head, cap)
     nodes, ninv = torch.unique(acts.node, return_inverse=True)
     act = acts.act.double()
+    m = len(uniq)
+    positive = (v > 0).nonzero().squeeze(1)
     return Partial(
-        uniq, _distinct_prompts(inv, obs.prompt, len(uniq), n_window), _count(inv, len(uniq)),
-        _add(inv, v, len(uniq)), _add(inv, v * v, len(uniq)), _add(inv, v.abs(), len(uniq)),
-        _reduce(inv, v, len(uniq), "amin"), _reduce(inv, v, len(uniq), "amax"), _count(inv[v > 0], len(uniq)),
+        uniq, _distinct_prompts(inv, obs.prompt, m, n_window), _count(inv, m),
+        _add(inv, v, m), _add(inv, v * v, m), _add(inv, v.abs(), m),
+        _reduce(inv, v, m, "amin"), _reduce(inv, v, m, "amax"), _count(inv[positive], m),
         hkey, _add(hinv, v[has_head], len(hkey)),
         rkey, _count(rinv, len(rkey)), _add(rinv, v.abs()[role_row], len(rkey)),
         key[keep], obs.prompt[keep], obs.src_pos[keep], obs.dst_pos[keep], obs.head[keep], v[keep],
@@ -132,8 +136,8 @@ def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> P
     m = len(uniq)
     hkey, hinv = torch.unique(cat["head_key"], return_inverse=True)
     rkey, rinv = torch.unique(cat["role_key"], return_inverse=True)
-    keep = top_evidence(cat["ev_key"], cat["ev_value"], prompt_rank[cat["ev_prompt"]], cat["ev_src_pos"],
-                        cat["ev_dst_pos"], cat["ev_head"], cap)
+    keep = top_evidence(torch.searchsorted(uniq, cat["ev_key"]), m, cat["ev_value"], prompt_rank[cat["ev_prompt"]],
+                        cat["ev_src_pos"], cat["ev_dst_pos"], cat["ev_head"], cap)
     nodes, ninv = torch.unique(cat["node"], return_inverse=True)
     a = len(nodes)
     return Partial(
@@ -147,20 +151,32 @@ def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> P
         _add(ninv, cat["node_sum_act"], a), _reduce(ninv, cat["node_max_act"], a, "amax"))
 
 
-def top_evidence(key: torch.Tensor, value: torch.Tensor, rank: torch.Tensor, src_pos: torch.Tensor,
-                 dst_pos: torch.Tensor, head: torch.Tensor, cap: int | None) -> torch.Tensor:
-    """Row indices of the top-``cap`` rows of each key, grouped by key. Order within a key: |value|
-    descending, then prompt rank, source position, destination position, head (-1 first): the total
-    order of ``catalog.schema.Evidence.rank_key``, so the rows kept never depend on input order."""
+def top_evidence(group: torch.Tensor, n_groups: int, value: torch.Tensor, rank: torch.Tensor,
+                 src_pos: torch.Tensor, dst_pos: torch.Tensor, head: torch.Tensor, cap: int | None) -> torch.Tensor:
+    """Row indices of the top-``cap`` rows of each group, grouped by group ascending. ``group`` [n]:
+    each row's dense group (edge) in [0, n_groups); ``value`` [n] float64. Order within a group:
+    |value| descending, then prompt rank, source position, destination position, head (-1 first): the
+    total order of ``catalog.schema.Evidence.rank_key``, so the rows kept never depend on input order.
+
+    Sorted as integers (a float64 argsort took 34 ms for 357k rows here, an int64 one 6 ms): the bit
+    pattern of a non-negative float64 orders like the float. When |value|'s low bits are zero (values
+    that were float32, as RDFA's are), the group and |value| pack into one int64 and two stable
+    argsorts make the lexsort; otherwise three do."""
     tie = (rank << 32) | (src_pos << 20) | (dst_pos << 8) | (head + 1)
-    order = torch.argsort(tie, stable=True)  # least significant first: three stable sorts make a lexsort
-    order = order[torch.argsort(-value[order].abs(), stable=True)]
-    order = order[torch.argsort(key[order], stable=True)]
+    bits = value.abs().view(torch.int64)
+    desc = _DESCENDING - bits  # ascending as |value| descends
+    order = torch.argsort(tie, stable=True)  # least significant key first: stable sorts make a lexsort
+    group_bits = max(1, (n_groups - 1).bit_length())
+    if group_bits <= _MAX_GROUP_BITS and bool((bits & ((1 << group_bits) - 1)).eq(0).all()):
+        packed = (group << (63 - group_bits)) | (desc >> group_bits)  # drops only bits all rows share
+        order = order[torch.argsort(packed[order], stable=True)]
+    else:
+        order = order[torch.argsort(desc[order], stable=True)]
+        order = order[torch.argsort(group[order], stable=True)]
     if cap is None:
         return order
-    _, counts = torch.unique_consecutive(key[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    within = torch.arange(len(order), device=key.device) - torch.repeat_interleave(starts, counts)
+    counts = torch.bincount(group, minlength=n_groups)
+    within = torch.arange(len(order), device=group.device) - (torch.cumsum(counts, 0) - counts)[group[order]]
     return order[within < cap]
 
 
@@ -177,6 +193,15 @@ def _reduce(inv: torch.Tensor, x: torch.Tensor, m: int, how: str) -> torch.Tenso
 
 
 def _distinct_prompts(inv: torch.Tensor, prompt: torch.Tensor, m: int, n_prompts: int) -> torch.Tensor:
-    """How many distinct prompts each group was seen in."""
+    """How many distinct prompts each group was seen in. A batch's prompts are a few consecutive rows:
+    mark (group, prompt) in a dense [m, span] table instead of sorting the pairs."""
+    if not len(prompt):
+        return torch.zeros(m, dtype=torch.long, device=inv.device)
+    first, last = (int(x) for x in torch.aminmax(prompt))
+    span = last - first + 1
+    if m * span <= 4 * len(prompt) + (1 << 20):
+        seen = torch.zeros(m * span, dtype=torch.bool, device=inv.device)
+        seen[inv * span + (prompt - first)] = True
+        return seen.view(m, span).sum(1)
     pairs = torch.unique(inv * n_prompts + prompt)
     return torch.bincount(pairs // n_prompts, minlength=m)

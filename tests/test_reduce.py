@@ -1,0 +1,91 @@
+"""ingest.reduce's sort/segment arithmetic against plain-Python references: the evidence order
+(both its packed two-sort path, taken for float32 values, and its three-sort path), distinct prompt
+counts (dense table and sorted pairs), and merges that do not depend on how batches were split."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import fields
+
+import pytest
+import torch
+
+from ingest.reduce import Activations, Observations, _distinct_prompts, merge, reduce_batch, top_evidence
+
+
+def _rows(seed: int, n: int, n_groups: int, float32: bool):
+    rng = random.Random(seed)
+    pool = [rng.gauss(0, 1) for _ in range(5)] + [0.0, -0.0, 1e-30]  # few values: ties at every key
+    vals = [rng.choice(pool) * rng.choice([1, -1]) if rng.random() < 0.6 else rng.gauss(0, 1) for _ in range(n)]
+    if float32:
+        vals = [float(torch.tensor(v, dtype=torch.float32)) for v in vals]
+    else:  # bits past float32's 23: the packed key cannot hold them
+        vals = [v + 1e-12 * rng.random() for v in vals]
+    return ([rng.randrange(n_groups) for _ in range(n)], vals, [rng.randrange(6) for _ in range(n)],
+            [rng.randrange(5) for _ in range(n)], [rng.randrange(5) for _ in range(n)],
+            [rng.randrange(-1, 3) for _ in range(n)])
+
+
+def _reference(group, vals, rank, sp, dp, head, cap):
+    by = sorted(range(len(vals)), key=lambda i: (group[i], -abs(vals[i]), rank[i], sp[i], dp[i], head[i]))
+    kept, seen = [], {}
+    for i in by:
+        seen[group[i]] = seen.get(group[i], 0) + 1
+        if cap is None or seen[group[i]] <= cap:
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("float32", [True, False])
+@pytest.mark.parametrize("cap", [None, 1, 3])
+def test_evidence_order_is_a_plain_sort_by_group_then_abs_value_then_the_tie_key(float32, cap):
+    for seed in range(25):
+        n_groups = [1, 7, 300][seed % 3]
+        cols = _rows(seed, 400, n_groups, float32)
+        t = [torch.tensor(c, dtype=torch.float64 if k == 1 else torch.long) for k, c in enumerate(cols)]
+        got = top_evidence(t[0], n_groups, *t[1:], cap).tolist()
+        want = _reference(*cols, cap)
+        # rows equal on every key are interchangeable: compare what the rows hold, not their indices
+        assert [tuple(c[i] for c in cols) for i in got] == [tuple(c[i] for c in cols) for i in want]
+
+
+def test_distinct_prompts_dense_and_sorted_paths_count_like_sets():
+    rng = random.Random(3)
+    for span, n in ((1, 50), (4, 300), (5000, 200)):  # the last is too wide for the dense table
+        m = 40 if span < 5000 else 30000
+        inv = [rng.randrange(m) for _ in range(n)]
+        prompt = [1000 + rng.randrange(span) for _ in range(n)]
+        got = _distinct_prompts(torch.tensor(inv), torch.tensor(prompt), m, 1000 + span).tolist()
+        want = [len({p for g, p in zip(inv, prompt, strict=True) if g == k}) for k in range(m)]
+        assert got == want
+    assert _distinct_prompts(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3, 4).tolist() == [0] * 3
+
+
+def _batch(seed: int, prompts: range, n_slots: int):
+    rng = random.Random(seed)
+    n = 80 * len(prompts)
+    col = lambda f: torch.tensor([f() for _ in range(n)], dtype=torch.long)  # noqa: E731
+    obs = Observations(torch.tensor([prompts[i % len(prompts)] for i in range(n)]), col(lambda: rng.randrange(n_slots)),
+                       col(lambda: rng.randrange(n_slots)), col(lambda: rng.randrange(3)), col(lambda: rng.randrange(-1, 3)),
+                       col(lambda: rng.randrange(6)), col(lambda: rng.randrange(6)),
+                       torch.tensor([rng.choice([0.25, -0.5, rng.gauss(0, 1)]) for _ in range(n)], dtype=torch.float32))
+    acts = Activations(torch.tensor([rng.randrange(n_slots) for _ in prompts]), torch.tensor(list(prompts)),
+                       torch.rand(len(prompts), dtype=torch.float32))
+    return obs, acts
+
+
+def test_a_window_is_the_same_whatever_batches_it_was_cut_into():
+    n_slots, rank = 9, torch.tensor([3, 0, 5, 1, 4, 2])  # prompts ranked by uid, not by row
+    batches = [_batch(s, range(k, k + 2), n_slots) for s, k in ((1, 0), (2, 2), (3, 4))]
+    parts = [reduce_batch(o, a, rank, n_slots, 4) for o, a in batches]
+    whole_obs = Observations(*[torch.cat([getattr(o, f.name) for o, _ in batches]) for f in fields(Observations)
+                               if f.name not in ("role_row", "role_code")])
+    whole_acts = Activations(*[torch.cat([getattr(a, f.name) for _, a in batches]) for f in fields(Activations)])
+    one = reduce_batch(whole_obs, whole_acts, rank, n_slots, 4)
+    for merged in (merge(parts, rank, 4), merge(parts[::-1], rank, 4), merge([merge(parts[1:], rank, 4), parts[0]], rank, 4)):
+        for f in fields(one):
+            a, b = getattr(merged, f.name), getattr(one, f.name)
+            if a.dtype == torch.float64 and f.name in ("sum", "sumsq", "sum_abs", "head_sum", "node_sum_act"):
+                assert torch.allclose(a, b, rtol=1e-12, atol=0), f.name  # float64 sums in another order
+            else:
+                assert torch.equal(a, b), f.name
