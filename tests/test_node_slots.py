@@ -19,3 +19,17 @@ def test_every_slot_is_the_canonical_node():
     got = [slots.info(s) for s in reversed(range(slots.size))]  # any order: blocks are built on first use
     assert sorted(got, key=lambda n: n.uid) == sorted(want, key=lambda n: n.uid)
     assert "m|ka2|A2.11" in {n.uid for n in got}  # a two-digit index keeps both digits
+
+
+def test_bulk_lookup_names_the_same_nodes_as_one_at_a_time_in_any_order_and_repeated():
+    saes = SaeKeys(attn={0: ("ka0", 5)}, resid={1: ("kr1", 3)})
+    slots = NodeSlots("m", n_layers=2, saes=saes, n_heads=2)
+    one = NodeSlots("m", n_layers=2, saes=saes, n_heads=2)
+    import numpy as np
+
+    order = np.random.default_rng(0).permutation(slots.size)
+    first = slots.infos(order[: slots.size // 2])
+    both = slots.infos(np.r_[order, order[:3]])  # half already built, half new, three repeated
+    assert first == [one.info(int(s)) for s in order[: slots.size // 2]]
+    assert both == [one.info(int(s)) for s in np.r_[order, order[:3]]]
+    assert slots.infos(np.zeros(0, np.int64)) == []

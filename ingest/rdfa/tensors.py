@@ -176,7 +176,9 @@ class EdgeTable:
         return EdgeTable(*[getattr(self, c).to(device) for c in self.COLUMNS])
 
     def select(self, keep: torch.Tensor) -> EdgeTable:
-        return EdgeTable(*[getattr(self, c)[keep] for c in self.COLUMNS])
+        """The rows ``keep`` names: a bool mask [n] or row indices."""
+        rows = _rows(keep)
+        return EdgeTable(*[getattr(self, c).index_select(0, rows) for c in self.COLUMNS])
 
 
 @dataclass
@@ -209,7 +211,15 @@ class NodeTable:
         return NodeTable(*[getattr(self, c).to(device) for c in self.COLUMNS])
 
     def select(self, keep: torch.Tensor) -> NodeTable:
-        return NodeTable(*[getattr(self, c)[keep] for c in self.COLUMNS])
+        """The rows ``keep`` names: a bool mask [n] or row indices."""
+        rows = _rows(keep)
+        return NodeTable(*[getattr(self, c).index_select(0, rows) for c in self.COLUMNS])
+
+
+def _rows(keep: torch.Tensor) -> torch.Tensor:
+    """Row indices of a mask, computed once: indexing each column by the mask (a nonzero per column)
+    took 1.5 ms a column for 357k rows here, index_select 0.1 ms."""
+    return keep.nonzero().squeeze(1) if keep.dtype == torch.bool else keep
 
 
 @dataclass
