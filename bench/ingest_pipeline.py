@@ -12,6 +12,7 @@ forward, RDFA, device reduction, windowed writes), and the write path's own ceil
   windows toy-ioi into SQLite at several --window values (how the default was chosen)
 
 Usage: python bench/ingest_pipeline.py [--only toy,gpt2,replay,windows] [--no-neo4j] [--threads 1]
+       python bench/ingest_pipeline.py --only replay --no-neo4j --no-write   (the aggregation's own ceiling)
 """
 
 from __future__ import annotations
@@ -99,10 +100,12 @@ def _shifted(t: EdgeTable, shift: int) -> EdgeTable:
     return out
 
 
-def one(session, corpus, url, run, batch, label, **opts):
+def one(session, corpus, url, run, batch, label, no_write=False, **opts):
     peak_before = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     try:
         store = open_store(url)
+        if no_write:  # the aggregation's own ceiling: windows are computed and decoded, then dropped
+            store.write_window = lambda agg: True
         s = run_job(session, corpus, store, JobOptions(run=run, batch_size=batch, progress=False, **opts),
                     log=lambda *_: None)
     except Exception as exc:  # report and go on: a failed configuration is a figure too
@@ -167,11 +170,13 @@ def replay_section(args, tmp, neo, session):
           f"(~{n_obs / args.record:,.0f} observations each, REST included); {args.replay} prompts replayed, "
           f"batch 1, window {args.replay_window}:")
     replay_corpus = word_corpus(tmp / "replay.jsonl", args.replay, 64)  # as long as the recorded: roles read positions
-    for url, kind in ((f"sqlite:///{tmp}/replay.db", "sqlite"), (neo, "neo4j")):
+    targets = ((f"sqlite:///{tmp}/nowrite.db", "no write"),) if args.no_write else (
+        (f"sqlite:///{tmp}/replay.db", "sqlite"), (neo, "neo4j"))
+    for url, kind in targets:
         if url is None:
             continue
         s, store = one(ReplaySession(session, recorded), replay_corpus, url, f"replay-{time.time_ns()}", 1, kind,
-                       window=args.replay_window)
+                       no_write=args.no_write, window=args.replay_window)
         if s and args.check and kind == "sqlite":
             check_against_numpy(store, ReplaySession(session, recorded), args.replay)
 
@@ -216,6 +221,7 @@ def main() -> None:
     ap.add_argument("--replay", type=int, default=64)
     ap.add_argument("--replay-window", type=int, default=16)
     ap.add_argument("--check", action="store_true", help="replay: compare the SQLite catalog with numpy")
+    ap.add_argument("--no-write", action="store_true", help="replay: aggregate and decode windows, write nothing")
     ap.add_argument("--traceback", action="store_true", help="stop at a failure, with its traceback")
     args = ap.parse_args()
     global TRACEBACKS
