@@ -1,5 +1,7 @@
 """NodeSlots names every slot of a run with the catalog node that catalog.schema.NodeInfo.of builds."""
 
+import numpy as np
+
 from catalog.ids import NodeKind, attn, attn_out, emb, head, mlp, pos_emb, resid, sae_bias, sae_error
 from catalog.schema import NodeInfo
 from ingest.to_catalog import NodeSlots, SaeKeys
@@ -25,8 +27,6 @@ def test_bulk_lookup_names_the_same_nodes_as_one_at_a_time_in_any_order_and_repe
     saes = SaeKeys(attn={0: ("ka0", 5)}, resid={1: ("kr1", 3)})
     slots = NodeSlots("m", n_layers=2, saes=saes, n_heads=2)
     one = NodeSlots("m", n_layers=2, saes=saes, n_heads=2)
-    import numpy as np
-
     order = np.random.default_rng(0).permutation(slots.size)
     first = slots.infos(order[: slots.size // 2])
     both = slots.infos(np.r_[order, order[:3]])  # half already built, half new, three repeated
