@@ -31,6 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from catalog.stores import open_store  # noqa: E402
+from catalog.stores.neo4j import DEFAULT_WINDOW as NEO4J_WINDOW  # noqa: E402
+from catalog.stores.neo4j import MAX_WINDOW_EDGES as NEO4J_EDGES  # noqa: E402
+from catalog.stores.sqlite import DEFAULT_WINDOW as SQLITE_WINDOW  # noqa: E402
 from ingest.jobs import JobOptions, run_job  # noqa: E402
 from ingest.rdfa.tensors import Code, EdgeTable, Graph  # noqa: E402
 
@@ -127,7 +130,8 @@ def toy_section(args, tmp, neo):
 
     toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
     default = JobOptions.__dataclass_fields__["pruning"].default_factory()
-    print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8, window {JobOptions.window}; without QK attribution (the work "
+    print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8, each store's default window (SQLite {SQLITE_WINDOW}, Neo4j "
+          f"{NEO4J_WINDOW}, up to {NEO4J_EDGES:,} edges); without QK attribution (the work "
           "main did before) and with it (the default since):")
     for url, kind in ((f"sqlite:///{tmp}/toy.db", "sqlite"), (neo, "neo4j")):
         if url is None:

@@ -85,6 +85,7 @@ class PartialsDir:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.evidence_per_edge = evidence_per_edge
         self.max_window_edges: int | None = None
+        self.default_window = 256  # the SQLite store's: a merge writes them there or to Neo4j
         self.url = f"partials:{self.folder}"
 
     def _run_dir(self, run_id: str) -> Path:

@@ -92,10 +92,12 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                "QK attribution: split the scores behind the kept attention edges into q_in, k_in and qk edges"))] = True,
            evidence_per_edge: Annotated[int, bounded(0, 10_000, "0 keeps every observation")] = 8,
            threads: Threads = 1, progress: bool = True,
-           window: Annotated[int, typer.Option(help="prompts per store write (one all-or-nothing transaction)")] = 256,
+           window: Annotated[int | None, typer.Option(help=(
+               "prompts per store write, one all-or-nothing transaction (default: the store's, 256 on SQLite, "
+               "1024 on Neo4j, where each write rewrites every edge it touches)"))] = None,
            window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048,
            window_edges: Annotated[int | None, bounded(1, help=(
-               "edges a window may hold before it is flushed early (default: the store's bound, 100k on Neo4j, "
+               "edges a window may hold before it is flushed early (default: the store's bound, 150k on Neo4j, "
                "whose server holds a write in its heap; none on SQLite)"))] = None,
            partials: Annotated[str | None, typer.Option(help=(
                "write each window to files in this folder instead of a store, for a later `merge` "
@@ -117,7 +119,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     if truncate and skip_long:
         raise ValueError("--truncate and --skip-long exclude each other")
     for name, value in (("--window", window), ("--window-mem", window_mem), ("--batch-size", batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} {value}: must be at least 1")
     if executor not in ("local", "ray"):
         raise ValueError(f"--executor {executor!r}: expected local or ray")

@@ -35,7 +35,6 @@ from ingest.roles import PromptPositions, role_rows
 from ingest.session import ModelWithSaes
 from ingest.to_catalog import NodeSlots, SaeKeys, observations, prompt_ranks, to_window
 
-DEFAULT_WINDOW = 256  # prompts per store write (bench/ingest_pipeline.py --only windows measures the choice)
 DEFAULT_WINDOW_MEM = 2 << 30  # bytes of device aggregates before a window is compacted or flushed early
 
 
@@ -51,7 +50,7 @@ class JobOptions:
     pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
     queue_size: int = 1  # windows waiting for the writer (each holds its host copy)
     progress: bool = True
-    window: int = DEFAULT_WINDOW  # prompts per store write
+    window: int | None = None  # prompts per store write; None: the store's default_window
     window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
     window_edges: int | None = None  # edges a window may hold before it is flushed early; None: the store's bound
     executor: str = "local"  # local | ray
@@ -145,6 +144,8 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     t0 = time.time()
     if opts.window_edges is None:
         opts = replace(opts, window_edges=store.max_window_edges)
+    window = opts.window if opts.window is not None else store.default_window
+    opts = replace(opts, window=window)
     corpus = open_corpus(corpus_spec, session.lm.tokenizer, toy=session.lm.is_toy)
     items = corpus.items()[: opts.limit] if opts.limit else corpus.items()
     for bad in corpus.bad_lines[:20]:
@@ -152,7 +153,7 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     pairs, skipped_long = tokenize(items, session, opts)
     batches = [pairs[k:k + opts.batch_size] for k in range(0, len(pairs), opts.batch_size)]
     mine = [b for k, b in enumerate(batches) if k % opts.shard[1] == opts.shard[0]]
-    windows = cut_windows(mine, max(1, opts.window // opts.batch_size))
+    windows = cut_windows(mine, max(1, window // opts.batch_size))
     manifest = {**session.manifest(), "code_version": code_version(), "pruning": opts.pruning.manifest(),
                 "corpus": {"spec": corpus_spec, "fingerprint": corpus.fingerprint(), "n_items": len(corpus.items())},
                 "batch_size": opts.batch_size, "window": opts.window, "limit": opts.limit, "long_policy": opts.long_policy,

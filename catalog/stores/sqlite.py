@@ -49,6 +49,10 @@ SCHEMA_VERSION = 4  # PRAGMA user_version; 3: six edge kinds (QK) in the edge ke
 # whose evidence took one of the prompt's observations when it was written (a later window may have
 # displaced them since).
 PAGE_SIZE = 16384
+# prompts per window when the job names none: bench/ingest_pipeline.py --only windows (toy-ioi): the
+# write's cost grows with a window's distinct edges, which saturate, so fewer windows write less,
+# while the halving tail keeps the last, never overlapped, write small
+DEFAULT_WINDOW = 256
 FORMATS = {2: "edge keys that counted three edge kinds", 3: "its evidence in a table of its own"}
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, n_prompts INTEGER, n_obs INTEGER, sum REAL,
@@ -101,6 +105,7 @@ class SqliteStore:
     def __init__(self, path: str, *, url: str, evidence_per_edge: int | None, create: bool = True):
         self.url, self.path, self.evidence_per_edge = url, path, evidence_per_edge
         self.max_window_edges: int | None = None  # one file on this machine: the window's own bounds do
+        self.default_window = DEFAULT_WINDOW
         if not create and not Path(path).exists():
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
         self._local = threading.local()
