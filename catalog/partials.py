@@ -34,6 +34,7 @@ from catalog.aggregate import (
 )
 from catalog.schema import JSON, NodeInfo, Prompt, Run
 from catalog.stores.base import Store, StoreError
+from catalog.stores.sqlite import DEFAULT_WINDOW as SQLITE_WINDOW
 
 COLUMNS = {"edges": EdgeColumns, "heads": HeadColumns, "evidence": EvidenceColumns, "stats": StatColumns,
            "roles": RoleColumns}
@@ -85,7 +86,7 @@ class PartialsDir:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.evidence_per_edge = evidence_per_edge
         self.max_window_edges: int | None = None
-        self.default_window = 256  # the SQLite store's: a merge writes them there or to Neo4j
+        self.default_window = SQLITE_WINDOW  # a later merge writes the windows as they were cut, into either store
         self.url = f"partials:{self.folder}"
 
     def _run_dir(self, run_id: str) -> Path:
