@@ -192,6 +192,17 @@ def test_window_cuts_do_not_change_the_catalog(toy, store_url, tmp_path):
     assert catalogs[0] == catalogs[1] == catalogs[2] == catalogs[3]
 
 
+def test_a_job_without_a_window_takes_its_stores_default(toy, tmp_path):
+    """No --window: the store's default_window cuts the windows (Neo4j's is larger than SQLite's: its
+    windows rewrite every edge they touch), and the manifest records the window used; one given wins."""
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    store.default_window = 4  # one batch of 4 a window
+    s = run_job(toy, "ioi:12:3", store, JobOptions(run="d", batch_size=4, progress=False))
+    assert s.windows == 3 and store.run("d").manifest["window"] == 4
+    s = run_job(toy, "ioi:12:3", store, JobOptions(run="g", batch_size=4, progress=False, window=1000))
+    assert s.windows == 2 and store.run("g").manifest["window"] == 1000  # 2 + 1 batches: the halving tail
+
+
 def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
     corpus = ["--corpus", "ioi:16:6"]
     procs = [subprocess.Popen(CLI + JOB + ["--store", store_url, *corpus, "--shard", f"{i}/2"],
