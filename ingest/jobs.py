@@ -144,8 +144,8 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     t0 = time.time()
     if opts.window_edges is None:
         opts = replace(opts, window_edges=store.max_window_edges)
-    window = opts.window if opts.window is not None else store.default_window
-    opts = replace(opts, window=window)
+    if opts.window is None:
+        opts = replace(opts, window=store.default_window)
     corpus = open_corpus(corpus_spec, session.lm.tokenizer, toy=session.lm.is_toy)
     items = corpus.items()[: opts.limit] if opts.limit else corpus.items()
     for bad in corpus.bad_lines[:20]:
@@ -153,7 +153,7 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     pairs, skipped_long = tokenize(items, session, opts)
     batches = [pairs[k:k + opts.batch_size] for k in range(0, len(pairs), opts.batch_size)]
     mine = [b for k, b in enumerate(batches) if k % opts.shard[1] == opts.shard[0]]
-    windows = cut_windows(mine, max(1, window // opts.batch_size))
+    windows = cut_windows(mine, max(1, opts.window // opts.batch_size))
     manifest = {**session.manifest(), "code_version": code_version(), "pruning": opts.pruning.manifest(),
                 "corpus": {"spec": corpus_spec, "fingerprint": corpus.fingerprint(), "n_items": len(corpus.items())},
                 "batch_size": opts.batch_size, "window": opts.window, "limit": opts.limit, "long_policy": opts.long_policy,
