@@ -1,14 +1,16 @@
 """Device-side reduction: RDFA observations -> partial aggregates -> one window aggregate.
 
-Everything here is sort/segment arithmetic on int64 keys in torch, on the device that ran RDFA
-(CUDA when present); no per-observation or per-edge Python object is made. A batch's observations
-reduce to a :class:`Partial`; partials of one window merge into one (the merge is associative and
-commutative: counts add, sums add in float64, min/max take min/max, evidence keeps the top N by a
-total order), so a window's aggregate does not depend on the order of the batches inside it, and
-shards or workers that split a corpus reduce to the same catalog.
+Everything here is sort/segment arithmetic on int64 keys (``ingest.segments``), on the device that
+ran RDFA (CUDA when present); no per-observation or per-edge Python object is made. A batch's
+observations reduce to a :class:`Partial`; partials of one window merge into one (the merge is
+associative and commutative: counts add, sums add in float64, min/max take min/max, evidence keeps the
+top N by a total order), so a window's aggregate does not depend on the order of the batches inside
+it, and shards or workers that split a corpus reduce to the same catalog.
 
 Node slots are dense ints for every node a run can produce (``ingest.to_catalog.NodeSlots``); an
-edge's local key is ``(src_slot * n_slots + dst_slot) * n_kinds + kind``.
+edge's local key is ``(src_slot * n_slots + dst_slot) * n_kinds + kind``. A Partial's per-head,
+per-role and evidence rows name their edge by its row in ``edge_key``, so sorting them needs only as
+many bits as a window has edges.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ import torch
 
 from catalog.schema import EDGE_KINDS
 from ingest.roles import ROLE_SLOTS
+from ingest.segments import bits_of, order_by, segment_count, segment_extreme, segment_sum, unique_inverse
 
 N_KINDS = len(EDGE_KINDS)
-HEAD_SLOTS = 256  # per-head rows are keyed edge_key * HEAD_SLOTS + head
+HEAD_SLOTS = 256  # heads per layer a catalog can name
 POS_LIMIT = 1 << 12  # token positions must fit the evidence tie-break key (12 bits each)
-_DESCENDING = (1 << 63) - 1  # minus a non-negative float64's bit pattern: ascending as the float descends
-_MAX_GROUP_BITS = 29  # a float32 widened to float64 has 29 zero low bits: room for 2^29 groups
 
 
 @dataclass
@@ -55,7 +56,8 @@ class Activations:
 
 @dataclass
 class Partial:
-    """Aggregates of some prompts of one window, keyed by sorted unique int64 keys (tensors)."""
+    """Aggregates of some prompts of one window: edges keyed by sorted unique int64 keys, and rows
+    per (edge, head), per (edge, role) and of evidence that name their edge by its row in edge_key."""
 
     edge_key: torch.Tensor  # int64 [m] sorted, unique
     n_prompts: torch.Tensor  # int64 [m]
@@ -66,12 +68,14 @@ class Partial:
     min: torch.Tensor  # float64 [m]
     max: torch.Tensor  # float64 [m]
     n_pos: torch.Tensor  # int64 [m]
-    head_key: torch.Tensor  # int64 [h] edge_key * HEAD_SLOTS + head, sorted, unique
+    head_edge: torch.Tensor  # int64 [h] row in edge_key; (head_edge, head) sorted, unique
+    head: torch.Tensor  # int64 [h]
     head_sum: torch.Tensor  # float64 [h]
-    role_key: torch.Tensor  # int64 [r] edge_key * ROLE_SLOTS + role code, sorted, unique
+    role_edge: torch.Tensor  # int64 [r] row in edge_key; (role_edge, role) sorted, unique
+    role: torch.Tensor  # int64 [r] role code (catalog.schema.ROLES)
     role_n: torch.Tensor  # int64 [r] observations of the edge with that role
     role_abs: torch.Tensor  # float64 [r] their sum of |value|
-    ev_key: torch.Tensor  # int64 [e] edge key of each evidence row, top-N rows per key
+    ev_edge: torch.Tensor  # int64 [e] row in edge_key, ascending: each edge's top-N rows in the evidence order
     ev_prompt: torch.Tensor  # int64 [e]
     ev_src_pos: torch.Tensor  # int64 [e]
     ev_dst_pos: torch.Tensor  # int64 [e]
@@ -102,29 +106,31 @@ def reduce_batch(obs: Observations, acts: Activations, prompt_rank: torch.Tensor
     ``cap``: evidence kept per edge (None: all)."""
     if len(obs.prompt) and int(torch.maximum(obs.src_pos.max(), obs.dst_pos.max())) >= POS_LIMIT:
         raise ValueError(f"positions past {POS_LIMIT - 1} do not fit the evidence key")
-    n_window = len(prompt_rank)
-    key = edge_keys(obs, n_slots)
-    uniq, inv = torch.unique(key, return_inverse=True)
+    uniq, inv = unique_inverse(edge_keys(obs, n_slots), bits_of(n_slots * n_slots * N_KINDS - 1))
+    m = len(uniq)
     v = obs.value.double()
     has_head = (obs.head >= 0).nonzero().squeeze(1)  # indices: a mask would be resolved once per use
-    hkey, hinv = torch.unique(key[has_head] * HEAD_SLOTS + obs.head[has_head], return_inverse=True)
-    role_row = obs.role_row if obs.role_row is not None else key.new_zeros(0)
-    role_code = obs.role_code if obs.role_code is not None else key.new_zeros(0)
-    rkey, rinv = torch.unique(key[role_row] * ROLE_SLOTS + role_code, return_inverse=True)
-    keep = top_evidence(inv, len(uniq), v, prompt_rank[obs.prompt], obs.src_pos, obs.dst_pos, obs.head, cap)
-    nodes, ninv = torch.unique(acts.node, return_inverse=True)
+    head_edge, head, hinv = _pairs(inv.index_select(0, has_head), obs.head.index_select(0, has_head), m, HEAD_SLOTS)
+    role_row = obs.role_row if obs.role_row is not None else inv.new_zeros(0)
+    role_code = obs.role_code if obs.role_code is not None else inv.new_zeros(0)
+    role_edge, role, rinv = _pairs(inv.index_select(0, role_row), role_code, m, ROLE_SLOTS)
+    keep = top_evidence(inv, m, obs.value, prompt_rank.index_select(0, obs.prompt), obs.src_pos, obs.dst_pos,
+                        obs.head, cap)
+    nodes, ninv = unique_inverse(acts.node, bits_of(n_slots))
     act = acts.act.double()
-    m = len(uniq)
+    a = len(nodes)
+    absv = v.abs()
     positive = (v > 0).nonzero().squeeze(1)
     return Partial(
-        uniq, _distinct_prompts(inv, obs.prompt, m, n_window), _count(inv, m),
-        _add(inv, v, m), _add(inv, v * v, m), _add(inv, v.abs(), m),
-        _reduce(inv, v, m, "amin"), _reduce(inv, v, m, "amax"), _count(inv[positive], m),
-        hkey, _add(hinv, v[has_head], len(hkey)),
-        rkey, _count(rinv, len(rkey)), _add(rinv, v.abs()[role_row], len(rkey)),
-        key[keep], obs.prompt[keep], obs.src_pos[keep], obs.dst_pos[keep], obs.head[keep], v[keep],
-        nodes, _count(ninv, len(nodes)), _distinct_prompts(ninv, acts.prompt, len(nodes), n_window),
-        _add(ninv, act, len(nodes)), _reduce(ninv, act, len(nodes), "amax"))
+        uniq, _distinct_prompts(inv, obs.prompt, m, len(prompt_rank)), segment_count(inv, m),
+        segment_sum(inv, v, m), segment_sum(inv, v * v, m), segment_sum(inv, absv, m),
+        segment_extreme(inv, v, m, "amin"), segment_extreme(inv, v, m, "amax"),
+        segment_count(inv.index_select(0, positive), m),
+        head_edge, head, segment_sum(hinv, v.index_select(0, has_head), len(head)),
+        role_edge, role, segment_count(rinv, len(role)), segment_sum(rinv, absv.index_select(0, role_row), len(role)),
+        *(x.index_select(0, keep) for x in (inv, obs.prompt, obs.src_pos, obs.dst_pos, obs.head, v)),
+        nodes, segment_count(ninv, a), _distinct_prompts(ninv, acts.prompt, a, len(prompt_rank)),
+        segment_sum(ninv, act, a), segment_extreme(ninv, act, a, "amax"))
 
 
 def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> Partial:
@@ -132,64 +138,65 @@ def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> P
     if len(parts) == 1:
         return parts[0]
     cat = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Partial)}
-    uniq, inv = torch.unique(cat["edge_key"], return_inverse=True)
+    uniq, inv = unique_inverse(cat["edge_key"], bits_of(cat["edge_key"]))
     m = len(uniq)
-    hkey, hinv = torch.unique(cat["head_key"], return_inverse=True)
-    rkey, rinv = torch.unique(cat["role_key"], return_inverse=True)
-    keep = top_evidence(torch.searchsorted(uniq, cat["ev_key"]), m, cat["ev_value"], prompt_rank[cat["ev_prompt"]],
+    starts = [0]
+    for p in parts[:-1]:
+        starts.append(starts[-1] + len(p.edge_key))
+    # each part's child rows name its own edge rows: shift them into the concatenation, then map to uniq
+    edge_of = {c: inv.index_select(0, torch.cat([getattr(p, c) + s for p, s in zip(parts, starts)]))
+               for c in ("head_edge", "role_edge", "ev_edge")}
+    head_edge, head, hinv = _pairs(edge_of["head_edge"], cat["head"], m, HEAD_SLOTS)
+    role_edge, role, rinv = _pairs(edge_of["role_edge"], cat["role"], m, ROLE_SLOTS)
+    keep = top_evidence(edge_of["ev_edge"], m, cat["ev_value"], prompt_rank.index_select(0, cat["ev_prompt"]),
                         cat["ev_src_pos"], cat["ev_dst_pos"], cat["ev_head"], cap)
-    nodes, ninv = torch.unique(cat["node"], return_inverse=True)
+    nodes, ninv = unique_inverse(cat["node"], bits_of(cat["node"]))
     a = len(nodes)
     return Partial(
-        uniq, _add(inv, cat["n_prompts"], m), _add(inv, cat["n_obs"], m), _add(inv, cat["sum"], m),
-        _add(inv, cat["sumsq"], m), _add(inv, cat["sum_abs"], m), _reduce(inv, cat["min"], m, "amin"),
-        _reduce(inv, cat["max"], m, "amax"), _add(inv, cat["n_pos"], m),
-        hkey, _add(hinv, cat["head_sum"], len(hkey)),
-        rkey, _add(rinv, cat["role_n"], len(rkey)), _add(rinv, cat["role_abs"], len(rkey)),
-        *(cat[c][keep] for c in ("ev_key", "ev_prompt", "ev_src_pos", "ev_dst_pos", "ev_head", "ev_value")),
-        nodes, _add(ninv, cat["node_n_obs"], a), _add(ninv, cat["node_n_prompts"], a),
-        _add(ninv, cat["node_sum_act"], a), _reduce(ninv, cat["node_max_act"], a, "amax"))
+        uniq, *(segment_sum(inv, cat[c], m) for c in ("n_prompts", "n_obs", "sum", "sumsq", "sum_abs")),
+        segment_extreme(inv, cat["min"], m, "amin"), segment_extreme(inv, cat["max"], m, "amax"),
+        segment_sum(inv, cat["n_pos"], m),
+        head_edge, head, segment_sum(hinv, cat["head_sum"], len(head)),
+        role_edge, role, segment_sum(rinv, cat["role_n"], len(role)), segment_sum(rinv, cat["role_abs"], len(role)),
+        edge_of["ev_edge"].index_select(0, keep),
+        *(cat[c].index_select(0, keep) for c in ("ev_prompt", "ev_src_pos", "ev_dst_pos", "ev_head", "ev_value")),
+        nodes, *(segment_sum(ninv, cat[c], a) for c in ("node_n_obs", "node_n_prompts", "node_sum_act")),
+        segment_extreme(ninv, cat["node_max_act"], a, "amax"))
 
 
 def top_evidence(group: torch.Tensor, n_groups: int, value: torch.Tensor, rank: torch.Tensor,
                  src_pos: torch.Tensor, dst_pos: torch.Tensor, head: torch.Tensor, cap: int | None) -> torch.Tensor:
     """Row indices of the top-``cap`` rows of each group, grouped by group ascending. ``group`` [n]:
-    each row's dense group (edge) in [0, n_groups); ``value`` [n] float64. Order within a group:
-    |value| descending, then prompt rank, source position, destination position, head (-1 first): the
-    total order of ``catalog.schema.Evidence.rank_key``, so the rows kept never depend on input order.
-
-    Sorted as integers (a float64 argsort took 34 ms for 357k rows here, an int64 one 6 ms): the bit
-    pattern of a non-negative float64 orders like the float. When |value|'s low bits are zero (values
-    that were float32, as RDFA's are), the group and |value| pack into one int64 and two stable
-    argsorts make the lexsort; otherwise three do."""
+    each row's dense group (edge) in [0, n_groups); ``value`` [n] float32 or float64. Order within a
+    group: |value| descending, then prompt rank, source position, destination position, head (-1
+    first): the total order of ``catalog.schema.Evidence.rank_key``, so the rows kept never depend on
+    input order. |value| is sorted as the bit pattern of a non-negative float (which orders like the
+    float): 31 bits where every value is a float32 (RDFA's are), 63 otherwise."""
     tie = (rank << 32) | (src_pos << 20) | (dst_pos << 8) | (head + 1)
-    bits = value.abs().view(torch.int64)
-    desc = _DESCENDING - bits  # ascending as |value| descends
-    order = torch.argsort(tie, stable=True)  # least significant key first: stable sorts make a lexsort
-    group_bits = max(1, (n_groups - 1).bit_length())
-    if group_bits <= _MAX_GROUP_BITS and bool((bits & ((1 << group_bits) - 1)).eq(0).all()):
-        packed = (group << (63 - group_bits)) | (desc >> group_bits)  # drops only bits all rows share
-        order = order[torch.argsort(packed[order], stable=True)]
-    else:
-        order = order[torch.argsort(desc[order], stable=True)]
-        order = order[torch.argsort(group[order], stable=True)]
+    desc, value_bits = _descending(value)
+    order = order_by([(group, bits_of(n_groups - 1)), (desc, value_bits), (tie, bits_of(tie))])
     if cap is None:
         return order
-    counts = torch.bincount(group, minlength=n_groups)
-    within = torch.arange(len(order), device=group.device) - (torch.cumsum(counts, 0) - counts)[group[order]]
+    counts = segment_count(group, n_groups)
+    first = torch.cumsum(counts, 0) - counts
+    within = torch.arange(len(order), device=group.device) - first.index_select(0, group.index_select(0, order))
     return order[within < cap]
 
 
-def _count(inv: torch.Tensor, m: int) -> torch.Tensor:
-    return torch.bincount(inv, minlength=m)
+def _descending(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """An int64 >= 0 per row that orders ascending as |value| does descending, and its bits."""
+    absval = value.abs()
+    narrow = absval.float()
+    if value.dtype == torch.float32 or bool((narrow.double() == absval).all()):
+        return ((1 << 31) - 1) - narrow.view(torch.int32).long(), 31
+    return ((1 << 63) - 1) - absval.double().view(torch.int64), 63
 
 
-def _add(inv: torch.Tensor, x: torch.Tensor, m: int) -> torch.Tensor:
-    return torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, inv, x)
-
-
-def _reduce(inv: torch.Tensor, x: torch.Tensor, m: int, how: str) -> torch.Tensor:
-    return torch.zeros(m, dtype=x.dtype, device=x.device).scatter_reduce_(0, inv, x, how, include_self=False)
+def _pairs(edge: torch.Tensor, sub: torch.Tensor, m: int, slots: int) -> tuple[torch.Tensor, ...]:
+    """Distinct (edge, sub) pairs, sorted, of rows naming an edge row in [0, m) and a sub-index in
+    [0, slots): (edge [k], sub [k], each row's place among them [n])."""
+    pairs, inv = unique_inverse(edge * slots + sub, bits_of(m * slots - 1))
+    return pairs // slots, pairs % slots, inv
 
 
 def _distinct_prompts(inv: torch.Tensor, prompt: torch.Tensor, m: int, n_prompts: int) -> torch.Tensor:
@@ -203,5 +210,5 @@ def _distinct_prompts(inv: torch.Tensor, prompt: torch.Tensor, m: int, n_prompts
         seen = torch.zeros(m * span, dtype=torch.bool, device=inv.device)
         seen[inv * span + (prompt - first)] = True
         return seen.view(m, span).sum(1)
-    pairs = torch.unique(inv * n_prompts + prompt)
-    return torch.bincount(pairs // n_prompts, minlength=m)
+    pairs, _ = unique_inverse(inv * n_prompts + prompt, bits_of(m * n_prompts - 1))
+    return segment_count(pairs // n_prompts, m)

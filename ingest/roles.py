@@ -50,9 +50,12 @@ def role_rows(prompt: torch.Tensor, head: torch.Tensor, src_pos: torch.Tensor, d
     prompt, head, src_pos, dst_pos: int64 [n] (``prompt`` indexes ``positions``' rows).
     Returns row int64 [k] and code int64 [k] (index into catalog.schema.ROLES), grouped by role."""
     rows = torch.nonzero(head >= 0).squeeze(1)
-    p, s, t = prompt[rows], src_pos[rows], dst_pos[rows]
-    tok_s, tok_t = positions.token[p, s], positions.token[p, t]
-    tok_before_s = positions.token[p, (s - 1).clamp(min=0)]
+    p, s, t = prompt.index_select(0, rows), src_pos.index_select(0, rows), dst_pos.index_select(0, rows)
+    width = positions.token.shape[1]
+    at_s, at_t = p * width + s, p * width + t  # flat positions: index_select, not 2-D fancy indexing (3x here)
+    token = positions.token.view(-1)
+    tok_s, tok_t = token.index_select(0, at_s), token.index_select(0, at_t)
+    tok_before_s = token.index_select(0, at_s - (s > 0).long())
     offset = t - s
     relations = [(s != t) & (tok_s == tok_t), (s > 0) & (tok_before_s == tok_t), offset == 1, s == 0]
     out_rows = [rows[m] for m in relations]
@@ -61,7 +64,8 @@ def role_rows(prompt: torch.Tensor, head: torch.Tensor, src_pos: torch.Tensor, d
     bucket = torch.where(offset < 4, offset, 4 + (offset >= 8).long() + (offset >= 16).long())
     out_rows.append(rows[causal])
     out_codes.append(len(RELATIONS) + bucket[causal])
-    role_s, role_t = positions.role[p, s], positions.role[p, t]
+    role = positions.role.view(-1)
+    role_s, role_t = role.index_select(0, at_s), role.index_select(0, at_t)
     named = (role_s >= 0) & (role_t >= 0)
     out_rows.append(rows[named])
     out_codes.append(PAIR_BASE + role_s[named] * len(PROMPT_ROLES) + role_t[named])

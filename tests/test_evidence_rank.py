@@ -1,5 +1,6 @@
-"""top_per_group (catalog.evidence_rank) packs the group and the leading bits of |value| into one int64
-and orders only tied rows by the full key; checked against a plain lexsort and a per-group count."""
+"""top_per_group (catalog.evidence_rank) sorts the group, |value| and the tie key by catalog.lexsort,
+whose packed prefix holds the group and the leading bits of |value| and whose tied rows are ordered
+again by the full key; checked against a plain lexsort and a per-group count."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def test_the_top_rows_of_each_group_are_those_of_a_full_lexsort(n, ties):
 
 
 def test_values_that_differ_only_past_the_packed_bits_are_still_ordered():
-    """With groups numbered up to 2^20, 43 bits of |value| are packed: 1 + k ulp for small k agree in
-    them, and only the pass over tied rows orders them."""
+    """With groups numbered up to 2^20 and six rows, 39 bits of |value| (not float32 values: all 63 of
+    theirs count) are packed: 1 + k ulp for small k agree in them, and only the pass over tied rows
+    orders them."""
     absval = 1.0 + np.arange(6) * np.finfo(float).eps
     group, tie = np.full(6, 2**20, np.int64), np.zeros(6, np.int64)
     assert top_per_group(group, absval, tie, 4).tolist() == [5, 4, 3, 2]
