@@ -140,7 +140,7 @@ def observations(graph: Graph, slots: NodeSlots, first_prompt: int) -> tuple[Obs
         if t is None or not len(t):
             continue
         rows = _catalog_edges(t).nonzero().squeeze(1)
-        pick = lambda x: x.index_select(0, rows)  # noqa: E731
+        pick = lambda x, rows=rows: x.index_select(0, rows)  # noqa: E731
         parts.append((pick(t.prompt) + first_prompt, slots.slot(pick(t.src_code), pick(t.src_layer), pick(t.src_index)),
                       slots.slot(pick(t.dst_code), pick(t.dst_layer), pick(t.dst_index)), pick(t.kind), pick(t.head),
                       pick(t.src_pos), pick(t.dst_pos), pick(t.value)))
