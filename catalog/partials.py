@@ -35,6 +35,7 @@ from catalog.aggregate import (
 from catalog.schema import JSON, NodeInfo, Prompt, Run
 from catalog.stores.base import Store, StoreError
 from catalog.stores.sqlite import DEFAULT_WINDOW as SQLITE_WINDOW
+from catalog.stores.sqlite import TAIL_WINDOW as SQLITE_TAIL
 
 COLUMNS = {"edges": EdgeColumns, "heads": HeadColumns, "evidence": EvidenceColumns, "stats": StatColumns,
            "roles": RoleColumns}
@@ -87,6 +88,7 @@ class PartialsDir:
         self.evidence_per_edge = evidence_per_edge
         self.max_window_edges: int | None = None
         self.default_window = SQLITE_WINDOW  # a later merge writes the windows as they were cut, into either store
+        self.tail_window = SQLITE_TAIL
         self.url = f"partials:{self.folder}"
 
     def _run_dir(self, run_id: str) -> Path:

@@ -95,6 +95,9 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            window: Annotated[int | None, typer.Option(help=(
                "prompts per store write, one all-or-nothing transaction (default: the store's, 256 on SQLite, "
                "1024 on Neo4j, where each write rewrites every edge it touches)"))] = None,
+           tail_window: Annotated[int | None, typer.Option(help=(
+               "prompts below which the last windows stop halving (default: the store's, one batch on SQLite; "
+               "on Neo4j its window, no halving: a small window's write costs about a full one's there)"))] = None,
            window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048,
            window_edges: Annotated[int | None, bounded(1, help=(
                "edges a window may hold before it is flushed early (default: the store's bound, 150k on Neo4j, "
@@ -118,7 +121,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
 
     if truncate and skip_long:
         raise ValueError("--truncate and --skip-long exclude each other")
-    for name, value in (("--window", window), ("--window-mem", window_mem), ("--batch-size", batch_size)):
+    for name, value in (("--window", window), ("--tail-window", tail_window), ("--window-mem", window_mem),
+                        ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{name} {value}: must be at least 1")
     if executor not in ("local", "ray"):
@@ -128,7 +132,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk),
-                      progress=progress, window=window, window_mem=window_mem << 20, window_edges=window_edges,
+                      progress=progress, window=window, tail_window=tail_window, window_mem=window_mem << 20,
+                      window_edges=window_edges,
                       executor=executor, ray=ray,
                       mine=mine and not partials)
     if partials:

@@ -53,6 +53,7 @@ class JobOptions:
     window: int | None = None  # prompts per store write; None: the store's default_window
     window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
     window_edges: int | None = None  # edges a window may hold before it is flushed early; None: the store's bound
+    tail_window: int | None = None  # prompts below which the last windows stop halving; None: the store's
     executor: str = "local"  # local | ray
     ray: RayOptions | None = None  # with executor "ray"
     mine: bool = True  # mine and store composition patterns when the run is done (catalog.mined)
@@ -146,6 +147,8 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
         opts = replace(opts, window_edges=store.max_window_edges)
     if opts.window is None:
         opts = replace(opts, window=store.default_window)
+    if opts.tail_window is None:
+        opts = replace(opts, tail_window=store.tail_window)
     corpus = open_corpus(corpus_spec, session.lm.tokenizer, toy=session.lm.is_toy)
     items = corpus.items()[: opts.limit] if opts.limit else corpus.items()
     for bad in corpus.bad_lines[:20]:
@@ -153,10 +156,11 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     pairs, skipped_long = tokenize(items, session, opts)
     batches = [pairs[k:k + opts.batch_size] for k in range(0, len(pairs), opts.batch_size)]
     mine = [b for k, b in enumerate(batches) if k % opts.shard[1] == opts.shard[0]]
-    windows = cut_windows(mine, max(1, opts.window // opts.batch_size))
+    windows = cut_windows(mine, max(1, opts.window // opts.batch_size), max(1, opts.tail_window // opts.batch_size))
     manifest = {**session.manifest(), "code_version": code_version(), "pruning": opts.pruning.manifest(),
                 "corpus": {"spec": corpus_spec, "fingerprint": corpus.fingerprint(), "n_items": len(corpus.items())},
-                "batch_size": opts.batch_size, "window": opts.window, "limit": opts.limit, "long_policy": opts.long_policy,
+                "batch_size": opts.batch_size, "window": opts.window, "tail_window": opts.tail_window, "limit": opts.limit,
+                "long_policy": opts.long_policy,
                 "max_tokens": opts.max_tokens, "evidence_per_edge": store.evidence_per_edge,
                 "started": datetime.now(UTC).isoformat(timespec="seconds")}
     _check_resume(store, opts, manifest)
@@ -191,17 +195,20 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     return summary
 
 
-def cut_windows(batches: list, per_window: int) -> list[list]:
+def cut_windows(batches: list, per_window: int, min_tail: int = 1) -> list[list]:
     """Consecutive batches grouped into windows of ``per_window``, except at the end: once fewer than
-    two full windows are left, each window takes half of what is left (rounded up), down to one batch.
-    Why: the writer stores a window while the next is computed, so only the last window's write is
-    never overlapped; a halving tail makes that write one batch's instead of a full window's (the
-    demo's store wait: 19% -> see README). Where windows are cut never changes the catalog (merges
+    two full windows are left, each window takes half of what is left (rounded up), down to
+    ``min_tail`` batches (or what is left). Why: the writer stores a window while the next is
+    computed, so only the last window's write is never overlapped; a halving tail makes that write
+    small where a write costs about its window's size (SQLite: one batch; the demo's store wait 19% ->
+    see README). Where a write costs about the same whatever the window (Neo4j rewrites every edge a
+    window touches, and a corpus's edges saturate), halves smaller than ``min_tail`` would each cost a
+    full write and leave the compute waiting. Where windows are cut never changes the catalog (merges
     are exact), and the cut depends only on the batch list, so a resumed or sharded job cuts alike."""
     windows, k = [], 0
     while k < len(batches):
         left = len(batches) - k
-        size = per_window if left >= 2 * per_window else min(per_window, (left + 1) // 2)
+        size = per_window if left >= 2 * per_window else min(per_window, max((left + 1) // 2, min_tail), left)
         windows.append(batches[k:k + size])
         k += size
     return windows

@@ -170,6 +170,20 @@ def test_windows_are_full_until_the_halving_tail():
     assert [b for w in cut_windows(list(range(63)), 32) for b in w] == list(range(63))
 
 
+def test_the_halving_tail_stops_at_the_tail_window():
+    """A tail floor keeps the last windows at least that large, except what is left at the very end
+    (Neo4j's floor is its window: a write there costs about a full one whatever the window's size);
+    every batch exactly once."""
+    sizes = lambda n, w, t: [len(x) for x in cut_windows(list(range(n)), w, t)]  # noqa: E731
+    assert sizes(250, 128, 32) == [125, 63, 32, 30]  # ioi:2000 in batches of 8, windows of 1024, floor 256
+    assert sizes(250, 128, 128) == [128, 122]  # the same with Neo4j's floor: no halving
+    assert sizes(63, 32, 8) == [32, 16, 8, 7]
+    assert sizes(63, 32, 1) == [32, 16, 8, 4, 2, 1]  # a floor of one batch is the plain halving tail
+    assert sizes(7, 10, 100) == [7]  # a floor above the window: one window of what there is
+    assert sizes(40, 8, 8) == [8] * 5  # a floor of a full window: no tail at all
+    assert [b for w in cut_windows(list(range(250)), 128, 32) for b in w] == list(range(250))
+
+
 def test_window_below_one_is_refused_before_anything_is_written(tmp_path):
     db = tmp_path / "c.db"
     out = _ingest(f"sqlite:///{db}", "--corpus", "ioi:4", "--window", "0", check=False)
@@ -179,28 +193,35 @@ def test_window_below_one_is_refused_before_anything_is_written(tmp_path):
 
 def test_window_cuts_do_not_change_the_catalog(toy, store_url, tmp_path):
     """One window per batch, early flushes forced by a tiny memory bound or a tiny edge bound (the
-    one a Neo4j store sets for its server's heap), and windows as large as the corpus (cut 2 + 1
-    batches: the halving tail) store the same catalog (counts exact, sums to 6 significant digits,
-    same evidence)."""
-    runs = [dict(window=4), dict(window=1000, window_mem=1), dict(window=1000), dict(window=1000, window_edges=1)]
+    one a Neo4j store sets for its server's heap), windows as large as the corpus cut 2 + 1 batches
+    (the halving tail) and one window of it all (a tail floor of the whole corpus, as Neo4j's is)
+    store the same catalog (counts exact, sums to 6 significant digits, same evidence)."""
+    runs = [dict(window=4), dict(window=1000, window_mem=1), dict(window=1000, tail_window=1),
+            dict(window=1000, window_edges=1), dict(window=1000, tail_window=1000)]
     catalogs = []
     for k, extra in enumerate(runs):
         url = _fresh(store_url, f"w{k}", tmp_path)
         s = run_job(toy, "ioi:12:3", open_store(url), JobOptions(run="r", batch_size=4, progress=False, **extra))
-        assert s.prompts == 12 and s.windows == (3, 3, 2, 3)[k]
+        assert s.prompts == 12 and s.windows == (3, 3, 2, 3, 1)[k]
         catalogs.append(_catalog(url))
-    assert catalogs[0] == catalogs[1] == catalogs[2] == catalogs[3]
+    assert all(c == catalogs[0] for c in catalogs[1:])
 
 
 def test_a_job_without_a_window_takes_its_stores_default(toy, tmp_path):
     """No --window: the store's default_window cuts the windows (Neo4j's is larger than SQLite's: its
-    windows rewrite every edge they touch), and the manifest records the window used; one given wins."""
+    windows rewrite every edge they touch), and its tail_window where the halving tail stops; the
+    manifest records both; ones given win."""
     store = open_store(f"sqlite:///{tmp_path}/c.db")
     store.default_window = 4  # one batch of 4 a window
     s = run_job(toy, "ioi:12:3", store, JobOptions(run="d", batch_size=4, progress=False))
     assert s.windows == 3 and store.run("d").manifest["window"] == 4
     s = run_job(toy, "ioi:12:3", store, JobOptions(run="g", batch_size=4, progress=False, window=1000))
     assert s.windows == 2 and store.run("g").manifest["window"] == 1000  # 2 + 1 batches: the halving tail
+    store.tail_window = 12  # a floor of three batches: the whole corpus is one window
+    s = run_job(toy, "ioi:12:3", store, JobOptions(run="t", batch_size=4, progress=False, window=1000))
+    assert s.windows == 1 and store.run("t").manifest["tail_window"] == 12
+    s = run_job(toy, "ioi:12:3", store, JobOptions(run="u", batch_size=4, progress=False, window=1000, tail_window=4))
+    assert s.windows == 2 and store.run("u").manifest["tail_window"] == 4
 
 
 def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):

@@ -66,6 +66,7 @@ class Store(Protocol):
     evidence_per_edge: int | None
     max_window_edges: int | None  # the most edges one write should carry (a server's memory); None: no bound
     default_window: int  # prompts per write when a job names none (measured per store: see its module)
+    tail_window: int  # prompts below which a job's last windows stop halving (ingest.jobs.cut_windows)
 
     def write_window(self, agg: WindowAggregate) -> bool:
         """Store whole prompts of run ``agg.run`` (started with start_run) and their aggregates in one

@@ -57,6 +57,12 @@ MAX_WINDOW_EDGES = 150_000
 # SQLite's, fewer and larger windows are most of the speed: toy-ioi ioi:2000 on one warm server, runs
 # alternated, 1024 vs 256 prompts: 14.3 and 14.7 vs 10.7 and 10.7 prompts/s (1.36x).
 DEFAULT_WINDOW = 1024
+# No halving tail here (ingest.jobs.cut_windows): a window's write costs about the same whatever its
+# size once a corpus's edges saturate (toy-ioi: 60k edges from 256 prompts, 84k from 1024), so halves
+# each cost a full write while computing next to nothing. toy-ioi ioi:2000 on one warm server, runs
+# alternated: windows 1024 + 976 23.95 and 23.69 prompts/s, tail stopped at 256 (1000, 504, 256, 240)
+# 20.67 and 21.06, halving to one batch (8 windows) 16.61 and 15.96.
+TAIL_WINDOW = DEFAULT_WINDOW
 SCHEMA_VERSION = 4  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles;
 # 4: evidence as lists on the EDGE relationship instead of (:Evidence) nodes
 # reads sum an edge's relationships over the selected runs: RUNS filters them, EDGE_SUMS sums them
@@ -195,7 +201,7 @@ class Neo4jStore:
 
         self.url, self.database, self.evidence_per_edge = url, database, evidence_per_edge
         self.max_window_edges: int | None = MAX_WINDOW_EDGES
-        self.default_window = DEFAULT_WINDOW
+        self.default_window, self.tail_window = DEFAULT_WINDOW, TAIL_WINDOW
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         self._floors: dict[str, EvidenceFloor] = {}  # per run
         self._stored_evidence: tuple[Any, ...] | None = None  # run and EvidenceFloor.update's rows, of the open write
