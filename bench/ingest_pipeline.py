@@ -2,7 +2,8 @@
 forward, RDFA, device reduction, windowed writes), and the write path's own ceiling by replay.
 
   toy     toy-ioi on ioi:N into SQLite and a live Neo4j (targets: store wait <= 10% / <= 15%,
-          >= 3x / >= 5x the prompts/s of main before the columnar path: 8.2 and 2.4 prompts/s)
+          >= 3x / >= 5x the prompts/s of main before the columnar path, which runs first in the same
+          benchmark from a git worktree: bench/baseline.py)
   gpt2    the GPT-2-shaped random model of bench/rdfa.py, 64-token prompts, into SQLite and Neo4j
   replay  RDFA graphs of GPT-2-shaped prompts recorded once, then fed again and again (feature
           indices shifted per pass, so passes share some edges and not others) through the same
@@ -31,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import BASELINE_COMMIT, run_baseline, worktree  # noqa: E402
+
 from catalog.stores import open_store  # noqa: E402
 from catalog.stores.neo4j import DEFAULT_WINDOW as NEO4J_WINDOW  # noqa: E402
 from catalog.stores.neo4j import MAX_WINDOW_EDGES as NEO4J_EDGES  # noqa: E402
@@ -39,7 +42,6 @@ from ingest.jobs import JobOptions, run_job  # noqa: E402
 from ingest.rdfa.tensors import Code, EdgeTable, Graph  # noqa: E402
 
 TRACEBACKS = False  # --traceback: a failed configuration stops the benchmark with its traceback
-BEFORE = {"sqlite": 8.2, "neo4j": 2.4}  # toy-ioi prompts/s on main before this path (issue 11's measurement)
 
 
 def gpt2_shaped_session(device):
@@ -131,7 +133,9 @@ def toy_section(args, tmp, neo):
 
     toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
     default = JobOptions.__dataclass_fields__["pruning"].default_factory()
-    print(f"toy-ioi, ioi:{args.toy_prompts}, batch 8, each store's default window (SQLite {SQLITE_WINDOW}, Neo4j "
+    corpus = f"ioi:{args.toy_prompts}"
+    before = {} if args.no_baseline else baseline_section(args, tmp, neo is not None)
+    print(f"toy-ioi, {corpus}, batch 8, each store's default window (SQLite {SQLITE_WINDOW}, Neo4j "
           f"{NEO4J_WINDOW}, up to {NEO4J_EDGES:,} edges); without QK attribution (the work "
           "main did before) and with it (the default since):")
     for url, kind in ((f"sqlite:///{tmp}/toy.db", "sqlite"), (neo, "neo4j")):
@@ -139,11 +143,33 @@ def toy_section(args, tmp, neo):
             continue
         for qk in (False, True):
             pruning = replace(default, qk=qk)
-            s, _ = one(toy, f"ioi:{args.toy_prompts}", url, f"toy-{time.time_ns()}", 8,
-                       f"{kind}{', QK' if qk else ''}", pruning=pruning)
-            if s and not qk:
-                print(f"  {'':<22} {s.prompts / s.seconds / BEFORE[kind]:.1f}x the {BEFORE[kind]} prompts/s of main "
-                      "before")
+            s, _ = one(toy, corpus, url, f"toy-{time.time_ns()}", 8, f"{kind}{', QK' if qk else ''}", pruning=pruning)
+            if s and not qk and kind in before:
+                print(f"  {'':<22} {s.prompts / s.seconds / before[kind]:.1f}x the {before[kind]:.2f} prompts/s of "
+                      f"{BASELINE_COMMIT} in this run")
+
+
+def baseline_section(args, tmp, with_neo4j: bool) -> dict[str, float]:
+    """prompts/s of main before the columnar path (bench/baseline.py) on the toy corpus, each store
+    empty (Neo4j: a server of its own, so the two catalogs' schemas never meet)."""
+    from cli.neo4j_server import running_on_free_port
+
+    corpus, rates = f"ioi:{args.toy_prompts}", {}
+    print(f"toy-ioi, {corpus}, batch 8: main before the columnar path ({BASELINE_COMMIT}, from a git worktree):")
+    try:
+        with worktree() as tree:
+            for kind in ("sqlite", "neo4j") if with_neo4j else ("sqlite",):
+                if kind == "sqlite":
+                    r = run_baseline(tree, corpus, f"sqlite:///{tmp}/baseline.db", args.threads)
+                else:
+                    with running_on_free_port(f"{tmp}/neo4j-baseline", page_cache="1g", heap="3g") as url:
+                        r = run_baseline(tree, corpus, url, args.threads)
+                rates[kind] = r["prompts"] / r["seconds"]
+                print(f"  {kind:<22} {rates[kind]:8.2f} prompts/s {r['observations'] / r['seconds']:12,.0f} obs/s   "
+                      f"store wait {r['store_wait_share']:5.1%}   ({r['prompts']} prompts, {r['seconds']:.1f} s)")
+    except (RuntimeError, OSError) as exc:
+        print(f"  unavailable ({exc}); no ratio is printed")
+    return rates
 
 
 def windows_section(args, tmp, neo):
@@ -243,6 +269,8 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="replay: compare the SQLite catalog with numpy")
     ap.add_argument("--no-write", action="store_true", help="replay: aggregate and decode windows, write nothing")
     ap.add_argument("--traceback", action="store_true", help="stop at a failure, with its traceback")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="toy: skip running main before the columnar path side by side (bench/baseline.py)")
     args = ap.parse_args()
     global TRACEBACKS
     TRACEBACKS = args.traceback
