@@ -112,7 +112,8 @@ def one(session, corpus, url, run, batch, label, no_write=False, **opts):
         store = open_store(url)
         if no_write:  # the aggregation's own ceiling: windows are computed and decoded, then dropped
             store.write_window = lambda agg: True
-        s = run_job(session, corpus, store, JobOptions(run=run, batch_size=batch, progress=False, **opts),
+        # mining after the run is not ingest (and would read a replayed catalog's million edges): off
+        s = run_job(session, corpus, store, JobOptions(run=run, batch_size=batch, progress=False, mine=False, **opts),
                     log=lambda *_: None)
     except Exception as exc:  # report and go on: a failed configuration is a figure too
         if TRACEBACKS:
@@ -124,7 +125,7 @@ def one(session, corpus, url, run, batch, label, no_write=False, **opts):
         f", GPU {max(gpu, peak_before) / 2**30:.1f} GiB" if gpu else "")
     print(f"  {label:<22} {s.prompts / s.seconds:8.2f} prompts/s {s.observations / s.seconds:12,.0f} obs/s   "
           f"store wait {s.store_wait_share:5.1%}   ({s.prompts} prompts, {s.observations:,} obs, {s.windows} windows, "
-          f"{s.seconds:.1f} s; {mem})")
+          f"{s.edges:,} edge rows written: {s.observations / max(s.edges, 1):.1f} obs each; {s.seconds:.1f} s; {mem})")
     return s, store
 
 
