@@ -73,8 +73,10 @@ def segment_extreme(group: torch.Tensor, x: torch.Tensor, m: int, how: str) -> t
     """[m] the min (``how`` "amin") or max ("amax") of ``x`` over each group; groups without rows get 0."""
     if x.device.type != "cpu":
         return torch.zeros(m, dtype=x.dtype, device=x.device).scatter_reduce_(0, group, x, how, include_self=False)
-    ufunc, start = (np.minimum, np.inf) if how == "amin" else (np.maximum, -np.inf)
-    out = np.full(m, start, dtype=x.numpy().dtype)
-    ufunc.at(out, group.numpy(), x.detach().numpy())
+    values = x.detach().numpy()
+    info = np.finfo(values.dtype) if values.dtype.kind == "f" else np.iinfo(values.dtype)
+    ufunc, start = (np.minimum, info.max) if how == "amin" else (np.maximum, info.min)
+    out = np.full(m, start, dtype=values.dtype)
+    ufunc.at(out, group.numpy(), values)
     out[segment_count(group, m).numpy() == 0] = 0
     return torch.from_numpy(out)

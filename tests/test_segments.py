@@ -60,3 +60,5 @@ def test_segment_extremes_match_plain_python_and_leave_empty_groups_zero(how):
     pick = min if how == "amin" else max
     want = [pick(x[i].item() for i in range(5) if group[i] == g) if g in (0, 2) else 0.0 for g in range(4)]
     assert segment_extreme(group, x, 4, how).tolist() == want
+    ints = x.long()  # [1, -2, 0, 3, 4]: integer columns start from their own dtype's extremes
+    assert segment_extreme(group, ints, 4, how).tolist() == ([-2, 0, 0, 0] if how == "amin" else [4, 0, 3, 0])
