@@ -42,10 +42,15 @@ def _torch_order(keys: list[Key]) -> torch.Tensor:
 def unique_inverse(key: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What torch.unique(key, return_inverse=True) gives, by one stable sort: the sorted unique keys
     [m] and each row's place among them [n]. key: int64 [n] in [0, 2^bits)."""
-    if key.device.type == "cpu":
-        uniq, inverse = np_unique_inverse(key.detach().numpy(), bits)
-        return torch.from_numpy(uniq), torch.from_numpy(inverse)
-    order = order_by([(key, bits)])
+    if key.device.type != "cpu":
+        return _torch_unique_inverse(key, bits)
+    uniq, inverse = np_unique_inverse(key.detach().numpy(), bits)
+    return torch.from_numpy(uniq), torch.from_numpy(inverse)
+
+
+def _torch_unique_inverse(key: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """unique_inverse in torch's own sorts (CUDA)."""
+    order = _torch_order([(key, bits)]) if len(key) > 1 else torch.arange(len(key), device=key.device)
     s = key.index_select(0, order)
     first = torch.ones(len(s), dtype=torch.bool, device=key.device)
     first[1:] = s[1:] != s[:-1]
@@ -72,7 +77,7 @@ def segment_count(group: torch.Tensor, m: int) -> torch.Tensor:
 def segment_extreme(group: torch.Tensor, x: torch.Tensor, m: int, how: str) -> torch.Tensor:
     """[m] the min (``how`` "amin") or max ("amax") of ``x`` over each group; groups without rows get 0."""
     if x.device.type != "cpu":
-        return torch.zeros(m, dtype=x.dtype, device=x.device).scatter_reduce_(0, group, x, how, include_self=False)
+        return _torch_extreme(group, x, m, how)
     values = x.detach().numpy()
     info = np.finfo(values.dtype) if values.dtype.kind == "f" else np.iinfo(values.dtype)
     ufunc, start = (np.minimum, info.max) if how == "amin" else (np.maximum, info.min)
@@ -80,3 +85,8 @@ def segment_extreme(group: torch.Tensor, x: torch.Tensor, m: int, how: str) -> t
     ufunc.at(out, group.numpy(), values)
     out[segment_count(group, m).numpy() == 0] = 0
     return torch.from_numpy(out)
+
+
+def _torch_extreme(group: torch.Tensor, x: torch.Tensor, m: int, how: str) -> torch.Tensor:
+    """segment_extreme in torch's own scatter (CUDA)."""
+    return torch.zeros(m, dtype=x.dtype, device=x.device).scatter_reduce_(0, group, x, how, include_self=False)

@@ -89,3 +89,24 @@ def test_a_window_is_the_same_whatever_batches_it_was_cut_into():
                 assert torch.allclose(a, b, rtol=1e-12, atol=0), f.name  # float64 sums in another order
             else:
                 assert torch.equal(a, b), f.name
+
+
+def test_the_torch_paths_cuda_takes_reduce_and_merge_alike(monkeypatch):
+    """CI has no GPU: run reduce_batch and merge once through numpy (the CPU path) and once through
+    torch's own sorts and scatters (what CUDA tensors take), and compare every column."""
+    import ingest.reduce as reduce_module
+    from ingest import segments
+
+    n_slots, rank = 9, torch.tensor([3, 0, 5, 1, 4, 2])
+    batches = [_batch(s, range(k, k + 2), n_slots) for s, k in ((1, 0), (2, 2), (3, 4))]
+
+    def window():
+        return merge([reduce_batch(o, a, rank, n_slots, 4) for o, a in batches], rank, 4)
+
+    on_cpu = window()
+    monkeypatch.setattr(reduce_module, "unique_inverse", segments._torch_unique_inverse)
+    monkeypatch.setattr(reduce_module, "order_by", lambda keys: segments._torch_order(keys))
+    monkeypatch.setattr(reduce_module, "segment_extreme", segments._torch_extreme)
+    as_on_cuda = window()
+    for f in fields(on_cpu):
+        assert torch.equal(getattr(on_cpu, f.name), getattr(as_on_cuda, f.name)), f.name

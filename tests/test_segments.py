@@ -1,6 +1,7 @@
 """The sorts and segment reductions under the device reduction (catalog.lexsort, ingest.segments)
 against numpy's own lexsort, torch.unique and plain Python: every key width, ties at every key, keys
-wider than the packed prefix (ordered again among tied rows), and the torch path CUDA takes."""
+wider than the packed prefix (ordered again among tied rows), and the torch paths CUDA takes (run
+here on CPU tensors: no GPU in CI)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from catalog.lexsort import lex_order
-from ingest.segments import _torch_order, order_by, segment_extreme, unique_inverse
+from ingest.segments import (
+    _torch_extreme,
+    _torch_order,
+    _torch_unique_inverse,
+    order_by,
+    segment_extreme,
+    unique_inverse,
+)
 
 
 def _random_keys(rng, n: int) -> list[tuple[np.ndarray, int]]:
@@ -45,20 +53,22 @@ def test_values_that_differ_only_past_the_packed_prefix_are_still_ordered():
     assert lex_order([(first, 62), (second, 62)]).tolist() == [5, 3, 4, 1, 2, 0]
 
 
-def test_unique_inverse_is_torch_unique():
+@pytest.mark.parametrize("unique", [unique_inverse, _torch_unique_inverse], ids=["numpy", "torch"])
+def test_unique_inverse_is_torch_unique(unique):
     rng = np.random.default_rng(3)
-    for n in (0, 1, 2, 500):
-        key = torch.from_numpy(rng.integers(0, 50, n))
-        got, want = unique_inverse(key, 6), torch.unique(key, return_inverse=True)
+    for n, bits in ((0, 6), (1, 6), (2, 6), (500, 6), (500, 62)):
+        key = torch.from_numpy(rng.integers(0, 50, n) << (bits - 6))  # 62 bits: wider than the packed room
+        got, want = unique(key, bits), torch.unique(key, return_inverse=True)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("extreme", [segment_extreme, _torch_extreme], ids=["numpy", "torch"])
 @pytest.mark.parametrize("how", ["amin", "amax"])
-def test_segment_extremes_match_plain_python_and_leave_empty_groups_zero(how):
+def test_segment_extremes_match_plain_python_and_leave_empty_groups_zero(how, extreme):
     group = torch.tensor([2, 0, 2, 2, 0])
     x = torch.tensor([1.5, -2.0, -0.5, 3.0, 4.0], dtype=torch.float64)
     pick = min if how == "amin" else max
     want = [pick(x[i].item() for i in range(5) if group[i] == g) if g in (0, 2) else 0.0 for g in range(4)]
-    assert segment_extreme(group, x, 4, how).tolist() == want
+    assert extreme(group, x, 4, how).tolist() == want
     ints = x.long()  # [1, -2, 0, 3, 4]: integer columns start from their own dtype's extremes
-    assert segment_extreme(group, ints, 4, how).tolist() == ([-2, 0, 0, 0] if how == "amin" else [4, 0, 3, 0])
+    assert extreme(group, ints, 4, how).tolist() == ([-2, 0, 0, 0] if how == "amin" else [4, 0, 3, 0])
