@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU figures of the README, in one go (the order matters when time on the card is short):
+# RDFA alone, the CUDA catalog against the CPU one, then ingest (GPT-2-shaped and replay first, toy
+# last). SQLite only: a GPU machine here has no JVM for Neo4j. Writes each log to ${OUT:-.}/.
+# Usage: bench/on_gpu.sh [python]
+set -o pipefail
+PY=${1:-python3}
+OUT=${OUT:-.}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, numpy, transformer_lens; print('torch', torch.__version__, 'numpy', numpy.__version__)" || exit 1
+timeout 150 $PY bench/rdfa.py --threads 4 --long 2>&1 | tee "$OUT/rdfa.txt"
+timeout 120 $PY bench/cuda_vs_cpu.py --prompts 400 2>&1 | tee "$OUT/cuda_vs_cpu.txt"
+timeout 200 $PY bench/ingest_pipeline.py --only gpt2,replay --check --no-neo4j --threads 4 2>&1 | tee "$OUT/ingest_gpt2_replay.txt"
+timeout 240 $PY bench/ingest_pipeline.py --only toy --no-neo4j --no-baseline --threads 4 2>&1 | tee "$OUT/ingest_toy.txt"
