@@ -186,10 +186,11 @@ def test_the_halving_tail_stops_at_the_tail_window():
     assert [b for w in cut_windows(list(range(250)), 128, 32) for b in w] == list(range(250))
 
 
-def test_window_below_one_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("flag", ["--window", "--tail-window"])
+def test_window_below_one_is_refused_before_anything_is_written(tmp_path, flag):
     db = tmp_path / "c.db"
-    out = _ingest(f"sqlite:///{db}", "--corpus", "ioi:4", "--window", "0", check=False)
-    assert out.returncode == 2 and "--window 0: must be at least 1" in out.stderr
+    out = _ingest(f"sqlite:///{db}", "--corpus", "ioi:4", flag, "0", check=False)
+    assert out.returncode == 2 and f"{flag} 0: must be at least 1" in out.stderr
     assert not db.exists()
 
 
