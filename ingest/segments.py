@@ -65,7 +65,9 @@ def bits_of(x: torch.Tensor | int) -> int:
 
 
 def segment_sum(group: torch.Tensor, x: torch.Tensor, m: int) -> torch.Tensor:
-    """[m] the sum of ``x`` [n] over the rows of each group (group [n] in [0, m)), in row order."""
+    """[m] the sum of ``x`` [n] over the rows of each group (group [n] in [0, m)): in row order on
+    the CPU; CUDA's atomic adds take any order, so float sums may differ in their last bits
+    (float64 here: 8e-16 relative on the H200, bench/cuda_vs_cpu.py)."""
     return torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, group, x)
 
 
