@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from catalog.stores.neo4j_evidence import merge_lists
+from catalog.stores.neo4j_evidence import StoredLists, merge_lists
 
 
 def _case(seed: int, cap: int | None):
@@ -37,7 +37,8 @@ def _case(seed: int, cap: int | None):
 def test_merge_keeps_each_edge_top_cap_in_evidence_order(seed, cap):
     window, stored = _case(seed, cap)
     cols = [np.array(c, dtype=object if k == 1 else None) for k, c in enumerate(zip(*window, strict=True))]
-    merged = merge_lists(cols[0], cols[1], cols[2], cols[3], cols[4], cols[5].astype(np.float64), stored, cap)
+    merged = merge_lists(cols[0], cols[1], cols[2], cols[3], cols[4], cols[5].astype(np.float64),
+                         StoredLists.from_dict(stored), cap)
 
     def rank(r):
         return (-abs(r[4]), r[0], r[1], r[2], r[3])

@@ -90,8 +90,8 @@ def test_a_writer_that_commits_during_anothers_lookups_is_seen_before_it_writes(
     slow.start_run("r", {"kind": "test"}, resume=False)
     look_up, interleaved = slow._look_up, []
 
-    def look_up_then_let_the_other_commit(tx, agg, ingest):
-        found = look_up(tx, agg, ingest)
+    def look_up_then_let_the_other_commit(tx, agg, ingest, copy):
+        found = look_up(tx, agg, ingest, copy)
         if not interleaved:  # the first lookups only: the second pass runs under the lock
             interleaved.append(fast.write_window(second))
         return found
@@ -148,3 +148,82 @@ def test_a_commit_while_anothers_lookups_stream_is_read_again_under_the_lock(neo
         Result.__iter__ = run
     assert streamed == [1]
     assert snapshot(slow) == expected
+
+
+def _find_edges_queries(store) -> list[int]:
+    """Counts, into the list returned, the FIND_EDGES lookups ``store``'s transactions run."""
+    from catalog.stores.neo4j import FIND_EDGES
+
+    calls: list[int] = []
+    window_tx = store._window_tx
+
+    def counting(tx, agg, ingest):
+        run = tx.run
+
+        def counted(query, *args, **kwargs):
+            calls.extend([1] if query == FIND_EDGES else [])
+            return run(query, *args, **kwargs)
+
+        tx.run = counted
+        return window_tx(tx, agg, ingest)
+
+    store._window_tx = counting
+    return calls
+
+
+def _recurring_windows() -> list:
+    """Three windows of run "r" over the same 20 nodes (~1200 edges, each in every window), the
+    second's values large enough to displace the first's evidence."""
+    return [window(k, 0, run="r", offset=0, n_nodes=20, scale=100.0 if k == 1 else 1.0) for k in range(3)]
+
+
+def test_a_lone_writer_uses_its_copy_of_the_runs_edges_and_stores_what_lookups_would(neo4j_url):
+    """A writer that stored every edge of its run itself takes element ids and evidence lists from its
+    own copy instead of looking them up: after the first window no lookup runs, and the catalog is the
+    one written with every edge looked up (the copy disabled)."""
+    from conftest import wipe_neo4j
+    from test_store_conformance import snapshot
+
+    windows = _recurring_windows()
+    wipe_neo4j(neo4j_url)
+    looked_up = open_store(neo4j_url, evidence_per_edge=4)
+    looked_up._edge_copy = lambda tx, run, seen: None
+    looked_up.start_run("r", {"kind": "test"}, resume=False)
+    lookups = _find_edges_queries(looked_up)
+    assert all(looked_up.write_window(w) for w in windows)
+    assert len(lookups) == len(windows) - 1  # the copy off: each later window looks its edges up (the first knows no node)
+    expected = snapshot(looked_up)
+
+    wipe_neo4j(neo4j_url)
+    lone = open_store(neo4j_url, evidence_per_edge=4)
+    lone.start_run("r", {"kind": "test"}, resume=False)
+    lookups = _find_edges_queries(lone)
+    assert all(lone.write_window(w) for w in windows)
+    assert lookups == []
+    assert len(lone._run_edges["r"].keys) == len(expected["edges"])
+    assert snapshot(lone) == expected
+
+
+def test_a_writer_drops_its_copy_once_another_writer_commits(neo4j_url):
+    """When another writer stores a window of the same run between two of this writer's, its copy
+    lacks that window's edges: it must look them up again (and from then on), or it would create a
+    second relationship for each. A writer joining a run with prompts stored starts no copy."""
+    from conftest import wipe_neo4j
+    from test_store_conformance import snapshot
+
+    first, second, third = _recurring_windows()
+    wipe_neo4j(neo4j_url)
+    alone = open_store(neo4j_url, evidence_per_edge=4)
+    alone.start_run("r", {"kind": "test"}, resume=False)
+    assert all(alone.write_window(w) for w in (first, second, third))
+    expected = snapshot(alone)
+
+    wipe_neo4j(neo4j_url)
+    this, other = open_store(neo4j_url, evidence_per_edge=4), open_store(neo4j_url, evidence_per_edge=4)
+    this.start_run("r", {"kind": "test"}, resume=False)
+    lookups = _find_edges_queries(this)
+    assert this.write_window(first) and this._run_edges["r"] is not None
+    assert other.write_window(second) and other._run_edges["r"] is None  # the run had prompts: no copy
+    assert this.write_window(third)
+    assert this._run_edges["r"] is None and len(lookups) == 1
+    assert snapshot(this) == expected

@@ -12,7 +12,8 @@ are (:Stats {nid, run, n_obs, n_prompts, sum_act, max_act}), one per run; prompt
 run, ..., evidence_edges}) with the keys of the edges whose evidence took one of its observations;
 runs (:Run). Reads sum over the selected runs' relationships (docs/catalog.md has the Cypher).
 One window is one transaction: every query in it UNWINDs parallel arrays of primitives (CHUNK rows
-each), nodes are found by their indexed integer nid, edges by their indexed integer key.
+each), nodes are found by their indexed integer nid, edges by their indexed integer key, or, while a
+writer is its run's only one, from its own copy of what it stored (catalog.stores.neo4j_edges).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from catalog.aggregate import WindowAggregate
 from catalog.evidence_floor import EvidenceFloor, pack
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherRefused, EdgeQuery, Runs, StoreError, StoreUnavailable
-from catalog.stores.neo4j_evidence import LISTS, MergedLists, merge_lists
+from catalog.stores.neo4j_edges import RunEdges, spans
+from catalog.stores.neo4j_evidence import LISTS, MergedLists, StoredLists, merge_lists
 
 Tx = Any  # a neo4j ManagedTransaction (typed loosely: the driver's own hints are incomplete)
 
@@ -102,6 +104,7 @@ EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
 LOCK = (f"MERGE (d:Dictionary {{name: 'nodes'}}) ON CREATE SET d.next = 0, d.schema = {SCHEMA_VERSION} "
         "SET d.writes = coalesce(d.writes, 0) + 1")
 WRITES = "OPTIONAL MATCH (d:Dictionary {name: 'nodes'}) RETURN coalesce(d.writes, 0)"
+RUN_HAS_PROMPTS = "OPTIONAL MATCH (p:Prompt {run: $run}) WITH p LIMIT 1 RETURN p IS NOT NULL"
 LOCKED = "MATCH (d:Dictionary {name: 'nodes'}) RETURN d.writes, d.next"
 CREATE_NODES = """
 UNWIND range(0, size($uid) - 1) AS i
@@ -136,12 +139,13 @@ CREATE_EDGES = """
 UNWIND range(0, size($key) - 1) AS i
 MATCH (s:Node {nid: $src[i]})
 MATCH (d:Node {nid: $dst[i]})
-CREATE (s)-[:EDGE {run: $run, key: $key[i], kind: $kind[i], n_prompts: $n_prompts[i], n_obs: $n_obs[i], sum: $sum[i],
+CREATE (s)-[r:EDGE {run: $run, key: $key[i], kind: $kind[i], n_prompts: $n_prompts[i], n_obs: $n_obs[i], sum: $sum[i],
                    sumsq: $sumsq[i], sum_abs: $sum_abs[i], min: $min[i], max: $max[i], n_pos: $n_pos[i],
                    head_sums: $heads[$hoff[i]..$hoff[i + 1]], role_n: $role_n[$roff[i]..$roff[i + 1]],
                    role_abs: $role_abs[$roff[i]..$roff[i + 1]], ev_prompt: $ev_prompt[$eoff[i]..$eoff[i + 1]],
                    ev_src_pos: $ev_src_pos[$eoff[i]..$eoff[i + 1]], ev_dst_pos: $ev_dst_pos[$eoff[i]..$eoff[i + 1]],
                    ev_head: $ev_head[$eoff[i]..$eoff[i + 1]], ev_value: $ev_value[$eoff[i]..$eoff[i + 1]]}]->(d)
+RETURN collect($key[i]), collect(elementId(r))  // one record: decoding a record a row cost 3 s in 110k
 """
 FIND_STATS = """
 UNWIND $keys AS k
@@ -205,6 +209,9 @@ class Neo4jStore:
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         self._floors: dict[str, EvidenceFloor] = {}  # per run
         self._stored_evidence: tuple[Any, ...] | None = None  # run and EvidenceFloor.update's rows, of the open write
+        # per run: this writer's copy of its stored edges (None: dropped, edges are looked up); see neo4j_edges
+        self._run_edges: dict[str, RunEdges | None] = {}
+        self._new_edges: tuple[Any, ...] | None = None  # (run, RunEdges.after's arguments) of the open write
         auth = (user, password or "") if user else None
         try:
             # notifications off: the server warns about absent property keys on every query of an empty catalog
@@ -235,11 +242,16 @@ class Neo4jStore:
     # ---- writes -------------------------------------------------------------------------------
     def write_window(self, agg: WindowAggregate) -> bool:
         """Store a window in one transaction; False if every prompt was stored already."""
+        self._new_edges = None
         with self.driver.session(database=self.database) as session:
             done = session.execute_write(self._window_tx, agg, True)
         if done is None:
             return False
         self._ids.update(done)  # only once committed: a rolled-back id may be handed out again
+        if self._new_edges is not None:
+            run, copy, *rows = self._new_edges
+            self._run_edges[run] = copy.after(*rows)
+            self._new_edges = None
         if self._stored_evidence is not None:
             run, *rows = self._stored_evidence
             self._floor(run).update(*rows)
@@ -270,12 +282,16 @@ class Neo4jStore:
         used unless the counter says no commit came in between: such a read may have seen part of
         another writer's window (read committed isolation streams rows and reads their properties as
         it goes)."""
+        self._new_edges = None
         seen = tx.run(WRITES).single()[0]
-        looked_up = self._look_up(tx, agg, ingest)
+        copy = self._edge_copy(tx, agg.run, seen) if ingest else None
+        looked_up = self._look_up(tx, agg, ingest, copy)
         tx.run(LOCK).consume()
         writes, next_id = tx.run(LOCKED).single()
         if writes != seen + 1 or (looked_up is not None and self._nodes_appeared(tx, agg, looked_up[0])):
-            looked_up = self._look_up(tx, agg, ingest)
+            if copy is not None:
+                copy = self._run_edges[agg.run] = None  # another writer committed: this copy may miss its edges
+            looked_up = self._look_up(tx, agg, ingest, None)
         if looked_up is None:
             return None
         known, found, stored, stats_found, candidates = looked_up
@@ -286,20 +302,35 @@ class Neo4jStore:
         ids = np.array([known.get(n.uid, new.get(n.uid, -1)) for n in agg.nodes], dtype=np.int64)
         self._write_stats(tx, agg, ids, stats_found)
         merged = self._merge_evidence(agg, ids, stored, candidates)
-        self._write_edges(tx, agg, ids, found, merged)
+        created = self._write_edges(tx, agg, ids, found, merged)
         self._write_evidence(tx, agg, ids, found, merged, candidates)
+        if copy is not None:
+            self._new_edges = (agg.run, copy, writes, *created, _group_keys(agg, ids, merged.group), merged.offsets,
+                               merged.columns)
         return {**known, **new}
 
-    def _look_up(self, tx: Tx, agg: WindowAggregate, ingest: bool) -> tuple[Any, ...] | None:
+    def _edge_copy(self, tx: Tx, run: str, seen: int) -> RunEdges | None:
+        """This writer's copy of the run's stored edges if it may stand in for their lookups (the write
+        counter reads ``seen``, as after the copy's commit), else None; the first window of a run
+        starts an empty copy if the run has no prompt stored. The caller still checks under the lock
+        that nobody committed since ``seen``."""
+        if run not in self._run_edges:
+            self._run_edges[run] = None if tx.run(RUN_HAS_PROMPTS, run=run).single()[0] else RunEdges.empty(seen)
+        copy = self._run_edges[run]
+        if copy is not None and copy.writes != seen:
+            copy = self._run_edges[run] = None  # another writer committed since: it may have stored edges of the run
+        return copy
+
+    def _look_up(self, tx: Tx, agg: WindowAggregate, ingest: bool, copy: RunEdges | None) -> tuple[Any, ...] | None:
         """What the window's writes depend on: known node ids, stored edges and Stats by key, the
-        evidence rows that may enter their edge's list and the stored lists they compete with; None
-        when an ingest window's prompts are stored already."""
+        evidence rows that may enter their edge's list and the stored lists they compete with (from
+        ``copy`` if given, else read); None when an ingest window's prompts are stored already."""
         if ingest and self._prompts_stored(tx, agg):
             return None
         known = self._known_ids(tx, agg.nodes)
         ids = np.array([known.get(n.uid, -1) for n in agg.nodes], dtype=np.int64)
         candidates = self._evidence_candidates(agg, ids, ingest)
-        found, stored = self._find_edges(tx, agg, ids, candidates)
+        found, stored = self._find_edges(tx, agg, ids, candidates, copy)
         return known, found, stored, self._find_stats(tx, agg, ids), candidates
 
     @staticmethod
@@ -356,17 +387,17 @@ class Neo4jStore:
         rows = np.flatnonzero(keep)
         return rows, np.unique(keys[rows][known[rows]])
 
-    def _merge_evidence(self, agg: WindowAggregate, ids: np.ndarray, stored: dict[int, list[list[Any]]],
+    def _merge_evidence(self, agg: WindowAggregate, ids: np.ndarray, stored: StoredLists,
                         candidates: tuple[np.ndarray, np.ndarray]) -> MergedLists:
         """The new evidence lists of the edges the window's candidate rows change (their top N by the
         total order of Evidence.rank_key), grouped by the edge's identity in the window (_window_edge).
         Every stored list read is the list of some candidate row's edge (nodes keep their ids)."""
         v, (rows, _) = agg.evidence, candidates
         group = _window_edge(agg, v.src[rows], v.dst[rows], v.kind[rows])
-        by_key = dict(zip(edge_key(ids[v.src[rows]], ids[v.dst[rows]], v.kind[rows]).tolist(), group.tolist()))
+        keys = edge_key(ids[v.src[rows]], ids[v.dst[rows]], v.kind[rows])
         prompt_uids = np.array([p.uid for p in agg.prompts] or [""], dtype=object)
         return merge_lists(group, prompt_uids[v.prompt[rows]], v.src_pos[rows], v.dst_pos[rows], v.head[rows],
-                           v.value[rows], {by_key[k]: lists for k, lists in stored.items()}, self.evidence_per_edge)
+                           v.value[rows], stored.regrouped(keys, group), self.evidence_per_edge)
 
     def _write_evidence(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str],
                         merged: MergedLists, candidates: tuple[np.ndarray, np.ndarray]) -> None:
@@ -430,17 +461,19 @@ class Neo4jStore:
                 tx.run(query, **where, **_lists(n_obs=s.n_obs[r], n_prompts=s.n_prompts[r], sum_act=s.sum_act[r],
                                                 max_act=s.max_act[r]))
 
-    def _find_edges(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray,
-                    candidates: tuple[np.ndarray, np.ndarray]) -> tuple[dict[int, str], dict[int, list[list[Any]]]]:
+    def _find_edges(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray, candidates: tuple[np.ndarray, np.ndarray],
+                    copy: RunEdges | None) -> tuple[dict[int, str], StoredLists]:
         """Element ids of the window's edges that are stored already, by key, and the evidence lists of
-        those that candidate rows compete with. Covers the edges of the window's evidence too (an
-        import sends evidence without its edges)."""
+        those that candidate rows compete with (grouped by key), from ``copy`` or else read. Covers the
+        edges of the window's evidence too (an import sends evidence without its edges)."""
         e, v = agg.edges, agg.evidence
         ends = (ids[e.src] >= 0) & (ids[e.dst] >= 0)  # an edge to a node not stored yet is new
         v_ends = (ids[v.src] >= 0) & (ids[v.dst] >= 0)
         keys = np.unique(np.concatenate([edge_key(ids[e.src], ids[e.dst], e.kind)[ends],
                                          edge_key(ids[v.src], ids[v.dst], v.kind)[v_ends]]))
         want = np.isin(keys, candidates[1])
+        if copy is not None:
+            return copy.found(keys), copy.lists(keys[want])
         found: dict[int, str] = {}
         stored: dict[int, list[list[Any]]] = {}
         for part in _chunks(len(keys)):
@@ -448,12 +481,13 @@ class Neo4jStore:
                 found[k] = eid
                 if lists is not None:
                     stored[k] = lists
-        return found, stored
+        return found, StoredLists.from_dict(stored)
 
     @staticmethod
-    def _write_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str], merged: MergedLists) -> None:
+    def _write_edges(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str],
+                     merged: MergedLists) -> tuple[np.ndarray, np.ndarray]:
         """Add the window's edges: update the stored ones (``found``), create the rest with their
-        evidence lists."""
+        evidence lists; returns the created edges' keys [a] and element ids [a]."""
         e, h, ro = agg.edges, agg.heads, agg.roles
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)
         (heads,), offsets = _dense(keys, edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)
@@ -469,6 +503,7 @@ class Neo4jStore:
         ev_width = np.where(has, merged.offsets[np.minimum(at + 1, len(merged.offsets) - 1)] - ev_start, 0)
         cols = dict(n_prompts=e.n_prompts, n_obs=e.n_obs, sum=e.sum, sumsq=e.sumsq, sum_abs=e.sum_abs, min=e.min,
                     max=e.max, n_pos=e.n_pos)
+        created: list[Any] = []
         for mask, query in ((old, UPDATE_EDGES), (~old, CREATE_EDGES)):
             rows = np.flatnonzero(mask)
             for part in _chunks(len(rows)):
@@ -476,9 +511,15 @@ class Neo4jStore:
                 extra = ({"eid": [found[k] for k in keys[r].tolist()]} if query is UPDATE_EDGES else
                          {"run": agg.run, **_lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r]),
                           **_slices(dict(zip(LISTS, merged.columns, strict=True)), ev_start[r], ev_width[r], "eoff")})
-                tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra,
-                       **_sub_lists({"heads": heads}, offsets, r, "hoff"),
-                       **_sub_lists({"role_n": role_n, "role_abs": role_abs}, role_offsets, r, "roff"))
+                result = tx.run(query, _lists(**{c: v[r] for c, v in cols.items()}), **extra,
+                                **_sub_lists({"heads": heads}, offsets, r, "hoff"),
+                                **_sub_lists({"role_n": role_n, "role_abs": role_abs}, role_offsets, r, "roff"))
+                if query is CREATE_EDGES:
+                    created.append(result.single())
+                else:
+                    result.consume()
+        return (np.array([k for keys, _ in created for k in keys], np.int64),
+                np.array([eid for _, eids in created for eid in eids], dtype=object))
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
         def tx_fn(tx: Tx) -> None:
@@ -778,8 +819,7 @@ def _sub_lists(flats: dict[str, np.ndarray], offsets: np.ndarray, rows: np.ndarr
 def _slices(flats: dict[str, np.ndarray], starts: np.ndarray, widths: np.ndarray, offsets_name: str) -> JSON:
     """Query parameters for one list per row: row i's list is flat[starts[i]:starts[i] + widths[i]] of
     each flat array; they travel concatenated, with their offsets."""
-    at = np.cumsum(widths) - widths
-    take = np.repeat(starts, widths) + np.arange(widths.sum()) - np.repeat(at, widths)
+    take = spans(starts, widths)
     return {**{name: flat[take].tolist() for name, flat in flats.items()},
             offsets_name: np.concatenate([[0], np.cumsum(widths)]).tolist()}
 

@@ -18,6 +18,30 @@ from typing import Any
 import numpy as np
 
 LISTS = ("ev_prompt", "ev_src_pos", "ev_dst_pos", "ev_head", "ev_value")
+DTYPES = (object, np.int64, np.int64, np.int64, np.float64)  # of the LISTS columns, in that order
+
+
+@dataclass
+class StoredLists:
+    """Stored evidence lists as columns: row i is an entry of edge ``group[i]`` (int64); ``columns``
+    [s] each, in LISTS order; each edge's entries are contiguous and in evidence order."""
+
+    group: np.ndarray
+    columns: list[np.ndarray]
+
+    @classmethod
+    def from_dict(cls, stored: dict[int, list[list[Any]]]) -> StoredLists:
+        """From {edge: its five lists} as a read returns them."""
+        group = np.array([g for g, lists in stored.items() for _ in lists[4]], dtype=np.int64)
+        return cls(group, [np.array([x for lists in stored.values() for x in lists[c]], dtype=dt)
+                           for c, dt in enumerate(DTYPES)])
+
+    def regrouped(self, old: np.ndarray, new: np.ndarray) -> StoredLists:
+        """The same entries with each edge renamed: group old[i] becomes new[i] ([k] each; a name may
+        repeat with the same new name; every stored group must be among ``old``)."""
+        names, first = np.unique(old, return_index=True)
+        return StoredLists(new[first][np.searchsorted(names, self.group)] if len(self.group) else self.group,
+                           self.columns)
 
 
 @dataclass
@@ -37,14 +61,13 @@ class MergedLists:
 
 
 def merge_lists(group: np.ndarray, prompt: np.ndarray, src_pos: np.ndarray, dst_pos: np.ndarray,
-                head: np.ndarray, value: np.ndarray, stored: dict[int, list[list[Any]]], cap: int | None) -> MergedLists:
+                head: np.ndarray, value: np.ndarray, stored: StoredLists, cap: int | None) -> MergedLists:
     """Merge a window's candidate rows ([e] columns; ``group`` [e] int64 names each row's edge,
-    ``prompt`` [e] object uids) with ``stored`` ({group: the edge's five stored lists}) into each
-    touched group's top ``cap`` (all if None). Only groups that gain a window row are returned: a
-    group whose window rows all rank below its stored ones keeps its lists as they are."""
-    old_group = np.array([g for g, lists in stored.items() for _ in lists[4]], dtype=np.int64)
-    old = [np.array([x for lists in stored.values() for x in lists[c]], dtype=dt)
-           for c, dt in enumerate((object, np.int64, np.int64, np.int64, np.float64))]
+    ``prompt`` [e] object uids) with the ``stored`` lists of their groups into each touched group's
+    top ``cap`` (all if None). Only groups that gain a window row are returned: a group whose window
+    rows all rank below its stored ones keeps its lists as they are."""
+    old_group = stored.group
+    old = [c.astype(dt, copy=False) for c, dt in zip(stored.columns, DTYPES, strict=True)]
     n_new = len(group)
     g = np.concatenate([group, old_group])
     cols = [np.concatenate([a, b]) for a, b in zip((prompt.astype(object), src_pos, dst_pos, head, value), old,
