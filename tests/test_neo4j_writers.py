@@ -103,53 +103,6 @@ def test_a_writer_that_commits_during_anothers_lookups_is_seen_before_it_writes(
     assert read("MATCH (n:Node) RETURN count(n) AS n") == [{"n": NODES_PER_WINDOW}]
 
 
-def test_a_commit_while_anothers_lookups_stream_is_read_again_under_the_lock(neo4j_url):
-    """A writer reads its window's stored edges and their evidence lists before it takes the lock,
-    streamed in batches of the driver's fetch size. When another writer changes some of those lists
-    and commits while that read is still streaming, the rows read after the commit are from after it
-    and the rows before from before (read committed isolation). The writer must not use such a read:
-    it reads again under the lock, and the catalog is as if one writer had written the three windows
-    in commit order. (With evidence as nodes, this read once saw nodes deleted mid-stream and died on
-    their null properties in CI's shard test.)"""
-    from conftest import wipe_neo4j
-    from neo4j import Result
-    from test_store_conformance import snapshot
-
-    from catalog.stores.neo4j import FIND_EDGES
-
-    # 20 nodes: each of the ~1200 edges has ~5 observations a window, so the lookup streams more rows
-    # than one fetch holds, and the displacing window's rows outrank every stored one
-    base, displacing, last = (window(k, 0, run="r", offset=0, n_nodes=20, scale=100.0 if k == 1 else 1.0)
-                              for k in range(3))
-    wipe_neo4j(neo4j_url)
-    alone = open_store(neo4j_url, evidence_per_edge=4)
-    alone.start_run("r", {"kind": "test"}, resume=False)
-    assert all(alone.write_window(w) for w in (base, displacing, last))
-    expected = snapshot(alone)
-
-    wipe_neo4j(neo4j_url)
-    first, fast, slow = (open_store(neo4j_url, evidence_per_edge=4) for _ in range(3))
-    first.start_run("r", {"kind": "test"}, resume=False)
-    assert first.write_window(base)
-    streamed: list[int] = []
-    run = Result.__iter__
-
-    def stream_then_let_the_other_commit(result):
-        for i, record in enumerate(run(result)):
-            if i == 1 and not streamed and result._metadata.get("query") == FIND_EDGES:
-                streamed.append(1)
-                assert fast.write_window(displacing)
-            yield record
-
-    Result.__iter__ = stream_then_let_the_other_commit
-    try:
-        assert slow.write_window(last)
-    finally:
-        Result.__iter__ = run
-    assert streamed == [1]
-    assert snapshot(slow) == expected
-
-
 def _find_edges_queries(store) -> list[int]:
     """Counts, into the list returned, the FIND_EDGES lookups ``store``'s transactions run."""
     from catalog.stores.neo4j import FIND_EDGES
@@ -172,9 +125,64 @@ def _find_edges_queries(store) -> list[int]:
 
 
 def _recurring_windows() -> list:
-    """Three windows of run "r" over the same 20 nodes (~1200 edges, each in every window), the
-    second's values large enough to displace the first's evidence."""
+    """Three windows of run "r" over the same 20 nodes (~1200 edges, each in every window, with ~5
+    observations a window), the second's values large enough to displace the first's evidence."""
     return [window(k, 0, run="r", offset=0, n_nodes=20, scale=100.0 if k == 1 else 1.0) for k in range(3)]
+
+
+def _written_alone(url: str, windows: list) -> dict:
+    """The catalog of run "r" that one writer makes of ``windows``, written in that order into a wiped
+    database (test_store_conformance.snapshot)."""
+    from conftest import wipe_neo4j
+    from test_store_conformance import snapshot
+
+    wipe_neo4j(url)
+    alone = open_store(url, evidence_per_edge=4)
+    alone.start_run("r", {"kind": "test"}, resume=False)
+    assert all(alone.write_window(w) for w in windows)
+    return snapshot(alone)
+
+
+def test_a_commit_while_anothers_lookups_stream_is_read_again_under_the_lock(neo4j_url):
+    """A writer reads its window's stored edges and their evidence lists before it takes the lock,
+    streamed in batches of the driver's fetch size. When another writer changes some of those lists
+    and commits while that read is still streaming, the rows read after the commit are from after it
+    and the rows before from before (read committed isolation). The writer must not use such a read:
+    it reads again under the lock, and the catalog is as if one writer had written the three windows
+    in commit order. (With evidence as nodes, this read once saw nodes deleted mid-stream and died on
+    their null properties in CI's shard test.)"""
+    from conftest import wipe_neo4j
+    from neo4j import Result
+    from test_store_conformance import snapshot
+
+    from catalog.stores.neo4j import FIND_EDGES
+
+    # the lookup streams more rows than one fetch holds, and the displacing window's rows outrank
+    # every stored one
+    base, displacing, last = _recurring_windows()
+    expected = _written_alone(neo4j_url, [base, displacing, last])
+
+    wipe_neo4j(neo4j_url)
+    first, fast, slow = (open_store(neo4j_url, evidence_per_edge=4) for _ in range(3))
+    first.start_run("r", {"kind": "test"}, resume=False)
+    assert first.write_window(base)
+    streamed: list[int] = []
+    run = Result.__iter__
+
+    def stream_then_let_the_other_commit(result):
+        for i, record in enumerate(run(result)):
+            if i == 1 and not streamed and result._metadata.get("query") == FIND_EDGES:
+                streamed.append(1)
+                assert fast.write_window(displacing)
+            yield record
+
+    Result.__iter__ = stream_then_let_the_other_commit
+    try:
+        assert slow.write_window(last)
+    finally:
+        Result.__iter__ = run
+    assert streamed == [1]
+    assert snapshot(slow) == expected
 
 
 def test_a_lone_writer_uses_its_copy_of_the_runs_edges_and_stores_what_lookups_would(neo4j_url):
@@ -212,11 +220,7 @@ def test_a_writer_drops_its_copy_once_another_writer_commits(neo4j_url):
     from test_store_conformance import snapshot
 
     first, second, third = _recurring_windows()
-    wipe_neo4j(neo4j_url)
-    alone = open_store(neo4j_url, evidence_per_edge=4)
-    alone.start_run("r", {"kind": "test"}, resume=False)
-    assert all(alone.write_window(w) for w in (first, second, third))
-    expected = snapshot(alone)
+    expected = _written_alone(neo4j_url, [first, second, third])
 
     wipe_neo4j(neo4j_url)
     this, other = open_store(neo4j_url, evidence_per_edge=4), open_store(neo4j_url, evidence_per_edge=4)
