@@ -58,3 +58,10 @@ def test_merge_keeps_each_edge_top_cap_in_evidence_order(seed, cap):
     # the window rows in a list now, by their index among the rows given
     kept = sorted(k for k, w in enumerate(window) if w[0] in expected and w[1:] in expected[w[0]][0])
     assert merged.window_rows.tolist() == kept
+
+
+def test_stored_lists_of_an_edge_not_given_are_refused():
+    stored = StoredLists.from_dict({7: [["run/p1"], [0], [1], [-1], [0.5]]})
+    assert stored.regrouped(np.array([7, 7, 9]), np.array([2, 2, 3])).group.tolist() == [2]
+    with pytest.raises(ValueError, match="name no given edge"):
+        stored.regrouped(np.array([9]), np.array([3]))

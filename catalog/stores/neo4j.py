@@ -242,7 +242,6 @@ class Neo4jStore:
     # ---- writes -------------------------------------------------------------------------------
     def write_window(self, agg: WindowAggregate) -> bool:
         """Store a window in one transaction; False if every prompt was stored already."""
-        self._new_edges = None
         with self.driver.session(database=self.database) as session:
             done = session.execute_write(self._window_tx, agg, True)
         if done is None:

@@ -40,8 +40,10 @@ class StoredLists:
         """The same entries with each edge renamed: group old[i] becomes new[i] ([k] each; a name may
         repeat with the same new name; every stored group must be among ``old``)."""
         names, first = np.unique(old, return_index=True)
-        return StoredLists(new[first][np.searchsorted(names, self.group)] if len(self.group) else self.group,
-                           self.columns)
+        at = np.minimum(np.searchsorted(names, self.group), max(len(names) - 1, 0))
+        if len(self.group) and not np.array_equal(names[at], self.group):
+            raise ValueError(f"stored lists of {int((names[at] != self.group).sum())} entries name no given edge")
+        return StoredLists(new[first][at] if len(self.group) else self.group, self.columns)
 
 
 @dataclass
