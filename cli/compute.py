@@ -13,6 +13,16 @@ from catalog.stores.base import DEFAULT_URL
 from cli.common import COMPUTE, JsonOpt, StoreOpt, Threads, app, bounded, emit, friendly
 
 
+def open_session(model: str, saes: list[str], device: str | None, *, decompose: bool = True):
+    """Load the model and SAEs; what a release left out is said on stderr, in one line each."""
+    from ingest.session import ModelWithSaes
+
+    session = ModelWithSaes.open(model, list(saes), device, decompose=decompose)
+    for note in session.saes.left_out:
+        typer.echo(f"note: {note}", err=True)
+    return session
+
+
 @app.command("make-toy", rich_help_panel=COMPUTE)
 @friendly
 def make_toy(out: str = "toy-ioi", seed: Annotated[int, bounded(0)] = 0, threads: Threads = 1):
@@ -47,12 +57,11 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
     if format_ not in ("tree", "json", "neuronpedia"):
         raise ValueError(f"--format {format_!r}: expected tree, json or neuronpedia")
     from ingest.runtime import configure_threads
-    from ingest.session import ModelWithSaes
     from ingest.trace import render_tree
     from ingest.trace import trace as run_trace
 
     configure_threads(threads)
-    session = ModelWithSaes.open(model, saes, device)
+    session = open_session(model, saes, device)
     result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top, qk=qk)
     if format_ == "neuronpedia":
         from catalog.prompt_graphs import to_neuronpedia
@@ -117,7 +126,6 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     from ingest.jobs import JobOptions, RayOptions, parse_shard, refuse_existing_run, run_job
     from ingest.rdfa.tensors import Pruning
     from ingest.runtime import configure_threads
-    from ingest.session import ModelWithSaes
 
     if truncate and skip_long:
         raise ValueError("--truncate and --skip-long exclude each other")
@@ -136,6 +144,9 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                       window_edges=window_edges,
                       executor=executor, ray=ray,
                       mine=mine and not partials)
+    # the model first: a model or SAE that cannot be loaded leaves no store file behind
+    # (with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU)
+    session = open_session(model, saes, "cpu" if executor == "ray" else device)
     if partials:
         from catalog.partials import PartialsDir
 
@@ -143,8 +154,6 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     else:
         target = open_store(store, evidence_per_edge=evidence_per_edge or None)
         refuse_existing_run(target, opts)
-    # with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU
-    session = ModelWithSaes.open(model, saes, "cpu" if executor == "ray" else device)
     summary = run_job(session, corpus, target, opts, log=lambda m: typer.echo(m, err=True))
     emit(summary.as_dict(), True)
 
@@ -171,7 +180,6 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
     from ingest.evaluate import eval_saes as run_eval
     from ingest.evaluate import plot as draw
     from ingest.runtime import configure_threads
-    from ingest.session import ModelWithSaes
 
     if task != "ioi":
         raise ValueError(f"--task {task!r}: only ioi is implemented")
@@ -180,7 +188,7 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
     except ValueError:
         raise ValueError(f"--groups {groups!r}: expected comma-separated layers, groups split by ';'") from None
     configure_threads(threads)
-    session = ModelWithSaes.open(model, saes, device)
+    session = open_session(model, saes, device, decompose=False)  # splicing needs no residual SAE pairs
     result = label_sae_rows(session, run_eval(session, n=n, groups=parsed, thresholds=Thresholds(min_recovery, max_kl)))
     draw(result, plot)
     result["plot"] = plot
@@ -194,6 +202,8 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
                 for r in result["saes"]], False,
                ["kind", "layer", "logit_diff", "kl", "logit_diff_recovery", "flagged"])
         typer.echo(f"clean logit difference {result['clean_logit_diff']:.3f}; plot written to {plot}")
+    for skipped in result["skipped_cross_sections"]:
+        typer.echo(f"note: cross-section {skipped['layers']} skipped: {skipped['reason']}", err=True)
 
 
 @app.command("spot-check", rich_help_panel=COMPUTE)
@@ -205,13 +215,12 @@ def spot_check(model: Annotated[str, typer.Option()], saes: Annotated[list[str],
     from ingest.evaluate import spot_check as check
     from ingest.evaluate import store_spot_check
     from ingest.runtime import configure_threads
-    from ingest.session import ModelWithSaes
 
     configure_threads(threads)
     target = open_store(store, create=False)
     if target.run(run) is None:
         raise ValueError(f"no run {run!r} in {store}")
-    result = check(ModelWithSaes.open(model, saes, device), target, run, n=n)
+    result = check(open_session(model, saes, device), target, run, n=n)
     store_spot_check(target, run, result)
     emit(result, True)
 

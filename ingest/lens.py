@@ -81,6 +81,20 @@ def from_pretrained(name: str, device: Any) -> torch.nn.Module:
     return model
 
 
+def official_name(name: str) -> str:
+    """The Hugging Face repo TransformerLens reads for a model name or alias (``gpt2-small`` -> ``gpt2``);
+    a name TransformerLens does not know is a user error naming it."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(name)
+    except ValueError:
+        from ingest.errors import LoadError
+
+        raise LoadError(f"--model {name!r}: not a directory and not a model TransformerLens knows "
+                        "(e.g. gpt2-small, pythia-70m)") from None
+
+
 def run_with_cache(model: Any, tokens: torch.Tensor, names: Iterable[str] | None = None) -> tuple[torch.Tensor, Any]:
     """(logits, cache) of a forward pass; only ``names`` are cached (all hooks when None)."""
     if names is None:

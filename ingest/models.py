@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ingest.errors import LoadError
-from ingest.lens import PROCESSING, build_processed, from_pretrained
+from ingest.hub import hub_errors, snapshot_commit
+from ingest.lens import PROCESSING, build_processed, from_pretrained, official_name
 
 TOY_NAME = "toy-ioi"
 TOY_DIR = Path(__file__).parent / "toy" / "assets" / TOY_NAME
@@ -70,8 +71,9 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     source: str
-    revision: str | None
+    revision: str | None  # a Hub model: the snapshot commit of its repo in the cache it was read from
     processing: dict = field(default_factory=lambda: dict(PROCESSING))
+    repo_id: str | None = None  # a Hub model: the repo its weights came from (gpt2-small: gpt2)
 
     @property
     def cfg(self):
@@ -126,18 +128,10 @@ def save_local_model(path: Path, cfg_dict: dict, state_dict: dict, fast_tokenize
 
 
 def _load_pretrained(name: str, device) -> LoadedModel:
-    try:
+    with hub_errors(f"model {name!r}", "or pass --model PATH (a directory with config.json, "
+                                       "model.safetensors, tokenizer.json)"):
+        repo_id = official_name(name)
         model = from_pretrained(name, device)
-    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
-        raise LoadError(_offline_message(f"model {name!r}", exc,
-                                         "or pass --model PATH (a directory with config.json, "
-                                         "model.safetensors, tokenizer.json)")) from None
     hf = model.tokenizer
     return LoadedModel(model, Tokenizer(hf=hf, bos_id=hf.bos_token_id, name=name), name, "huggingface",
-                       getattr(model.cfg, "original_architecture", None))
-
-
-def _offline_message(what: str, exc: Exception, local_hint: str) -> str:
-    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return (f"could not fetch {what} from the Hugging Face Hub ({type(exc).__name__}: {reason}). "
-            f"It is neither cached nor reachable: connect once to cache it (HF_HOME), {local_hint}.")
+                       snapshot_commit(repo_id, "config.json"), repo_id=repo_id)

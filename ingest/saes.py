@@ -9,16 +9,19 @@ only inside the loaders here.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from catalog.ids import NodeKind
 from ingest.errors import LoadError
-from ingest.lens import parse_sae_hook
-from ingest.models import TOY_DIR, TOY_NAME, _offline_message
+from ingest.hub import hub_errors, snapshot_commit
+from ingest.lens import PROCESSING, parse_sae_hook
+from ingest.models import TOY_DIR, TOY_NAME
 from ingest.rdfa.types import SaeWeights
+
+SAE_HINT = "or pass --saes PATH (folders with cfg.json and sae_weights.safetensors, as SAE.save_model writes)"
 
 
 @dataclass
@@ -32,6 +35,8 @@ class LoadedSae:
     weights_hash: str
     neuronpedia_id: str | None = None
     local: bool = False  # read from a folder the user named (not a registry release)
+    repo_id: str | None = None  # the Hugging Face repo a registry SAE was read from
+    revision: str | None = None  # that repo's snapshot commit in the cache the weights came from
 
     @property
     def kind(self) -> NodeKind:
@@ -50,7 +55,8 @@ class LoadedSae:
     def manifest(self) -> dict:
         return {"release": self.release, "sae_id": self.sae_id, "key": self.key, "hook_name": self.hook_name,
                 "kind": self.kind.value, "layer": self.layer, "d_sae": self.weights.d_sae,
-                "weights_hash": self.weights_hash, "neuronpedia_id": self.neuronpedia_id}
+                "weights_hash": self.weights_hash, "neuronpedia_id": self.neuronpedia_id,
+                "repo_id": self.repo_id, "revision": self.revision}
 
 
 @dataclass
@@ -59,6 +65,7 @@ class SaeSet:
 
     attn: dict[int, LoadedSae]
     resid: dict[int, LoadedSae]
+    left_out: list[str] = field(default_factory=list)  # SAEs of a requested release the catalog cannot use, and why
 
     def all(self) -> list[LoadedSae]:
         return [self.attn[k] for k in sorted(self.attn)] + [self.resid[k] for k in sorted(self.resid)]
@@ -73,14 +80,15 @@ def load_saes(specs: list[str], model_cfg, device="cpu") -> SaeSet:
         raise LoadError("no SAEs given: pass --saes RELEASE, RELEASE:SAE_ID, a directory, or toy-ioi")
     attn: dict[int, LoadedSae] = {}
     resid: dict[int, LoadedSae] = {}
+    left_out: list[str] = []
     for spec in specs:
-        for sae in _load_spec(spec, device):
+        for sae in _load_spec(spec, device, left_out):
             check_fits(sae, model_cfg)
             bucket = attn if sae.kind is NodeKind.ATTN else resid
             if sae.layer in bucket:
                 raise LoadError(f"two SAEs read {sae.hook_name}: {bucket[sae.layer].sae_id} and {sae.sae_id}")
             bucket[sae.layer] = sae
-    return SaeSet(attn, resid)
+    return SaeSet(attn, resid, left_out)
 
 
 def check_fits(sae: LoadedSae, cfg) -> None:
@@ -96,14 +104,14 @@ def check_fits(sae: LoadedSae, cfg) -> None:
                         f"{cfg.model_name} has {what}={want} there")
 
 
-def _load_spec(spec: str, device) -> list[LoadedSae]:
+def _load_spec(spec: str, device, left_out: list[str]) -> list[LoadedSae]:
     if spec == TOY_NAME:
         return load_sae_dir(TOY_DIR / "saes", device, release=TOY_NAME)
     path = Path(spec).expanduser()
     if path.exists():
         return load_sae_dir(path, device, release=str(path), local=True)
     release, _, sae_id = spec.partition(":")
-    return _load_release(release, sae_id or None, device)
+    return _load_release(release, sae_id or None, device, left_out)
 
 
 def load_sae_dir(path: Path, device, release: str, local: bool = False) -> list[LoadedSae]:
@@ -118,8 +126,8 @@ def load_sae_dir(path: Path, device, release: str, local: bool = False) -> list[
             for f in folders]
 
 
-def _load_release(release: str, sae_id: str | None, device) -> list[LoadedSae]:
-    from sae_lens import SAE
+def _load_release(release: str, sae_id: str | None, device, left_out: list[str]) -> list[LoadedSae]:
+    """Every SAE of a release the catalog can use (the others named in ``left_out``), or one named id."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory = get_pretrained_saes_directory()
@@ -127,20 +135,63 @@ def _load_release(release: str, sae_id: str | None, device) -> list[LoadedSae]:
         raise LoadError(f"--saes {release}: not a directory on disk and not a SAELens release "
                         f"(known releases include {', '.join(sorted(directory)[:5])}, ...)")
     info = directory[release]
-    ids = [sae_id] if sae_id else list(info.saes_map)
-    out = []
-    for sid in ids:
-        if sid not in info.saes_map:
-            raise LoadError(f"--saes {release}:{sid}: release has no SAE id {sid!r}")
-        try:
-            sae = SAE.from_pretrained(release, sid, device=str(device))
-        except Exception as exc:  # hub client errors of many types all mean "could not fetch"
-            raise LoadError(_offline_message(f"SAE {release}:{sid}", exc,
-                                             "or pass --saes PATH (folders with cfg.json and "
-                                             "sae_weights.safetensors, as SAE.save_model writes)")) from None
-        np_id = (info.neuronpedia_id or {}).get(sid) if hasattr(info, "neuronpedia_id") else None
-        out.append(_from_sae_lens(sae, release, sid, np_id))
+    if sae_id is not None and sae_id not in info.saes_map:
+        raise LoadError(f"--saes {release}:{sae_id}: release has no SAE id {sae_id!r} "
+                        f"(it has {', '.join(list(info.saes_map)[:4])}, ...)")
+    out, skipped = [], []
+    for sid in [sae_id] if sae_id else list(info.saes_map):
+        hook = _release_hook(release, sid)
+        if parse_sae_hook(hook) is None:
+            if sae_id is not None:  # named explicitly: refuse
+                raise LoadError(_unsupported_hook(f"{release}:{sid}", hook))
+            skipped.append(f"{sid} (reads {hook})")
+            continue
+        out.append(_load_registry_sae(release, sid, info, device))
+    if skipped:
+        left_out.append(f"--saes {release}: left out {', '.join(skipped)}: the catalog reads "
+                        "blocks.L.attn.hook_z and blocks.L.hook_resid_pre only")
     return out
+
+
+def _release_hook(release: str, sae_id: str) -> str:
+    """The hook a registry SAE reads, from its config alone (no weights fetched)."""
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    with hub_errors(f"SAE {release}:{sae_id}", SAE_HINT):
+        cfg = load_sae_config_from_huggingface(release, sae_id)
+    return cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name") or ""
+
+
+def _load_registry_sae(release: str, sae_id: str, info, device) -> LoadedSae:
+    import warnings
+
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+    with hub_errors(f"SAE {release}:{sae_id}", SAE_HINT), warnings.catch_warnings():
+        # SAELens warns about model_from_pretrained_kwargs; check_processing_kwargs checks them instead
+        warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
+        sae = SAE.from_pretrained(release, sae_id, device=str(device))
+    check_processing_kwargs(f"{release}:{sae_id}", getattr(sae.cfg.metadata, "model_from_pretrained_kwargs", None))
+    np_id = (info.neuronpedia_id or {}).get(sae_id)
+    loaded = _from_sae_lens(sae, release, sae_id, np_id)
+    repo_id, path = get_repo_id_and_folder_name(release, sae_id)
+    loaded.repo_id = repo_id
+    loaded.revision = snapshot_commit(repo_id, path if path.endswith(".pt") else f"{path}/cfg.json")
+    return loaded
+
+
+def check_processing_kwargs(name: str, kwargs: dict | None) -> None:
+    """Refuse an SAE trained on a model processed otherwise than the catalog loads it (docs/rdfa.md)."""
+    for key, want in (kwargs or {}).items():
+        if key in PROCESSING and bool(want) != PROCESSING[key]:
+            raise LoadError(f"SAE {name} was trained with {key}={want}, but the catalog loads models with "
+                            f"{key}={PROCESSING[key]}: its inputs would be shifted")
+
+
+def _unsupported_hook(name: str, hook: str) -> str:
+    return (f"SAE {name} reads {hook!r}; the catalog supports blocks.L.attn.hook_z and "
+            "blocks.L.hook_resid_pre")
 
 
 def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None, local: bool = False) -> LoadedSae:
@@ -148,8 +199,7 @@ def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None, l
     hook = cfg.metadata.hook_name or ""
     parsed = parse_sae_hook(hook)
     if parsed is None:
-        raise LoadError(f"SAE {sae_id} reads {hook!r}; the catalog supports blocks.L.attn.hook_z and "
-                        "blocks.L.hook_resid_pre")
+        raise LoadError(_unsupported_hook(sae_id, hook))
     if getattr(cfg, "normalize_activations", "none") not in (None, "none"):
         raise LoadError(f"SAE {sae_id} normalizes its input ({cfg.normalize_activations}); RDFA needs "
                         "a linear encoder input, so fold the normalization into the weights first")
