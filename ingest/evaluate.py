@@ -88,13 +88,19 @@ def eval_saes(session: ModelWithSaes, n: int = 100, groups: list[list[int]] | No
             abl_ld, abl_kl, _ = _metrics(session, tokens, last, io, s,
                                          [(name, lambda act, hook, m=mean: m.expand_as(act).clone())], clean_logp)
             rows.append(_row(kind, layer, ld, kl, abl_ld, abl_kl, clean_ld, th))
-    cross = []
+    cross, skipped = [], []
     for group in groups or _default_groups(session):
-        hooks = [(sae_hook(NodeKind.ATTN, l), _splice_hook(session.attn[l])) for l in group if l in session.attn]
+        lacking = [l for l in group if l not in session.attn]
+        if lacking:  # splicing part of a group would report a cross-section nobody asked for
+            if groups:
+                raise ValueError(f"--groups: no attention SAE at layers {lacking} of group {group}")
+            skipped.append({"layers": group, "reason": f"no attention SAE at layers {lacking}"})
+            continue
+        hooks = [(sae_hook(NodeKind.ATTN, l), _splice_hook(session.attn[l])) for l in group]
         ld, kl, _ = _metrics(session, tokens, last, io, s, hooks, clean_logp)
         cross.append({"layers": group, "logit_diff": ld, "kl": kl})
     return {"task": "ioi", "n": n, "clean_logit_diff": clean_ld, "thresholds": th.__dict__, "saes": rows,
-            "cross_sections": cross}
+            "cross_sections": cross, "skipped_cross_sections": skipped}
 
 
 def _row(kind, layer, ld, kl, abl_ld, abl_kl, clean_ld, th: Thresholds) -> dict:
