@@ -15,11 +15,11 @@ import random
 from dataclasses import dataclass, field
 
 TEMPLATES = [
-    "When {A} and {B} went to the {PLACE}, {C} gave a {OBJECT} to",
-    "Then, {A} and {B} went to the {PLACE}. {C} gave an {OBJECT} to",
-    "After {A} and {B} went to the {PLACE}, {C} gave a {OBJECT} to",
-    "While {A} and {B} were working at the {PLACE}, {C} gave a {OBJECT} to",
-    "When {A} and {B} got a {OBJECT} at the {PLACE}, {C} decided to give it to",
+    "When {A} and {B} went to the {PLACE}, {C} gave {AN} {OBJECT} to",
+    "Then, {A} and {B} went to the {PLACE}. {C} gave {AN} {OBJECT} to",
+    "After {A} and {B} went to the {PLACE}, {C} gave {AN} {OBJECT} to",
+    "While {A} and {B} were working at the {PLACE}, {C} gave {AN} {OBJECT} to",
+    "When {A} and {B} got {AN} {OBJECT} at the {PLACE}, {C} decided to give it to",
 ]
 
 # Single words, single tokens in the toy vocabulary; the GPT-2 lists are filtered at run time
@@ -31,12 +31,23 @@ PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "hous
 OBJECTS = ["drink", "ring", "kiss", "bone", "basketball", "computer", "necklace", "snack", "apple",
            "book"]
 FILLER_TEMPLATES = [
-    "{A} went to the {PLACE} and bought a {OBJECT}.",
+    "{A} went to the {PLACE} and bought {AN} {OBJECT}.",
     "The {OBJECT} was at the {PLACE} with {A}.",
     "{A} saw {B} at the {PLACE} today.",
     "Then, {A} went to the {PLACE}. {B} found the {OBJECT} there.",
     "When {A} was at the {PLACE}, the {OBJECT} was gone.",
 ]
+
+
+def article(noun: str) -> str:
+    """The indefinite article of ``noun`` ("an apple", "a book"): by its first letter, which is right for
+    every object of these lists."""
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
+def fill(template: str, *, OBJECT: str, **words: str) -> str:
+    """``template`` with its words, the object's article included."""
+    return template.format(OBJECT=OBJECT, AN=article(OBJECT), **words)
 
 
 @dataclass
@@ -53,20 +64,20 @@ def ioi_prompt(rng: random.Random, names=NAMES, places=PLACES, objects=OBJECTS) 
     order = rng.choice(["ABBA", "BABA"])
     a, b = (io, s) if order == "ABBA" else (s, io)
     template = rng.randrange(len(TEMPLATES))
-    text = TEMPLATES[template].format(A=a, B=b, C=s, PLACE=rng.choice(places), OBJECT=rng.choice(objects))
+    text = fill(TEMPLATES[template], A=a, B=b, C=s, PLACE=rng.choice(places), OBJECT=rng.choice(objects))
     return IoiPrompt(text, io, {"task": "ioi", "order": order, "io": io, "s": s, "template": template})
 
 
 def abc_prompt(rng: random.Random, names=NAMES, places=PLACES, objects=OBJECTS) -> IoiPrompt:
     a, b, c = rng.sample(names, 3)
     template = rng.randrange(len(TEMPLATES))
-    text = TEMPLATES[template].format(A=a, B=b, C=c, PLACE=rng.choice(places), OBJECT=rng.choice(objects))
+    text = fill(TEMPLATES[template], A=a, B=b, C=c, PLACE=rng.choice(places), OBJECT=rng.choice(objects))
     return IoiPrompt(text, None, {"task": "abc", "a": a, "b": b, "c": c, "template": template})
 
 
 def filler_prompt(rng: random.Random, names=NAMES, places=PLACES, objects=OBJECTS) -> IoiPrompt:
     a, b = rng.sample(names, 2)
-    text = rng.choice(FILLER_TEMPLATES).format(A=a, B=b, PLACE=rng.choice(places), OBJECT=rng.choice(objects))
+    text = fill(rng.choice(FILLER_TEMPLATES), A=a, B=b, PLACE=rng.choice(places), OBJECT=rng.choice(objects))
     return IoiPrompt(text, None, {"task": "filler"})
 
 

@@ -16,9 +16,9 @@ def _words(text: str) -> list[str]:
 
 def build_tokenizer() -> Tokenizer:
     """Every word the IOI, ABC and filler templates can produce, plus BOS and UNK."""
-    words: set[str] = set(ioi.NAMES) | set(ioi.PLACES) | set(ioi.OBJECTS)
+    words: set[str] = set(ioi.NAMES) | set(ioi.PLACES) | set(ioi.OBJECTS) | {"a", "an"}  # both articles
     for template in ioi.TEMPLATES + ioi.FILLER_TEMPLATES:
-        words.update(_words(template.format(A="", B="", C="", PLACE="", OBJECT="")))
+        words.update(_words(template.format(A="", B="", C="", PLACE="", OBJECT="", AN="")))
     vocab = {BOS: 0, UNK: 1}
     for w in sorted(words):
         vocab.setdefault(w, len(vocab))
