@@ -12,6 +12,8 @@ from catalog.stores import open_store
 from catalog.stores.base import DEFAULT_URL
 from cli.common import QUERY, JsonOpt, MinCount, ModelSel, RunSel, StoreOpt, Top, app, bounded, emit, friendly
 
+# commands whose answer is JSON either way take --json too, so every query command does
+AlwaysJson = Annotated[bool, typer.Option("--json", help="print JSON (this command always does)")]
 NEIGHBOUR_COLS = ["id", "kind", "edge_kind", "n_prompts", "n_obs", "sum", "mean", "sign_share"]
 
 
@@ -47,7 +49,7 @@ def downstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str
 @friendly
 def edge(src: str, dst: str, store: StoreOpt = DEFAULT_URL,
          evidence: Annotated[int, bounded(0, 1000, "evidence rows per edge kind")] = 10, model: ModelSel = None,
-         run: RunSel = None):
+         run: RunSel = None, json_: AlwaysJson = False):
     """Statistics, per-head split and evidence (prompts, tokens, positions) of the edge SRC -> DST."""
     emit(queries.edge(open_store(store, create=False), src, dst, model=model, evidence_limit=evidence, runs=run), True)
 
@@ -63,9 +65,16 @@ def top_features(store: StoreOpt = DEFAULT_URL, kind: str | None = None, by: str
 
 @app.command(rich_help_panel=QUERY)
 @friendly
-def feature(ref: str, store: StoreOpt = DEFAULT_URL, model: ModelSel = None, run: RunSel = None):
+def feature(ref: str, store: StoreOpt = DEFAULT_URL, model: ModelSel = None, run: RunSel = None,
+            json_: JsonOpt = False):
     """A feature's metadata and activation statistics."""
-    emit(queries.feature(open_store(store, create=False), ref, model=model, runs=run), True)
+    result = queries.feature(open_store(store, create=False), ref, model=model, runs=run)
+    if json_:
+        emit(result, True)
+        return
+    for key, value in result.items():  # one line a field; nested values as compact JSON
+        shown = value if isinstance(value, str | int | float) or value is None else json.dumps(value)
+        typer.echo(f"{key}: {shown}")
 
 
 @app.command(rich_help_panel=QUERY)
@@ -99,7 +108,7 @@ def diff(ref: str, run: Annotated[list[str], typer.Option("--run", help="run A, 
 
 @app.command(rich_help_panel=QUERY)
 @friendly
-def runs(store: StoreOpt = DEFAULT_URL):
+def runs(store: StoreOpt = DEFAULT_URL, json_: AlwaysJson = False):
     """Runs and their manifests."""
     emit(queries.runs(open_store(store, create=False)), True)
 
@@ -109,7 +118,7 @@ def runs(store: StoreOpt = DEFAULT_URL):
 def cypher(query: str, store: StoreOpt = "neo4j://127.0.0.1:7687",
            params: Annotated[str, typer.Option(help="JSON object of query parameters")] = "{}",
            limit: Annotated[int, bounded(1, 10_000)] = 1000,
-           timeout: Annotated[float, bounded(0.1, 600, "seconds")] = 10.0):
+           timeout: Annotated[float, bounded(0.1, 600, "seconds")] = 10.0, json_: AlwaysJson = False):
     """Run a read-only Cypher query (Neo4j store only)."""
     try:
         bound = json.loads(params)
