@@ -4,7 +4,8 @@ forward, RDFA, device reduction, windowed writes), and the write path's own ceil
   toy     toy-ioi on ioi:N into SQLite and a live Neo4j (targets: store wait <= 10% / <= 15%,
           >= 3x / >= 5x the prompts/s of main before the columnar path, which runs first in the same
           benchmark from a git worktree: bench/baseline.py)
-  gpt2    the GPT-2-shaped random model of bench/rdfa.py, 64-token prompts, into SQLite and Neo4j
+  gpt2    gpt2-small with both SAELens releases from the real-width Hub fixture (bench/gpt2_hub.py),
+          64-token prompts, into SQLite and Neo4j
   replay  RDFA graphs of GPT-2-shaped prompts recorded once, then fed again and again (feature
           indices shifted per pass, so passes share some edges and not others) through the same
           reduction, windows and store writes with no RDFA: observations/s the write path sustains
@@ -27,11 +28,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpt2_hub  # noqa: E402,I001 - first: it points HF_HOME at the fixture before huggingface_hub is imported
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from baseline import BASELINE_COMMIT, run_baseline, worktree  # noqa: E402
 
 from catalog.stores import open_store  # noqa: E402
@@ -44,35 +45,7 @@ from ingest.rdfa.tensors import Code, EdgeTable, Graph  # noqa: E402
 TRACEBACKS = False  # --traceback: a failed configuration stops the benchmark with its traceback
 
 
-def gpt2_shaped_session(device):
-    """The random GPT-2-shaped model + TopK SAEs of bench/rdfa.py, with a word-level tokenizer w0..w50256."""
-    import rdfa
-    from tokenizers import Tokenizer as Fast
-    from tokenizers import models, pre_tokenizers
-
-    from ingest.lens import weights_of
-    from ingest.models import LoadedModel, Tokenizer
-    from ingest.saes import LoadedSae, SaeSet
-    from ingest.session import ModelWithSaes
-
-    model = rdfa.gpt2_shaped(device)
-    attn, resid = rdfa.calibrated_saes(model, device)
-    fast = Fast(models.WordLevel({f"w{i}": i for i in range(rdfa.CFG["d_vocab"])}, unk_token="w0"))
-    fast.pre_tokenizer = pre_tokenizers.Whitespace()
-    lm = LoadedModel(model, Tokenizer(fast=fast, bos_id=0, name="words"), "gpt2-shaped-random", "bench", None)
-    wrap = lambda w, hook: LoadedSae(w, "bench", hook, hook, "random")  # noqa: E731
-    saes = SaeSet({l: wrap(w, f"blocks.{l}.attn.hook_z") for l, w in attn.items()},
-                  {l: wrap(w, f"blocks.{l}.hook_resid_pre") for l, w in resid.items()})
-    return ModelWithSaes(lm, saes, weights_of(model), attn, resid, device)
-
-
-def word_corpus(path: Path, n: int, tokens: int) -> str:
-    g = torch.Generator().manual_seed(0)
-    with path.open("w") as fh:
-        for i in range(n):
-            words = " ".join(f"w{int(t)}" for t in torch.randint(1, 50257, (tokens - 1,), generator=g))
-            fh.write(f'{{"text": "{words}", "id": "w{i:06d}"}}\n')
-    return str(path)
+gpt2_shaped_session, word_corpus = gpt2_hub.gpt2_session, gpt2_hub.word_corpus
 
 
 class ReplaySession:

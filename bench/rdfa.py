@@ -1,9 +1,8 @@
-"""RDFA benchmark: full-graph attribution on a GPT-2-Small-shaped model (12 layers, d_model 768,
-12 heads, random weights) with random SAEs of the real width (24576, one hook_z and one resid_pre
-per layer) with exactly 40 features firing at every position: TopK(40) over ReLU pre-activations,
-encoder biases calibrated so that ~200 are positive. (A constant ReLU bias alone cannot give 20-60
-per position here: a random model's attention averages shrink z with position, so its L0 runs from
-thousands at position 0 to near zero late in the prompt.)
+"""RDFA benchmark: full-graph attribution on GPT-2 Small as users load it: ``gpt2-small`` with
+``gpt2-small-hook-z-kk`` and ``gpt2-small-res-jb`` through TransformerLens's and SAELens's own loaders,
+from the Hub-shaped cache of tests/hub_fixture.py at the real width (d_model 768, 12 layers and heads,
+SAEs 24576 and 49152 wide; random weights, ReLU encoder biases calibrated for L0 about 40 per token,
+see bench/gpt2_hub.py). The L0 column shows what that gives position by position.
 
 Prints prompts/s and the ratio (full attribution time) / (forward pass + all 24 SAE encodes), both
 measured in the same run on the same inputs, and the cost of QK attribution (issue 15: the scores
@@ -19,49 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from catalog.ids import NodeKind  # noqa: E402
-from ingest.lens import capture, weights_of  # noqa: E402
-from ingest.models import build_processed  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpt2_hub  # noqa: E402,I001 - first: it points HF_HOME at the fixture before huggingface_hub is imported
+import torch  # noqa: E402
+
+from ingest.lens import capture  # noqa: E402
 from ingest.rdfa.graph import full_graph  # noqa: E402
 from ingest.rdfa.tensors import Pruning  # noqa: E402
-from ingest.rdfa.types import SaeWeights  # noqa: E402
-
-CFG = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-           act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard", model_name="gpt2-shaped")
-D_SAE = 24576
-TARGET_L0 = 40
-
-
-def gpt2_shaped(device):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    torch.manual_seed(0)
-    raw = HookedTransformer(HookedTransformerConfig(**CFG, seed=0, device="cpu"))
-    return build_processed(CFG, raw.state_dict(), device)
-
-
-def calibrated_saes(model, device):
-    """Random TopK(TARGET_L0) SAEs; each encoder bias is the quantile that makes ~5 x TARGET_L0 positive."""
-    tokens = torch.randint(0, CFG["d_vocab"], (2, 64), device=device)
-    _, cache = model.run_with_cache(tokens)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    attn, resid = {}, {}
-    for l in range(CFG["n_layers"]):
-        for kind, x in ((NodeKind.ATTN, cache[f"blocks.{l}.attn.hook_z"].flatten(-2)),
-                        (NodeKind.RESID, cache[f"blocks.{l}.hook_resid_pre"])):
-            d_in = x.shape[-1]
-            W_enc = (torch.randn(d_in, D_SAE, generator=g) / d_in ** 0.5).to(device)
-            W_dec = (torch.randn(D_SAE, d_in, generator=g) / d_in ** 0.5).to(device)
-            b_dec = x.reshape(-1, d_in).mean(0)
-            pre = ((x[:, 1:] - b_dec) @ W_enc).flatten()
-            tau = pre.kthvalue(int(pre.numel() * (1 - 5 * TARGET_L0 / D_SAE))).values
-            sae = SaeWeights(kind, l, W_enc, torch.full((D_SAE,), -float(tau), device=device), W_dec, b_dec,
-                             top_k=TARGET_L0)
-            (attn if kind is NodeKind.ATTN else resid)[l] = sae
-    return attn, resid
 
 
 def sync(device):
@@ -93,9 +57,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
-    model = gpt2_shaped(device)
-    attn, resid = calibrated_saes(model, device)
-    weights = weights_of(model)
+    session = gpt2_hub.gpt2_session(device)
+    model, attn, resid, weights = session.lm.model, session.attn, session.resid, session.weights
+    n_layers, d_vocab = model.cfg.n_layers, model.cfg.d_vocab
     pruning = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=False)  # the ingest defaults, without QK
     with_qk = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=True)  # ... and with it (what ingest runs)
     configs = [(1, 64)] if args.quick else [(1, 64), (4, 64), (8, 64), (1, 128), (4, 128)]
@@ -106,12 +70,12 @@ def main() -> None:
     print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd+enc s':>10} {'attrib s':>9} {'ratio':>6} "
           f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8}")
     for B, T in configs:
-        tokens = torch.randint(0, CFG["d_vocab"], (B, T), device=device)
+        tokens = torch.randint(0, d_vocab, (B, T), device=device)
         lengths = torch.full((B,), T, device=device)
 
         def baseline():  # timed in this iteration, never later
             _, cap = capture(model, tokens, lengths)  # noqa: B023
-            for l in range(CFG["n_layers"]):
+            for l in range(n_layers):
                 attn[l].activation(attn[l].pre_activation(cap.z[l].flatten(-2)))
                 resid[l].activation(resid[l].pre_activation(cap.resid_pre[l]))
             return cap
@@ -126,7 +90,7 @@ def main() -> None:
         qk = graph_qk.qk
         scores = len({(int(b), int(h), int(t), int(s)) for b, h, t, s in zip(
             qk.prompt.tolist(), qk.head.tolist(), qk.dst_pos.tolist(), qk.src_pos.tolist())}) if len(qk) < 5_000_000 else -1
-        l0 = [(resid[l].activation(resid[l].pre_activation(cap.resid_pre[l])) > 0).sum(-1)[:, 1:] for l in range(12)]
+        l0 = [(resid[l].activation(resid[l].pre_activation(cap.resid_pre[l])) > 0).sum(-1)[:, 1:] for l in range(n_layers)]
         l0 = torch.cat([x.flatten() for x in l0]).float()
         total = t_base + t_attr  # what an ingest step costs: forward + encodes happen inside full_graph too
         print(f"{B:>5} {T:>6} {f'{l0.mean():.0f} ({l0.min():.0f}-{l0.max():.0f})':>14} {t_base:>10.2f} "

@@ -19,8 +19,8 @@ blobs named by sha256 (LFS files) or git blob sha1 (the rest), as huggingface_hu
 Weights: GPT-2's 12 layers and 12 heads at a narrow width (``d_model``), LayerNorm weights and biases
 far from 1 and 0, SAE widths the release's divided by ``sae_shrink``; each SAE's encoder bias is set
 from the model's own activations (read through TransformerLens) so about ``FIRE_SHARE`` of its features
-fire. ``python tests/hub_fixture.py HF_HOME [--d-model 768 --sae-shrink 1]`` builds GPT-2 Small's real
-width for the benchmarks.
+fire. ``python tests/hub_fixture.py HF_HOME --d-model 768 --sae-shrink 1 --l0 40`` builds GPT-2 Small's
+real width for the benchmarks (bench/gpt2_hub.py).
 """
 
 from __future__ import annotations
@@ -179,10 +179,12 @@ def _random_sae(d_in: int, d_sae: int, g: torch.Generator) -> dict[str, torch.Te
             "b_enc": torch.zeros(d_sae), "W_dec": W_dec, "b_dec": 0.05 * torch.randn(d_in, generator=g)}
 
 
-def _calibrate(sae: dict[str, torch.Tensor], acts: torch.Tensor) -> None:
-    """Set b_enc so about FIRE_SHARE of the features fire on ``acts`` [n, d_in]."""
+def _calibrate(sae: dict[str, torch.Tensor], acts: torch.Tensor, l0: float | None) -> None:
+    """Set b_enc so that on ``acts`` [n, d_in] about ``l0`` features fire per token (FIRE_SHARE of them
+    when None)."""
     pre = (acts - sae["b_dec"]) @ sae["W_enc"]
-    sae["b_enc"] = -torch.quantile(pre, 1 - FIRE_SHARE, dim=0)
+    share = FIRE_SHARE if l0 is None else min(1.0, l0 / pre.shape[1])
+    sae["b_enc"] = -torch.quantile(pre, 1 - share, dim=0)
 
 
 def _activations(hf_home: Path) -> dict[str, torch.Tensor]:
@@ -216,7 +218,7 @@ def _save_activations(out_path: Path) -> None:
     torch.save(out, out_path)
 
 
-def write_attn_saes(hf_home: Path, d_model: int, shrink: int, seed: int, acts) -> None:
+def write_attn_saes(hf_home: Path, d_model: int, shrink: int, seed: int, acts, l0: float | None) -> None:
     """gpt2-small-hook-z-kk: per SAE id, the registry's ``.pt`` file and its ``_cfg.json``."""
     info = _registry(ATTN_RELEASE)
     repo = HubRepo(hf_home, info.repo_id, commit_of(info.repo_id, f"d{d_model}-x{shrink}-s{seed}"))
@@ -226,7 +228,7 @@ def write_attn_saes(hf_home: Path, d_model: int, shrink: int, seed: int, acts) -
         d_sae = int(filename.split("_ds")[1].split("_")[0]) // shrink
         sae = _random_sae(d_model, d_sae, g)
         hook = f"blocks.{layer}.attn.hook_z"
-        _calibrate(sae, acts[hook])
+        _calibrate(sae, acts[hook], l0)
         buf = _torch_bytes(sae)
         repo.put(filename, buf)
         repo.put_json(filename.split(".pt")[0] + "_cfg.json", {
@@ -240,7 +242,7 @@ def write_attn_saes(hf_home: Path, d_model: int, shrink: int, seed: int, acts) -
             "act_size": d_model})
 
 
-def write_resid_saes(hf_home: Path, d_model: int, shrink: int, seed: int, acts) -> None:
+def write_resid_saes(hf_home: Path, d_model: int, shrink: int, seed: int, acts, l0: float | None) -> None:
     """gpt2-small-res-jb: per folder, cfg.json (SAELens's pre-6.0 keys), sae_weights.safetensors and
     sparsity.safetensors."""
     from safetensors.torch import save
@@ -251,7 +253,7 @@ def write_resid_saes(hf_home: Path, d_model: int, shrink: int, seed: int, acts) 
     d_sae = 24576 // shrink
     for sae_id, folder in info.saes_map.items():
         sae = _random_sae(d_model, d_sae, g)
-        _calibrate(sae, acts[sae_id])
+        _calibrate(sae, acts[sae_id], l0)
         repo.put(f"{folder}/sae_weights.safetensors", save(sae))
         repo.put(f"{folder}/sparsity.safetensors", save({"sparsity": torch.full((d_sae,), -1.3)}))
         repo.put_json(f"{folder}/cfg.json", {
@@ -272,15 +274,16 @@ def _torch_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
-def build(hf_home: Path, d_model: int = 96, sae_shrink: int = 128, seed: int = 0) -> Path:
-    """Write the whole fixture under ``hf_home`` (idempotent: a finished build is kept)."""
+def build(hf_home: Path, d_model: int = 96, sae_shrink: int = 128, seed: int = 0, l0: float | None = None) -> Path:
+    """Write the whole fixture under ``hf_home`` (idempotent: a finished build is kept). ``l0``: features
+    firing per token (default: FIRE_SHARE of each SAE)."""
     done = hf_home / f".built-d{d_model}-x{sae_shrink}-s{seed}"
     if done.exists():
         return hf_home
     write_model_repo(hf_home, d_model, seed)
     acts = _activations(hf_home)
-    write_attn_saes(hf_home, d_model, sae_shrink, seed, acts)
-    write_resid_saes(hf_home, d_model, sae_shrink, seed, acts)
+    write_attn_saes(hf_home, d_model, sae_shrink, seed, acts, l0)
+    write_resid_saes(hf_home, d_model, sae_shrink, seed, acts, l0)
     done.touch()
     return hf_home
 
@@ -293,9 +296,10 @@ if __name__ == "__main__":
     ap.add_argument("--d-model", type=int, default=96)
     ap.add_argument("--sae-shrink", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--l0", type=float, help="features firing per token (default: 5%% of each SAE)")
     ap.add_argument("--activations-to", type=Path, help=argparse.SUPPRESS)  # the calibration subprocess
     args = ap.parse_args()
     if args.activations_to:
         _save_activations(args.activations_to)
     else:
-        print(build(args.hf_home, args.d_model, args.sae_shrink, args.seed))
+        print(build(args.hf_home, args.d_model, args.sae_shrink, args.seed, args.l0))
