@@ -232,3 +232,44 @@ def test_shutdown_waits_for_the_patterns_warm_up_which_uses_its_own_store(store_
     assert not [t for t in threading.enumerate() if t.name == "patterns-warm-up"]
     assert app.state.store is None  # the app's own store was never opened by the warm-up
     assert len(app.state._mined) == 1  # the warm-up finished its mining before shutdown returned
+
+
+COMMANDS = [  # each refused whatever hides its first word: comments, case, whitespace, USE, CALL {}
+    "/**/ SHOW TRANSACTIONS", "/* c */ SHOW PROCEDURES", "// line\nshow settings", "  sHoW   IndEXes",
+    "/**/ TERMINATE TRANSACTIONS 'neo4j-transaction-1'", "USE neo4j SHOW TRANSACTIONS", "USE neo4j /**/ SHOW FUNCTIONS",
+    "CALL () { SHOW TRANSACTIONS YIELD transactionId RETURN transactionId } RETURN transactionId",
+    "SHOW TRANSACTIONS YIELD transactionId TERMINATE TRANSACTIONS transactionId",
+    "CALL dbms.listConfig()", "/**/ CALL dbms.components()", "USE system MATCH (n) RETURN n",
+    "/* x */ EXPLAIN MATCH (n) RETURN n", "/**/ PROFILE MATCH (n) RETURN n",
+    "MATCH (n) CALL (n) { WITH n RETURN n AS m } IN TRANSACTIONS RETURN m",
+]
+
+
+def test_cypher_refuses_commands_by_what_neo4j_runs_and_keeps_serving(tmp_path, neo4j_url):
+    """The guard decides on the plan: SHOW/TERMINATE (query type 'r' to the planner), procedures off the
+    allow-list, another database, EXPLAIN/PROFILE behind a comment; an open write of another client
+    survives a TERMINATE sent through the endpoint; the allow-list's CALL db.labels() runs."""
+    import neo4j
+    from conftest import wipe_neo4j
+
+    wipe_neo4j(neo4j_url)
+    _fill(neo4j_url, _batches())
+    driver = neo4j.GraphDatabase.driver(neo4j_url.replace("neo4j://", "bolt://"), auth=None)
+    with TestClient(create_app(Settings(store=neo4j_url, cypher_timeout_s=5))) as c, driver.session() as other:
+        writer = other.begin_transaction(metadata={"who": "survivor"})  # another client's write, open meanwhile
+        writer.run("CREATE (:Survivor)").consume()
+        with driver.session() as admin:
+            tx_id = admin.run("SHOW TRANSACTIONS YIELD transactionId, metaData "
+                              "WHERE metaData.who = 'survivor' RETURN transactionId").single(strict=True)[0]
+        for q in COMMANDS + [f"/**/ TERMINATE TRANSACTIONS '{tx_id}'"]:
+            r = c.post("/cypher", json={"query": q})
+            assert r.status_code == 400, (q, r.text)
+            assert "Traceback" not in r.text, q
+        writer.commit()  # still open: nothing terminated it
+        labels = c.post("/cypher", json={"query": "CALL db.labels() YIELD label RETURN label ORDER BY label"})
+        assert labels.status_code == 200 and {"label": "Survivor"} in labels.json()["rows"]
+        big = c.post("/cypher", json={"query": "RETURN size($x) AS n", "params": {"x": "a" * (2 << 20)}})
+        assert big.status_code == 400 and "parameters" in big.json()["detail"]
+        ok = c.post("/cypher", json={"query": "MATCH (n:Survivor) RETURN count(n) AS n"})
+        assert ok.status_code == 200 and ok.json()["rows"] == [{"n": 1}]
+    driver.close()

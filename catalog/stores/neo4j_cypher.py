@@ -1,7 +1,11 @@
 """Read-only Cypher for untrusted callers (docs/catalog.md): a READ session *and* the planner's own
-verdict. The query is EXPLAINed first: anything whose query type is not 'r', any LOAD CSV, and
-any procedure call outside a short allow-list is refused before it runs; what runs has a row cap
-and a transaction timeout. Parameters are passed as parameters, never formatted into the text.
+verdict, on what Neo4j will execute rather than on the text (comments, case, whitespace, ``USE`` and
+``CALL {}`` cannot hide a command). The query is EXPLAINed first and refused before it runs when its query
+type is not 'r', when the plan holds a command operator (SHOW ..., TERMINATE ..., any administration or
+schema command: Neo4j reports query type 'r' for SHOW and TERMINATE), LOAD CSV, CALL ... IN TRANSACTIONS,
+or a procedure call outside a short allow-list, or when it would run on another database than the
+catalog's. What runs has a row cap and a transaction timeout; parameters have a size cap and are passed as
+parameters, never formatted into the text.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from catalog.stores.base import CypherRefused, StoreError
 
 ALLOWED_PROCEDURES = {"db.labels", "db.relationshipTypes", "db.propertyKeys", "db.schema.visualization",
                       "db.schema.nodeTypeProperties", "db.schema.relTypeProperties"}
+# Plan operators of commands (Neo4j names them after the command: ShowTransactions, TerminateTransactions,
+# ShowProcedures, CreateIndex, ...) and of CALL {...} IN TRANSACTIONS (TransactionApply, TransactionForeach)
+COMMAND_OPERATORS = ("Show", "Terminate", "Create", "Drop", "Alter", "Grant", "Deny", "Revoke", "Start", "Stop",
+                     "Enable", "Rename", "Transaction", "LoadCSV")
+MAX_PARAMS_BYTES = 1 << 20  # the JSON size of a request's parameters
+_COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
 _PREFIX = re.compile(r"^\s*(EXPLAIN|PROFILE)\b", re.IGNORECASE)
-_ADMIN = re.compile(r"^\s*(USE|SHOW|CREATE|DROP|ALTER|GRANT|DENY|REVOKE|START|STOP|TERMINATE|ENABLE|RENAME)\b",
-                    re.IGNORECASE)
 
 
 def _operators(plan: Any) -> list[tuple[str, JSON]]:
@@ -41,11 +49,27 @@ def check_plan(query_type: str | None, plan: Any) -> None:
     for op, args in _operators(plan):
         if op.startswith("LoadCSV"):
             raise CypherRefused("LOAD CSV is not allowed through the catalog's Cypher endpoint")
+        if op.startswith(COMMAND_OPERATORS):
+            raise CypherRefused(f"administration, schema and transaction commands are not allowed (the plan runs {op}); "
+                                "only read queries run")
         if op.startswith("ProcedureCall"):
-            sig = str(args.get("Signature", ""))
+            # the signature is in 'Signature' on some Neo4j versions, in 'Details' on 5.26: "db.labels() :: (...)"
+            sig = str(args.get("Signature") or args.get("Details") or "")
             name = sig.split("(")[0].strip()
             if name not in ALLOWED_PROCEDURES:
                 raise CypherRefused(f"procedure {name or sig!r} is not allowed (allowed: {sorted(ALLOWED_PROCEDURES)})")
+
+
+def check_params(params: JSON | None) -> None:
+    """Refuse parameters over MAX_PARAMS_BYTES (as JSON) before anything is sent."""
+    import json
+
+    try:
+        size = len(json.dumps(params or {}))
+    except (TypeError, ValueError) as exc:
+        raise CypherRefused(f"query parameters are not JSON values: {exc}") from None
+    if size > MAX_PARAMS_BYTES:
+        raise CypherRefused(f"query parameters are {size} bytes as JSON; at most {MAX_PARAMS_BYTES} are accepted")
 
 
 def run_read_only(driver: Any, database: str, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
@@ -53,15 +77,17 @@ def run_read_only(driver: Any, database: str, query: str, params: JSON, limit: i
     import neo4j
     from neo4j.exceptions import ClientError, Neo4jError, ServiceUnavailable
 
-    if not query or not query.strip():
+    if not query or not _COMMENTS.sub(" ", query).strip():
         raise CypherRefused("empty Cypher query")
-    if _PREFIX.match(query):
+    if _PREFIX.match(_COMMENTS.sub(" ", query)):
         raise CypherRefused("send the query without EXPLAIN/PROFILE; the catalog explains it itself")
-    if _ADMIN.match(query):
-        raise CypherRefused("administration and schema commands are not allowed; only read queries run")
+    check_params(params)
     try:
         with driver.session(database=database, default_access_mode=neo4j.READ_ACCESS) as session:
             summary = session.run("EXPLAIN " + query, params or {}).consume()
+            if summary.database not in (None, database):
+                raise CypherRefused(f"the query runs on database {summary.database!r}; only the catalog's "
+                                    f"({database!r}) can be queried")
             check_plan(summary.query_type, summary.plan)
             result = session.run(neo4j.Query(query, timeout=timeout_s), params or {})
             rows: list[JSON] = []
