@@ -189,3 +189,18 @@ def parse_feature(text: str) -> NodeRef:
     if ref.pos is not None:
         raise NodeRefError(f"{text!r} names a position; a catalog feature reference has none")
     return ref
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str) -> str:
+    """A run name: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit. No '/': a
+    prompt's uid is ``run/prompt id``, so a '/' in run names would let run ``a`` with prompt ``b/0`` and run
+    ``a/b`` with prompt ``0`` name the same prompt."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        text = str(name)
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+        raise ValueError(f"run name {shown} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit")
+    return name

@@ -32,6 +32,7 @@ from catalog.aggregate import (
     WindowAggregate,
     empty_columns,
 )
+from catalog.ids import check_run_name
 from catalog.schema import JSON, NodeInfo, Prompt, Run
 from catalog.stores.base import Store, StoreError
 from catalog.stores.sqlite import DEFAULT_WINDOW as SQLITE_WINDOW
@@ -99,6 +100,7 @@ class PartialsDir:
         return Run(run_id, "running", json.loads(path.read_text())) if path.exists() else None
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
+        check_run_name(run_id)
         folder = self._run_dir(run_id)
         if (folder / "manifest.json").exists() and not resume:
             raise StoreError(f"run {run_id!r} already has partials in {folder}; pass --resume to continue it")

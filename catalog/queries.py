@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,9 +50,22 @@ def the_one(store: Store, found: list[NodeInfo], canonical: str, model: str | No
     return found[0]
 
 
+def variance(total: float, sumsq: float, n: int) -> float:
+    """Population variance from n, sum and sum of squares, with what rounding leaves of E[x^2] - mean^2
+    taken as zero: the two stores add the same float64 values in other orders, so their sums differ in the
+    last bits, and an edge whose values are all equal would otherwise show std 0.0 on one store and 3e-9 on
+    the other. A sum of n float64 terms is off by up to about n eps of its size, so below ``4 n eps E[x^2]``
+    the difference is rounding, not spread (and cannot be told from it)."""
+    if n <= 0:
+        return 0.0
+    mean_sq, mean = sumsq / n, total / n
+    var = mean_sq - mean * mean
+    return var if var > 4 * n * sys.float_info.epsilon * mean_sq else 0.0
+
+
 def edge_stats(e: EdgeStats) -> JSON:
     mean = e.sum / e.n_obs if e.n_obs else 0.0
-    var = max(0.0, e.sumsq / e.n_obs - mean * mean) if e.n_obs else 0.0
+    var = variance(e.sum, e.sumsq, e.n_obs)
     return {"edge_kind": e.kind, "n_prompts": e.n_prompts, "n_obs": e.n_obs, "sum": rnd(e.sum), "mean": rnd(mean),
             "std": rnd(math.sqrt(var)), "sum_abs": rnd(e.sum_abs), "min": rnd(e.min), "max": rnd(e.max),
             "sign_share": rnd(max(e.n_pos, e.n_obs - e.n_pos) / e.n_obs if e.n_obs else 0.0),

@@ -123,10 +123,12 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                "when the run is done, mine its composition patterns and store them for the API "
                "(later: `circuit-catalog mine`)"))] = True):
     """Run RDFA over a corpus and store every edge with its provenance."""
+    from catalog.ids import check_run_name
     from ingest.jobs import JobOptions, RayOptions, parse_shard, refuse_existing_run, run_job
     from ingest.rdfa.tensors import Pruning
     from ingest.runtime import configure_threads
 
+    check_run_name(run)  # before the model loads
     if truncate and skip_long:
         raise ValueError("--truncate and --skip-long exclude each other")
     for name, value in (("--window", window), ("--tail-window", tail_window), ("--window-mem", window_mem),

@@ -228,12 +228,28 @@ def _check_resume(store, opts: JobOptions, manifest: dict) -> None:
     old = store.run(opts.run)
     if old is None or not (opts.resume or opts.shard[1] > 1):
         return
-    for key in ("batch_size", "limit", "long_policy", "max_tokens", "pruning"):
-        if old.manifest.get(key) != manifest[key]:
+    for key in ("batch_size", "limit", "long_policy", "max_tokens", "pruning", "evidence_per_edge"):
+        if old.manifest.get(key) != manifest.get(key):
             raise UserFacingError(f"run {opts.run!r} was started with {key}={old.manifest.get(key)!r}; "
-                                  f"this job has {manifest[key]!r}. Resume with the same options")
+                                  f"this job has {manifest.get(key)!r}. Resume with the same options")
     if old.manifest.get("corpus", {}).get("fingerprint") != manifest["corpus"]["fingerprint"]:
         raise UserFacingError(f"run {opts.run!r} was started on a different corpus (fingerprint differs)")
+    was, now = _loaded(old.manifest), _loaded(manifest)
+    if was["model"] != now["model"]:
+        raise UserFacingError(f"run {opts.run!r} was started with model {was['model']}; this job loaded "
+                              f"{now['model']}. Resume with the same --model")
+    if was["saes"] != now["saes"]:
+        gone, new = sorted(set(was["saes"]) - set(now["saes"])), sorted(set(now["saes"]) - set(was["saes"]))
+        raise UserFacingError(f"run {opts.run!r} was started with other SAEs (only in the run: {', '.join(gone[:3]) or '-'}; "
+                              f"only in this job: {', '.join(new[:3]) or '-'}). Resume with the same --saes")
+
+
+def _loaded(manifest: dict) -> dict:
+    """What a run's numbers depend on beyond its options: the model (name, snapshot) and each SAE (key,
+    weights hash)."""
+    model = manifest.get("model", {})
+    return {"model": f"{model.get('name')!r} (revision {model.get('revision')!r})",
+            "saes": sorted(f"{s.get('key')} ({str(s.get('weights_hash'))[:12]})" for s in manifest.get("saes", []))}
 
 
 def _stored(batch, done: set[str]) -> bool:

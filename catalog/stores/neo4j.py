@@ -28,6 +28,7 @@ import numpy as np
 
 from catalog.aggregate import WindowAggregate
 from catalog.evidence_floor import EvidenceFloor, pack
+from catalog.ids import check_run_name
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherRefused, EdgeQuery, Runs, StoreError, StoreUnavailable
 from catalog.stores.neo4j_edges import RunEdges, spans
@@ -521,6 +522,7 @@ class Neo4jStore:
                 np.array([eid for _, eids in created for eid in eids], dtype=object))
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
+        check_run_name(run_id)
         def tx_fn(tx: Tx) -> None:
             # lock the Run node before reading it: a shard starting while another finishes keeps its counts
             rows = list(tx.run("MERGE (r:Run {run_id: $id}) ON CREATE SET r.__new = true REMOVE r.__lock "

@@ -4,6 +4,7 @@ edge's evidence is a blob on its row (``catalog.stores.sqlite_evidence``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 
 from catalog.aggregate import WindowAggregate
 from catalog.evidence_rank import sorted_unique
+from catalog.ids import check_run_name
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, edge_key
 from catalog.stores.base import CypherUnsupported, EdgeQuery, Runs, StoreError, StoreUnavailable
 from catalog.stores.sqlite_evidence import EV_ROW, MergedBlobs, decode, merge, rows_of
@@ -103,6 +105,27 @@ NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
 PROMPT_COLS = "uid, run, prompt_id, text, tokens, corpus, content_hash, meta"
 
 
+def refuse_foreign(path: str, create: bool) -> None:
+    """Refuse, without changing a byte, a file that is not a catalog: not SQLite, a database of tables
+    that are not the catalog's, or (for a command that only reads) one without the catalog's tables. Opening
+    it as a catalog would add tables, switch it to WAL and set user_version."""
+    file = Path(path)
+    if not file.exists():
+        return
+    if file.stat().st_size == 0:
+        if not create:
+            raise StoreError(f"{path} is not a circuit-catalog catalog (an empty file); it was left untouched")
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a circuit-catalog catalog ({exc}); it was left untouched") from None
+    if "runs" not in tables and (tables or not create):
+        shown = ", ".join(sorted(tables)[:5]) or "no tables"
+        raise StoreError(f"{path} is not a circuit-catalog catalog (it has {shown}); it was left untouched")
+
+
 class SqliteStore:
     def __init__(self, path: str, *, url: str, evidence_per_edge: int | None, create: bool = True):
         self.url, self.path, self.evidence_per_edge = url, path, evidence_per_edge
@@ -110,6 +133,7 @@ class SqliteStore:
         self.default_window, self.tail_window = DEFAULT_WINDOW, TAIL_WINDOW
         if not create and not Path(path).exists():
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
+        refuse_foreign(path, create)
         self._local = threading.local()
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         # prompts.id <-> uid of committed prompts this process has seen (evidence names prompts by id, and
@@ -321,6 +345,7 @@ class SqliteStore:
         return np.array([self._prompt_id.get(p.uid, new_id.get(p.uid, -1)) for p in prompts], np.int64)
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
+        check_run_name(run_id)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")  # a shard starting while another finishes must not drop its counts
         try:

@@ -1,0 +1,109 @@
+"""Ways data could be lost or mixed with exit code 0, each refused with one line: run names that make
+prompt ids ambiguous, a resume with other SAEs or options, a read-only command on a file that is not a
+catalog; and std that both stores print alike."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from catalog.queries import variance
+from catalog.stores import open_store
+from cli import app
+
+TOY = ["--model", "toy-ioi", "--saes", "toy-ioi"]
+
+
+def ingest(*args: str):
+    return CliRunner().invoke(app, ["ingest", *TOY, "--no-progress", "--no-mine", *args])
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "two\nlines", "x" * 5000, "-leading-dash", "sp ace"])
+def test_run_names_that_could_collide_or_mislead_are_refused_by_every_store(name, store_url):
+    store = open_store(store_url)
+    with pytest.raises(ValueError, match="run name .* is not allowed"):
+        store.start_run(name, {"kind": "ingest"}, False)
+    assert store.runs() == []
+
+
+def test_run_a_over_ids_b_slash_n_and_run_a_slash_b_cannot_share_prompts(tmp_path):
+    """Run ``a`` over ids ``b/0..3``; run ``a/b`` over ids ``0..3`` would have named the same prompts (uid
+    ``run/id``) and ended 'done' with 0 prompts. It is refused before the model loads; ``a`` is untouched."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    texts = ["When Mary and John went to the store, John gave a drink to"] * 4
+    (tmp_path / "ab.jsonl").write_text("".join(json.dumps({"id": f"b/{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    first = ingest("--corpus", str(tmp_path / "ab.jsonl"), "--store", url, "--run", "a")
+    assert first.exit_code == 0, first.output
+    second = ingest("--corpus", str(tmp_path / "plain.jsonl"), "--store", url, "--run", "a/b")
+    assert second.exit_code == 2 and "run name 'a/b' is not allowed" in second.output
+    store = open_store(url, create=False)
+    assert [r.run_id for r in store.runs()] == ["a"] and store.prompt_count("a") == 4
+
+
+@pytest.mark.parametrize("change, says", [
+    (["--saes-folder"], "other SAEs"),
+    (["--evidence-per-edge", "3"], "evidence_per_edge"),
+])
+def test_resume_with_other_saes_or_options_is_refused(tmp_path, change, says):
+    from ingest.models import TOY_DIR
+
+    url = f"sqlite:///{tmp_path}/c.db"
+    started = ingest("--corpus", "ioi:4", "--store", url, "--run", "r", "--batch-size", "4")
+    assert started.exit_code == 0, started.output
+    args = ["--corpus", "ioi:4", "--store", url, "--run", "r", "--batch-size", "4", "--resume"]
+    if change == ["--saes-folder"]:  # the same toy SAEs named as a folder: another SAE key in the catalog
+        result = CliRunner().invoke(app, ["ingest", "--model", "toy-ioi", "--saes", str(TOY_DIR / "saes"),
+                                          "--no-progress", "--no-mine", *args])
+    else:
+        result = ingest(*args, *change)
+    assert result.exit_code == 2 and says in result.output, result.output
+    store = open_store(url, create=False)
+    assert store.prompt_count("r") == 4  # nothing added, nothing mixed
+    assert {s["key"] for s in store.run("r").manifest["saes"]} == {f"toy-ioi:{p.name}" for p in (TOY_DIR / "saes").iterdir()}
+
+
+@pytest.mark.parametrize("content", ["tables", "text", "empty-sqlite"])
+def test_read_only_commands_leave_a_foreign_file_untouched(tmp_path, content):
+    path = tmp_path / "other-app.db"
+    if content == "tables":
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE accounts (id INTEGER, owner TEXT)")
+            conn.execute("INSERT INTO accounts VALUES (1, 'me')")
+    elif content == "text":
+        path.write_text("not a database at all\n" * 100)
+    else:
+        sqlite3.connect(path).close()  # an empty file: SQLite writes nothing for an unused connection
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    for command in (["runs"], ["top-features"], ["upstream", "A1.1"], ["feature", "A1.1"]):
+        result = CliRunner().invoke(app, [*command, "--store", f"sqlite:///{path}"])
+        assert result.exit_code == 2, (command, result.output)
+        assert "not a circuit-catalog catalog" in result.output and "left untouched" in result.output
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-app.db"]  # no -wal, no -shm
+    if content == "tables":  # and an ingest does not write into another app's database either
+        assert ingest("--corpus", "ioi:4", "--store", f"sqlite:///{path}").exit_code == 2
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_std_of_equal_values_is_zero_whatever_the_order_of_their_sums():
+    """The two stores add the same float64 values in other orders: equal values must give std 0 from
+    either sum (SQLite printed 0.0, Neo4j 2.6e-09), and a real spread must survive."""
+    rng = random.Random(0)
+    for _ in range(200):
+        v, n = rng.uniform(-3, 3), rng.randrange(2, 400)
+        values = [v] * n
+        forward = (math.fsum(values[:1]) + sum(values[1:]), sum(x * x for x in values))
+        shuffled = values[::-1]
+        backward = (sum(shuffled), sum(x * x for x in reversed(shuffled)))
+        assert variance(forward[0], forward[1], n) == 0.0
+        assert variance(backward[0], backward[1], n) == 0.0
+    spread = [1.0, 2.0, 3.0, 4.0]
+    assert variance(sum(spread), sum(x * x for x in spread), 4) == pytest.approx(1.25, rel=1e-12)
+    assert variance(0.0, 0.0, 0) == 0.0
