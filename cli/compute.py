@@ -94,7 +94,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            batch_size: Annotated[int, bounded(1, 4096)] = 8,
            limit: Annotated[int | None, bounded(1, help="stop after this many prompts")] = None,
            device: str | None = None, shard: str = "0/1", resume: bool = False,
-           max_tokens: int | None = None, truncate: bool = False, skip_long: bool = False,
+           max_tokens: Annotated[int | None, bounded(2, help="longest prompt in tokens (BOS included)")] = None,
+           truncate: bool = False, skip_long: bool = False,
            top_k: Annotated[int, bounded(1, 10_000)] = 5, min_abs: Annotated[float, bounded(0)] = 0.01,
            direct_positions: Annotated[int, bounded(0, 100_000)] = 2,
            qk: Annotated[bool, typer.Option(help=(
@@ -149,6 +150,9 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     # the model first: a model or SAE that cannot be loaded leaves no store file behind
     # (with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU)
     session = open_session(model, saes, "cpu" if executor == "ray" else device)
+    from ingest.corpora import open_corpus
+
+    open_corpus(corpus, session.lm.tokenizer, toy=session.lm.is_toy)  # a bad spec is refused before the store opens
     if partials:
         from catalog.partials import PartialsDir
 

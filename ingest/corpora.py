@@ -182,6 +182,8 @@ def open_corpus(spec: str, tokenizer=None, toy: bool = True) -> Corpus:
             raise UserFacingError(f"corpus {spec!r}: expected hf:DATASET[:SPLIT[:COLUMN]]")
         return HfCorpus(spec, parts[0], parts[1] if len(parts) > 1 else "train", parts[2] if len(parts) > 2 else "text")
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise UserFacingError(f"corpus {spec} is a directory; give a .jsonl or .txt file")
     if path.suffix in (".jsonl", ".txt"):
         if not path.is_file():
             raise UserFacingError(f"corpus file {spec} does not exist")

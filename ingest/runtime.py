@@ -24,8 +24,16 @@ def pick_device(requested: str | None = None) -> torch.device:
     """CUDA when present (or when asked for), CPU otherwise; a CUDA request without CUDA is an error."""
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        from ingest.errors import UserFacingError
+    from ingest.errors import UserFacingError
 
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # torch's message lists every backend it was built with
+        raise UserFacingError(f"--device {requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserFacingError(f"--device {requested} was requested but torch sees no CUDA device")
-    return torch.device(requested)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserFacingError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserFacingError(f"--device {requested!r}: the catalog runs on cpu or cuda (or mps)")
+    return device

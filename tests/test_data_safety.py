@@ -107,3 +107,15 @@ def test_std_of_equal_values_is_zero_whatever_the_order_of_their_sums():
     spread = [1.0, 2.0, 3.0, 4.0]
     assert variance(sum(spread), sum(x * x for x in spread), 4) == pytest.approx(1.25, rel=1e-12)
     assert variance(0.0, 0.0, 0) == 0.0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+    (["--max-tokens", "0"], "Invalid value for '--max-tokens'"),
+    (["--corpus-dir"], "is a directory"),
+])
+def test_ingest_bad_options_are_one_line_and_store_nothing(tmp_path, args, says):
+    corpus = ["--corpus", str(tmp_path)] if args == ["--corpus-dir"] else ["--corpus", "ioi:4"]
+    result = ingest(*corpus, *([] if args == ["--corpus-dir"] else args), "--store", f"sqlite:///{tmp_path}/c.db")
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "c.db").exists()
