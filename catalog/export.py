@@ -21,7 +21,8 @@ from catalog.aggregate import (
     WindowAggregate,
     empty_columns,
 )
-from catalog.schema import EDGE_KINDS, JSON, ROLES
+from catalog.runs import EXPORTING
+from catalog.schema import EDGE_KINDS, JSON, ROLES, Run
 from catalog.stores.base import Store
 
 T = TypeVar("T")
@@ -40,9 +41,14 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
     if dst.runs() or next(iter(dst.all_nodes()), None) is not None:
         from catalog.stores.base import StoreError
 
-        raise StoreError(f"export target {dst.url} is not empty; export into an empty catalog")
+        cut = [r.run_id for r in dst.runs() if r.status == EXPORTING]
+        raise StoreError(f"export target {dst.url} is not empty; export into an empty catalog" + (
+            f" (an earlier export into it was interrupted: runs {', '.join(cut)} are incomplete; delete what it "
+            "holds first)" if cut else ""))
     runs = src.runs()
-    dst.import_runs(runs)  # first: the target files each run's rows under the run
+    # first, marked incomplete: the target files each run's rows under the run, and queries refuse a run that
+    # is still EXPORTING; each run gets its own status back once all of its rows are in
+    dst.import_runs([Run(r.run_id, EXPORTING, r.manifest) for r in runs])
     nodes = [n for n, _ in src.all_nodes()]
     row = {n.uid: i for i, n in enumerate(nodes)}
     prompts = list(src.all_prompts())
@@ -94,6 +100,7 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
     for key, state, stamp, result in src.all_mined():
         dst.put_mined(key, state, stamp, result)
         counts["mined"] += 1
+    dst.import_runs(runs)  # last: every row is in
     return counts
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from catalog.schema import JSON, Run
 from catalog.stores.base import NotFound, Store, StoreError
 
+EXPORTING = "exporting"  # the status of a run an export is still copying: queries refuse it
 EDGE_RUN_KINDS = ("ingest",)  # manifest "kind" of runs that hold edges (sae_eval runs hold a result only)
 # A query may reuse the list of runs another query read this long ago: a run's settings never change
 # once it starts, and stores read exactly the runs named, so a reused list can only leave out a run
@@ -83,6 +84,10 @@ def select_runs(store: Store, run_ids: Sequence[str] | None = None) -> tuple[str
             chosen.append(run)
     else:
         chosen = [r for r in stored.values() if holds_edges(r)]
+    cut = [r.run_id for r in chosen if r.status == EXPORTING]
+    if cut:
+        raise StoreError(f"run(s) {', '.join(cut)} are incomplete: an export into this catalog was interrupted. "
+                         "Export again into an empty catalog")
     groups = compatibility_groups(chosen)
     if len(groups) > 1:
         lines = "; ".join(f"group {i + 1} ({describe(s)}): {', '.join(ids)}" for i, (s, ids) in enumerate(groups))

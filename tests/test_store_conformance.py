@@ -323,3 +323,30 @@ def test_unknown_and_malformed_references(store_url):
     with pytest.raises(queries.NodeRefError, match="cannot parse node reference 'A9'"):
         queries.upstream(store, "A9")
 
+
+
+def test_an_interrupted_export_leaves_runs_that_queries_refuse(tmp_path, store_url):
+    """An export stopped after its first edge chunk: the target's run is 'exporting', not done; every
+    query refuses it naming why, and a second export says an earlier one was interrupted."""
+    src = _fill(f"sqlite:///{tmp_path}/src.db", _batches())
+    dst = open_store(store_url, evidence_per_edge=None)
+    real, calls = dst.import_window, []
+
+    def dies_on_the_third(agg):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(agg)
+
+    dst.import_window = dies_on_the_third  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        copy_catalog(src, dst, chunk=50)
+    dst.import_window = real  # type: ignore[method-assign]
+    assert [(r.run_id, r.status) for r in dst.runs()] == [("r1", "exporting")]
+    with pytest.raises(Exception, match="incomplete: an export into this catalog was interrupted"):
+        queries.top_features(dst)
+    with pytest.raises(Exception, match="an earlier export into it was interrupted: runs r1"):
+        copy_catalog(src, open_store(store_url, evidence_per_edge=None))
+    fresh = open_store(f"sqlite:///{tmp_path}/fresh.db", evidence_per_edge=None)
+    copy_catalog(src, fresh)
+    assert [(r.run_id, r.status) for r in fresh.runs()] == [(r.run_id, r.status) for r in src.runs()]
