@@ -28,7 +28,10 @@ WORDS = (" the of and to in is was for on that with as at by from his her it he 
 
 def ensure_built() -> Path:
     """Build the fixture cache unless it is there (tests/hub_fixture.py, in its own process)."""
-    if not (HF_HOME / f".built-d{D_MODEL}-x{SAE_SHRINK}-s0").exists():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hub_fixture import built_marker
+
+    if not (HF_HOME / built_marker(D_MODEL, SAE_SHRINK, 0)).exists():
         print(f"building the GPT-2 Hub fixture at width {D_MODEL} in {HF_HOME} (once)", file=sys.stderr)
         subprocess.run([sys.executable, str(ROOT / "tests" / "hub_fixture.py"), str(HF_HOME), "--d-model",
                         str(D_MODEL), "--sae-shrink", str(SAE_SHRINK), "--l0", "40"], check=True,

@@ -42,6 +42,7 @@ BPE_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36
               "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 N_LAYERS, N_HEADS, VOCAB, N_CTX = 12, 12, 50257, 1024
 FIRE_SHARE = 0.05
+FIXTURE_VERSION = 2  # bump when what build() writes changes
 ATTN_RELEASE, RESID_RELEASE = "gpt2-small-hook-z-kk", "gpt2-small-res-jb"
 MODEL_REPO = "gpt2"
 CACHE = Path(os.environ.get("CIRCUIT_CATALOG_TEST_CACHE", Path.home() / ".cache" / "circuit-catalog"))
@@ -180,11 +181,14 @@ def _random_sae(d_in: int, d_sae: int, g: torch.Generator) -> dict[str, torch.Te
 
 
 def _calibrate(sae: dict[str, torch.Tensor], acts: torch.Tensor, l0: float | None) -> None:
-    """Set b_enc so that on ``acts`` [n, d_in] about ``l0`` features fire per token (FIRE_SHARE of them
-    when None)."""
-    pre = (acts - sae["b_dec"]) @ sae["W_enc"]
-    share = FIRE_SHARE if l0 is None else min(1.0, l0 / pre.shape[1])
-    sae["b_enc"] = -torch.quantile(pre, 1 - share, dim=0)
+    """Set one encoder threshold for the whole SAE so that on ``acts`` [n, d_in] about ``l0`` features fire
+    per token on average (FIRE_SHARE of them when None). One threshold, not one per feature: a per-feature
+    quantile over a few hundred tokens is nearly each feature's maximum there, and the benchmarks' prompts
+    then fired thousands of features a token."""
+    pre = ((acts - sae["b_dec"]) @ sae["W_enc"]).flatten()
+    share = FIRE_SHARE if l0 is None else min(1.0, l0 / sae["W_enc"].shape[1])
+    tau = pre.kthvalue(max(1, int(pre.numel() * (1 - share)))).values
+    sae["b_enc"] = torch.full_like(sae["b_enc"], -float(tau))
 
 
 def _activations(hf_home: Path) -> dict[str, torch.Tensor]:
@@ -207,14 +211,16 @@ def _save_activations(out_path: Path) -> None:
                                               fold_value_biases=True)
     text = ["When Mary and John went to the store, John gave a drink to Mary.",
             "The quick brown fox jumps over the lazy dog near the river bank.",
-            "In 1969 the first people walked on the moon, and the world watched on television."] * 4
+            "In 1969 the first people walked on the moon, and the world watched on television."]
+    # sentences and random-token prompts (the benchmarks' inputs), so either fires about l0 features
+    noise = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))
+    noise[:, 0] = model.tokenizer.bos_token_id
     with torch.no_grad():
         _, cache = model.run_with_cache(model.to_tokens(text))
-    out = {}
-    for l in range(N_LAYERS):
-        out[f"blocks.{l}.attn.hook_z"] = cache[f"blocks.{l}.attn.hook_z"].flatten(2).flatten(0, 1)
-        out[f"blocks.{l}.hook_resid_pre"] = cache[f"blocks.{l}.hook_resid_pre"].flatten(0, 1)
-    out[f"blocks.{N_LAYERS - 1}.hook_resid_post"] = cache[f"blocks.{N_LAYERS - 1}.hook_resid_post"].flatten(0, 1)
+        _, noise_cache = model.run_with_cache(noise)
+    names = [f"blocks.{l}.{h}" for l in range(N_LAYERS) for h in ("attn.hook_z", "hook_resid_pre")]
+    names.append(f"blocks.{N_LAYERS - 1}.hook_resid_post")
+    out = {name: torch.cat([c[name].flatten(0, 1) for c in (cache, noise_cache)]).flatten(1) for name in names}
     torch.save(out, out_path)
 
 
@@ -274,10 +280,15 @@ def _torch_bytes(state: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
+def built_marker(d_model: int, sae_shrink: int, seed: int) -> str:
+    """The file a finished build leaves; its name changes with FIXTURE_VERSION, so a changed recipe rebuilds."""
+    return f".built-v{FIXTURE_VERSION}-d{d_model}-x{sae_shrink}-s{seed}"
+
+
 def build(hf_home: Path, d_model: int = 96, sae_shrink: int = 128, seed: int = 0, l0: float | None = None) -> Path:
     """Write the whole fixture under ``hf_home`` (idempotent: a finished build is kept). ``l0``: features
     firing per token (default: FIRE_SHARE of each SAE)."""
-    done = hf_home / f".built-d{d_model}-x{sae_shrink}-s{seed}"
+    done = hf_home / built_marker(d_model, sae_shrink, seed)
     if done.exists():
         return hf_home
     write_model_repo(hf_home, d_model, seed)
