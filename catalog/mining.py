@@ -256,7 +256,15 @@ def _exemplars(store: Store, pair: JSON, runs: Runs, n: int = 3) -> list[JSON]:
     else:
         uids = pair.get("exemplars", [])[:n]
     prompts = store.prompts(uids)
-    return [{"prompt": u, "text": prompts[u].text if u in prompts else None} for u in uids]
+    return [{"prompt": u, "text": _clip(prompts[u].text) if u in prompts else None} for u in uids]
+
+
+EXEMPLAR_CHARS = 500  # an exemplar shows where a pattern occurs; the prompt itself is one link away
+
+
+def _clip(text: str) -> str:
+    """At most EXEMPLAR_CHARS of a prompt's text (a corpus of long documents made a 400 MB answer)."""
+    return text if len(text) <= EXEMPLAR_CHARS else text[:EXEMPLAR_CHARS - 1] + "…"
 
 
 def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] | None = None) -> JSON:

@@ -108,7 +108,9 @@ def tokenize(items: list[CorpusItem], session: ModelWithSaes, opts: JobOptions) 
     for item in items:
         ids = session.lm.tokenizer.encode(item.text)
         if len(ids) > limit:
-            if opts.long_policy == "truncate":
+            if opts.long_policy == "truncate":  # the stored text is what the kept tokens cover, not the whole line
+                item = replace(item, text=session.lm.tokenizer.text_of_first(item.text, limit - 1),
+                               meta={**item.meta, "truncated_from_tokens": len(ids)})
                 ids = ids[:limit]
             elif opts.long_policy == "skip":
                 skipped += 1

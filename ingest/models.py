@@ -44,6 +44,17 @@ class Tokenizer:
             return [self.bos_id] + self._fast.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + self._hf.encode(text, add_special_tokens=False)
 
+    def text_of_first(self, text: str, n: int) -> str:
+        """The part of ``text`` that its first ``n`` tokens (BOS not counted) cover: what a truncated prompt
+        stores, so its text matches its tokens."""
+        if n <= 0:
+            return ""
+        if self._fast is not None:
+            offsets = self._fast.encode(text, add_special_tokens=False).offsets
+        else:
+            offsets = self._hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[:offsets[min(n, len(offsets)) - 1][1]] if offsets else ""
+
     def spell(self, ids: list[int]) -> list[str]:
         """Each token as its tokenizer spells it (hub tokenizers: the decoded text of the token)."""
         if self._fast is not None:

@@ -119,3 +119,20 @@ def test_ingest_bad_options_are_one_line_and_store_nothing(tmp_path, args, says)
     result = ingest(*corpus, *([] if args == ["--corpus-dir"] else args), "--store", f"sqlite:///{tmp_path}/c.db")
     assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "c.db").exists()
+
+
+def test_truncate_stores_the_text_its_tokens_cover(tmp_path):
+    """--truncate kept a whole 10 MB line as the prompt's text (and its exemplars in mining); it keeps the
+    part the kept tokens cover, and says how long the line was."""
+    words = ("When Mary and John went to the store , John gave a drink to Mary . " * 2000).split()
+    (tmp_path / "long.jsonl").write_text(json.dumps({"id": "long", "text": " ".join(words)}) + "\n")
+    url = f"sqlite:///{tmp_path}/c.db"
+    result = CliRunner().invoke(app, ["ingest", *TOY, "--no-progress", "--corpus", str(tmp_path / "long.jsonl"),
+                                      "--store", url, "--run", "t", "--truncate"])
+    assert result.exit_code == 0, result.output
+    store = open_store(url, create=False)
+    prompt = store.prompt("t/long")
+    assert len(prompt.tokens) == 32  # the toy's context, BOS included
+    assert prompt.text == " ".join(words[:31]) and prompt.meta["truncated_from_tokens"] == len(words) + 1
+    patterns = CliRunner().invoke(app, ["patterns", "--store", url, "--json", "--min-prompts", "1"])
+    assert patterns.exit_code == 0 and len(patterns.output) < 200_000
