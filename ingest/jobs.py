@@ -76,6 +76,8 @@ class JobSummary:
     skipped_long: int = 0
     skipped_done: int = 0
     bad_lines: int = 0
+    unknown_tokens: int = 0  # words the tokenizer does not know, read as <unk> (each prompt's meta counts its own)
+    prompts_with_unknown_tokens: int = 0
     observations: int = 0
     edges: int = 0  # edge rows written (an edge recurring in several windows counts once per window)
     windows: int = 0
@@ -102,11 +104,14 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def tokenize(items: list[CorpusItem], session: ModelWithSaes, opts: JobOptions) -> tuple[list[tuple[CorpusItem, list[int]]], int]:
-    """Token ids per item under the long-prompt policy; returns (kept, number skipped)."""
+    """Token ids per item under the long-prompt policy; returns (kept, number skipped). A prompt with words
+    the tokenizer reads as its unknown token says how many in its meta (``unknown_tokens``)."""
     limit = min(opts.max_tokens or session.lm.n_ctx, session.lm.n_ctx)
     kept, skipped = [], 0
     for item in items:
         ids = session.lm.tokenizer.encode(item.text)
+        if unknown := session.lm.tokenizer.unknown(ids):
+            item = replace(item, meta={**item.meta, "unknown_tokens": unknown})
         if len(ids) > limit:
             if opts.long_policy == "truncate":  # the stored text is what the kept tokens cover, not the whole line
                 item = replace(item, text=session.lm.tokenizer.text_of_first(item.text, limit - 1),
@@ -156,6 +161,10 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     for bad in corpus.bad_lines[:20]:
         log(f"corpus line {bad.line}: {bad.reason} (skipped)")
     pairs, skipped_long = tokenize(items, session, opts)
+    unknown = [item.meta["unknown_tokens"] for item, _ in pairs if "unknown_tokens" in item.meta]
+    if unknown:
+        log(f"{len(unknown)} prompt(s) hold {sum(unknown)} word(s) the tokenizer does not know, read as its "
+            "unknown token; each prompt's meta counts its own (unknown_tokens)")
     batches = [pairs[k:k + opts.batch_size] for k in range(0, len(pairs), opts.batch_size)]
     mine = [b for k, b in enumerate(batches) if k % opts.shard[1] == opts.shard[0]]
     windows = cut_windows(mine, max(1, opts.window // opts.batch_size), max(1, opts.tail_window // opts.batch_size))
@@ -170,6 +179,7 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     done = store.done_prompts(opts.run) if (opts.resume or opts.shard[1] > 1) else set()
     todo = [w for w in ([b for b in window if not _stored(b, done)] for window in windows) if w]
     summary = JobSummary(opts.run, skipped_long=skipped_long, bad_lines=len(corpus.bad_lines),
+                         unknown_tokens=sum(unknown), prompts_with_unknown_tokens=len(unknown),
                          skipped_done=sum(item.prompt_id in done for b in mine for item, _ in b))
     try:
         if opts.executor == "ray":

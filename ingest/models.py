@@ -55,6 +55,11 @@ class Tokenizer:
             offsets = self._hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         return text[:offsets[min(n, len(offsets)) - 1][1]] if offsets else ""
 
+    def unknown(self, ids: list[int]) -> int:
+        """How many of ``ids`` are the tokenizer's unknown token (0 for byte-level BPE, which has none)."""
+        unk = self._fast.token_to_id("<unk>") if self._fast is not None else getattr(self._hf, "unk_token_id", None)
+        return 0 if unk is None or unk == self.bos_id else sum(i == unk for i in ids)
+
     def spell(self, ids: list[int]) -> list[str]:
         """Each token as its tokenizer spells it (hub tokenizers: the decoded text of the token)."""
         if self._fast is not None:

@@ -136,3 +136,18 @@ def test_truncate_stores_the_text_its_tokens_cover(tmp_path):
     assert prompt.text == " ".join(words[:31]) and prompt.meta["truncated_from_tokens"] == len(words) + 1
     patterns = CliRunner().invoke(app, ["patterns", "--store", url, "--json", "--min-prompts", "1"])
     assert patterns.exit_code == 0 and len(patterns.output) < 200_000
+
+
+def test_words_the_toy_tokenizer_does_not_know_are_counted_not_silent(tmp_path):
+    (tmp_path / "oov.jsonl").write_text(json.dumps({"id": "x", "text": "When Mary and zorblax went to the flibber ,"}) + "\n"
+                                        + json.dumps({"id": "y", "text": "When Mary and John went to the store ,"}) + "\n")
+    url = f"sqlite:///{tmp_path}/c.db"
+    result = CliRunner().invoke(app, ["ingest", *TOY, "--no-progress", "--no-mine", "--corpus", str(tmp_path / "oov.jsonl"),
+                                      "--store", url, "--run", "u"])
+    assert result.exit_code == 0, result.output
+    assert "1 prompt(s) hold 2 word(s) the tokenizer does not know" in result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert (summary["unknown_tokens"], summary["prompts_with_unknown_tokens"]) == (2, 1)
+    store = open_store(url, create=False)
+    assert store.prompt("u/x").meta["unknown_tokens"] == 2 and "unknown_tokens" not in store.prompt("u/y").meta
+    assert store.run("u").manifest["counts"]["unknown_tokens"] == 2
