@@ -160,7 +160,10 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     else:
         target = open_store(store, evidence_per_edge=evidence_per_edge or None)
         refuse_existing_run(target, opts)
-    summary = run_job(session, corpus, target, opts, log=lambda m: typer.echo(m, err=True))
+    try:
+        summary = run_job(session, corpus, target, opts, log=lambda m: typer.echo(m, err=True))
+    except KeyboardInterrupt:  # run_job said what was kept and how to go on
+        raise typer.Exit(130) from None
     emit(summary.as_dict(), True)
 
 

@@ -190,7 +190,13 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
             _pipeline(session, store, todo, corpus.spec, node_slots(session), opts, summary)
     except BaseException as exc:
         summary.seconds = time.time() - t0
-        store.finish_run(opts.run, "failed", {"error": f"{type(exc).__name__}: {exc}"[:500]})
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"[:500]
+        try:
+            store.finish_run(opts.run, "failed", {"error": why})
+        except Exception as also:  # noqa: BLE001 - the store may be what failed; the first error is the one to tell
+            log(f"run {opts.run!r} could not be marked failed ({type(also).__name__}); it stays 'running'")
+        log(f"run {opts.run!r}: {summary.prompts} prompt(s) stored in this job before it stopped; the same command "
+            "with --resume continues from there")
         raise
     summary.seconds = time.time() - t0
     status = "done" if opts.shard[1] == 1 else f"shard {opts.shard[0]}/{opts.shard[1]} done"
@@ -199,9 +205,14 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
         "counts" + ("" if opts.shard[1] == 1 else f"_shard{opts.shard[0]}"): summary.as_dict(),
         "bad_lines": [{"line": b.line, "reason": b.reason} for b in corpus.bad_lines[:100]]})
     if opts.mine and opts.shard[1] == 1:
-        for runs, seconds in mine_after_ingest(store, opts.run):
-            summary.mining_seconds += seconds
-            log(f"mined the composition patterns of {', '.join(runs)} in {seconds:.1f} s (stored for the API)")
+        try:
+            for runs, seconds in mine_after_ingest(store, opts.run):
+                summary.mining_seconds += seconds
+                log(f"mined the composition patterns of {', '.join(runs)} in {seconds:.1f} s (stored for the API)")
+        except KeyboardInterrupt:
+            log(f"run {opts.run!r} is stored and done; mining its patterns was interrupted: "
+                f"`circuit-catalog mine --run {opts.run} --store {store.url}` stores them")
+            raise
     elif opts.mine:
         log(f"shard done; once every shard is, `circuit-catalog mine --run {opts.run}` stores its patterns")
     return summary

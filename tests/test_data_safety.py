@@ -151,3 +151,29 @@ def test_words_the_toy_tokenizer_does_not_know_are_counted_not_silent(tmp_path):
     store = open_store(url, create=False)
     assert store.prompt("u/x").meta["unknown_tokens"] == 2 and "unknown_tokens" not in store.prompt("u/y").meta
     assert store.run("u").manifest["counts"]["unknown_tokens"] == 2
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).parent / "circuit-catalog")
+    url = f"sqlite:///{tmp_path}/c.db"
+    proc = subprocess.Popen([cli, "ingest", *TOY, "--corpus", "ioi:4000", "--store", url, "--run", "c", "--window", "64",
+                             "--no-progress", "--no-mine"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CIRCUIT_CATALOG_TORCH_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "c.db").exists():
+        time.sleep(0.2)
+    time.sleep(3)  # a few windows in
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and out == ""
+    assert "stored in this job before it stopped; the same command with --resume continues from there" in err
+    run = open_store(url, create=False).run("c")
+    assert run.status == "failed" and run.manifest["error"] == "interrupted"

@@ -243,8 +243,14 @@ class Neo4jStore:
     # ---- writes -------------------------------------------------------------------------------
     def write_window(self, agg: WindowAggregate) -> bool:
         """Store a window in one transaction; False if every prompt was stored already."""
-        with self.driver.session(database=self.database) as session:
-            done = session.execute_write(self._window_tx, agg, True)
+        from neo4j.exceptions import ServiceUnavailable, SessionExpired
+
+        try:
+            with self.driver.session(database=self.database) as session:
+                done = session.execute_write(self._window_tx, agg, True)
+        except (ServiceUnavailable, SessionExpired) as exc:  # after the driver's own retries
+            raise StoreUnavailable(f"Neo4j at {self.url} stopped answering during a write ({type(exc).__name__}); "
+                                   "this window was not stored, the windows committed before it were") from None
         if done is None:
             return False
         self._ids.update(done)  # only once committed: a rolled-back id may be handed out again
