@@ -20,14 +20,17 @@ _FETCH_TEXTS = re.compile(r"couldn't connect to|does not appear to have (a )?fil
 def snapshot_commit(repo_id: str, filename: str) -> str | None:
     """The commit of the cached snapshot that holds ``filename`` of ``repo_id`` (where ``refs/main``
     pointed when it was fetched), or None if it is not in the cache. Reads the cache only."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
 
     path = try_to_load_from_cache(repo_id, filename)
-    if not isinstance(path, str):
-        return None
-    parts = Path(path).parts
-    i = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts else -1
-    return parts[i + 1] if 0 <= i < len(parts) - 1 else None
+    if isinstance(path, str):
+        parts = Path(path).parts
+        i = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts else -1
+        if 0 <= i < len(parts) - 1:
+            return parts[i + 1]
+    # a loader that read other files than the one named: the commit refs/main pointed at in the cache
+    ref = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "refs" / "main"
+    return ref.read_text().strip() if ref.is_file() else None
 
 
 def is_fetch_error(exc: BaseException) -> bool:
