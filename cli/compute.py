@@ -9,7 +9,7 @@ import typer
 
 from catalog import __version__ as catalog_version
 from catalog.stores import open_store
-from catalog.stores.base import DEFAULT_URL
+from catalog.stores.base import DEFAULT_URL, StoreUnavailable
 from cli.common import COMPUTE, JsonOpt, StoreOpt, Threads, app, bounded, emit, friendly
 
 
@@ -147,7 +147,13 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                       window_edges=window_edges,
                       executor=executor, ray=ray,
                       mine=mine and not partials)
-    # the model first: a model or SAE that cannot be loaded leaves no store file behind
+    if not partials:  # an existing run, a store that is down or a foreign file: said before the model loads
+        try:
+            refuse_existing_run(open_store(store, create=False), opts)
+        except StoreUnavailable:
+            if not store.startswith("sqlite:"):
+                raise  # a server that does not answer; a SQLite file that is not there yet is made below
+    # the model before the store is made: a model or SAE that cannot be loaded leaves no store file behind
     # (with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU)
     session = open_session(model, saes, "cpu" if executor == "ray" else device)
     from ingest.corpora import open_corpus
