@@ -5,7 +5,7 @@ and LN scales frozen, per head.
 
 Run as a script (huggingface_hub reads HF_HOME when first imported, so tests start it with the
 fixture's cache in the environment); prints JSON:
-  {"tokens": [...], "activation": a, "pre_activation": p, "bias": c,
+  {"tokens": [...], "activation": a, "pre_activation": p, "bias": c (the feature's encoder constant),
    "edges": [{"source": "R5.12@3" | "R5.ERR@3" | "R5.BIAS@3", "head": h, "value": v}, ...]}
 """
 
@@ -47,7 +47,8 @@ def reference(model, attn, resid, prompt: str, L: int, f: int, t: int) -> dict:
         acts = resid.encode(x)  # [1, T, d_sae], SAELens's own encoder
     err = x - resid.decode(acts)
     leaves = {"acts": acts.clone().requires_grad_(True), "err": err.detach().clone().requires_grad_(True),
-              "b_dec": resid.b_dec.detach().clone().requires_grad_(True)}
+              # b_dec once per position, so its grad x input splits by source position as the catalog's does
+              "b_dec": resid.b_dec.detach().expand_as(x).clone().requires_grad_(True)}
     rebuilt = leaves["acts"] @ resid.W_dec + leaves["b_dec"] + leaves["err"]
     name = f"blocks.{L}.attn.hook_z"
     z = frozen_forward(model, tokens, cache, {f"blocks.{L}.hook_resid_pre": rebuilt}, [name])[name]  # [1,T,H,dh]
@@ -61,8 +62,7 @@ def reference(model, attn, resid, prompt: str, L: int, f: int, t: int) -> dict:
             for j in torch.nonzero(acts[0, s]).flatten().tolist():
                 edges.append({"source": f"R{L}.{j}@{s}", "head": h, "value": float(gx["acts"][0, s, j])})
             edges.append({"source": f"R{L}.ERR@{s}", "head": h, "value": float(gx["err"][0, s].sum())})
-        # b_dec is one leaf shared by every position: its grad x input is the sum over source positions
-        edges.append({"source": f"R{L}.BIAS", "head": h, "value": float(gx["b_dec"].sum())})
+            edges.append({"source": f"R{L}.BIAS@{s}", "head": h, "value": float(gx["b_dec"][0, s].sum())})
     with torch.no_grad():
         pre = float(((z[0, t].flatten() - attn.b_dec) @ attn.W_enc[:, f]) + attn.b_enc[f])
         act = float(attn.encode(cache[name])[0, t, f])  # SAELens's hook_z encode takes [..., H, d_head]

@@ -105,6 +105,9 @@ NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
 PROMPT_COLS = "uid, run, prompt_id, text, tokens, corpus, content_hash, meta"
 
 
+CATALOG_TABLES = {"nodes", "node_stats", "edges", "edge_heads", "edge_roles", "prompts", "runs", "mined"}
+
+
 def refuse_foreign(path: str, create: bool) -> None:
     """Refuse, without changing a byte, a file that is not a catalog: not SQLite, a database of tables
     that are not the catalog's, or (for a command that only reads) one without the catalog's tables. Opening
@@ -121,7 +124,7 @@ def refuse_foreign(path: str, create: bool) -> None:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
         raise StoreError(f"{path} is not a circuit-catalog catalog ({exc}); it was left untouched") from None
-    if "runs" not in tables and (tables or not create):
+    if not tables & CATALOG_TABLES and (tables or not create):  # a catalog of an older format is told apart below
         shown = ", ".join(sorted(tables)[:5]) or "no tables"
         raise StoreError(f"{path} is not a circuit-catalog catalog (it has {shown}); it was left untouched")
 
