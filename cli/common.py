@@ -49,13 +49,22 @@ def emit(data, as_json: bool, table_cols: list[str] | None = None) -> None:
     if as_json or table_cols is None:
         typer.echo(json.dumps(data, indent=1, ensure_ascii=False))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(*table_cols)
     for row in data:
         table.add_row(*[str(row.get(c, "")) for c in table_cols])
-    Console().print(table)
+    console().print(table)
+
+
+def console():
+    """A rich Console for stdout: the terminal's width, or, when stdout is a file or a pipe, wide enough
+    that a table keeps one line a row (rich's default there is 80 columns, which wrapped a row over ten)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=250)
 
 
 def bounded(low: float, high: float | None = None, help: str | None = None):

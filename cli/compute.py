@@ -10,7 +10,7 @@ import typer
 from catalog import __version__ as catalog_version
 from catalog.stores import open_store
 from catalog.stores.base import DEFAULT_URL, StoreUnavailable
-from cli.common import COMPUTE, JsonOpt, StoreOpt, Threads, app, bounded, emit, friendly
+from cli.common import COMPUTE, JsonOpt, StoreOpt, Threads, app, bounded, console, emit, friendly
 
 
 def open_session(model: str, saes: list[str], device: str | None, *, decompose: bool = True):
@@ -77,13 +77,11 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
     elif json_ or format_ == "json":
         emit(result, True)
     else:
-        from rich.console import Console
-
-        Console().print(render_tree(result))
+        console().print(render_tree(result))
         if qk:
             from ingest.trace_qk import render_qk
 
-            Console().print(render_qk(result), soft_wrap=True, markup=False)
+            console().print(render_qk(result), soft_wrap=True, markup=False)
 
 
 @app.command(rich_help_panel=COMPUTE)

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from rich.console import Console
 from rich.table import Table
 
 from catalog import queries
 from catalog.mined import patterns
 from catalog.stores import open_store
+from cli.common import console as new_console
 from ingest.jobs import JobOptions, run_job
 from ingest.runtime import configure_threads
 from ingest.session import ModelWithSaes
 
-console = Console()
+console = new_console()
 
 
 def _cell(v) -> str:

@@ -13,6 +13,7 @@ import sqlite3
 import pytest
 from typer.testing import CliRunner
 
+from catalog import queries
 from catalog.queries import variance
 from catalog.stores import open_store
 from cli import app
@@ -214,3 +215,19 @@ def test_batch_size_changes_sums_only_by_float32_rounding(tmp_path):
         for row in rows.keys() - other.keys():  # in one list only: a near-tie with the other's last row
             assert abs(abs(rows[row]) - floor) <= 2e-5 * max(abs(v) for v in rows.values()), (key, row)
     assert differing < len(evidence[1]) // 100
+
+
+def test_tables_keep_their_cells_whole_when_stdout_is_not_a_terminal(tmp_path):
+    """Piped or captured, rich used to lay tables out in 80 columns: headers and numbers were cut ('0.05430…')
+    or wrapped. Off a terminal the CLI lays them out 250 wide."""
+    from test_store_conformance import _batches, _fill
+
+    url = f"sqlite:///{tmp_path}/c.db"
+    _fill(url, _batches())
+    ref = queries.top_features(open_store(url, create=False), kind="attn", limit=1)[0]["id"]
+    result = CliRunner().invoke(app, ["upstream", ref, "--store", url, "--top", "5"])
+    assert result.exit_code == 0 and "…" not in result.output, result.output
+    header = next(line for line in result.output.splitlines() if "edge_kind" in line)
+    assert all(c in header for c in ("n_prompts", "sign_share"))
+    rows = [line for line in result.output.splitlines() if line.startswith("│")]
+    assert len(rows) == len(queries.upstream(open_store(url, create=False), ref, limit=5))
