@@ -58,6 +58,7 @@ class ReplaySession:
     def __init__(self, session, graphs: list[Graph]):
         self.real, self.graphs, self.calls = session, graphs, 0
         self.lm, self.saes, self.device = session.lm, session.saes, session.device
+        self.d_sae = min(sae.weights.d_sae for sae in session.saes.all())  # a shifted index fits every SAE
 
     def manifest(self) -> dict:
         return self.real.manifest()
@@ -66,12 +67,12 @@ class ReplaySession:
         graph = self.graphs[self.calls % len(self.graphs)]
         shift = self.SHIFTS[(self.calls // len(self.graphs)) % len(self.SHIFTS)]
         self.calls += 1
-        return None, Graph(graph.nodes, _shifted(graph.edges, shift), _shifted(graph.direct, shift), graph.pruning)
+        return None, Graph(graph.nodes, _shifted(graph.edges, shift, self.d_sae), _shifted(graph.direct, shift, self.d_sae),
+                           graph.pruning)
 
 
-def _shifted(t: EdgeTable, shift: int) -> EdgeTable:
+def _shifted(t: EdgeTable, shift: int, d_sae: int) -> EdgeTable:
     out = EdgeTable(*[getattr(t, c) for c in EdgeTable.COLUMNS])
-    d_sae = 24576
     for end in ("src", "dst"):
         code, index = getattr(t, f"{end}_code"), getattr(t, f"{end}_index")
         feature = (code == Code.ATTN) | (code == Code.RESID)
@@ -172,7 +173,8 @@ def windows_section(args, tmp, neo):
 
 def gpt2_section(args, tmp, neo, session):
     corpus = word_corpus(tmp / "words.jsonl", args.gpt2_prompts, 64)
-    print(f"GPT-2-shaped random model, {args.gpt2_prompts} prompts x 64 tokens, batch 4:")
+    print(f"gpt2-small with both SAELens releases (Hub fixture, random weights, width {session.lm.cfg.d_model}), "
+          f"{args.gpt2_prompts} prompts x 64 tokens, batch 4:")
     for url, kind in ((f"sqlite:///{tmp}/gpt2.db", "sqlite"), (neo, "neo4j")):
         if url is not None:
             one(session, corpus, url, f"gpt2-{time.time_ns()}", 4, kind)
