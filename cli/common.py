@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from typing import Annotated
 
 import typer
 
 from catalog.stores import StoreError
+
+# the Neo4j driver logs each retry of a failed transaction as a warning (half a minute of them when the
+# server is gone); the one line that matters is the error the store raises once the retries are spent
+logging.getLogger("neo4j").setLevel(logging.ERROR)
 
 app = typer.Typer(help="A graph-database catalog of feature circuits (RDFA edges across prompt corpora).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

@@ -27,6 +27,7 @@ from catalog import __version__
 from catalog.aggregate import WindowAggregate
 from catalog.mined import mine_after_ingest
 from catalog.schema import Prompt
+from catalog.stores.base import StoreUnavailable
 from ingest.corpora import CorpusItem, content_hash, open_corpus
 from ingest.errors import UserFacingError
 from ingest.rdfa.tensors import Pruning
@@ -191,10 +192,13 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     except BaseException as exc:
         summary.seconds = time.time() - t0
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"[:500]
-        try:
-            store.finish_run(opts.run, "failed", {"error": why})
-        except Exception as also:  # noqa: BLE001 - the store may be what failed; the first error is the one to tell
-            log(f"run {opts.run!r} could not be marked failed ({type(also).__name__}); it stays 'running'")
+        if isinstance(exc, StoreUnavailable):  # asking it again would only wait out the driver's retries again
+            log(f"run {opts.run!r} could not be marked failed: its store stopped answering; it stays 'running'")
+        else:
+            try:
+                store.finish_run(opts.run, "failed", {"error": why})
+            except Exception as also:  # noqa: BLE001 - the store may be what failed; the first error is the one to tell
+                log(f"run {opts.run!r} could not be marked failed ({type(also).__name__}); it stays 'running'")
         log(f"run {opts.run!r}: {summary.prompts} prompt(s) stored in this job before it stopped; the same command "
             "with --resume continues from there")
         raise

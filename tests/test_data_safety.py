@@ -231,3 +231,61 @@ def test_tables_keep_their_cells_whole_when_stdout_is_not_a_terminal(tmp_path):
     assert all(c in header for c in ("n_prompts", "sign_share"))
     rows = [line for line in result.output.splitlines() if line.startswith("│")]
     assert len(rows) == len(queries.upstream(open_store(url, create=False), ref, limit=5))
+
+
+def test_neo4j_killed_during_an_ingest_is_one_line_and_resume_is_offered(tmp_path):
+    """kill -9 of the server mid-ingest: ~50 s of retry warnings and 167 lines of chained tracebacks became
+    one line naming the store, plus what was kept and that --resume continues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from cli.neo4j_server import start_on_free_port
+
+    server, url = start_on_free_port(str(tmp_path / "neo4j"), page_cache="64m", heap="512m")
+    cli = str(Path(sys.executable).parent / "circuit-catalog")
+    proc = subprocess.Popen([cli, "ingest", *TOY, "--corpus", "ioi:4000", "--store", url, "--run", "k", "--window", "64",
+                             "--no-progress", "--no-mine"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CIRCUIT_CATALOG_TORCH_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if open_store(url, create=False).prompt_count("k") > 0:
+                    break
+            except Exception:  # noqa: BLE001 - the run is not there yet
+                pass
+            time.sleep(0.5)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        server.kill()
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and out == "" and "Traceback" not in err, err[-3000:]
+    assert len(lines) <= 4, lines
+    assert any("the same command with --resume continues" in line for line in lines)
+    assert lines[-1].startswith("error: ") and url.split("//")[1] in lines[-1], lines[-1]
+
+
+def test_ctrl_c_while_mining_says_the_run_is_done_and_how_to_mine(tmp_path, monkeypatch):
+    import ingest.jobs as jobs
+    from ingest.session import ModelWithSaes
+
+    def interrupted(store, run):
+        raise KeyboardInterrupt
+        yield  # a generator, as mine_after_ingest is
+
+    monkeypatch.setattr(jobs, "mine_after_ingest", interrupted)
+    url = f"sqlite:///{tmp_path}/c.db"
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        jobs.run_job(ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu"), "ioi:8", open_store(url),
+                     jobs.JobOptions(run="m", progress=False), log=said.append)
+    assert said[-1] == (f"run 'm' is stored and done; mining its patterns was interrupted: "
+                        f"`circuit-catalog mine --run m --store {url}` stores them")
+    assert open_store(url, create=False).run("m").status == "done"
