@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -25,6 +26,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc, seconds: float = 60) -> None:
+    """Wait until the API server ``proc`` answers ``base``/healthz; fail with its output if it exits or
+    does not answer within ``seconds``."""
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            out = proc.stdout.read() if proc.stdout else proc.stderr.read() if proc.stderr else ""
+            pytest.fail(f"server did not start:\n{out}", pytrace=False)
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from catalog_data import random_prompts
+from conftest import wait_healthy
 from fastapi.testclient import TestClient
 from test_store_conformance import _batches, _fill
 
@@ -193,7 +194,6 @@ def test_serve_with_several_worker_processes_answers_as_one(tmp_path):
     import socket
     import subprocess
     import sys
-    import time
 
     import httpx
 
@@ -205,12 +205,7 @@ def test_serve_with_several_worker_processes_answers_as_one(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--store", url, "--port", str(port), "--workers",
                                "2", "--no-access-log"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(150):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", server, 30)
         answers = [httpx.get(f"http://127.0.0.1:{port}/features/A2.1/upstream", params={"limit": 50}).json()["items"]
                    for _ in range(6)]
         assert answers[0] and all(a == queries.upstream(open_store(url), "A2.1", limit=50) for a in answers)

@@ -1,6 +1,8 @@
 """Ways data could be lost or mixed with exit code 0, each refused with one line: run names that make
 prompt ids ambiguous, a resume with other SAEs or options, a read-only command on a file that is not a
-catalog; and std that both stores print alike."""
+catalog, a truncated prompt's text; faults told in one line with what was kept (Ctrl-C, a Neo4j killed
+mid-write, bad options); and numbers both stores print alike (std) or that batch size moves only by
+float32 rounding."""
 
 from __future__ import annotations
 

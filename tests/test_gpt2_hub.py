@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import _free_port, wait_healthy
 from hub_fixture import ATTN_RELEASE, MODEL_REPO, RESID_RELEASE, build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,12 +46,6 @@ def readme_command(name: str, nth: int = 0) -> list[str]:
 
 def refs_main(hub: Path, repo_id: str) -> str:
     return (hub / "hub" / ("models--" + repo_id.replace("/", "--")) / "refs" / "main").read_text()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_readme_block_is_what_the_tests_run():
@@ -131,12 +124,7 @@ def test_readme_gpt2_commands_end_to_end(hub, tmp_path, backend, request):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(base, server)
         assert httpx.get(f"{base}/features/{target}", params={"run": "gpt2-ioi"}).json()["id"] == target
         page = httpx.get(f"{base}/view/feature/{target}")
         assert page.status_code == 200 and target in page.text and "gpt2-small/5-att-kk" in page.text

@@ -11,13 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import pytest
-from conftest import _free_port
+from conftest import _free_port, wait_healthy
 from typer.testing import CliRunner
 
 CHROMIUM = os.environ.get("CIRCUIT_CATALOG_CHROMIUM", "/usr/bin/chromium")
@@ -52,17 +51,7 @@ def server(catalog):
     proc = subprocess.Popen([str(cli), "serve", "--store", catalog, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{proc.stdout.read() if proc.stdout else ''}", pytrace=False)
-        time.sleep(0.2)
+    wait_healthy(base, proc)
     yield base
     proc.terminate()
     proc.wait(timeout=30)
