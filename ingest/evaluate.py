@@ -74,6 +74,9 @@ def eval_saes(session: ModelWithSaes, n: int = 100, groups: list[list[int]] | No
               thresholds: Thresholds | None = None) -> dict:
     """Per SAE and per group of layers: logit difference, KL, recovery and a flag."""
     th = thresholds or Thresholds()
+    for group in groups or []:  # before any forward pass: a named group must be spliced whole
+        if lacking := [l for l in group if l not in session.attn]:
+            raise ValueError(f"--groups: no attention SAE at layers {lacking} of group {group}")
     tokens, last, io, s = _batch(session, _prompts(session, "ioi", n, seed))
     abc_tokens, _, _, _ = _batch(session, _prompts(session, "abc", n, seed + 1))
     clean_ld, _, clean_logp = _metrics(session, tokens, last, io, s, [])
@@ -91,9 +94,7 @@ def eval_saes(session: ModelWithSaes, n: int = 100, groups: list[list[int]] | No
     cross, skipped = [], []
     for group in groups or _default_groups(session):
         lacking = [l for l in group if l not in session.attn]
-        if lacking:  # splicing part of a group would report a cross-section nobody asked for
-            if groups:
-                raise ValueError(f"--groups: no attention SAE at layers {lacking} of group {group}")
+        if lacking:  # splicing part of a default group would report a cross-section nobody asked for
             skipped.append({"layers": group, "reason": f"no attention SAE at layers {lacking}"})
             continue
         hooks = [(sae_hook(NodeKind.ATTN, l), _splice_hook(session.attn[l])) for l in group]

@@ -291,3 +291,9 @@ def test_ctrl_c_while_mining_says_the_run_is_done_and_how_to_mine(tmp_path, monk
     assert said[-1] == (f"run 'm' is stored and done; mining its patterns was interrupted: "
                         f"`circuit-catalog mine --run m --store {url}` stores them")
     assert open_store(url, create=False).run("m").status == "done"
+
+
+def test_eval_saes_refuses_a_named_group_it_cannot_splice_whole(tmp_path):
+    result = CliRunner().invoke(app, ["eval-saes", *TOY, "--groups", "0,5", "--n", "4", "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 2 and "--groups: no attention SAE at layers [5] of group [0, 5]" in result.output
+    assert not (tmp_path / "p.png").exists()
