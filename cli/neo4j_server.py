@@ -21,26 +21,34 @@ JVM_FLAGS = ["--add-opens=java.base/java.nio=ALL-UNNAMED", "--add-opens=java.bas
 
 
 def build() -> None:
-    built = MODULE / "target" / "classes" / "circuitcatalog" / "Neo4jServer.class"
-    source = MODULE / "src" / "main" / "java" / "circuitcatalog" / "Neo4jServer.java"
-    if built.exists() and built.stat().st_mtime >= source.stat().st_mtime and (MODULE / "target" / "lib").is_dir():
+    sources = sorted((MODULE / "src" / "main" / "java" / "circuitcatalog").glob("*.java"))
+    classes = [MODULE / "target" / "classes" / "circuitcatalog" / f"{s.stem}.class" for s in sources]
+    if (MODULE / "target" / "lib").is_dir() and all(
+            c.exists() and c.stat().st_mtime >= s.stat().st_mtime for s, c in zip(sources, classes)):
         return
     if shutil.which("mvn") is None:
         raise RuntimeError("Maven (mvn) is needed to build the Neo4j launcher: apt-get install maven")
     subprocess.run(["mvn", "-q", "-B", "package", "-DskipTests"], cwd=MODULE, check=True)
 
 
-def command(home: str, port: int, page_cache: str = "256m", heap: str = "1g") -> list[str]:
+def command(home: str, port: int, page_cache: str = "256m", heap: str = "1g", runaway_grace_s: int = 10) -> list[str]:
+    """The supervised server (tools/neo4j-server: Supervisor restarts Neo4jServer after an out-of-heap exit
+    or a runaway query that outlived its timeout by ``runaway_grace_s``; docs/catalog.md)."""
     cp = f"{MODULE / 'target' / 'classes'}{os.pathsep}{MODULE / 'target' / 'lib' / '*'}"
-    return ["java", f"-Xmx{heap}", *JVM_FLAGS, "-cp", cp, "circuitcatalog.Neo4jServer", home, str(port), page_cache]
+    server = ["java", f"-Xmx{heap}", "-XX:+ExitOnOutOfMemoryError", *JVM_FLAGS, "-Dcircuitcatalog.supervised=true",
+              f"-Dcircuitcatalog.runawayGraceSeconds={runaway_grace_s}", "-cp", cp, "circuitcatalog.Neo4jServer",
+              home, str(port), page_cache]
+    return ["java", "-Xmx32m", "-XX:+UseSerialGC", "-cp", str(MODULE / "target" / "classes"), "circuitcatalog.Supervisor",
+            "--", *server]
 
 
-def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120, heap: str = "1g") -> subprocess.Popen:
+def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120, heap: str = "1g",
+          runaway_grace_s: int = 10) -> subprocess.Popen:
     """Start in the background; return once it prints READY (raise with its log otherwise)."""
     build()
     Path(home).mkdir(parents=True, exist_ok=True)
     log = open(Path(home) / "server.log", "w")
-    proc = subprocess.Popen(command(home, port, page_cache, heap), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command(home, port, page_cache, heap, runaway_grace_s), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if "READY" in (Path(home) / "server.log").read_text():
@@ -59,7 +67,8 @@ def run_foreground(home: str, port: int, page_cache: str) -> None:
     os.execvp("java", command(home, port, page_cache))
 
 
-def start_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g") -> tuple[subprocess.Popen, str]:
+def start_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g",
+                       runaway_grace_s: int = 10) -> tuple[subprocess.Popen, str]:
     """Start on a free loopback port; returns (process, bolt:// URL): one server needs no routing, and
     the routing driver (neo4j://) costs every query ~0.25 ms of Python CPU (measured in-process)."""
     import socket
@@ -67,7 +76,8 @@ def start_on_free_port(home: str, page_cache: str = "256m", heap: str = "1g") ->
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return start(home, port, page_cache=page_cache, heap=heap), f"bolt://127.0.0.1:{port}"
+    return (start(home, port, page_cache=page_cache, heap=heap, runaway_grace_s=runaway_grace_s),
+            f"bolt://127.0.0.1:{port}")
 
 
 @contextmanager

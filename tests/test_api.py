@@ -268,3 +268,52 @@ def test_cypher_refuses_commands_by_what_neo4j_runs_and_keeps_serving(tmp_path, 
         ok = c.post("/cypher", json={"query": "MATCH (n:Survivor) RETURN count(n) AS n"})
         assert ok.status_code == 200 and ok.json()["rows"] == [{"n": 1}]
     driver.close()
+
+
+def test_cypher_bounds_time_and_memory_inside_the_server_and_it_serves_again(tmp_path):
+    """The issue's hostile queries are refused before they run (range() bounds); what passes that check and
+    still runs away (nested lists, a doubling reduce) is ended inside the server: the runaway watchdog after
+    the timeout plus its grace, -XX:+ExitOnOutOfMemoryError on a full heap. The supervisor restarts the
+    server, the caller gets a 503, and the catalog is served again, whole. A dedicated server: it restarts."""
+    import time
+    from pathlib import Path
+
+    from cli.neo4j_server import start_on_free_port
+
+    server, url = start_on_free_port(str(tmp_path / "neo4j"), page_cache="64m", heap="512m", runaway_grace_s=2)
+    log = Path(tmp_path / "neo4j" / "server.log")
+    try:
+        _fill(url, _batches())
+        count = "MATCH ()-[r]->() RETURN count(r) AS n"
+        with TestClient(create_app(Settings(store=url, cypher_timeout_s=2))) as c:
+            stored = c.post("/cypher", json={"query": count}).json()["rows"]
+            assert stored[0]["n"] > 0
+            for q, says in [("RETURN reduce(s=0, x IN range(1,4000000000) | s+x)", "span 4,000,000,000 values"),
+                            ("RETURN size([x IN range(1,200000000) | x])", "span 200,000,000 values"),
+                            ("/* range(1,2) */ RETURN range(1, toInteger('9999999999'))", "bound \"toInteger('')\""),
+                            ("RETURN range(0, $n)", "span 5,000,001 values")]:
+                started = time.monotonic()
+                r = c.post("/cypher", json={"query": q, "params": {"n": 5_000_000}})
+                assert r.status_code == 400 and says in r.json()["detail"], (q, r.text)
+                assert time.monotonic() - started < 1, q  # refused before anything ran
+            for q, reason in [("WITH range(1, 1000000) AS r RETURN size([a IN r WHERE size([b IN r WHERE b = a]) > 0])",
+                               "(runaway query)"),
+                              ("RETURN size(reduce(s = 'ab', x IN range(1, 40) | s + s)) AS n", "(out of heap)")]:
+                restarts = log.read_text().count("RESTARTING")
+                started = time.monotonic()
+                r = c.post("/cypher", json={"query": q})
+                assert r.status_code == 503 and "restarts the server" in r.json()["detail"], (q, r.text)
+                assert time.monotonic() - started < 30, q  # timeout 2 s + grace 2 s + the watchdog's 1 s poll
+                deadline = time.monotonic() + 120
+                while log.read_text().count("READY") <= restarts + 1 and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                assert log.read_text().count("RESTARTING") == restarts + 1 and reason in log.read_text()
+                for _ in range(60):  # the API's driver reconnects on its own
+                    again = c.post("/cypher", json={"query": count})
+                    if again.status_code == 200:
+                        break
+                    time.sleep(0.5)
+                assert again.status_code == 200 and again.json()["rows"] == stored, again.text
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -40,3 +40,23 @@ def test_the_image_copies_every_package_the_project_installs():
     packages = {p.rstrip("*") for p in include}
     copied = set(re.findall(r"^COPY (\w+) \./\1$", (root / "Dockerfile").read_text(), re.M))
     assert packages == {"catalog", "ingest", "api", "cli"} and packages <= copied
+
+
+def test_neo4j_ends_a_runaway_query_or_a_full_heap_and_restarts():
+    """The stack's share of the Cypher bound (docs/catalog.md): the launcher's jar mounted as a plugin that
+    registers the runaway watchdog as a Neo4j extension, the JVM flags, and a restart policy."""
+    import zipfile
+
+    from cli.neo4j_server import MODULE, build
+
+    neo = COMPOSE["services"]["neo4j"]
+    mounts = [v.split(":") for v in neo["volumes"]]
+    jar = next(Path(__file__).resolve().parent.parent / src for src, dst, *_ in mounts if dst.startswith("/plugins/"))
+    build()
+    assert jar == MODULE / "target" / "neo4j-server-0.1.0.jar" and jar.exists()
+    with zipfile.ZipFile(jar) as z:
+        services = z.read("META-INF/services/org.neo4j.kernel.extension.ExtensionFactory").decode().split()
+        assert services == ["circuitcatalog.RunawayWatchdog"] and "circuitcatalog/RunawayWatchdog.class" in z.namelist()
+    flags = neo["environment"]["NEO4J_server_jvm_additional"].split()
+    assert "-XX:+ExitOnOutOfMemoryError" in flags and "-Dcircuitcatalog.runawayGraceSeconds=10" in flags
+    assert neo["restart"] == "unless-stopped"

@@ -6,6 +6,12 @@ schema command: Neo4j reports query type 'r' for SHOW and TERMINATE), LOAD CSV, 
 or a procedure call outside a short allow-list, or when it would run on another database than the
 catalog's. What runs has a row cap and a transaction timeout; parameters have a size cap and are passed as
 parameters, never formatted into the text.
+
+Neo4j checks a timeout only between rows and store reads, so one expression over a huge list runs to its
+end (or out of heap) whatever the timeout says. The text's ``range()`` calls are bounded here, before
+anything runs (the one function that makes a long list from short input); whatever still runs away is
+bounded inside the server: the launcher's RunawayWatchdog and -XX:+ExitOnOutOfMemoryError end the server
+process and its supervisor starts it again (docs/catalog.md), and the caller gets a 503.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import re
 from typing import Any
 
 from catalog.schema import JSON
-from catalog.stores.base import CypherRefused, StoreError
+from catalog.stores.base import CypherRefused, StoreUnavailable
 
 ALLOWED_PROCEDURES = {"db.labels", "db.relationshipTypes", "db.propertyKeys", "db.schema.visualization",
                       "db.schema.nodeTypeProperties", "db.schema.relTypeProperties"}
@@ -25,6 +31,14 @@ COMMAND_OPERATORS = ("Show", "Terminate", "Create", "Drop", "Alter", "Grant", "D
 MAX_PARAMS_BYTES = 1 << 20  # the JSON size of a request's parameters
 _COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
 _PREFIX = re.compile(r"^\s*(EXPLAIN|PROFILE)\b", re.IGNORECASE)
+MAX_RANGE_ELEMENTS = 1_000_000  # the product over a query's range() calls (they may nest)
+# string literals, quoted names and comments, in one pass: "//" inside a string is not a comment
+_LEXEMES = re.compile(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|`([^`]*)`|//[^\n]*|/\*.*?\*/""", re.DOTALL)
+_RANGE_CALL = re.compile(r"(?<![\w.$])range\s*\(", re.IGNORECASE)
+_INTEGER = re.compile(r"^[-+]?\s*\d+$")
+_PARAM = re.compile(r"^\$(\w+)$")
+# range(0, size(list) - 1), the idiom for walking parallel lists: bounded by a list that already exists
+_SIZE_OF = re.compile(r"^size\s*\(.*\)\s*(?:[-+]\s*\d+)?$", re.IGNORECASE | re.DOTALL)
 
 
 def _operators(plan: Any) -> list[tuple[str, JSON]]:
@@ -60,6 +74,64 @@ def check_plan(query_type: str | None, plan: Any) -> None:
                 raise CypherRefused(f"procedure {name or sig!r} is not allowed (allowed: {sorted(ALLOWED_PROCEDURES)})")
 
 
+def _code_only(query: str) -> str:
+    """The query with string literals emptied, comments blanked and quoted names unquoted."""
+    def keep(m: re.Match[str]) -> str:
+        text = m.group(0)
+        return m.group(1) if text.startswith("`") else "''" if text[0] in "'\"" else " "
+    return _LEXEMES.sub(keep, query)
+
+
+def _arguments(text: str, start: int) -> tuple[list[str], int]:
+    """The top-level comma-separated arguments of the call whose '(' is at ``start``, and the index after ')'."""
+    depth, begin = 0, start + 1
+    args: list[str] = []
+    for i in range(start, len(text)):
+        ch = text[i]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                return [*args, text[begin:i].strip()], i + 1
+        elif ch == "," and depth == 1:
+            args.append(text[begin:i].strip())
+            begin = i + 1
+    raise CypherRefused("unbalanced parentheses in the query")
+
+
+def check_ranges(query: str, params: JSON | None) -> None:
+    """Refuse a query whose range() calls could make more than MAX_RANGE_ELEMENTS values, before it runs.
+
+    A bound is an integer literal, an integer parameter, or ``size(...) ± n``; the product of the literal
+    ranges' lengths is bounded (they may nest: [a IN range(..) | [b IN range(..) | ...]])."""
+    code, product = _code_only(query), 1
+    for call in _RANGE_CALL.finditer(code):
+        args, _ = _arguments(code, call.end() - 1)
+        values: list[int | None] = []
+        for arg in args:
+            param = _PARAM.match(arg)
+            value = (params or {}).get(param.group(1)) if param else None
+            if _INTEGER.match(arg):
+                values.append(int(arg.replace(" ", "")))
+            elif param and isinstance(value, int) and not isinstance(value, bool):
+                values.append(value)
+            elif _SIZE_OF.match(arg):
+                values.append(None)
+            else:
+                raise CypherRefused(f"range() bound {arg!r} is not allowed: the endpoint takes integer literals, "
+                                    "integer parameters or size(list) ± n as bounds, so that a query's lists "
+                                    f"stay under {MAX_RANGE_ELEMENTS:,} values")
+        known = [v for v in values if v is not None]
+        if len(values) not in (2, 3) or len(known) < len(values):
+            continue  # wrong arity is Neo4j's to refuse; size(...) bounds are as long as stored lists
+        first, last, step = (*known, 1) if len(known) == 2 else known
+        product *= max(0, (last - first) // step + 1) if step else 1
+        if product > MAX_RANGE_ELEMENTS:
+            raise CypherRefused(f"the query's range() calls span {product:,} values; at most {MAX_RANGE_ELEMENTS:,} "
+                                "(one expression over a longer list cannot be stopped by the time limit)")
+
+
 def check_params(params: JSON | None) -> None:
     """Refuse parameters over MAX_PARAMS_BYTES (as JSON) before anything is sent."""
     import json
@@ -75,13 +147,14 @@ def check_params(params: JSON | None) -> None:
 def run_read_only(driver: Any, database: str, query: str, params: JSON, limit: int, timeout_s: float) -> list[JSON]:
     """EXPLAIN, check, then run in a READ session with ``timeout_s``; at most ``limit`` rows."""
     import neo4j
-    from neo4j.exceptions import ClientError, Neo4jError, ServiceUnavailable
+    from neo4j.exceptions import ClientError, Neo4jError, ServiceUnavailable, SessionExpired
 
     if not query or not _COMMENTS.sub(" ", query).strip():
         raise CypherRefused("empty Cypher query")
     if _PREFIX.match(_COMMENTS.sub(" ", query)):
         raise CypherRefused("send the query without EXPLAIN/PROFILE; the catalog explains it itself")
     check_params(params)
+    check_ranges(query, params)
     try:
         with driver.session(database=database, default_access_mode=neo4j.READ_ACCESS) as session:
             summary = session.run("EXPLAIN " + query, params or {}).consume()
@@ -101,8 +174,9 @@ def run_read_only(driver: Any, database: str, query: str, params: JSON, limit: i
         raise
     except (OverflowError, TypeError, ValueError) as exc:  # the driver cannot pack a parameter
         raise CypherRefused(f"query parameters cannot be sent to Neo4j: {exc}") from None
-    except ServiceUnavailable as exc:
-        raise StoreError(f"Neo4j unavailable: {exc}") from None
+    except (ServiceUnavailable, SessionExpired) as exc:
+        raise StoreUnavailable(f"Neo4j stopped answering ({exc}); a query that outlives its time limit or fills "
+                               "the server's heap restarts the server") from None
     except ClientError as exc:
         code = exc.code or ""
         if "Timeout" in code or "TransactionTimedOut" in code:

@@ -15,6 +15,12 @@ import org.neo4j.graphdb.GraphDatabaseService;
  * Usage: Neo4jServer HOME_DIR PORT [PAGECACHE, e.g. 256m]
  * Prints "READY bolt://127.0.0.1:PORT" once the default database answers, then blocks until
  * SIGTERM/SIGINT, when a shutdown hook closes the store cleanly.
+ *
+ * Two bounds a configuration cannot give, both ending this JVM so that Supervisor starts it again:
+ * RunawayWatchdog (a Neo4j extension on the classpath) for a query that outlives its timeout, and
+ * -XX:+ExitOnOutOfMemoryError on the command line (a query that fills the heap otherwise leaves Neo4j's own
+ * scheduler threads dead). Run under Supervisor (-Dcircuitcatalog.supervised=true), the server also halts
+ * when its supervisor is gone: kill -9 of the supervisor must not leave an orphan holding the port and store.
  */
 public final class Neo4jServer {
     public static void main(String[] args) throws Exception {
@@ -48,8 +54,30 @@ public final class Neo4jServer {
 
         GraphDatabaseService db = service.database(GraphDatabaseSettings.DEFAULT_DATABASE_NAME);
         db.executeTransactionally("RETURN 1");
+        if (Boolean.getBoolean("circuitcatalog.supervised")) {
+            ProcessHandle parent = ProcessHandle.current().parent().orElseThrow();
+            Thread watch = new Thread(() -> watchParent(parent), "supervisor-watch");
+            watch.setDaemon(true);
+            watch.start();
+        }
         System.out.println("READY bolt://127.0.0.1:" + port);
         System.out.flush();
         Thread.currentThread().join();
+    }
+
+    private static void watchParent(ProcessHandle parent) {
+        // a killed parent is a zombie (alive to isAlive) until reaped, but its children are re-parented at once
+        while (parent.isAlive() && ProcessHandle.current().parent().map(ProcessHandle::pid).orElse(-1L) == parent.pid()) {
+            sleep(250);
+        }
+        Runtime.getRuntime().halt(137);
+    }
+
+    private static void sleep(long millis) {
+        try {
+            Thread.sleep(millis);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
     }
 }
