@@ -43,12 +43,14 @@ def command(home: str, port: int, page_cache: str = "256m", heap: str = "1g", ru
 
 
 def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120, heap: str = "1g",
-          runaway_grace_s: int = 10) -> subprocess.Popen:
-    """Start in the background; return once it prints READY (raise with its log otherwise)."""
+          runaway_grace_s: int = 10, new_session: bool = False) -> subprocess.Popen:
+    """Start in the background; return once it prints READY (raise with its log otherwise).
+    ``new_session``: the server outlives this process and its terminal (``neo4j-server --detach``)."""
     build()
     Path(home).mkdir(parents=True, exist_ok=True)
     log = open(Path(home) / "server.log", "w")
-    proc = subprocess.Popen(command(home, port, page_cache, heap, runaway_grace_s), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command(home, port, page_cache, heap, runaway_grace_s), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=new_session)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if "READY" in (Path(home) / "server.log").read_text():
@@ -58,6 +60,43 @@ def start(home: str, port: int, page_cache: str = "256m", timeout_s: float = 120
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"Neo4j did not start on port {port}:\n{(Path(home) / 'server.log').read_text()[-3000:]}")
+
+
+def start_detached(home: str, port: int, page_cache: str) -> str:
+    """``neo4j-server --detach``: start, wait until it answers, leave it running; its pid in HOME/server.pid."""
+    pid_file = Path(home) / "server.pid"
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        raise ValueError(f"a server started with --detach is already running from {home} "
+                           f"(pid {pid_file.read_text().strip()}); --stop stops it")
+    proc = start(home, port, page_cache, new_session=True)
+    pid_file.write_text(str(proc.pid))
+    return f"bolt://127.0.0.1:{port}"
+
+
+def stop_detached(home: str, timeout_s: float = 120) -> str:
+    """``neo4j-server --stop``: SIGTERM the server started from ``home`` and wait for its clean shutdown."""
+    import signal
+
+    pid_file = Path(home) / "server.pid"
+    if not pid_file.exists() or not _alive(pid := int(pid_file.read_text())):
+        pid_file.unlink(missing_ok=True)
+        return f"no server started with --detach is running from {home}"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + timeout_s
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        raise RuntimeError(f"the server (pid {pid}) did not stop within {timeout_s:g} s")
+    pid_file.unlink()
+    return f"stopped the server of {home}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def run_foreground(home: str, port: int, page_cache: str) -> None:

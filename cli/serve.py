@@ -36,10 +36,18 @@ def serve(store: StoreOpt = DEFAULT_URL, host: str = "127.0.0.1", port: Port = 8
 
 @app.command("neo4j-server", rich_help_panel=SERVE)
 @friendly
-def neo4j_server(home: str = ".neo4j/data", port: Port = 7687, page_cache: str = "256m"):
+def neo4j_server(home: str = ".neo4j/data", port: Port = 7687, page_cache: str = "256m",
+                 detach: Annotated[bool, typer.Option(help="start it in the background, return once it answers")] = False,
+                 stop: Annotated[bool, typer.Option(help="stop the server --detach started in this --home")] = False):
     """Build (first time, Maven) and run Neo4j Community with Bolt on 127.0.0.1 for local use."""
-    from cli.neo4j_server import run_foreground
+    from cli import neo4j_server as server
 
-    run_foreground(home, port, page_cache)
+    if stop:
+        print(server.stop_detached(home))
+    elif detach:
+        print(f"Neo4j Community on {server.start_detached(home, port, page_cache)} (data in {home}); "
+              f"`circuit-catalog neo4j-server --stop --home {home}` stops it")
+    else:
+        server.run_foreground(home, port, page_cache)
 
 
