@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 def fill(url: str, n_obs: int, n_runs: int) -> list[str]:
-    from store import fill_runs
+    from synthetic_catalog import fill_runs
 
     store = open_store(url)
     for batch in fill_runs(store, n_obs, n_runs):

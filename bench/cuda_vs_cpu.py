@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import ingest.jobs  # noqa: E402
+import ingest.windows  # noqa: E402
 from catalog.stores import open_store  # noqa: E402
 from ingest.jobs import JobOptions, run_job  # noqa: E402
+from ingest.model_with_saes import ModelWithSaes  # noqa: E402
 from ingest.reduce import Partial  # noqa: E402
-from ingest.session import ModelWithSaes  # noqa: E402
 
 
 def catalog_of(device: str, corpus: str, url: str) -> tuple[dict, dict, float]:
@@ -49,11 +49,11 @@ SUMS = {"sum", "sumsq", "sum_abs", "head_sum", "role_abs", "node_sum_act"}  # fl
 
 
 class ReductionCheck:
-    """Wraps ingest.jobs' reduce_batch and merge: each call is repeated on CPU copies and compared."""
+    """Wraps ingest.windows' reduce_batch and merge: each call is repeated on CPU copies and compared."""
 
     def __init__(self):
         self.calls, self.mismatches, self.worst = 0, [], 0.0
-        self.reduce, self.merge = ingest.jobs.reduce_batch, ingest.jobs.merge
+        self.reduce, self.merge = ingest.windows.reduce_batch, ingest.windows.merge
 
     def compare(self, what: str, device: Partial, cpu: Partial) -> None:
         self.calls += 1
@@ -84,14 +84,14 @@ class ReductionCheck:
 
 def reduction_alone(device: str, corpus: str, url: str) -> None:
     check = ReductionCheck()
-    ingest.jobs.reduce_batch, ingest.jobs.merge = check.reduce_batch, check.merge_parts
+    ingest.windows.reduce_batch, ingest.windows.merge = check.reduce_batch, check.merge_parts
     try:
         session = ModelWithSaes.open("toy-ioi", ["toy-ioi"], device)
         run_job(
             session, corpus, open_store(url), JobOptions(run="r", batch_size=8, progress=False, mine=False), log=lambda *_: None
         )
     finally:
-        ingest.jobs.reduce_batch, ingest.jobs.merge = check.reduce, check.merge
+        ingest.windows.reduce_batch, ingest.windows.merge = check.reduce, check.merge
     print(
         f"  reduction alone: {check.calls} reduce_batch/merge calls on {device} repeated on CPU copies: "
         f"{'every column equal' if not check.mismatches else 'DIFFERENT: ' + '; '.join(check.mismatches[:5])} "

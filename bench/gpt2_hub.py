@@ -41,7 +41,7 @@ def ensure_built() -> Path:
 
 def gpt2_session(device):
     """ModelWithSaes of gpt2-small and both releases, loaded as `circuit-catalog ingest` loads them."""
-    from ingest.session import ModelWithSaes
+    from ingest.model_with_saes import ModelWithSaes
 
     ensure_built()
     return ModelWithSaes.open("gpt2-small", SAES, str(device))

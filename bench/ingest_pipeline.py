@@ -104,7 +104,7 @@ def one(session, corpus, url, run, batch, label, no_write=False, **opts):
 
 
 def toy_section(args, tmp, neo):
-    from ingest.session import ModelWithSaes
+    from ingest.model_with_saes import ModelWithSaes
 
     toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
     default = JobOptions.__dataclass_fields__["pruning"].default_factory()
@@ -148,7 +148,7 @@ def baseline_section(args, tmp, with_neo4j: bool) -> dict[str, float]:
 
 
 def windows_section(args, tmp, neo):
-    from ingest.session import ModelWithSaes
+    from ingest.model_with_saes import ModelWithSaes
 
     toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
     print(f"toy-ioi, ioi:{args.toy_prompts} into SQLite, batch 8, by --window:")
@@ -205,8 +205,8 @@ def replay_section(args, tmp, neo, session):
 
 def check_against_numpy(store, replay, n_prompts):
     """The stored edges equal an independent numpy aggregation of every replayed observation."""
-    from ingest.jobs import node_slots
     from ingest.to_catalog import _catalog_edges
+    from ingest.windows import node_slots
 
     slots = node_slots(replay.real)
     keys, vals = [], []

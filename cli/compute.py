@@ -15,7 +15,7 @@ from cli.common import COMPUTE, JsonOpt, StoreOpt, Threads, app, bounded, consol
 
 def open_session(model: str, saes: list[str], device: str | None, *, decompose: bool = True):
     """Load the model and SAEs; what a release left out is said on stderr, in one line each."""
-    from ingest.session import ModelWithSaes
+    from ingest.model_with_saes import ModelWithSaes
 
     session = ModelWithSaes.open(model, list(saes), device, decompose=decompose)
     for note in session.saes.left_out:

@@ -12,8 +12,8 @@ from catalog.mined import patterns
 from catalog.stores import open_store
 from cli.common import console as new_console
 from ingest.jobs import JobOptions, run_job
+from ingest.model_with_saes import ModelWithSaes
 from ingest.runtime import configure_threads
-from ingest.session import ModelWithSaes
 
 console = new_console()
 

@@ -24,7 +24,7 @@ from catalog.ids import NodeKind
 from catalog.queries import node_ref_of
 from ingest import ioi
 from ingest.lens import attn_out_hook, replay_hooks, run_with_cache, run_with_hooks, sae_hook
-from ingest.session import ModelWithSaes
+from ingest.model_with_saes import ModelWithSaes
 
 
 @dataclass

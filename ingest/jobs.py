@@ -19,89 +19,21 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from catalog import __version__
-from catalog.aggregate import WindowAggregate
 from catalog.mined import mine_after_ingest
-from catalog.schema import Prompt
 from catalog.stores.base import StoreUnavailable
-from ingest.corpora import CorpusItem, content_hash, open_corpus
+from ingest.corpora import CorpusItem, open_corpus
 from ingest.errors import UserFacingError
-from ingest.rdfa.tensors import Pruning
-from ingest.reduce import Partial, merge, reduce_batch
-from ingest.roles import PromptPositions, role_rows
-from ingest.session import ModelWithSaes
-from ingest.to_catalog import NodeSlots, SaeKeys, observations, prompt_ranks, to_window
+from ingest.job_options import DEFAULT_WINDOW_MEM, JobOptions, JobSummary, RayOptions, parse_shard
+from ingest.model_with_saes import ModelWithSaes
+from ingest.to_catalog import NodeSlots
+from ingest.windows import compute_windows, count_written, cut_windows, node_slots
 
-DEFAULT_WINDOW_MEM = 2 << 30  # bytes of device aggregates before a window is compacted or flushed early
-
-
-@dataclass
-class JobOptions:
-    run: str
-    batch_size: int = 8
-    limit: int | None = None
-    shard: tuple[int, int] = (0, 1)
-    resume: bool = False
-    max_tokens: int | None = None
-    long_policy: str = "refuse"  # refuse | truncate | skip
-    pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
-    queue_size: int = 1  # windows waiting for the writer (each holds its host copy)
-    progress: bool = True
-    window: int | None = None  # prompts per store write; None: the store's default_window
-    window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
-    window_edges: int | None = None  # edges a window may hold before it is flushed early; None: the store's bound
-    tail_window: int | None = None  # prompts below which the last windows stop halving; None: the store's
-    executor: str = "local"  # local | ray
-    ray: RayOptions | None = None  # with executor "ray"
-    mine: bool = True  # mine and store composition patterns when the run is done (catalog.mined)
-
-
-@dataclass
-class RayOptions:
-    address: str | None = None  # None: start a local cluster; "auto" or HOST:PORT: join one
-    workers: int = 2  # RDFA workers (actors), each with the model and SAEs loaded once
-    gpus_per_worker: float = 0.0  # 0: CPU workers
-    threads_per_worker: int = 1
-    model: str = ""  # what each worker loads (the driver's own session only tokenizes)
-    saes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class JobSummary:
-    run: str
-    prompts: int = 0
-    skipped_long: int = 0
-    skipped_done: int = 0
-    bad_lines: int = 0
-    unknown_tokens: int = 0  # words the tokenizer does not know, read as <unk> (each prompt's meta counts its own)
-    prompts_with_unknown_tokens: int = 0
-    observations: int = 0
-    edges: int = 0  # edge rows written (an edge recurring in several windows counts once per window)
-    windows: int = 0
-    seconds: float = 0.0  # ingest, from start to the run's finish (mining excluded)
-    store_wait_seconds: float = 0.0
-    mining_seconds: float = 0.0  # mining the run's composition patterns afterwards (catalog.mined)
-
-    @property
-    def store_wait_share(self) -> float:
-        return self.store_wait_seconds / self.seconds if self.seconds else 0.0
-
-    def as_dict(self) -> dict:
-        return {**self.__dict__, "store_wait_share": round(self.store_wait_share, 4)}
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise UserFacingError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserFacingError(f"--shard {text!r}: need 0 <= i < n")
-    return i, n
+__all__ = ["DEFAULT_WINDOW_MEM", "JobOptions", "JobSummary", "RayOptions", "cut_windows", "parse_shard",
+           "refuse_existing_run", "run_job"]
 
 
 def tokenize(items: list[CorpusItem], session: ModelWithSaes, opts: JobOptions) -> tuple[list[tuple[CorpusItem, list[int]]], int]:
@@ -135,17 +67,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
-
-
-def _prompt(run: str, item: CorpusItem, ids: list[int], session: ModelWithSaes, corpus_spec: str) -> Prompt:
-    tokens = session.lm.tokenizer.spell(ids)
-    meta = dict(item.meta)
-    if "io" in meta and "s" in meta:
-        from ingest.ioi import name_positions
-
-        meta.update(name_positions(tokens, meta["io"], meta["s"]))
-    return Prompt(f"{run}/{item.prompt_id}", run, item.prompt_id, item.text, tokens, corpus_spec,
-                  content_hash(item.text), meta)
 
 
 def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, log=print) -> JobSummary:
@@ -222,25 +143,6 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     return summary
 
 
-def cut_windows(batches: list, per_window: int, min_tail: int = 1) -> list[list]:
-    """Consecutive batches grouped into windows of ``per_window``, except at the end: once fewer than
-    two full windows are left, each window takes half of what is left (rounded up), down to
-    ``min_tail`` batches (or what is left). Why: the writer stores a window while the next is
-    computed, so only the last window's write is never overlapped; a halving tail makes that write
-    small where a write costs about its window's size (SQLite: one batch; the demo's store wait 19% ->
-    see README). Where a write costs about the same whatever the window (Neo4j rewrites every edge a
-    window touches, and a corpus's edges saturate), halves smaller than ``min_tail`` would each cost a
-    full write and leave the compute waiting. Where windows are cut never changes the catalog (merges
-    are exact), and the cut depends only on the batch list, so a resumed or sharded job cuts alike."""
-    windows, k = [], 0
-    while k < len(batches):
-        left = len(batches) - k
-        size = per_window if left >= 2 * per_window else min(per_window, max((left + 1) // 2, min_tail), left)
-        windows.append(batches[k:k + size])
-        k += size
-    return windows
-
-
 def refuse_existing_run(store, opts: JobOptions) -> None:
     """The refusal start_run gives a run that exists and is neither resumed nor sharded, asked before
     the model loads (a TransformerLens import alone is ~12 s); start_run still decides under its lock."""
@@ -286,73 +188,6 @@ def _stored(batch, done: set[str]) -> bool:
         raise UserFacingError(f"a batch is only partly stored ({sum(stored)} of {len(stored)} prompts, from "
                               f"{batch[0][0].prompt_id!r}); was the run written with another --batch-size?")
     return all(stored)
-
-
-def node_slots(session: ModelWithSaes) -> NodeSlots:
-    saes = session.saes
-    keys = SaeKeys({l: (s.key, s.weights.d_sae) for l, s in saes.attn.items()},
-                   {l: (s.key, s.weights.d_sae) for l, s in saes.resid.items()})
-    return NodeSlots(session.lm.name, session.lm.cfg.n_layers, keys, session.lm.cfg.n_heads)
-
-
-class _Window:
-    """The partial aggregates of the window being computed, on the device."""
-
-    def __init__(self, prompts: list[Prompt], device, cap: int | None, mem: int, max_edges: int | None):
-        self.prompts, self.rank, self.cap, self.mem = prompts, prompt_ranks(prompts, device), cap, mem
-        self.max_edges = max_edges
-        self.parts: list[Partial] = []
-        self.first = 0  # window row of the first prompt not flushed yet
-        self.end = 0  # window row after the last prompt reduced
-        self.observations = 0
-
-    def add(self, part: Partial, n_prompts: int, n_observations: int) -> bool:
-        """Add a batch's partial; True when the window should be flushed early (memory, or more
-        edges than the store takes in one write)."""
-        self.parts.append(part)
-        self.end += n_prompts
-        self.observations += n_observations
-        too_many = self.max_edges is not None and sum(len(p.edge_key) for p in self.parts) > self.max_edges
-        if too_many or sum(p.nbytes for p in self.parts) > self.mem // 2:
-            self.parts = [merge(self.parts, self.rank, self.cap)]
-            return self.parts[0].nbytes > self.mem // 2 or (
-                self.max_edges is not None and len(self.parts[0].edge_key) > self.max_edges)
-        return False
-
-    def flush(self, slots: NodeSlots, run: str):
-        part = merge(self.parts, self.rank, self.cap)
-        part.ev_prompt = part.ev_prompt - self.first
-        agg = to_window(part, slots.infos, slots.size, run, self.prompts[self.first:self.end], self.cap,
-                        self.observations)
-        self.parts, self.first, self.observations = [], self.end, 0
-        return agg
-
-
-def compute_windows(session: ModelWithSaes, batches: list, corpus_spec: str, slots: NodeSlots, opts: JobOptions,
-                    cap: int | None, after_batch=None) -> Iterator[WindowAggregate]:
-    """RDFA and the device reduction of one window's batches: yields its aggregate (more than one
-    when ``window_mem`` forces an early flush). ``after_batch(k)`` runs after batch k (a test hook)."""
-    prompts = [_prompt(opts.run, item, ids, session, corpus_spec) for b in batches for item, ids in b]
-    window = _Window(prompts, session.device, cap, opts.window_mem, opts.window_edges)
-    positions = PromptPositions.of(prompts, session.device)
-    for k, batch in enumerate(batches):
-        _, graph = session.attribute([ids for _, ids in batch], opts.pruning)
-        obs, acts = observations(graph, slots, window.end)
-        obs.role_row, obs.role_code = role_rows(obs.prompt, obs.head, obs.src_pos, obs.dst_pos, positions)
-        part = reduce_batch(obs, acts, window.rank, slots.size, cap)
-        if window.add(part, len(batch), len(obs.value)):
-            yield window.flush(slots, opts.run)
-        if after_batch is not None:
-            after_batch(k)
-    if window.parts:
-        yield window.flush(slots, opts.run)
-
-
-def count_written(summary: JobSummary, agg: WindowAggregate) -> None:
-    summary.prompts += len(agg.prompts)
-    summary.observations += agg.observations
-    summary.edges += len(agg.edges)
-    summary.windows += 1
 
 
 def _pipeline(session: ModelWithSaes, store, todo, corpus_spec: str, slots: NodeSlots, opts: JobOptions,

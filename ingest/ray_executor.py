@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ingest.jobs import JobOptions, JobSummary, compute_windows, count_written, node_slots
+from ingest.job_options import JobOptions, JobSummary
+from ingest.windows import compute_windows, count_written, node_slots
 
 DIE_ONCE_ENV = "CIRCUIT_CATALOG_RAY_DIE_ONCE"  # test hook: a marker path; the first worker to see it missing dies
 
@@ -42,8 +43,8 @@ class RdfaWorker:
     """A Ray actor: the model and SAEs loaded once; turns windows of batches into aggregates."""
 
     def __init__(self, model: str, saes: list[str], device: str | None, threads: int):
+        from ingest.model_with_saes import ModelWithSaes
         from ingest.runtime import configure_threads
-        from ingest.session import ModelWithSaes
 
         configure_threads(threads)
         self.session = ModelWithSaes.open(model, saes, device)

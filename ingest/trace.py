@@ -15,11 +15,11 @@ import torch
 from catalog.ids import NodeKind, NodeRefError, format_ref, parse_ref
 from ingest.errors import UserFacingError
 from ingest.lens import capture
+from ingest.model_with_saes import ModelWithSaes
 from ingest.rdfa import steps
 from ingest.rdfa.blocks import position_blocks
 from ingest.rdfa.graph import direct_closure, direct_into, full_graph
 from ingest.rdfa.tensors import EDGE_KIND_NAMES, Code, EdgeTable, Pruning, code_to_ref
-from ingest.session import ModelWithSaes
 
 Key = tuple[int, int, int, int]  # (code, layer, index, pos)
 

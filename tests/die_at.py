@@ -36,13 +36,13 @@ def main() -> None:
 
             cls._write_evidence = write_evidence
     elif point == "batch":
-        import ingest.jobs as jobs
+        import ingest.windows as windows
         from catalog.stores import open_store
 
         url, run = args[args.index("--store") + 1], args[args.index("--run") + 1]
         batch_size, window = int(args[args.index("--batch-size") + 1]), int(args[args.index("--window") + 1])
 
-        def reduce_batch(*a, _real=jobs.reduce_batch, **k):
+        def reduce_batch(*a, _real=windows.reduce_batch, **k):
             calls[0] += 1
             if calls[0] == int(n):
                 stored_before = (int(n) - 1) // (window // batch_size) * window
@@ -52,7 +52,7 @@ def main() -> None:
                 die()
             return _real(*a, **k)
 
-        jobs.reduce_batch = reduce_batch
+        windows.reduce_batch = reduce_batch
     else:
         raise SystemExit(f"unknown point {point!r}")
     from cli import app

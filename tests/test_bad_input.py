@@ -13,7 +13,7 @@ from cli import app
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
 from ingest.jobs import JobOptions, run_job
-from ingest.session import ModelWithSaes
+from ingest.model_with_saes import ModelWithSaes
 from ingest.trace import trace
 
 TOY = ["--model", "toy-ioi", "--saes", "toy-ioi"]

@@ -188,7 +188,7 @@ def test_batch_size_changes_sums_only_by_float32_rounding(tmp_path):
     ioi:48, batch 1 vs 8), and evidence differs only where a row ties with the last kept one to that
     rounding. (Relative to |sum| the change is larger where an edge's values cancel: 6.5e-4 there.)"""
     from ingest.jobs import JobOptions, run_job
-    from ingest.session import ModelWithSaes
+    from ingest.model_with_saes import ModelWithSaes
 
     session = ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
     edges, evidence = {}, {}
@@ -276,7 +276,7 @@ def test_neo4j_killed_during_an_ingest_is_one_line_and_resume_is_offered(tmp_pat
 
 def test_ctrl_c_while_mining_says_the_run_is_done_and_how_to_mine(tmp_path, monkeypatch):
     import ingest.jobs as jobs
-    from ingest.session import ModelWithSaes
+    from ingest.model_with_saes import ModelWithSaes
 
     def interrupted(store, run):
         raise KeyboardInterrupt

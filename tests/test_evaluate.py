@@ -17,8 +17,8 @@ from catalog.ids import NodeKind
 from catalog.stores import open_store
 from ingest.evaluate import eval_saes, spot_check
 from ingest.jobs import JobOptions, run_job
+from ingest.model_with_saes import ModelWithSaes
 from ingest.rdfa.types import SaeWeights
-from ingest.session import ModelWithSaes
 
 
 @pytest.fixture(scope="module")

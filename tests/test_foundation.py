@@ -41,6 +41,28 @@ def test_catalog_imports_neither_ingest_nor_api_nor_the_cli():
             assert not [n for n in names if n.split(".")[0] in ("ingest", "api", "cli")], (path, names)
 
 
+def test_no_module_imports_itself_through_others():
+    """No import circles among the project's modules (deferred imports inside functions count too): a
+    newcomer reads a room's modules in one order. bench/ scripts import each other by bare name."""
+    import ast
+
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for room in ("catalog", "ingest", "api", "cli", "bench"):
+        for path in (ROOT / room).rglob("*.py"):
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                for name in names:
+                    target = f"bench.{name}" if room == "bench" and (ROOT / "bench" / f"{name}.py").exists() else name
+                    if (ROOT / (target.replace(".", "/") + ".py")).exists():
+                        graph.add_edge(module, target)
+    assert graph.number_of_edges() > 100  # the walk found the project's imports
+    assert list(nx.simple_cycles(graph)) == []
+
+
 def test_transformer_lens_is_used_through_one_module():
     """Imports of transformer_lens, forward passes with caches or hooks, and SAE hook names appear in
     ingest/lens.py only, so a move to TransformerLens 4 changes one file."""

@@ -16,7 +16,7 @@ from catalog.stores import open_store
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
 from ingest.jobs import JobOptions, cut_windows, run_job
-from ingest.session import ModelWithSaes
+from ingest.model_with_saes import ModelWithSaes
 
 CLI = [sys.executable, "-m", "cli"]
 JOB = ["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--batch-size", "4", "--no-progress", "--run", "r"]

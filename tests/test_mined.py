@@ -19,7 +19,7 @@ from catalog.mined import CHECK_REUSE_S, STORED_TOP, mine_and_store, selection_k
 from catalog.mining import mine
 from catalog.schema import Prompt
 from ingest.jobs import JobOptions, run_job
-from ingest.session import ModelWithSaes
+from ingest.model_with_saes import ModelWithSaes
 
 CLI = [sys.executable, "-m", "cli"]
 

@@ -21,8 +21,8 @@ from catalog.ids import parse_ref
 from catalog.schema import ROLES
 from catalog.stores import open_store
 from ingest.jobs import JobOptions, run_job
+from ingest.model_with_saes import ModelWithSaes
 from ingest.rdfa.tensors import Pruning
-from ingest.session import ModelWithSaes
 
 RTOL = 1e-4
 

@@ -11,7 +11,7 @@ from catalog_data import _roles_of
 from catalog import queries
 from catalog.stores import open_store
 from ingest.jobs import JobOptions, run_job
-from ingest.session import ModelWithSaes
+from ingest.model_with_saes import ModelWithSaes
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""What an ingest job is asked to do (JobOptions, RayOptions) and what it reports (JobSummary): shared by the
+local job (ingest/jobs.py) and the Ray executor (ingest/ray_executor.py), which import this, not each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ingest.errors import UserFacingError
+from ingest.rdfa.tensors import Pruning
+
+DEFAULT_WINDOW_MEM = 2 << 30  # bytes of device aggregates before a window is compacted or flushed early
+
+
+@dataclass
+class JobOptions:
+    run: str
+    batch_size: int = 8
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+    max_tokens: int | None = None
+    long_policy: str = "refuse"  # refuse | truncate | skip
+    pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
+    queue_size: int = 1  # windows waiting for the writer (each holds its host copy)
+    progress: bool = True
+    window: int | None = None  # prompts per store write; None: the store's default_window
+    window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
+    window_edges: int | None = None  # edges a window may hold before it is flushed early; None: the store's bound
+    tail_window: int | None = None  # prompts below which the last windows stop halving; None: the store's
+    executor: str = "local"  # local | ray
+    ray: RayOptions | None = None  # with executor "ray"
+    mine: bool = True  # mine and store composition patterns when the run is done (catalog.mined)
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: start a local cluster; "auto" or HOST:PORT: join one
+    workers: int = 2  # RDFA workers (actors), each with the model and SAEs loaded once
+    gpus_per_worker: float = 0.0  # 0: CPU workers
+    threads_per_worker: int = 1
+    model: str = ""  # what each worker loads (the driver's own session only tokenizes)
+    saes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobSummary:
+    run: str
+    prompts: int = 0
+    skipped_long: int = 0
+    skipped_done: int = 0
+    bad_lines: int = 0
+    unknown_tokens: int = 0  # words the tokenizer does not know, read as <unk> (each prompt's meta counts its own)
+    prompts_with_unknown_tokens: int = 0
+    observations: int = 0
+    edges: int = 0  # edge rows written (an edge recurring in several windows counts once per window)
+    windows: int = 0
+    seconds: float = 0.0  # ingest, from start to the run's finish (mining excluded)
+    store_wait_seconds: float = 0.0
+    mining_seconds: float = 0.0  # mining the run's composition patterns afterwards (catalog.mined)
+
+    @property
+    def store_wait_share(self) -> float:
+        return self.store_wait_seconds / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "store_wait_share": round(self.store_wait_share, 4)}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserFacingError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserFacingError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
