@@ -155,7 +155,7 @@ class PromptGraph(Model):
 
 
 class NeuronpediaGraph(BaseModel):
-    """Attribution-graph JSON as Neuronpedia and circuit-tracer's frontend read it (see the README)."""
+    """Attribution-graph JSON as Neuronpedia and circuit-tracer's frontend read it (docs/api.md)."""
 
     model_config = ConfigDict(extra="allow")
     metadata: dict[str, Any]

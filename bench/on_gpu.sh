@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README, in one go (the order matters when time on the card is short):
+# The GPU figures of docs/performance.md, in one go (the order matters when time on the card is short):
 # RDFA alone, the CUDA catalog against the CPU one, then ingest (GPT-2-shaped and replay first, toy
 # last). SQLite only: a GPU machine here has no JVM for Neo4j. Writes each log to ${OUT:-.}/.
 # The GPT-2 rows load gpt2-small and both SAELens releases from the Hub fixture at the real width

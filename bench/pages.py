@@ -3,7 +3,7 @@
 
 For each page: the server's time to answer (median of --repeat HTTP GETs) and the browser's time from
 navigation to the `load` event, plus drawing for the prompt graph (median of --repeat loads).
-`--screenshots DIR` also saves the feature page and the prompt graph (the README's pictures).
+`--screenshots DIR` also saves the feature page and the prompt graph (the pictures of the README and docs/api.md).
 Usage: python bench/pages.py [--store sqlite:///demo-catalog.db] [--repeat 5] [--screenshots docs/img]
 """
 

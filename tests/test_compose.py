@@ -1,4 +1,4 @@
-"""docker-compose.yml: the stack the README describes (``docker compose config`` validates it where
+"""docker-compose.yml: the stack docs/catalog.md describes (``docker compose config`` validates it where
 Docker is installed; here its content is checked)."""
 
 from pathlib import Path

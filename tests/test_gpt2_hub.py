@@ -1,7 +1,7 @@
-"""GPT-2 Small with the seed's SAELens releases, as a user runs it: the README's GPT-2 commands, typed as
-written, offline on a Hugging Face cache laid out as the Hub serves it (tests/hub_fixture.py), into
-SQLite and a live Neo4j; the numbers against TransformerLens and SAELens directly; the loader's bad
-input answered in one line."""
+"""GPT-2 Small with the seed's SAELens releases, as a user runs it: docs/ingest.md's GPT-2 commands (the
+README's three among them), typed as written, offline on a Hugging Face cache laid out as the Hub serves
+it (tests/hub_fixture.py), into SQLite and a live Neo4j; the numbers against TransformerLens and SAELens
+directly; the loader's bad input answered in one line."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from hub_fixture import ATTN_RELEASE, MODEL_REPO, RESID_RELEASE, build
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "circuit-catalog")
-README = (ROOT / "README.md").read_text()
-GPT2_BLOCK = README.split("### GPT-2 Small with the seed's SAEs")[1].split("```bash")[1].split("```")[0]
+INGEST_DOC = (ROOT / "docs" / "ingest.md").read_text()
+GPT2_BLOCK = INGEST_DOC.split("### GPT-2 Small with the seed's SAEs")[1].split("```bash")[1].split("```")[0]
 COMMANDS = [shlex.split(line) for line in GPT2_BLOCK.strip().splitlines()]
 PROMPT = "When Mary and John went to the store, John gave a drink to"
-TARGET, SOURCE = "A5.44256", "R5.101"  # the README's placeholders
+TARGET, SOURCE = "A5.44256", "R5.101"  # the doc's placeholders
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +48,14 @@ def refs_main(hub: Path, repo_id: str) -> str:
     return (hub / "hub" / ("models--" + repo_id.replace("/", "--")) / "refs" / "main").read_text()
 
 
-def test_the_readme_block_is_what_the_tests_run():
+def test_the_documented_blocks_are_what_the_tests_run():
+    """docs/ingest.md's block is what the tests below run, and the README's three GPT-2 lines are in it."""
     assert [c[1] for c in COMMANDS] == ["trace", "ingest", "ingest", "upstream", "downstream", "feature", "edge",
                                         "diff", "patterns", "eval-saes", "spot-check", "serve"]
     assert all(c[0] == "circuit-catalog" for c in COMMANDS)
+    readme = (ROOT / "README.md").read_text().split("## GPT-2 Small with the seed's SAEs")[1]
+    readme_lines = readme.split("```bash")[1].split("```")[0].strip().splitlines()
+    assert len(readme_lines) == 3 and set(readme_lines) <= set(GPT2_BLOCK.strip().splitlines())
 
 
 def test_trace_prints_parseable_json_and_neuronpedia_and_a_tree(hub, tmp_path):

@@ -3,7 +3,7 @@ against `circuit-catalog serve` on a free loopback port, over a catalog the toy 
 
 Every number a page shows is compared with the REST API's answer to the same question; every
 request the browser makes is checked to stay on the loopback server (the pages work offline).
-Screenshots of each page go to test-artifacts/screenshots/ (the README names it)."""
+Screenshots of each page go to test-artifacts/screenshots/ (docs/api.md names it)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Issue 14 (job arrays without a reachable database): shards write partial aggregates to a folder,
-`merge` writes them into a catalog; the README's SLURM script, run for every task index, then merged,
+`merge` writes them into a catalog; docs/ingest.md's SLURM script, run for every task index, then merged,
 gives the catalog of one process, on both stores; merging again stores nothing twice."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from catalog.partials import PartialsDir, load_window, save_window
 from catalog.stores import open_store
 from cli import app
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+INGEST_DOC = (Path(__file__).resolve().parent.parent / "docs" / "ingest.md").read_text()
 BIN = Path(sys.executable).parent  # where `circuit-catalog` is installed
 
 
 def job_script() -> str:
-    block = README.split("### Job arrays")[1]
+    block = INGEST_DOC.split("### Job arrays")[1]
     return re.search(r"```bash\n(.*?)```", block, re.S).group(1)
 
 
