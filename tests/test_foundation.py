@@ -63,6 +63,28 @@ def test_no_module_imports_itself_through_others():
     assert list(nx.simple_cycles(graph)) == []
 
 
+def test_each_store_reads_in_one_module_and_writes_in_another():
+    """A store is <store>_connection.py (driver, schema), <store>_read.py and <store>_write.py: no query
+    string of a read module changes the catalog, and the write modules are where the writes are."""
+    import ast
+
+    statement = re.compile(r"\b(INSERT|UPDATE|DELETE|DROP|CREATE|MERGE|REMOVE|DETACH)\b|\bSET [\w.]+ ?=|\bBEGIN\b")
+    for store in ("sqlite", "neo4j"):
+        found = {}
+        for part in ("read", "write"):
+            tree = ast.parse((ROOT / "catalog" / "stores" / f"{store}_{part}.py").read_text())
+            docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                          if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef) and n.body
+                          and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+            strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                       and id(n) not in docstrings]
+            calls = [n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+            found[part] = [x for x in strings if statement.search(x)] + [c for c in calls if c in
+                                                                         ("execute_write", "executemany", "commit")]
+        assert found["read"] == [], (store, found["read"])
+        assert len(found["write"]) > 5, store
+
+
 def test_transformer_lens_is_used_through_one_module():
     """Imports of transformer_lens, forward passes with caches or hooks, and SAE hook names appear in
     ingest/lens.py only, so a move to TransformerLens 4 changes one file."""
