@@ -46,12 +46,25 @@ def timed(fn, device, reps):
     return best, out
 
 
+def count_ops(fn) -> int:
+    """Top-level torch operators ``fn`` dispatches (aten ops not called from inside another aten op), as
+    torch.profiler records them: the count that batching must keep from growing with the batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one configuration only")
     ap.add_argument("--long", action="store_true", help="also a 1024-token prompt (memory check)")
     ap.add_argument("--configs", help="comma-separated BATCHxTOKENS, e.g. 1x1024 (replaces the default list)")
+    ap.add_argument("--ops", action="store_true", help="also count the torch operators full_graph dispatches "
+                    "(issue 37: B8x64 <= 1.3x B1x64)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +81,9 @@ def main() -> None:
     if args.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd+enc s':>10} {'attrib s':>9} {'ratio':>6} "
-          f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8}")
+          f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8}"
+          + (f" {'ops':>8} {'ops/B1':>7}" if args.ops else ""))
+    ops_b1: dict[int, int] = {}
     for B, T in configs:
         tokens = torch.randint(0, d_vocab, (B, T), device=device)
         lengths = torch.full((B,), T, device=device)
@@ -93,14 +108,24 @@ def main() -> None:
         l0 = [(resid[l].activation(resid[l].pre_activation(cap.resid_pre[l])) > 0).sum(-1)[:, 1:] for l in range(n_layers)]
         l0 = torch.cat([x.flatten() for x in l0]).float()
         total = t_base + t_attr  # what an ingest step costs: forward + encodes happen inside full_graph too
+        ops = ""
+        if args.ops:
+            with torch.no_grad():
+                n_ops = count_ops(lambda: full_graph(cap, weights, attn, resid, pruning))  # noqa: B023
+            if B == 1:
+                ops_b1.setdefault(T, n_ops)
+            ops = f" {n_ops:>8} {n_ops / ops_b1[T]:>7.2f}" if T in ops_b1 else f" {n_ops:>8} {'':>7}"
         print(f"{B:>5} {T:>6} {f'{l0.mean():.0f} ({l0.min():.0f}-{l0.max():.0f})':>14} {t_base:>10.2f} "
               f"{t_attr:>9.2f} {t_attr / t_base:>6.2f} {B / total:>9.2f} {len(graph.edges) + len(graph.direct):>9} "
-              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8}")
+              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8}{ops}")
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print(f"peak memory: {peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     print("ratio = full_graph time / (forward with cache + 24 SAE encodes); prompts/s counts both (without QK)")
     print("+QK s = full_graph with QK - without; QK/attrib = that / full_graph without QK (target <= 1.0)")
+    if args.ops:
+        print("ops = top-level torch operators full_graph dispatches (without QK); ops/B1 = that / the count at "
+              "batch 1 and the same length (target at B8x64 <= 1.3)")
 
 
 if __name__ == "__main__":
