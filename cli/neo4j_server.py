@@ -68,7 +68,13 @@ def start_detached(home: str, port: int, page_cache: str) -> str:
     if pid_file.exists() and _alive(int(pid_file.read_text())):
         raise ValueError(f"a server started with --detach is already running from {home} "
                            f"(pid {pid_file.read_text().strip()}); --stop stops it")
-    proc = start(home, port, page_cache, new_session=True)
+    try:
+        proc = start(home, port, page_cache, new_session=True)
+    except RuntimeError:
+        log = (Path(home) / "server.log").read_text().strip().splitlines() if (Path(home) / "server.log").exists() else []
+        cause = next((line for line in reversed(log) if "Exception" in line or "rror" in line), log[-1] if log else "")
+        raise ValueError(f"Neo4j did not start on port {port} ({cause.strip()[:300]}); its log is "
+                         f"{Path(home) / 'server.log'}") from None
     pid_file.write_text(str(proc.pid))
     return f"bolt://127.0.0.1:{port}"
 

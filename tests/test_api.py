@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from catalog_data import random_prompts
 from conftest import wait_healthy
@@ -317,3 +319,20 @@ def test_cypher_bounds_time_and_memory_inside_the_server_and_it_serves_again(tmp
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_range_bounds_are_read_from_the_query_not_from_its_strings_comments_or_quoted_names():
+    """check_ranges (the part of the Cypher bound that runs before anything is sent) sees the code only."""
+    from catalog.stores.base import CypherRefused
+    from catalog.stores.neo4j_cypher import check_ranges
+
+    check_ranges("RETURN 'range(1, 9999999999)', `a(b` /* range(1, 9999999999) */, range(0, size($x) - 1)\n"
+                 "// range(1, 9999999999)", {"x": [1, 2]})
+    check_ranges("RETURN [a IN range(1, 1000) | [b IN range(1, 1000) | a * b]]", {})  # 10^6: the bound itself
+    for query, params, says in [
+            ("RETURN [a IN range(1, 1001) | [b IN range(1, 1000) | a * b]]", {}, "span 1,001,000 values"),
+            ("RETURN `a)b`, range(1, $n)", {"n": 2_000_000}, "span 2,000,000 values"),
+            ("RETURN range(1, $n)", {"n": "9"}, "bound '$n' is not allowed"),
+            ("RETURN RANGE (1, 10 * 1000000000)", {}, "bound '10 * 1000000000' is not allowed")]:
+        with pytest.raises(CypherRefused, match=re.escape(says)):
+            check_ranges(query, params)

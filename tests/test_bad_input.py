@@ -101,3 +101,27 @@ def test_trace_says_what_is_wrong_with_a_start_feature(toy, feature, message):
 def test_trace_refuses_an_empty_prompt(toy, prompt):
     with pytest.raises(UserFacingError, match="the prompt is empty"):
         trace(toy, prompt)
+
+
+def test_neo4j_server_detach_on_a_busy_port_and_stop_with_none_are_one_line(tmp_path):
+    """``neo4j-server --detach`` on a port something else holds ends in one line naming the cause and the
+    log (no traceback, no pid file left); ``--stop`` with no server running says so and exits 0."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).parent / "circuit-catalog")
+    home = tmp_path / "data"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([cli, "neo4j-server", "--detach", "--port", str(port), "--home", str(home)],
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert f"did not start on port {port}" in done.stderr and "Address already in use" in done.stderr
+    assert str(home / "server.log") in done.stderr and not (home / "server.pid").exists()
+    stop = subprocess.run([cli, "neo4j-server", "--stop", "--home", str(home)], capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0 and stop.stdout.strip() == f"no server started with --detach is running from {home}"

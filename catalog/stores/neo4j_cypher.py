@@ -78,7 +78,9 @@ def _code_only(query: str) -> str:
     """The query with string literals emptied, comments blanked and quoted names unquoted."""
     def keep(m: re.Match[str]) -> str:
         text = m.group(0)
-        return m.group(1) if text.startswith("`") else "''" if text[0] in "'\"" else " "
+        if text.startswith("`"):  # a quoted name: its characters cannot open or close a call
+            return re.sub(r"\W", "_", m.group(1))
+        return "''" if text[0] in "'\"" else " "
     return _LEXEMES.sub(keep, query)
 
 
