@@ -232,3 +232,26 @@ def _serve_once(line: str, cwd: Path, env: dict, port: int) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    text = re.sub(r"^#+ ", "", heading).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_links_between_pages_point_at_pages_and_headings_that_exist():
+    anchors = {path: {_slug(line) for line in path.read_text().splitlines() if re.match(r"^#{1,4} ", line)}
+               for path in PAGES}
+    checked = 0
+    for path in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists(), (str(path.relative_to(ROOT)), target)
+            if anchor:
+                assert anchor in anchors[dest], (str(path.relative_to(ROOT)), target, sorted(anchors[dest]))
+            checked += 1
+    assert checked > 20
