@@ -144,9 +144,9 @@ def test_a_prompts_evidence_is_what_its_observations_kept_in_their_edges_top_n(s
 def test_evidence_of_many_edges_is_each_edges_top_rows_in_order(store_url, monkeypatch):
     """What mining reads at once: per edge asked (in the order asked, a missing edge answering nothing)
     its ``limit`` best observations by the evidence order, read in several queries on Neo4j."""
-    import catalog.stores.neo4j as neo4j_store
+    import catalog.stores.neo4j_read as neo4j_read
 
-    monkeypatch.setattr(neo4j_store, "EDGES_PER_READ", 7)
+    monkeypatch.setattr(neo4j_read, "EDGES_PER_READ", 7)
     batches = _batches()
     store = _fill(store_url, batches)
     by_edge: dict = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,20 +56,30 @@ class SqliteWrites(SqliteReads):
         """Store a window's prompts and aggregates in one IMMEDIATE transaction; False if every
         prompt was stored already. Columns go through executemany into temp tables, then one
         set-based upsert per table."""
+        def write(c: sqlite3.Connection) -> dict[str, int] | None:
+            run = self._run_no(c, agg.run)
+            if not self._claim_prompts(c, agg.run, agg.prompts):
+                return None
+            ids, new_ids = self._node_ids(c, agg.nodes)
+            self._write_aggregate(c, agg, run, ids, self.evidence_per_edge)
+            return new_ids
+
+        return self._in_immediate_transaction(write)
+
+    def _in_immediate_transaction(self, write: Callable[[sqlite3.Connection], dict[str, int] | None]) -> bool:
+        """Run ``write`` in one IMMEDIATE transaction: committed when it returns the node ids it created
+        (taken in only then), rolled back when it returns None (nothing to store) or raises."""
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            run = self._run_no(c, agg.run)
-            if not self._claim_prompts(c, agg.run, agg.prompts):
-                c.execute("ROLLBACK")
-                return False
-            ids, new_ids = self._node_ids(c, agg.nodes)
-            self._write_aggregate(c, agg, run, ids, self.evidence_per_edge)
-            c.execute("COMMIT")
+            new_ids = write(c)
+            c.execute("ROLLBACK" if new_ids is None else "COMMIT")
         except BaseException:
             self._pending = {}
             c.execute("ROLLBACK")
             raise
+        if new_ids is None:
+            return False
         self._committed(new_ids)
         return True
 
@@ -246,18 +257,13 @@ class SqliteWrites(SqliteReads):
     def import_window(self, agg: WindowAggregate) -> None:
         """Bulk-load an exported catalog's rows (into an empty catalog: no prompt claim, every
         evidence row kept)."""
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        def write(c: sqlite3.Connection) -> dict[str, int]:
             self._insert_prompts(c, agg.prompts, "INSERT OR IGNORE")
             ids, new_ids = self._node_ids(c, agg.nodes)
             self._write_aggregate(c, agg, self._run_no(c, agg.run), ids, None)
-            c.execute("COMMIT")
-        except BaseException:
-            self._pending = {}
-            c.execute("ROLLBACK")
-            raise
-        self._committed(new_ids)
+            return new_ids
+
+        self._in_immediate_transaction(write)
 
     def import_runs(self, runs: list[Run]) -> None:
         self._conn.executemany(
