@@ -336,3 +336,21 @@ def test_range_bounds_are_read_from_the_query_not_from_its_strings_comments_or_q
             ("RETURN RANGE (1, 10 * 1000000000)", {}, "bound '10 * 1000000000' is not allowed")]:
         with pytest.raises(CypherRefused, match=re.escape(says)):
             check_ranges(query, params)
+
+
+def test_the_supervisor_restarts_only_after_a_full_heap_or_a_runaway_and_not_forever(tmp_path):
+    """Exit codes 3 (-XX:+ExitOnOutOfMemoryError) and 75 (the runaway watchdog) are restarted, at most 5 times
+    a minute; any other exit ends the supervisor with that code at once."""
+    import subprocess
+
+    from cli.neo4j_server import MODULE, build
+
+    build()
+    classes = str(MODULE / "target" / "classes")
+    for code, starts, last in [(3, 6, "GAVE UP the server exited with 3 again after 5 restarts within a minute"),
+                               (75, 6, "GAVE UP the server exited with 75 again after 5 restarts within a minute"),
+                               (1, 1, "started")]:
+        done = subprocess.run(["java", "-cp", classes, "circuitcatalog.Supervisor", "--", "sh", "-c",
+                               f"echo started; exit {code}"], capture_output=True, text=True, timeout=60)
+        lines = done.stdout.strip().splitlines()
+        assert done.returncode == code and lines.count("started") == starts and lines[-1] == last, done.stdout
