@@ -329,11 +329,16 @@ def test_range_bounds_are_read_from_the_query_not_from_its_strings_comments_or_q
     check_ranges("RETURN 'range(1, 9999999999)', `a(b` /* range(1, 9999999999) */, range(0, size($x) - 1)\n"
                  "// range(1, 9999999999)", {"x": [1, 2]})
     check_ranges("RETURN [a IN range(1, 1000) | [b IN range(1, 1000) | a * b]]", {})  # 10^6: the bound itself
+    check_ranges("RETURN range(size($x), 10), range(1, 10, size($x)), range(0, size($x) - 1)", {"x": [1, 2]})
     for query, params, says in [
             ("RETURN [a IN range(1, 1001) | [b IN range(1, 1000) | a * b]]", {}, "span 1,001,000 values"),
             ("RETURN `a)b`, range(1, $n)", {"n": 2_000_000}, "span 2,000,000 values"),
             ("RETURN range(1, $n)", {"n": "9"}, "bound '$n' is not allowed"),
-            ("RETURN RANGE (1, 10 * 1000000000)", {}, "bound '10 * 1000000000' is not allowed")]:
+            ("RETURN RANGE (1, 10 * 1000000000)", {}, "bound '10 * 1000000000' is not allowed"),
+            # a size() bound is no way around the bound: as a start or step it counts as its least value
+            ("RETURN range(size($x), 4000000000)", {"x": [1]}, "span 4,000,000,001 values"),
+            ("RETURN range(0, 4000000000, size($x))", {"x": [1]}, "span 4,000,000,001 values"),
+            ("RETURN range(0, size($x) + 4000000000)", {"x": [1]}, "bound 'size($x) + 4000000000' is not allowed")]:
         with pytest.raises(CypherRefused, match=re.escape(says)):
             check_ranges(query, params)
 

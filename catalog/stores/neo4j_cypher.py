@@ -38,7 +38,7 @@ _RANGE_CALL = re.compile(r"(?<![\w.$])range\s*\(", re.IGNORECASE)
 _INTEGER = re.compile(r"^[-+]?\s*\d+$")
 _PARAM = re.compile(r"^\$(\w+)$")
 # range(0, size(list) - 1), the idiom for walking parallel lists: bounded by a list that already exists
-_SIZE_OF = re.compile(r"^size\s*\(.*\)\s*(?:[-+]\s*\d+)?$", re.IGNORECASE | re.DOTALL)
+_SIZE_OF = re.compile(r"^size\s*\(.*\)\s*([-+]\s*\d+)?$", re.IGNORECASE | re.DOTALL)
 
 
 def _operators(plan: Any) -> list[tuple[str, JSON]]:
@@ -105,29 +105,34 @@ def _arguments(text: str, start: int) -> tuple[list[str], int]:
 def check_ranges(query: str, params: JSON | None) -> None:
     """Refuse a query whose range() calls could make more than MAX_RANGE_ELEMENTS values, before it runs.
 
-    A bound is an integer literal, an integer parameter, or ``size(...) ± n``; the product of the literal
-    ranges' lengths is bounded (they may nest: [a IN range(..) | [b IN range(..) | ...]])."""
+    A bound is an integer literal, an integer parameter, or ``size(...) ± n`` (n at most MAX_RANGE_ELEMENTS).
+    A range that ends at ``size(...)`` is as long as a list that already exists; any other is bounded by its
+    literals, a ``size(...)`` start or step read as its smallest value (0 + n, and 1). The product of those
+    lengths is bounded, since ranges may nest: [a IN range(..) | [b IN range(..) | ...]]."""
     code, product = _code_only(query), 1
     for call in _RANGE_CALL.finditer(code):
         args, _ = _arguments(code, call.end() - 1)
-        values: list[int | None] = []
+        values: list[int] = []
+        sized: list[bool] = []
         for arg in args:
             param = _PARAM.match(arg)
             value = (params or {}).get(param.group(1)) if param else None
+            size_of = _SIZE_OF.match(arg)
             if _INTEGER.match(arg):
                 values.append(int(arg.replace(" ", "")))
             elif param and isinstance(value, int) and not isinstance(value, bool):
                 values.append(value)
-            elif _SIZE_OF.match(arg):
-                values.append(None)
+            elif size_of and abs(offset := int((size_of.group(1) or "0").replace(" ", ""))) <= MAX_RANGE_ELEMENTS:
+                values.append(offset)
             else:
                 raise CypherRefused(f"range() bound {arg!r} is not allowed: the endpoint takes integer literals, "
-                                    "integer parameters or size(list) ± n as bounds, so that a query's lists "
-                                    f"stay under {MAX_RANGE_ELEMENTS:,} values")
-        known = [v for v in values if v is not None]
-        if len(values) not in (2, 3) or len(known) < len(values):
-            continue  # wrong arity is Neo4j's to refuse; size(...) bounds are as long as stored lists
-        first, last, step = (*known, 1) if len(known) == 2 else known
+                                    f"integer parameters or size(list) ± n (n up to {MAX_RANGE_ELEMENTS:,}) as "
+                                    f"bounds, so that a query's lists stay under {MAX_RANGE_ELEMENTS:,} values")
+            sized.append(bool(size_of) and not _INTEGER.match(arg) and not param)
+        if len(values) not in (2, 3) or sized[1]:
+            continue  # wrong arity is Neo4j's to refuse; a range up to size(...) is as long as a stored list
+        first, last, step = (*values, 1) if len(values) == 2 else values
+        step = 1 if len(values) == 3 and sized[2] else step
         product *= max(0, (last - first) // step + 1) if step else 1
         if product > MAX_RANGE_ELEMENTS:
             raise CypherRefused(f"the query's range() calls span {product:,} values; at most {MAX_RANGE_ELEMENTS:,} "
