@@ -8,13 +8,12 @@ forward, RDFA, device reduction, windowed writes), and the write path's own ceil
           64-token prompts, into SQLite and Neo4j
   replay  RDFA graphs of GPT-2-shaped prompts recorded once, then fed again and again (feature
           indices shifted per pass, so passes share some edges and not others) through the same
-          reduction, windows and store writes with no RDFA: observations/s the write path sustains
-          (targets >= 2M into SQLite, >= 500k into Neo4j), peak memory, and the stored catalog
-          checked against an independent numpy aggregation of every replayed observation
-  windows toy-ioi into SQLite at several --window values, and into Neo4j at 256 and at its default,
-          alternated on one warm server (how the defaults were chosen)
+          reduction, spool, compaction and publish with no RDFA: observations/s the write path sustains,
+          peak memory, and the stored catalog checked against an independent numpy aggregation of every
+          replayed observation (bench/spool_publish.py measures the write path's targets side by side
+          with the per-window path it replaced)
 
-Usage: python bench/ingest_pipeline.py [--only toy,gpt2,replay,windows] [--no-neo4j] [--threads 1]
+Usage: python bench/ingest_pipeline.py [--only toy,gpt2,replay] [--no-neo4j] [--threads 1]
        python bench/ingest_pipeline.py --only replay --no-neo4j --no-write   (the aggregation's own ceiling)
 """
 
@@ -36,9 +35,7 @@ import torch  # noqa: E402
 from baseline import BASELINE_COMMIT, run_baseline, worktree  # noqa: E402
 
 from catalog.stores import open_store  # noqa: E402
-from catalog.stores.neo4j import DEFAULT_WINDOW as NEO4J_WINDOW  # noqa: E402
-from catalog.stores.neo4j import MAX_WINDOW_EDGES as NEO4J_EDGES  # noqa: E402
-from catalog.stores.sqlite import DEFAULT_WINDOW as SQLITE_WINDOW  # noqa: E402
+from catalog.spool import DEFAULT_WINDOW  # noqa: E402
 from ingest.jobs import JobOptions, run_job  # noqa: E402
 from ingest.rdfa.tensors import Code, EdgeTable, Graph  # noqa: E402
 
@@ -84,8 +81,10 @@ def one(session, corpus, url, run, batch, label, no_write=False, **opts):
     peak_before = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     try:
         store = open_store(url)
-        if no_write:  # the aggregation's own ceiling: windows are computed and decoded, then dropped
-            store.write_window = lambda agg: True
+        if no_write:  # the aggregation's own ceiling: windows are computed, then dropped (nothing to publish)
+            import catalog.spool
+
+            catalog.spool.Spool.write_window = lambda self, agg: True  # type: ignore[method-assign]
         # mining after the run is not ingest (and would read a replayed catalog's million edges): off
         s = run_job(session, corpus, store, JobOptions(run=run, batch_size=batch, progress=False, mine=False, **opts),
                     log=lambda *_: None)
@@ -110,9 +109,8 @@ def toy_section(args, tmp, neo):
     default = JobOptions.__dataclass_fields__["pruning"].default_factory()
     corpus = f"ioi:{args.toy_prompts}"
     before = {} if args.no_baseline else baseline_section(args, tmp, neo is not None)
-    print(f"toy-ioi, {corpus}, batch 8, each store's default window (SQLite {SQLITE_WINDOW}, Neo4j "
-          f"{NEO4J_WINDOW}, up to {NEO4J_EDGES:,} edges); without QK attribution (the work "
-          "main did before) and with it (the default since):")
+    print(f"toy-ioi, {corpus}, batch 8, the default window ({DEFAULT_WINDOW} prompts spooled, then compacted and "
+          "published); without QK attribution (the work main did before) and with it (the default since):")
     for url, kind in ((f"sqlite:///{tmp}/toy.db", "sqlite"), (neo, "neo4j")):
         if url is None:
             continue
@@ -145,30 +143,6 @@ def baseline_section(args, tmp, with_neo4j: bool) -> dict[str, float]:
     except (RuntimeError, OSError) as exc:
         print(f"  unavailable ({exc}); no ratio is printed")
     return rates
-
-
-def windows_section(args, tmp, neo):
-    from ingest.model_with_saes import ModelWithSaes
-
-    toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], args.device)
-    print(f"toy-ioi, ioi:{args.toy_prompts} into SQLite, batch 8, by --window:")
-    for w in (8, 32, 128, 256, 1024):
-        one(toy, f"ioi:{args.toy_prompts}", f"sqlite:///{tmp}/w{w}.db", "w", 8, f"window {w}", window=w)
-    if neo is None:
-        return
-    # One server for all runs, a warm-up first (the JVM's JIT and page cache), then the two windows
-    # alternated twice: this VM's speed drifts by tens of percent within an hour, so one run of each
-    # in sequence would measure the hour as much as the window.
-    print(f"toy-ioi, ioi:{args.toy_prompts} into Neo4j, batch 8, by --window (one server, after a warm-up, "
-          "runs alternated):")
-    one(toy, "ioi:300", neo, f"warm-{time.time_ns()}", 8, "warm-up (ioi:300)", window=256)
-    rates: dict[int, list[float]] = {}
-    for w in (256, NEO4J_WINDOW) * 2:
-        s, _ = one(toy, f"ioi:{args.toy_prompts}", neo, f"w{w}-{time.time_ns()}", 8, f"window {w}", window=w)
-        if s:
-            rates.setdefault(w, []).append(s.prompts / s.seconds)
-    if len(rates.get(256, [])) == 2 and len(rates.get(NEO4J_WINDOW, [])) == 2:
-        print(f"  window {NEO4J_WINDOW} / window 256: {sum(rates[NEO4J_WINDOW]) / sum(rates[256]):.2f}x prompts/s")
 
 
 def gpt2_section(args, tmp, neo, session):
@@ -271,8 +245,6 @@ def main() -> None:
 def sections(args, only, tmp, neo, device):
     if "toy" in only:
         toy_section(args, tmp, neo)
-    if "windows" in only:
-        windows_section(args, tmp, neo)
     if only & {"gpt2", "replay"}:
         session = gpt2_shaped_session(device)
         if "gpt2" in only:

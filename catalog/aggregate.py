@@ -110,6 +110,7 @@ class WindowAggregate:
     evidence_cap: int | None  # evidence kept per edge when it was aggregated (None: all)
     observations: int = 0  # observations the window aggregates (for throughput figures)
     roles: RoleColumns = field(default_factory=lambda: empty_columns(RoleColumns))
+    seq: int = -1  # the window's place in its run: the corpus position of its first prompt (-1: unknown)
 
     @property
     def nbytes(self) -> int:

@@ -101,18 +101,21 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            evidence_per_edge: Annotated[int, bounded(0, 10_000, "0 keeps every observation")] = 8,
            threads: Threads = 1, progress: bool = True,
            window: Annotated[int | None, typer.Option(help=(
-               "prompts per store write, one all-or-nothing transaction (default: the store's, 256 on SQLite, "
-               "1024 on Neo4j, where each write rewrites every edge it touches)"))] = None,
+               "prompts per spooled window, one file written whole (default 256)"))] = None,
            tail_window: Annotated[int | None, typer.Option(help=(
-               "prompts below which the last windows stop halving (default: the store's, one batch on SQLite; "
-               "on Neo4j its window, no halving: a small window's write costs about a full one's there)"))] = None,
+               "prompts below which the last windows stop halving (default: the window, no halving)"))] = None,
            window_mem: Annotated[int, typer.Option(help="MiB of device aggregates before a window is flushed early")] = 2048,
            window_edges: Annotated[int | None, bounded(1, help=(
-               "edges a window may hold before it is flushed early (default: the store's bound, 150k on Neo4j, "
-               "whose server holds a write in its heap; none on SQLite)"))] = None,
+               "edges a window may hold before it is flushed early (default: no bound)"))] = None,
+           spool: Annotated[str | None, typer.Option(help=(
+               "the folder windows are spooled to until the run is published (default: beside a SQLite "
+               "catalog, DB.spool; for Neo4j under ~/.cache/circuit-catalog/spool)"))] = None,
+           compact_workers: Annotated[int, bounded(1, 256, "processes that compact the spool in parallel")] = 2,
+           compact_mem: Annotated[int, bounded(1, help=(
+               "MiB a compaction may hold: the spool is split into key-range partitions that fit"))] = 2048,
            partials: Annotated[str | None, typer.Option(help=(
-               "write each window to files in this folder instead of a store, for a later `merge` "
-               "(job arrays whose nodes cannot reach the database)"))] = None,
+               "spool to this folder and publish nothing, for a later `merge` (job arrays whose nodes cannot "
+               "reach the database)"))] = None,
            executor: Annotated[str, typer.Option(help="local (this process) or ray (RDFA workers on a Ray cluster)")] = "local",
            ray_address: Annotated[str | None, typer.Option(
                help="join this Ray cluster (auto or HOST:PORT); default: start a local one")] = None,
@@ -142,7 +145,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk),
                       progress=progress, window=window, tail_window=tail_window, window_mem=window_mem << 20,
-                      window_edges=window_edges,
+                      window_edges=window_edges, spool=spool, compact_workers=compact_workers,
+                      compact_mem=compact_mem << 20,
                       executor=executor, ray=ray,
                       mine=mine and not partials)
     if not partials:  # an existing run, a store that is down or a foreign file: said before the model loads
@@ -158,9 +162,9 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
 
     open_corpus(corpus, session.lm.tokenizer, toy=session.lm.is_toy)  # a bad spec is refused before the store opens
     if partials:
-        from catalog.partials import PartialsDir
+        from catalog.spool import Spool
 
-        target = PartialsDir(partials, evidence_per_edge or None)
+        target = Spool(partials, evidence_per_edge or None)
     else:
         target = open_store(store, evidence_per_edge=evidence_per_edge or None)
         refuse_existing_run(target, opts)

@@ -140,9 +140,11 @@ def export(from_: Annotated[str, typer.Option("--from")], to: Annotated[str, typ
 @app.command(rich_help_panel=QUERY)
 @friendly
 def merge(folder: Annotated[str, typer.Argument(help="the folder `ingest --partials` wrote")],
-          store: StoreOpt = DEFAULT_URL):
-    """Write the windows of `ingest --partials FOLDER` into a catalog (idempotent: stored windows are skipped)."""
-    from catalog.partials import merge_partials
+          store: StoreOpt = DEFAULT_URL,
+          compact_workers: Annotated[int, bounded(1, 256, "processes that compact the spool in parallel")] = 2):
+    """Publish the windows of `ingest --partials FOLDER` into a catalog, each edge once (idempotent: a run
+    published already is skipped)."""
+    from catalog.publish import publish_folder
 
     stores: dict[int | None, object] = {}
 
@@ -151,7 +153,7 @@ def merge(folder: Annotated[str, typer.Argument(help="the folder `ingest --parti
             stores[cap] = open_store(store, evidence_per_edge=cap)
         return stores[cap]
 
-    emit(merge_partials(folder, store_for), True)
+    emit(publish_folder(folder, store_for, workers=compact_workers), True)
 
 
 @app.command(rich_help_panel=QUERY)

@@ -3,6 +3,7 @@ local job (ingest/jobs.py) and the Ray executor (ingest/ray_executor.py), which 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ingest.errors import UserFacingError
@@ -23,13 +24,16 @@ class JobOptions:
     pruning: Pruning = field(default_factory=lambda: Pruning(top_k=5, min_abs=0.01, direct_positions=2))
     queue_size: int = 1  # windows waiting for the writer (each holds its host copy)
     progress: bool = True
-    window: int | None = None  # prompts per store write; None: the store's default_window
+    window: int | None = None  # prompts per spooled window; None: catalog.spool.DEFAULT_WINDOW
     window_mem: int = DEFAULT_WINDOW_MEM  # bytes of device aggregates a window may hold
-    window_edges: int | None = None  # edges a window may hold before it is flushed early; None: the store's bound
-    tail_window: int | None = None  # prompts below which the last windows stop halving; None: the store's
+    window_edges: int | None = None  # edges a window may hold before it is flushed early; None: no bound
+    tail_window: int | None = None  # prompts below which the last windows stop halving; None: the window
     executor: str = "local"  # local | ray
     ray: RayOptions | None = None  # with executor "ray"
     mine: bool = True  # mine and store composition patterns when the run is done (catalog.mined)
+    spool: str | None = None  # the folder windows are spooled to; None: catalog.spool.default_spool(store url)
+    compact_mem: int = 2 << 30  # bytes a compaction may hold (catalog.compact)
+    compact_workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))  # processes merging partitions
 
 
 @dataclass
@@ -52,10 +56,12 @@ class JobSummary:
     unknown_tokens: int = 0  # words the tokenizer does not know, read as <unk> (each prompt's meta counts its own)
     prompts_with_unknown_tokens: int = 0
     observations: int = 0
-    edges: int = 0  # edge rows written (an edge recurring in several windows counts once per window)
-    windows: int = 0
+    edges: int = 0  # edge rows published (each edge of the run once)
+    windows: int = 0  # windows spooled
     seconds: float = 0.0  # ingest, from start to the run's finish (mining excluded)
-    store_wait_seconds: float = 0.0
+    store_wait_seconds: float = 0.0  # the compute loop waiting on the spool, then compaction and publish
+    compact_seconds: float = 0.0
+    publish_seconds: float = 0.0
     mining_seconds: float = 0.0  # mining the run's composition patterns afterwards (catalog.mined)
 
     @property

@@ -1,16 +1,18 @@
-"""Batch ingest: corpus -> tokens -> batches -> RDFA -> device aggregates -> windows -> writer -> store.
+"""Batch ingest: corpus -> tokens -> batches -> RDFA -> device aggregates -> windows -> spool -> compact -> publish.
 
 Batches are cut from the whole corpus in a fixed order, so batch k holds the same prompts in
 every process: ``--shard i/n`` takes batches k with k % n == i. A shard's batches are grouped into
 windows of ``window`` prompts in that order. Each batch's graph is reduced on the device that ran
 RDFA, the partial aggregates of a window merge on the device (compacted, and the window flushed
-early, when they pass ``window_mem`` bytes), and the window goes to the store as one all-or-nothing
-write of whole batches. So a killed job leaves whole batches, and ``--resume`` recomputes exactly
-the batches not stored. Aggregates merge exactly (counts; sums in float64; evidence by a total
-order), so the catalog does not depend on where windows were cut: a resumed, sharded or windowed
-run stores what one uninterrupted process stores.
-A writer thread writes one window while the next is computed; the summary reports how much of
-the wall time the compute loop spent waiting on the store.
+early, when they pass ``window_mem`` bytes), and the window is spooled to local disk as one file
+(catalog.spool), which never waits on a database. So a killed job leaves whole windows, and
+``--resume`` recomputes exactly the batches not spooled. When the job ends (for shards: the last to
+end), the run's windows are compacted, each edge once (catalog.compact), and published into the store
+in one go, insert-only (catalog.publish). Aggregates merge exactly (counts; sums in float64; evidence by
+a total order), so the catalog does not depend on where windows were cut: a resumed, sharded or
+windowed run stores what one uninterrupted process stores.
+A writer thread spools one window while the next is computed; the summary reports how much of the
+wall time went to waiting on the spool, compacting and publishing.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import catalog.spool
 from catalog import __version__
 from catalog.mined import mine_after_ingest
+from catalog.publish import publish_run, remove_spooled
+from catalog.spool import Spool, default_spool, spooled_status
 from catalog.stores.base import StoreUnavailable
 from ingest.corpora import CorpusItem, open_corpus
 from ingest.errors import UserFacingError
@@ -70,14 +75,13 @@ def code_version() -> str:
 
 
 def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, log=print) -> JobSummary:
-    """Ingest ``corpus_spec`` into ``store`` under run ``opts.run``; see the module docstring."""
+    """Ingest ``corpus_spec`` under run ``opts.run``: spool its windows, then publish them into ``store``
+    (a :class:`catalog.spool.Spool` given as ``store`` is the job array's folder: spooled, never published);
+    see the module docstring."""
     t0 = time.time()
-    if opts.window_edges is None:
-        opts = replace(opts, window_edges=store.max_window_edges)
-    if opts.window is None:
-        opts = replace(opts, window=store.default_window)
-    if opts.tail_window is None:
-        opts = replace(opts, tail_window=store.tail_window)
+    spool = store if isinstance(store, Spool) else Spool(opts.spool or default_spool(store.url), store.evidence_per_edge)
+    window = opts.window or catalog.spool.DEFAULT_WINDOW
+    opts = replace(opts, window=window, tail_window=opts.tail_window or window)
     corpus = open_corpus(corpus_spec, session.lm.tokenizer, toy=session.lm.is_toy)
     items = corpus.items()[: opts.limit] if opts.limit else corpus.items()
     for bad in corpus.bad_lines[:20]:
@@ -96,40 +100,54 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
                 "long_policy": opts.long_policy,
                 "max_tokens": opts.max_tokens, "evidence_per_edge": store.evidence_per_edge,
                 "started": datetime.now(UTC).isoformat(timespec="seconds")}
-    _check_resume(store, opts, manifest)
-    store.start_run(opts.run, manifest, resume=opts.resume or opts.shard[1] > 1)
-    done = store.done_prompts(opts.run) if (opts.resume or opts.shard[1] > 1) else set()
+    resuming = opts.resume or opts.shard[1] > 1
+    _check_resume(store.run(opts.run), opts, manifest)
+    if spool is not store:
+        if not resuming:  # a new run: what an earlier job of that name spooled (its catalog since deleted) is not its
+            remove_spooled(spool, opts.run)
+        _check_resume(spool.run(opts.run), opts, manifest)
+        store.start_run(opts.run, manifest, resume=resuming)
+    spool.start_run(opts.run, manifest, resume=resuming or spool is not store)
+    done = (store.done_prompts(opts.run) if resuming else set()) | spool.done_prompts(opts.run)
     todo = [w for w in ([b for b in window if not _stored(b, done)] for window in windows) if w]
     summary = JobSummary(opts.run, skipped_long=skipped_long, bad_lines=len(corpus.bad_lines),
                          unknown_tokens=sum(unknown), prompts_with_unknown_tokens=len(unknown),
                          skipped_done=sum(item.prompt_id in done for b in mine for item, _ in b))
+    target = _Sequenced(spool, {item.prompt_id: i for i, (item, _) in enumerate(pairs)})
     try:
         if opts.executor == "ray":
             from ingest.ray_executor import run_on_ray
 
-            run_on_ray(store, todo, corpus.spec, opts, summary)
+            run_on_ray(target, todo, corpus.spec, opts, summary)
         else:
-            _pipeline(session, store, todo, corpus.spec, node_slots(session), opts, summary)
+            _pipeline(session, target, todo, corpus.spec, node_slots(session), opts, summary)
+        status = "done" if opts.shard[1] == 1 else f"shard {opts.shard[0]}/{opts.shard[1]} done"
+        updates = {"finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                   "counts" + ("" if opts.shard[1] == 1 else f"_shard{opts.shard[0]}"): summary.as_dict(),
+                   "bad_lines": [{"line": b.line, "reason": b.reason} for b in corpus.bad_lines[:100]]}
+        published = False
+        if spool is store:  # a job array's folder: `merge` publishes it
+            spool.finish_run(opts.run, status, updates)
+        elif opts.shard[1] == 1:
+            _publish_spooled(spool, store, opts, summary, log)
+            store.finish_run(opts.run, "done", {**updates, "counts": summary.as_dict()})
+            remove_spooled(spool, opts.run)
+            published = True
+        else:  # the catalog marks the shard done before the spool does: the shard that publishes marks the run last
+            store.finish_run(opts.run, status, updates)
+            spool.finish_run(opts.run, status, updates)
+            published = _publish_if_complete(spool, store, opts, summary, log)
     except BaseException as exc:
         summary.seconds = time.time() - t0
-        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"[:500]
-        if isinstance(exc, StoreUnavailable):  # asking it again would only wait out the driver's retries again
-            log(f"run {opts.run!r} could not be marked failed: its store stopped answering; it stays 'running'")
-        else:
-            try:
-                store.finish_run(opts.run, "failed", {"error": why})
-            except Exception as also:  # noqa: BLE001 - the store may be what failed; the first error is the one to tell
-                log(f"run {opts.run!r} could not be marked failed ({type(also).__name__}); it stays 'running'")
-        log(f"run {opts.run!r}: {summary.prompts} prompt(s) stored in this job before it stopped; the same command "
-            "with --resume continues from there")
+        _mark_failed(store, spool, opts.run, exc, log)
+        log(f"run {opts.run!r}: {summary.prompts} prompt(s) spooled in this job before it stopped, kept in "
+            f"{spool.run_dir(opts.run)}; the same command with --resume continues from there")
         raise
     summary.seconds = time.time() - t0
-    status = "done" if opts.shard[1] == 1 else f"shard {opts.shard[0]}/{opts.shard[1]} done"
-    store.finish_run(opts.run, status, {
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "counts" + ("" if opts.shard[1] == 1 else f"_shard{opts.shard[0]}"): summary.as_dict(),
-        "bad_lines": [{"line": b.line, "reason": b.reason} for b in corpus.bad_lines[:100]]})
-    if opts.mine and opts.shard[1] == 1:
+    if spool is not store and not published:
+        log(f"shard {opts.shard[0]}/{opts.shard[1]} spooled in {spool.run_dir(opts.run)}; the run is published "
+            "when its last shard ends")
+    if opts.mine and spool is not store and published:
         try:
             for runs, seconds in mine_after_ingest(store, opts.run):
                 summary.mining_seconds += seconds
@@ -138,9 +156,50 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
             log(f"run {opts.run!r} is stored and done; mining its patterns was interrupted: "
                 f"`circuit-catalog mine --run {opts.run} --store {store.url}` stores them")
             raise
-    elif opts.mine:
-        log(f"shard done; once every shard is, `circuit-catalog mine --run {opts.run}` stores its patterns")
     return summary
+
+
+class _Sequenced:
+    """The spool as the compute loop writes to it: each window stamped with its place in the corpus (the
+    corpus position of its first prompt), so a compaction lays the run out in corpus order."""
+
+    def __init__(self, spool: Spool, positions: dict[str, int]):
+        self.spool, self.positions, self.evidence_per_edge = spool, positions, spool.evidence_per_edge
+
+    def write_window(self, agg) -> bool:
+        agg.seq = self.positions[agg.prompts[0].prompt_id] if agg.prompts else -1
+        return bool(self.spool.write_window(agg))
+
+
+def _publish_if_complete(spool: Spool, store, opts: JobOptions, summary: JobSummary, log) -> bool:
+    """After a shard ended: publish the run if every shard has (one publisher: the rest find it published)."""
+    if spooled_status([f["status"] for f in spool.finishes(opts.run)]) != "done":
+        return False
+    _publish_spooled(spool, store, opts, summary, log)
+    store.finish_run(opts.run, "done", {"published_by_shard": opts.shard[0]})
+    remove_spooled(spool, opts.run)
+    return True
+
+
+def _publish_spooled(spool: Spool, store, opts: JobOptions, summary: JobSummary, log) -> None:
+    waited = time.time()
+    report = publish_run(spool, opts.run, store, mem=opts.compact_mem, workers=opts.compact_workers, log=log,
+                         remove=True)
+    summary.edges += report["edges_published"]
+    summary.compact_seconds += report["compact_seconds"]
+    summary.publish_seconds += report["publish_seconds"]
+    summary.store_wait_seconds += time.time() - waited
+
+
+def _mark_failed(store, spool: Spool, run: str, exc: BaseException, log) -> None:
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"[:500]
+    if isinstance(exc, StoreUnavailable):  # asking it again would only wait out the driver's retries again
+        log(f"run {run!r} could not be marked failed: its store stopped answering; it stays 'running'")
+        return
+    try:
+        store.finish_run(run, "failed", {"error": why})
+    except Exception as also:  # noqa: BLE001 - the store may be what failed; the first error is the one to tell
+        log(f"run {run!r} could not be marked failed ({type(also).__name__}); it stays 'running'")
 
 
 def refuse_existing_run(store, opts: JobOptions) -> None:
@@ -152,9 +211,9 @@ def refuse_existing_run(store, opts: JobOptions) -> None:
                               "to continue it or choose another --run")
 
 
-def _check_resume(store, opts: JobOptions, manifest: dict) -> None:
-    """A resumed run must cut the same batches from the same corpus, or the catalog would differ."""
-    old = store.run(opts.run)
+def _check_resume(old, opts: JobOptions, manifest: dict) -> None:
+    """A resumed run (``old``: as its catalog or spool has it) must cut the same batches from the same corpus,
+    or the catalog would differ."""
     if old is None or not (opts.resume or opts.shard[1] > 1):
         return
     for key in ("batch_size", "limit", "long_policy", "max_tokens", "pruning", "evidence_per_edge"):

@@ -1,19 +1,19 @@
-"""``ingest --executor ray``: RDFA on a Ray cluster, one writer.
+"""``ingest --executor ray``: RDFA on a Ray cluster, one spool writer.
 
 Each RDFA worker is a Ray actor holding the model and SAEs, loaded once (one per GPU with
 ``--gpus-per-worker 1``, or CPU workers). The driver hands out windows (the same deterministic cut of
 the corpus a local run makes) through Ray's ``ActorPool.map_unordered``: each actor computes a whole
 window (RDFA + the device reduction) and returns its columnar aggregate through the object store,
-and the driver, the only writer, writes each to the store as it arrives. So the database sees one
-writer whatever the number of GPUs, and a window is written once, whole, in one transaction.
+and the driver, the only writer, spools each as it arrives (catalog.spool); the job publishes the spool
+when every window is in. So a window is spooled once, whole, whatever the number of GPUs.
 
 Why actors and ActorPool rather than Ray Data: the unit of work is a window of whole batches whose
 aggregate must reach a single transactional writer in one piece, and workers must keep a model
 loaded; an actor pool gives exactly that with no dataset materialisation. A worker that dies is
 restarted by Ray (``max_restarts``) and its window retried (``max_task_retries``); a window's result
-is written only when it arrives, so a lost window is recomputed, never written twice (and the
-store's window write is idempotent per prompt anyway). Kill the driver and ``--resume``: the windows
-already stored are skipped, as in a local run.
+is spooled only when it arrives, so a lost window is recomputed, never spooled twice (and a spool
+write is idempotent per prompt set anyway). Kill the driver and ``--resume``: the windows already
+spooled are skipped, as in a local run.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class RdfaWorker:
 
 
 def run_on_ray(store: Any, todo: list, corpus_spec: str, opts: JobOptions, summary: JobSummary) -> None:
-    """Compute ``todo`` (windows of batches) on Ray workers; write every result here, one at a time."""
+    """Compute ``todo`` (windows of batches) on Ray workers; spool every result here (``store``: the job's
+    spool writer), one at a time."""
     try:
         import ray
         from ray.util import ActorPool

@@ -108,5 +108,4 @@ def compute_windows(session: ModelWithSaes, batches: list, corpus_spec: str, slo
 def count_written(summary: JobSummary, agg: WindowAggregate) -> None:
     summary.prompts += len(agg.prompts)
     summary.observations += agg.observations
-    summary.edges += len(agg.edges)
     summary.windows += 1

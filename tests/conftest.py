@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # every answer of the API (also of servers the tests start as subprocesses) is validated against its
 # response model: a field the model lacks fails the test (production skips it: api.settings)
 os.environ.setdefault("CIRCUIT_CATALOG_CHECK_RESPONSES", "1")
+# jobs that write to Neo4j spool under this folder (catalog.spool.default_spool), not the user's cache
+os.environ["CIRCUIT_CATALOG_SPOOL"] = __import__("tempfile").mkdtemp(prefix="circuit-catalog-test-spool-")
 
 import torch  # noqa: E402
 
@@ -81,6 +83,9 @@ def wipe_neo4j(url: str) -> None:
         # a GPT-2 catalog's error nodes into one transaction (a 1 GB test heap ran out)
         s.run("MATCH ()-[r]->() CALL (r) { DELETE r } IN TRANSACTIONS OF 10000 ROWS").consume()
         s.run("MATCH (n) CALL (n) { DETACH DELETE n } IN TRANSACTIONS OF 10000 ROWS").consume()
+    from catalog.spool import default_spool
+
+    shutil.rmtree(default_spool(url), ignore_errors=True)  # what jobs spooled for the catalog wiped
 
 
 @pytest.fixture(params=["sqlite", "neo4j"])

@@ -1,10 +1,13 @@
 """Run the circuit-catalog CLI and SIGKILL this very process at a point the caller names: a real
 kill -9, at a moment the test controls rather than one found by polling.
 
-    python tests/die_at.py flush N -- ARGS...   inside the N-th window's store transaction
-                                               (after its prompts, nodes, stats, heads and roles were written)
-    python tests/die_at.py batch N -- ARGS...   before reducing the N-th batch, once the windows
-                                               before it are stored (dies computing, not writing)
+    python tests/die_at.py spool N -- ARGS...     while spooling the N-th window (its file half written,
+                                                  not renamed into place)
+    python tests/die_at.py batch N -- ARGS...     before reducing the N-th batch, once the windows
+                                                  before it are spooled (dies computing, not writing)
+    python tests/die_at.py compact N -- ARGS...   compacting, once N partitions are compacted
+    python tests/die_at.py publish N -- ARGS...   publishing, once the N-th partition is written (inside
+                                                  SQLite's one transaction; after Neo4j's committed batches)
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 
 def die() -> None:
@@ -21,38 +25,69 @@ def die() -> None:
 
 def main() -> None:
     point, n, sep, *args = sys.argv[1:]
-    assert sep == "--", "usage: die_at.py flush|batch N -- ARGS"
+    assert sep == "--", "usage: die_at.py spool|batch|compact|publish N -- ARGS"
     calls = [0]
-    if point == "flush":
-        from catalog.stores.neo4j import Neo4jStore
-        from catalog.stores.sqlite import SqliteStore
 
-        for cls in (SqliteStore, Neo4jStore):
-            def write_evidence(self, *a, _real=cls._write_evidence, **k):
-                calls[0] += 1
-                if calls[0] == int(n):
-                    die()
-                return _real(self, *a, **k)
+    def nth() -> bool:
+        calls[0] += 1
+        return calls[0] == int(n)
 
-            cls._write_evidence = write_evidence
+    if point == "spool":
+        import numpy as np
+
+        import catalog.spool as spool
+
+        def savez(fh, *a, _real=np.savez, **k):
+            _real(fh, *a, **k)
+            if nth():
+                fh.flush()
+                die()
+
+        spool.np.savez = savez  # type: ignore[attr-defined]
     elif point == "batch":
         import ingest.windows as windows
-        from catalog.stores import open_store
+        from catalog.spool import Spool, default_spool
 
         url, run = args[args.index("--store") + 1], args[args.index("--run") + 1]
         batch_size, window = int(args[args.index("--batch-size") + 1]), int(args[args.index("--window") + 1])
 
         def reduce_batch(*a, _real=windows.reduce_batch, **k):
-            calls[0] += 1
-            if calls[0] == int(n):
-                stored_before = (int(n) - 1) // (window // batch_size) * window
+            if nth():
+                spooled_before = (int(n) - 1) // (window // batch_size) * window
                 deadline = time.time() + 120
-                while len(open_store(url).done_prompts(run)) < stored_before and time.time() < deadline:
+                while (len(Spool(default_spool(url), None).done_prompts(run)) < spooled_before
+                       and time.time() < deadline):
                     time.sleep(0.05)
                 die()
             return _real(*a, **k)
 
         windows.reduce_batch = reduce_batch
+    elif point == "compact":
+        import catalog.compact as compact
+
+        def compact_part(lay, k: int, out: Path, _real=compact.compact_part) -> None:
+            _real(lay, k, out)
+            if nth():
+                die()
+
+        compact.compact_part = compact_part
+    elif point == "publish":
+        from catalog.stores.neo4j_publish import Neo4jPublish
+        from catalog.stores.sqlite_write import SqliteWrites
+
+        def sqlite_part(self, *a, _real=SqliteWrites._write_aggregate, **k):
+            _real(self, *a, **k)
+            if nth():
+                die()
+
+        def neo4j_part(self, *a, _real=Neo4jPublish._publish_part, **k):
+            written = _real(self, *a, **k)
+            if nth():
+                die()
+            return written
+
+        SqliteWrites._write_aggregate = sqlite_part
+        Neo4jPublish._publish_part = neo4j_part
     else:
         raise SystemExit(f"unknown point {point!r}")
     from cli import app

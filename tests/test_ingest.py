@@ -12,6 +12,7 @@ import pytest
 from conftest import wipe_neo4j
 from test_store_conformance import snapshot
 
+from catalog.spool import Spool, default_spool
 from catalog.stores import open_store
 from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
@@ -136,26 +137,42 @@ def _uninterrupted(store_url, tmp_path, *args):
 
 
 DIE_AT = [sys.executable, str(Path(__file__).parent / "die_at.py")]
-# two batches of 4 per window, halving down to one batch at the end: ioi:24 is windows of 2, 2, 1 and 1
-# batches on both stores (Neo4j's own tail floor is a whole window: name it so the windows are the same)
-WINDOWED = ["--window", "8", "--tail-window", "4"]
+# two batches of 4 per window
+WINDOWED = ["--window", "8"]
 
 
-@pytest.mark.parametrize("point,at", [("flush", 2), ("batch", 4)], ids=["inside-a-flush", "mid-window"])
-def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path, point, at):
-    """kill -9 inside the second window's write transaction, or while computing the second window
-    (after the first was stored): exactly the first window stays, and --resume completes the run
-    into exactly the catalog of one uninterrupted process."""
+def _spooled(store_url, run="r") -> Spool:
+    return Spool(default_spool(store_url), None)
+
+
+# ioi:24 in batches of 4, windows of 8 (no halving tail): 3 windows; a compaction allowed 1 MiB splits the
+# spool into several partitions
+PARTITIONED = ["--compact-mem", "1"]
+
+
+@pytest.mark.parametrize("point,at,spooled", [("spool", 2, 8), ("batch", 4, 8), ("compact", 1, 24), ("publish", 1, 24)],
+                         ids=["inside-a-spool-write", "mid-window", "mid-compaction", "mid-publish"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path, point, at, spooled):
+    """kill -9 while spooling the second window, while computing the second window, after the first of several
+    compacted partitions, or inside the publish after its first partition: the catalog holds none of the run,
+    the spool exactly the whole windows before the kill, and --resume completes the run into exactly the catalog
+    of one uninterrupted process."""
     corpus = ["--corpus", "ioi:24:5"]
-    died = subprocess.run(DIE_AT + [point, str(at), "--"] + JOB + WINDOWED + ["--store", store_url, *corpus],
+    inline = ["--compact-workers", "1"]  # the hook is in this process: no compaction processes
+    died = subprocess.run(DIE_AT + [point, str(at), "--"] + JOB + WINDOWED + PARTITIONED + inline + [
+                          "--store", store_url, *corpus],
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == -signal.SIGKILL, died.stderr
-    assert len(open_store(store_url).done_prompts("r")) == 8  # the first window, whole
+    assert open_store(store_url).done_prompts("r") == set()
+    assert len(_spooled(store_url).done_prompts("r")) == spooled  # whole windows only
+    if point == "compact":
+        assert [p.name for p in _spooled(store_url).run_dir("r").glob("compacted-*/part-*.npz")] == ["part-0.npz"]
     refused = _ingest(store_url, *WINDOWED, *corpus, check=False)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    _ingest(store_url, *WINDOWED, *corpus, "--resume")
+    _ingest(store_url, *WINDOWED, *PARTITIONED, *corpus, "--resume")
     resumed = _catalog(store_url)
     assert len(resumed["prompts"]) == 24
+    assert not _spooled(store_url).run_dir("r").exists()  # published: the spool is gone
     assert _uninterrupted(store_url, tmp_path, *WINDOWED, *corpus) == resumed
 
 
@@ -210,33 +227,32 @@ def test_window_cuts_do_not_change_the_catalog(toy, store_url, tmp_path):
     assert all(c == catalogs[0] for c in catalogs[1:])
 
 
-def test_a_job_without_a_window_takes_its_stores_default(toy, tmp_path):
-    """No --window: the store's default_window cuts the windows (Neo4j's is larger than SQLite's: its
-    windows rewrite every edge they touch), and its tail_window where the halving tail stops; the
-    manifest records both; ones given win."""
+def test_a_job_without_a_window_spools_windows_of_the_default_size(toy, tmp_path, monkeypatch):
+    """No --window: windows of catalog.spool.DEFAULT_WINDOW prompts, no halving tail (a spool write is never
+    waited on); the manifest records both; ones given win."""
+    import catalog.spool
+
     store = open_store(f"sqlite:///{tmp_path}/c.db")
-    store.default_window = 4  # one batch of 4 a window
+    monkeypatch.setattr(catalog.spool, "DEFAULT_WINDOW", 4)  # one batch of 4 a window
     s = run_job(toy, "ioi:12:3", store, JobOptions(run="d", batch_size=4, progress=False))
-    assert s.windows == 3 and store.run("d").manifest["window"] == 4
+    assert s.windows == 3 and store.run("d").manifest["window"] == 4 and store.run("d").manifest["tail_window"] == 4
     s = run_job(toy, "ioi:12:3", store, JobOptions(run="g", batch_size=4, progress=False, window=1000))
-    assert s.windows == 2 and store.run("g").manifest["window"] == 1000  # 2 + 1 batches: the halving tail
-    store.tail_window = 12  # a floor of three batches: the whole corpus is one window
-    s = run_job(toy, "ioi:12:3", store, JobOptions(run="t", batch_size=4, progress=False, window=1000))
-    assert s.windows == 1 and store.run("t").manifest["tail_window"] == 12
+    assert s.windows == 1 and store.run("g").manifest["window"] == 1000  # no halving: one window of it all
     s = run_job(toy, "ioi:12:3", store, JobOptions(run="u", batch_size=4, progress=False, window=1000, tail_window=4))
-    assert s.windows == 2 and store.run("u").manifest["tail_window"] == 4
+    assert s.windows == 2 and store.run("u").manifest["tail_window"] == 4  # 2 + 1 batches: the halving tail
 
 
 def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
+    """Shards spool into one folder; the one that ends last publishes (and mines) the whole run, once."""
     corpus = ["--corpus", "ioi:16:6"]
     procs = [subprocess.Popen(CLI + JOB + ["--store", store_url, *corpus, "--shard", f"{i}/2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read()
-    assert _catalog(store_url)["mined"] == []  # shards do not mine: the run is whole only when all are done
-    mined = subprocess.run(CLI + ["mine", "--store", store_url, "--run", "r"], capture_output=True, text=True)
-    assert mined.returncode == 0, mined.stderr
+    errors = [p.stderr.read() for p in procs]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], errors
+    assert sum("the run is published when its last shard ends" in e for e in errors) <= 1
+    assert not Spool(default_spool(store_url), None).run_dir("r").exists()  # published: the spool is gone
     sharded = _catalog(store_url)
+    assert sharded["runs"] == [("r", "done")]
     manifest = open_store(store_url).run("r").manifest
     assert manifest["counts_shard0"]["prompts"] + manifest["counts_shard1"]["prompts"] == 16
     one_url = _fresh(store_url, "one", tmp_path)

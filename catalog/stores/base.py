@@ -8,7 +8,7 @@ Both implementations pass the same conformance suite (tests/test_store_conforman
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
@@ -64,14 +64,15 @@ Runs = Sequence[str] | None  # run ids whose rows a read sums over; None: every 
 class Store(Protocol):
     url: str
     evidence_per_edge: int | None
-    max_window_edges: int | None  # the most edges one write should carry (a server's memory); None: no bound
-    default_window: int  # prompts per write when a job names none (measured per store: see its module)
-    tail_window: int  # prompts below which a job's last windows stop halving (ingest.jobs.cut_windows)
 
     def write_window(self, agg: WindowAggregate) -> bool:
         """Store whole prompts of run ``agg.run`` (started with start_run) and their aggregates in one
         all-or-nothing transaction, adding into that run's edges and statistics and keeping the
         top-N evidence per edge and run; False (nothing written) if every prompt was stored already."""
+
+    def publish_run(self, run: str, prompts: list[Prompt], nodes: list[NodeInfo],
+                    parts: Iterable[WindowAggregate]) -> bool:
+        """Write a compacted run, each edge once (catalog.publish); False if its prompts are stored already."""
 
     def import_window(self, agg: WindowAggregate) -> None:
         """Load rows exported from another catalog into this (empty) one, as they are."""

@@ -15,7 +15,8 @@ One window is one transaction: every query in it UNWINDs parallel arrays of prim
 each), nodes are found by their indexed integer nid, edges by their indexed integer key, or, while a
 writer is its run's only one, from its own copy of what it stored (catalog.stores.neo4j_edges).
 
-The driver and schema: neo4j_connection.py; every read: neo4j_read.py; every write: neo4j_write.py.
+The driver and schema: neo4j_connection.py; every read: neo4j_read.py; every write: neo4j_write.py, but
+publishing a compacted run (insert-only): neo4j_publish.py.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import os
 from urllib.parse import unquote, urlparse
 
 from catalog.stores.base import CypherRefused
-from catalog.stores.neo4j_connection import DEFAULT_WINDOW, MAX_WINDOW_EDGES, SCHEMA_VERSION, TAIL_WINDOW
-from catalog.stores.neo4j_write import CREATE_EDGES, FIND_EDGES, UPDATE_EDGES, Neo4jWrites
+from catalog.stores.neo4j_connection import SCHEMA_VERSION
+from catalog.stores.neo4j_publish import Neo4jPublish
+from catalog.stores.neo4j_write import CREATE_EDGES, FIND_EDGES, UPDATE_EDGES
 
-__all__ = ["CREATE_EDGES", "DEFAULT_WINDOW", "FIND_EDGES", "MAX_WINDOW_EDGES", "SCHEMA_VERSION", "TAIL_WINDOW",
-           "UPDATE_EDGES", "CypherRefused", "Neo4jStore", "open_url"]
+__all__ = ["CREATE_EDGES", "FIND_EDGES", "SCHEMA_VERSION", "UPDATE_EDGES", "CypherRefused", "Neo4jStore", "open_url"]
 
 
-class Neo4jStore(Neo4jWrites):
+class Neo4jStore(Neo4jPublish):
     """The catalog in a Neo4j database: the Store protocol (catalog/stores/base.py), reads and writes."""
 
 

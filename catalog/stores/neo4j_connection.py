@@ -26,25 +26,6 @@ SCHEMA = [
     "CREATE INDEX edge_key IF NOT EXISTS FOR ()-[r:EDGE]-() ON (r.key)",
 ]
 
-# A window's write is one transaction, held in the server's heap until it commits: a replayed
-# GPT-2-shaped window of 4 prompts (~350k new edges) kept a 3 GB heap in stop-the-world GC until the
-# client timed out, while 256-prompt toy windows (~80k edges) commit in a 1 GB one and 1024-prompt
-# ones (~110k) in a 3 GB one. Jobs flush a window early once it holds this many edges.
-MAX_WINDOW_EDGES = 150_000
-
-# Prompts per window when the job names none. A window rewrites every edge it touches (toy-ioi: 82k
-# edges from 256 prompts, 110k from 1024), so on this store, whose per-edge update costs ~10x
-# SQLite's, fewer and larger windows are most of the speed: toy-ioi ioi:2000 on one warm server, runs
-# alternated, 1024 vs 256 prompts: 14.3 and 14.7 vs 10.7 and 10.7 prompts/s (1.36x).
-DEFAULT_WINDOW = 1024
-
-# No halving tail here (ingest.jobs.cut_windows): a window's write costs about the same whatever its
-# size once a corpus's edges saturate (toy-ioi: 60k edges from 256 prompts, 84k from 1024), so halves
-# each cost a full write while computing next to nothing. toy-ioi ioi:2000 on one warm server, runs
-# alternated: windows 1024 + 976 23.95 and 23.69 prompts/s, tail stopped at 256 (1000, 504, 256, 240)
-# 20.67 and 21.06, halving to one batch (8 windows) 16.61 and 15.96.
-TAIL_WINDOW = DEFAULT_WINDOW
-
 SCHEMA_VERSION = 4  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles;
 
 
@@ -56,8 +37,6 @@ class Neo4jConnection:
         import neo4j
 
         self.url, self.database, self.evidence_per_edge = url, database, evidence_per_edge
-        self.max_window_edges: int | None = MAX_WINDOW_EDGES
-        self.default_window, self.tail_window = DEFAULT_WINDOW, TAIL_WINDOW
         self._ids: dict[str, int] = {}  # node uid -> dictionary id, for nodes committed by this process
         self._floors: dict[str, EvidenceFloor] = {}  # per run
         self._stored_evidence: tuple[Any, ...] | None = None  # run and EvidenceFloor.update's rows, of the open write

@@ -62,7 +62,9 @@ class Neo4jReads(Neo4jConnection):
     """The Store protocol's reads (catalog/stores/base.py)."""
 
     def done_prompts(self, run: str) -> set[str]:
-        return {r[0] for r in self._read("MATCH (p:Prompt {run: $run}) RETURN p.prompt_id", run=run)}
+        # a run whose publish was interrupted (catalog/stores/neo4j_publish.py) has none: they are written again
+        return {r[0] for r in self._read("MATCH (p:Prompt {run: $run}) WHERE NOT EXISTS { (:Run {run_id: $run, "
+                                         "publishing: true}) } RETURN p.prompt_id", run=run)}
 
     def runs(self) -> list[Run]:
         return [Run(r[0], r[1], json.loads(r[2])) for r in

@@ -9,10 +9,10 @@ from __future__ import annotations
 from urllib.parse import unquote
 
 from catalog.stores.base import StoreError
-from catalog.stores.sqlite_connection import DEFAULT_WINDOW, SCHEMA_VERSION, TAIL_WINDOW, refuse_foreign
+from catalog.stores.sqlite_connection import SCHEMA_VERSION, refuse_foreign
 from catalog.stores.sqlite_write import SqliteWrites
 
-__all__ = ["DEFAULT_WINDOW", "SCHEMA_VERSION", "TAIL_WINDOW", "SqliteStore", "open_url", "refuse_foreign"]
+__all__ = ["SCHEMA_VERSION", "SqliteStore", "open_url", "refuse_foreign"]
 
 
 class SqliteStore(SqliteWrites):

@@ -45,14 +45,6 @@ SCHEMA_VERSION = 4  # PRAGMA user_version; 3: six edge kinds (QK) in the edge ke
 # displaced them since).
 PAGE_SIZE = 16384
 
-# prompts per window when the job names none: bench/ingest_pipeline.py --only windows (toy-ioi): the
-# write's cost grows with a window's distinct edges, which saturate, so fewer windows write less,
-# while the halving tail keeps the last, never overlapped, write small
-DEFAULT_WINDOW = 256
-
-# a write here costs about its window's size, so the last windows halve down to one batch (ingest.jobs.cut_windows)
-TAIL_WINDOW = 1
-
 FORMATS = {2: "edge keys that counted three edge kinds", 3: "its evidence in a table of its own"}
 
 STAGING = """
@@ -76,8 +68,6 @@ class SqliteConnection:
 
     def __init__(self, path: str, *, url: str, evidence_per_edge: int | None, create: bool = True):
         self.url, self.path, self.evidence_per_edge = url, path, evidence_per_edge
-        self.max_window_edges: int | None = None  # one file on this machine: the window's own bounds do
-        self.default_window, self.tail_window = DEFAULT_WINDOW, TAIL_WINDOW
         if not create and not Path(path).exists():
             raise StoreUnavailable(f"no catalog at {path} (from {url}); run an ingest or the demo first")
         refuse_foreign(path, create)

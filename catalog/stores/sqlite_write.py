@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,22 @@ class SqliteWrites(SqliteReads):
                 return None
             ids, new_ids = self._node_ids(c, agg.nodes)
             self._write_aggregate(c, agg, run, ids, self.evidence_per_edge)
+            return new_ids
+
+        return self._in_immediate_transaction(write)
+
+    def publish_run(self, run: str, prompts: list[Prompt], nodes: list[NodeInfo],
+                    parts: Iterable[WindowAggregate]) -> bool:
+        """Store a compacted run (catalog.publish) in one IMMEDIATE transaction: its prompts, its nodes, and
+        ``parts``, aggregates of disjoint edges whose rows name ``prompts`` and ``nodes``; each edge is
+        written once. False, storing nothing, if every prompt was stored already."""
+        def write(c: sqlite3.Connection) -> dict[str, int] | None:
+            run_no = self._run_no(c, run)
+            if not self._claim_prompts(c, run, prompts):
+                return None
+            ids, new_ids = self._node_ids(c, nodes)
+            for part in parts:
+                self._write_aggregate(c, part, run_no, ids, self.evidence_per_edge)
             return new_ids
 
         return self._in_immediate_transaction(write)

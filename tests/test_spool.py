@@ -1,5 +1,5 @@
-"""Issue 14 (job arrays without a reachable database): shards write partial aggregates to a folder,
-`merge` writes them into a catalog; docs/ingest.md's SLURM script, run for every task index, then merged,
+"""Issue 14 (job arrays without a reachable database): shards spool their windows to a folder (issue 35:
+the spool), `merge` publishes them into a catalog; docs/ingest.md's SLURM script, run for every task index, then merged,
 gives the catalog of one process, on both stores; merging again stores nothing twice."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from test_ingest import _catalog, _fresh, _ingest
 from typer.testing import CliRunner
 
-from catalog.partials import PartialsDir, load_window, save_window
+from catalog.spool import Spool, load_window, save_window
 from catalog.stores import open_store
 from cli import app
 
@@ -58,10 +58,12 @@ def test_array_then_merge_equals_one_process_and_merging_again_adds_nothing(stor
     first = CliRunner().invoke(app, ["merge", str(partials), "--store", store_url])
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)["runs"]["pile10k"]
-    assert report == {"windows_written": 2, "windows_stored_already": 0, "prompts_written": 16, "status": "done"}
+    assert (report["windows_published"], report["windows_published_before"], report["prompts_published"],
+            report["status"]) == (2, 0, 16, "done")
+    assert report["edges_published"] == len(_catalog(store_url)["edges"])  # each edge written once
     merged = _catalog(store_url)
     again = json.loads(CliRunner().invoke(app, ["merge", str(partials), "--store", store_url]).stdout)
-    assert again["runs"]["pile10k"]["windows_written"] == 0 and again["runs"]["pile10k"]["windows_stored_already"] == 2
+    assert again["runs"]["pile10k"]["windows_published"] == 0 and again["runs"]["pile10k"]["windows_published_before"] == 2
     assert _catalog(store_url) == merged
     assert merged["runs"] == [("pile10k", "done")]
     manifest = open_store(store_url).run("pile10k").manifest
@@ -90,7 +92,7 @@ def test_a_window_file_round_trips_exactly(tmp_path):
 
 
 def test_partials_resume_skips_written_windows_and_refuses_a_second_start(tmp_path):
-    folder = PartialsDir(tmp_path / "p", evidence_per_edge=8)
+    folder = Spool(tmp_path / "p", evidence_per_edge=8)
     folder.start_run("r", {"batch_size": 8}, resume=False)
     from test_store_conformance import _batches
 

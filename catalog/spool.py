@@ -1,0 +1,159 @@
+"""The spool: a job's windows on local disk, its durable state until they are published.
+
+An ingest job writes each window, the columnar :class:`WindowAggregate` of whole batches, to
+``DIR/<run>/window-<hash>.npz`` (named by its prompts, written to a temporary name, fsynced and renamed,
+so a killed job leaves whole files only), next to the run's ``manifest.json`` and one ``finish-*.json``
+per job or shard that ended. Writing a window never waits on a database. ``catalog.publish`` then
+compacts a run's windows (``catalog.compact``: each edge once) and writes them into a store in one go.
+
+The same folder is what job arrays write with ``ingest --partials DIR`` (nodes that cannot reach the
+database); ``circuit-catalog merge DIR --store URL`` publishes it. A job that writes to a store spools
+next to it (``default_spool``) and publishes when it ends; shards of one run spool into one folder and
+the shard that finds every shard finished publishes the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalog.aggregate import (
+    EdgeColumns,
+    EvidenceColumns,
+    HeadColumns,
+    RoleColumns,
+    StatColumns,
+    WindowAggregate,
+    empty_columns,
+)
+from catalog.ids import check_run_name
+from catalog.schema import JSON, NodeInfo, Prompt, Run
+from catalog.stores.base import StoreError
+
+COLUMNS = {"edges": EdgeColumns, "heads": HeadColumns, "evidence": EvidenceColumns, "stats": StatColumns,
+           "roles": RoleColumns}
+
+# prompts per spooled window when the job names none: a window's aggregate is held on the device until it
+# is spooled (``--window-mem`` bounds it), and a spool write costs about its size, so no store tunes it now
+DEFAULT_WINDOW = 256
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(file object)`` into a temporary file beside ``path``, fsynced, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_window(agg: WindowAggregate, path: Path) -> None:
+    """One window as an .npz: every column as an array, the rest as one JSON string."""
+    meta = {"run": agg.run, "prompts": [asdict(p) for p in agg.prompts], "nodes": [asdict(n) for n in agg.nodes],
+            "evidence_cap": agg.evidence_cap, "observations": agg.observations, "seq": agg.seq}
+    arrays = {f"{part}.{name}": col for part in COLUMNS for name, col in getattr(agg, part).columns().items()}
+    atomic_write(path, lambda fh: np.savez(fh, meta=np.array(json.dumps(meta)), **arrays))
+
+
+def load_window(path: Path) -> WindowAggregate:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        # files written before roles were kept hold no roles columns: those windows add no roles
+        parts = {part: cls(**{f.name: data[f"{part}.{f.name}"] for f in fields(cls)})
+                 if f"{part}.{fields(cls)[0].name}" in data else empty_columns(cls) for part, cls in COLUMNS.items()}
+    return WindowAggregate(meta["run"], [Prompt(**p) for p in meta["prompts"]], [NodeInfo(**n) for n in meta["nodes"]],
+                           parts["edges"], parts["heads"], parts["evidence"], parts["stats"], meta["evidence_cap"],
+                           meta["observations"], parts["roles"], meta.get("seq", -1))
+
+
+def window_meta(path: Path) -> JSON:
+    """A window file's JSON part (prompts, nodes, cap, seq) without reading its columns."""
+    with np.load(path, allow_pickle=False) as data:
+        meta: JSON = json.loads(str(data["meta"]))
+    return meta
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+def default_spool(store_url: str) -> Path:
+    """Where a job spools for a store: beside a SQLite file (shards on a shared volume find one folder),
+    else under ``$CIRCUIT_CATALOG_SPOOL`` or ``~/.cache/circuit-catalog/spool``, one folder per server."""
+    if store_url.startswith("sqlite:///"):
+        return Path(store_url.removeprefix("sqlite:///") + ".spool")
+    root = Path(os.environ.get("CIRCUIT_CATALOG_SPOOL") or Path.home() / ".cache" / "circuit-catalog" / "spool")
+    return root / safe_name(store_url.split("://", 1)[-1])
+
+
+class Spool:
+    """The part of the Store protocol an ingest job writes through, kept in a folder."""
+
+    def __init__(self, folder: str | Path, evidence_per_edge: int | None):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot make the spool folder {self.folder}: {exc.strerror}") from None
+        self.evidence_per_edge = evidence_per_edge
+        self.url = f"spool:{self.folder}"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.folder / safe_name(run_id)
+
+    def run(self, run_id: str) -> Run | None:
+        path = self.run_dir(run_id) / "manifest.json"
+        return Run(run_id, "running", json.loads(path.read_text())) if path.exists() else None
+
+    def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
+        check_run_name(run_id)
+        folder = self.run_dir(run_id)
+        if (folder / "manifest.json").exists() and not resume:
+            raise StoreError(f"run {run_id!r} already has spooled windows in {folder}; pass --resume to continue it")
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "manifest.json").exists():  # shards of one run write the same manifest: the first stays
+            text = json.dumps({**manifest, "run_id": run_id}, indent=1, sort_keys=True).encode()
+            atomic_write(folder / "manifest.json", lambda fh: fh.write(text))
+
+    def windows(self, run_id: str) -> list[Path]:
+        return sorted(self.run_dir(run_id).glob("window-*.npz"))
+
+    def done_prompts(self, run: str) -> set[str]:
+        return {p["prompt_id"] for path in self.windows(run) for p in window_meta(path)["prompts"]}
+
+    def write_window(self, agg: WindowAggregate) -> bool:
+        """Write the window unless a file of the same prompts exists; False then."""
+        digest = hashlib.blake2b("\n".join(p.uid for p in agg.prompts).encode(), digest_size=12).hexdigest()
+        path = self.run_dir(agg.run) / f"window-{digest}.npz"
+        if path.exists():
+            return False
+        save_window(agg, path)
+        return True
+
+    def finish_run(self, run_id: str, status: str, updates: JSON) -> None:
+        text = json.dumps({"status": status, "updates": updates}, indent=1, sort_keys=True).encode()
+        atomic_write(self.run_dir(run_id) / f"finish-{safe_name(status)}.json", lambda fh: fh.write(text))
+        if status != "failed":  # a resumed job that ended: the failure it resumed from is over
+            (self.run_dir(run_id) / "finish-failed.json").unlink(missing_ok=True)
+
+    def finishes(self, run_id: str) -> list[JSON]:
+        return [json.loads(p.read_text()) for p in sorted(self.run_dir(run_id).glob("finish-*.json"))]
+
+
+def spooled_status(statuses: list[str]) -> str:
+    """"done" when the run (or every one of its shards) finished, else what is missing."""
+    if any(s == "failed" for s in statuses):
+        return "failed"
+    shards = {int(m[1]): int(m[2]) for s in statuses if (m := re.fullmatch(r"shard (\d+)/(\d+) done", s))}
+    if "done" in statuses or (shards and len(shards) == next(iter(shards.values()))):
+        return "done"
+    n = next(iter(shards.values()), None)
+    return f"partial: {len(shards)} of {n} shards done" if n else "partial: no shard finished"
