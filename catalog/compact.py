@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from concurrent.futures import ProcessPoolExecutor
+import pickle
+import subprocess
+import sys
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -96,15 +97,24 @@ def layout(run: str, paths: list[Path], mem: int = DEFAULT_MEM) -> Layout:
 
 def compact(lay: Layout, folder: Path, workers: int = 1) -> list[Path]:
     """Compact ``lay``'s windows into ``folder/part-K.npz`` (K < lay.n_parts), keeping partitions a killed
-    compaction finished; returns their paths. ``workers`` > 1 merges partitions in parallel processes."""
+    compaction finished; returns their paths. ``workers`` > 1 merges partitions in that many processes."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"part-{k}.npz" for k in range(lay.n_parts)]
     todo = [k for k, path in enumerate(paths) if not path.exists()]
     if workers > 1 and len(todo) > 1:
-        # spawned, not forked: the job that calls this holds torch's threads, which a fork would copy mid-flight
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
-            for done in pool.map(compact_part, [lay] * len(todo), todo, [paths[k] for k in todo]):
-                assert done is None
+        # fresh interpreters (`python -m catalog.compact`), not multiprocessing: a fork would copy the job's torch
+        # threads mid-flight, and spawn re-runs the caller's main script, which a notebook or a script without a
+        # __main__ guard does not survive
+        with open(folder / "layout.pickle", "wb") as fh:
+            pickle.dump(lay, fh)
+        shares = [todo[i::workers] for i in range(min(workers, len(todo)))]
+        procs = [subprocess.Popen([sys.executable, "-m", "catalog.compact", str(folder), *map(str, share)],
+                                  stderr=subprocess.PIPE, text=True) for share in shares]
+        errors = [p.communicate()[1] for p in procs]
+        for proc, err in zip(procs, errors, strict=True):
+            if proc.returncode:
+                raise StoreError(f"a compaction process failed (exit {proc.returncode}): "
+                                 f"{(err.strip().splitlines() or ['no message'])[-1]}")
     else:
         for k in todo:
             compact_part(lay, k, paths[k])
@@ -227,3 +237,15 @@ def _stats(cat: dict[str, np.ndarray]) -> StatColumns:
         return StatColumns(node, cat["s1"][:0], cat["s2"][:0], cat["s3"][:0], cat["s4"][:0])
     n_obs, n_prompts, sum_act = (np.add.reduceat(cat[c][order], starts) for c in ("s1", "s2", "s3"))
     return StatColumns(node, n_obs, n_prompts, sum_act, np.maximum.reduceat(cat["s4"][order], starts))
+
+
+def _worker(folder: Path, parts: list[int]) -> None:
+    """``python -m catalog.compact FOLDER K...``: compact partitions K of the layout pickled in FOLDER."""
+    with open(folder / "layout.pickle", "rb") as fh:
+        lay = pickle.load(fh)  # written by compact() in this folder: the job's own data
+    for k in parts:
+        compact_part(lay, k, folder / f"part-{k}.npz")
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), [int(k) for k in sys.argv[2:]])

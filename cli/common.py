@@ -15,8 +15,9 @@ import typer
 from catalog.stores import StoreError
 
 # the Neo4j driver logs each retry of a failed transaction as a warning (half a minute of them when the
-# server is gone); the one line that matters is the error the store raises once the retries are spent
-logging.getLogger("neo4j").setLevel(logging.ERROR)
+# server is gone), and a connection found dead as an error; the one line that matters is the error the store
+# raises once the retries are spent
+logging.getLogger("neo4j").setLevel(logging.CRITICAL)
 
 app = typer.Typer(help="A graph-database catalog of feature circuits (RDFA edges across prompt corpora).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

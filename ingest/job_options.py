@@ -3,7 +3,6 @@ local job (ingest/jobs.py) and the Ray executor (ingest/ray_executor.py), which 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ingest.errors import UserFacingError
@@ -33,7 +32,7 @@ class JobOptions:
     mine: bool = True  # mine and store composition patterns when the run is done (catalog.mined)
     spool: str | None = None  # the folder windows are spooled to; None: catalog.spool.default_spool(store url)
     compact_mem: int = 2 << 30  # bytes a compaction may hold (catalog.compact)
-    compact_workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))  # processes merging partitions
+    compact_workers: int = 2  # processes merging a compaction's partitions
 
 
 @dataclass

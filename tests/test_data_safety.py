@@ -177,7 +177,8 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and out == ""
-    assert "stored in this job before it stopped; the same command with --resume continues from there" in err
+    assert "spooled in this job before it stopped, kept in" in err
+    assert "; the same command with --resume continues from there" in err
     run = open_store(url, create=False).run("c")
     assert run.status == "failed" and run.manifest["error"] == "interrupted"
 
@@ -236,41 +237,39 @@ def test_tables_keep_their_cells_whole_when_stdout_is_not_a_terminal(tmp_path):
 
 
 def test_neo4j_killed_during_an_ingest_is_one_line_and_resume_is_offered(tmp_path):
-    """kill -9 of the server mid-ingest: ~50 s of retry warnings and 167 lines of chained tracebacks became
-    one line naming the store, plus what was kept and that --resume continues."""
+    """kill -9 of the server while the job publishes (the only time it writes to the store): ~50 s of retry
+    warnings and 167 lines of chained tracebacks became one line naming the store, plus what was kept and
+    that --resume continues (resuming after a killed publish: tests/test_ingest.py)."""
     import os
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from cli.neo4j_server import start_on_free_port
 
     server, url = start_on_free_port(str(tmp_path / "neo4j"), page_cache="64m", heap="512m")
     cli = str(Path(sys.executable).parent / "circuit-catalog")
-    proc = subprocess.Popen([cli, "ingest", *TOY, "--corpus", "ioi:4000", "--store", url, "--run", "k", "--window", "64",
-                             "--no-progress", "--no-mine"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    job = [cli, "ingest", *TOY, "--corpus", "ioi:400", "--store", url, "--run", "k", "--window", "64", "--no-progress",
+           "--no-mine"]
+    proc = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "CIRCUIT_CATALOG_TORCH_THREADS": "1"})
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if open_store(url, create=False).prompt_count("k") > 0:
-                    break
-            except Exception:  # noqa: BLE001 - the run is not there yet
-                pass
-            time.sleep(0.5)
-        server.send_signal(signal.SIGKILL)
+        said = []
+        for line in proc.stderr:  # the job says when it starts to publish
+            said.append(line)
+            if "publishing into" in line:
+                server.send_signal(signal.SIGKILL)
+                break
         server.wait(timeout=30)
         out, err = proc.communicate(timeout=240)
     finally:
         server.kill()
         proc.kill()
-    lines = err.strip().splitlines()
-    assert proc.returncode == 2 and out == "" and "Traceback" not in err, err[-3000:]
+    lines = [*said, *err.splitlines(keepends=True)]
+    assert proc.returncode == 2 and out == "" and "Traceback" not in "".join(lines), "".join(lines)[-3000:]
     assert len(lines) <= 4, lines
-    assert any("the same command with --resume continues" in line for line in lines)
+    assert any("400 prompt(s) spooled" in line and "--resume continues" in line for line in lines), lines
     assert lines[-1].startswith("error: ") and url.split("//")[1] in lines[-1], lines[-1]
 
 

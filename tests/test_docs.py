@@ -35,7 +35,7 @@ TOUR = ("README.md", "## A five-minute tour")
 CLAIMED = {  # (page, heading) -> the test that runs that block as written
     ("docs/ingest.md", "### GPT-2 Small with the seed's SAEs"): "tests/test_gpt2_hub.py",
     ("README.md", "## GPT-2 Small with the seed's SAEs"): "tests/test_gpt2_hub.py",
-    ("docs/ingest.md", "### Job arrays"): "tests/test_partials.py",
+    ("docs/ingest.md", "### Job arrays"): "tests/test_spool.py",
     ("README.md", "## The two commands"): "tests/test_readme.py",
 }
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$")
