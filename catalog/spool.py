@@ -59,7 +59,8 @@ def save_window(agg: WindowAggregate, path: Path) -> None:
     """One window as an .npz: every column as an array, the rest as one JSON string."""
     meta = {"run": agg.run, "prompts": [asdict(p) for p in agg.prompts], "nodes": [asdict(n) for n in agg.nodes],
             "evidence_cap": agg.evidence_cap, "observations": agg.observations, "seq": agg.seq}
-    arrays = {f"{part}.{name}": narrow(col) for part in COLUMNS for name, col in getattr(agg, part).columns().items()}
+    arrays: dict[str, Any] = {f"{part}.{name}": narrow(col) for part in COLUMNS
+                              for name, col in getattr(agg, part).columns().items()}
     atomic_write(path, lambda fh: np.savez(fh, meta=np.array(json.dumps(meta)), **arrays))
 
 
