@@ -71,7 +71,7 @@ def publish_run(spool: Spool, run: str, store: Store, *, mem: int = DEFAULT_MEM,
                              f"other windows than the {len(todo)} spooled now: a run is published once (start "
                              "another --run for more prompts)")
         t = time.time()
-        lay = layout(run, todo, mem)
+        lay = layout(run, todo, mem, workers)
         folder = run_dir / f"compacted-{lay.digest}"
         for stale in run_dir.glob("compacted-*"):
             if stale != folder:

@@ -86,14 +86,14 @@ def load_window(path: Path) -> WindowAggregate:
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
         # files written before roles were kept hold no roles columns: those windows add no roles
-        parts = {part: cls(**{f.name: _wide(data[f"{part}.{f.name}"]) for f in fields(cls)})
+        parts = {part: cls(**{f.name: wide(data[f"{part}.{f.name}"]) for f in fields(cls)})
                  if f"{part}.{fields(cls)[0].name}" in data else empty_columns(cls) for part, cls in COLUMNS.items()}
     return WindowAggregate(meta["run"], [Prompt(**p) for p in meta["prompts"]], [NodeInfo(**n) for n in meta["nodes"]],
                            parts["edges"], parts["heads"], parts["evidence"], parts["stats"], meta["evidence_cap"],
                            meta["observations"], parts["roles"], meta.get("seq", -1))
 
 
-def _wide(col: np.ndarray) -> np.ndarray:
+def wide(col: np.ndarray) -> np.ndarray:
     """A spooled column back in the dtype a WindowAggregate holds (int64 or float64)."""
     return col.astype(np.int64 if col.dtype.kind == "i" else np.float64, copy=False)
 

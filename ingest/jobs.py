@@ -130,6 +130,7 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
             spool.finish_run(opts.run, status, updates)
         elif opts.shard[1] == 1:
             _publish_spooled(spool, store, opts, summary, log)
+            summary.seconds = time.time() - t0
             store.finish_run(opts.run, "done", {**updates, "counts": summary.as_dict()})
             remove_spooled(spool, opts.run)
             published = True
@@ -139,7 +140,7 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
             published = _publish_if_complete(spool, store, opts, summary, log)
     except BaseException as exc:
         summary.seconds = time.time() - t0
-        _mark_failed(store, spool, opts.run, exc, log)
+        _mark_failed(store, opts.run, exc, log)
         log(f"run {opts.run!r}: {summary.prompts} prompt(s) spooled in this job before it stopped, kept in "
             f"{spool.run_dir(opts.run)}; the same command with --resume continues from there")
         raise
@@ -191,7 +192,7 @@ def _publish_spooled(spool: Spool, store, opts: JobOptions, summary: JobSummary,
     summary.store_wait_seconds += time.time() - waited
 
 
-def _mark_failed(store, spool: Spool, run: str, exc: BaseException, log) -> None:
+def _mark_failed(store, run: str, exc: BaseException, log) -> None:
     why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"[:500]
     if isinstance(exc, StoreUnavailable):  # asking it again would only wait out the driver's retries again
         log(f"run {run!r} could not be marked failed: its store stopped answering; it stays 'running'")

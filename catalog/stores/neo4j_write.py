@@ -418,7 +418,7 @@ class Neo4jWrites(Neo4jReads):
         check_run_name(run_id)
         def tx_fn(tx: Tx) -> None:
             # lock the Run node before reading it: a shard starting while another finishes keeps its counts
-            rows = list(tx.run("MERGE (r:Run {run_id: $id}) ON CREATE SET r.__new = true REMOVE r.__lock "
+            rows = list(tx.run("MERGE (r:Run {run_id: $id}) ON CREATE SET r.__new = true SET r.__lock = true REMOVE r.__lock "
                                "WITH r, r.__new AS new REMOVE r.__new RETURN r.status, r.manifest, new", id=run_id))
             exists = not rows[0][2]
             if exists and not resume:
@@ -436,8 +436,10 @@ class Neo4jWrites(Neo4jReads):
 
     def finish_run(self, run_id: str, status: str, updates: JSON) -> None:
         def tx_fn(tx: Tx) -> None:
-            # lock the Run node before reading it, so shards finishing together keep each other's counts
-            rows = list(tx.run("MERGE (r:Run {run_id: $id}) REMOVE r.__lock RETURN r.manifest", id=run_id))
+            # lock the Run node before reading it, so shards finishing together keep each other's counts: a SET (a
+            # REMOVE of a property the node lacks takes no lock; two shards' counts were lost so, one overwriting)
+            rows = list(tx.run("MERGE (r:Run {run_id: $id}) SET r.__lock = true REMOVE r.__lock RETURN r.manifest",
+                               id=run_id))
             old = json.loads(rows[0][0]) if rows and rows[0][0] else {}
             tx.run("MATCH (r:Run {run_id: $id}) SET r.status = $s, r.manifest = $m", id=run_id, s=status,
                    m=json.dumps({**old, **updates}, sort_keys=True))
