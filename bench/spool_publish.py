@@ -4,13 +4,15 @@
           device reduction into the spool (bench/ingest_pipeline.py's ReplaySession), then compacted and
           published by `merge` in a process of its own, whose peak RSS is the write path's memory: end-to-end
           observations/s (spooling + compaction + publish), edge rows written per observation, peak RSS;
-          into SQLite and a live Neo4j, for --replay prompts and (SQLite) --big prompts (memory must not
+          into SQLite, a live Neo4j and (through `neo4j-import:` files and Neo4j's offline importer) a new
+          Neo4j database, for --replay prompts and (SQLite) --big prompts (memory must not
           grow with the corpus). The per-window path (PER_WINDOW_COMMIT, from a git worktree: its own
           bench/ingest_pipeline.py) replays the same graphs first, in the same run.
   toy     toy-ioi on ioi:N, mining off, into each store: wall time of the per-window path (worktree) and of
           this tree's, alternated, and their ratio.
 
 Usage: python bench/spool_publish.py [--only replay,toy] [--no-neo4j] [--replay 64] [--big 256]
+       [--stores sqlite,neo4j,importer] [--no-baseline]
        [--toy-prompts 2000] [--baseline-neo4j-replay 8] [--threads 1]
 """
 
@@ -95,13 +97,7 @@ def _env(tree: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(tree), "CIRCUIT_CATALOG_TORCH_THREADS": "1"}
 
 
-def replay_section(args, tmp: Path, neo: str | None) -> None:
-    import ingest_pipeline
-    import torch
-
-    from catalog.spool import Spool
-    from ingest.jobs import JobOptions, run_job
-
+def replay_baseline(args, neo: str | None) -> None:
     print(f"replay of GPT-2-shaped 64-token prompts (batch 1, window {args.window}); the per-window path of "
           f"{PER_WINDOW_COMMIT} first, from a worktree:")
     with worktree(PER_WINDOW_COMMIT) as tree:
@@ -115,6 +111,18 @@ def replay_section(args, tmp: Path, neo: str | None) -> None:
             line = next((x for x in out.stdout.splitlines() if x.strip().startswith(label)), None)
             print(f"  per-window {label:<8} {n:>4} prompts: " + (
                 re.sub(r"\s+", " ", line.strip()[len(label):]) if line else f"FAILED: {out.stderr.strip()[-300:]}"))
+
+
+def replay_section(args, tmp: Path, neo: str | None) -> None:
+    import ingest_pipeline
+    import torch
+
+    from catalog.spool import Spool
+    from ingest.jobs import JobOptions, run_job
+
+    if not args.no_baseline:
+        replay_baseline(args, neo)
+    chosen = set(args.stores.split(","))
     session = gpt2_hub.gpt2_session(torch.device("cpu"))
     corpus = gpt2_hub.word_corpus(tmp / "record.jsonl", 4, 64)
     recorded = []
@@ -122,7 +130,9 @@ def replay_section(args, tmp: Path, neo: str | None) -> None:
     for line in Path(corpus).read_text().splitlines():
         recorded.append(session.attribute([session.lm.tokenizer.encode(json.loads(line)["text"])], default)[1])
     print("this tree: spooled in this process (the ReplaySession's reduction), then `merge` in a process of its own:")
-    for n, stores in ((args.replay, ("sqlite", "neo4j")), (args.big, ("sqlite",))):
+    for n, stores in ((args.replay, ("sqlite", "neo4j", "importer")), (args.big, ("sqlite",))):
+        if not chosen.intersection(stores):
+            continue
         folder = tmp / f"spool-{n}"
         replay_corpus = gpt2_hub.word_corpus(tmp / f"replay-{n}.jsonl", n, 64)
         t = time.time()
@@ -130,9 +140,10 @@ def replay_section(args, tmp: Path, neo: str | None) -> None:
                     JobOptions(run="replay", batch_size=1, window=args.window, progress=False, mine=False),
                     log=lambda *_: None)
         spool_s = time.time() - t
-        for kind in stores:
-            url = neo if kind == "neo4j" else f"sqlite:///{tmp}/replay-{n}.db"
-            if url is None:
+        for kind in (k for k in stores if k in chosen):
+            url = {"neo4j": neo, "sqlite": f"sqlite:///{tmp}/replay-{n}.db",
+                   "importer": f"neo4j-import:{tmp}/import-{n}"}[kind]
+            if url is None or (kind == "importer" and neo is None):
                 continue
             if kind == "neo4j":
                 _wipe(url)  # an empty catalog, as the per-window path's own server was
@@ -143,6 +154,12 @@ def replay_section(args, tmp: Path, neo: str | None) -> None:
                 print(f"  spool {kind:<8} {n:>4} prompts: FAILED: {exc}")
                 continue
             total = spool_s + m["seconds"]
+            if kind == "importer":  # then Neo4j's offline importer builds a new database from the files
+                imported = _import(url.split(":", 1)[1], tmp / f"import-home-{n}")
+                m["publish_seconds"] += imported["import_seconds"]
+                total += imported["import_seconds"]
+                print(f"  importer: {imported['summary']}; import {imported['import_seconds']:.1f} s, then the "
+                      f"server's start and its indexes' population {imported['start_seconds']:.1f} s (not counted)")
             print(f"  spool {kind:<8} {n:>4} prompts: {s.observations / total:12,.0f} obs/s end to end "
                   f"({s.observations:,} obs; spool {spool_s:.1f} s, compact {m['compact_seconds']:.1f} s, publish "
                   f"{m['publish_seconds']:.1f} s, merge process {m['seconds']:.1f} s); {m['edges_published']:,} edge rows: "
@@ -172,6 +189,28 @@ def toy_section(args, tmp: Path, neo: str | None) -> None:
             print(f"  {kind:<7} spool / per-window wall time: {ratio:.2f}x (target <= 0.8x)")
 
 
+def _import(files: str, home: Path) -> dict:
+    """``neo4j-server --import``'s two steps, timed apart: the importer, then a server start and the first
+    connection (which creates the catalog's constraints and indexes and waits for them to populate)."""
+    from catalog.stores import open_store
+    from cli.neo4j_server import import_files, start_on_free_port
+
+    t = time.time()
+    summary = import_files(str(home), files, heap="2g")
+    import_seconds = time.time() - t
+    t = time.time()
+    proc, url = start_on_free_port(str(home), page_cache="1g", heap="3g")
+    try:
+        store = open_store(url)
+        store.driver.execute_query("CALL db.awaitIndexes(600)")
+        start_seconds = time.time() - t
+        store.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    return {"summary": summary, "import_seconds": import_seconds, "start_seconds": start_seconds}
+
+
 def _wipe(url: str) -> None:
     import neo4j
 
@@ -189,6 +228,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--baseline-neo4j-replay", type=int, default=8,
                     help="prompts the per-window path replays into Neo4j (~20k obs/s: 64 would take half an hour)")
+    ap.add_argument("--stores", default="sqlite,neo4j,importer", help="which publishes the replay times")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the per-window path's replay")
     ap.add_argument("--toy-prompts", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="compaction processes")

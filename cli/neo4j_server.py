@@ -97,6 +97,36 @@ def stop_detached(home: str, timeout_s: float = 120) -> str:
     return f"stopped the server of {home}"
 
 
+def import_files(home: str, folder: str, heap: str = "1g") -> str:
+    """``neo4j-server --import FOLDER``: build a new database in ``home`` from the import files of a
+    ``neo4j-import:FOLDER`` publish, with Neo4j's offline importer (``neo4j-admin database import full``),
+    before any server runs on it. Refuses a home that holds a database already. Returns the importer's summary."""
+    from catalog.stores.neo4j_import import Neo4jImportFiles
+
+    if (Path(home) / "data" / "databases" / "neo4j").exists():
+        raise ValueError(f"{home} holds a database already: Neo4j's importer only builds a new one (choose an empty "
+                         "--home, or publish into the running server instead)")
+    pid_file = Path(home) / "server.pid"
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        raise ValueError(f"a server is running from {home}; the importer needs it stopped")
+    arguments = Neo4jImportFiles(folder, None).import_arguments()
+    build()
+    conf = Path(home) / "conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "neo4j.conf").touch()
+    cp = f"{MODULE / 'target' / 'lib' / '*'}"
+    done = subprocess.run(["java", f"-Xmx{heap}", *JVM_FLAGS, "-cp", cp, "org.neo4j.cli.AdminTool", "database",
+                           "import", "full", *arguments], cwd=folder, capture_output=True, text=True,
+                          env={**os.environ, "NEO4J_HOME": str(Path(home).resolve()), "NEO4J_CONF": str(conf.resolve())})
+    if done.returncode != 0:
+        shutil.rmtree(Path(home) / "data", ignore_errors=True)  # a failed import leaves a partial store
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        cause = next((line for line in lines if "Exception" in line or "rror" in line), lines[-1] if lines else "")
+        raise ValueError(f"Neo4j's importer failed on {folder}: {cause.strip()[:400]}")
+    summary = done.stdout[done.stdout.find("IMPORT DONE"):].split("Peak memory")[0]
+    return " ".join(summary.split())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

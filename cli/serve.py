@@ -38,10 +38,15 @@ def serve(store: StoreOpt = DEFAULT_URL, host: str = "127.0.0.1", port: Port = 8
 @friendly
 def neo4j_server(home: str = ".neo4j/data", port: Port = 7687, page_cache: str = "256m",
                  detach: Annotated[bool, typer.Option(help="start it in the background, return once it answers")] = False,
-                 stop: Annotated[bool, typer.Option(help="stop the server --detach started in this --home")] = False):
+                 stop: Annotated[bool, typer.Option(help="stop the server --detach started in this --home")] = False,
+                 import_: Annotated[str | None, typer.Option(
+                     "--import", help="first build a new database in --home from the files a publish into "
+                     "neo4j-import:FOLDER wrote, with Neo4j's offline importer")] = None):
     """Build (first time, Maven) and run Neo4j Community with Bolt on 127.0.0.1 for local use."""
     from cli import neo4j_server as server
 
+    if import_ and not stop:
+        print(f"imported {import_} into {home}: {server.import_files(home, import_)}", flush=True)
     if stop:
         print(server.stop_detached(home))
     elif detach:

@@ -148,7 +148,10 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     if spool is not store and not published:
         log(f"shard {opts.shard[0]}/{opts.shard[1]} spooled in {spool.run_dir(opts.run)}; the run is published "
             "when its last shard ends")
-    if opts.mine and spool is not store and published:
+    if opts.mine and published and not getattr(store, "queryable", True):
+        log(f"run {opts.run!r} is written as import files ({store.url}); `circuit-catalog mine` stores its patterns "
+            "once the database is imported")
+    elif opts.mine and spool is not store and published:
         try:
             for runs, seconds in mine_after_ingest(store, opts.run):
                 summary.mining_seconds += seconds

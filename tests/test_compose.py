@@ -10,7 +10,7 @@ COMPOSE = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compo
 
 def test_services_and_localhost_ports():
     services = COMPOSE["services"]
-    assert set(services) == {"neo4j", "api", "ingest"}
+    assert set(services) == {"neo4j", "api", "ingest", "neo4j-import"}
     assert services["neo4j"]["image"].startswith("neo4j:5")
     for svc in services.values():
         for port in svc.get("ports", []):
@@ -23,6 +23,19 @@ def test_neo4j_auth_from_env_with_data_volume_and_healthcheck():
     assert any(v.startswith("neo4j-data:/data") for v in neo["volumes"])
     assert "cypher-shell" in " ".join(neo["healthcheck"]["test"])
     assert COMPOSE["services"]["api"]["depends_on"]["neo4j"]["condition"] == "service_healthy"
+
+
+def test_the_importer_service_builds_the_neo4j_services_database_from_the_ingest_workers_files():
+    """A first load (docs/catalog.md): `ingest --store neo4j-import:/import` in the worker writes the files and
+    their import.sh into a folder the importer service mounts too, which runs that script with the image's
+    neo4j-admin into the neo4j service's own data volume, only when asked for (a profile)."""
+    services = COMPOSE["services"]
+    importer, worker, neo = services["neo4j-import"], services["ingest"], services["neo4j"]
+    assert importer["image"] == neo["image"] and importer["profiles"] == ["import"]
+    assert importer["command"] == ["sh", "/import/import.sh"]
+    data = next(v for v in neo["volumes"] if v.endswith(":/data"))
+    assert data in importer["volumes"]
+    assert "./import:/import" in importer["volumes"] and "./import:/import" in worker["volumes"]
 
 
 def test_ingest_worker_reserves_a_gpu():

@@ -129,6 +129,7 @@ STORE_OPENERS: dict[str, str] = {
     "sqlite": "catalog.stores.sqlite:open_url",
     **{scheme: "catalog.stores.neo4j:open_url"
        for scheme in ("neo4j", "bolt", "neo4j+s", "bolt+s", "neo4j+ssc", "bolt+ssc")},
+    "neo4j-import": "catalog.stores.neo4j_import:open_url",
 }
 
 
@@ -138,7 +139,7 @@ def open_store(url: str | None = None, *, evidence_per_edge: int | None = 8, cre
     opener = STORE_OPENERS.get(urlparse(url).scheme)
     if opener is None:
         raise StoreError(f"store URL {url!r} not understood: use sqlite:///path/to/catalog.db or "
-                         "neo4j://host:port (bolt:// also works)")
+                         "neo4j://host:port (bolt:// also works), or neo4j-import:FOLDER (files for Neo4j's offline importer)")
     module, _, function = opener.partition(":")
     opened: Store = getattr(importlib.import_module(module), function)(url, evidence_per_edge, create)
     return opened

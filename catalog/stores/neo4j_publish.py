@@ -12,6 +12,7 @@ killed publish ends, after a second one, with exactly the catalog of one that wa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -102,44 +103,85 @@ class Neo4jPublish(Neo4jWrites):
     def _publish_part(self, session: Any, part: WindowAggregate, ids: np.ndarray) -> int:
         """Create one partition's edges (each with its head and role lists and evidence), statistics and its
         prompts' evidence_edges; returns its evidence rows."""
-        e, h, ro, v, s = part.edges, part.heads, part.roles, part.evidence, part.stats
-        keys = edge_key(ids[e.src], ids[e.dst], e.kind)
-        (heads,), hoff = _dense(keys, edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)
-        (role_n, role_abs), roff = _dense(keys, edge_key(ids[ro.src], ids[ro.dst], ro.kind), ro.role, ro.n, ro.sum_abs)
-        # evidence comes grouped by edge in the edges' order (catalog.compact), best first within an edge
-        v_keys = edge_key(ids[v.src], ids[v.dst], v.kind)
-        order = np.argsort(keys, kind="stable")
-        row = order[np.searchsorted(keys, v_keys, sorter=order)] if len(v) else np.zeros(0, np.int64)
-        if len(v) and (np.diff(row) < 0).any():
-            raise StoreError("a compacted partition's evidence is not grouped in its edges' order")
-        width = np.bincount(row, minlength=len(keys))
-        start = np.cumsum(width) - width
-        uids = np.array([p.uid for p in part.prompts] or [""], dtype=object)
-        ev = dict(zip(LISTS, (uids[v.prompt], v.src_pos, v.dst_pos, v.head, v.value), strict=True))
-        kinds = np.array(EDGE_KINDS, dtype=object)[e.kind]
-        for rows in _chunks(len(keys)):
-            r = np.arange(rows.start, rows.stop)
+        rows = part_rows(part, ids)
+        for chunk in _chunks(len(rows.keys)):
+            r = np.arange(chunk.start, chunk.stop)
             session.execute_write(_run_query, PUBLISH_EDGES, {
-                "run": part.run, **_lists(key=keys[r], src=ids[e.src[r]], dst=ids[e.dst[r]], kind=kinds[r]),
-                **_lists(**{c: getattr(e, c)[r] for c in ("n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min",
-                                                          "max", "n_pos")}),
-                **_sub_lists({"heads": heads}, hoff, r, "hoff"),
-                **_sub_lists({"role_n": role_n, "role_abs": role_abs}, roff, r, "roff"),
-                **_slices(ev, start[r], width[r], "eoff")})
+                "run": part.run, **_lists(key=rows.keys[r], src=rows.src[r], dst=rows.dst[r], kind=rows.kinds[r]),
+                **_lists(**{c: v[r] for c, v in rows.scalars.items()}),
+                **_sub_lists({"heads": rows.heads}, rows.hoff, r, "hoff"),
+                **_sub_lists({"role_n": rows.role_n, "role_abs": rows.role_abs}, rows.roff, r, "roff"),
+                **_slices(rows.evidence, rows.ev_start[r], rows.ev_width[r], "eoff")})
+        s = part.stats
         nids = ids[s.node]
-        for rows in _chunks(len(nids)):
-            session.execute_write(_run_query, CREATE_STATS, {"nid": nids[rows].tolist(), "run": part.run, **_lists(
-                n_obs=s.n_obs[rows], n_prompts=s.n_prompts[rows], sum_act=s.sum_act[rows], max_act=s.max_act[rows])})
-        # each prompt: the keys of the edges whose evidence holds one of its observations
-        pairs = np.unique(np.stack([v.prompt, v_keys]), axis=1) if len(v) else np.zeros((2, 0), np.int64)
-        per_prompt = np.bincount(pairs[0], minlength=len(part.prompts))
-        has = np.flatnonzero(per_prompt)
-        offsets = np.r_[0, np.cumsum(per_prompt)]
-        for rows in _chunks(len(has)):
-            p = has[rows]
+        for chunk in _chunks(len(nids)):
+            session.execute_write(_run_query, CREATE_STATS, {"nid": nids[chunk].tolist(), "run": part.run, **_lists(
+                n_obs=s.n_obs[chunk], n_prompts=s.n_prompts[chunk], sum_act=s.sum_act[chunk],
+                max_act=s.max_act[chunk])})
+        has, offsets = rows.prompts_with_evidence, rows.prompt_offsets
+        for chunk in _chunks(len(has)):
+            p = has[chunk]
             session.execute_write(_run_query, PROMPT_EVIDENCE_EDGES, {
-                "uid": [part.prompts[i].uid for i in p.tolist()], **_sub_lists({"keys": pairs[1]}, offsets, p, "koff")})
-        return len(v)
+                "uid": [part.prompts[i].uid for i in p.tolist()],
+                **_sub_lists({"keys": rows.prompt_keys}, offsets, p, "koff")})
+        return len(part.evidence)
+
+
+@dataclass
+class PartRows:
+    """A compacted partition as the rows a published catalog holds: per edge [m] its key, end nids, kind name,
+    scalar columns, and its lists (flat arrays cut by offsets [m + 1] or start/width [m]); per prompt the keys
+    of the edges whose evidence holds one of its observations (``prompt_keys`` cut by ``prompt_offsets``
+    [n_prompts + 1]; ``prompts_with_evidence`` the rows of prompts with any)."""
+
+    keys: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    kinds: np.ndarray
+    scalars: dict[str, np.ndarray]
+    heads: np.ndarray
+    hoff: np.ndarray
+    role_n: np.ndarray
+    role_abs: np.ndarray
+    roff: np.ndarray
+    evidence: dict[str, np.ndarray]  # LISTS: ev_prompt (uids), ev_src_pos, ev_dst_pos, ev_head, ev_value
+    ev_start: np.ndarray
+    ev_width: np.ndarray
+    prompt_keys: np.ndarray
+    prompt_offsets: np.ndarray
+    prompts_with_evidence: np.ndarray
+
+
+SCALARS = ("n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos")
+
+
+def part_rows(part: WindowAggregate, ids: np.ndarray) -> PartRows:
+    """The rows of ``part`` once its nodes have dictionary ids ``ids`` [nodes] (both publish routes)."""
+    e, h, ro, v = part.edges, part.heads, part.roles, part.evidence
+    keys = edge_key(ids[e.src], ids[e.dst], e.kind)
+    (heads,), hoff = _dense(keys, edge_key(ids[h.src], ids[h.dst], h.kind), h.head, h.sum)
+    (role_n, role_abs), roff = _dense(keys, edge_key(ids[ro.src], ids[ro.dst], ro.kind), ro.role, ro.n, ro.sum_abs)
+    # evidence comes grouped by edge in the edges' order (catalog.compact), best first within an edge
+    v_keys = edge_key(ids[v.src], ids[v.dst], v.kind)
+    order = np.argsort(keys, kind="stable")
+    row = order[np.searchsorted(keys, v_keys, sorter=order)] if len(v) else np.zeros(0, np.int64)
+    if len(v) and (np.diff(row) < 0).any():
+        raise StoreError("a compacted partition's evidence is not grouped in its edges' order")
+    width = np.bincount(row, minlength=len(keys))
+    uids = np.array([p.uid for p in part.prompts] or [""], dtype=object)
+    # each prompt: the keys of the edges whose evidence holds one of its observations
+    # its distinct (prompt, key) pairs in (prompt, key) order: a lexsort, ~8x np.unique(axis=1)'s time less
+    by = np.lexsort((v_keys, v.prompt))
+    prompt_of, key_of = v.prompt[by].astype(np.int64), v_keys[by]
+    first = np.r_[True, (np.diff(prompt_of) != 0) | (np.diff(key_of) != 0)] if len(v) else np.zeros(0, bool)
+    pairs = np.stack([prompt_of[first], key_of[first]])
+    per_prompt = np.bincount(pairs[0], minlength=len(part.prompts))
+    return PartRows(
+        keys=keys, src=ids[e.src], dst=ids[e.dst], kinds=np.array(EDGE_KINDS, dtype=object)[e.kind],
+        scalars={c: getattr(e, c) for c in SCALARS}, heads=heads, hoff=hoff, role_n=role_n, role_abs=role_abs,
+        roff=roff, evidence=dict(zip(LISTS, (uids[v.prompt], v.src_pos, v.dst_pos, v.head, v.value), strict=True)),
+        ev_start=np.cumsum(width) - width, ev_width=width, prompt_keys=pairs[1],
+        prompt_offsets=np.r_[0, np.cumsum(per_prompt)], prompts_with_evidence=np.flatnonzero(per_prompt))
 
 
 def _state(tx: Tx, run: str) -> tuple[bool, int]:
