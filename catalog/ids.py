@@ -194,6 +194,22 @@ def parse_feature(text: str) -> NodeRef:
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+SEGMENT_NAME = re.compile(RUN_NAME.pattern + r"~\d{4}")
+
+
+def segment_name(run: str, k: int) -> str:
+    """The store's name of segment ``k`` of ``run`` (``ingest --publish-every``): a '~' no run name holds, so a
+    segment never collides with a run a user names."""
+    return f"{run}~{k:04d}"
+
+
+def check_stored_run_name(name: str) -> str:
+    """What a store accepts as a run id: a run name, or a segment of one (segment_name)."""
+    if isinstance(name, str) and SEGMENT_NAME.fullmatch(name):
+        return name
+    return check_run_name(name)
+
+
 def check_run_name(name: str) -> str:
     """A run name: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit. No '/': a
     prompt's uid is ``run/prompt id``, so a '/' in run names would let run ``a`` with prompt ``b/0`` and run

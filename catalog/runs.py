@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from catalog.publish_every import segment_of, visible
 from catalog.schema import JSON, Run
 from catalog.stores.base import NotFound, Store, StoreError
 
@@ -78,12 +79,15 @@ def select_runs(store: Store, run_ids: Sequence[str] | None = None) -> tuple[str
         for run_id in dict.fromkeys(run_ids):
             run = stored.get(run_id)
             if run is None:
-                raise NotFound(f"no run {run_id!r} in this catalog; runs: {', '.join(sorted(stored)) or 'none'}")
+                raise NotFound(f"no run {run_id!r} in this catalog; runs: "
+                               f"{', '.join(sorted(k for k, r in stored.items() if segment_of(r) is None)) or 'none'}")
             if not holds_edges(run):
                 raise StoreError(f"run {run_id!r} is a {run.manifest.get('kind')} run and holds no edges")
-            chosen.append(run)
+            # a run still being ingested with --publish-every is read through the segments it shows
+            chosen += [run, *(stored[s] for s in run.manifest.get("segments", [])
+                              if s in stored and visible(stored[s], stored))]
     else:
-        chosen = [r for r in stored.values() if holds_edges(r)]
+        chosen = [r for r in stored.values() if holds_edges(r) and visible(r, stored)]
     cut = [r.run_id for r in chosen if r.status == EXPORTING]
     if cut:
         raise StoreError(f"run(s) {', '.join(cut)} are incomplete: an export into this catalog was interrupted. "
@@ -95,7 +99,7 @@ def select_runs(store: Store, run_ids: Sequence[str] | None = None) -> tuple[str
             f"{'the selected' if run_ids else 'the stored'} runs used different settings and are never added "
             f"together: {lines}. Choose runs of one group with --run (REST: ?run=)",
             [ids for _, ids in groups])
-    return tuple(sorted(r.run_id for r in chosen))
+    return tuple(sorted({r.run_id for r in chosen}))  # a run and its segment both named count once
 
 
 def _stored_runs(store: Store, needed: Sequence[str]) -> dict[str, Run]:

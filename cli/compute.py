@@ -113,6 +113,9 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            compact_workers: Annotated[int, bounded(1, 256, "processes that compact the spool in parallel")] = 2,
            compact_mem: Annotated[int, bounded(1, help=(
                "MiB a compaction may hold: the spool is split into key-range partitions that fit"))] = 2048,
+           publish_every: Annotated[str | None, typer.Option(help=(
+               "publish what is spooled so far every N prompts (500) or minutes (10m), so the run can be queried "
+               "while it runs (segments, replaced by the whole run when it ends)"))] = None,
            partials: Annotated[str | None, typer.Option(help=(
                "spool to this folder and publish nothing, for a later `merge` (job arrays whose nodes cannot "
                "reach the database)"))] = None,
@@ -126,6 +129,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                "(later: `circuit-catalog mine`)"))] = True):
     """Run RDFA over a corpus and store every edge with its provenance."""
     from catalog.ids import check_run_name
+    from ingest.job_options import parse_publish_every
     from ingest.jobs import JobOptions, RayOptions, parse_shard, refuse_existing_run, run_job
     from ingest.rdfa.tensors import Pruning
     from ingest.runtime import configure_threads
@@ -139,6 +143,10 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
             raise ValueError(f"{name} {value}: must be at least 1")
     if executor not in ("local", "ray"):
         raise ValueError(f"--executor {executor!r}: expected local or ray")
+    every_prompts, every_seconds = parse_publish_every(publish_every)
+    if publish_every and (partials or parse_shard(shard)[1] > 1 or store.startswith("neo4j-import:")):
+        raise ValueError("--publish-every publishes into a live catalog from one job: not with --partials, --shard "
+                         "or a neo4j-import: store")
     configure_threads(threads)
     ray = RayOptions(ray_address, workers, gpus_per_worker, threads, model, list(saes)) if executor == "ray" else None
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
@@ -146,7 +154,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk),
                       progress=progress, window=window, tail_window=tail_window, window_mem=window_mem << 20,
                       window_edges=window_edges, spool=spool, compact_workers=compact_workers,
-                      compact_mem=compact_mem << 20,
+                      compact_mem=compact_mem << 20, publish_every_prompts=every_prompts,
+                      publish_every_seconds=every_seconds,
                       executor=executor, ray=ray,
                       mine=mine and not partials)
     if not partials:  # an existing run, a store that is down or a foreign file: said before the model loads

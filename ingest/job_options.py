@@ -33,6 +33,10 @@ class JobOptions:
     spool: str | None = None  # the folder windows are spooled to; None: catalog.spool.default_spool(store url)
     compact_mem: int = 2 << 30  # bytes a compaction may hold (catalog.compact)
     compact_workers: int = 2  # processes merging a compaction's partitions
+    # publish a segment (catalog.publish_every) whenever this many prompts were spooled since the last one, or this
+    # many seconds passed: queries see the run while it runs; None: the run is published when it ends
+    publish_every_prompts: int | None = None
+    publish_every_seconds: float | None = None
 
 
 @dataclass
@@ -79,3 +83,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise UserFacingError(f"--shard {text!r}: need 0 <= i < n")
     return i, n
+
+
+def parse_publish_every(text: str | None) -> tuple[int | None, float | None]:
+    """``--publish-every``: N prompts ("500") or M minutes ("10m") -> (prompts, seconds); (None, None) if unset."""
+    if text is None:
+        return None, None
+    try:
+        if text.endswith("m"):
+            minutes = float(text[:-1])
+            if minutes > 0:
+                return None, minutes * 60
+        elif int(text) >= 1:
+            return int(text), None
+    except ValueError:
+        pass
+    raise UserFacingError(f"--publish-every {text!r}: expected a number of prompts (500) or of minutes (10m)")

@@ -28,11 +28,18 @@ import catalog.spool
 from catalog import __version__
 from catalog.mined import mine_after_ingest
 from catalog.publish import publish_run, remove_spooled
+from catalog.publish_every import drop_segments, publish_segment
 from catalog.spool import Spool, default_spool, spooled_status
 from catalog.stores.base import StoreUnavailable
 from ingest.corpora import CorpusItem, open_corpus
 from ingest.errors import UserFacingError
-from ingest.job_options import DEFAULT_WINDOW_MEM, JobOptions, JobSummary, RayOptions, parse_shard
+from ingest.job_options import (
+    DEFAULT_WINDOW_MEM,
+    JobOptions,
+    JobSummary,
+    RayOptions,
+    parse_shard,
+)
 from ingest.model_with_saes import ModelWithSaes
 from ingest.to_catalog import NodeSlots
 from ingest.windows import compute_windows, count_written, cut_windows, node_slots
@@ -113,7 +120,8 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
     summary = JobSummary(opts.run, skipped_long=skipped_long, bad_lines=len(corpus.bad_lines),
                          unknown_tokens=sum(unknown), prompts_with_unknown_tokens=len(unknown),
                          skipped_done=sum(item.prompt_id in done for b in mine for item, _ in b))
-    target = _Sequenced(spool, {item.prompt_id: i for i, (item, _) in enumerate(pairs)})
+    target = _Sequenced(spool, {item.prompt_id: i for i, (item, _) in enumerate(pairs)},
+                        _Segments(spool, store, opts, log) if _segmented(opts) and spool is not store else None)
     try:
         if opts.executor == "ray":
             from ingest.ray_executor import run_on_ray
@@ -131,7 +139,10 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
         elif opts.shard[1] == 1:
             _publish_spooled(spool, store, opts, summary, log)
             summary.seconds = time.time() - t0
-            store.finish_run(opts.run, "done", {**updates, "counts": summary.as_dict()})
+            # done: queries read the run whole from here on, not its segments, which then go
+            store.finish_run(opts.run, "done", {**updates, "counts": summary.as_dict(), "segments": []})
+            if drop_segments(store, opts.run):
+                log(f"run {opts.run!r} published whole; its segments are dropped")
             remove_spooled(spool, opts.run)
             published = True
         else:  # the catalog marks the shard done before the spool does: the shard that publishes marks the run last
@@ -165,14 +176,40 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
 
 class _Sequenced:
     """The spool as the compute loop writes to it: each window stamped with its place in the corpus (the
-    corpus position of its first prompt), so a compaction lays the run out in corpus order."""
+    corpus position of its first prompt), so a compaction lays the run out in corpus order; then, with
+    ``--publish-every``, a segment published when one is due."""
 
-    def __init__(self, spool: Spool, positions: dict[str, int]):
+    def __init__(self, spool: Spool, positions: dict[str, int], segments: _Segments | None = None):
         self.spool, self.positions, self.evidence_per_edge = spool, positions, spool.evidence_per_edge
+        self.segments = segments
 
     def write_window(self, agg) -> bool:
         agg.seq = self.positions[agg.prompts[0].prompt_id] if agg.prompts else -1
-        return bool(self.spool.write_window(agg))
+        written = bool(self.spool.write_window(agg))
+        if self.segments is not None:
+            self.segments.spooled(len(agg.prompts))
+        return written
+
+
+def _segmented(opts: JobOptions) -> bool:
+    return opts.publish_every_prompts is not None or opts.publish_every_seconds is not None
+
+
+class _Segments:
+    """When the next segment is due: every ``publish_every_prompts`` prompts spooled or ``publish_every_seconds``."""
+
+    def __init__(self, spool: Spool, store, opts: JobOptions, log):
+        self.spool, self.store, self.opts, self.log = spool, store, opts, log
+        self.prompts, self.since = 0, time.monotonic()
+
+    def spooled(self, prompts: int) -> None:
+        self.prompts += prompts
+        every_n, every_s = self.opts.publish_every_prompts, self.opts.publish_every_seconds
+        if (every_n is not None and self.prompts >= every_n) or (
+                every_s is not None and time.monotonic() - self.since >= every_s):
+            publish_segment(self.spool, self.opts.run, self.store, mem=self.opts.compact_mem,
+                            workers=self.opts.compact_workers, log=self.log)
+            self.prompts, self.since = 0, time.monotonic()
 
 
 def _publish_if_complete(spool: Spool, store, opts: JobOptions, summary: JobSummary, log) -> bool:

@@ -8,6 +8,8 @@ kill -9, at a moment the test controls rather than one found by polling.
     python tests/die_at.py compact N -- ARGS...   compacting, once N partitions are compacted
     python tests/die_at.py publish N -- ARGS...   publishing, once the N-th partition is written (inside
                                                   SQLite's one transaction; after Neo4j's committed batches)
+    python tests/die_at.py segment N -- ARGS...   once the N-th segment of --publish-every is stored, before
+                                                  the run lists it (queries do not see it yet)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def die() -> None:
 
 def main() -> None:
     point, n, sep, *args = sys.argv[1:]
-    assert sep == "--", "usage: die_at.py spool|batch|compact|publish N -- ARGS"
+    assert sep == "--", "usage: die_at.py spool|batch|compact|publish|segment N -- ARGS"
     calls = [0]
 
     def nth() -> bool:
@@ -88,6 +90,26 @@ def main() -> None:
 
         SqliteWrites._write_aggregate = sqlite_part
         Neo4jPublish._publish_part = neo4j_part
+    elif point == "segment":  # once the N-th segment's rows are stored, before its run lists it
+        import catalog.publish_every as segments
+
+        def finish_run(store, _real):
+            def hooked(run_id, status, updates):
+                if "segments" in updates and updates["segments"] and nth():
+                    die()
+                return _real(run_id, status, updates)
+            return hooked
+
+        def publish_segment(spool, run, store, *a, _real=segments.publish_segment, **k):
+            store.finish_run = finish_run(store, store.finish_run)
+            try:
+                return _real(spool, run, store, *a, **k)
+            finally:
+                del store.finish_run
+
+        import ingest.jobs
+
+        ingest.jobs.publish_segment = publish_segment
     else:
         raise SystemExit(f"unknown point {point!r}")
     from cli import app

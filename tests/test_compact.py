@@ -37,14 +37,15 @@ def spooled(tmp_path_factory) -> Path:
     return folder
 
 
-def independent(folder: Path) -> dict:
-    """Every spooled row aggregated in plain Python, keyed by node uids: the catalog a publish must hold."""
+def independent(folder: Path, cap: int = CAP, paths: list[Path] | None = None) -> dict:
+    """Every spooled row (of ``paths``, default every window of run "r") aggregated in plain Python, keyed by
+    node uids: the catalog a publish must hold."""
     edges: dict = {}
     heads: dict = defaultdict(float)
     roles: dict = defaultdict(lambda: [0, 0.0])
     evidence: dict = defaultdict(list)
     stats: dict = {}
-    for path in Spool(folder, CAP).windows("r"):
+    for path in Spool(folder, cap).windows("r") if paths is None else paths:
         w = load_window(path)
         uid = [n.uid for n in w.nodes]
         e = w.edges
@@ -75,7 +76,7 @@ def independent(folder: Path) -> dict:
             row = [int(s.n_obs[i]), int(s.n_prompts[i]), float(s.sum_act[i]), float(s.max_act[i])]
             stats[uid[s.node[i]]] = row if old is None else [old[0] + row[0], old[1] + row[1], old[2] + row[2],
                                                               max(old[3], row[3])]
-    kept = {k: sorted(rows, key=Evidence.rank_key)[:CAP] for k, rows in evidence.items()}
+    kept = {k: sorted(rows, key=Evidence.rank_key)[:cap] for k, rows in evidence.items()}
     return {"edges": edges, "heads": heads, "roles": roles, "evidence": kept, "stats": stats}
 
 

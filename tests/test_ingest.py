@@ -176,6 +176,33 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(store_url, tmp_path, poi
     assert _uninterrupted(store_url, tmp_path, *WINDOWED, *corpus) == resumed
 
 
+def test_kill_9_between_segments_then_resume_equals_an_uninterrupted_run(store_url, tmp_path):
+    """--publish-every: kill -9 once the second segment is stored but before the run lists it. Queries then read
+    the first segment only (8 prompts, exactly), the second is invisible; --resume drops it, publishes on, and
+    ends with exactly the catalog of one uninterrupted process without segments, none of them left."""
+    from catalog import queries
+    from catalog.runs import select_runs
+    from catalog.spool import load_window
+
+    corpus = ["--corpus", "ioi:24:5"]
+    died = subprocess.run(DIE_AT + ["segment", "2", "--"] + JOB + WINDOWED + ["--publish-every", "8", "--store",
+                          store_url, *corpus], capture_output=True, text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    store = open_store(store_url)
+    assert select_runs(store, ["r"]) == ("r", "r~0001")
+    assert sorted(r.run_id for r in store.runs()) == ["r", "r~0001", "r~0002"]  # r~0002: stored, not shown
+    assert len(store.done_prompts("r~0001")) == 8 and store.done_prompts("r") == set()
+    shown = store.run("r~0001").manifest["windows"]
+    assert len(shown) == 1
+    window = load_window(_spooled(store_url).run_dir("r") / shown[0])  # what the first segment covers
+    assert sum(e.n_obs for e in store.all_edges(runs=select_runs(store, ["r"]))) == int(window.edges.n_obs.sum())
+    assert queries.overview(store)["counts"]["prompts"] == 16  # both segments' rows are stored, one is read
+    _ingest(store_url, *WINDOWED, *corpus, "--publish-every", "8", "--resume")
+    resumed = _catalog(store_url)
+    assert [r[0] for r in resumed["runs"]] == ["r"] and len(resumed["prompts"]) == 24
+    assert _uninterrupted(store_url, tmp_path, *WINDOWED, *corpus) == resumed
+
+
 def test_windows_are_full_until_the_halving_tail():
     """Full windows while two or more are left, then halves of what is left (rounded up) down to one
     batch, in corpus order; every batch exactly once."""

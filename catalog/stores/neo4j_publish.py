@@ -56,6 +56,15 @@ DROP_LEFTOVERS = (
 )
 
 
+# a run's evidence rows leave the counter, and the run is noted as being dropped, in one transaction
+# (a run whose publish was cut short has not been counted yet: it is marked publishing until its last batch)
+UNCOUNT_EVIDENCE = ("OPTIONAL MATCH (x:Run {run_id: $run}) WITH coalesce(x.publishing, false) AS marked "
+                    "MATCH ()-[r:EDGE]->() WHERE r.run = $run AND NOT marked "
+                    "WITH sum(size(coalesce(r.ev_value, []))) AS n "
+                    "MATCH (d:Dictionary {name: 'nodes'}) SET d.evidence = d.evidence - n, "
+                    "d.dropping = coalesce(d.dropping, []) + $run")
+
+
 class Neo4jPublish(Neo4jWrites):
     """``publish_run`` of the Store protocol."""
 
@@ -83,6 +92,27 @@ class Neo4jPublish(Neo4jWrites):
                                    f"({type(exc).__name__}); publishing it again clears what was written") from None
         self._run_edges.pop(run, None)
         return True
+
+    def drop_run(self, run: str) -> None:
+        """Delete a run and every row it holds (the segments of ``ingest --publish-every`` once the run that
+        replaces them is visible): its evidence rows leave the counter first, then its rows go a batch a
+        transaction, the Run node last, so a drop that is killed is finished by the next one."""
+        with self.driver.session(database=self.database) as session:
+            if not self._dropping(session, run):
+                session.execute_write(_run_query, UNCOUNT_EVIDENCE, {"run": run})
+            for query in DROP_LEFTOVERS:
+                session.run(query, run=run).consume()
+            session.execute_write(_run_query, "MATCH (r:Run {run_id: $run}) DELETE r WITH count(*) AS _ "
+                                  "MATCH (d:Dictionary {name: 'nodes'}) SET d.dropping = [x IN d.dropping "
+                                  "WHERE x <> $run]", {"run": run})
+        self._run_edges.pop(run, None)
+
+    @staticmethod
+    def _dropping(session: Any, run: str) -> bool:
+        """Whether a drop of ``run`` began (its evidence already left the counter) and was cut short."""
+        row = session.run("OPTIONAL MATCH (d:Dictionary {name: 'nodes'}) RETURN $run IN coalesce(d.dropping, [])",
+                          run=run).single()
+        return bool(row[0])
 
     def _start_publish(self, tx: Tx, /, run: str, prompts: list[Prompt], nodes: list[NodeInfo]) -> np.ndarray:
         """Under the writers' lock: the run marked, its prompts created, missing nodes created; [nodes] their ids."""

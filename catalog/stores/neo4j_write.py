@@ -13,7 +13,7 @@ import numpy as np
 
 from catalog.aggregate import WindowAggregate
 from catalog.evidence_floor import EvidenceFloor, pack
-from catalog.ids import check_run_name
+from catalog.ids import check_stored_run_name
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, NodeInfo, Prompt, Run, edge_key
 from catalog.stores.base import StoreError, StoreUnavailable
 from catalog.stores.neo4j_connection import SCHEMA_VERSION, Tx
@@ -415,7 +415,7 @@ class Neo4jWrites(Neo4jReads):
                 np.array([eid for _, eids in created for eid in eids], dtype=object))
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
-        check_run_name(run_id)
+        check_stored_run_name(run_id)
         def tx_fn(tx: Tx) -> None:
             # lock the Run node before reading it: a shard starting while another finishes keeps its counts
             rows = list(tx.run("MERGE (r:Run {run_id: $id}) ON CREATE SET r.__new = true SET r.__lock = true REMOVE r.__lock "

@@ -12,7 +12,7 @@ import numpy as np
 
 from catalog.aggregate import WindowAggregate
 from catalog.evidence_rank import sorted_unique
-from catalog.ids import check_run_name
+from catalog.ids import check_stored_run_name
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, NodeInfo, Prompt, Run, edge_key
 from catalog.stores.base import StoreError
 from catalog.stores.sqlite_connection import STAGING_TABLES
@@ -232,7 +232,7 @@ class SqliteWrites(SqliteReads):
         return np.array([self._prompt_id.get(p.uid, new_id.get(p.uid, -1)) for p in prompts], np.int64)
 
     def start_run(self, run_id: str, manifest: JSON, resume: bool) -> None:
-        check_run_name(run_id)
+        check_stored_run_name(run_id)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")  # a shard starting while another finishes must not drop its counts
         try:
@@ -264,6 +264,26 @@ class SqliteWrites(SqliteReads):
         except BaseException:
             c.execute("ROLLBACK")
             raise
+
+    def drop_run(self, run_id: str) -> None:
+        """Delete a run and every row it holds, in one transaction (the segments of ``ingest --publish-every``
+        once the run that replaces them is visible)."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            row = c.execute("SELECT no FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None:
+                for table in ("edges", "edge_heads", "edge_roles", "node_stats"):
+                    c.execute(f"DELETE FROM {table} WHERE run = ?", (row[0],))
+                gone = [r[0] for r in c.execute("SELECT uid FROM prompts WHERE run = ?", (run_id,))]
+                c.execute("DELETE FROM prompts WHERE run = ?", (run_id,))
+                c.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        for uid in gone if row is not None else ():
+            self._prompt_id.pop(uid, None)
 
     def put_mined(self, key: str, fingerprint: str, stamp: str, result: str) -> None:
         self._conn.execute("INSERT INTO mined VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET fingerprint = "
