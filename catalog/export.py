@@ -23,7 +23,7 @@ from catalog.aggregate import (
 )
 from catalog.runs import EXPORTING
 from catalog.schema import EDGE_KINDS, JSON, ROLES, Run
-from catalog.stores.base import Store
+from catalog.stores.base import Store, StoreError
 
 T = TypeVar("T")
 
@@ -38,9 +38,9 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
     """Runs, prompts, nodes, per run: node statistics, edges (+head sums) and all evidence, and the
     stored mining results;
     returns the counts copied (edges and evidence: stored rows, one per edge and run)."""
+    if not getattr(dst, "queryable", True):  # neo4j-import:DIR
+        return copy_into_import_files(src, dst, chunk)
     if dst.runs() or next(iter(dst.all_nodes()), None) is not None:
-        from catalog.stores.base import StoreError
-
         cut = [r.run_id for r in dst.runs() if r.status == EXPORTING]
         raise StoreError(f"export target {dst.url} is not empty; export into an empty catalog" + (
             f" (an earlier export into it was interrupted: runs {', '.join(cut)} are incomplete; delete what it "
@@ -111,3 +111,65 @@ def _arrays(rows: Sequence[Any], *getters: Callable[[Any], Any]) -> list[np.ndar
         values = [get(r) for r in rows]
         out.append(np.array(values, dtype=np.float64 if values and isinstance(values[0], float) else np.int64))
     return out
+
+
+def copy_into_import_files(src: Store, files: Any, chunk: int = 20_000) -> JSON:
+    """``export --to neo4j-import:DIR``: every run of ``src`` written as Neo4j import files (its prompts, node
+    statistics and edges, each edge one row with its head sums, roles and evidence list, read a chunk of edges
+    at a time), for ``neo4j-server --import DIR`` to build a new database from; the runs keep their status and
+    manifest. Stored mining results are not carried: ``mine`` stores them again once the database is up."""
+    if files.runs():
+        raise StoreError(f"{files.url} holds import files already; export into an empty folder")
+    nodes = [n for n, _ in src.all_nodes()]
+    row = {n.uid: i for i, n in enumerate(nodes)}
+    kind = {k: i for i, k in enumerate(EDGE_KINDS)}
+    by_run: dict[str, list[Any]] = {}
+    for p in src.all_prompts():
+        by_run.setdefault(p.run, []).append(p)
+    counts = {"nodes": len(nodes), "edges": 0, "evidence": 0, "prompts": 0, "runs": 0}
+    for run in src.runs():
+        prompts = by_run.get(run.run_id, [])
+        prompt_row = {p.uid: i for i, p in enumerate(prompts)}
+
+        def parts(run_id: str = run.run_id, prompts: list[Any] = prompts,
+                  prompt_row: dict[str, int] = prompt_row) -> Iterator[WindowAggregate]:
+            stats = [(row[n.uid], s) for n, s in src.all_nodes((run_id,)) if s is not None]
+            first = True
+            for edges in _chunks(src.all_edges(runs=(run_id,)), chunk):
+                lists = src.evidence_of_edges([(e.src, e.dst, e.kind) for e in edges], 1 << 30, (run_id,))
+                evidence = [v for rows in lists for v in rows]
+                heads = [(row[e.src], row[e.dst], kind[e.kind], h, v) for e in edges
+                         for h, v in sorted(e.head_sums.items())]
+                roles = [(row[e.src], row[e.dst], kind[e.kind], ROLES.index(name), n, a) for e in edges
+                         for name, (n, a) in sorted(e.roles.items())]
+                part = WindowAggregate(run_id, prompts, nodes, edges=EdgeColumns(*_arrays(
+                    edges, lambda e: row[e.src], lambda e: row[e.dst], lambda e: kind[e.kind],
+                    *(lambda e, c=c: getattr(e, c) for c in (
+                        "n_prompts", "n_obs", "sum", "sumsq", "sum_abs", "min", "max", "n_pos")))),
+                    heads=HeadColumns(*_arrays(heads, *(lambda r, i=i: r[i] for i in range(5)))),
+                    roles=RoleColumns(*_arrays(roles, *(lambda r, i=i: r[i] for i in range(6)))),
+                    evidence=EvidenceColumns(*_arrays(
+                        evidence, lambda v: row[v.src], lambda v: row[v.dst], lambda v: kind[v.kind],
+                        lambda v: prompt_row[v.prompt], lambda v: v.src_pos, lambda v: v.dst_pos,
+                        lambda v: -1 if v.head is None else v.head, lambda v: v.value)),
+                    stats=StatColumns(*_arrays(
+                        stats if first else [], lambda r: r[0], lambda r: r[1].n_obs, lambda r: r[1].n_prompts,
+                        lambda r: r[1].sum_act, lambda r: r[1].max_act)), evidence_cap=None)
+                first = False
+                counts["edges"] += len(edges)
+                counts["evidence"] += len(evidence)
+                yield part
+            if first and stats:  # a run without edges: its statistics alone
+                yield WindowAggregate(run_id, prompts, nodes, edges=empty_columns(EdgeColumns),
+                                      heads=empty_columns(HeadColumns), roles=empty_columns(RoleColumns),
+                                      evidence=empty_columns(EvidenceColumns), evidence_cap=None,
+                                      stats=StatColumns(*_arrays(stats, lambda r: r[0], lambda r: r[1].n_obs,
+                                                                 lambda r: r[1].n_prompts, lambda r: r[1].sum_act,
+                                                                 lambda r: r[1].max_act)))
+
+        files.start_run(run.run_id, run.manifest, resume=False)
+        files.publish_run(run.run_id, prompts, nodes, parts())
+        files.finish_run(run.run_id, run.status, run.manifest)
+        counts["prompts"] += len(prompts)
+        counts["runs"] += 1
+    return counts

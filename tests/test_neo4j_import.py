@@ -156,3 +156,35 @@ def test_ingest_publishes_into_import_files_and_says_how_to_load_them(tmp_path):
     assert all(a.split("=", 1)[0] in script for a in arguments)
     listed = [f for a in arguments if a.startswith(("--nodes=", "--relationships=")) for f in a.split("=", 1)[1].split(",")]
     assert all((files / f).is_file() for f in listed) and "run-i8/edges-00000.csv" in listed
+
+
+def test_export_of_a_catalog_through_the_importer_answers_as_the_catalog(toy_two_runs, tmp_path):
+    """`export --to neo4j-import:DIR` then `neo4j-server --import DIR`: a SQLite catalog of two runs, loaded into
+    a new Neo4j database by the importer, answers every read as the SQLite catalog does, byte for byte."""
+    files = tmp_path / "files"
+    result = CliRunner().invoke(app, ["export", "--from", toy_two_runs, "--to", f"neo4j-import:{files}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["runs"] == 2
+    home = tmp_path / "home"
+    neo4j_server.import_files(str(home), str(files))
+    proc, url = neo4j_server.start_on_free_port(str(home), page_cache="64m", heap="512m")
+    try:
+        want = answers(open_store(toy_two_runs, create=False))
+        assert len(want) > 50_000
+        assert answers(open_store(url, create=False)) == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    again = CliRunner().invoke(app, ["export", "--from", toy_two_runs, "--to", f"neo4j-import:{files}"])
+    assert again.exit_code != 0 and "holds import files already" in again.output
+
+
+@pytest.fixture
+def toy_two_runs(tmp_path) -> str:
+    """Two toy runs of one setting in a SQLite catalog (mining off: stored patterns do not travel)."""
+    url = f"sqlite:///{tmp_path}/two.db"
+    toy = ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
+    for run, corpus in (("a", "ioi:12:1"), ("b", "abc:8:2")):
+        run_job(toy, corpus, open_store(url, evidence_per_edge=CAP), JobOptions(run=run, batch_size=4, progress=False,
+                                                                               mine=False), log=lambda _: None)
+    return url
