@@ -131,7 +131,7 @@ def replay_section(args, tmp: Path, neo: str | None) -> None:
         recorded.append(session.attribute([session.lm.tokenizer.encode(json.loads(line)["text"])], default)[1])
     print("this tree: spooled in this process (the ReplaySession's reduction), then `merge` in a process of its own:")
     for n, stores in ((args.replay, ("sqlite", "neo4j", "importer")), (args.big, ("sqlite",))):
-        if not chosen.intersection(stores):
+        if n <= 0 or not chosen.intersection(stores):
             continue
         folder = tmp / f"spool-{n}"
         replay_corpus = gpt2_hub.word_corpus(tmp / f"replay-{n}.jsonl", n, 64)
