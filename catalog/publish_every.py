@@ -103,3 +103,14 @@ def drop_segments(store: Store, run: str, keep: str | None = None) -> int:
     for seg in doomed:
         store.drop_run(seg)
     return len(doomed)
+
+
+def drop_orphans(store: Store) -> int:
+    """Drop the segments of runs that are done (or gone): a job killed between marking its run done and dropping
+    its segments leaves them stored, unread; the next job on the catalog clears them. Returns how many."""
+    stored = {r.run_id: r for r in store.runs()}
+    orphans = [k for k, r in stored.items() if (parent := segment_of(r)) is not None
+               and (parent not in stored or stored[parent].status == "done")]
+    for seg in orphans:
+        store.drop_run(seg)
+    return len(orphans)

@@ -28,7 +28,7 @@ import catalog.spool
 from catalog import __version__
 from catalog.mined import mine_after_ingest
 from catalog.publish import publish_run, remove_spooled
-from catalog.publish_every import drop_segments, publish_segment
+from catalog.publish_every import drop_orphans, drop_segments, publish_segment
 from catalog.spool import Spool, default_spool, spooled_status
 from catalog.stores.base import StoreUnavailable
 from ingest.corpora import CorpusItem, open_corpus
@@ -114,6 +114,8 @@ def run_job(session: ModelWithSaes, corpus_spec: str, store, opts: JobOptions, l
             remove_spooled(spool, opts.run)
         _check_resume(spool.run(opts.run), opts, manifest)
         store.start_run(opts.run, manifest, resume=resuming)
+        if getattr(store, "queryable", True):
+            drop_orphans(store)
     spool.start_run(opts.run, manifest, resume=resuming or spool is not store)
     done = (store.done_prompts(opts.run) if resuming else set()) | spool.done_prompts(opts.run)
     todo = [w for w in ([b for b in window if not _stored(b, done)] for window in windows) if w]

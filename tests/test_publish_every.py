@@ -104,3 +104,15 @@ def test_publish_every_is_parsed_and_refused_where_it_cannot_apply():
     result = CliRunner().invoke(app, ["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--corpus", "ioi:8",
                                       "--run", "x", "--publish-every", "4", "--shard", "0/2"])
     assert result.exit_code == 2 and "not with --partials, --shard" in result.output
+
+
+def test_segments_left_by_a_job_killed_after_its_run_was_done_go_with_the_next_job(toy, tmp_path):
+    """Killed between marking its run done and dropping its segments, a job leaves them stored but unread; the
+    next job on the catalog drops them and nothing else."""
+    store = open_store(f"sqlite:///{tmp_path}/c.db", evidence_per_edge=CAP)
+    run_job(toy, "ioi:4:1", store, JobOptions(run="r", batch_size=4, progress=False, mine=False), log=lambda _: None)
+    store.start_run("r~0001", {**store.run("r").manifest, "segment_of": "r", "windows": []}, resume=False)
+    store.finish_run("r~0001", "done", {})
+    assert select_runs(store, ["r"]) == ("r",)  # unread already: its run is done
+    run_job(toy, "ioi:4:2", store, JobOptions(run="z", batch_size=4, progress=False, mine=False), log=lambda _: None)
+    assert [r.run_id for r in store.runs()] == ["r", "z"] and len(store.done_prompts("r")) == 4
