@@ -110,10 +110,13 @@ def safe_name(text: str) -> str:
 
 
 def default_spool(store_url: str) -> Path:
-    """Where a job spools for a store: beside a SQLite file (shards on a shared volume find one folder),
-    else under ``$CIRCUIT_CATALOG_SPOOL`` or ``~/.cache/circuit-catalog/spool``, one folder per server."""
+    """Where a job spools for a store: beside a SQLite file or a neo4j-import: folder (shards on a shared volume
+    find one folder), else under ``$CIRCUIT_CATALOG_SPOOL`` or ``~/.cache/circuit-catalog/spool``, one folder
+    per server."""
     if store_url.startswith("sqlite:///"):
         return Path(store_url.removeprefix("sqlite:///") + ".spool")
+    if store_url.startswith("neo4j-import:"):  # files for Neo4j's importer: beside them too
+        return Path(store_url.split(":", 1)[1].removeprefix("//").rstrip("/") + ".spool")
     root = Path(os.environ.get("CIRCUIT_CATALOG_SPOOL") or Path.home() / ".cache" / "circuit-catalog" / "spool")
     return root / safe_name(store_url.split("://", 1)[-1])
 

@@ -148,6 +148,10 @@ def test_ingest_publishes_into_import_files_and_says_how_to_load_them(tmp_path):
                                       "--run", "i8", "--store", f"neo4j-import:{files}", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "`circuit-catalog mine` stores its patterns once the database is imported" in result.output
+    from catalog.spool import default_spool
+
+    assert default_spool(f"neo4j-import:{files}") == tmp_path / "files.spool"  # beside the files, as for SQLite
+    assert not (tmp_path / "files.spool").exists()  # removed once the files are written
     target = Neo4jImportFiles(files, None)
     assert target.runs()[0].status == "done" and len(target.done_prompts("i8")) == 8
     arguments = target.import_arguments()
