@@ -22,27 +22,13 @@ from catalog.aggregate import WindowAggregate
 from catalog.compact import DEFAULT_MEM, compact, layout, load_part
 from catalog.ids import segment_name
 from catalog.publish import run_lock
-from catalog.schema import JSON, Run
+from catalog.runs import RUNS_REUSE_S, segment_of
+from catalog.schema import JSON
 from catalog.spool import Spool
 from catalog.stores.base import Store
 
 MAX_SEGMENTS = 8  # visible at once; the next publish replaces them with one
 SEGMENT_KEYS = ("segment_of", "windows", "segments", "counts")  # manifest keys a segment does not copy from its run
-
-
-def segment_of(run: Run) -> str | None:
-    parent: str | None = run.manifest.get("segment_of")
-    return parent
-
-
-def visible(run: Run, stored: dict[str, Run]) -> bool:
-    """Whether queries read ``run``: every run but a segment that its run does not list (replaced, or one whose
-    publish was cut short) or whose run is done (published whole)."""
-    parent_id = segment_of(run)
-    if parent_id is None:
-        return True
-    parent = stored.get(parent_id)
-    return parent is not None and parent.status != "done" and run.run_id in parent.manifest.get("segments", [])
 
 
 def publish_segment(spool: Spool, run: str, store: Store, *, mem: int = DEFAULT_MEM, workers: int = 1,
@@ -95,8 +81,6 @@ def publish_segment(spool: Spool, run: str, store: Store, *, mem: int = DEFAULT_
 def drop_segments(store: Store, run: str, keep: str | None = None) -> int:
     """Drop the segments of ``run`` but ``keep`` once no reader sees them: a query may use a list of runs read
     RUNS_REUSE_S ago (catalog.runs), so they go after that long. Returns how many were dropped."""
-    from catalog.runs import RUNS_REUSE_S
-
     doomed = [r.run_id for r in store.runs() if segment_of(r) == run and r.run_id != keep]
     if doomed:
         time.sleep(RUNS_REUSE_S + 0.5)

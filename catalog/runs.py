@@ -17,7 +17,6 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from catalog.publish_every import segment_of, visible
 from catalog.schema import JSON, Run
 from catalog.stores.base import NotFound, Store, StoreError
 
@@ -41,6 +40,22 @@ class IncompatibleRuns(StoreError):
 
 def holds_edges(run: Run) -> bool:
     return run.manifest.get("kind", "ingest") in EDGE_RUN_KINDS
+
+
+def segment_of(run: Run) -> str | None:
+    parent: str | None = run.manifest.get("segment_of")
+    return parent
+
+
+def visible(run: Run, stored: dict[str, Run]) -> bool:
+    """Whether queries read ``run``: every run but a segment (``ingest --publish-every``, catalog.publish_every)
+    that its run does not list (replaced, or one whose publish was cut short) or whose run is done (published
+    whole)."""
+    parent_id = segment_of(run)
+    if parent_id is None:
+        return True
+    parent = stored.get(parent_id)
+    return parent is not None and parent.status != "done" and run.run_id in parent.manifest.get("segments", [])
 
 
 def settings_of(run: Run) -> JSON:
