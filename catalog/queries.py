@@ -253,19 +253,39 @@ def prompt_graph(store: Store, uid: str, limit: int = 200, around: str | None = 
 
 
 def prompt_graph_neuronpedia(store: Store, uid: str, limit: int = 200, around: str | None = None) -> JSON:
-    """:func:`prompt_graph` as attribution-graph JSON (catalog.prompt_graphs.to_neuronpedia)."""
-    from catalog.prompt_graphs import to_neuronpedia
+    """:func:`prompt_graph` as attribution-graph JSON (catalog.neuronpedia), with the prompt's stored QK
+    terms attached to the attention features whose edges they explain."""
+    from catalog.neuronpedia import score_splits, to_neuronpedia
 
     graph = prompt_graph(store, uid, limit, around)
     p = graph["prompt"]
     run_ = store.run(p["run"])
     manifest = run_.manifest if run_ else {}
+    # stored QK nodes are position-free; the side of a term says which of the score's positions is its own
+    qk = [{"source": f"{node_ref_of(v.src)}@{v.dst_pos if v.kind != 'k_in' else v.src_pos}",
+           "target": f"{node_ref_of(v.dst)}" + (f"@{v.src_pos}" if v.kind == "qk" else ""), "kind": v.kind,
+           "head": v.head, "src_pos": v.src_pos, "dst_pos": v.dst_pos, "value": rnd(v.value)}
+          for v in store.prompt_evidence(uid, MAX_LIMIT * 10, qk=True)]
     return to_neuronpedia(prompt=p["text"], tokens=p["tokens"], edges=graph["edges"],
                           scan=manifest_model(manifest).get("name") or "unknown",
                           slug=re.sub(r"[^A-Za-z0-9_-]+", "-", uid).strip("-").lower() or "prompt",
-                          saes=[sae.get("key") for sae in manifest.get("saes", [])], clicked=around,
+                          saes=manifest.get("saes", []), clicked=_start_node(graph["edges"], around),
+                          qk=score_splits(qk),
                           description=f"circuit-catalog: stored evidence of prompt {uid} (run {p['run']})",
                           version=manifest.get("code_version", ""))
+
+
+def _start_node(edges: list[JSON], around: str | None) -> str | None:
+    """The node a viewer opens clicked and pinned: ``around`` (at the position of its strongest edge
+    when it names none), else the target of the prompt's strongest edge."""
+    if around is not None and parse_ref(around).pos is not None:
+        return around
+    want = parse_ref(around) if around is not None else None
+    for e in edges:  # strongest first
+        for side in ("target", "source"):
+            if want is None or parse_ref(e[side]).at(None) == want:
+                return str(e[side])
+    return None
 
 
 def top_features(store: Store, *, kind: str | None = None, by: str = "degree", limit: int = 20,

@@ -64,13 +64,13 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
     session = open_session(model, saes, device)
     result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top, qk=qk)
     if format_ == "neuronpedia":
-        from catalog.prompt_graphs import to_neuronpedia
+        from catalog.neuronpedia import ScoreSplit, to_neuronpedia
 
         manifest = session.manifest()
         emit(to_neuronpedia(prompt=result["prompt"], tokens=result["tokens"], edges=result["edges"],
                               scan=session.lm.name,
                               slug="trace-" + result["start"].replace(".", "-").replace("@", "-at-").lower(),
-                              saes=[s["key"] for s in manifest["saes"]],
+                              saes=manifest["saes"], qk=[ScoreSplit.from_trace(e) for e in result.get("qk", [])],
                               activations={n["id"]: n["activation"] for n in result["nodes"]}, clicked=result["start"],
                               description=f"circuit-catalog trace from {result['start']}, depth {depth}, top {top}",
                               version=catalog_version), True)

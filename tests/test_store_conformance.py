@@ -114,8 +114,8 @@ def test_evidence_is_the_top_n_of_all_observations(store_url):
 
 def test_a_prompts_evidence_is_what_its_observations_kept_in_their_edges_top_n(store_url):
     """prompt_evidence (the prompt page's graph) lists the prompt's observations that are in their
-    edge's top N after both batches (some the second batch displaced), QK kinds left out, best first;
-    computed here from the raw observations. counts() counts every kept row."""
+    edge's top N after both batches (some the second batch displaced), QK kinds left out, best first,
+    and with qk=True its QK terms alike; computed here from the raw observations. counts() counts every kept row."""
     cap = 1  # these batches repeat few edges, so only a cap of one displaces rows
     p1, p2 = random_prompts("r1", 10), random_prompts("r1", 10, start=10)
     r1, r2 = random_observations(p1, seed=1), random_observations(p2, seed=2)
@@ -137,7 +137,12 @@ def test_a_prompts_evidence_is_what_its_observations_kept_in_their_edges_top_n(s
         assert sorted(got) == want, prompt  # ties are broken by uid in the store; refs order otherwise
         assert [g[0] for g in got] == [w[0] for w in want]  # best first
         assert store.prompt_evidence(prompt, 3) == store.prompt_evidence(prompt, 10_000)[:3]
-        displaced += sum(1 for p, s, d, k, *_ in rows if p == prompt) - len(want)
+        want_qk = sorted((-abs(v), s, d, k, sp, dp, h, v) for (s, d, k), (_, p, sp, dp, h, v) in kept
+                         if p == prompt and k in ("q_in", "k_in", "qk"))
+        got_qk = [(-abs(e.value), e.src.split("|")[2], e.dst.split("|")[2], e.kind, e.src_pos, e.dst_pos,
+                   -1 if e.head is None else e.head, e.value) for e in store.prompt_evidence(prompt, 10_000, qk=True)]
+        assert sorted(got_qk) == want_qk and [g[0] for g in got_qk] == [w[0] for w in want_qk], prompt
+        displaced += sum(1 for p, s, d, k, *_ in rows if p == prompt) - len(want) - len(want_qk)
     assert displaced > 100  # of the 139 edges seen more than once, most kept a row of the other prompt
 
 

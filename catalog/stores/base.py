@@ -101,8 +101,9 @@ class Store(Protocol):
         """``evidence`` of each (src, dst, kind), in order: what mining reads for hundreds of edges at once."""
     def prompt(self, uid: str) -> Prompt | None: ...
     def prompts(self, uids: list[str]) -> dict[str, Prompt]: ...
-    def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
-        """A prompt's stored RDFA observations (QK terms are another quantity: `trace --qk` shows them)."""
+    def prompt_evidence(self, uid: str, limit: int, qk: bool = False) -> list[Evidence]:
+        """A prompt's stored RDFA observations, strongest first; with ``qk`` its QK attribution terms
+        instead (q_in, k_in, qk: another quantity, attention-score logits)."""
     def top_nodes(self, node_kind: str | None, by: str, limit: int, layer: int | None = None,
                   runs: Runs = None) -> list[tuple[NodeInfo, float, int]]: ...
     def counts(self) -> dict[str, int]: ...  # runs, prompts, nodes, edges (rows: one per edge and run), evidence

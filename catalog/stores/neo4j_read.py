@@ -196,11 +196,12 @@ class Neo4jReads(Neo4jConnection):
         rows = self._read("MATCH (p:Prompt) WHERE p.uid IN $uids RETURN p", uids=sorted(set(uids)))
         return {r[0]["uid"]: self._prompt(r[0]) for r in rows}
 
-    def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
+    def prompt_evidence(self, uid: str, limit: int, qk: bool = False) -> list[Evidence]:
         # evidence_edges may name an edge whose list has since lost the prompt's rows: filtered here
         rows = self._read("MATCH (p:Prompt {uid: $uid}) UNWIND p.evidence_edges AS k WITH DISTINCT p, k "
                           "MATCH (s:Node)-[r:EDGE {key: k}]->(d:Node) USING INDEX SEEK r:EDGE(key) WHERE r.run = p.run "
-                          f"AND NOT r.kind IN ['q_in', 'k_in', 'qk'] WITH s, d, r {EV_ROWS}, s, d WHERE prompt = $uid "
+                          f"AND {'' if qk else 'NOT '}r.kind IN ['q_in', 'k_in', 'qk'] WITH s, d, r {EV_ROWS}, s, d "
+                          "WHERE prompt = $uid "
                           "RETURN s.uid, d.uid, r.kind, src_pos, dst_pos, head, value "
                           "ORDER BY abs(value) DESC, s.uid, d.uid, r.kind, src_pos, dst_pos, head LIMIT $limit",
                           uid=uid, limit=limit)

@@ -161,9 +161,9 @@ class SqliteReads(SqliteConnection):
                                   uids) if uids else []
         return {r[0]: self._prompt(r) for r in rows}
 
-    def prompt_evidence(self, uid: str, limit: int) -> list[Evidence]:
+    def prompt_evidence(self, uid: str, limit: int, qk: bool = False) -> list[Evidence]:
         """The prompt's rows still in the evidence of the edges its evidence_edges name (a later
-        window may have displaced some), attention-output edges only, strongest first."""
+        window may have displaced some), RDFA edges (or with ``qk`` QK terms) only, strongest first."""
         row = self._conn.execute("SELECT p.id, p.evidence_edges, r.no FROM prompts p JOIN runs r ON r.run_id = p.run "
                                  "WHERE p.uid = ?", (uid,)).fetchone()
         if row is None or not row[1]:
@@ -172,7 +172,8 @@ class SqliteReads(SqliteConnection):
         out: list[Evidence] = []
         cur = self._conn.execute(
             "SELECT s.uid, d.uid, e.kind, e.ev FROM edges e JOIN nodes s ON s.id = e.src JOIN nodes d ON d.id = e.dst "
-            "WHERE e.id IN (SELECT value FROM json_each(?)) AND e.run = ? AND e.kind NOT IN ('q_in', 'k_in', 'qk')",
+            "WHERE e.id IN (SELECT value FROM json_each(?)) AND e.run = ? AND e.kind "
+            f"{'IN' if qk else 'NOT IN'} ('q_in', 'k_in', 'qk')",
             (json.dumps(np.unique(np.frombuffer(keys, np.int64)).tolist()), run))
         while part := cur.fetchmany(5000):
             counts, rows = decode([r[3] for r in part])
