@@ -201,7 +201,8 @@ def _sums_by_target(table):
     return sums
 
 
-@pytest.mark.parametrize("pruning", [Pruning(), Pruning(top_k=3, min_abs=1e-3, direct_positions=2)])
+@pytest.mark.parametrize("pruning", [Pruning(), Pruning(top_k=3, min_abs=1e-3, direct_positions=2),
+                                     Pruning(top_k=3, min_abs=0.5, direct_positions=2)])  # few clear 0.5: sparse
 def test_completeness_every_node(setup, pruning):
     """Incoming edges (features, error, bias, REST) sum to the pre-activation recomputed from the cache."""
     model, attn, resid, tokens, lengths, cache, _ = setup
@@ -245,12 +246,21 @@ def test_per_head_pieces_sum_to_step1_dfa_per_source_position(setup):
         assert got == pytest.approx(float(want.detach()), rel=RTOL, abs=ATOL)
 
 
-def test_top_k_pruning_keeps_each_targets_largest_edges(setup):
+@pytest.mark.parametrize("min_abs", [0.0, "sparse"])
+def test_top_k_pruning_keeps_each_targets_largest_edges(setup, monkeypatch, min_abs):
     """With top_k=3 every target keeps exactly the 3 largest-|value| candidate edges of the exact graph
-    (sorted here in plain Python), per head, for attn_in, resid_in and the direct view."""
+    (sorted here in plain Python) that clear min_abs, per head, for attn_in, resid_in and the direct
+    view. "sparse": a min_abs that few attn_in candidates clear, so step 2 selects among those alone
+    (its top-k over every candidate is made to fail)."""
+    from ingest.rdfa import steps
+
     model, attn, resid, tokens, lengths, _, exact = setup
     _, cap = capture(model, tokens, lengths)
-    pruned = full_graph(cap, weights_of(model), attn, resid, Pruning(top_k=3))
+    if min_abs == "sparse":
+        attn_in = exact.edges.value[exact.edges.kind == EdgeKind.ATTN_IN].abs()
+        min_abs = float(attn_in.quantile(0.98))
+        monkeypatch.setattr(steps, "_per_head_candidates", lambda *a: pytest.fail("step 2 took the dense path"))
+    pruned = full_graph(cap, weights_of(model), attn, resid, Pruning(top_k=3, min_abs=min_abs))
 
     own_constant = {Code.ATTN: Code.BIAS_A, Code.RESID: Code.BIAS_R}
 
@@ -271,8 +281,8 @@ def test_top_k_pruning_keeps_each_targets_largest_edges(setup):
     assert any(target[-1] == EdgeKind.DIRECT for target in got)
     for target, edges in want.items():
         top = dict(sorted(edges.items(), key=lambda kv: -abs(kv[1]))[:3])
-        assert got.get(target, {}).keys() == {s for s, v in top.items() if v != 0}, target
-        for source, value in got[target].items():
+        assert got.get(target, {}).keys() == {s for s, v in top.items() if v != 0 and abs(v) >= min_abs}, target
+        for source, value in got.get(target, {}).items():
             assert value == pytest.approx(top[source], rel=1e-6, abs=1e-7)
 
 
@@ -295,3 +305,18 @@ def test_position_blocks_pad_each_group_alone_and_do_not_change_edges(setup, mon
         assert want.keys() == got.keys() and len(want) > 100
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)  # float32 matmul shapes differ
+
+
+def test_rows_dot_equals_a_plain_product_whatever_the_counts():
+    """rows_dot groups queries by position: against a per-query product, with one position chosen by 70
+    queries, a few by 2-5, many by 1, and one by none."""
+    from ingest.rdfa.steps import rows_dot
+
+    g = torch.Generator().manual_seed(3)
+    vec = torch.randn(12, 9, 16, generator=g)
+    loc = torch.cat([torch.full((70,), 4), torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2]), torch.arange(5, 12)])
+    loc = loc[torch.randperm(loc.shape[0], generator=g)]
+    q = torch.randn(loc.shape[0], 16, generator=g)
+    want = torch.stack([vec[int(s)] @ q[m] for m, s in enumerate(loc)])
+    torch.testing.assert_close(rows_dot(vec, loc, q), want, rtol=1e-5, atol=1e-6)
+    assert rows_dot(vec, loc[:0], q[:0]).shape == (0, 9)

@@ -29,6 +29,7 @@ class SaeWeights:
     threshold: torch.Tensor | None = None
     top_k: int | None = None
     _encoder_constant: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _through: tuple[tuple, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def d_sae(self) -> int:
@@ -63,6 +64,15 @@ class SaeWeights:
         if self._encoder_constant is None:
             self._encoder_constant = self.b_enc - self.input_offset @ self.W_enc
         return self._encoder_constant
+
+    def decoder_through(self, W: torch.Tensor) -> torch.Tensor:
+        """W_dec @ W [d_sae, d_out], kept for the last W (an attention SAE's decoder rows through its
+        layer's W_O: every batch reads them, and K x d_in x d_model products per position cost more
+        than one d_sae x d_in x d_model product per run; 75 MB a GPT-2 layer in float32)."""
+        key = (W.data_ptr(), tuple(W.shape), W.device, W.dtype)
+        if self._through is None or self._through[0] != key:
+            self._through = (key, self.W_dec @ W)
+        return self._through[1]
 
     def to(self, device) -> SaeWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
