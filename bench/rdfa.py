@@ -76,15 +76,19 @@ def main() -> None:
     pruning = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=False)  # the ingest defaults, without QK
     with_qk = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=True)  # ... and with it (what ingest runs)
     configs = [(1, 64)] if args.quick else [(1, 64), (4, 64), (8, 64), (1, 128), (4, 128)]
+    if device.type == "cuda" and not args.quick:
+        configs.append((32, 128))  # issue 37's GPU target: >= 30 prompts/s with QK, ratio <= 5
     if args.long:
         configs.append((1, 1024))
     if args.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd+enc s':>10} {'attrib s':>9} {'ratio':>6} "
-          f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8}"
+          f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8} "
+          f"{'p/s +QK':>8}" + (f" {'GiB':>6}" if device.type == "cuda" else "")
           + (f" {'ops':>8} {'ops/B1':>7}" if args.ops else ""))
     ops_b1: dict[int, int] = {}
     for B, T in configs:
+        torch.manual_seed(B * 100_003 + T)  # the same prompts in every run and on every commit
         tokens = torch.randint(0, d_vocab, (B, T), device=device)
         lengths = torch.full((B,), T, device=device)
 
@@ -95,6 +99,8 @@ def main() -> None:
                 resid[l].activation(resid[l].pre_activation(cap.resid_pre[l]))
             return cap
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             t_base, cap = timed(baseline, device, 2 if T * B <= 256 else 1)
             t_attr, graph = timed(lambda: full_graph(cap, weights, attn, resid, pruning), device,  # noqa: B023
@@ -108,6 +114,7 @@ def main() -> None:
         l0 = [(resid[l].activation(resid[l].pre_activation(cap.resid_pre[l])) > 0).sum(-1)[:, 1:] for l in range(n_layers)]
         l0 = torch.cat([x.flatten() for x in l0]).float()
         total = t_base + t_attr  # what an ingest step costs: forward + encodes happen inside full_graph too
+        gib = f" {torch.cuda.max_memory_allocated() / 2**30:>6.1f}" if device.type == "cuda" else ""
         ops = ""
         if args.ops:
             with torch.no_grad():
@@ -117,12 +124,14 @@ def main() -> None:
             ops = f" {n_ops:>8} {n_ops / ops_b1[T]:>7.2f}" if T in ops_b1 else f" {n_ops:>8} {'':>7}"
         print(f"{B:>5} {T:>6} {f'{l0.mean():.0f} ({l0.min():.0f}-{l0.max():.0f})':>14} {t_base:>10.2f} "
               f"{t_attr:>9.2f} {t_attr / t_base:>6.2f} {B / total:>9.2f} {len(graph.edges) + len(graph.direct):>9} "
-              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8}{ops}")
+              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8} {B / (t_base + t_full):>8.2f}{gib}{ops}")
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print(f"peak memory: {peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     print("ratio = full_graph time / (forward with cache + 24 SAE encodes); prompts/s counts both (without QK)")
     print("+QK s = full_graph with QK - without; QK/attrib = that / full_graph without QK (target <= 1.0)")
+    print("p/s +QK = prompts/s of forward + encodes + full_graph with QK (what ingest runs)"
+          + ("; GiB = peak GPU memory allocated in that row" if device.type == "cuda" else ""))
     if args.ops:
         print("ops = top-level torch operators full_graph dispatches (without QK); ops/B1 = that / the count at "
               "batch 1 and the same length (target at B8x64 <= 1.3)")

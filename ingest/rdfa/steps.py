@@ -127,38 +127,6 @@ def _per_head_candidates(Y: torch.Tensor, top_k: int | None) -> tuple[torch.Tens
     return val.permute(1, 0, 2).reshape(n, -1), flat.permute(1, 0, 2).reshape(n, -1)
 
 
-SPARSE_SHARE = 0.02  # at most this share of step 2's candidates clearing min_abs: select among those alone
-
-
-def _select_per_target(Y: torch.Tensor, pruning: Pruning) -> tuple[torch.Tensor, ...]:
-    """Step 2's pruning of Y [H, n, m] (head, target, source row): each target keeps its top_k |value|
-    over (h, row), then |value| >= min_abs and nonzero. Returns (h, target, row, value) of the kept
-    entries [k] each and the kept sum per target [n].
-
-    With min_abs > 0 the same edges are those clearing min_abs first, then the top_k of those: a
-    compare and a nonzero over Y, instead of a top-k over every candidate (on the GPT-2 fixture 0.7%
-    of candidates clear the default 0.01). Only when few clear it; otherwise per-head top-k."""
-    H, n, m = Y.shape
-    if pruning.min_abs > 0:
-        clears = Y.abs() >= pruning.min_abs
-        if int(clears.sum()) <= SPARSE_SHARE * Y.numel():
-            h, t, r = clears.nonzero(as_tuple=True)
-            vals = Y[h, t, r]
-            if pruning.top_k is not None:
-                order = torch.argsort(vals.abs(), descending=True, stable=True)
-                order = order[torch.argsort(t[order], stable=True)]  # by target, largest |value| first
-                counts = torch.bincount(t, minlength=n)
-                rank = torch.arange(order.shape[0], device=Y.device) - (torch.cumsum(counts, 0) - counts)[t[order]]
-                order = order[rank < pruning.top_k]
-                h, t, r, vals = h[order], t[order], r[order], vals[order]
-            kept = torch.zeros(n, device=Y.device, dtype=Y.dtype).index_add_(0, t, vals)
-            return h, t, r, vals, kept
-    cand_val, cand_flat = _per_head_candidates(Y, pruning.top_k)
-    (t,), c, vals, kept = select_edges(cand_val, torch.ones(n, dtype=torch.bool, device=Y.device), pruning)
-    flat = cand_flat[t, c]
-    return flat // m, t, flat % m, vals, kept
-
-
 def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
             sae: SaeWeights, targets: ActiveSet, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
     """Step 2: per-head edges from every source row at s <= t into every active feature f at t.
@@ -193,8 +161,10 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
             # s > t carries zero attention, so those entries become exact zeros and are dropped
             A_t = pattern[b][:, tt[n0:n1]]  # [H, n, T]
             Y.mul_(A_t.gather(2, rows.pos[r0:r1].expand(H, n1 - n0, -1)))
-            h, n, r, vals, kept = _select_per_target(Y, pruning)
-            r = r + r0
+            cand_val, cand_flat = _per_head_candidates(Y, pruning.top_k)
+            (n,), c, vals, kept = select_edges(cand_val, torch.ones(n1 - n0, dtype=torch.bool, device=dev), pruning)
+            flat = cand_flat[n, c]
+            h, r = flat // (r1 - r0), flat % (r1 - r0) + r0
             g = n + n0
             kept_sum[tb[n0:n1], tt[n0:n1], tk[n0:n1]] = kept
             tables.append(_flat_edges(rows, r, Code.ATTN, sae.layer, tf[g], tt[g], h, vals, EdgeKind.ATTN_IN))
