@@ -300,10 +300,14 @@ def test_position_blocks_pad_each_group_alone_and_do_not_change_edges(setup, mon
             assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)  # float32 matmul shapes differ
 
 
-def test_rows_dot_equals_a_plain_product_whatever_the_counts():
-    """rows_dot groups queries by position: against a per-query product, with one position chosen by 70
-    queries, a few by 2-5, many by 1, and one by none."""
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
+def test_rows_dot_equals_a_plain_product_whatever_the_counts(monkeypatch, batched):
+    """rows_dot groups queries by position (the loop, and CUDA's batched form forced here): against a
+    per-query product, with one position chosen by 70 queries, a few by 2-5, many by 1, one by none."""
+    from ingest.rdfa import steps
     from ingest.rdfa.steps import rows_dot
+
+    monkeypatch.setattr(steps, "BATCHED_ROWS_DOT", batched)
 
     g = torch.Generator().manual_seed(3)
     vec = torch.randn(12, 9, 16, generator=g)
@@ -313,3 +317,30 @@ def test_rows_dot_equals_a_plain_product_whatever_the_counts():
     want = torch.stack([vec[int(s)] @ q[m] for m, s in enumerate(loc)])
     torch.testing.assert_close(rows_dot(vec, loc, q), want, rtol=1e-5, atol=1e-6)
     assert rows_dot(vec, loc[:0], q[:0]).shape == (0, 9)
+
+
+@pytest.mark.parametrize("band", [64, 1 << 20], ids=["many bands", "one band"])
+@pytest.mark.parametrize("pruning", [Pruning(), Pruning(top_k=3, min_abs=1e-3, direct_positions=2)])
+def test_step2_batched_over_prompts_gives_the_loops_edges(setup, monkeypatch, band, pruning):
+    """The batched step 2 and rows_dot (CUDA's; forced here on CPU, step 2 in one band or in bands of a
+    few positions) keep the same attn_in edges with the same values, the same direct edges, and the same
+    REST per node, as the loops."""
+    from ingest.rdfa import graph as graph_module
+    from ingest.rdfa import step2_batched, steps
+
+    model, attn, resid, tokens, lengths, _, _ = setup
+    _, cap = capture(model, tokens, lengths)
+    loop = full_graph(cap, weights_of(model), attn, resid, pruning)
+    monkeypatch.setattr(graph_module, "BATCHED_STEP2", True)
+    monkeypatch.setattr(steps, "BATCHED_ROWS_DOT", True)
+    monkeypatch.setattr(step2_batched, "band_elements", lambda device: band)
+    batched = full_graph(cap, weights_of(model), attn, resid, pruning)
+    want, got = _edge_dict(loop.edges, EdgeKind.ATTN_IN), _edge_dict(batched.edges, EdgeKind.ATTN_IN)
+    assert want.keys() == got.keys() and len(want) > 100
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)
+    torch.testing.assert_close(batched.nodes.explained, loop.nodes.explained, rtol=RTOL, atol=ATOL)
+    want, got = _edge_dict(loop.direct, EdgeKind.DIRECT), _edge_dict(batched.direct, EdgeKind.DIRECT)
+    assert want.keys() == got.keys() and len(want) > 10
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)

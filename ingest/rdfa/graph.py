@@ -18,8 +18,11 @@ from catalog.ids import NodeKind
 from ingest.rdfa import steps
 from ingest.rdfa.blocks import PositionBlock, direct_by_block, position_blocks, resid_in_by_block
 from ingest.rdfa.qk_step import qk_edges, score_keys
+from ingest.rdfa.step2_batched import attn_in_batched
 from ingest.rdfa.tensors import ActiveSet, Capture, Code, EdgeKind, EdgeTable, Graph, NodeTable, Pruning, Weights
 from ingest.rdfa.types import SaeWeights
+
+BATCHED_STEP2 = False  # step 2 batched over prompts on CPU too (it is on CUDA): slower there, for tests
 
 
 def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
@@ -41,7 +44,8 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
     for L, sae in sorted(attn_saes.items()):
         sigma, pattern = cap.ln1_scale[L], cap.pattern[L]
         rows = steps.resid_sae_rows(resid_saes[L], cap.resid_pre[L], resid_act[L], valid)
-        table, kept = steps.attn_in(rows, sigma, pattern, weights.W_V[L], sae, attn_act[L], pruning)
+        step2 = attn_in_batched if sigma.is_cuda or BATCHED_STEP2 else steps.attn_in
+        table, kept = step2(rows, sigma, pattern, weights.W_V[L], sae, attn_act[L], pruning)
         constant = steps.attn_constant(sae, weights.b_V[L])  # [d_sae]
         n, e = _close_targets(attn_act[L], Code.ATTN, L, constant[attn_act[L].index], kept, Code.BIAS_A,
                               EdgeKind.ATTN_IN)
