@@ -57,6 +57,27 @@ def count_ops(fn) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
+STEPS = {"active_set": "encode, active sets", "resid_sae_rows": "step 2 sources", "attn_in": "step 2 (attn_in)",
+         "attn_in_batched": "step 2 (attn_in)", "position_blocks": "steps 3-5 sources", "resid_in_by_block": "step 4 (resid_in)",
+         "direct_pairs": "step 5 pairs", "direct_by_block": "step 5 (direct)", "qk_edges": "QK"}
+
+
+def where_time_goes(fn) -> dict[str, float]:
+    """Seconds ``fn`` spends in each RDFA step function (cProfile's cumulative time; steps do not nest)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    out: dict[str, float] = {}
+    for (_, _, name), (_, _, _, cum, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        if name in STEPS:
+            out[STEPS[name]] = out.get(STEPS[name], 0.0) + cum
+        elif name == "full_graph":
+            out["total"] = cum
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -65,11 +86,18 @@ def main() -> None:
     ap.add_argument("--configs", help="comma-separated BATCHxTOKENS, e.g. 1x1024 (replaces the default list)")
     ap.add_argument("--ops", action="store_true", help="also count the torch operators full_graph dispatches "
                     "(issue 37: B8x64 <= 1.3x B1x64)")
+    ap.add_argument("--forms", choices=("auto", "batched", "loops"), default="auto", help=(
+        "step 2 and rows_dot: batched over prompts and positions (auto: on CUDA) or the loops (auto: on CPU)"))
+    ap.add_argument("--where", action="store_true", help="also where full_graph's time goes, step by step (cProfile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.forms != "auto":
+        from ingest.rdfa import graph, steps
+
+        graph.BATCHED_STEP2 = steps.BATCHED_ROWS_DOT = args.forms == "batched"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device: {name}; torch {torch.__version__}; step 2 and rows_dot: {args.forms}")
     session = gpt2_hub.gpt2_session(device)
     model, attn, resid, weights = session.lm.model, session.attn, session.resid, session.weights
     n_layers, d_vocab = model.cfg.n_layers, model.cfg.d_vocab
@@ -84,7 +112,7 @@ def main() -> None:
         configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd+enc s':>10} {'attrib s':>9} {'ratio':>6} "
           f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8} "
-          f"{'p/s +QK':>8}" + (f" {'GiB':>6}" if device.type == "cuda" else "")
+          f"{'p/s +QK':>8} {'ratio+QK':>8}" + (f" {'GiB':>6}" if device.type == "cuda" else "")
           + (f" {'ops':>8} {'ops/B1':>7}" if args.ops else ""))
     ops_b1: dict[int, int] = {}
     for B, T in configs:
@@ -124,13 +152,21 @@ def main() -> None:
             ops = f" {n_ops:>8} {n_ops / ops_b1[T]:>7.2f}" if T in ops_b1 else f" {n_ops:>8} {'':>7}"
         print(f"{B:>5} {T:>6} {f'{l0.mean():.0f} ({l0.min():.0f}-{l0.max():.0f})':>14} {t_base:>10.2f} "
               f"{t_attr:>9.2f} {t_attr / t_base:>6.2f} {B / total:>9.2f} {len(graph.edges) + len(graph.direct):>9} "
-              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8} {B / (t_base + t_full):>8.2f}{gib}{ops}")
+              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8} {B / (t_base + t_full):>8.2f} "
+              f"{t_full / t_base:>8.2f}{gib}{ops}")
+        if args.where:
+            with torch.no_grad():
+                split = where_time_goes(lambda: full_graph(cap, weights, attn, resid, with_qk))  # noqa: B023
+            total = split.pop("total")
+            print(f"      where B{B}x{T} goes (with QK, {total:.2f} s): " + ", ".join(
+                f"{k} {v / total:.0%}" for k, v in sorted(split.items(), key=lambda kv: -kv[1])))
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print(f"peak memory: {peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     print("ratio = full_graph time / (forward with cache + 24 SAE encodes); prompts/s counts both (without QK)")
     print("+QK s = full_graph with QK - without; QK/attrib = that / full_graph without QK (target <= 1.0)")
-    print("p/s +QK = prompts/s of forward + encodes + full_graph with QK (what ingest runs)"
+    print("p/s +QK, ratio+QK = prompts/s of forward + encodes + full_graph with QK (what ingest runs), and that "
+          "full_graph / (forward + encodes)"
           + ("; GiB = peak GPU memory allocated in that row" if device.type == "cuda" else ""))
     if args.ops:
         print("ops = top-level torch operators full_graph dispatches (without QK); ops/B1 = that / the count at "

@@ -58,7 +58,7 @@ def position_blocks(cap: Capture, weights: Weights, attn: dict[int, tuple[SaeWei
     blocks = []
     for g in torch.unique(group).tolist():
         bg, sg = b[group == g], s[group == g]
-        step = max(1, BLOCK_ELEMENTS // (_n_rows(attn, bg, sg, weights.n_layers) * d))
+        step = max(1, steps.sized(b.device, BLOCK_ELEMENTS) // (_n_rows(attn, bg, sg, weights.n_layers) * d))
         for i in range(0, bg.shape[0], step):
             pb, ps = bg[i:i + step], sg[i:i + step]
             taken = {l: (sae, _take(act, pb, ps)) for l, (sae, act) in attn.items()}

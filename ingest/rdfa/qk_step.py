@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ingest.rdfa.steps import FlatRows
+from ingest.rdfa.steps import FlatRows, sized
 from ingest.rdfa.tensors import Code, EdgeKind, EdgeTable, Pruning
 
 CHUNK_ELEMENTS = 1 << 22  # padded pairwise terms computed at once (scores x query rows x key rows)
@@ -82,9 +82,10 @@ def qk_edges(rows: FlatRows, sigma: torch.Tensor, keys: torch.Tensor, W_Q: torch
     by_size = torch.argsort(torch.maximum(nq, nk), stable=True)
     sizes = torch.maximum(nq, nk)[by_size].tolist()
     tables, c0 = [], 0
+    budget = sized(sigma.device, CHUNK_ELEMENTS)
     while c0 < len(keys):
         c1 = c0 + 1
-        while c1 < len(keys) and (c1 - c0 + 1) * sizes[c1] ** 2 <= CHUNK_ELEMENTS:
+        while c1 < len(keys) and (c1 - c0 + 1) * sizes[c1] ** 2 <= budget:
             c1 += 1
         sc = by_size[c0:c1]
         width = sizes[c1 - 1]

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from ingest.rdfa.steps import FlatRows, _flat_edges, _per_head_candidates, centered_W_V, select_edges
+from ingest.rdfa.steps import FlatRows, _flat_edges, _per_head_candidates, centered_W_V, select_edges, sized
 from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning
 from ingest.rdfa.types import SaeWeights
 
 
 def band_elements(device: torch.device) -> int:
-    """Floats of one band's value tensor: an eighth of the free GPU memory (the band holds it, its
-    pattern gather and top-k copies), 2^24 elsewhere."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(1 << 20, free // (8 * 4 * 4))
-    return 1 << 24
+    """Floats of one band's value tensor (the band also holds its pattern gather and top-k copies)."""
+    return sized(device, 1 << 24)
 
 
 def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

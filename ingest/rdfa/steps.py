@@ -20,6 +20,16 @@ ATTN_CHUNK_ELEMENTS = 1 << 21  # step 2's blocks: 8 MB stays in cache across its
 MIN_TARGETS = 128
 
 
+def sized(device: torch.device, elements: int) -> int:
+    """A memory block of ``elements`` floats (the CPU's size: cache- or RAM-friendly), or on CUDA a 64th of
+    the free memory when that is larger: a GPU's blocks grow with its memory, so the kernels launched per
+    batch stop growing with the batch (a block's intermediates are a few times its size)."""
+    if device.type != "cuda":
+        return elements
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(elements, free // (4 * 64))
+
+
 def active_set(sae: SaeWeights, x: torch.Tensor, valid: torch.Tensor) -> ActiveSet:
     """Encode ``x`` [B, T, d_in]; keep the nonzero features of each valid position, padded to K (slots
     in feature order, real ones first)."""
@@ -240,7 +250,7 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
     R = rows.vec.shape[2]
     kept = torch.zeros(B, T, K, device=rows.vec.device)
     tables = []
-    step = max(1, CHUNK_ELEMENTS // max(1, B * T * R))  # a busy position has K x R values: chunk over K
+    step = max(1, sized(rows.vec.device, CHUNK_ELEMENTS) // max(1, B * T * R))  # a busy position: K x R values
     for k0 in range(0, K, step):
         enc = sae.W_enc.T[targets.index[:, :, k0:k0 + step]]  # [B,T,k,d]
         value = enc @ rows.vec.transpose(-1, -2)  # [B,T,k,R]; padded slots hold zero vectors
@@ -278,7 +288,7 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
     E = sae.W_enc.view(H, dh, -1)[:, :, tf]  # [H, dh, N]
     h = torch.empty(N, n_pairs, dtype=torch.long, device=dev)
     s = torch.empty_like(h)
-    chunk = max(1, CHUNK_ELEMENTS // (S * H))
+    chunk = max(1, sized(dev, CHUNK_ELEMENTS) // (S * H))
     for b in range(B):  # step-1 DFA of each target against its own prompt, in memory chunks of targets
         mine = (tb == b).nonzero().flatten()
         for n0 in range(0, mine.shape[0], chunk):
@@ -303,7 +313,7 @@ def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Ten
     (2.5x slower on CPU, where gathering the chosen positions' rows copies [U, R, d] that this loop
     reads in place).
     """
-    if vec.is_cuda or BATCHED_ROWS_DOT:
+    if vec.is_cuda if BATCHED_ROWS_DOT is None else BATCHED_ROWS_DOT:
         return rows_dot_batched(vec, loc, q)
     order = torch.argsort(loc)
     uniq, counts = torch.unique_consecutive(loc[order], return_counts=True)
@@ -316,7 +326,7 @@ def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Ten
     return out
 
 
-BATCHED_ROWS_DOT = False  # rows_dot_batched on CPU too (it is on CUDA): slower there, for tests
+BATCHED_ROWS_DOT: bool | None = None  # rows_dot_batched: None = on CUDA only (slower on CPU)
 
 
 def rows_dot_batched(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
