@@ -3,7 +3,8 @@
 Each returns an EdgeTable of kept edges (pruned per target) and, per target, the sum of what was
 kept, so the caller can add the bias and REST edges that make every node's inputs sum to its
 pre-activation. Python loops run over the prompts of a batch, memory blocks and (step 5) heads and
-selected source positions; never over features.
+selected source positions; never over features. On CUDA, step 2 and step 5's row products take their
+batched forms (step2_batched.attn_in_batched, rows_dot_batched) and blocks grow with free memory (sized).
 """
 
 from __future__ import annotations
