@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ct_viewer
 import httpx
 import pytest
 from conftest import _free_port, wait_healthy
 from hub_fixture import ATTN_RELEASE, MODEL_REPO, RESID_RELEASE, build
+from test_neuronpedia_export import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "circuit-catalog")
@@ -66,6 +68,9 @@ def test_trace_prints_parseable_json_and_neuronpedia_and_a_tree(hub, tmp_path):
     fmt = line.index("--format") + 1
     graph = json.loads(run_cli(line[:fmt] + ["neuronpedia"] + line[fmt + 1:], hub, tmp_path).stdout)
     assert graph["metadata"]["prompt_tokens"] == traced["tokens"] and graph["nodes"] and graph["links"]
+    validate(graph)  # Neuronpedia's schema
+    ct_viewer.graph_models().Model(**graph)  # circuit-tracer's graph model
+    assert {n["layer"] for n in graph["nodes"]} <= {"E", *map(str, range(12))}  # the viewer's rows: GPT-2's layers
     tree = run_cli(line[:fmt - 1] + line[fmt + 1:], hub, tmp_path)
     assert tree.stdout.splitlines()[0].startswith(traced["start"]) and "Loaded pretrained" not in tree.stdout
     assert "left out blocks.11.hook_resid_post (reads blocks.11.hook_resid_post)" in tree.stderr
