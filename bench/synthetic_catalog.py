@@ -55,7 +55,10 @@ def make_batches(n_obs: int, seed: int = 0, run: str = "bench-0"):
                 perm[zipf_index(rng, len(nodes), m)], rng.integers(0, 3, m), rng.integers(-1, 12, m),
                 rng.integers(0, 64, m), rng.integers(0, 64, m), rng.normal(0, 1, m)]
         obs = Observations(*(torch.from_numpy(np.ascontiguousarray(c)) for c in cols))
-        acts = Activations(obs.dst, obs.prompt, obs.value.abs())
+        # one activation per (prompt, feature, position) that an observation reaches, as RDFA's targets are
+        _, first = np.unique((cols[0] * len(nodes) + cols[2]) * 64 + cols[6], return_index=True)
+        at = torch.from_numpy(first)
+        acts = Activations(obs.dst[at], obs.prompt[at], obs.value.abs()[at], obs.dst_pos[at])
         yield aggregate_rows(obs, acts, nodes, run, prompts, 8)
 
 

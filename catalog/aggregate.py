@@ -97,6 +97,30 @@ class StatColumns(_Columns):
 
 
 @dataclass
+class TopColumns(_Columns):
+    """Each feature's strongest activations (at most catalog.schema.TOP_ACTIVATIONS per feature), grouped by
+    node ascending, strongest first; with the strongest attn_in / resid_in observation into each."""
+
+    node: np.ndarray  # int64 [t] row in WindowAggregate.nodes
+    prompt: np.ndarray  # int64 [t] row in WindowAggregate.prompts
+    pos: np.ndarray  # int64 [t]
+    act: np.ndarray  # float64 [t]
+    src: np.ndarray  # int64 [t] node row of the strongest source, -1 where none
+    src_pos: np.ndarray  # int64 [t]
+    head: np.ndarray  # int64 [t], -1 where no head applies
+    value: np.ndarray  # float64 [t] that observation's attribution
+
+
+@dataclass
+class HistColumns(_Columns):
+    """Activation histograms: one row per (feature, bin) with activations in it (bins: catalog.schema.HIST_SHIFT)."""
+
+    node: np.ndarray  # int64 [g] row in WindowAggregate.nodes
+    bin: np.ndarray  # int64 [g] bin code
+    n: np.ndarray  # int64 [g] activations in the bin
+
+
+@dataclass
 class WindowAggregate:
     """Whole prompts of one run, aggregated: the unit of one store write."""
 
@@ -111,10 +135,13 @@ class WindowAggregate:
     observations: int = 0  # observations the window aggregates (for throughput figures)
     roles: RoleColumns = field(default_factory=lambda: empty_columns(RoleColumns))
     seq: int = -1  # the window's place in its run: the corpus position of its first prompt (-1: unknown)
+    tops: TopColumns = field(default_factory=lambda: empty_columns(TopColumns))
+    hists: HistColumns = field(default_factory=lambda: empty_columns(HistColumns))
 
     @property
     def nbytes(self) -> int:
-        return self.edges.nbytes + self.heads.nbytes + self.evidence.nbytes + self.stats.nbytes + self.roles.nbytes
+        return sum(getattr(self, part).nbytes for part in ("edges", "heads", "evidence", "stats", "roles", "tops",
+                                                           "hists"))
 
     def kind_names(self, kind: np.ndarray) -> list[str]:
         names: list[str] = np.array(EDGE_KINDS, dtype=object)[kind].tolist()
@@ -126,6 +153,6 @@ C = TypeVar("C", bound=_Columns)
 
 def empty_columns(cls: type[C]) -> C:
     """Columns of length 0 with the dtypes their docstrings give."""
-    floats = {"sum", "sumsq", "sum_abs", "min", "max", "value", "sum_act", "max_act"}
+    floats = {"sum", "sumsq", "sum_abs", "min", "max", "value", "sum_act", "max_act", "act"}
     return cls(**{f.name: np.zeros(0, np.float64 if f.name in floats else np.int64)
                   for f in fields(cls)})  # type: ignore[arg-type]

@@ -30,12 +30,14 @@ from catalog.aggregate import (
     EdgeColumns,
     EvidenceColumns,
     HeadColumns,
+    HistColumns,
     RoleColumns,
     StatColumns,
+    TopColumns,
     WindowAggregate,
 )
 from catalog.evidence_rank import tie_key, top_per_group
-from catalog.schema import EDGE_KINDS, NodeInfo, Prompt
+from catalog.schema import EDGE_KINDS, TOP_ACTIVATIONS, NodeInfo, Prompt
 from catalog.spool import atomic_write, load_window, narrow, save_window, wide, window_meta
 from catalog.stores.base import StoreError
 
@@ -157,25 +159,28 @@ def part_of(key: np.ndarray, n_parts: int) -> np.ndarray:
 
 
 def _window_rows(lay: Layout, i: int) -> dict[str, np.ndarray]:
-    """Window ``i``'s rows keyed by run edge key (``e0``, ``h0``, ``r0``, ``v0``) or run node row (``s0``), the
-    other columns beside each: the form every partition's rows take."""
+    """Window ``i``'s rows keyed by run edge key (``e0``, ``h0``, ``r0``, ``v0``) or run node row (``s0``, ``t0``,
+    ``g0``), the other columns beside each: the form every partition's rows take."""
     n = max(len(lay.nodes), 1)
     nodes, prompts = lay.node_rows[i], lay.prompt_rows[i]
     w = load_window(lay.paths[i])
-    e, h, r, v, s = w.edges, w.heads, w.roles, w.evidence, w.stats
+    e, h, r, v, s, t, g = w.edges, w.heads, w.roles, w.evidence, w.stats, w.tops, w.hists
     cols = {"e": ((nodes[e.src] * n + nodes[e.dst]) * N_KINDS + e.kind, e.n_prompts, e.n_obs, e.sum, e.sumsq, e.sum_abs,
                   e.min, e.max, e.n_pos),
             "h": ((nodes[h.src] * n + nodes[h.dst]) * N_KINDS + h.kind, h.head, h.sum),
             "r": ((nodes[r.src] * n + nodes[r.dst]) * N_KINDS + r.kind, r.role, r.n, r.sum_abs),
             "v": ((nodes[v.src] * n + nodes[v.dst]) * N_KINDS + v.kind, prompts[v.prompt], v.src_pos, v.dst_pos, v.head,
                   v.value),
-            "s": (nodes[s.node], s.n_obs, s.n_prompts, s.sum_act, s.max_act)}
+            "s": (nodes[s.node], s.n_obs, s.n_prompts, s.sum_act, s.max_act),
+            "t": (nodes[t.node], prompts[t.prompt], t.pos, t.act, np.where(t.src >= 0, nodes[t.src.clip(0)], -1),
+                  t.src_pos, t.head, t.value),
+            "g": (nodes[g.node], g.bin, g.n)}
     return {f"{x}{j}": col for x, group in cols.items() for j, col in enumerate(group)}
 
 
 def _select(rows: dict[str, np.ndarray], n_parts: int, k: int) -> dict[str, np.ndarray]:
     """The rows of partition ``k`` (each group by the partition of its key)."""
-    at = {x: part_of(rows[f"{x}0"], n_parts) == k for x in "ehrvs"}
+    at = {x: part_of(rows[f"{x}0"], n_parts) == k for x in _GROUPS}
     return {name: col[at[name[0]]] for name, col in rows.items()}
 
 
@@ -208,14 +213,17 @@ def compact_part(lay: Layout, k: int, out: Path) -> None:
     cat = {name: np.concatenate(cols) for name, cols in rows.items()}
     if not cat:  # a run with no windows
         cat = {f"{x}{i}": np.zeros(0, np.float64 if (x, i) in _FLOATS else np.int64)
-               for x, width in (("e", 9), ("h", 3), ("r", 4), ("v", 6), ("s", 5)) for i in range(width)}
+               for x, width in _GROUPS.items() for i in range(width)}
     edges, uniq = _edges(cat, n)
     agg = WindowAggregate(lay.run, [], [], edges, _heads(cat, uniq, n), _evidence(cat, uniq, n, lay), _stats(cat),
-                          lay.cap, lay.observations if k == 0 else 0, _roles(cat, uniq, n), seq=k)
+                          lay.cap, lay.observations if k == 0 else 0, _roles(cat, uniq, n), seq=k, tops=_tops(cat, lay),
+                          hists=_hists(cat))
     save_window(agg, out)
 
 
-_FLOATS = {("e", 3), ("e", 4), ("e", 5), ("e", 6), ("e", 7), ("h", 2), ("r", 3), ("v", 5), ("s", 3), ("s", 4)}
+_GROUPS = {"e": 9, "h": 3, "r": 4, "v": 6, "s": 5, "t": 8, "g": 3}  # row groups and their columns
+_FLOATS = {("e", 3), ("e", 4), ("e", 5), ("e", 6), ("e", 7), ("h", 2), ("r", 3), ("v", 5), ("s", 3), ("s", 4),
+           ("t", 3), ("t", 7)}
 
 
 def _segments(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -279,6 +287,22 @@ def _stats(cat: dict[str, np.ndarray]) -> StatColumns:
         return StatColumns(node, cat["s1"][:0], cat["s2"][:0], cat["s3"][:0], cat["s4"][:0])
     n_obs, n_prompts, sum_act = (np.add.reduceat(cat[c][order], starts) for c in ("s1", "s2", "s3"))
     return StatColumns(node, n_obs, n_prompts, sum_act, np.maximum.reduceat(cat["s4"][order], starts))
+
+
+def _tops(cat: dict[str, np.ndarray], lay: Layout) -> TopColumns:
+    """Each node's TOP_ACTIVATIONS strongest activations of the run: act descending, then prompt rank, then
+    position (the order ingest.reduce keeps them in)."""
+    node, prompt, pos = cat["t0"], cat["t1"], cat["t2"]
+    keep = top_per_group(node, cat["t3"], tie_key(lay.prompt_rank[prompt], pos, np.zeros_like(pos),
+                                                  np.full_like(pos, -1)), TOP_ACTIVATIONS)
+    return TopColumns(*(cat[f"t{i}"][keep] for i in range(8)))
+
+
+def _hists(cat: dict[str, np.ndarray]) -> HistColumns:
+    slots = int(cat["g1"].max()) + 1 if len(cat["g1"]) else 1
+    order, starts, pairs = _segments(cat["g0"] * slots + cat["g1"])
+    n = np.add.reduceat(cat["g2"][order], starts) if len(starts) else cat["g2"][:0]
+    return HistColumns(pairs // slots, pairs % slots, n)
 
 
 _PHASES = {"scatter": scatter_window, "merge": merge_part}

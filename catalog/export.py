@@ -16,13 +16,15 @@ from catalog.aggregate import (
     EdgeColumns,
     EvidenceColumns,
     HeadColumns,
+    HistColumns,
     RoleColumns,
     StatColumns,
+    TopColumns,
     WindowAggregate,
     empty_columns,
 )
 from catalog.runs import EXPORTING
-from catalog.schema import EDGE_KINDS, JSON, ROLES, Run
+from catalog.schema import EDGE_KINDS, JSON, ROLES, Prompt, Run
 from catalog.stores.base import Store, StoreError
 
 T = TypeVar("T")
@@ -69,9 +71,12 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
         counts["prompts"] += len(prompts_part)
     for run in (r.run_id for r in runs):
         stats = [(row[n.uid], s) for n, s in src.all_nodes((run,)) if s is not None]
-        dst.import_window(window(run, stats=StatColumns(*_arrays(
+        tops, hists, top_prompts = activation_columns(src, run, row, {p.uid: p for p in prompts})
+        agg = window(run, stats=StatColumns(*_arrays(
             stats, lambda r: r[0], lambda r: r[1].n_obs, lambda r: r[1].n_prompts, lambda r: r[1].sum_act,
-            lambda r: r[1].max_act))))
+            lambda r: r[1].max_act)), tops=tops, hists=hists)  # with their statistics: Neo4j keeps them on its Stats
+        agg.prompts = top_prompts  # stored above already
+        dst.import_window(agg)
         for edges_part in _chunks(src.all_edges(runs=(run,)), chunk):
             heads = [(row[e.src], row[e.dst], kind[e.kind], h, v) for e in edges_part
                      for h, v in sorted(e.head_sums.items())]
@@ -104,6 +109,25 @@ def copy_catalog(src: Store, dst: Store, chunk: int = 20_000) -> JSON:
     return counts
 
 
+def activation_columns(src: Store, run: str, row: dict[str, int],
+                       prompts: dict[str, Prompt]) -> tuple[TopColumns, HistColumns, list[Prompt]]:
+    """A run's top activations and histograms in ``src`` as columns naming nodes by ``row`` and prompts by their
+    place in the list returned with them."""
+    tops: list[tuple[Any, ...]] = []
+    hists: list[tuple[int, int, int]] = []
+    used: dict[str, int] = {}
+    for uid, rows, hist in src.all_activations((run,)):
+        for t in rows:
+            at = used.setdefault(t.prompt, len(used))
+            tops.append((row[uid], at, t.pos, t.act, -1 if t.src is None else row[t.src], t.src_pos, t.head, t.value))
+        hists += [(row[uid], b, n) for b, n in sorted(hist.items())]
+    return (TopColumns(*_arrays(tops, *(lambda r, i=i: r[i] for i in range(8)))) if tops else
+            empty_columns(TopColumns),
+            HistColumns(*_arrays(hists, *(lambda r, i=i: r[i] for i in range(3)))) if hists else
+            empty_columns(HistColumns),
+            [prompts[uid] for uid in used])
+
+
 def _arrays(rows: Sequence[Any], *getters: Callable[[Any], Any]) -> list[np.ndarray]:
     """One numpy column per getter (float64 where the values are floats, else int64)."""
     out = []
@@ -134,6 +158,10 @@ def copy_into_import_files(src: Store, files: Any, chunk: int = 20_000) -> JSON:
         def parts(run_id: str = run.run_id, prompts: list[Any] = prompts,
                   prompt_row: dict[str, int] = prompt_row) -> Iterator[WindowAggregate]:
             stats = [(row[n.uid], s) for n, s in src.all_nodes((run_id,)) if s is not None]
+            tops, hists, top_prompts = activation_columns(src, run_id, row, {p.uid: p for p in prompts})
+            # the window's prompts are the run's: name the top activations' prompts by their rows there
+            if len(tops):
+                tops.prompt = np.array([prompt_row[p.uid] for p in top_prompts], np.int64)[tops.prompt]
             first = True
             for edges in _chunks(src.all_edges(runs=(run_id,)), chunk):
                 lists = src.evidence_of_edges([(e.src, e.dst, e.kind) for e in edges], 1 << 30, (run_id,))
@@ -154,7 +182,9 @@ def copy_into_import_files(src: Store, files: Any, chunk: int = 20_000) -> JSON:
                         lambda v: -1 if v.head is None else v.head, lambda v: v.value)),
                     stats=StatColumns(*_arrays(
                         stats if first else [], lambda r: r[0], lambda r: r[1].n_obs, lambda r: r[1].n_prompts,
-                        lambda r: r[1].sum_act, lambda r: r[1].max_act)), evidence_cap=None)
+                        lambda r: r[1].sum_act, lambda r: r[1].max_act)), evidence_cap=None,
+                    tops=tops if first else empty_columns(TopColumns),
+                    hists=hists if first else empty_columns(HistColumns))
                 first = False
                 counts["edges"] += len(edges)
                 counts["evidence"] += len(evidence)
@@ -165,7 +195,7 @@ def copy_into_import_files(src: Store, files: Any, chunk: int = 20_000) -> JSON:
                                       evidence=empty_columns(EvidenceColumns), evidence_cap=None,
                                       stats=StatColumns(*_arrays(stats, lambda r: r[0], lambda r: r[1].n_obs,
                                                                  lambda r: r[1].n_prompts, lambda r: r[1].sum_act,
-                                                                 lambda r: r[1].max_act)))
+                                                                 lambda r: r[1].max_act)), tops=tops, hists=hists)
 
         files.start_run(run.run_id, run.manifest, resume=False)
         files.publish_run(run.run_id, prompts, nodes, parts())

@@ -10,20 +10,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from catalog.fires_on import MAX_CONTEXTS, by_token, token_query
+from catalog.fires_on import contexts as top_contexts
 from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
+from catalog.rounding import rnd as rnd  # re-exported: answers elsewhere round through it too
 from catalog.runs import IncompatibleRuns, compatibility_groups, describe, holds_edges, select_runs
 from catalog.schema import EDGE_KINDS, JSON, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Run
 from catalog.stores.base import ORDERS, Ambiguous, EdgeQuery, NotFound, Store
 
 MAX_LIMIT = 1000
-SIG_DIGITS = 6
-
-
-def rnd(x: float | None) -> float | None:
-    """Round to SIG_DIGITS significant digits (the one rounding both stores' answers go through)."""
-    if x is None or not math.isfinite(x):
-        return x
-    return float(f"{x:.{SIG_DIGITS}g}") + 0.0  # + 0.0: -0.0 prints as 0.0 (min/max of tied zeros pick either)
 
 
 def canonical_ref(ref: str) -> str:
@@ -191,15 +186,30 @@ def edge(store: Store, src: str, dst: str, *, model: str | None = None, evidence
             "sae_flags": flags, "through_flagged_sae": through_flagged}
 
 
-def feature(store: Store, ref: str, *, model: str | None = None, runs: Sequence[str] | None = None) -> JSON:
-    """A node with its activation statistics summed over the runs selected."""
+def feature(store: Store, ref: str, *, model: str | None = None, runs: Sequence[str] | None = None,
+            contexts: int = 10) -> JSON:
+    """A node with its activation statistics summed over the runs selected, and what it fires on: its
+    ``contexts`` top-activating contexts and its activation histogram (catalog.fires_on)."""
+    if not 0 <= contexts <= MAX_CONTEXTS:
+        raise ValueError(f"contexts must be between 0 and {MAX_CONTEXTS}, got {contexts}")
     node = resolve(store, ref, model)
     selected = select_runs(store, runs)
     found = store.node(node.uid, selected)
     if found is None:  # removed between the two reads
         raise NotFound(f"no node {node.ref} in {store.url}")
     info, stats = found
-    return {**node_json(info, stats), "runs": list(selected), **sae_info(store, info)}
+    shown, histogram = top_contexts(store, info.uid, selected, contexts)
+    return {**node_json(info, stats), "runs": list(selected), **sae_info(store, info), "contexts": shown,
+            "histogram": histogram}
+
+
+def features_by_token(store: Store, token: str, *, runs: Sequence[str] | None = None, limit: int = 20) -> JSON:
+    """Features whose top activations sit on ``token`` (catalog.fires_on.by_token), in the runs selected."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    wanted = token_query(token)
+    selected = select_runs(store, runs)
+    return {"token": wanted, "runs": list(selected), "features": by_token(store, wanted, selected, limit)}
 
 
 def _in_runs(runs: Sequence[str] | None) -> str:
@@ -400,5 +410,5 @@ def run(store: Store, run_id: str) -> JSON:
     return {"run_id": r.run_id, "status": r.status, "manifest": r.manifest}
 
 
-__all__ = ["upstream", "downstream", "edge", "feature", "prompt", "prompt_graph", "top_features",
+__all__ = ["upstream", "downstream", "edge", "feature", "features_by_token", "prompt", "prompt_graph", "top_features",
            "composition_counts", "runs", "run", "resolve", "NotFound", "Ambiguous", "NodeRefError"]

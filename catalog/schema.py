@@ -28,6 +28,13 @@ ATTENTION_KINDS = ("attn_in", "direct")  # edges that read through a head (V-com
 QK_KINDS = ("q_in", "k_in", "qk")  # QK attribution of attention scores (positions: key s, query t)
 NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys fit in 60 bits
 
+# What a feature fires on: each feature keeps, per run, its TOP_ACTIVATIONS strongest activations (prompt,
+# position; ties by prompt uid, then position) and a histogram of every activation. A histogram bin is the
+# activation's float32 bit pattern shifted right by HIST_SHIFT: 2^(23 - HIST_SHIFT) = 4 bins per octave,
+# fixed for every feature and run, so histograms add exactly across windows, shards and runs.
+TOP_ACTIVATIONS = 20
+HIST_SHIFT = 21
+
 
 # Positional roles of an attention observation: what the source position s is to the destination
 # position t (attention from t to s). A role's code is its index in ROLES; an observation may have
@@ -154,6 +161,33 @@ class NodeStats:
     n_prompts: int
     sum_act: float
     max_act: float
+
+
+@dataclass(frozen=True)
+class TopActivation:
+    """One of a feature's strongest activations, with the observation that fed it most: the strongest
+    attn_in (attention feature) or resid_in (residual feature) edge into it at that prompt and position
+    (``src`` None when no edge into it was kept)."""
+
+    prompt: str  # prompt uid
+    pos: int
+    act: float
+    token: str
+    run: str
+    src: str | None  # node uid of the strongest source
+    src_pos: int
+    head: int  # -1 where no head applies
+    value: float
+
+    def order_key(self) -> tuple[float, str, int]:
+        """The total order of a feature's activations: strongest first, then prompt uid, then position."""
+        return (-self.act, self.prompt, self.pos)
+
+
+def hist_edges(bin_code: int) -> tuple[float, float]:
+    """[low, high) of histogram bin ``bin_code`` (see HIST_SHIFT)."""
+    edges = np.array([bin_code << HIST_SHIFT, (bin_code + 1) << HIST_SHIFT], np.int64).astype(np.int32).view(np.float32)
+    return float(edges[0]), float(edges[1])
 
 
 @dataclass

@@ -28,8 +28,10 @@ from catalog.aggregate import (
     EdgeColumns,
     EvidenceColumns,
     HeadColumns,
+    HistColumns,
     RoleColumns,
     StatColumns,
+    TopColumns,
     WindowAggregate,
     empty_columns,
 )
@@ -38,7 +40,7 @@ from catalog.schema import JSON, NodeInfo, Prompt, Run
 from catalog.stores.base import StoreError
 
 COLUMNS = {"edges": EdgeColumns, "heads": HeadColumns, "evidence": EvidenceColumns, "stats": StatColumns,
-           "roles": RoleColumns}
+           "roles": RoleColumns, "tops": TopColumns, "hists": HistColumns}
 
 # prompts per spooled window when the job names none: a window's aggregate is held on the device until it
 # is spooled (``--window-mem`` bounds it), and a spool write costs about its size, so no store tunes it now
@@ -85,12 +87,12 @@ def narrow(col: np.ndarray) -> np.ndarray:
 def load_window(path: Path) -> WindowAggregate:
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
-        # files written before roles were kept hold no roles columns: those windows add no roles
+        # files written before roles (or top activations) were kept hold none: those windows add none
         parts = {part: cls(**{f.name: wide(data[f"{part}.{f.name}"]) for f in fields(cls)})
                  if f"{part}.{fields(cls)[0].name}" in data else empty_columns(cls) for part, cls in COLUMNS.items()}
     return WindowAggregate(meta["run"], [Prompt(**p) for p in meta["prompts"]], [NodeInfo(**n) for n in meta["nodes"]],
                            parts["edges"], parts["heads"], parts["evidence"], parts["stats"], meta["evidence_cap"],
-                           meta["observations"], parts["roles"], meta.get("seq", -1))
+                           meta["observations"], parts["roles"], meta.get("seq", -1), parts["tops"], parts["hists"])
 
 
 def wide(col: np.ndarray) -> np.ndarray:

@@ -19,11 +19,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from catalog.schema import EDGE_KINDS
+from catalog.schema import EDGE_KINDS, HIST_SHIFT, TOP_ACTIVATIONS
 from ingest.roles import ROLE_SLOTS
 from ingest.segments import bits_of, order_by, segment_count, segment_extreme, segment_sum, unique_inverse
 
 N_KINDS = len(EDGE_KINDS)
+FEEDING_KINDS = (EDGE_KINDS.index("attn_in"), EDGE_KINDS.index("resid_in"))  # what a top activation's source is read from
+HIST_BINS = 1 << (32 - HIST_SHIFT)  # bin codes of non-negative float32 values
 HEAD_SLOTS = 256  # heads per layer a catalog can name
 POS_LIMIT = 1 << 12  # token positions must fit the evidence tie-break key (12 bits each)
 
@@ -52,6 +54,7 @@ class Activations:
     node: torch.Tensor  # int64 [a] node slot
     prompt: torch.Tensor  # int64 [a] row of the prompt in its window
     act: torch.Tensor  # float [a]
+    pos: torch.Tensor | None = None  # int64 [a] token position; None: unknown, so no top activations are kept
 
 
 @dataclass
@@ -86,6 +89,17 @@ class Partial:
     node_n_prompts: torch.Tensor  # int64 [a]
     node_sum_act: torch.Tensor  # float64 [a]
     node_max_act: torch.Tensor  # float64 [a]
+    top_node: torch.Tensor  # int64 [t] node slot, ascending: each node's top activations, strongest first
+    top_prompt: torch.Tensor  # int64 [t]
+    top_pos: torch.Tensor  # int64 [t]
+    top_act: torch.Tensor  # float64 [t]
+    top_src: torch.Tensor  # int64 [t] slot of the strongest attn_in / resid_in observation into it, -1: none
+    top_src_pos: torch.Tensor  # int64 [t]
+    top_head: torch.Tensor  # int64 [t]
+    top_value: torch.Tensor  # float64 [t]
+    hist_node: torch.Tensor  # int64 [g] node slot; (hist_node, hist_bin) sorted, unique
+    hist_bin: torch.Tensor  # int64 [g] bin code (catalog.schema.HIST_SHIFT)
+    hist_n: torch.Tensor  # int64 [g]
 
     @property
     def nbytes(self) -> int:
@@ -119,6 +133,7 @@ def reduce_batch(obs: Observations, acts: Activations, prompt_rank: torch.Tensor
     nodes, ninv = unique_inverse(acts.node, bits_of(n_slots))
     act = acts.act.double()
     a = len(nodes)
+    tops = _top_activations(obs, acts, prompt_rank, n_slots)
     absv = v.abs()
     positive = (v > 0).nonzero().squeeze(1)
     return Partial(
@@ -130,7 +145,8 @@ def reduce_batch(obs: Observations, acts: Activations, prompt_rank: torch.Tensor
         role_edge, role, segment_count(rinv, len(role)), segment_sum(rinv, absv.index_select(0, role_row), len(role)),
         *(x.index_select(0, keep) for x in (inv, obs.prompt, obs.src_pos, obs.dst_pos, obs.head, v)),
         nodes, segment_count(ninv, a), _distinct_prompts(ninv, acts.prompt, a, len(prompt_rank)),
-        segment_sum(ninv, act, a), segment_extreme(ninv, act, a, "amax"))
+        segment_sum(ninv, act, a), segment_extreme(ninv, act, a, "amax"),
+        *tops, *_histogram(acts.node, _bin_codes(acts.act), torch.ones_like(acts.node), n_slots))
 
 
 def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> Partial:
@@ -161,7 +177,66 @@ def merge(parts: list[Partial], prompt_rank: torch.Tensor, cap: int | None) -> P
         edge_of["ev_edge"].index_select(0, keep),
         *(cat[c].index_select(0, keep) for c in ("ev_prompt", "ev_src_pos", "ev_dst_pos", "ev_head", "ev_value")),
         nodes, *(segment_sum(ninv, cat[c], a) for c in ("node_n_obs", "node_n_prompts", "node_sum_act")),
-        segment_extreme(ninv, cat["node_max_act"], a, "amax"))
+        segment_extreme(ninv, cat["node_max_act"], a, "amax"),
+        *_merge_tops(cat, prompt_rank),
+        *_histogram(cat["hist_node"], cat["hist_bin"], cat["hist_n"], int(cat["node"].max()) + 1 if a else 1))
+
+
+_TOPS = ("top_node", "top_prompt", "top_pos", "top_act", "top_src", "top_src_pos", "top_head", "top_value")
+
+
+def _top_activations(obs: Observations, acts: Activations, prompt_rank: torch.Tensor,
+                     n_slots: int) -> tuple[torch.Tensor, ...]:
+    """The Partial's top_* columns: each node's TOP_ACTIVATIONS strongest activations (act descending,
+    then prompt rank, then position) and, for each, the strongest attn_in / resid_in observation into that
+    node at that prompt and position (|value| descending, then source slot, source position, head)."""
+    rows = acts.node.new_zeros(0) if acts.pos is None else _top_rows(acts.node, acts.act, prompt_rank.index_select(
+        0, acts.prompt), acts.pos, TOP_ACTIVATIONS)
+    node, prompt, act = (x.index_select(0, rows) for x in (acts.node, acts.prompt, acts.act))
+    pos = acts.pos.index_select(0, rows) if acts.pos is not None else rows
+    # each kept activation's key, sorted; observations into it are found by binary search
+    key = (prompt * n_slots + node) * POS_LIMIT + pos
+    sorted_key, by_key = torch.sort(key)
+    feeding = ((obs.kind == FEEDING_KINDS[0]) | (obs.kind == FEEDING_KINDS[1])).nonzero().squeeze(1)
+    okey = (obs.prompt.index_select(0, feeding) * n_slots + obs.dst.index_select(0, feeding)) * POS_LIMIT + \
+        obs.dst_pos.index_select(0, feeding)
+    at = torch.searchsorted(sorted_key, okey).clamp(max=max(len(key) - 1, 0))
+    hit = (sorted_key.index_select(0, at) == okey).nonzero().squeeze(1) if len(key) else at[:0]
+    obs_rows, group = feeding.index_select(0, hit), at.index_select(0, hit)
+    src, src_pos, head = (x.index_select(0, obs_rows) for x in (obs.src, obs.src_pos, obs.head))
+    best = top_evidence(group, len(key), obs.value.index_select(0, obs_rows), src, src_pos,
+                        obs.dst_pos.index_select(0, obs_rows), head, 1)
+    target = by_key.index_select(0, group.index_select(0, best))  # the kept activation each best row feeds
+    out_src = torch.full_like(node, -1).index_copy_(0, target, src.index_select(0, best))
+    out_pos = torch.zeros_like(node).index_copy_(0, target, src_pos.index_select(0, best))
+    out_head = torch.full_like(node, -1).index_copy_(0, target, head.index_select(0, best))
+    out_value = torch.zeros(len(node), dtype=torch.float64, device=node.device).index_copy_(
+        0, target, obs.value.index_select(0, obs_rows.index_select(0, best)).double())
+    return node, prompt, pos, act.double(), out_src, out_pos, out_head, out_value
+
+
+def _top_rows(node: torch.Tensor, act: torch.Tensor, rank: torch.Tensor, pos: torch.Tensor, cap: int) -> torch.Tensor:
+    """Row indices of each node's ``cap`` strongest activations, by node ascending, then act descending,
+    then ``rank`` (the prompt's), then position."""
+    group, dense = unique_inverse(node, bits_of(node))
+    return top_evidence(dense, len(group), act, rank, pos, torch.zeros_like(pos), torch.full_like(pos, -1), cap)
+
+
+def _merge_tops(cat: dict[str, torch.Tensor], prompt_rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    keep = _top_rows(cat["top_node"], cat["top_act"], prompt_rank.index_select(0, cat["top_prompt"]), cat["top_pos"],
+                     TOP_ACTIVATIONS)
+    return tuple(cat[c].index_select(0, keep) for c in _TOPS)
+
+
+def _bin_codes(act: torch.Tensor) -> torch.Tensor:
+    """[a] int64 histogram bin of each activation: its float32 bit pattern >> HIST_SHIFT (0 for act <= 0)."""
+    return (act.float().clamp(min=0).view(torch.int32) >> HIST_SHIFT).long()
+
+
+def _histogram(node: torch.Tensor, bin_code: torch.Tensor, n: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, ...]:
+    """(node, bin, count) rows, sorted and unique, of ``n`` [k] activations counted at (node, bin_code)."""
+    pairs, inv = unique_inverse(node * HIST_BINS + bin_code, bits_of(n_slots * HIST_BINS - 1))
+    return pairs // HIST_BINS, pairs % HIST_BINS, segment_sum(inv, n, len(pairs))
 
 
 def top_evidence(group: torch.Tensor, n_groups: int, value: torch.Tensor, rank: torch.Tensor,

@@ -13,7 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from catalog.aggregate import EdgeColumns, EvidenceColumns, HeadColumns, RoleColumns, StatColumns, WindowAggregate
+from catalog.aggregate import (
+    EdgeColumns,
+    EvidenceColumns,
+    HeadColumns,
+    HistColumns,
+    RoleColumns,
+    StatColumns,
+    TopColumns,
+    WindowAggregate,
+)
 from catalog.schema import NodeInfo, Prompt
 from ingest.rdfa.tensors import Code, EdgeKind, EdgeTable, Graph, code_to_ref
 from ingest.reduce import N_KINDS, Activations, Observations, Partial, reduce_batch
@@ -149,7 +158,7 @@ def observations(graph: Graph, slots: NodeSlots, first_prompt: int) -> tuple[Obs
         parts.append((e.prompt, e.src_index, e.dst_index, e.kind, e.head, e.src_pos, e.dst_pos, e.value))
     obs = Observations(*(torch.cat(column) for column in zip(*parts)))
     n = graph.nodes
-    return obs, Activations(slots.slot(n.code, n.layer, n.index), n.prompt + first_prompt, n.act)
+    return obs, Activations(slots.slot(n.code, n.layer, n.index), n.prompt + first_prompt, n.act, n.pos)
 
 
 def to_window(part: Partial, nodes_of: Callable[[np.ndarray], list[NodeInfo]], n_slots: int, run: str,
@@ -161,12 +170,16 @@ def to_window(part: Partial, nodes_of: Callable[[np.ndarray], list[NodeInfo]], n
     # the window's node rows: slots that occur, ascending; marked and renumbered through dense
     # [n_slots] tables (a unique and nine searchsorted calls took ~0.5 s a GPT-2 window here)
     seen = torch.zeros(n_slots, dtype=torch.bool, device=part.edge_key.device)
-    for e in (src, dst, part.node):
+    has_src = (part.top_src >= 0).nonzero().squeeze(1)
+    for e in (src, dst, part.node, part.top_src.index_select(0, has_src)):
         seen[e] = True
     used = seen.nonzero().squeeze(1)
     row_of = torch.full((n_slots,), -1, dtype=torch.long, device=used.device)
     row_of[used] = torch.arange(len(used), device=used.device)
-    src, dst, node = (row_of.index_select(0, e) for e in (src, dst, part.node))
+    src, dst, node, top_node, hist_node = (row_of.index_select(0, e) for e in (
+        src, dst, part.node, part.top_node, part.hist_node))
+    top_src = torch.full_like(part.top_src, -1).index_copy_(
+        0, has_src, row_of.index_select(0, part.top_src.index_select(0, has_src)))
     host = lambda x: x.cpu().numpy()  # noqa: E731
     of_edge = lambda rows: [host(x.index_select(0, rows)) for x in (src, dst, kind)]  # noqa: E731
     return WindowAggregate(
@@ -179,7 +192,10 @@ def to_window(part: Partial, nodes_of: Callable[[np.ndarray], list[NodeInfo]], n
         StatColumns(host(node), host(part.node_n_obs), host(part.node_n_prompts), host(part.node_sum_act),
                     host(part.node_max_act)),
         cap, n_observations,
-        RoleColumns(*of_edge(part.role_edge), host(part.role), host(part.role_n), host(part.role_abs)))
+        RoleColumns(*of_edge(part.role_edge), host(part.role), host(part.role_n), host(part.role_abs)),
+        tops=TopColumns(host(top_node), host(part.top_prompt), host(part.top_pos), host(part.top_act), host(top_src),
+                        host(part.top_src_pos), host(part.top_head), host(part.top_value)),
+        hists=HistColumns(host(hist_node), host(part.hist_bin), host(part.hist_n)))
 
 
 def with_roles(obs: Observations, prompts: list[Prompt]) -> Observations:

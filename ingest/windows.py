@@ -78,7 +78,8 @@ class _Window:
 
     def flush(self, slots: NodeSlots, run: str):
         part = merge(self.parts, self.rank, self.cap)
-        part.ev_prompt = part.ev_prompt - self.first
+        part.ev_prompt = part.ev_prompt - self.first  # rows of the prompts this flush writes
+        part.top_prompt = part.top_prompt - self.first
         agg = to_window(part, slots.infos, slots.size, run, self.prompts[self.first:self.end], self.cap,
                         self.observations)
         self.parts, self.first, self.observations = [], self.end, 0

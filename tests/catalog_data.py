@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 from catalog.aggregate import WindowAggregate
@@ -58,11 +57,47 @@ def make_batch(run: str, prompts: list[Prompt], rows, evidence_per_edge: int | N
     obs = Observations(col(lambda r: p_of[r[0]]), col(lambda r: uid_of[r[1]]), col(lambda r: uid_of[r[2]]),
                        col(lambda r: KINDS.index(r[3])), col(lambda r: r[4]), col(lambda r: r[5]), col(lambda r: r[6]),
                        col(lambda r: r[7], torch.float64))
-    feats = [i for i, n in enumerate(infos) if n.is_feature]
-    rng = np.random.default_rng(len(rows))
-    acts = Activations(torch.from_numpy(rng.choice(feats, size=len(prompts) * 5)),
-                       torch.arange(len(prompts)).repeat_interleave(5), torch.from_numpy(rng.random(len(prompts) * 5)))
+    acts_rows = random_activations(prompts, len(rows))
+    acts = Activations(torch.tensor([uid_of[r[1]] for r in acts_rows]), torch.tensor([p_of[r[0]] for r in acts_rows]),
+                       torch.tensor([r[3] for r in acts_rows], dtype=torch.float64),
+                       torch.tensor([r[2] for r in acts_rows]))
     return aggregate_rows(obs, acts, infos, run, prompts, evidence_per_edge)
+
+
+def random_activations(prompts: list[Prompt], seed: int) -> list[tuple[str, str, int, float]]:
+    """(prompt uid, feature ref, position, activation): five features a prompt at positions 0-4, every feature
+    in turn (so each is active in every run), with activations that repeat (ties in the top-activation order)."""
+    infos = nodes()
+    feats = [n.ref for n in infos if n.is_feature]
+    rng = random.Random(seed)
+    return [(p.uid, feats[(7 * (5 * i + pos) + seed) % len(feats)], pos,
+             rng.choice([0.75, 1.5, round(rng.random() * 3, 3)])) for i, p in enumerate(prompts) for pos in range(5)]
+
+
+def expected_activations(prompts: list[Prompt], rows, acts, top: int) -> dict:
+    """Per feature ref: its ``top`` strongest activations (act descending, then prompt uid, then position),
+    each with the strongest attn_in / resid_in observation into it there (|value| descending, then the
+    source's place in REFS, source position, head), and its histogram {float32 bits >> 21: count}; plain
+    Python, from the rows ``make_batch`` aggregated."""
+    import struct
+
+    out: dict = {}
+    for ref in sorted({a[1] for a in acts}):
+        mine = sorted((a for a in acts if a[1] == ref), key=lambda a: (-a[3], a[0], a[2]))
+        kept = []
+        for p, _, pos, act in mine[:top]:
+            feeding = [r for r in rows if r[0] == p and r[2] == ref and r[6] == pos and r[3] in ("attn_in", "resid_in")]
+            best = min(feeding, key=lambda r: (-abs(r[7]), REFS.index(r[1]), r[5], r[4]), default=None)
+            token = next(q.tokens[pos] for q in prompts if q.uid == p)
+            kept.append((p, pos, act, token, best[1] if best else None, best[5] if best else 0,
+                         best[4] if best else -1, best[7] if best else 0.0))
+        hist: dict = {}
+        for a in acts:
+            if a[1] == ref:
+                b = struct.unpack("<i", struct.pack("<f", a[3]))[0] >> 21
+                hist[b] = hist.get(b, 0) + 1
+        out[ref] = (kept, hist)
+    return out
 
 
 def expected_edges(rows) -> dict:

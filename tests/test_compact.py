@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from catalog.compact import compact, layout, load_part
+from catalog.fires_on import top_of
 from catalog.publish import publish_folder, publish_run
-from catalog.schema import EDGE_KINDS, ROLES, Evidence
+from catalog.schema import EDGE_KINDS, ROLES, TOP_ACTIVATIONS, Evidence
 from catalog.spool import Spool, load_window, window_meta
 from catalog.stores import open_store
 from catalog.stores.base import StoreError
@@ -45,6 +46,8 @@ def independent(folder: Path, cap: int = CAP, paths: list[Path] | None = None) -
     roles: dict = defaultdict(lambda: [0, 0.0])
     evidence: dict = defaultdict(list)
     stats: dict = {}
+    tops: dict = defaultdict(list)
+    hists: dict = defaultdict(lambda: defaultdict(int))
     for path in Spool(folder, cap).windows("r") if paths is None else paths:
         w = load_window(path)
         uid = [n.uid for n in w.nodes]
@@ -76,8 +79,18 @@ def independent(folder: Path, cap: int = CAP, paths: list[Path] | None = None) -
             row = [int(s.n_obs[i]), int(s.n_prompts[i]), float(s.sum_act[i]), float(s.max_act[i])]
             stats[uid[s.node[i]]] = row if old is None else [old[0] + row[0], old[1] + row[1], old[2] + row[2],
                                                               max(old[3], row[3])]
+        t = w.tops
+        for i in range(len(t)):
+            tops[uid[t.node[i]]].append((w.prompts[t.prompt[i]].uid, int(t.pos[i]), float(t.act[i]),
+                                         uid[t.src[i]] if t.src[i] >= 0 else None, int(t.src_pos[i]), int(t.head[i]),
+                                         float(t.value[i])))
+        g = w.hists
+        for i in range(len(g)):
+            hists[uid[g.node[i]]][int(g.bin[i])] += int(g.n[i])
     kept = {k: sorted(rows, key=Evidence.rank_key)[:cap] for k, rows in evidence.items()}
-    return {"edges": edges, "heads": heads, "roles": roles, "evidence": kept, "stats": stats}
+    top = {k: sorted(rows, key=lambda r: (-r[2], r[0], r[1]))[:TOP_ACTIVATIONS] for k, rows in tops.items()}
+    return {"edges": edges, "heads": heads, "roles": roles, "evidence": kept, "stats": stats, "tops": top,
+            "hists": {k: dict(v) for k, v in hists.items()}}
 
 
 def close(a: float, b: float) -> bool:
@@ -114,6 +127,10 @@ def test_a_partitioned_parallel_publish_holds_the_independent_aggregation(spoole
     stats = {n.uid: (s.n_obs, s.n_prompts, s.max_act) for n, s in store.all_nodes() if s}
     assert stats == {uid: (a, b, d) for uid, (a, b, _, d) in want["stats"].items()}
     assert all(close(s.sum_act, want["stats"][n.uid][2]) for n, s in store.all_nodes() if s)
+    stored = {uid: ([(t.prompt, t.pos, t.act, t.src, t.src_pos, t.head, t.value) for t in top_of(rows)], hist)
+              for uid, rows, hist in store.all_activations()}
+    assert stored == {uid: (want["tops"][uid], want["hists"][uid]) for uid in want["hists"]}
+    assert max(len(rows) for rows, _ in stored.values()) == TOP_ACTIVATIONS  # windows' top lists competed
     spooled_uids = [p["uid"] for path in Spool(spooled, CAP).windows("r") for p in window_meta(path)["prompts"]]
     assert sorted(p.uid for p in store.all_prompts()) == sorted(spooled_uids) and len(spooled_uids) == 20
     again = publish_folder(folder, lambda cap: store)["runs"]["r"]
@@ -126,7 +143,7 @@ def test_the_partition_count_does_not_change_a_bit_of_the_compaction(spooled, tm
     assert one.n_parts == 1 and many.n_parts > 3
     whole = load_part(one, compact(one, tmp_path / "one")[0])
     parts = [load_part(many, p) for p in compact(many, tmp_path / "many", workers=2)]
-    for name in ("edges", "heads", "roles", "evidence", "stats"):
+    for name in ("edges", "heads", "roles", "evidence", "stats", "tops", "hists"):
         cols = [getattr(p, name).columns() for p in parts]
         merged = {c: np.concatenate([x[c] for x in cols]) for c in cols[0]}
         mine = getattr(whole, name).columns()

@@ -121,6 +121,14 @@ def test_readme_gpt2_commands_end_to_end(hub, tmp_path, backend, request):
     resid_ref = queries.top_features(store, kind="resid", layer=5, limit=1, runs=["gpt2-ioi"])[0]["id"]
     resid = queries.feature(store, resid_ref, runs=["gpt2-ioi"])
     assert resid["neuronpedia"] == f"https://www.neuronpedia.org/gpt2-small/5-res-jb/{resid_ref.split('.')[1]}"
+    # what both fire on: contexts in GPT-2's own tokens (a leading space kept), found again by token search
+    for shown in (answers["feature"], resid):
+        assert shown["contexts"] and shown["histogram"]
+        c = shown["contexts"][0]
+        tokens = store.prompt(c["prompt"]).tokens
+        assert c["token"] == tokens[c["pos"]] and c["tokens"] == tokens[c["start"]:c["pos"] + 5]
+        found = store.token_activations(c["token"], ["gpt2-ioi"], 1 << 20)  # every feature with one on the token
+        assert shown["uid"] in [node.uid for node, _ in found]
     assert (answers["edge"]["source"], answers["edge"]["target"]) == (source, target) and answers["edge"]["kinds"]
     assert answers["downstream"] is not None and answers["diff"]["feature"] == target
     assert answers["patterns"]["runs"] == ["gpt2-ioi"] and "pairs" in answers["patterns"]

@@ -286,7 +286,7 @@ def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
     _ingest(one_url, *corpus)
     single = _catalog(one_url)
     assert len(single["prompts"]) == 16
-    for key in ("edges", "evidence", "stats", "prompts", "mined"):
+    for key in ("edges", "evidence", "stats", "activations", "prompts", "mined"):
         assert sharded[key] == single[key], key
 
 

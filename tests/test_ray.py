@@ -35,7 +35,7 @@ def test_ray_run_equals_one_process_and_survives_a_lost_worker(store_url, tmp_pa
     assert summary["prompts"] == 24 and summary["windows"] == 3  # ... and its window was spooled once
     on_ray = _catalog(store_url)
     single = _uninterrupted(store_url, tmp_path, *CORPUS)
-    for key in ("edges", "evidence", "stats", "prompts"):
+    for key in ("edges", "evidence", "stats", "activations", "prompts"):
         assert on_ray[key] == single[key], key
     assert on_ray["runs"] == single["runs"] == [("r", "done")]
 
@@ -55,5 +55,5 @@ def test_driver_killed_inside_a_write_then_resume_equals_one_process(store_url, 
     assert json.loads(out.stdout)["skipped_done"] == 8
     resumed = _catalog(store_url)
     single = _uninterrupted(store_url, tmp_path, *CORPUS)
-    for key in ("edges", "evidence", "stats", "prompts"):
+    for key in ("edges", "evidence", "stats", "activations", "prompts"):
         assert resumed[key] == single[key], key

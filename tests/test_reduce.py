@@ -5,6 +5,8 @@ counts (dense table and sorted pairs), and merges that do not depend on how batc
 from __future__ import annotations
 
 import random
+import struct
+from collections import Counter
 from dataclasses import fields
 
 import pytest
@@ -69,8 +71,12 @@ def _batch(seed: int, prompts: range, n_slots: int):
                        col(lambda: rng.randrange(n_slots)), col(lambda: rng.randrange(3)), col(lambda: rng.randrange(-1, 3)),
                        col(lambda: rng.randrange(6)), col(lambda: rng.randrange(6)),
                        torch.tensor([rng.choice([0.25, -0.5, rng.gauss(0, 1)]) for _ in range(n)], dtype=torch.float32))
-    acts = Activations(torch.tensor([rng.randrange(n_slots) for _ in prompts]), torch.tensor(list(prompts)),
-                       torch.rand(len(prompts), dtype=torch.float32))
+    # six activations a prompt at positions 0-5, values that tie across prompts and positions
+    acts = Activations(torch.tensor([rng.randrange(n_slots) for _ in prompts for _ in range(6)]),
+                       torch.tensor([p for p in prompts for _ in range(6)]),
+                       torch.tensor([rng.choice([0.5, 2.0, rng.random() * 3]) for _ in prompts for _ in range(6)],
+                                    dtype=torch.float32),
+                       torch.tensor([t for _ in prompts for t in range(6)]))
     return obs, acts
 
 
@@ -85,7 +91,7 @@ def test_a_window_is_the_same_whatever_batches_it_was_cut_into():
     for merged in (merge(parts, rank, 4), merge(parts[::-1], rank, 4), merge([merge(parts[1:], rank, 4), parts[0]], rank, 4)):
         for f in fields(one):
             a, b = getattr(merged, f.name), getattr(one, f.name)
-            if a.dtype == torch.float64 and f.name in ("sum", "sumsq", "sum_abs", "head_sum", "node_sum_act"):
+            if a.dtype == torch.float64 and f.name in ("sum", "sumsq", "sum_abs", "head_sum", "node_sum_act", "role_abs"):
                 assert torch.allclose(a, b, rtol=1e-12, atol=0), f.name  # float64 sums in another order
             else:
                 assert torch.equal(a, b), f.name
@@ -110,3 +116,41 @@ def test_the_torch_paths_cuda_takes_reduce_and_merge_alike(monkeypatch):
     as_on_cuda = window()
     for f in fields(on_cpu):
         assert torch.equal(getattr(on_cpu, f.name), getattr(as_on_cuda, f.name)), f.name
+
+
+def _float32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+@pytest.mark.parametrize("cap", [1, 3, 100])
+def test_top_activations_their_strongest_source_and_histograms_match_plain_python(monkeypatch, cap):
+    """Each node's top activations (act descending, then prompt rank, then position), the strongest attn_in /
+    resid_in observation into each (|value| descending, then source slot, source position, head), and the
+    (node, bin) counts of every activation, spelled out in plain Python; for one batch and for merged ones."""
+    import ingest.reduce as reduce_module
+
+    monkeypatch.setattr(reduce_module, "TOP_ACTIVATIONS", cap)
+    n_slots, rank = 9, torch.tensor([3, 0, 5, 1, 4, 2])
+    batches = [_batch(s, range(k, k + 2), n_slots) for s, k in ((1, 0), (2, 2), (3, 4))]
+    acts = [(int(n), int(p), int(t), float(a)) for _, x in batches
+            for n, p, t, a in zip(x.node, x.prompt, x.pos, x.act, strict=True)]
+    obs = [(int(p), int(s), int(d), int(k), int(h), int(sp), int(dp), float(v)) for o, _ in batches
+           for p, s, d, k, h, sp, dp, v in zip(o.prompt, o.src, o.dst, o.kind, o.head, o.src_pos, o.dst_pos, o.value,
+                                               strict=True)]
+    want_tops = []
+    for node in sorted({a[0] for a in acts}):
+        mine = sorted((a for a in acts if a[0] == node), key=lambda a: (-a[3], int(rank[a[1]]), a[2]))[:cap]
+        for n, p, t, a in mine:
+            feeding = [o for o in obs if o[0] == p and o[2] == n and o[6] == t and o[3] in (0, 1)]
+            best = min(feeding, key=lambda o: (-abs(o[7]), o[1], o[5], o[4]), default=None)
+            src = (best[1], best[5], best[4], best[7]) if best else (-1, 0, -1, 0.0)
+            want_tops.append((n, p, t, a, *src))
+    want_hist = sorted(Counter((n, _float32_bits(a) >> 21) for n, _, _, a in acts).items())
+    one_batch_each = [reduce_batch(o, a, rank, n_slots, 4) for o, a in batches]
+    for part in (merge(one_batch_each, rank, 4), merge(one_batch_each[::-1], rank, 4)):
+        got = list(zip(*(getattr(part, c).tolist() for c in ("top_node", "top_prompt", "top_pos", "top_act", "top_src",
+                                                              "top_src_pos", "top_head", "top_value")), strict=True))
+        assert got == want_tops
+        got_hist = [((n, b), c) for n, b, c in zip(part.hist_node.tolist(), part.hist_bin.tolist(),
+                                                    part.hist_n.tolist(), strict=True)]
+        assert got_hist == want_hist

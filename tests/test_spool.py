@@ -72,7 +72,7 @@ def test_array_then_merge_equals_one_process_and_merging_again_adds_nothing(stor
     one = _fresh(store_url, "one", tmp_path)  # on Neo4j: the same database, wiped
     _ingest(one, "--corpus", "ioi:16:6", "--run", "pile10k", "--batch-size", "8")
     single = _catalog(one)
-    for key in ("edges", "evidence", "stats", "prompts"):
+    for key in ("edges", "evidence", "stats", "activations", "prompts"):
         assert merged[key] == single[key], key
 
 

@@ -5,15 +5,29 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 
 import pytest
-from catalog_data import REFS, expected_edges, expected_roles, make_batch, random_observations, random_prompts
+from catalog_data import (
+    MODEL,
+    REFS,
+    RELEASE,
+    expected_activations,
+    expected_edges,
+    expected_roles,
+    make_batch,
+    random_activations,
+    random_observations,
+    random_prompts,
+)
 from conftest import wipe_neo4j
 
 from catalog import queries
 from catalog.export import copy_catalog
+from catalog.fires_on import top_of
+from catalog.ids import parse_ref
 from catalog.mined import mine_and_store, stored_patterns
-from catalog.schema import ROLES
+from catalog.schema import ROLES, TOP_ACTIVATIONS, NodeInfo
 from catalog.stores import StoreUnavailable, open_store
 from catalog.stores.base import CypherUnsupported
 
@@ -47,7 +61,10 @@ def snapshot(store) -> dict:
                     tuple(sorted((name, n, queries.rnd(a)) for name, (n, a) in e.roles.items())))
                    for e in store.all_edges())
     stats = sorted((n.uid, s.n_obs, s.n_prompts, queries.rnd(s.sum_act), s.max_act) for n, s in store.all_nodes() if s)
+    activations = [(uid, tuple(sorted(tops, key=lambda t: (t.order_key(), t.run))), tuple(sorted(hist.items())))
+                   for uid, tops, hist in store.all_activations()]
     return {"edges": edges, "evidence": sorted(store.all_evidence(), key=_no_head_first), "stats": stats,
+            "activations": activations,
             "prompts": sorted((p.uid, p.text, tuple(p.tokens), json.dumps(p.meta)) for p in store.all_prompts()),
             "runs": [(r.run_id, r.status, json.dumps(r.manifest, sort_keys=True)) for r in store.runs()],
             "mined": list(store.all_mined())}
@@ -73,6 +90,41 @@ def test_answers_match_an_independent_aggregation(store_url):
             assert row["heads"] == {str(h): queries.rnd(v) for h, v in sorted(e["heads"].items()) if v != 0.0}
             checked += 1
     assert checked == len(expect)  # every aggregated edge was seen exactly once
+
+
+def test_top_activations_and_histograms_match_an_independent_computation(store_url):
+    """Issue 36 §2: each feature's top activations (with the token each sits on and the strongest attn_in /
+    resid_in observation into it there) and its histogram, written window by window, as plain Python
+    computes them from the rows; the feature query shows them; a token search ranks features by the share of
+    their top activations' mass on the token."""
+    batches = _batches()
+    store = _fill(store_url, batches)
+    prompts = batches[0][0] + batches[1][0]
+    acts = [a for p, rows, _ in batches for a in random_activations(p, len(rows))]
+    want = expected_activations(prompts, batches[0][1] + batches[1][1], acts, TOP_ACTIVATIONS)
+    assert sum(len(kept) for kept, _ in want.values()) == len(acts) and any(k[0][4] for k, _ in want.values())
+    for ref, (kept, hist) in want.items():
+        tops, got_hist = store.activations(NodeInfo.of(MODEL, RELEASE, parse_ref(ref)).uid)
+        got = [(t.prompt, t.pos, t.act, t.token, t.src and t.src.rpartition("|")[2], t.src_pos, t.head, t.value)
+               for t in top_of(tops)]
+        assert got == kept, ref
+        assert got_hist == hist, ref
+        f = queries.feature(store, ref, contexts=3)
+        assert [(c["prompt"], c["pos"], c["activation"], c["tokens"][c["pos"] - c["start"]]) for c in f["contexts"]] == \
+            [k[:4] for k in kept[:3]]
+        low = {b: struct.unpack("<f", struct.pack("<i", b << 21))[0] for b in hist}  # a bin's float32 bit pattern
+        assert [(b["low"], b["n"]) for b in f["histogram"]] == [(low[b], hist[b]) for b in sorted(hist)]
+    token = "t1"
+    shares = {}
+    for ref, (kept, _) in want.items():
+        on = [k[2] for k in kept if k[3] == token]
+        if on:
+            shares[ref] = (sum(on) / sum(k[2] for k in kept), len(on), max(on))
+    ranked = sorted(shares, key=lambda r: (-shares[r][0], -shares[r][1], -shares[r][2],
+                                           NodeInfo.of(MODEL, RELEASE, parse_ref(r)).uid))
+    found = queries.features_by_token(store, f'"{token}"', limit=100)
+    assert found["token"] == token and [f["id"] for f in found["features"]] == ranked and len(ranked) > 3
+    assert [f["share"] for f in found["features"]] == [queries.rnd(shares[r][0]) for r in ranked]
 
 
 def test_positional_roles_match_an_independent_computation(store_url):

@@ -14,7 +14,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from catalog.aggregate import WindowAggregate
-from catalog.schema import JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run
+from catalog.schema import JSON, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, TopActivation
 
 DEFAULT_URL = "sqlite:///catalog.db"
 ORDERS = ("sum", "mean", "count", "abs")
@@ -92,6 +92,15 @@ class Store(Protocol):
                            q: EdgeQuery) -> tuple[list[NodeInfo], list[tuple[NodeInfo, EdgeStats]]]:
         """The nodes ``find_nodes(ref, model)`` finds and, when exactly one, its ``neighbours``."""
     def edges_between(self, src: str, dst: str, runs: Runs = None) -> list[EdgeStats]: ...
+    # What a feature fires on: the stored top activations of the runs named, in no order (a run written
+    # window by window keeps each window's: catalog.queries orders them and keeps the top), and the
+    # histogram {bin code: activations} summed over those runs (bins: catalog.schema.HIST_SHIFT).
+    def activations(self, uid: str, runs: Runs = None) -> tuple[list[TopActivation], dict[int, int]]: ...
+    def all_activations(self, runs: Runs = None) -> Iterator[tuple[str, list[TopActivation], dict[int, int]]]:
+        """``activations`` of every node that has any, by node uid."""
+    def token_activations(self, token: str, runs: Runs, max_nodes: int) -> list[tuple[NodeInfo, list[TopActivation]]]:
+        """The ``max_nodes`` features with a stored top activation on ``token`` (strongest such activation
+        first, then uid), each with all its stored top activations in the runs named."""
     def head_pairs(self, model: str, layer: int, head: int, limit: int,
                    runs: Runs = None) -> list[tuple[str, str, float]]:
         """The qk edges of one head (query-side uid, key-side uid, that head's summed share), largest |share| first."""

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from catalog.aggregate import WindowAggregate
+from catalog.feature_acts import StatLists, stat_lists
 from catalog.ids import check_run_name
 from catalog.schema import JSON, NODE_ID_LIMIT, NodeInfo, Prompt, Run
 from catalog.spool import atomic_write, safe_name
@@ -40,7 +41,9 @@ EDGE_HEADER = (":START_ID(Node),:END_ID(Node),:TYPE,run,key:long,kind,n_prompts:
                "ev_value:double[]")
 NODE_HEADER = "nid:ID(Node),uid,model,sae,ref,kind,layer:long,index:long,:LABEL"
 PROMPT_HEADER = "uid,run,prompt_id,text,tokens:string[],corpus,content_hash,meta,evidence_edges:long[],:LABEL"
-STATS_HEADER = "nid:long,run,n_obs:long,n_prompts:long,sum_act:double,max_act:double,:LABEL"
+STATS_HEADER = ("nid:long,run,n_obs:long,n_prompts:long,sum_act:double,max_act:double,top_prompt:string[],"
+                "top_pos:long[],top_act:double[],top_token:string[],top_src:long[],top_src_pos:long[],top_head:long[],"
+                "top_value:double[],hist_bin:long[],hist_n:long[],:LABEL")
 RUN_HEADER = "run_id,status,manifest,:LABEL"
 DICTIONARY_HEADER = "name,next:long,schema:long,evidence:long,:LABEL"
 # what the importer is told besides the files (neo4j-admin 5.26; docs/catalog.md)
@@ -150,7 +153,7 @@ class Neo4jImportFiles:
             s = part.stats
             _write_csv(work / f"stats-{k:05d}.csv", [
                 _ints(ids[s.node]), [_quoted(run)] * len(s), _ints(s.n_obs), _ints(s.n_prompts),
-                _floats(s.sum_act), _floats(s.max_act), ["Stats"] * len(s)])
+                _floats(s.sum_act), _floats(s.max_act), *_activation_lists(stat_lists(part, ids)), ["Stats"] * len(s)])
             for i in rows.prompts_with_evidence.tolist():
                 row = uid_row[part.prompts[i].uid]
                 prompt_keys[row] = np.concatenate([
@@ -253,6 +256,22 @@ def _lists(tokens: list[str], starts: np.ndarray, ends: np.ndarray, quote: bool 
     join = ARRAY.join
     fields = [join(tokens[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
     return [f'"{f}"' if f else "" for f in fields] if quote else fields
+
+
+def _activation_lists(acts: StatLists) -> list[list[str]]:
+    """The Stats rows' top-activation and histogram list fields, in STATS_HEADER's order."""
+    t, t_end = acts.top, acts.top_start + acts.top_width
+    h_end = acts.hist_start + acts.hist_width
+    text = {"top_prompt": t["top_prompt"].tolist(), "top_token": t["top_token"].tolist()}
+    for what, values in text.items():
+        _check_strings(values, f"a {what.removeprefix('top_')} of a top activation")
+    out = []
+    for c in ("top_prompt", "top_pos", "top_act", "top_token", "top_src", "top_src_pos", "top_head", "top_value"):
+        fields = ([_quote_free(v) for v in text[c]] if c in text else
+                  _floats(t[c]) if c in ("top_act", "top_value") else _ints(t[c]))
+        out.append(_lists(fields, acts.top_start, t_end, quote=c in text))
+    out += [_lists(_ints(acts.hist[c]), acts.hist_start, h_end) for c in ("hist_bin", "hist_n")]
+    return out
 
 
 def _quoted(text: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from catalog.aggregate import WindowAggregate
+from catalog.feature_acts import stat_lists
 from catalog.schema import EDGE_KINDS, NODE_ID_LIMIT, NodeInfo, Prompt, edge_key
 from catalog.stores.base import StoreError, StoreUnavailable
 from catalog.stores.neo4j_connection import Tx
@@ -34,6 +35,7 @@ from catalog.stores.neo4j_write import (
     _lists,
     _slices,
     _sub_lists,
+    stat_list_params,
 )
 
 PUBLISH_EDGES = """
@@ -144,10 +146,11 @@ class Neo4jPublish(Neo4jWrites):
                 **_slices(rows.evidence, rows.ev_start[r], rows.ev_width[r], "eoff")})
         s = part.stats
         nids = ids[s.node]
+        acts = stat_lists(part, ids)
         for chunk in _chunks(len(nids)):
             session.execute_write(_run_query, CREATE_STATS, {"nid": nids[chunk].tolist(), "run": part.run, **_lists(
                 n_obs=s.n_obs[chunk], n_prompts=s.n_prompts[chunk], sum_act=s.sum_act[chunk],
-                max_act=s.max_act[chunk])})
+                max_act=s.max_act[chunk]), **stat_list_params(acts, np.arange(chunk.start, chunk.stop))})
         has, offsets = rows.prompts_with_evidence, rows.prompt_offsets
         for chunk in _chunks(len(has)):
             p = has[chunk]

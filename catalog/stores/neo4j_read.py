@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from catalog.schema import JSON, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run
+from catalog.schema import JSON, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, TopActivation
 from catalog.stores.base import EdgeQuery, Runs
 from catalog.stores.neo4j_connection import Neo4jConnection, _runs
 
@@ -45,6 +45,15 @@ EV_ROWS = ("UNWIND range(0, size(r.ev_value) - 1) AS j WITH r, r.ev_prompt[j] AS
 EVIDENCE_ORDER = "abs(value) DESC, prompt, src_pos, dst_pos, head"
 
 EDGES_PER_READ = 1000
+
+# a feature's top activations, one row each, from Stats node s of Node n: TopActivation's fields after n.uid
+TOP_ROWS = ("UNWIND range(0, size(coalesce(s.top_act, [])) - 1) AS j "
+            "OPTIONAL MATCH (src:Node {nid: s.top_src[j]}) "
+            "RETURN n.uid, s.top_prompt[j], s.top_pos[j], s.top_act[j], s.top_token[j], s.run, src.uid, "
+            "s.top_src_pos[j], s.top_head[j], s.top_value[j]")
+STATS_OF = "MATCH (s:Stats {nid: n.nid}) USING INDEX SEEK s:Stats(nid) WHERE $runs IS NULL OR s.run IN $runs"
+HIST_ROWS = ("UNWIND range(0, size(coalesce(s.hist_bin, [])) - 1) AS j "
+             "WITH n, s.hist_bin[j] AS bin, sum(s.hist_n[j]) AS count RETURN n.uid, bin, count ORDER BY bin")
 
 # rows come in order per edge: the subquery orders them, and UNWIND keeps the edges' order
 EVIDENCE_OF_EDGES = f"""
@@ -259,6 +268,37 @@ class Neo4jReads(Neo4jConnection):
             for r in s.run(f"MATCH (n:Node) {STATS} RETURN {NODE_RET.format(a='n')}, n_stats, n_obs, n_prompts, "
                            "sum_act, max_act", runs=_runs(runs)):
                 yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[8:]) if r[7] else None)
+
+    def activations(self, uid: str, runs: Runs = None) -> tuple[list[TopActivation], dict[int, int]]:
+        tops = [TopActivation(*r[1:]) for r in self._read(f"MATCH (n:Node {{uid: $uid}}) {STATS_OF} {TOP_ROWS}",
+                                                           uid=uid, runs=_runs(runs))]
+        hist = {r[1]: r[2] for r in self._read(f"MATCH (n:Node {{uid: $uid}}) {STATS_OF} {HIST_ROWS}", uid=uid,
+                                                runs=_runs(runs))}
+        return tops, hist
+
+    def all_activations(self, runs: Runs = None) -> Iterator[tuple[str, list[TopActivation], dict[int, int]]]:
+        tops: dict[str, list[TopActivation]] = {}
+        hists: dict[str, dict[int, int]] = {}
+        with self.driver.session(database=self.database, default_access_mode="READ") as s:
+            for r in s.run(f"MATCH (n:Node) {STATS_OF} {TOP_ROWS}", runs=_runs(runs)):
+                tops.setdefault(r[0], []).append(TopActivation(*r[1:]))
+            for r in s.run(f"MATCH (n:Node) {STATS_OF} {HIST_ROWS}", runs=_runs(runs)):
+                hists.setdefault(r[0], {})[r[1]] = r[2]
+        for node in sorted(tops.keys() | hists.keys()):
+            yield node, tops.get(node, []), hists.get(node, {})
+
+    def token_activations(self, token: str, runs: Runs, max_nodes: int) -> list[tuple[NodeInfo, list[TopActivation]]]:
+        found = self._read(
+            "MATCH (s:Stats) WHERE ($runs IS NULL OR s.run IN $runs) AND $token IN s.top_token "
+            "WITH s.nid AS nid, max(reduce(m = -1.0, j IN range(0, size(s.top_token) - 1) | CASE WHEN "
+            "s.top_token[j] = $token AND s.top_act[j] > m THEN s.top_act[j] ELSE m END)) AS best "
+            f"MATCH (n:Node {{nid: nid}}) RETURN {NODE_RET.format(a='n')} ORDER BY best DESC, n.uid LIMIT $max",
+            token=token, runs=_runs(runs), max=max_nodes)
+        tops: dict[str, list[TopActivation]] = {}
+        for r in self._read(f"UNWIND $uids AS uid MATCH (n:Node {{uid: uid}}) {STATS_OF} {TOP_ROWS}",
+                            uids=[r[0] for r in found], runs=_runs(runs)):
+            tops.setdefault(r[0], []).append(TopActivation(*r[1:]))
+        return [(NodeInfo(*r), tops[r[0]]) for r in found]
 
     def all_prompts(self) -> Iterator[Prompt]:
         with self.driver.session(database=self.database, default_access_mode="READ") as s:

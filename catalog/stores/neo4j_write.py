@@ -13,6 +13,7 @@ import numpy as np
 
 from catalog.aggregate import WindowAggregate
 from catalog.evidence_floor import EvidenceFloor, pack
+from catalog.feature_acts import StatLists, stat_lists
 from catalog.ids import check_stored_run_name
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, NodeInfo, Prompt, Run, edge_key
 from catalog.stores.base import StoreError, StoreUnavailable
@@ -99,13 +100,33 @@ UPDATE_STATS = """
 UNWIND range(0, size($eid) - 1) AS i
 MATCH (x:Stats) WHERE elementId(x) = $eid[i]
 SET x.n_obs = x.n_obs + $n_obs[i], x.n_prompts = x.n_prompts + $n_prompts[i], x.sum_act = x.sum_act + $sum_act[i],
-    x.max_act = CASE WHEN $max_act[i] > x.max_act THEN $max_act[i] ELSE x.max_act END
+    x.max_act = CASE WHEN $max_act[i] > x.max_act THEN $max_act[i] ELSE x.max_act END,
+    x.top_prompt = coalesce(x.top_prompt, []) + $top_prompt[$toff[i]..$toff[i + 1]],
+    x.top_pos = coalesce(x.top_pos, []) + $top_pos[$toff[i]..$toff[i + 1]],
+    x.top_act = coalesce(x.top_act, []) + $top_act[$toff[i]..$toff[i + 1]],
+    x.top_token = coalesce(x.top_token, []) + $top_token[$toff[i]..$toff[i + 1]],
+    x.top_src = coalesce(x.top_src, []) + $top_src[$toff[i]..$toff[i + 1]],
+    x.top_src_pos = coalesce(x.top_src_pos, []) + $top_src_pos[$toff[i]..$toff[i + 1]],
+    x.top_head = coalesce(x.top_head, []) + $top_head[$toff[i]..$toff[i + 1]],
+    x.top_value = coalesce(x.top_value, []) + $top_value[$toff[i]..$toff[i + 1]],
+    x.hist_bin = coalesce(x.hist_bin, []) + $hist_bin[$goff[i]..$goff[i + 1]],
+    x.hist_n = coalesce(x.hist_n, []) + $hist_n[$goff[i]..$goff[i + 1]]
 """
 
 CREATE_STATS = """
 UNWIND range(0, size($nid) - 1) AS i
 CREATE (:Stats {nid: $nid[i], run: $run, n_obs: $n_obs[i], n_prompts: $n_prompts[i], sum_act: $sum_act[i],
-                max_act: $max_act[i]})
+                max_act: $max_act[i],
+                top_prompt: $top_prompt[$toff[i]..$toff[i + 1]],
+                top_pos: $top_pos[$toff[i]..$toff[i + 1]],
+                top_act: $top_act[$toff[i]..$toff[i + 1]],
+                top_token: $top_token[$toff[i]..$toff[i + 1]],
+                top_src: $top_src[$toff[i]..$toff[i + 1]],
+                top_src_pos: $top_src_pos[$toff[i]..$toff[i + 1]],
+                top_head: $top_head[$toff[i]..$toff[i + 1]],
+                top_value: $top_value[$toff[i]..$toff[i + 1]],
+                hist_bin: $hist_bin[$goff[i]..$goff[i + 1]],
+                hist_n: $hist_n[$goff[i]..$goff[i + 1]]})
 """
 
 SET_EVIDENCE = """
@@ -342,7 +363,10 @@ class Neo4jWrites(Neo4jReads):
 
     @staticmethod
     def _write_stats(tx: Tx, agg: WindowAggregate, ids: np.ndarray, found: dict[int, str]) -> None:
+        """Add the window's statistics into the run's Stats nodes; their top-activation and histogram lists
+        grow by the window's (reads take the top of them and add the bins)."""
         s = agg.stats
+        acts = stat_lists(agg, ids)
         nids = ids[s.node]
         old = np.array([k in found for k in nids.tolist()], dtype=bool)
         for mask, query in ((old, UPDATE_STATS), (~old, CREATE_STATS)):
@@ -352,7 +376,7 @@ class Neo4jWrites(Neo4jReads):
                 where = ({"eid": [found[k] for k in nids[r].tolist()]} if query is UPDATE_STATS else
                          {"nid": nids[r].tolist(), "run": agg.run})
                 tx.run(query, **where, **_lists(n_obs=s.n_obs[r], n_prompts=s.n_prompts[r], sum_act=s.sum_act[r],
-                                                max_act=s.max_act[r]))
+                                                max_act=s.max_act[r]), **stat_list_params(acts, r))
 
     def _find_edges(self, tx: Tx, agg: WindowAggregate, ids: np.ndarray, candidates: tuple[np.ndarray, np.ndarray],
                     copy: RunEdges | None) -> tuple[dict[int, str], StoredLists]:
@@ -455,6 +479,12 @@ class Neo4jWrites(Neo4jReads):
 
 def _lists(**columns: Any) -> dict[str, list[Any]]:
     return {name: np.asarray(col).tolist() for name, col in columns.items()}
+
+def stat_list_params(acts: StatLists, rows: np.ndarray) -> JSON:
+    """Query parameters of the top-activation and histogram lists of statistics rows ``rows`` (offsets
+    ``toff``, ``goff``)."""
+    return {**_slices(acts.top, acts.top_start[rows], acts.top_width[rows], "toff"),
+            **_slices(acts.hist, acts.hist_start[rows], acts.hist_width[rows], "goff")}
 
 def _chunks(n: int) -> Iterator[slice]:
     for i in range(0, n, CHUNK):

@@ -19,6 +19,12 @@ CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, uid TEXT UNIQUE NOT NU
 CREATE INDEX IF NOT EXISTS nodes_ref ON nodes(ref);
 CREATE TABLE IF NOT EXISTS node_stats (node INTEGER NOT NULL, run INTEGER NOT NULL, n_obs INTEGER, n_prompts INTEGER,
     sum_act REAL, max_act REAL, PRIMARY KEY (node, run)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS node_top (node INTEGER NOT NULL, run INTEGER NOT NULL, prompt INTEGER NOT NULL,
+    pos INTEGER NOT NULL, act REAL, token TEXT, src INTEGER, src_pos INTEGER, head INTEGER, value REAL,
+    PRIMARY KEY (node, run, prompt, pos)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS node_top_token ON node_top(token);
+CREATE TABLE IF NOT EXISTS node_hist (node INTEGER NOT NULL, run INTEGER NOT NULL, bin INTEGER NOT NULL, n INTEGER,
+    PRIMARY KEY (node, run, bin)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS edges (id INTEGER NOT NULL, run INTEGER NOT NULL, src INTEGER NOT NULL,
     dst INTEGER NOT NULL, kind TEXT NOT NULL, n_prompts INTEGER, n_obs INTEGER, sum REAL, sumsq REAL, sum_abs REAL,
     min REAL, max REAL, n_pos INTEGER, ev BLOB, PRIMARY KEY (id, run)) WITHOUT ROWID;
@@ -42,7 +48,9 @@ SCHEMA_VERSION = 4  # PRAGMA user_version; 3: six edge kinds (QK) in the edge ke
 # evidence: ``ev``, EV_ROW records of its top N, prompts by prompts.id), their head sums and node statistics
 # are kept per run: ``run`` is the run's number (runs.no). prompts.evidence_edges: int64 keys of the edges
 # whose evidence took one of the prompt's observations when it was written (a later window may have
-# displaced them since).
+# displaced them since). node_top: a feature's top activations per run (catalog.schema.TOP_ACTIVATIONS; a run
+# written window by window keeps each window's, and reads take the top of them), with the token each sits on
+# and the strongest observation into it (src: node id, -1 where none); node_hist: its activation histogram.
 PAGE_SIZE = 16384
 
 FORMATS = {2: "edge keys that counted three edge kinds", 3: "its evidence in a table of its own"}
@@ -60,7 +68,7 @@ CREATE TEMP TABLE IF NOT EXISTS b_uids (uid TEXT PRIMARY KEY);
 
 STAGING_TABLES = ("b_edges", "b_heads", "b_roles", "b_stats", "b_touched", "b_ev", "b_uids")
 
-CATALOG_TABLES = {"nodes", "node_stats", "edges", "edge_heads", "edge_roles", "prompts", "runs", "mined"}
+CATALOG_TABLES = {"nodes", "node_stats", "node_top", "node_hist", "edges", "edge_heads", "edge_roles", "prompts", "runs", "mined"}
 
 
 class SqliteConnection:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from catalog.schema import JSON, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run
+from catalog.schema import JSON, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, TopActivation
 from catalog.stores.base import CypherUnsupported, EdgeQuery, Runs
 from catalog.stores.sqlite_connection import SqliteConnection
 from catalog.stores.sqlite_evidence import EV_ROW, decode
@@ -31,6 +31,11 @@ STAT_COLS = "SUM(s.n_obs), SUM(s.n_prompts), SUM(s.sum_act), MAX(s.max_act)"
 NODE_COLS = "{a}.uid, {a}.model, {a}.sae, {a}.ref, {a}.kind, {a}.layer, {a}.idx"
 
 PROMPT_COLS = "uid, run, prompt_id, text, tokens, corpus, content_hash, meta"
+
+# a feature's top activations as TopActivation fields, after its node's uid
+TOP_ROWS = ("SELECT n.uid, p.uid, t.pos, t.act, t.token, r.run_id, s.uid, t.src_pos, t.head, t.value FROM node_top t "
+            "JOIN nodes n ON n.id = t.node JOIN prompts p ON p.id = t.prompt JOIN runs r ON r.no = t.run "
+            "LEFT JOIN nodes s ON s.id = t.src")
 
 
 class SqliteReads(SqliteConnection):
@@ -240,6 +245,42 @@ class SqliteReads(SqliteConnection):
                                     f"node_stats s ON s.node = n.id AND {among} GROUP BY n.id ORDER BY n.id",
                                     args).fetchall():
             yield NodeInfo(*r[:7]), (NodeStats(r[0], *r[7:]) if r[7] is not None else None)
+
+    def activations(self, uid: str, runs: Runs = None) -> tuple[list[TopActivation], dict[int, int]]:
+        among, args = _among("t", runs)
+        tops = [TopActivation(*r[1:]) for r in self._conn.execute(
+            f"{TOP_ROWS} WHERE t.node = (SELECT id FROM nodes WHERE uid = ?) AND {among}", [uid, *args])]
+        among, args = _among("h", runs)
+        hist = dict(self._conn.execute(f"SELECT bin, SUM(n) FROM node_hist h WHERE h.node = (SELECT id FROM nodes "
+                                       f"WHERE uid = ?) AND {among} GROUP BY bin ORDER BY bin", [uid, *args]))
+        return tops, hist
+
+    def all_activations(self, runs: Runs = None) -> Iterator[tuple[str, list[TopActivation], dict[int, int]]]:
+        among, args = _among("t", runs)
+        tops: dict[str, list[TopActivation]] = {}
+        for r in self._conn.execute(f"{TOP_ROWS} WHERE {among}", args):
+            tops.setdefault(r[0], []).append(TopActivation(*r[1:]))
+        among, args = _among("h", runs)
+        hists: dict[str, dict[int, int]] = {}
+        for node, b, n in self._conn.execute(f"SELECT n.uid, h.bin, SUM(h.n) FROM node_hist h JOIN nodes n ON "
+                                             f"n.id = h.node WHERE {among} GROUP BY h.node, h.bin ORDER BY h.bin", args):
+            hists.setdefault(node, {})[b] = n
+        for node in sorted(tops.keys() | hists.keys()):
+            yield node, tops.get(node, []), hists.get(node, {})
+
+    def token_activations(self, token: str, runs: Runs, max_nodes: int) -> list[tuple[NodeInfo, list[TopActivation]]]:
+        among, args = _among("t", runs)
+        found = self._conn.execute(
+            f"SELECT {NODE_COLS.format(a='n')}, n.id FROM (SELECT t.node, MAX(t.act) AS best FROM node_top t "
+            f"WHERE t.token = ? AND {among} GROUP BY t.node) c JOIN nodes n ON n.id = c.node "
+            "ORDER BY c.best DESC, n.uid LIMIT ?", [token, *args, max_nodes]).fetchall()
+        tops: dict[str, list[TopActivation]] = {}
+        for i in range(0, len(found), 900):
+            part = [r[7] for r in found[i:i + 900]]
+            for r in self._conn.execute(f"{TOP_ROWS} WHERE t.node IN ({','.join('?' * len(part))}) AND {among}",
+                                        [*part, *args]):
+                tops.setdefault(r[0], []).append(TopActivation(*r[1:]))
+        return [(NodeInfo(*r[:7]), tops[r[0]]) for r in found]
 
     def all_prompts(self) -> Iterator[Prompt]:
         for r in self._conn.execute(f"SELECT {PROMPT_COLS} FROM prompts ORDER BY uid").fetchall():

@@ -12,6 +12,7 @@ import numpy as np
 
 from catalog.aggregate import WindowAggregate
 from catalog.evidence_rank import sorted_unique
+from catalog.feature_acts import tokens_at
 from catalog.ids import check_stored_run_name
 from catalog.schema import EDGE_KINDS, JSON, NODE_ID_LIMIT, NodeInfo, Prompt, Run, edge_key
 from catalog.stores.base import StoreError
@@ -42,6 +43,8 @@ UPSERT_STATS = (
     "ON CONFLICT(node, run) DO UPDATE SET "
     "n_obs = n_obs + excluded.n_obs, n_prompts = n_prompts + excluded.n_prompts, "
     "sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)")
+
+UPSERT_HIST = ("INSERT INTO node_hist VALUES (?, ?, ?, ?) ON CONFLICT(node, run, bin) DO UPDATE SET n = n + excluded.n")
 
 SET_EVIDENCE = ("UPDATE edges SET ev = substr(?2, b.ev_start + 1, b.ev_size) FROM b_ev b "  # import only
                 "WHERE edges.id = b.id AND edges.run = ?1")
@@ -169,6 +172,7 @@ class SqliteWrites(SqliteReads):
         c.executemany("INSERT INTO b_stats VALUES (?,?,?,?,?)",
                       zip(*_lists(ids[s.node][at], s.n_obs[at], s.n_prompts[at], s.sum_act[at], s.max_act[at])))
         c.execute(UPSERT_STATS, (run,))
+        self._write_activations(c, agg, run, ids)
         merged = self._write_evidence(c, agg, run, ids, cap)
         keys = edge_key(ids[e.src], ids[e.dst], e.kind)
         at = np.argsort(keys)
@@ -187,6 +191,19 @@ class SqliteWrites(SqliteReads):
             keys, e.n_prompts[at], e.n_obs[at], e.sum[at], e.sumsq[at], e.sum_abs[at], e.min[at], e.max[at],
             e.n_pos[at], ev_start, ev_size)))
         c.execute(UPSERT_EDGES, (run, merged.buffer))
+
+    def _write_activations(self, c: sqlite3.Connection, agg: WindowAggregate, run: int, ids: np.ndarray) -> None:
+        """The window's top activations (with their tokens) and histogram counts, in key order."""
+        t, g = agg.tops, agg.hists
+        if len(t):
+            prompt_ids = self._prompt_ids(c, agg.prompts)[t.prompt]
+            src = np.where(t.src >= 0, ids[t.src.clip(0)], -1)
+            at = np.lexsort((t.pos, prompt_ids, ids[t.node]))
+            c.executemany("INSERT INTO node_top VALUES (?,?,?,?,?,?,?,?,?,?)", zip(*_lists(
+                ids[t.node][at], np.full(len(t), run), prompt_ids[at], t.pos[at], t.act[at], tokens_at(agg)[at],
+                src[at], t.src_pos[at], t.head[at], t.value[at])))
+        at = np.lexsort((g.bin, ids[g.node]))
+        c.executemany(UPSERT_HIST, zip(*_lists(ids[g.node][at], np.full(len(g), run), g.bin[at], g.n[at])))
 
     def _write_evidence(self, c: sqlite3.Connection, agg: WindowAggregate, run: int, ids: np.ndarray,
                         cap: int | None) -> MergedBlobs:
@@ -273,7 +290,7 @@ class SqliteWrites(SqliteReads):
         try:
             row = c.execute("SELECT no FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is not None:
-                for table in ("edges", "edge_heads", "edge_roles", "node_stats"):
+                for table in ("edges", "edge_heads", "edge_roles", "node_stats", "node_top", "node_hist"):
                     c.execute(f"DELETE FROM {table} WHERE run = ?", (row[0],))
                 gone = [r[0] for r in c.execute("SELECT uid FROM prompts WHERE run = ?", (run_id,))]
                 c.execute("DELETE FROM prompts WHERE run = ?", (run_id,))
