@@ -29,6 +29,7 @@ from api import models, pages
 from api.settings import Settings
 from catalog import queries
 from catalog.diff import diff
+from catalog.fires_on import MAX_CONTEXTS
 from catalog.ids import NodeRefError
 from catalog.mined import stored_stamp
 from catalog.runs import IncompatibleRuns
@@ -238,10 +239,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         features of each layer in the runs chosen (the home page's data)."""
         return reply(models.Overview, queries.overview(s, per_layer, runs=run))
 
+    @app.get("/features", response_model=models.TokenSearch, responses=INCOMPATIBLE, **ANSWER)
+    def search_features(s: Store, token: Annotated[str, Query(min_length=1, max_length=100, description=(
+                            'the token, e.g. " and" (in double quotes, a leading space is kept)'))],
+                        limit: Limit = 20, run: RunQ = None) -> Response:
+        """Features whose top activations sit on a token, the most concentrated first: by the share of the
+        activation mass of their top activations that sits on it."""
+        return reply(models.TokenSearch, queries.features_by_token(s, token, runs=run, limit=limit))
+
     @app.get("/features/{ref}", response_model=models.Feature, responses=INCOMPATIBLE, **ANSWER)
     def get_feature(ref: Annotated[str, Path(max_length=64)], s: Store, model: str | None = None,
+                    contexts: Annotated[int, Query(ge=0, le=MAX_CONTEXTS, description="top-activating contexts shown")] = 10,
                     run: RunQ = None) -> Response:
-        return reply(models.Feature, queries.feature(s, ref, model=model, runs=run))
+        """A feature: its activation statistics, top-activating contexts and histogram, SAE and Neuronpedia link."""
+        return reply(models.Feature, queries.feature(s, ref, model=model, runs=run, contexts=contexts))
 
     @app.get("/features/{ref}/diff", response_model=models.Diff, **ANSWER)
     def get_diff(ref: Annotated[str, Path(max_length=64)], s: Store,

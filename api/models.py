@@ -29,6 +29,32 @@ class SaeFlags(Model):
     run: str
 
 
+class Source(Model):
+    id: str = Field(description="the node whose observation fed the activation most (attn_in or resid_in)")
+    uid: str
+    pos: int = Field(description="the token position it reads from")
+    head: int | None
+    token: str
+    value: float = Field(description="that observation's attribution")
+
+
+class Context(Model):
+    prompt: str = Field(description="prompt uid")
+    run: str
+    pos: int = Field(description="position of the activating token")
+    token: str
+    activation: float
+    start: int = Field(description="position of the first token in tokens")
+    tokens: list[str] = Field(description="the tokens around the activating one")
+    source: Source | None = Field(description="the strongest edge into the feature there; null if none was kept")
+
+
+class HistogramBin(Model):
+    low: float
+    high: float
+    n: int = Field(description="activations in [low, high), over every active position of the runs")
+
+
 class Feature(Model):
     id: str = Field(description="canonical node id, e.g. A5.44256")
     uid: str = Field(description="model|sae|id")
@@ -41,6 +67,27 @@ class Feature(Model):
     runs: list[str] = Field(description="the runs whose rows were summed (see catalog.runs)")
     neuronpedia: str | None = None
     sae_flags: SaeFlags | None = None
+    contexts: list[Context] = Field(default_factory=list, description="top-activating contexts, strongest first")
+    histogram: list[HistogramBin] = Field(default_factory=list, description="activation histogram, 4 bins an octave")
+
+
+class TokenMatch(Model):
+    id: str
+    uid: str
+    kind: str
+    layer: int | None
+    model: str
+    share: float = Field(description="share of the activation mass of its top activations that sits on the token")
+    n_on_token: int
+    n_top: int = Field(description="its top activations counted")
+    max_on_token: float
+    example: dict[str, Any] = Field(description="its strongest activation on the token: prompt uid and position")
+
+
+class TokenSearch(Model):
+    token: str
+    runs: list[str]
+    features: list[TokenMatch]
 
 
 class EdgeStatistics(Model):

@@ -190,6 +190,12 @@ def router(store_dependency: Callable[..., Any], settings: Settings) -> APIRoute
             raise
         return RedirectResponse(f"/view/feature/{quote(format_ref(ref.at(None)))}", status_code=303)
 
+    @pages.get("/view/features", response_class=HTMLResponse)
+    def features(request: Request, s: StoreDep, token: Annotated[str, Query(min_length=1, max_length=100)],
+                 limit: Limit = 50, run: Runs = None) -> HTMLResponse:
+        result = queries.features_by_token(s, token, runs=run, limit=limit)
+        return render(request, "features.html", result=result, title=f"features on {result['token']!r}")
+
     @pages.get("/view/feature/{ref}", response_class=HTMLResponse)
     def feature(request: Request, ref: Ref, s: StoreDep, kind: Annotated[list[Literal[NODE_KINDS]] | None, Query()] = None,  # type: ignore[valid-type]
                 layer: Annotated[list[str] | None, Query(max_length=6)] = None,

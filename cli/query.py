@@ -66,15 +66,43 @@ def top_features(store: StoreOpt = DEFAULT_URL, kind: str | None = None, by: str
 @app.command(rich_help_panel=QUERY)
 @friendly
 def feature(ref: str, store: StoreOpt = DEFAULT_URL, model: ModelSel = None, run: RunSel = None,
-            json_: JsonOpt = False):
-    """A feature's metadata and activation statistics."""
-    result = queries.feature(open_store(store, create=False), ref, model=model, runs=run)
+            contexts: Annotated[int, bounded(0, 20, "top-activating contexts shown")] = 5, json_: JsonOpt = False):
+    """A feature's metadata, activation statistics and what it fires on (its top-activating contexts)."""
+    result = queries.feature(open_store(store, create=False), ref, model=model, runs=run, contexts=contexts)
     if json_:
         emit(result, True)
         return
-    for key, value in result.items():  # one line a field; nested values as compact JSON
-        shown = value if isinstance(value, str | int | float) or value is None else json.dumps(value)
-        typer.echo(f"{key}: {shown}")
+    shown = {k: v for k, v in result.items() if k not in ("contexts", "histogram")}
+    for key, value in shown.items():  # one line a field; nested values as compact JSON
+        text = value if isinstance(value, str | int | float) or value is None else json.dumps(value)
+        typer.echo(f"{key}: {text}")
+    hist = result["histogram"]
+    if hist:
+        typer.echo(f"histogram: {sum(b['n'] for b in hist)} activations in [{hist[0]['low']:.4g}, "
+                   f"{hist[-1]['high']:.4g}) over {len(hist)} bins (--json lists them)")
+    typer.echo("top activations: [activating token], <where its strongest incoming edge reads from>")
+    for c in result["contexts"]:
+        typer.echo(f"  {c['activation']:8.4g}  {context_line(c)}  ({c['prompt']})")
+
+
+def context_line(c: dict) -> str:
+    """A context's tokens on one line, the activating one in [brackets], its strongest source's in <angles>."""
+    source = c["source"]["pos"] if c["source"] else None
+    out = []
+    for i, token in enumerate(c["tokens"], start=c["start"]):
+        text = repr(token)[1:-1]
+        out.append(f"[{text}]" if i == c["pos"] else f"<{text}>" if i == source else text)
+    return "|".join(out)
+
+
+@app.command("features-on", rich_help_panel=QUERY)
+@friendly
+def features_on(token: Annotated[str, typer.Argument(help='the token, e.g. " and" (quote it to keep its space)')],
+                store: StoreOpt = DEFAULT_URL, top: Top = 20, run: RunSel = None, json_: JsonOpt = False):
+    """Features whose top activations sit on TOKEN, the most concentrated first."""
+    result = queries.features_by_token(open_store(store, create=False), token, runs=run, limit=top)
+    emit(result if json_ else result["features"], json_, ["id", "kind", "layer", "share", "n_on_token", "n_top",
+                                                          "max_on_token"])
 
 
 @app.command(rich_help_panel=QUERY)

@@ -190,6 +190,15 @@ def test_the_readme_tour_works_as_written_and_says_what_it_prints(tmp_path, demo
     r2189 = next(r for r in upstream if r["id"] == "R2.189")
     assert "R2.189" in cypher and "attn_in" in cypher and f"{r2189['sum']:.3f}"[:6] in cypher.replace(",", "")
 
+    # the feature page's paragraph: A2.225 fires on "went", reading the sentence's first name through head 2, R2.159
+    fires = json.loads(subprocess.run(["circuit-catalog", "feature", "A2.225", "--store", "sqlite:///demo-catalog.db",
+                                       "--contexts", "10", "--json"], cwd=cwd, env=env, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert fires["contexts"] and all(c["token"] == "went" for c in fires["contexts"])
+    for c in fires["contexts"]:
+        assert (c["source"]["id"], c["source"]["head"]) == ("R2.159", 2)
+        assert c["source"]["pos"] == c["start"] + c["tokens"].index("After") + 1  # "After John and Mary went"
+
 
 def test_every_other_command_in_the_docs_runs(tmp_path, demo_db):
     cwd, env = sandbox(tmp_path / "docs", demo_db)

@@ -99,7 +99,7 @@ def test_transformer_lens_is_used_through_one_module():
 def test_help_lists_every_command_in_its_group():
     out = subprocess.run(CLI + ["--help"], capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "160"}).stdout
-    groups = {"Query the catalog": ("upstream", "downstream", "edge", "top-features", "feature", "diff", "runs",
+    groups = {"Query the catalog": ("upstream", "downstream", "edge", "top-features", "feature", "features-on", "diff", "runs",
                                     "cypher", "export", "merge", "patterns", "mine"),
               "Compute (runs models)": ("make-toy", "trace", "ingest", "demo", "eval-saes", "spot-check"),
               "Serve": ("serve", "neo4j-server")}

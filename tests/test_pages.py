@@ -187,6 +187,55 @@ def test_home_to_feature_to_edge_to_prompt(page, server):
     page.wait_for_url(f"**/view/feature/{first}")
 
 
+def test_feature_page_shows_what_it_fires_on_and_the_home_page_searches_by_token(page, server):
+    """Issue 36 §2: a feature page's top-activating contexts and histogram equal the API's; each context's
+    highlighted token is the prompt's token at that position (from GET /prompts) and its marked token is where
+    the strongest incoming edge reads from; the home page's token search lists what GET /features?token= does."""
+    first = api(server, "/overview")["strongest_attention"][2]["features"][0]["id"]
+    feature = api(server, f"/features/{first}")
+    contexts = feature["contexts"]
+    assert len(contexts) == 10 and sum(b["n"] for b in feature["histogram"]) == feature["activation"]["n_positions"]
+    page.goto(f"{server}/view/feature/{first}")
+    rows = page.locator("#contexts tbody tr").all()
+    assert [(r.get_attribute("data-prompt"), int(r.get_attribute("data-pos"))) for r in rows] == \
+        [(c["prompt"], c["pos"]) for c in contexts]
+    marked = 0
+    for row, c in zip(rows, contexts, strict=True):
+        tokens = api(server, f"/prompts/{c['prompt']}")["tokens"]
+        hot = row.locator(".tok.dst")
+        assert hot.count() == 1 and int(hot.get_attribute("data-pos")) == c["pos"]
+        assert hot.inner_text() == tokens[c["pos"]].strip() and c["token"] == tokens[c["pos"]]
+        assert row.locator("td[data-field='activation']").inner_text() == f"{c['activation']:.4g}"
+        src = row.locator(".tok.src")
+        if c["source"] and c["start"] <= c["source"]["pos"]:
+            marked += 1
+            assert src.count() == 1 and int(src.get_attribute("data-pos")) == c["source"]["pos"]
+            assert src.inner_text() == tokens[c["source"]["pos"]].strip()
+            assert c["source"]["id"] in row.inner_text()
+    assert marked > 0
+    bars = page.locator("#histogram rect").all()
+    assert [int(b.get_attribute("data-n")) for b in bars] == [b["n"] for b in feature["histogram"]]
+    shot(page, "feature-contexts")
+
+    token = contexts[0]["token"]
+    page.goto(server + "/")
+    page.locator("#token-search input[name='token']").fill(f'"{token}"')
+    page.locator("#token-search button").click()
+    page.wait_for_url("**/view/features?token=**")
+    found = api(server, "/features", token=f'"{token}"', limit=50)
+    assert found["token"] == token and found["features"]
+    assert page.locator("#searched-token").inner_text() == token.strip()
+    assert [r.get_attribute("data-id") for r in page.locator("#token-features tbody tr[data-id]").all()] == \
+        [f["id"] for f in found["features"]]
+    assert cells(page, "#token-features", "share") == [f"{f['share']:.3f}" for f in found["features"]]
+    assert all(f["n_on_token"] >= 1 for f in found["features"])
+    assert first in [f["id"] for f in api(server, "/features", token=f'"{token}"', limit=500)["features"]]
+    shot(page, "token-search")
+    for bad in ({"token": ""}, {"token": "x" * 101}):
+        assert httpx.get(f"{server}/features", params=bad, timeout=30).status_code == 422
+    assert httpx.get(f"{server}/features/{first}", params={"contexts": 21}, timeout=30).status_code == 422
+
+
 def test_patterns_page_equals_the_mining_endpoint(page, server):
     mined = api(server, "/patterns/composition", top=10, min_prompts=2)
     page.goto(f"{server}/view/patterns?top=10&min_prompts=2")

@@ -283,13 +283,13 @@ def test_a_catalog_of_an_older_format_is_refused_with_a_reason(tmp_path, neo4j_u
     wipe_neo4j(neo4j_url)
 
 
-def documented_cypher(source: str) -> list[str]:
+def documented_cypher(source: str, target: str = "A1.2") -> list[str]:
     """The Cypher queries docs/catalog.md shows, with its example names swapped for this catalog's."""
     from pathlib import Path
 
     text = (Path(__file__).parent.parent / "docs" / "catalog.md").read_text()
     block = text.split("```cypher\n", 1)[1].split("```", 1)[0]
-    swap = {"'A2.250'": "'A1.2'", "'R1.4'": f"'{source}'", "'ioi-train'": "'r1'", "'ioi-test'": "'r2'"}
+    swap = {"'A2.250'": f"'{target}'", "'R1.4'": f"'{source}'", "'ioi-train'": "'r1'", "'ioi-test'": "'r2'"}
     out = []
     for part in block.split("\n\n"):
         query = "\n".join(line for line in part.splitlines() if not line.startswith("//"))
@@ -305,7 +305,7 @@ def test_the_documented_cypher_answers_as_the_queries_do(neo4j_url):
     wipe_neo4j(neo4j_url)
     store, rows = fill(neo4j_url)
     want = queries.upstream(store, "A1.2", runs=["r1"], limit=20, order="abs")
-    one_run, runs, evidence, activations = documented_cypher(want[0]["id"])
+    one_run, runs, evidence, activations, _ = documented_cypher(want[0]["id"])
     got = store.cypher(one_run, {}, 100, 10)
     assert [(g["s.ref"], g["r.kind"], queries.rnd(g["r.sum"]), g["r.n_prompts"]) for g in got] == \
         [(w["id"], w["edge_kind"], w["sum"], w["n_prompts"]) for w in want]
@@ -324,3 +324,9 @@ def test_the_documented_cypher_answers_as_the_queries_do(neo4j_url):
         act = queries.feature(store, "A1.2", runs=[g["run"]])["activation"]
         assert (g["n_prompts"], g["n_positions"], queries.rnd(g["max_act"])) == \
             (act["n_prompts"], act["n_positions"], act["max"])
+    active = next(r for r in ("A1.2", "A1.3", "A1.4", "A2.2") if queries.feature(store, r, runs=["r1"])["contexts"])
+    fires_on = documented_cypher(want[0]["id"], active)[4]
+    got = store.cypher(fires_on, {}, 100, 10)
+    contexts = queries.feature(store, active, runs=["r1"], contexts=20)["contexts"]
+    assert got and [(g["prompt"], g["pos"], g["token"], g["act"], g["reads_from"]) for g in got] == \
+        [(c["prompt"], c["pos"], c["token"], c["activation"], c["source"]["pos"] if c["source"] else 0) for c in contexts]
