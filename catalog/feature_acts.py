@@ -12,6 +12,7 @@ import numpy as np
 
 from catalog.aggregate import WindowAggregate
 
+SEP = "\x1f"  # between the tokens of token_text (no token holds it: the importer's files refuse it too)
 TOP_LISTS = ("top_prompt", "top_pos", "top_act", "top_token", "top_src", "top_src_pos", "top_head", "top_value")
 HIST_LISTS = ("hist_bin", "hist_n")
 
@@ -34,6 +35,14 @@ class StatLists:
     hist: dict[str, np.ndarray]
     hist_start: np.ndarray
     hist_width: np.ndarray
+    token_text: list[str]  # [s] each row's token_text
+
+
+def token_text(tokens: list[str]) -> str:
+    """The distinct tokens of a feature's top activations as one string, each between separators, so that
+    ``token_text(...) CONTAINS token_text([t])`` says whether token t is among them (Neo4j's text index answers
+    that; concatenating two such strings keeps it true)."""
+    return SEP + SEP.join(sorted(set(tokens))) + SEP if tokens else ""
 
 
 def stat_lists(agg: WindowAggregate, ids: np.ndarray) -> StatLists:
@@ -49,8 +58,11 @@ def stat_lists(agg: WindowAggregate, ids: np.ndarray) -> StatLists:
     src = np.where(t.src >= 0, ids[t.src.clip(0)] if len(ids) else t.src, -1)
     top = dict(zip(TOP_LISTS, (uids[t.prompt], t.pos, t.act, tokens_at(agg), src, t.src_pos, t.head, t.value),
                    strict=True))
-    return StatLists({k: v[top_order] for k, v in top.items()}, top_start, top_width,
-                     {"hist_bin": g.bin[hist_order], "hist_n": g.n[hist_order]}, hist_start, hist_width)
+    grouped = {k: v[top_order] for k, v in top.items()}
+    tokens = grouped["top_token"].tolist()
+    texts = [token_text(tokens[a:a + w]) for a, w in zip(top_start.tolist(), top_width.tolist(), strict=True)]
+    return StatLists(grouped, top_start, top_width, {"hist_bin": g.bin[hist_order], "hist_n": g.n[hist_order]},
+                     hist_start, hist_width, texts)
 
 
 def _spans(stat_node: np.ndarray, item_node: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -58,6 +58,9 @@ def answers(store) -> str:
                 out.append("not found")
     for p in store.all_prompts():
         out.append(queries.prompt_graph(store, p.uid, limit=60))
+    tokens = sorted({t for p in store.all_prompts() for t in p.tokens})  # quotes, ü, newlines among them
+    out += [queries.features_by_token(store, f'"{t}"', limit=50) for t in tokens]
+    out += [queries.feature(store, ref, contexts=20) for ref in refs if ref[0] in "AR" and ref[1].isdigit()]
     out += [queries.top_features(store, by="degree"), queries.composition_counts(store), queries.runs(store),
             {k: v for k, v in queries.overview(store).items() if k != "store"}]
     return json.dumps(out, sort_keys=True, default=str)

@@ -125,6 +125,17 @@ def test_top_activations_and_histograms_match_an_independent_computation(store_u
     found = queries.features_by_token(store, f'"{token}"', limit=100)
     assert found["token"] == token and [f["id"] for f in found["features"]] == ranked and len(ranked) > 3
     assert [f["share"] for f in found["features"]] == [queries.rnd(shares[r][0]) for r in ranked]
+    if store_url.startswith("neo4j"):  # the search finds its Stats nodes through the text index, not a scan
+        from catalog.stores.neo4j_read import TOKEN_SEARCH
+
+        plan = store.driver.execute_query(f"EXPLAIN {TOKEN_SEARCH} RETURN s", token=token, needle=token, runs=None,
+                                          database_=store.database).summary.plan
+        operators, todo = [], [plan]
+        while todo:
+            op = todo.pop()
+            operators.append(op["operatorType"].split("@")[0])
+            todo += op.get("children", [])
+        assert "NodeIndexContainsScan" in operators and "NodeByLabelScan" not in operators, operators
 
 
 def test_positional_roles_match_an_independent_computation(store_url):

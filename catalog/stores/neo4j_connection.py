@@ -24,6 +24,8 @@ SCHEMA = [
     "CREATE INDEX stats_node_run IF NOT EXISTS FOR (s:Stats) ON (s.nid, s.run)",
     "CREATE INDEX stats_node IF NOT EXISTS FOR (s:Stats) ON (s.nid)",
     "CREATE INDEX edge_key IF NOT EXISTS FOR ()-[r:EDGE]-() ON (r.key)",
+    # a feature's top tokens as one string (catalog.feature_acts.token_text): search by token is a CONTAINS on it
+    "CREATE TEXT INDEX stats_tokens IF NOT EXISTS FOR (s:Stats) ON (s.top_tokens)",
 ]
 
 SCHEMA_VERSION = 4  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles;

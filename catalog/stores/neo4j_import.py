@@ -43,7 +43,7 @@ NODE_HEADER = "nid:ID(Node),uid,model,sae,ref,kind,layer:long,index:long,:LABEL"
 PROMPT_HEADER = "uid,run,prompt_id,text,tokens:string[],corpus,content_hash,meta,evidence_edges:long[],:LABEL"
 STATS_HEADER = ("nid:long,run,n_obs:long,n_prompts:long,sum_act:double,max_act:double,top_prompt:string[],"
                 "top_pos:long[],top_act:double[],top_token:string[],top_src:long[],top_src_pos:long[],top_head:long[],"
-                "top_value:double[],hist_bin:long[],hist_n:long[],:LABEL")
+                "top_value:double[],hist_bin:long[],hist_n:long[],top_tokens,:LABEL")
 RUN_HEADER = "run_id,status,manifest,:LABEL"
 DICTIONARY_HEADER = "name,next:long,schema:long,evidence:long,:LABEL"
 # what the importer is told besides the files (neo4j-admin 5.26; docs/catalog.md)
@@ -271,7 +271,7 @@ def _activation_lists(acts: StatLists) -> list[list[str]]:
                   _floats(t[c]) if c in ("top_act", "top_value") else _ints(t[c]))
         out.append(_lists(fields, acts.top_start, t_end, quote=c in text))
     out += [_lists(_ints(acts.hist[c]), acts.hist_start, h_end) for c in ("hist_bin", "hist_n")]
-    return out
+    return [*out, _strings(acts.token_text)]
 
 
 def _quoted(text: str) -> str:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from catalog.feature_acts import token_text
 from catalog.schema import JSON, ROLES, EdgeStats, Evidence, NodeInfo, NodeStats, Prompt, Run, TopActivation
 from catalog.stores.base import EdgeQuery, Runs
 from catalog.stores.neo4j_connection import Neo4jConnection, _runs
@@ -52,6 +53,9 @@ TOP_ROWS = ("UNWIND range(0, size(coalesce(s.top_act, [])) - 1) AS j "
             "RETURN n.uid, s.top_prompt[j], s.top_pos[j], s.top_act[j], s.top_token[j], s.run, src.uid, "
             "s.top_src_pos[j], s.top_head[j], s.top_value[j]")
 STATS_OF = "MATCH (s:Stats {nid: n.nid}) USING INDEX SEEK s:Stats(nid) WHERE $runs IS NULL OR s.run IN $runs"
+# the Stats nodes with a top activation on $token, through the text index on top_tokens ($needle: token_text([token]))
+TOKEN_SEARCH = ("MATCH (s:Stats) USING TEXT INDEX s:Stats(top_tokens) WHERE s.top_tokens CONTAINS $needle "
+                "AND ($runs IS NULL OR s.run IN $runs) AND $token IN s.top_token")
 HIST_ROWS = ("UNWIND range(0, size(coalesce(s.hist_bin, [])) - 1) AS j "
              "WITH n, s.hist_bin[j] AS bin, sum(s.hist_n[j]) AS count RETURN n.uid, bin, count ORDER BY bin")
 
@@ -289,11 +293,11 @@ class Neo4jReads(Neo4jConnection):
 
     def token_activations(self, token: str, runs: Runs, max_nodes: int) -> list[tuple[NodeInfo, list[TopActivation]]]:
         found = self._read(
-            "MATCH (s:Stats) WHERE ($runs IS NULL OR s.run IN $runs) AND $token IN s.top_token "
+            f"{TOKEN_SEARCH} "
             "WITH s.nid AS nid, max(reduce(m = -1.0, j IN range(0, size(s.top_token) - 1) | CASE WHEN "
             "s.top_token[j] = $token AND s.top_act[j] > m THEN s.top_act[j] ELSE m END)) AS best "
             f"MATCH (n:Node {{nid: nid}}) RETURN {NODE_RET.format(a='n')} ORDER BY best DESC, n.uid LIMIT $max",
-            token=token, runs=_runs(runs), max=max_nodes)
+            token=token, needle=token_text([token]), runs=_runs(runs), max=max_nodes)
         tops: dict[str, list[TopActivation]] = {}
         for r in self._read(f"UNWIND $uids AS uid MATCH (n:Node {{uid: uid}}) {STATS_OF} {TOP_ROWS}",
                             uids=[r[0] for r in found], runs=_runs(runs)):

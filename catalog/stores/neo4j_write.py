@@ -110,7 +110,8 @@ SET x.n_obs = x.n_obs + $n_obs[i], x.n_prompts = x.n_prompts + $n_prompts[i], x.
     x.top_head = coalesce(x.top_head, []) + $top_head[$toff[i]..$toff[i + 1]],
     x.top_value = coalesce(x.top_value, []) + $top_value[$toff[i]..$toff[i + 1]],
     x.hist_bin = coalesce(x.hist_bin, []) + $hist_bin[$goff[i]..$goff[i + 1]],
-    x.hist_n = coalesce(x.hist_n, []) + $hist_n[$goff[i]..$goff[i + 1]]
+    x.hist_n = coalesce(x.hist_n, []) + $hist_n[$goff[i]..$goff[i + 1]],
+    x.top_tokens = coalesce(x.top_tokens, '') + $top_tokens[i]
 """
 
 CREATE_STATS = """
@@ -126,7 +127,7 @@ CREATE (:Stats {nid: $nid[i], run: $run, n_obs: $n_obs[i], n_prompts: $n_prompts
                 top_head: $top_head[$toff[i]..$toff[i + 1]],
                 top_value: $top_value[$toff[i]..$toff[i + 1]],
                 hist_bin: $hist_bin[$goff[i]..$goff[i + 1]],
-                hist_n: $hist_n[$goff[i]..$goff[i + 1]]})
+                hist_n: $hist_n[$goff[i]..$goff[i + 1]], top_tokens: $top_tokens[i]})
 """
 
 SET_EVIDENCE = """
@@ -484,7 +485,8 @@ def stat_list_params(acts: StatLists, rows: np.ndarray) -> JSON:
     """Query parameters of the top-activation and histogram lists of statistics rows ``rows`` (offsets
     ``toff``, ``goff``)."""
     return {**_slices(acts.top, acts.top_start[rows], acts.top_width[rows], "toff"),
-            **_slices(acts.hist, acts.hist_start[rows], acts.hist_width[rows], "goff")}
+            **_slices(acts.hist, acts.hist_start[rows], acts.hist_width[rows], "goff"),
+            "top_tokens": [acts.token_text[r] for r in np.asarray(rows).tolist()]}
 
 def _chunks(n: int) -> Iterator[slice]:
     for i in range(0, n, CHUNK):
