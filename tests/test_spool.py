@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_ingest import _catalog, _fresh, _ingest
 from typer.testing import CliRunner
@@ -84,11 +85,33 @@ def test_a_window_file_round_trips_exactly(tmp_path):
     back = load_window(tmp_path / "w.npz")
     assert (back.run, back.prompts, back.nodes, back.evidence_cap, back.observations) == \
         (agg.run, agg.prompts, agg.nodes, agg.evidence_cap, agg.observations)
-    for part in ("edges", "heads", "evidence", "stats"):
+    assert len(agg.tops) and len(agg.hists)
+    for part in ("edges", "heads", "evidence", "stats", "roles", "tops", "hists"):
         ours, theirs = getattr(agg, part).columns(), getattr(back, part).columns()
         assert ours.keys() == theirs.keys()
         for name in ours:
             assert ours[name].dtype == theirs[name].dtype and (ours[name] == theirs[name]).all(), (part, name)
+    unnamed = load_window(tmp_path / "w.npz", names=False)
+    assert (unnamed.prompts, unnamed.nodes) == ([], []) and (unnamed.edges.sum == agg.edges.sum).all()
+
+
+def test_a_window_file_of_the_earlier_layout_still_loads(tmp_path):
+    """Windows spooled before nodes were rows and the JSON bytes (a str, nodes as dicts, no roles or top
+    activations) load as they were, so a job resumed across the upgrade publishes them."""
+    import json
+    from dataclasses import asdict
+
+    from test_store_conformance import _batches
+
+    (_, _, agg), _ = _batches()
+    meta = {"run": agg.run, "prompts": [asdict(p) for p in agg.prompts], "nodes": [asdict(n) for n in agg.nodes],
+            "evidence_cap": agg.evidence_cap, "observations": agg.observations}
+    columns = {f"{part}.{name}": col for part in ("edges", "heads", "evidence", "stats")
+               for name, col in getattr(agg, part).columns().items()}
+    np.savez(tmp_path / "old.npz", meta=np.array(json.dumps(meta)), **columns)
+    back = load_window(tmp_path / "old.npz")
+    assert (back.prompts, back.nodes, back.seq, len(back.roles), len(back.tops)) == (agg.prompts, agg.nodes, -1, 0, 0)
+    assert (back.edges.sum == agg.edges.sum).all() and (back.evidence.value == agg.evidence.value).all()
 
 
 def test_partials_resume_skips_written_windows_and_refuses_a_second_start(tmp_path):
