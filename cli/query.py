@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from catalog import queries
+from catalog.fires_on import MAX_CONTEXTS
 from catalog.stores import open_store
 from catalog.stores.base import DEFAULT_URL
 from cli.common import QUERY, JsonOpt, MinCount, ModelSel, RunSel, StoreOpt, Top, app, bounded, emit, friendly
@@ -66,7 +67,8 @@ def top_features(store: StoreOpt = DEFAULT_URL, kind: str | None = None, by: str
 @app.command(rich_help_panel=QUERY)
 @friendly
 def feature(ref: str, store: StoreOpt = DEFAULT_URL, model: ModelSel = None, run: RunSel = None,
-            contexts: Annotated[int, bounded(0, 20, "top-activating contexts shown")] = 5, json_: JsonOpt = False):
+            contexts: Annotated[int, bounded(0, MAX_CONTEXTS, "top-activating contexts shown")] = 5,
+            json_: JsonOpt = False):
     """A feature's metadata, activation statistics and what it fires on (its top-activating contexts)."""
     result = queries.feature(open_store(store, create=False), ref, model=model, runs=run, contexts=contexts)
     if json_:
