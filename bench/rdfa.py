@@ -87,14 +87,14 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true", help="also count the torch operators full_graph dispatches "
                     "(issue 37: B8x64 <= 1.3x B1x64)")
     ap.add_argument("--forms", choices=("auto", "batched", "loops"), default="auto", help=(
-        "step 2 and rows_dot: batched over prompts and positions (auto: on CUDA) or the loops (auto: on CPU)"))
+        "step 2 and rows_dot: all prompts at once (batched; auto: on CUDA) or prompt by prompt (loops; auto: on CPU)"))
     ap.add_argument("--where", action="store_true", help="also where full_graph's time goes, step by step (cProfile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.forms != "auto":
-        from ingest.rdfa import graph, steps
+        from ingest.rdfa import step2, steps
 
-        graph.BATCHED_STEP2 = steps.BATCHED_ROWS_DOT = args.forms == "batched"
+        step2.PROMPTS_TOGETHER = steps.BATCHED_ROWS_DOT = args.forms == "batched"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; step 2 and rows_dot: {args.forms}")

@@ -319,28 +319,27 @@ def test_rows_dot_equals_a_plain_product_whatever_the_counts(monkeypatch, batche
     assert rows_dot(vec, loc[:0], q[:0]).shape == (0, 9)
 
 
-@pytest.mark.parametrize("band", [64, 1 << 20], ids=["many bands", "one band"])
+@pytest.mark.parametrize("budget", [64, 1 << 20], ids=["many bands", "few bands"])
 @pytest.mark.parametrize("pruning", [Pruning(), Pruning(top_k=3, min_abs=1e-3, direct_positions=2)])
-def test_step2_batched_over_prompts_gives_the_loops_edges(setup, monkeypatch, band, pruning):
-    """The batched step 2 and rows_dot (CUDA's; forced here on CPU, step 2 in one band or in bands of a
-    few positions) keep the same attn_in edges with the same values, the same direct edges, and the same
-    REST per node, as the loops."""
-    from ingest.rdfa import graph as graph_module
-    from ingest.rdfa import step2_batched, steps
+def test_step2_over_all_prompts_at_once_gives_the_per_prompt_edges(setup, monkeypatch, budget, pruning):
+    """Step 2 and rows_dot in CUDA's forms (forced here on CPU: every prompt in one padded band loop,
+    bands of a position or of the whole prompt) keep the same attn_in edges with the same values, the
+    same direct edges, and the same REST per node, as the CPU's prompt-by-prompt forms."""
+    from ingest.rdfa import step2, steps
 
     model, attn, resid, tokens, lengths, _, _ = setup
     _, cap = capture(model, tokens, lengths)
-    loop = full_graph(cap, weights_of(model), attn, resid, pruning)
-    monkeypatch.setattr(graph_module, "BATCHED_STEP2", True)
+    per_prompt = full_graph(cap, weights_of(model), attn, resid, pruning)
+    monkeypatch.setattr(step2, "PROMPTS_TOGETHER", True)
     monkeypatch.setattr(steps, "BATCHED_ROWS_DOT", True)
-    monkeypatch.setattr(step2_batched, "band_elements", lambda device: band)
-    batched = full_graph(cap, weights_of(model), attn, resid, pruning)
-    want, got = _edge_dict(loop.edges, EdgeKind.ATTN_IN), _edge_dict(batched.edges, EdgeKind.ATTN_IN)
+    monkeypatch.setattr(step2, "BAND_ELEMENTS", budget)
+    together = full_graph(cap, weights_of(model), attn, resid, pruning)
+    want, got = _edge_dict(per_prompt.edges, EdgeKind.ATTN_IN), _edge_dict(together.edges, EdgeKind.ATTN_IN)
     assert want.keys() == got.keys() and len(want) > 100
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)
-    torch.testing.assert_close(batched.nodes.explained, loop.nodes.explained, rtol=RTOL, atol=ATOL)
-    want, got = _edge_dict(loop.direct, EdgeKind.DIRECT), _edge_dict(batched.direct, EdgeKind.DIRECT)
+    torch.testing.assert_close(together.nodes.explained, per_prompt.nodes.explained, rtol=RTOL, atol=ATOL)
+    want, got = _edge_dict(per_prompt.direct, EdgeKind.DIRECT), _edge_dict(together.direct, EdgeKind.DIRECT)
     assert want.keys() == got.keys() and len(want) > 10
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)

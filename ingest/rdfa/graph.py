@@ -18,11 +18,9 @@ from catalog.ids import NodeKind
 from ingest.rdfa import steps
 from ingest.rdfa.blocks import PositionBlock, direct_by_block, position_blocks, resid_in_by_block
 from ingest.rdfa.qk_step import qk_edges, score_keys
-from ingest.rdfa.step2_batched import attn_in_batched
+from ingest.rdfa.step2 import attn_in
 from ingest.rdfa.tensors import ActiveSet, Capture, Code, EdgeKind, EdgeTable, Graph, NodeTable, Pruning, Weights
 from ingest.rdfa.types import SaeWeights
-
-BATCHED_STEP2: bool | None = None  # step 2 batched over prompts: None = on CUDA only (slower on CPU)
 
 
 def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
@@ -44,8 +42,7 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
     for L, sae in sorted(attn_saes.items()):
         sigma, pattern = cap.ln1_scale[L], cap.pattern[L]
         rows = steps.resid_sae_rows(resid_saes[L], cap.resid_pre[L], resid_act[L], valid)
-        step2 = attn_in_batched if (sigma.is_cuda if BATCHED_STEP2 is None else BATCHED_STEP2) else steps.attn_in
-        table, kept = step2(rows, sigma, pattern, weights.W_V[L], sae, attn_act[L], pruning)
+        table, kept = attn_in(rows, sigma, pattern, weights.W_V[L], sae, attn_act[L], pruning)
         constant = steps.attn_constant(sae, weights.b_V[L])  # [d_sae]
         n, e = _close_targets(attn_act[L], Code.ATTN, L, constant[attn_act[L].index], kept, Code.BIAS_A,
                               EdgeKind.ATTN_IN)

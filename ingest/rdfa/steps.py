@@ -2,9 +2,9 @@
 
 Each returns an EdgeTable of kept edges (pruned per target) and, per target, the sum of what was
 kept, so the caller can add the bias and REST edges that make every node's inputs sum to its
-pre-activation. Python loops run over the prompts of a batch, memory blocks and (step 5) heads and
-selected source positions; never over features. On CUDA, step 2 and step 5's row products take their
-batched forms (step2_batched.attn_in_batched, rows_dot_batched) and blocks grow with free memory (sized).
+pre-activation. Step 2 (``attn_in``) is ingest/rdfa/step2.py. Python loops run over the prompts of a
+batch, memory blocks and (step 5) heads and selected source positions; never over features. On CUDA,
+step 5's row products take their batched form (rows_dot_batched) and blocks grow with free memory (sized).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning, S
 from ingest.rdfa.types import SaeWeights
 
 CHUNK_ELEMENTS = 1 << 24  # floats per intermediate block (64 MB in float32)
-ATTN_CHUNK_ELEMENTS = 1 << 21  # step 2's blocks: 8 MB stays in cache across its four passes (measured ~25% faster)
-MIN_TARGETS = 128
 
 
 def sized(device: torch.device, elements: int) -> int:
@@ -123,65 +121,6 @@ def select_edges(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning
     return where[:-1], flat, picked[where], kept_sum
 
 
-def _per_head_candidates(Y: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Y [H, n, m] -> (value [n, C], flat index h * m + j [n, C]) holding every target's top-k |value|
-    over (h, j): the overall top k lie among each head's own top k, so no [n, H*m] copy is made."""
-    H, n, m = Y.shape
-    if top_k is None or top_k * H >= H * m:
-        return Y.permute(1, 0, 2).reshape(n, H * m), torch.arange(H * m, device=Y.device).expand(n, -1)
-    k = min(top_k, m)
-    # one topk of |Y| (a block-sized copy) beat topk of the k largest and k smallest values at every
-    # block shape measured, toy and GPT-2 sized (e.g. 7.8 vs 11.2 ms on [12, 128, 1365], one thread)
-    idx = Y.abs().topk(k, dim=-1).indices
-    val = Y.gather(-1, idx)  # [H, n, k]
-    flat = idx + (torch.arange(H, device=Y.device) * m)[:, None, None]
-    return val.permute(1, 0, 2).reshape(n, -1), flat.permute(1, 0, 2).reshape(n, -1)
-
-
-def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
-            sae: SaeWeights, targets: ActiveSet, pruning: Pruning) -> tuple[EdgeTable, torch.Tensor]:
-    """Step 2: per-head edges from every source row at s <= t into every active feature f at t.
-
-    value[h, target (b,t,f), row (b,s,r)] = A[b,h,t,s] * (center(vec_r) / sigma[b,s]) W_V[h] . W_enc[h-slice, f]
-    ``sigma`` [B, T], ``pattern`` [B, H, T, T], ``W_V`` [H, d, dh]. Targets and rows are ragged; the
-    loop runs over prompts and memory chunks of targets. Returns kept edges and the kept sum per
-    target [B, T, K].
-    """
-    B, T, K = targets.index.shape
-    H, d, dh = W_V.shape
-    dev = W_V.device
-    P = (rows.vec / sigma[rows.prompt, rows.pos, None]) @ centered_W_V(W_V).permute(1, 0, 2).reshape(d, H * dh)
-    P = P.view(-1, H, dh).permute(1, 0, 2).contiguous()  # [H, N, dh]
-    tb, tt, tk = targets.mask.nonzero(as_tuple=True)  # sorted by (prompt, position)
-    tf = targets.index[tb, tt, tk]
-    E = sae.W_enc.view(H, dh, -1)[:, :, tf].transpose(1, 2).contiguous()  # [H, Nt, dh]
-    row_key = rows.prompt * T + rows.pos
-    kept_sum = torch.zeros(B, T, K, device=dev)
-    tables = []
-    t_bounds = torch.searchsorted(tb, torch.arange(B + 1, device=dev)).tolist()
-    r_start = torch.searchsorted(row_key, torch.arange(B, device=dev) * T).tolist()
-    for b in range(B):
-        n_rows_b = int(torch.searchsorted(row_key, (b + 1) * T)) - r_start[b]
-        # at least MIN_TARGETS per block: tiny blocks on long prompts cost more in per-block tensors than they save
-        step = max(MIN_TARGETS, ATTN_CHUNK_ELEMENTS // max(1, H * n_rows_b))
-        for n0 in range(t_bounds[b], t_bounds[b + 1], step):
-            n1 = min(n0 + step, t_bounds[b + 1])
-            r0 = r_start[b]
-            r1 = int(torch.searchsorted(row_key, b * T + tt[n1 - 1], right=True))  # causal: s <= last target's t
-            Y = E[:, n0:n1] @ P[:, r0:r1].transpose(1, 2)  # [H, n, m]
-            # s > t carries zero attention, so those entries become exact zeros and are dropped
-            A_t = pattern[b][:, tt[n0:n1]]  # [H, n, T]
-            Y.mul_(A_t.gather(2, rows.pos[r0:r1].expand(H, n1 - n0, -1)))
-            cand_val, cand_flat = _per_head_candidates(Y, pruning.top_k)
-            (n,), c, vals, kept = select_edges(cand_val, torch.ones(n1 - n0, dtype=torch.bool, device=dev), pruning)
-            flat = cand_flat[n, c]
-            h, r = flat // (r1 - r0), flat % (r1 - r0) + r0
-            g = n + n0
-            kept_sum[tb[n0:n1], tt[n0:n1], tk[n0:n1]] = kept
-            tables.append(_flat_edges(rows, r, Code.ATTN, sae.layer, tf[g], tt[g], h, vals, EdgeKind.ATTN_IN))
-    return EdgeTable.cat(tables), kept_sum
-
-
 def _flat_edges(rows: FlatRows, r, dst_code, dst_layer, dst_index, dst_pos, head, value, kind) -> EdgeTable:
     n = r.shape[0]
     full = lambda v: torch.full((n,), int(v), device=r.device, dtype=torch.long)  # noqa: E731
@@ -253,7 +192,7 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
     tables = []
     step = max(1, sized(rows.vec.device, CHUNK_ELEMENTS) // max(1, B * T * R))  # a busy position: K x R values
     for k0 in range(0, K, step):
-        enc = sae.W_enc.T[targets.index[:, :, k0:k0 + step]]  # [B,T,k,d]
+        enc = sae.encoder_columns(targets.index[:, :, k0:k0 + step])  # [B,T,k,d]
         value = enc @ rows.vec.transpose(-1, -2)  # [B,T,k,R]; padded slots hold zero vectors
         (b, s, k), r, vals, kept[:, :, k0:k0 + step] = select_edges(value, targets.mask[:, :, k0:k0 + step], pruning)
         k = k + k0
@@ -286,7 +225,7 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
     W_Vc = centered_W_V(W_V)
     v = ((cap_resid / sigma[..., None]) @ W_Vc.permute(1, 0, 2).reshape(d, H * dh)).view(B, S, H, dh)
     v = (v + b_V).permute(0, 2, 1, 3)  # [B,H,S,dh]
-    E = sae.W_enc.view(H, dh, -1)[:, :, tf]  # [H, dh, N]
+    E = sae.encoder_columns(tf).view(N, H, dh).permute(1, 2, 0)  # [H, dh, N]
     h = torch.empty(N, n_pairs, dtype=torch.long, device=dev)
     s = torch.empty_like(h)
     chunk = max(1, sized(dev, CHUNK_ELEMENTS) // (S * H))

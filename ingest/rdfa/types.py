@@ -31,6 +31,16 @@ class SaeWeights:
     _encoder_constant: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _through: tuple[tuple, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # column-major (W_enc.T contiguous): RDFA reads the encoder column of every active feature, and
+        # a gather of rows is ~20x faster than one of strided columns (7 ms a GPT-2 layer per prompt);
+        # the encode's matmul runs as fast on either layout
+        self.W_enc = self.W_enc.T.contiguous().T
+
+    def encoder_columns(self, index: torch.Tensor) -> torch.Tensor:
+        """W_enc[:, index].T: the encoder vectors of features ``index`` [...] as [..., d_in]."""
+        return self.W_enc.T.index_select(0, index.flatten()).view(*index.shape, -1)
+
     @property
     def d_sae(self) -> int:
         return self.W_enc.shape[1]

@@ -1,0 +1,241 @@
+"""Step 2 (``attn_in``) over every prompt of a batch at once: a fixed handful of kernels per band of
+target positions, whatever the batch, on the CPU and on a GPU alike.
+
+value[h, target (b,t,f), row (b,s,r)] = A[b,h,t,s] * M[h, target, row],
+M = (center(vec_r) / sigma[b,s]) W_V[h] . W_enc[h-slice, f]; each target keeps its top_k |value|.
+
+Three ideas keep it cheap:
+- **Blocks of rows.** The source rows of each position (its active features, error, bias) are laid
+  out in blocks of GROUP rows, padded per position, so every block lies at one source position and
+  A is constant over it. The top_k values of a target lie in the top_k blocks by the block's largest
+  |value| = A * max |M| over the block (each of those blocks holds an entry at least as large as any
+  entry outside them), so A multiplies one number per block, never every entry, and the top-k runs
+  over GROUP-times fewer numbers; only the chosen blocks' entries are read again.
+- **Prompts padded, not looped.** One batched matmul [H, B, n, dh] x [H, B, dh, m] per band: each
+  prompt's targets in the band and its rows up to the band's last position, padded to the busiest.
+- **Bands of target positions** for causality (a target reads rows at s <= t only), their bounds set
+  so that bands hold about equal work: at least MIN_BANDS, more when the work exceeds the device's
+  budget (``steps.sized``), so the kernels launched per batch do not grow with the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ingest.rdfa.steps import FlatRows, _flat_edges, centered_W_V, select_edges, sized
+from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning
+from ingest.rdfa.types import SaeWeights
+
+GROUP = 8  # rows per block: a position's rows are padded to a multiple of it (~10% at GPT-2's L0)
+MIN_BANDS = 8  # causal waste ~1/(2 x bands) of the work
+BAND_ELEMENTS = 1 << 23  # floats of M per band at most (32 MB; a GPU's grows with its memory)
+
+
+@dataclass
+class RowBlocks:
+    """The rows of each prompt in blocks of GROUP, position by position, stored slot-major so that a
+    block's largest entry is an elementwise max over GROUP contiguous slices (a reduction over a short
+    innermost axis was 7x slower on the CPU).
+
+    slot_row [B, G, NB]: the row in slot g of block j (-1: padding); block_pos [B, NB]: each block's
+    source position (T for padding blocks); before [B, T+1]: how many of a prompt's blocks lie at s < t.
+    """
+
+    slot_row: torch.Tensor
+    block_pos: torch.Tensor
+    before: torch.Tensor
+
+
+def row_blocks(rows: FlatRows, B: int, T: int, group: int = GROUP) -> RowBlocks:
+    """The block layout of ``rows`` (sorted by prompt, then position)."""
+    dev = rows.prompt.device
+    key = rows.prompt * T + rows.pos
+    count = torch.bincount(key, minlength=B * T)  # rows per position [B*T]
+    n_blocks = (count + group - 1) // group
+    before = torch.zeros(B, T + 1, dtype=torch.long, device=dev)
+    before[:, 1:] = n_blocks.view(B, T).cumsum(1)
+    first_of_position = before[:, :-1].flatten()  # each position's first block within its prompt
+    NB = max(1, int(before[:, -1].max()))
+    rank = torch.arange(key.shape[0], device=dev) - (torch.cumsum(count, 0) - count)[key]
+    slot_row = torch.full((B, group, NB), -1, dtype=torch.long, device=dev)
+    slot_row[rows.prompt, rank % group, first_of_position[key] + rank // group] = torch.arange(key.shape[0], device=dev)
+    block_key = torch.repeat_interleave(torch.arange(B * T, device=dev), n_blocks)  # every block's position
+    first_block = torch.cumsum(n_blocks, 0) - n_blocks  # of each position, counting all prompts'
+    within = first_of_position[block_key] + torch.arange(block_key.shape[0], device=dev) - first_block[block_key]
+    block_pos = torch.full((B, NB), T, dtype=torch.long, device=dev)
+    block_pos[block_key // T, within] = block_key % T
+    return RowBlocks(slot_row, block_pos, before)
+
+
+def band_bounds(targets_at: torch.Tensor, before: torch.Tensor, heads: int, budget: int,
+                min_bands: int = MIN_BANDS) -> list[tuple[int, int]]:
+    """Bands [t0, t1) of target positions holding about equal work: targets_at [B, T] targets per
+    position, before [B, T+1] blocks at s < t. A band's work is heads x (its busiest prompt's targets)
+    x (its busiest prompt's slots up to t1): the size of its M."""
+    B, T = targets_at.shape
+    cum = torch.zeros(B, T + 1, dtype=torch.long, device=targets_at.device)
+    cum[:, 1:] = targets_at.cumsum(1)
+    cum_l, slots = cum.T.tolist(), (before.amax(0) * GROUP).tolist()  # [T+1][B], [T+1]
+
+    def work(t0: int, t1: int) -> int:
+        return heads * max(b - a for a, b in zip(cum_l[t0], cum_l[t1])) * slots[t1]
+
+    total = work(0, T) // 2 + 1  # the causal work, about
+    n_bands = max(min_bands, -(-total // budget))
+    share = -(-total // n_bands)
+    bounds, t0 = [], 0
+    while t0 < T:
+        t1 = t0 + 1
+        while t1 < T and work(t0, t1 + 1) <= share:
+            t1 += 1
+        bounds.append((t0, t1))
+        t0 = t1
+    return bounds
+
+
+PROMPTS_TOGETHER: bool | None = None  # one group of all prompts (None: on CUDA); else a group per prompt
+
+
+def prompt_groups(B: int, device: torch.device) -> list[range]:
+    """The prompts each band loop covers. A GPU takes the whole batch at once (padding each band to its
+    busiest prompt: ~2x the products at GPT-2 scale, but a fixed number of kernels); the CPU goes prompt
+    by prompt, which pads nothing (the padded form was 1.5-2x slower there)."""
+    together = device.type == "cuda" if PROMPTS_TOGETHER is None else PROMPTS_TOGETHER
+    return [range(B)] if together else [range(b, b + 1) for b in range(B)]
+
+
+@dataclass
+class Layer:
+    """One layer's step-2 operands, every prompt: P [H, B, G, NB, dh] (each slot's row through each
+    head, zero in padding slots), E [H, Nt, dh] (each target's encoder column by head), A [B, H, T, T+1]
+    (the pattern, a zero column for padding blocks); targets (tb, tt, tk, tf) [Nt] sorted by (prompt,
+    position)."""
+
+    rows: FlatRows
+    layout: RowBlocks
+    P: torch.Tensor
+    E: torch.Tensor
+    A: torch.Tensor
+    tb: torch.Tensor
+    tt: torch.Tensor
+    tk: torch.Tensor
+    tf: torch.Tensor
+
+
+def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
+            sae: SaeWeights, targets: ActiveSet, pruning: Pruning,
+            budget: int | None = None) -> tuple[EdgeTable, torch.Tensor]:
+    """Step 2: per-head edges from every source row at s <= t into every active feature f at t.
+
+    ``rows``: the residual SAE decomposition of each position (steps.resid_sae_rows); ``sigma`` [B, T]
+    LN1's scale; ``pattern`` [B, H, T, T]; ``W_V`` [H, d, dh]; ``targets`` the active attention
+    features [B, T, K]; ``budget``: floats of M per band at most. Returns the kept edges and the kept
+    sum per target [B, T, K].
+    """
+    B, T, K = targets.index.shape
+    H, d, dh = W_V.shape
+    dev = W_V.device
+    kept_sum = torch.zeros(B, T, K, device=dev)
+    tb, tt, tk = targets.mask.nonzero(as_tuple=True)  # sorted by (prompt, position)
+    if tb.numel() == 0:
+        return EdgeTable.empty(), kept_sum
+    P = (rows.vec / sigma[rows.prompt, rows.pos, None]) @ centered_W_V(W_V).permute(1, 0, 2).reshape(d, H * dh)
+    layout = row_blocks(rows, B, T)
+    padded = layout.slot_row.flatten() % (P.shape[0] + 1)  # -1 (padding) -> the zero row appended
+    P = torch.cat([P, P.new_zeros(1, H * dh)]).index_select(0, padded).view(B, GROUP, -1, H, dh)
+    tf = targets.index[tb, tt, tk]
+    E = sae.encoder_columns(tf).view(-1, H, dh).transpose(0, 1).contiguous()
+    layer = Layer(rows, layout, P.permute(3, 0, 1, 2, 4).contiguous(), E,
+                  torch.nn.functional.pad(pattern, (0, 1)), tb, tt, tk, tf)
+    targets_at = targets.mask.sum(-1)
+    budget = budget or sized(dev, BAND_ELEMENTS)
+    tables = []
+    for group in prompt_groups(B, dev):
+        g = slice(group.start, group.stop)
+        for t0, t1 in band_bounds(targets_at[g], layout.before[g], H, budget):
+            tables.append(_band(layer, group, t0, t1, kept_sum, sae.layer, pruning))
+    return EdgeTable.cat(tables), kept_sum
+
+
+def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, L: int, pruning: Pruning
+          ) -> EdgeTable | None:
+    """The kept edges into the targets at t0 <= t < t1 of prompts ``group``; their kept sums go into
+    ``kept_sum`` [B, T, K]."""
+    H, _, _, _, dh = layer.P.shape
+    B, T = len(group), layer.A.shape[2]
+    dev = layer.P.device
+    g = slice(group.start, group.stop)
+    first = torch.arange(group.start, group.stop, device=dev) * T
+    t_key = layer.tb * T + layer.tt
+    start, end = torch.searchsorted(t_key, first + t0), torch.searchsorted(t_key, first + t1)
+    n, mb = int((end - start).max()), max(1, int(layer.layout.before[g, t1].max()))
+    if n == 0:
+        return None
+    tgt = start[:, None] + torch.arange(n, device=dev)  # [B, n]
+    ok = tgt < end[:, None]
+    tgt = torch.where(ok, tgt, 0)
+    width = GROUP * mb
+    space = Workspace.get(dev)
+    Eb = layer.E.index_select(1, tgt.flatten()).view(H, B, n, dh)
+    Pb = space.take("rows", (H, B, GROUP, mb, dh)).copy_(layer.P[:, g, :, :mb]).view(H, B, width, dh)
+    M = torch.matmul(Eb, Pb.transpose(2, 3), out=space.take("M", (H, B, n, width)))  # slot g*mb + j
+    slots = M.view(H, B, n, GROUP, mb)
+    high = torch.amax(slots, dim=3, out=space.take("high", (H, B, n, mb)))
+    low = torch.amin(slots, dim=3, out=space.take("low", (H, B, n, mb)))
+    largest = torch.maximum(high, low.neg_(), out=high)  # |M| of each block's largest entry [H, B, n, mb]
+    tt = layer.tt[tgt]
+    A_blk = layer.A[g].gather(2, tt[:, None, :, None].expand(B, H, n, T + 1))  # [B, H, n, T+1]
+    A_blk = A_blk.gather(3, layer.layout.block_pos[g, None, None, :mb].expand(B, H, n, mb))  # [B, H, n, mb]
+    A_blk = A_blk.permute(0, 2, 1, 3).reshape(B * n, H * mb)
+    score = largest.permute(1, 2, 0, 3).reshape(B * n, H * mb) * A_blk  # each block's largest |value|
+    if pruning.top_k is not None and pruning.top_k < H * mb:
+        blk = score.topk(pruning.top_k, dim=1).indices  # [B*n, kb]: (head, block) = divmod(blk, mb)
+    else:
+        blk = torch.arange(H * mb, device=dev).expand(B * n, -1)
+    h, j = blk // mb, blk % mb
+    row = torch.arange(B * n, device=dev)[:, None]
+    base = ((h * B + row // n) * n + row % n) * width + j  # slot 0 of the block in M
+    entries = base[:, :, None] + torch.arange(GROUP, device=dev) * mb  # [B*n, kb, G]
+    cand = M.view(-1)[entries] * A_blk.gather(1, blk)[:, :, None]
+    (i,), c, vals, kept = select_edges(cand.flatten(1), ok.flatten(), pruning)
+    c_blk, c_slot = c // GROUP, c % GROUP
+    r = layer.layout.slot_row[i // n + group.start, c_slot, j[i, c_blk]]
+    target = tgt.flatten()[i]
+    real = tgt.flatten()[ok.flatten()]
+    kept_sum[layer.tb[real], layer.tt[real], layer.tk[real]] = kept[ok.flatten()]
+    return _flat_edges(layer.rows, r, Code.ATTN, L, layer.tf[target], layer.tt[target], h[i, c_blk], vals,
+                       EdgeKind.ATTN_IN)
+
+
+class Workspace:
+    """Scratch buffers reused across bands, layers and batches, one set per thread and device.
+
+    On the CPU a fresh tensor above glibc's mmap threshold (32 MB at most) is new pages every time,
+    and touching them cost more than the matmul filling them (a 35 MB bmm output: 13 ms fresh, 4 ms
+    into a reused buffer); CUDA's caching allocator already reuses memory, so there it allocates.
+    """
+
+    _local = threading.local()
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> Workspace:
+        spaces = cls._local.__dict__.setdefault("spaces", {})
+        return spaces.setdefault(str(device), cls(device))
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float32 tensor of ``shape``, valid until the next take of ``name``."""
+        numel = math.prod(shape)
+        if self.device.type == "cuda":
+            return torch.empty(shape, device=self.device)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, device=self.device)
+        return buf[:numel].view(shape)
