@@ -13,6 +13,7 @@ graph without it, in the same run (target <= 1.0). Usage: python bench/rdfa.py [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
@@ -24,6 +25,7 @@ import gpt2_hub  # noqa: E402,I001 - first: it points HF_HOME at the fixture bef
 import torch  # noqa: E402
 
 from ingest.lens import capture  # noqa: E402
+from ingest.runtime import configure_threads  # noqa: E402
 from ingest.rdfa.graph import full_graph  # noqa: E402
 from ingest.rdfa.tensors import Pruning  # noqa: E402
 
@@ -78,6 +80,28 @@ def where_time_goes(fn) -> dict[str, float]:
     return out
 
 
+def _against(n: int, at_b1: dict[int, int], B: int, T: int, width: int, ratio_width: int) -> str:
+    """An operator count, and its ratio to batch 1's at the same length (batch 1 runs first)."""
+    if B == 1:
+        at_b1.setdefault(T, n)
+    return f" {n:>{width}} {n / at_b1[T]:>{ratio_width}.2f}" if T in at_b1 else f" {n:>{width}} {'':>{ratio_width}}"
+
+
+@contextlib.contextmanager
+def gpu_forms(free_gib: float):
+    """full_graph as it runs on a GPU with ``free_gib`` free: every prompt at once, batched row products,
+    blocks a 64th of that memory. Forced here so that the operators a card launches can be counted anywhere."""
+    from ingest.rdfa import step2, steps
+
+    saved = step2.PROMPTS_TOGETHER, steps.BATCHED_ROWS_DOT, steps.device_free_bytes
+    step2.PROMPTS_TOGETHER = steps.BATCHED_ROWS_DOT = True
+    steps.device_free_bytes = lambda device: int(free_gib * 2**30)
+    try:
+        yield
+    finally:
+        step2.PROMPTS_TOGETHER, steps.BATCHED_ROWS_DOT, steps.device_free_bytes = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -88,9 +112,12 @@ def main() -> None:
                     "(issue 37: B8x64 <= 1.3x B1x64)")
     ap.add_argument("--forms", choices=("auto", "batched", "loops"), default="auto", help=(
         "step 2 and rows_dot: all prompts at once (batched; auto: on CUDA) or prompt by prompt (loops; auto: on CPU)"))
+    ap.add_argument("--gpu-ops", type=float, metavar="GIB", help=(
+        "also count the operators of the GPU's forms and block sizes for a card with GIB free, forced on this "
+        "machine (what a GPU launches: issue 37's count)"))
     ap.add_argument("--where", action="store_true", help="also where full_graph's time goes, step by step (cProfile)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)  # as ingest runs: threads, and freed memory kept for reuse
     if args.forms != "auto":
         from ingest.rdfa import step2, steps
 
@@ -110,11 +137,13 @@ def main() -> None:
         configs.append((1, 1024))
     if args.configs:
         configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
-    print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd+enc s':>10} {'attrib s':>9} {'ratio':>6} "
+    print(f"{'batch':>5} {'tokens':>6} {'L0 (min-max)':>14} {'fwd s':>6} {'fwd+enc s':>10} {'attrib s':>9} "
+          f"{'ratio':>6} {'added':>6} "
           f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8} "
-          f"{'p/s +QK':>8} {'ratio+QK':>8}" + (f" {'GiB':>6}" if device.type == "cuda" else "")
-          + (f" {'ops':>8} {'ops/B1':>7}" if args.ops else ""))
+          f"{'p/s +QK':>8} {'ratio+QK':>8} {'added+QK':>8}" + (f" {'GiB':>6}" if device.type == "cuda" else "")
+          + (f" {'ops':>8} {'ops/B1':>7}" if args.ops else "") + (f" {'gpu ops':>8} {'/B1':>5}" if args.gpu_ops else ""))
     ops_b1: dict[int, int] = {}
+    gpu_ops_b1: dict[int, int] = {}
     for B, T in configs:
         torch.manual_seed(B * 100_003 + T)  # the same prompts in every run and on every commit
         tokens = torch.randint(0, d_vocab, (B, T), device=device)
@@ -130,7 +159,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            t_base, cap = timed(baseline, device, 2 if T * B <= 256 else 1)
+            # the denominators: best of 2 after a warm-up at every size (one slow run would skew every ratio)
+            t_fwd, _ = timed(lambda: capture(model, tokens, lengths), device, 2)  # noqa: B023
+            t_base, cap = timed(baseline, device, 2)
             t_attr, graph = timed(lambda: full_graph(cap, weights, attn, resid, pruning), device,  # noqa: B023
                                   2 if T * B <= 256 else 1)
             t_full, graph_qk = timed(lambda: full_graph(cap, weights, attn, resid, with_qk), device,  # noqa: B023
@@ -141,19 +172,21 @@ def main() -> None:
             qk.prompt.tolist(), qk.head.tolist(), qk.dst_pos.tolist(), qk.src_pos.tolist())}) if len(qk) < 5_000_000 else -1
         l0 = [(resid[l].activation(resid[l].pre_activation(cap.resid_pre[l])) > 0).sum(-1)[:, 1:] for l in range(n_layers)]
         l0 = torch.cat([x.flatten() for x in l0]).float()
-        total = t_base + t_attr  # what an ingest step costs: forward + encodes happen inside full_graph too
+        step, step_qk = t_fwd + t_attr, t_fwd + t_full  # an ingest step: the forward, then full_graph (it encodes)
         gib = f" {torch.cuda.max_memory_allocated() / 2**30:>6.1f}" if device.type == "cuda" else ""
         ops = ""
         if args.ops:
             with torch.no_grad():
                 n_ops = count_ops(lambda: full_graph(cap, weights, attn, resid, pruning))  # noqa: B023
-            if B == 1:
-                ops_b1.setdefault(T, n_ops)
-            ops = f" {n_ops:>8} {n_ops / ops_b1[T]:>7.2f}" if T in ops_b1 else f" {n_ops:>8} {'':>7}"
-        print(f"{B:>5} {T:>6} {f'{l0.mean():.0f} ({l0.min():.0f}-{l0.max():.0f})':>14} {t_base:>10.2f} "
-              f"{t_attr:>9.2f} {t_attr / t_base:>6.2f} {B / total:>9.2f} {len(graph.edges) + len(graph.direct):>9} "
-              f"{t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8} {B / (t_base + t_full):>8.2f} "
-              f"{t_full / t_base:>8.2f}{gib}{ops}")
+            ops = _against(n_ops, ops_b1, B, T, 8, 7)
+        if args.gpu_ops:
+            with torch.no_grad(), gpu_forms(args.gpu_ops):
+                n_ops = count_ops(lambda: full_graph(cap, weights, attn, resid, pruning))  # noqa: B023
+            ops += _against(n_ops, gpu_ops_b1, B, T, 8, 5)
+        print(f"{B:>5} {T:>6} {f'{l0.mean():.0f} ({l0.min():.0f}-{l0.max():.0f})':>14} {t_fwd:>6.2f} {t_base:>10.2f} "
+              f"{t_attr:>9.2f} {t_attr / t_base:>6.2f} {(step - t_base) / t_base:>6.2f} {B / step:>9.2f} "
+              f"{len(graph.edges) + len(graph.direct):>9} {t_qk:>7.2f} {t_qk / t_attr:>9.2f} {len(qk):>9} {scores:>8} "
+              f"{B / step_qk:>8.2f} {t_full / t_base:>8.2f} {(step_qk - t_base) / t_base:>8.2f}{gib}{ops}")
         if args.where:
             with torch.no_grad():
                 split = where_time_goes(lambda: full_graph(cap, weights, attn, resid, with_qk))  # noqa: B023
@@ -163,14 +196,18 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print(f"peak memory: {peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
-    print("ratio = full_graph time / (forward with cache + 24 SAE encodes); prompts/s counts both (without QK)")
+    print("ratio = full_graph time / (forward with cache + 24 SAE encodes); full_graph encodes too, so an ingest step is "
+          "forward + full_graph, and added = (that - (forward + encodes)) / (forward + encodes): what attribution adds "
+          "to running the model with its SAEs; prompts/s = batch / (forward + full_graph) (without QK)")
     print("+QK s = full_graph with QK - without; QK/attrib = that / full_graph without QK (target <= 1.0)")
-    print("p/s +QK, ratio+QK = prompts/s of forward + encodes + full_graph with QK (what ingest runs), and that "
-          "full_graph / (forward + encodes)"
+    print("p/s +QK, ratio+QK, added+QK: the same with QK (what ingest runs)"
           + ("; GiB = peak GPU memory allocated in that row" if device.type == "cuda" else ""))
     if args.ops:
         print("ops = top-level torch operators full_graph dispatches (without QK); ops/B1 = that / the count at "
-              "batch 1 and the same length (target at B8x64 <= 1.3)")
+              "batch 1 and the same length")
+    if args.gpu_ops:
+        print(f"gpu ops = the same for the GPU's forms and block sizes ({args.gpu_ops:g} GiB free), forced on this "
+              "machine: what a card launches; /B1 as above (issue 37: B8x64 <= 1.3)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Device and thread choices, made deliberately in one place.
 
 On small machines torch's default intra-op thread pool thrashes as soon as another process (the
-Neo4j JVM, the writer thread, a second test) wants a core, so every entry point sets the count.
+Neo4j JVM, the writer thread, a second test) wants a core, so every entry point sets the count, and
+with it keeps freed memory in the process (keep_freed_memory).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 
 import torch
@@ -17,7 +21,26 @@ def configure_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads: explicit value, else $CIRCUIT_CATALOG_TORCH_THREADS, else 1."""
     n = threads or int(os.environ.get(DEFAULT_THREADS_ENV, "1"))
     torch.set_num_threads(max(1, n))
+    keep_freed_memory()
     return torch.get_num_threads()
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel: no mmap for
+    large blocks, no trimming of the heap. A CPU batch allocates gigabytes of short-lived tensors, each
+    above glibc's mmap threshold, so every one was fresh pages; first touches cost ~2.5 ms a MB on the
+    VMs measured, and keeping the memory made a GPT-2 batch's attribution 23% faster and its forward
+    pass with encodes 25% (bench/rdfa.py), for the same peak RSS. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -106,16 +106,25 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
     val = torch.zeros(N, P, n_cand, device=dev)
     code = torch.full((N, P, n_cand), int(Code.REST), dtype=torch.long, device=dev)
     layer, index = torch.full_like(code, -1), torch.full_like(code, -1)
-    where = torch.full((B, T), -1, dtype=torch.long, device=dev)  # position -> its block's local index
-    for blk in blocks:
-        where[blk.prompt, blk.pos] = torch.arange(blk.prompt.shape[0], device=dev)
-        n, p = (where[tb[:, None], pairs.pos] >= 0).nonzero(as_tuple=True)  # the pairs whose source is here
-        loc = where[tb[n], pairs.pos[n, p]]
-        where[blk.prompt, blk.pos] = -1
-        if n.numel() == 0:
+    block_of = torch.full((B, T), -1, dtype=torch.long, device=dev)  # position -> its block
+    local_of = torch.full((B, T), -1, dtype=torch.long, device=dev)  # ... and its index there
+    for i, blk in enumerate(blocks):
+        block_of[blk.prompt, blk.pos] = i
+        local_of[blk.prompt, blk.pos] = torch.arange(blk.prompt.shape[0], device=dev)
+    # every pair by its source's block (-1: a padding position, chosen only when all pairs are): one sort
+    pair_block = block_of[tb[:, None], pairs.pos].flatten()
+    order = torch.argsort(pair_block, stable=True)
+    ends = torch.searchsorted(pair_block[order], torch.arange(-1, len(blocks), device=dev), right=True).tolist()
+    for i, blk in enumerate(blocks):
+        chosen = order[ends[i]:ends[i + 1]]
+        if chosen.numel() == 0:
             continue
+        loc = local_of[tb[chosen // P], pairs.pos.flatten()[chosen]]
+        by_position = torch.argsort(loc, stable=True)  # rows_dot takes each position's queries together
+        chosen, loc = chosen[by_position], loc[by_position]
+        n, p = chosen // P, chosen % P
         rows = blk.rows.prefix(blk.ends[sae.layer])
-        v = steps.rows_dot(rows.vec[0], loc, pairs.query[n, p]) * pairs.scale[n, p, None]  # [M, R]
+        v = steps.rows_dot(rows.vec[0], loc, pairs.query[n, p]).mul_(pairs.scale[n, p, None])  # [M, R]
         k = min(n_cand, v.shape[1])
         r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
         val[n, p, :k] = v.gather(1, r)

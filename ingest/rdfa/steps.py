@@ -19,14 +19,18 @@ from ingest.rdfa.types import SaeWeights
 CHUNK_ELEMENTS = 1 << 24  # floats per intermediate block (64 MB in float32)
 
 
+def device_free_bytes(device: torch.device) -> int | None:
+    """A GPU's free memory; None on the CPU, whose blocks keep their cache- or RAM-friendly sizes.
+    (bench/rdfa.py replaces it to count a GPU's operators on a machine without one.)"""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 def sized(device: torch.device, elements: int) -> int:
-    """A memory block of ``elements`` floats (the CPU's size: cache- or RAM-friendly), or on CUDA a 64th of
+    """A memory block of ``elements`` floats (the CPU's size: cache- or RAM-friendly), or on a GPU a 64th of
     the free memory when that is larger: a GPU's blocks grow with its memory, so the kernels launched per
     batch stop growing with the batch (a block's intermediates are a few times its size)."""
-    if device.type != "cuda":
-        return elements
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(elements, free // (4 * 64))
+    free = device_free_bytes(device)
+    return elements if free is None else max(elements, free // (4 * 64))
 
 
 def active_set(sae: SaeWeights, x: torch.Tensor, valid: torch.Tensor) -> ActiveSet:
@@ -144,38 +148,49 @@ def component_rows(cap, weights, attn_saes: dict[int, tuple[SaeWeights, ActiveSe
     """
     B, T, d = cap.embed.shape
     dev = cap.embed.device
-    vecs, codes, layers, indices, oks = [cap.embed[:, :, None], cap.pos_embed[:, :, None]], [Code.EMB, Code.POS], [-1, -1], [], []
     none = torch.full((B, T, 1), -1, device=dev)
     valid = cap.valid[..., None]
-    indices += [none, none]
-    oks += [valid, valid]
+    codes, layers, indices, oks = [Code.EMB, Code.POS], [-1, -1], [none, none], [valid, valid]
     ends = [2]
     for l in range(n_layers):
-        W_O = weights.W_O[l].reshape(-1, d)  # [H*dh, d]
         if l in attn_saes:
-            sae, act = attn_saes[l]
-            feats = act.act[..., None] * sae.decoder_through(W_O)[act.index]  # c_k W_dec[k] W_O: [B,T,K,d]
-            bias = sae.b_dec @ W_O
-            # the error through W_O: (z - sum_k c_k W_dec[k] - b_dec) W_O, by linearity
-            err = cap.z[l].flatten(-2) @ W_O - feats.sum(2) - bias
-            vecs += [feats, err[:, :, None], (bias + weights.b_O[l]).expand(B, T, 1, d)]
+            act = attn_saes[l][1]
             codes += [Code.ATTN] * act.K + [Code.ERR_A, Code.BIAS_A]
             layers += [l] * (act.K + 2)
             indices += [act.index, none, none]
             oks += [act.mask, valid, valid]
         else:
-            vecs.append(cap.attn_out[l][:, :, None])
             codes.append(Code.ATTN_OUT)
             layers.append(l)
             indices.append(none)
             oks.append(valid)
-        vecs.append(cap.mlp_out[l][:, :, None])
         codes.append(Code.MLP)
         layers.append(l)
         indices.append(none)
         oks.append(valid)
         ends.append(len(codes))
-    rows = SourceRows(torch.cat(vecs, 2), torch.tensor([int(c) for c in codes], device=dev),
+    # filled in place: building pieces and concatenating them copied every vector twice (70% of the time)
+    vec = torch.empty(B, T, len(codes), d, device=dev, dtype=cap.embed.dtype)
+    vec[:, :, 0], vec[:, :, 1] = cap.embed, cap.pos_embed
+    r = 2
+    for l in range(n_layers):
+        W_O = weights.W_O[l].reshape(-1, d)  # [H*dh, d]
+        if l in attn_saes:
+            sae, act = attn_saes[l]
+            feats = vec[:, :, r:r + act.K]  # c_k W_dec[k] W_O: [B,T,K,d]; padded slots have c_k = 0
+            through = sae.decoder_through(W_O).index_select(0, act.index.flatten()).view(B, T, act.K, d)
+            torch.mul(through, act.act[..., None], out=feats)
+            bias = sae.b_dec @ W_O
+            # the error through W_O: (z - sum_k c_k W_dec[k] - b_dec) W_O, by linearity
+            vec[:, :, r + act.K] = cap.z[l].flatten(-2) @ W_O - feats.sum(2) - bias
+            vec[:, :, r + act.K + 1] = bias + weights.b_O[l]
+            r += act.K + 2
+        else:
+            vec[:, :, r] = cap.attn_out[l]
+            r += 1
+        vec[:, :, r] = cap.mlp_out[l]
+        r += 1
+    rows = SourceRows(vec, torch.tensor([int(c) for c in codes], device=dev),
                       torch.tensor(layers, device=dev), torch.cat(indices, 2), torch.cat(oks, 2))
     return rows, ends
 
@@ -225,43 +240,49 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
     W_Vc = centered_W_V(W_V)
     v = ((cap_resid / sigma[..., None]) @ W_Vc.permute(1, 0, 2).reshape(d, H * dh)).view(B, S, H, dh)
     v = (v + b_V).permute(0, 2, 1, 3)  # [B,H,S,dh]
-    E = sae.encoder_columns(tf).view(N, H, dh).permute(1, 2, 0)  # [H, dh, N]
+    E = sae.encoder_columns(tf).view(N, H, dh)
     h = torch.empty(N, n_pairs, dtype=torch.long, device=dev)
     s = torch.empty_like(h)
-    chunk = max(1, sized(dev, CHUNK_ELEMENTS) // (S * H))
-    for b in range(B):  # step-1 DFA of each target against its own prompt, in memory chunks of targets
-        mine = (tb == b).nonzero().flatten()
-        for n0 in range(0, mine.shape[0], chunk):
-            sel = mine[n0:n0 + chunk]
-            dfa = (v[b] @ E[:, :, sel]).permute(2, 0, 1) * pattern[b][:, tt[sel]].transpose(0, 1)  # [n,H,S]
-            causal = torch.arange(S, device=dev)[None, None, :] <= tt[sel, None, None]
-            pairs = torch.where(causal, dfa.abs(), -1.0).reshape(len(sel), H * S).topk(n_pairs, dim=-1).indices
-            h[sel], s[sel] = pairs // S, pairs % S
+    # targets padded per prompt, [B, n]: every prompt's step-1 DFA in one matmul per chunk of columns
+    count = torch.bincount(tb, minlength=B)
+    first = torch.cumsum(count, 0) - count
+    widest = int(count.max()) if N else 0
+    chunk = max(1, sized(dev, CHUNK_ELEMENTS) // (B * S * H))
+    for c0 in range(0, widest, chunk):
+        column = torch.arange(c0, min(widest, c0 + chunk), device=dev)
+        ok = column[None, :] < count[:, None]
+        sel = torch.where(ok, first[:, None] + column, 0)  # [B, c]
+        c = column.shape[0]
+        dfa = (v @ E[sel].permute(0, 2, 3, 1)).transpose(2, 3)  # [B, H, c, S]
+        dfa.mul_(pattern.gather(2, tt[sel][:, None, :, None].expand(B, H, c, S)))
+        causal = torch.arange(S, device=dev) <= tt[sel][:, None, :, None]  # [B, 1, c, S]
+        score = torch.where(causal, dfa.abs(), -1.0).permute(0, 2, 1, 3).reshape(B * c, H * S)
+        pairs = score.topk(n_pairs, dim=-1).indices[ok.flatten()]
+        real = sel[ok]
+        h[real], s[real] = pairs // S, pairs % S
     q = torch.empty(N, n_pairs, d, device=dev)
     for head in range(H):  # each selected pair's query through its own head only
         n_idx, p_idx = (h == head).nonzero(as_tuple=True)
-        q[n_idx, p_idx] = E[head][:, n_idx].T @ W_Vc[head].T
+        q[n_idx, p_idx] = E[n_idx, head] @ W_Vc[head].T
     scale = pattern[tb[:, None], h, tt[:, None], s] / sigma[tb[:, None], s]  # [N,P]
     return DirectPairs(h, s, scale, q)
 
 
 def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """out[m, r] = vec[loc[m], r] . q[m]  for vec [S, R, d], loc [M], q [M, d] -> [M, R].
+    """out[m, r] = vec[loc[m], r] . q[m]  for vec [S, R, d], loc [M] sorted ascending, q [M, d] -> [M, R].
 
-    Grouped by position: each group is one matmul of that position's source rows against every
-    query that selected it, so source rows are never copied per query. On CUDA: rows_dot_batched
-    (2.5x slower on CPU, where gathering the chosen positions' rows copies [U, R, d] that this loop
-    reads in place).
+    One matmul per run of equal ``loc``: that position's source rows against every query that chose
+    it, so source rows are never copied per query and each product lands in place. On CUDA:
+    rows_dot_batched (2.5x slower on CPU, where gathering the chosen positions' rows copies [U, R, d]
+    that this loop reads in place).
     """
     if vec.is_cuda if BATCHED_ROWS_DOT is None else BATCHED_ROWS_DOT:
         return rows_dot_batched(vec, loc, q)
-    order = torch.argsort(loc)
-    uniq, counts = torch.unique_consecutive(loc[order], return_counts=True)
-    flat_q = q[order]
+    uniq, counts = torch.unique_consecutive(loc, return_counts=True)
     out = torch.empty(q.shape[0], vec.shape[1], device=q.device, dtype=q.dtype)
     start = 0
-    for k, c in zip(uniq.tolist(), counts.tolist()):  # one matmul per selected position
-        out[order[start:start + c]] = flat_q[start:start + c] @ vec[k].T  # a view: no copy of vec
+    for k, c in zip(uniq.tolist(), counts.tolist()):  # one matmul per chosen position
+        torch.matmul(q[start:start + c], vec[k].T, out=out[start:start + c])  # vec[k]: a view, no copy
         start += c
     return out
 
@@ -278,20 +299,19 @@ def rows_dot_batched(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> t
     out = torch.empty(M, R, device=q.device, dtype=q.dtype)
     if M == 0:
         return out
-    order = torch.argsort(loc, stable=True)
-    uniq, inverse, counts = torch.unique_consecutive(loc[order], return_inverse=True, return_counts=True)
+    uniq, inverse, counts = torch.unique_consecutive(loc, return_inverse=True, return_counts=True)
     rank = torch.arange(M, device=q.device) - (torch.cumsum(counts, 0) - counts)[inverse]  # within its position
     bucket = torch.ceil(torch.log2(counts.double())).long()  # per chosen position
     for g in torch.unique(bucket).tolist():  # at most log2(M) + 1 buckets
         members = (bucket == g).nonzero().flatten()  # chosen positions of this bucket [U]
         local = torch.full_like(uniq, -1)
         local[members] = torch.arange(members.shape[0], device=q.device)
-        entries = (local[inverse] >= 0).nonzero().flatten()  # its queries, in sorted order
+        entries = (local[inverse] >= 0).nonzero().flatten()  # its queries
         u, c = local[inverse[entries]], rank[entries]
         queries = torch.zeros(members.shape[0], int(counts[members].max()), q.shape[1], device=q.device, dtype=q.dtype)
-        queries[u, c] = q[order[entries]]
+        queries[u, c] = q[entries]
         values = torch.bmm(queries, vec[uniq[members]].transpose(1, 2))  # [U, C, R]
-        out[order[entries]] = values[u, c]
+        out[entries] = values[u, c]
     return out
 
 
