@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, numpy, transformer_lens; print('torch', torch.__version__, 'numpy', numpy.__version__)" || exit 1
 timeout 240 $PY -c "import sys; sys.path.insert(0, 'bench'); import gpt2_hub; gpt2_hub.ensure_built()" || exit 1
 timeout 150 $PY bench/rdfa.py --threads 4 --long 2>&1 | tee "$OUT/rdfa.txt"
-# the loops of step 2 and rows_dot against the batched forms CUDA uses (issue 37): same rows, side by side
+# the CPU's prompt-by-prompt forms of step 2 and rows_dot against the batched ones CUDA uses (issue 37), side by side
 timeout 90 $PY bench/rdfa.py --threads 4 --configs 8x64,32x128 --forms loops 2>&1 | tee "$OUT/rdfa_loops.txt"
 timeout 120 $PY bench/cuda_vs_cpu.py --prompts 400 2>&1 | tee "$OUT/cuda_vs_cpu.txt"
 timeout 200 $PY bench/ingest_pipeline.py --only gpt2,replay --check --no-neo4j --threads 4 2>&1 | tee "$OUT/ingest_gpt2_replay.txt"

@@ -60,7 +60,7 @@ def count_ops(fn) -> int:
 
 
 STEPS = {"active_set": "encode, active sets", "resid_sae_rows": "step 2 sources", "attn_in": "step 2 (attn_in)",
-         "attn_in_batched": "step 2 (attn_in)", "position_blocks": "steps 3-5 sources", "resid_in_by_block": "step 4 (resid_in)",
+         "position_blocks": "steps 3-5 sources", "resid_in_by_block": "step 4 (resid_in)",
          "direct_pairs": "step 5 pairs", "direct_by_block": "step 5 (direct)", "qk_edges": "QK"}
 
 
