@@ -3,6 +3,7 @@ import ``ingest`` (and so torch), inside their bodies."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -11,6 +12,14 @@ from catalog import __version__ as catalog_version
 from catalog.stores import open_store
 from catalog.stores.base import DEFAULT_URL, StoreUnavailable
 from cli.common import COMPUTE, JsonOpt, StoreOpt, Threads, app, bounded, console, emit, friendly
+
+
+class Precision(StrEnum):
+    """``ingest --precision``: the dtype of the products behind edge values (ingest.rdfa.tensors.Pruning)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 def open_session(model: str, saes: list[str], device: str | None, *, decompose: bool = True):
@@ -98,6 +107,9 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
            direct_positions: Annotated[int, bounded(0, 100_000)] = 2,
            qk: Annotated[bool, typer.Option(help=(
                "QK attribution: split the scores behind the kept attention edges into q_in, k_in and qk edges"))] = True,
+           precision: Annotated[Precision, typer.Option(help=(
+               "dtype of the products behind edge values: float32 (exact to float32 rounding), or bfloat16 / "
+               "float16 for a GPU's tensor cores (slower on CPUs; the error is in docs/rdfa.md)"))] = Precision.float32,
            evidence_per_edge: Annotated[int, bounded(0, 10_000, "0 keeps every observation")] = 8,
            threads: Threads = 1, progress: bool = True,
            window: Annotated[int | None, typer.Option(help=(
@@ -151,7 +163,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
     ray = RayOptions(ray_address, workers, gpus_per_worker, threads, model, list(saes)) if executor == "ray" else None
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
-                      pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk),
+                      pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk,
+                                      precision=precision.value),
                       progress=progress, window=window, tail_window=tail_window, window_mem=window_mem << 20,
                       window_edges=window_edges, spool=spool, compact_workers=compact_workers,
                       compact_mem=compact_mem << 20, publish_every_prompts=every_prompts,

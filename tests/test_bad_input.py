@@ -46,6 +46,7 @@ def toy():
     (["ingest", *TOY, "--corpus", "ioi:4", "--min-abs", "-0.5"], "--min-abs"),
     (["ingest", *TOY, "--corpus", "ioi:4", "--evidence-per-edge", "-1"], "--evidence-per-edge"),
     (["ingest", *TOY, "--corpus", "ioi:4", "--threads", "0"], "--threads"),
+    (["ingest", *TOY, "--corpus", "ioi:4", "--precision", "float64"], "--precision"),
     (["demo", "--prompts", "0"], "--prompts"),
     (["eval-saes", *TOY, "--n", "0"], "--n"),
     (["spot-check", *TOY, "--run", "r", "--n", "0"], "--n"),

@@ -18,6 +18,7 @@ from ingest.corpora import open_corpus
 from ingest.errors import UserFacingError
 from ingest.jobs import JobOptions, cut_windows, run_job
 from ingest.model_with_saes import ModelWithSaes
+from ingest.rdfa.tensors import Pruning
 
 CLI = [sys.executable, "-m", "cli"]
 JOB = ["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--batch-size", "4", "--no-progress", "--run", "r"]
@@ -300,3 +301,13 @@ def test_manifest_records_what_reproduces_a_run(toy, tmp_path):
     assert m["corpus"]["spec"] == "ioi:4" and len(m["corpus"]["fingerprint"]) == 32
     assert m["counts"]["prompts"] == 4 and m["dtype"] == "float32" and m["device"] == "cpu"
     assert store.run("m").status == "done" and m["started"] and m["finished"]
+
+
+def test_a_reduced_precision_run_says_so_in_its_manifest(toy, tmp_path):
+    """ingest --precision bfloat16 reaches the attribution and the run's manifest; float32 runs keep the
+    manifest they had before the option."""
+    store = open_store(f"sqlite:///{tmp_path}/c.db")
+    pruning = Pruning(top_k=5, min_abs=0.01, direct_positions=2, precision="bfloat16")
+    run_job(toy, "ioi:2", store, JobOptions(run="b", progress=False, pruning=pruning, mine=False))
+    assert store.run("b").manifest["pruning"]["precision"] == "bfloat16"
+    assert store.run("b").status == "done"

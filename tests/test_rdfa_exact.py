@@ -343,3 +343,40 @@ def test_step2_over_all_prompts_at_once_gives_the_per_prompt_edges(setup, monkey
     assert want.keys() == got.keys() and len(want) > 10
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)
+
+
+def _rest_share(graph) -> list[float]:
+    """Per decomposed node: |its REST edge| / the sum of |value| over all its incoming edges."""
+    total, rest = defaultdict(float), defaultdict(float)
+    e = graph.edges
+    for i in range(len(e)):
+        node = tuple(int(getattr(e, c)[i]) for c in ("prompt", "dst_code", "dst_layer", "dst_index", "dst_pos"))
+        value = float(e.value[i])
+        total[node] += abs(value)
+        if int(e.src_code[i]) == Code.REST:
+            rest[node] += value
+    return sorted(abs(rest[node]) / total[node] for node in total)
+
+
+@pytest.mark.parametrize("precision, worst, typical", [("bfloat16", 0.03, 3e-3), ("float16", 5e-3, 5e-4)])
+def test_reduced_precision_leaves_its_stated_error_in_rest(setup, precision, worst, typical):
+    """With the products in bfloat16 or float16 (Pruning.precision) every edge value of the exact graph
+    carries that dtype's rounding, and each node's REST edge (zero to float32 rounding when nothing is
+    pruned) absorbs it: at most ``worst`` and, at the median node, ``typical`` of the sum of |incoming|,
+    the bounds docs/rdfa.md states; and well above float32's, so the option takes effect."""
+    model, attn, resid, tokens, lengths, _, exact = setup
+    _, cap = capture(model, tokens, lengths)
+    low = full_graph(cap, weights_of(model), attn, resid, Pruning(precision=precision))
+    exact_share, low_share = _rest_share(exact), _rest_share(low)
+    assert len(low_share) == len(exact_share) > 100
+    assert exact_share[-1] < 1e-5
+    median = low_share[len(low_share) // 2]
+    assert low_share[-1] <= worst and median <= typical
+    assert median > 10 * exact_share[len(exact_share) // 2]
+
+
+def test_precision_is_checked_and_recorded_in_the_manifest():
+    with pytest.raises(ValueError, match="precision 'float64'"):
+        Pruning(precision="float64")
+    assert "precision" not in Pruning().manifest()  # runs made before the option keep equal manifests
+    assert Pruning(precision="bfloat16").manifest()["precision"] == "bfloat16"

@@ -93,7 +93,7 @@ def qk_edges(rows: FlatRows, sigma: torch.Tensor, keys: torch.Tensor, W_Q: torch
         kj, k_ok = _padded(k0[sc], nk[sc], width)
         hh = h[sc]
         Qg, Kg = Q[qi, hh[:, None]], K[kj, hh[:, None]]  # [C, width, dh]
-        pair = torch.bmm(Qg, Kg.transpose(1, 2)) / attn_scale  # [C, width(q), width(k)]
+        pair = torch.bmm(Qg.to(pruning.dtype), Kg.to(pruning.dtype).transpose(1, 2)).float() / attn_scale  # [C,w,w]
         pair = pair * (q_ok[:, :, None] & k_ok[:, None, :])
         # a side's share: its pairs with the whole other side, plus its term with the other side's bias
         q_share = pair.sum(2) + (Qg * b_K[hh][:, None, :]).sum(-1) / attn_scale

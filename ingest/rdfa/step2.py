@@ -149,7 +149,7 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
     P = torch.cat([P, P.new_zeros(1, H * dh)]).index_select(0, padded).view(B, GROUP, -1, H, dh)
     tf = targets.index[tb, tt, tk]
     E = sae.encoder_columns(tf).view(-1, H, dh).transpose(0, 1).contiguous()
-    layer = Layer(rows, layout, P.permute(3, 0, 1, 2, 4).contiguous(), E,
+    layer = Layer(rows, layout, P.permute(3, 0, 1, 2, 4).contiguous().to(pruning.dtype), E.to(pruning.dtype),
                   torch.nn.functional.pad(pattern, (0, 1)), tb, tt, tk, tf)
     targets_at = targets.mask.sum(-1)
     budget = budget or sized(dev, BAND_ELEMENTS)
@@ -181,11 +181,12 @@ def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, 
     width = GROUP * mb
     space = Workspace.get(dev)
     Eb = layer.E.index_select(1, tgt.flatten()).view(H, B, n, dh)
-    Pb = space.take("rows", (H, B, GROUP, mb, dh)).copy_(layer.P[:, g, :, :mb]).view(H, B, width, dh)
-    M = torch.matmul(Eb, Pb.transpose(2, 3), out=space.take("M", (H, B, n, width)))  # slot g*mb + j
+    dtype = layer.P.dtype  # the products' (Pruning.precision); scores and values below are float32
+    Pb = space.take("rows", (H, B, GROUP, mb, dh), dtype).copy_(layer.P[:, g, :, :mb]).view(H, B, width, dh)
+    M = torch.matmul(Eb, Pb.transpose(2, 3), out=space.take("M", (H, B, n, width), dtype))  # slot g*mb + j
     slots = M.view(H, B, n, GROUP, mb)
-    high = torch.amax(slots, dim=3, out=space.take("high", (H, B, n, mb)))
-    low = torch.amin(slots, dim=3, out=space.take("low", (H, B, n, mb)))
+    high = torch.amax(slots, dim=3, out=space.take("high", (H, B, n, mb), dtype))
+    low = torch.amin(slots, dim=3, out=space.take("low", (H, B, n, mb), dtype))
     largest = torch.maximum(high, low.neg_(), out=high)  # |M| of each block's largest entry [H, B, n, mb]
     tt = layer.tt[tgt]
     A_blk = layer.A[g].gather(2, tt[:, None, :, None].expand(B, H, n, T + 1))  # [B, H, n, T+1]
@@ -223,19 +224,19 @@ class Workspace:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     @classmethod
     def get(cls, device: torch.device) -> Workspace:
         spaces = cls._local.__dict__.setdefault("spaces", {})
         return spaces.setdefault(str(device), cls(device))
 
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised float32 tensor of ``shape``, valid until the next take of ``name``."""
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised tensor of ``shape``, valid until the next take of ``name``."""
         numel = math.prod(shape)
         if self.device.type == "cuda":
-            return torch.empty(shape, device=self.device)
-        buf = self.buffers.get(name)
+            return torch.empty(shape, device=self.device, dtype=dtype)
+        buf = self.buffers.get((name, dtype))
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[name] = torch.empty(numel, device=self.device)
+            buf = self.buffers[(name, dtype)] = torch.empty(numel, device=self.device, dtype=dtype)
         return buf[:numel].view(shape)

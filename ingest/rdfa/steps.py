@@ -208,7 +208,8 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
     step = max(1, sized(rows.vec.device, CHUNK_ELEMENTS) // max(1, B * T * R))  # a busy position: K x R values
     for k0 in range(0, K, step):
         enc = sae.encoder_columns(targets.index[:, :, k0:k0 + step])  # [B,T,k,d]
-        value = enc @ rows.vec.transpose(-1, -2)  # [B,T,k,R]; padded slots hold zero vectors
+        # [B,T,k,R] (padded slots hold zero vectors), in the products' dtype, then float32
+        value = (enc.to(pruning.dtype) @ rows.vec.to(pruning.dtype).transpose(-1, -2)).float()
         (b, s, k), r, vals, kept[:, :, k0:k0 + step] = select_edges(value, targets.mask[:, :, k0:k0 + step], pruning)
         k = k + k0
         tables.append(_edges(b, rows, s, r, Code.RESID, sae.layer, targets.index[b, s, k], s,
@@ -253,7 +254,7 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
         ok = column[None, :] < count[:, None]
         sel = torch.where(ok, first[:, None] + column, 0)  # [B, c]
         c = column.shape[0]
-        dfa = (v @ E[sel].permute(0, 2, 3, 1)).transpose(2, 3)  # [B, H, c, S]
+        dfa = (v.to(pruning.dtype) @ E[sel].permute(0, 2, 3, 1).to(pruning.dtype)).float().transpose(2, 3)  # [B,H,c,S]
         dfa.mul_(pattern.gather(2, tt[sel][:, None, :, None].expand(B, H, c, S)))
         causal = torch.arange(S, device=dev) <= tt[sel][:, None, :, None]  # [B, 1, c, S]
         score = torch.where(causal, dfa.abs(), -1.0).permute(0, 2, 1, 3).reshape(B * c, H * S)

@@ -230,6 +230,9 @@ class Pruning:
     |value| below it; direct_positions: direct attention edges are computed through the top-N
     (source position, head) pairs of each target by step-1 DFA (None: all pairs, exact).
     What is dropped goes to the target's REST edge, so sums still hold.
+    precision: the dtype of the large products that give edge values (float32: exact to float32
+    rounding; bfloat16 or float16: faster on GPUs with tensor cores, and each edge value carries that
+    dtype's rounding, which the target's REST edge absorbs; docs/rdfa.md states the error).
     """
 
     top_k: int | None = None
@@ -237,10 +240,24 @@ class Pruning:
     direct_positions: int | None = None
     direct: bool = True
     qk: bool = True  # QK attribution of the scores behind the kept attention edges (same top_k, min_abs)
+    precision: str = "float32"
+
+    PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+    def __post_init__(self) -> None:
+        if self.precision not in self.PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(self.PRECISIONS)}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the edge products are computed in."""
+        return self.PRECISIONS[self.precision]
 
     def manifest(self) -> dict:
+        # float32 adds no key: the manifests of runs made before the option stay equal to today's
         return {"top_k": self.top_k, "min_abs": self.min_abs, "direct": self.direct,
-                "direct_positions": self.direct_positions, "qk": self.qk}
+                "direct_positions": self.direct_positions, "qk": self.qk,
+                **({"precision": self.precision} if self.precision != "float32" else {})}
 
 
 @dataclass
