@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--gpu-ops", type=float, metavar="GIB", help=(
         "also count the operators of the GPU's forms and block sizes for a card with GIB free, forced on this "
         "machine (what a GPU launches: issue 37's count)"))
+    ap.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="the dtype of the products behind edge values (ingest --precision)")
     ap.add_argument("--where", action="store_true", help="also where full_graph's time goes, step by step (cProfile)")
     args = ap.parse_args()
     configure_threads(args.threads)  # as ingest runs: threads, and freed memory kept for reuse
@@ -124,12 +126,13 @@ def main() -> None:
         step2.PROMPTS_TOGETHER = steps.BATCHED_ROWS_DOT = args.forms == "batched"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; step 2 and rows_dot: {args.forms}")
+    print(f"device: {name}; torch {torch.__version__}; step 2 and rows_dot: {args.forms}; products in {args.precision}")
     session = gpt2_hub.gpt2_session(device)
     model, attn, resid, weights = session.lm.model, session.attn, session.resid, session.weights
     n_layers, d_vocab = model.cfg.n_layers, model.cfg.d_vocab
-    pruning = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=False)  # the ingest defaults, without QK
-    with_qk = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=True)  # ... and with it (what ingest runs)
+    # the ingest defaults, without QK, and with it (what ingest runs)
+    pruning = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=False, precision=args.precision)
+    with_qk = Pruning(top_k=5, min_abs=0.01, direct_positions=2, qk=True, precision=args.precision)
     configs = [(1, 64)] if args.quick else [(1, 64), (4, 64), (8, 64), (1, 128), (4, 128)]
     if device.type == "cuda" and not args.quick:
         configs.append((32, 128))  # issue 37's GPU target: >= 30 prompts/s with QK, ratio <= 5
