@@ -39,10 +39,9 @@ def score_keys(tables: list[EdgeTable], n_heads: int, T: int) -> torch.Tensor:
     return torch.stack([code // n_heads, code % n_heads, t, s], 1)
 
 
-def _top_rows(value: torch.Tensor, valid: torch.Tensor, pruning: Pruning) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``value`` [C, M] (``valid`` marks real entries): the top_k |value| entries, then
-    |value| >= min_abs and non-zero. Returns (row, column) [n] each."""
-    v = value.masked_fill(~valid, 0.0)
+def _top_rows(v: torch.Tensor, pruning: Pruning) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``v`` [C, M] (padding holds exact zeros): the top_k |value| entries, then |value| >=
+    min_abs and non-zero. Returns (row, column) [n] each."""
     if pruning.top_k is not None and pruning.top_k < v.shape[1]:
         col = v.abs().topk(pruning.top_k, dim=1).indices  # [C, k]
         picked = v.gather(1, col)
@@ -72,8 +71,13 @@ def qk_edges(rows: FlatRows, sigma: torch.Tensor, keys: torch.Tensor, W_Q: torch
     T = sigma.shape[1]
     H, d, dh = W_Q.shape
     x = rows.vec / sigma[rows.prompt, rows.pos, None]  # LN1 with its scale frozen; centering is in the weights
-    Q = (x @ (W_Q - W_Q.mean(1, keepdim=True)).permute(1, 0, 2).reshape(d, H * dh)).view(-1, H, dh)
-    K = (x @ (W_K - W_K.mean(1, keepdim=True)).permute(1, 0, 2).reshape(d, H * dh)).view(-1, H, dh)
+    # every row's query (already over the score's divisor) and key by head, flat [N*H, dh], and one zero
+    # row last: padding gathers it, so padded entries are exact zeros that no mask has to clear
+    Q = (x @ (W_Q - W_Q.mean(1, keepdim=True)).permute(1, 0, 2).reshape(d, H * dh)).view(-1, dh) / attn_scale
+    K = (x @ (W_K - W_K.mean(1, keepdim=True)).permute(1, 0, 2).reshape(d, H * dh)).view(-1, dh)
+    zero_row = Q.shape[0]
+    Q, K = torch.cat([Q, Q.new_zeros(1, dh)]), torch.cat([K, K.new_zeros(1, dh)])
+    b_Q = b_Q / attn_scale
     row_key = rows.prompt * T + rows.pos
     b, h, t, s = keys.unbind(1)
     q0, q1 = torch.searchsorted(row_key, b * T + t), torch.searchsorted(row_key, b * T + t, right=True)
@@ -92,20 +96,20 @@ def qk_edges(rows: FlatRows, sigma: torch.Tensor, keys: torch.Tensor, W_Q: torch
         qi, q_ok = _padded(q0[sc], nq[sc], width)
         kj, k_ok = _padded(k0[sc], nk[sc], width)
         hh = h[sc]
-        Qg, Kg = Q[qi, hh[:, None]], K[kj, hh[:, None]]  # [C, width, dh]
-        pair = torch.bmm(Qg.to(pruning.dtype), Kg.to(pruning.dtype).transpose(1, 2)).float() / attn_scale  # [C,w,w]
-        pair = pair * (q_ok[:, :, None] & k_ok[:, None, :])
+        C = hh.shape[0]
+        Qg = Q.index_select(0, torch.where(q_ok, qi * H + hh[:, None], zero_row).flatten()).view(C, width, dh)
+        Kg = K.index_select(0, torch.where(k_ok, kj * H + hh[:, None], zero_row).flatten()).view(C, width, dh)
+        pair = torch.bmm(Qg.to(pruning.dtype), Kg.to(pruning.dtype).transpose(1, 2)).float()  # [C, w(q), w(k)]
         # a side's share: its pairs with the whole other side, plus its term with the other side's bias
-        q_share = pair.sum(2) + (Qg * b_K[hh][:, None, :]).sum(-1) / attn_scale
-        k_share = pair.sum(1) + (Kg * b_Q[hh][:, None, :]).sum(-1) / attn_scale
-        for share, idx, ok, kind in ((q_share, qi, q_ok, EdgeKind.Q_IN), (k_share, kj, k_ok, EdgeKind.K_IN)):
-            c, j = _top_rows(share, ok, pruning)
+        q_share = pair.sum(2) + (Qg * b_K[hh][:, None, :]).sum(-1)
+        k_share = pair.sum(1) + (Kg * b_Q[hh][:, None, :]).sum(-1)
+        for share, idx, kind in ((q_share, qi, EdgeKind.Q_IN), (k_share, kj, EdgeKind.K_IN)):
+            c, j = _top_rows(share, pruning)
             r, g = idx[c, j], sc[c]
             full = lambda v, g=g: torch.full_like(g, int(v))  # noqa: E731
             tables.append(EdgeTable(b[g], rows.code[r], rows.layer[r], rows.index[r], s[g], full(Code.HEAD),
                                     full(layer), h[g], t[g], h[g], share[c, j], full(kind)))
-        flat_ok = (q_ok[:, :, None] & k_ok[:, None, :]).flatten(1)
-        c, j = _top_rows(pair.flatten(1), flat_ok, pruning)
+        c, j = _top_rows(pair.flatten(1), pruning)
         qr, kr, g = qi[c, j // width], kj[c, j % width], sc[c]
         tables.append(EdgeTable(b[g], rows.code[qr], rows.layer[qr], rows.index[qr], s[g], rows.code[kr],
                                 rows.layer[kr], rows.index[kr], t[g], h[g], pair.flatten(1)[c, j],
