@@ -245,6 +245,7 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
     h = torch.empty(N, n_pairs, dtype=torch.long, device=dev)
     s = torch.empty_like(h)
     # targets padded per prompt, [B, n]: every prompt's step-1 DFA in one matmul per chunk of columns
+    v_low = v.to(pruning.dtype)
     count = torch.bincount(tb, minlength=B)
     first = torch.cumsum(count, 0) - count
     widest = int(count.max()) if N else 0
@@ -254,10 +255,14 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
         ok = column[None, :] < count[:, None]
         sel = torch.where(ok, first[:, None] + column, 0)  # [B, c]
         c = column.shape[0]
-        dfa = (v.to(pruning.dtype) @ E[sel].permute(0, 2, 3, 1).to(pruning.dtype)).float().transpose(2, 3)  # [B,H,c,S]
-        dfa.mul_(pattern.gather(2, tt[sel][:, None, :, None].expand(B, H, c, S)))
-        causal = torch.arange(S, device=dev) <= tt[sel][:, None, :, None]  # [B, 1, c, S]
-        score = torch.where(causal, dfa.abs(), -1.0).permute(0, 2, 1, 3).reshape(B * c, H * S)
+        E_sel = E.view(N, H * dh).index_select(0, sel.flatten()).view(B, c, H, dh).transpose(1, 2)  # [B,H,c,dh]
+        dfa = (E_sel.to(pruning.dtype) @ v_low.transpose(2, 3)).float()  # [B, H, c, S]
+        # A[b, h, t of each target, :]: rows of the pattern viewed [B*H*S, S]
+        at = ((torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[:, None]) * S
+              + tt[sel][:, None, :])  # [B, H, c]
+        dfa.mul_(pattern.reshape(B * H * S, S).index_select(0, at.flatten()).view(B, H, c, S)).abs_()
+        dfa.masked_fill_(torch.arange(S, device=dev) > tt[sel][:, None, :, None], -1.0)  # s > t: never chosen
+        score = dfa.permute(0, 2, 1, 3).reshape(B * c, H * S)
         pairs = score.topk(n_pairs, dim=-1).indices[ok.flatten()]
         real = sel[ok]
         h[real], s[real] = pairs // S, pairs % S
