@@ -124,8 +124,9 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
         chosen, loc = chosen[by_position], loc[by_position]
         n, p = chosen // P, chosen % P
         rows = blk.rows.prefix(blk.ends[sae.layer])
-        v = steps.rows_dot(rows.vec[0].to(pruning.dtype), loc, pairs.query[n, p].to(pruning.dtype))
-        v = v.float().mul_(pairs.scale[n, p, None])  # [M, R]
+        query = pairs.query.view(N * P, -1).index_select(0, chosen)  # [M, d] (chosen = n * P + p)
+        v = steps.rows_dot(rows.vec[0].to(pruning.dtype), loc, query.to(pruning.dtype))
+        v = v.float().mul_(pairs.scale.flatten()[chosen, None])  # [M, R]
         k = min(n_cand, v.shape[1])
         r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
         val[n, p, :k] = v.gather(1, r)
