@@ -26,6 +26,7 @@ def configure_threads(threads: int | None = None) -> int:
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+KEEP_FREED_MEMORY_ENV = "CIRCUIT_CATALOG_KEEP_FREED_MEMORY"
 
 
 @functools.cache
@@ -34,7 +35,11 @@ def keep_freed_memory() -> bool:
     large blocks, no trimming of the heap. A CPU batch allocates gigabytes of short-lived tensors, each
     above glibc's mmap threshold, so every one was fresh pages; first touches cost ~2.5 ms a MB on the
     VMs measured, and keeping the memory made a GPT-2 batch's attribution 23% faster and its forward
-    pass with encodes 25% (bench/rdfa.py), for the same peak RSS. False where the C library is not glibc."""
+    pass with encodes 25% (bench/rdfa.py), for the same peak RSS. (Compaction and merge gained nothing:
+    numpy asks for huge pages.) False where the C library is not glibc, or where
+    $CIRCUIT_CATALOG_KEEP_FREED_MEMORY is 0."""
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

@@ -1,5 +1,6 @@
-"""Step 2 (``attn_in``) over every prompt of a batch at once: a fixed handful of kernels per band of
-target positions, whatever the batch, on the CPU and on a GPU alike.
+"""Step 2 (``attn_in``): a fixed handful of kernels per band of target positions; on a GPU over every
+prompt of the batch at once, so the kernels launched do not grow with the batch; on the CPU prompt by
+prompt (prompt_groups).
 
 value[h, target (b,t,f), row (b,s,r)] = A[b,h,t,s] * M[h, target, row],
 M = (center(vec_r) / sigma[b,s]) W_V[h] . W_enc[h-slice, f]; each target keeps its top_k |value|.
@@ -11,7 +12,7 @@ Three ideas keep it cheap:
   |value| = A * max |M| over the block (each of those blocks holds an entry at least as large as any
   entry outside them), so A multiplies one number per block, never every entry, and the top-k runs
   over GROUP-times fewer numbers; only the chosen blocks' entries are read again.
-- **Prompts padded, not looped.** One batched matmul [H, B, n, dh] x [H, B, dh, m] per band: each
+- **Prompts padded, not looped (GPU).** One batched matmul [H, B, n, dh] x [H, B, dh, m] per band: each
   prompt's targets in the band and its rows up to the band's last position, padded to the busiest.
 - **Bands of target positions** for causality (a target reads rows at s <= t only), their bounds set
   so that bands hold about equal work: at least MIN_BANDS, more when the work exceeds the device's
