@@ -51,19 +51,19 @@ class RowBlocks:
     before: torch.Tensor
 
 
-def row_blocks(rows: FlatRows, B: int, T: int, group: int = GROUP) -> RowBlocks:
+def row_blocks(rows: FlatRows, B: int, T: int) -> RowBlocks:
     """The block layout of ``rows`` (sorted by prompt, then position)."""
     dev = rows.prompt.device
     key = rows.prompt * T + rows.pos
     count = torch.bincount(key, minlength=B * T)  # rows per position [B*T]
-    n_blocks = (count + group - 1) // group
+    n_blocks = (count + GROUP - 1) // GROUP
     before = torch.zeros(B, T + 1, dtype=torch.long, device=dev)
     before[:, 1:] = n_blocks.view(B, T).cumsum(1)
     first_of_position = before[:, :-1].flatten()  # each position's first block within its prompt
     NB = max(1, int(before[:, -1].max()))
     rank = torch.arange(key.shape[0], device=dev) - (torch.cumsum(count, 0) - count)[key]
-    slot_row = torch.full((B, group, NB), -1, dtype=torch.long, device=dev)
-    slot_row[rows.prompt, rank % group, first_of_position[key] + rank // group] = torch.arange(key.shape[0], device=dev)
+    slot_row = torch.full((B, GROUP, NB), -1, dtype=torch.long, device=dev)
+    slot_row[rows.prompt, rank % GROUP, first_of_position[key] + rank // GROUP] = torch.arange(key.shape[0], device=dev)
     block_key = torch.repeat_interleave(torch.arange(B * T, device=dev), n_blocks)  # every block's position
     first_block = torch.cumsum(n_blocks, 0) - n_blocks  # of each position, counting all prompts'
     within = first_of_position[block_key] + torch.arange(block_key.shape[0], device=dev) - first_block[block_key]
