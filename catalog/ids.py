@@ -5,13 +5,18 @@ Grammar (case-sensitive; whitespace around a reference is ignored)::
     A{layer}.{index}      attention-output (hook_z) SAE feature        A5.44256
     L{layer}.F{index}     accepted alias for A{layer}.{index}          L5.F44256  -> A5.44256
     R{layer}.{index}      residual-stream (resid_pre) SAE feature      R3.19755
+    T{layer}.{index}      transcoder feature (reads the MLP's input, writes its output)  T1.207
     A{layer}.ERR          attention SAE error  (z - reconstruction)    A5.ERR
     R{layer}.ERR          residual SAE error                           R3.ERR
     A{layer}.BIAS         attention SAE bias: as a source, its decoder bias (b_dec W_O + b_O);
                           as an input of A{layer} features, their encoder constant
     R{layer}.BIAS         residual SAE bias, likewise (b_dec; encoder constant)
+    T{layer}.ERR          transcoder error (MLP output - reconstruction)    T1.ERR
+    T{layer}.BIAS         transcoder bias: as a source its decoder bias b_dec; as an input of
+                          T{layer} features, their encoder constant
     EMB, POS              token and position embeddings
-    MLP{layer}            MLP output of a layer (a leaf: no linear path back through it)
+    MLP{layer}            MLP output of a layer without a transcoder (a leaf: no linear path back
+                          through the nonlinearity)
     ATTN{layer}           attention output of a layer that has no attention SAE (a leaf)
     H{layer}.{head}       an attention head: the target of q_in / k_in edges (QK attribution)  H1.3
     REST                  what pruning removed from one target (per-prompt graphs only)
@@ -33,6 +38,7 @@ class NodeKind(StrEnum):
 
     ATTN = "attn"  # attention-output SAE feature
     RESID = "resid"  # residual SAE feature
+    TRANSCODER = "transcoder"  # transcoder feature: reads an MLP's input (LN2's output), writes its output
     ERROR = "error"
     BIAS = "bias"
     EMB = "emb"
@@ -43,13 +49,13 @@ class NodeKind(StrEnum):
     REST = "rest"
 
 
-FEATURE_KINDS = frozenset({NodeKind.ATTN, NodeKind.RESID})
-_SAE_PREFIX = {"A": NodeKind.ATTN, "R": NodeKind.RESID}
-_PREFIX_OF_SAE_KIND = {NodeKind.ATTN: "A", NodeKind.RESID: "R"}
+FEATURE_KINDS = frozenset({NodeKind.ATTN, NodeKind.RESID, NodeKind.TRANSCODER})
+_SAE_PREFIX = {"A": NodeKind.ATTN, "R": NodeKind.RESID, "T": NodeKind.TRANSCODER}
+_PREFIX_OF_SAE_KIND = {NodeKind.ATTN: "A", NodeKind.RESID: "R", NodeKind.TRANSCODER: "T"}
 
-_FEATURE = re.compile(r"(?P<p>[AR])(?P<layer>\d+)\.(?P<index>\d+)")
+_FEATURE = re.compile(r"(?P<p>[ART])(?P<layer>\d+)\.(?P<index>\d+)")
 _ALIAS = re.compile(r"L(?P<layer>\d+)\.F(?P<index>\d+)")
-_SAE_COMPONENT = re.compile(r"(?P<p>[AR])(?P<layer>\d+)\.(?P<what>ERR|BIAS)")
+_SAE_COMPONENT = re.compile(r"(?P<p>[ART])(?P<layer>\d+)\.(?P<what>ERR|BIAS)")
 _LAYER_LEAF = re.compile(r"(?P<what>MLP|ATTN)(?P<layer>\d+)")
 _HEAD = re.compile(r"H(?P<layer>\d+)\.(?P<head>\d+)")
 _POS = re.compile(r"(?P<body>.+)@(?P<pos>\d+)")
@@ -61,7 +67,7 @@ class NodeRefError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class NodeRef:
-    """A parsed node id. ``sae_kind`` is attn/resid for ERR and BIAS nodes, else None."""
+    """A parsed node id. ``sae_kind`` is attn/resid/transcoder for ERR and BIAS nodes, else None."""
 
     kind: NodeKind
     layer: int | None = None
@@ -87,6 +93,10 @@ def attn(layer: int, index: int, pos: int | None = None) -> NodeRef:
 
 def resid(layer: int, index: int, pos: int | None = None) -> NodeRef:
     return NodeRef(NodeKind.RESID, layer, index, pos)
+
+
+def transcoder(layer: int, index: int, pos: int | None = None) -> NodeRef:
+    return NodeRef(NodeKind.TRANSCODER, layer, index, pos)
 
 
 def sae_error(sae_kind: NodeKind, layer: int, pos: int | None = None) -> NodeRef:
@@ -157,8 +167,8 @@ def _parse_body(body: str) -> NodeRef | None:
 
 
 GRAMMAR_HINT = (
-    "expected A{layer}.{index} (alias L{layer}.F{index}), R{layer}.{index}, A|R{layer}.ERR, "
-    "A|R{layer}.BIAS, EMB, POS, MLP{layer}, ATTN{layer}, H{layer}.{head} or REST, optionally followed by @{pos}"
+    "expected A{layer}.{index} (alias L{layer}.F{index}), R{layer}.{index}, T{layer}.{index}, A|R|T{layer}.ERR, "
+    "A|R|T{layer}.BIAS, EMB, POS, MLP{layer}, ATTN{layer}, H{layer}.{head} or REST, optionally followed by @{pos}"
 )
 
 
@@ -181,11 +191,11 @@ def parse_ref(text: str) -> NodeRef:
 
 
 def parse_feature(text: str) -> NodeRef:
-    """Parse a reference that must name an SAE feature (A… or R…), without a position."""
+    """Parse a reference that must name an SAE or transcoder feature (A…, R… or T…), without a position."""
     ref = parse_ref(text)
     if not ref.is_feature:
         raise NodeRefError(f"{text!r} is not an SAE feature reference: expected A{{layer}}.{{index}}, "
-                           "L{layer}.F{index} or R{layer}.{index}")
+                           "L{layer}.F{index}, R{layer}.{index} or T{layer}.{index}")
     if ref.pos is not None:
         raise NodeRefError(f"{text!r} names a position; a catalog feature reference has none")
     return ref

@@ -23,10 +23,11 @@ from catalog.ids import FEATURE_KINDS, NodeRef, format_ref
 
 JSON = dict[str, Any]  # an answer on its way to JSON: keys are field names
 
-EDGE_KINDS = ("attn_in", "resid_in", "direct", "q_in", "k_in", "qk")  # an edge kind's code is its index here
+# an edge kind's code is its index here; mlp_in: into a transcoder feature (ingest/rdfa/graph.py)
+EDGE_KINDS = ("attn_in", "resid_in", "direct", "q_in", "k_in", "qk", "mlp_in")
 ATTENTION_KINDS = ("attn_in", "direct")  # edges that read through a head (V-composition)
 QK_KINDS = ("q_in", "k_in", "qk")  # QK attribution of attention scores (positions: key s, query t)
-NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys fit in 60 bits
+NODE_ID_LIMIT = 1 << 29  # node dictionary ids stay below this, so edge keys (2^58 x 7 kinds) fit in an int64
 
 # What a feature fires on: each feature keeps, per run, its TOP_ACTIVATIONS strongest activations (prompt,
 # position; ties by prompt uid, then position) and a histogram of every activation. A histogram bin is the

@@ -22,11 +22,18 @@ class Precision(StrEnum):
     float16 = "float16"
 
 
-def open_session(model: str, saes: list[str], device: str | None, *, decompose: bool = True):
-    """Load the model and SAEs; what a release left out is said on stderr, in one line each."""
+TranscodersOpt = Annotated[list[str] | None, typer.Option(help=(
+    "transcoders, so circuits pass through the MLPs: toy-ioi, RELEASE[:ID] or a directory in SAELens's format "
+    "(SAELens Transcoder classes, reading blocks.L.ln2.hook_normalized); repeatable"))]
+
+
+def open_session(model: str, saes: list[str], device: str | None, *, decompose: bool = True,
+                 transcoders: list[str] | None = None):
+    """Load the model, SAEs and transcoders; what a release left out is said on stderr, in one line each."""
     from ingest.model_with_saes import ModelWithSaes
 
-    session = ModelWithSaes.open(model, list(saes), device, decompose=decompose)
+    session = ModelWithSaes.open(model, list(saes), device, decompose=decompose,
+                                 transcoder_specs=list(transcoders or []))
     for note in session.saes.left_out:
         typer.echo(f"note: {note}", err=True)
     return session
@@ -51,7 +58,8 @@ def make_toy(out: str = "toy-ioi", seed: Annotated[int, bounded(0)] = 0, threads
 def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a TransformerLens name")],
           saes: Annotated[list[str], typer.Option(help="toy-ioi, RELEASE[:ID] or a directory; repeatable")],
           prompt: Annotated[str, typer.Option(help="the prompt text")],
-          feature: Annotated[str | None, typer.Option(help="start feature, e.g. A2.17")] = None,
+          feature: Annotated[str | None, typer.Option(help="start feature, e.g. A2.17 (or T1.207 with transcoders)")] = None,
+          transcoders: TranscodersOpt = None,
           pos: int = -1, depth: Annotated[int, bounded(1, 20)] = 3,
           top: Annotated[int, bounded(1, 1000, "contributors kept per node")] = 5, device: str | None = None,
           threads: Threads = 1,
@@ -70,7 +78,7 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
     from ingest.trace import trace as run_trace
 
     configure_threads(threads)
-    session = open_session(model, saes, device)
+    session = open_session(model, saes, device, transcoders=transcoders)
     result = run_trace(session, prompt, feature=feature, pos=pos, depth=depth, top=top, qk=qk)
     if format_ == "neuronpedia":
         from catalog.neuronpedia import ScoreSplit, to_neuronpedia
@@ -97,6 +105,7 @@ def trace(model: Annotated[str, typer.Option(help="toy-ioi, a directory, or a Tr
 @friendly
 def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typer.Option()],
            corpus: Annotated[str, typer.Option(help="ioi:N[:seed], abc:N[:seed], FILE.jsonl, FILE.txt, hf:DATASET")],
+           transcoders: TranscodersOpt = None,
            store: StoreOpt = DEFAULT_URL, run: str = "default",
            batch_size: Annotated[int, bounded(1, 4096)] = 8,
            limit: Annotated[int | None, bounded(1, help="stop after this many prompts")] = None,
@@ -160,7 +169,8 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
         raise ValueError("--publish-every publishes into a live catalog from one job: not with --partials, --shard "
                          "or a neo4j-import: store")
     configure_threads(threads)
-    ray = RayOptions(ray_address, workers, gpus_per_worker, threads, model, list(saes)) if executor == "ray" else None
+    ray = RayOptions(ray_address, workers, gpus_per_worker, threads, model, list(saes),
+                     list(transcoders or [])) if executor == "ray" else None
     opts = JobOptions(run=run, batch_size=batch_size, limit=limit, shard=parse_shard(shard), resume=resume,
                       max_tokens=max_tokens, long_policy="truncate" if truncate else "skip" if skip_long else "refuse",
                       pruning=Pruning(top_k=top_k, min_abs=min_abs, direct_positions=direct_positions, qk=qk,
@@ -179,7 +189,7 @@ def ingest(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typ
                 raise  # a server that does not answer; a SQLite file that is not there yet is made below
     # the model before the store is made: a model or SAE that cannot be loaded leaves no store file behind
     # (with Ray the workers run RDFA; this process only tokenizes and writes, so it loads the model on the CPU)
-    session = open_session(model, saes, "cpu" if executor == "ray" else device)
+    session = open_session(model, saes, "cpu" if executor == "ray" else device, transcoders=transcoders)
     from ingest.corpora import open_corpus
 
     open_corpus(corpus, session.lm.tokenizer, toy=session.lm.is_toy)  # a bad spec is refused before the store opens

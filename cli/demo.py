@@ -60,7 +60,7 @@ def run_demo(store_url: str, n_prompts: int, threads: int) -> None:
     configure_threads(threads)
     store = open_store(store_url)
     console.rule("[bold]circuit-catalog demo: toy-ioi on IOI prompts")
-    session = ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu")
+    session = ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu", transcoder_specs=["toy-ioi"])
     summary = run_job(session, f"ioi:{n_prompts}", store, JobOptions(run="demo", resume=store.run("demo") is not None),
                       log=console.print)
     console.print(f"ingested {summary.prompts} prompts ({summary.skipped_done} already stored), "

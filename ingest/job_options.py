@@ -47,6 +47,7 @@ class RayOptions:
     threads_per_worker: int = 1
     model: str = ""  # what each worker loads (the driver's own session only tokenizes)
     saes: list[str] = field(default_factory=list)
+    transcoders: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -22,10 +22,14 @@ PROCESSING = {
     "center_unembed": True,
     "fold_value_biases": True,
 }
-# The hook each kind of SAE reads: attention SAEs hook_z, residual SAEs resid_pre.
-SAE_HOOK = {NodeKind.ATTN: "blocks.{layer}.attn.hook_z", NodeKind.RESID: "blocks.{layer}.hook_resid_pre"}
+# The hook each kind of SAE reads: attention SAEs hook_z, residual SAEs resid_pre, transcoders the MLP's input
+# (LN2's output; with fold_ln it is center(resid_mid) / sigma, LN2's weights live in W_in). A transcoder writes
+# the MLP's output, blocks.{layer}.hook_mlp_out.
+SAE_HOOK = {NodeKind.ATTN: "blocks.{layer}.attn.hook_z", NodeKind.RESID: "blocks.{layer}.hook_resid_pre",
+            NodeKind.TRANSCODER: "blocks.{layer}.ln2.hook_normalized"}
 SAE_HOOK_PATTERN = {NodeKind.ATTN: re.compile(r"blocks\.(\d+)\.attn\.hook_z"),
-                    NodeKind.RESID: re.compile(r"blocks\.(\d+)\.hook_resid_pre")}
+                    NodeKind.RESID: re.compile(r"blocks\.(\d+)\.hook_resid_pre"),
+                    NodeKind.TRANSCODER: re.compile(r"blocks\.(\d+)\.ln2\.hook_normalized")}
 Hook = tuple[str, Callable[..., Any]]
 
 
@@ -44,6 +48,11 @@ def parse_sae_hook(name: str) -> tuple[NodeKind, int] | None:
 
 def attn_out_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_attn_out"
+
+
+def mlp_out_hook(layer: int) -> str:
+    """What a transcoder at ``layer`` writes: the MLP's output."""
+    return f"blocks.{layer}.hook_mlp_out"
 
 
 def hooked_transformer() -> tuple[Any, Any]:
@@ -115,11 +124,14 @@ def replay_hooks(cache: Any, keep: set[str]) -> list[Hook]:
     return [(name, lambda act, hook, v=cache[name]: v) for name in cache if name.endswith(frozen) and name not in keep]
 
 
-def hook_names(n_layers: int) -> set[str]:
+def hook_names(n_layers: int, mlp_layers: Iterable[int] = ()) -> set[str]:
+    """The hooks RDFA reads; ``mlp_layers``: layers with a transcoder, whose MLP input and LN2 scale it reads too."""
     names = {"hook_embed", "hook_pos_embed"}
     for l in range(n_layers):
         names |= {f"blocks.{l}.hook_resid_pre", f"blocks.{l}.ln1.hook_scale", f"blocks.{l}.attn.hook_pattern",
                   f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"}
+    for l in mlp_layers:
+        names |= {f"blocks.{l}.ln2.hook_normalized", f"blocks.{l}.ln2.hook_scale"}
     return names
 
 
@@ -135,10 +147,13 @@ def check_processed(model) -> None:
 
 
 @torch.no_grad()
-def capture(model, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, Capture]:
-    """Run ``tokens`` [B, T] (right-padded) and return (logits [B, T, vocab], Capture)."""
+def capture(model, tokens: torch.Tensor, lengths: torch.Tensor, mlp_layers: Iterable[int] = ()
+            ) -> tuple[torch.Tensor, Capture]:
+    """Run ``tokens`` [B, T] (right-padded) and return (logits [B, T, vocab], Capture); ``mlp_layers``: the
+    layers with a transcoder."""
     L = model.cfg.n_layers
-    names = hook_names(L)
+    mlp_layers = sorted(mlp_layers)
+    names = hook_names(L, mlp_layers)
     logits, cache = run_with_cache(model, tokens, names)
     cap = Capture(
         lengths=lengths.to(tokens.device),
@@ -150,6 +165,8 @@ def capture(model, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.T
         z=[cache[f"blocks.{l}.attn.hook_z"] for l in range(L)],
         attn_out=[cache[f"blocks.{l}.hook_attn_out"] for l in range(L)],
         mlp_out=[cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)],
+        mlp_in={l: cache[f"blocks.{l}.ln2.hook_normalized"] for l in mlp_layers},
+        ln2_scale={l: cache[f"blocks.{l}.ln2.hook_scale"].squeeze(-1) for l in mlp_layers},
     )
     return logits, cap
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,21 +24,22 @@ class ModelWithSaes:
     attn: dict[int, SaeWeights]
     resid: dict[int, SaeWeights]
     device: torch.device
+    transcoders: dict[int, SaeWeights] = field(default_factory=dict)
 
     @classmethod
     def open(cls, model_spec: str, sae_specs: list[str], device: str | None = None, *,
-             decompose: bool = True) -> ModelWithSaes:
-        """Load the model and its SAEs on ``device``. ``decompose``: the SAEs must support RDFA (a residual
-        SAE at every attention SAE's layer); evaluation, which only splices SAEs in, needs no such pairs."""
+             decompose: bool = True, transcoder_specs: list[str] = ()) -> ModelWithSaes:
+        """Load the model, its SAEs and transcoders on ``device``. ``decompose``: the SAEs must support RDFA (a
+        residual SAE at every attention SAE's layer); evaluation, which only splices SAEs in, needs no such pairs."""
         dev = pick_device(device)
         lm = load_model(model_spec, dev)
         check_processed(lm.model)
-        saes = load_saes(sae_specs, lm.cfg, dev)
+        saes = load_saes(sae_specs, lm.cfg, dev, list(transcoder_specs))
         if decompose:
             check_pairs(saes, lm.name)
-        attn = {l: s.weights.to(dev) for l, s in saes.attn.items()}
-        resid = {l: s.weights.to(dev) for l, s in saes.resid.items()}
-        return cls(lm, saes, weights_of(lm.model), attn, resid, dev)
+        on_device = lambda bucket: {l: s.weights.to(dev) for l, s in bucket.items()}  # noqa: E731
+        return cls(lm, saes, weights_of(lm.model), on_device(saes.attn), on_device(saes.resid), dev,
+                   on_device(saes.transcoders))
 
     def pad(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest prompt: tokens [B, T], lengths [B]. Causal attention keeps real
@@ -51,8 +52,8 @@ class ModelWithSaes:
     def attribute(self, token_lists: list[list[int]], pruning: Pruning) -> tuple[torch.Tensor, Graph]:
         """Forward with cache + full RDFA graph of a batch. Returns (logits [B,T,V], graph)."""
         tokens, lengths = self.pad(token_lists)
-        logits, cap = capture(self.lm.model, tokens, lengths)
-        return logits, full_graph(cap, self.weights, self.attn, self.resid, pruning)
+        logits, cap = capture(self.lm.model, tokens, lengths, self.transcoders)
+        return logits, full_graph(cap, self.weights, self.attn, self.resid, pruning, self.transcoders)
 
     def manifest(self) -> dict:
         return {"model": {"name": self.lm.name, "source": self.lm.source, "repo_id": self.lm.repo_id,

@@ -42,12 +42,12 @@ def _die_once_after_first_batch(k: int) -> None:
 class RdfaWorker:
     """A Ray actor: the model and SAEs loaded once; turns windows of batches into aggregates."""
 
-    def __init__(self, model: str, saes: list[str], device: str | None, threads: int):
+    def __init__(self, model: str, saes: list[str], device: str | None, threads: int, transcoders: list[str] = ()):
         from ingest.model_with_saes import ModelWithSaes
         from ingest.runtime import configure_threads
 
         configure_threads(threads)
-        self.session = ModelWithSaes.open(model, saes, device)
+        self.session = ModelWithSaes.open(model, saes, device, transcoder_specs=list(transcoders))
         self.slots = node_slots(self.session)
 
     def window(self, batches: list, corpus_spec: str, opts: JobOptions, cap: int | None) -> list[Any]:
@@ -84,7 +84,7 @@ def _run(ray: Any, ActorPool: Any, tqdm: Any, cfg: Any, store: Any, todo: list, 
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     actor = ray.remote(num_cpus=cfg.threads_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=-1,
                        max_task_retries=-1)(RdfaWorker)
-    workers = [actor.remote(cfg.model, cfg.saes, device, cfg.threads_per_worker) for _ in range(cfg.workers)]
+    workers = [actor.remote(cfg.model, cfg.saes, device, cfg.threads_per_worker, cfg.transcoders) for _ in range(cfg.workers)]
     pool = ActorPool(workers)
     bar = tqdm(total=sum(len(b) for w in todo for b in w), unit="prompt", disable=not opts.progress,
                dynamic_ncols=True)

@@ -1,6 +1,7 @@
 """SAE loading through SAELens: registry releases, ``release:id``, local folders, ``toy-ioi``.
 
-Each SAE is checked against the model (hook and width) and turned into plain
+Transcoders (``--transcoders``) load the same ways, through SAELens's ``Transcoder`` classes. Each SAE is
+checked against the model (hook and width) and turned into plain
 :class:`~ingest.rdfa.types.SaeWeights` for the maths. Provenance (release, id, weight hash,
 Neuronpedia id) is kept for the run manifest. ``import sae_lens`` costs seconds, so it happens
 only inside the loaders here.
@@ -66,29 +67,38 @@ class SaeSet:
     attn: dict[int, LoadedSae]
     resid: dict[int, LoadedSae]
     left_out: list[str] = field(default_factory=list)  # SAEs of a requested release the catalog cannot use, and why
+    transcoders: dict[int, LoadedSae] = field(default_factory=dict)
 
     def all(self) -> list[LoadedSae]:
-        return [self.attn[k] for k in sorted(self.attn)] + [self.resid[k] for k in sorted(self.resid)]
+        return [b[k] for b in (self.attn, self.resid, self.transcoders) for k in sorted(b)]
+
+    def of_kind(self, kind: NodeKind) -> dict[int, LoadedSae]:
+        return {NodeKind.ATTN: self.attn, NodeKind.RESID: self.resid, NodeKind.TRANSCODER: self.transcoders}[kind]
 
     def key_of(self, kind: NodeKind, layer: int) -> str:
-        return (self.attn if kind is NodeKind.ATTN else self.resid)[layer].key
+        return self.of_kind(kind)[layer].key
 
 
-def load_saes(specs: list[str], model_cfg, device="cpu") -> SaeSet:
-    """Load every ``--saes`` spec, check each fits ``model_cfg``, refuse duplicates."""
+def load_saes(specs: list[str], model_cfg, device="cpu", transcoder_specs: list[str] = ()) -> SaeSet:
+    """Load every ``--saes`` and ``--transcoders`` spec, check each fits ``model_cfg``, refuse duplicates and an
+    SAE given under the other option."""
     if not specs:
         raise LoadError("no SAEs given: pass --saes RELEASE, RELEASE:SAE_ID, a directory, or toy-ioi")
-    attn: dict[int, LoadedSae] = {}
-    resid: dict[int, LoadedSae] = {}
-    left_out: list[str] = []
-    for spec in specs:
-        for sae in _load_spec(spec, device, left_out):
-            check_fits(sae, model_cfg)
-            bucket = attn if sae.kind is NodeKind.ATTN else resid
-            if sae.layer in bucket:
-                raise LoadError(f"two SAEs read {sae.hook_name}: {bucket[sae.layer].sae_id} and {sae.sae_id}")
-            bucket[sae.layer] = sae
-    return SaeSet(attn, resid, left_out)
+    saes = SaeSet({}, {})
+    for option, option_specs in (("--saes", specs), ("--transcoders", transcoder_specs)):
+        for spec in option_specs:
+            for sae in _load_spec(spec, device, saes.left_out, transcoders=option == "--transcoders"):
+                if (sae.kind is NodeKind.TRANSCODER) != (option == "--transcoders"):
+                    raise LoadError(f"{option} {spec}: {sae.sae_id} reads {sae.hook_name}; pass "
+                                    + ("transcoders with --transcoders" if option == "--saes" else
+                                       "SAEs with --saes (--transcoders takes transcoders, which read "
+                                       "blocks.L.ln2.hook_normalized)"))
+                check_fits(sae, model_cfg)
+                bucket = saes.of_kind(sae.kind)
+                if sae.layer in bucket:
+                    raise LoadError(f"two SAEs read {sae.hook_name}: {bucket[sae.layer].sae_id} and {sae.sae_id}")
+                bucket[sae.layer] = sae
+    return saes
 
 
 def check_fits(sae: LoadedSae, cfg) -> None:
@@ -102,16 +112,20 @@ def check_fits(sae: LoadedSae, cfg) -> None:
     if d_in != want:
         raise LoadError(f"SAE {sae.sae_id} reads {sae.hook_name} with width {d_in}, but model "
                         f"{cfg.model_name} has {what}={want} there")
+    d_out = sae.weights.W_dec.shape[1]
+    if sae.kind is NodeKind.TRANSCODER and d_out != cfg.d_model:
+        raise LoadError(f"transcoder {sae.sae_id} writes width {d_out}, but the MLP output of model "
+                        f"{cfg.model_name} has d_model={cfg.d_model}")
 
 
-def _load_spec(spec: str, device, left_out: list[str]) -> list[LoadedSae]:
+def _load_spec(spec: str, device, left_out: list[str], transcoders: bool = False) -> list[LoadedSae]:
     if spec == TOY_NAME:
-        return load_sae_dir(TOY_DIR / "saes", device, release=TOY_NAME)
+        return load_sae_dir(TOY_DIR / ("transcoders" if transcoders else "saes"), device, release=TOY_NAME)
     path = Path(spec).expanduser()
     if path.exists():
         return load_sae_dir(path, device, release=str(path), local=True)
     release, _, sae_id = spec.partition(":")
-    return _load_release(release, sae_id or None, device, left_out)
+    return _load_release(release, sae_id or None, device, left_out, transcoders)
 
 
 def load_sae_dir(path: Path, device, release: str, local: bool = False) -> list[LoadedSae]:
@@ -126,8 +140,10 @@ def load_sae_dir(path: Path, device, release: str, local: bool = False) -> list[
             for f in folders]
 
 
-def _load_release(release: str, sae_id: str | None, device, left_out: list[str]) -> list[LoadedSae]:
-    """Every SAE of a release the catalog can use (the others named in ``left_out``), or one named id."""
+def _load_release(release: str, sae_id: str | None, device, left_out: list[str], transcoders: bool = False
+                  ) -> list[LoadedSae]:
+    """Every SAE (``transcoders``: every transcoder) of a release the catalog can use (the others named in
+    ``left_out``), or one named id."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory = get_pretrained_saes_directory()
@@ -141,15 +157,19 @@ def _load_release(release: str, sae_id: str | None, device, left_out: list[str])
     out, skipped = [], []
     for sid in [sae_id] if sae_id else list(info.saes_map):
         hook = _release_hook(release, sid)
-        if parse_sae_hook(hook) is None:
-            if sae_id is not None:  # named explicitly: refuse
-                raise LoadError(_unsupported_hook(f"{release}:{sid}", hook))
-            skipped.append(f"{sid} (reads {hook})")
-            continue
+        parsed = parse_sae_hook(hook)
+        if parsed is None or (parsed[0] is NodeKind.TRANSCODER) != transcoders:
+            if sae_id is not None and parsed is None:  # named explicitly: refuse (a kind given under the
+                raise LoadError(_unsupported_hook(f"{release}:{sid}", hook))  # other option: load_saes says so)
+            if sae_id is None:
+                skipped.append(f"{sid} (reads {hook})")
+                continue
         out.append(_load_registry_sae(release, sid, info, device))
     if skipped:
-        left_out.append(f"--saes {release}: left out {', '.join(skipped)}: the catalog reads "
-                        "blocks.L.attn.hook_z and blocks.L.hook_resid_pre only")
+        left_out.append(f"--{'transcoders' if transcoders else 'saes'} {release}: left out {', '.join(skipped)}: "
+                        + ("transcoders read blocks.L.ln2.hook_normalized" if transcoders else
+                           "the catalog reads blocks.L.attn.hook_z and blocks.L.hook_resid_pre (transcoders, "
+                           "blocks.L.ln2.hook_normalized, with --transcoders)"))
     return out
 
 
@@ -191,7 +211,7 @@ def check_processing_kwargs(name: str, kwargs: dict | None) -> None:
 
 def _unsupported_hook(name: str, hook: str) -> str:
     return (f"SAE {name} reads {hook!r}; the catalog supports blocks.L.attn.hook_z and "
-            "blocks.L.hook_resid_pre")
+            "blocks.L.hook_resid_pre (and, with --transcoders, transcoders reading blocks.L.ln2.hook_normalized)")
 
 
 def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None, local: bool = False) -> LoadedSae:
@@ -204,11 +224,29 @@ def _from_sae_lens(sae, release: str, sae_id: str, neuronpedia_id: str | None, l
         raise LoadError(f"SAE {sae_id} normalizes its input ({cfg.normalize_activations}); RDFA needs "
                         "a linear encoder input, so fold the normalization into the weights first")
     kind, layer = parsed
+    check_transcoder_class(sae, sae_id, kind)
     state = {k: v.detach().float() for k, v in sae.state_dict().items()}
     weights = SaeWeights(kind, layer, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"],
                          bool(getattr(cfg, "apply_b_dec_to_input", True)), state.get("threshold"),
                          getattr(cfg, "k", None))
     return LoadedSae(weights, release, sae_id, hook, weights_hash(state), neuronpedia_id, local)
+
+
+def check_transcoder_class(sae, name: str, kind: NodeKind) -> None:
+    """A transcoder is one of SAELens's ``Transcoder`` classes (it reads the MLP's input and writes its output); a
+    skip transcoder's W_skip path is not decomposed yet, so it is refused rather than hidden in the error node."""
+    from sae_lens import SkipTranscoder, Transcoder
+
+    is_transcoder = isinstance(sae, Transcoder)
+    if kind is NodeKind.TRANSCODER and not is_transcoder:
+        raise LoadError(f"{name} reads the MLP's input but is a {type(sae).__name__}, not a transcoder: a transcoder "
+                        "decodes into the MLP's output (SAELens's Transcoder classes)")
+    if is_transcoder and kind is not NodeKind.TRANSCODER:
+        raise LoadError(f"transcoder {name} reads {sae.cfg.metadata.hook_name}; transcoders must read "
+                        "blocks.L.ln2.hook_normalized (the MLP's input) and write blocks.L.hook_mlp_out")
+    if isinstance(sae, SkipTranscoder):
+        raise LoadError(f"transcoder {name} has a skip connection (W_skip): not supported yet, since its linear "
+                        "path would have to be decomposed too")
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:

@@ -8,7 +8,7 @@ encoder constants (the same value on every prompt: a weight).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,9 +28,9 @@ from ingest.rdfa.tensors import Code, EdgeKind, EdgeTable, Graph, code_to_ref
 from ingest.reduce import N_KINDS, Activations, Observations, Partial, reduce_batch
 from ingest.roles import PromptPositions, role_rows
 
-_FEATURE_CODES = (Code.ATTN, Code.RESID)
-_ATTN_SIDE = (Code.ATTN, Code.ERR_A, Code.BIAS_A)
-_RESID_SIDE = (Code.RESID, Code.ERR_R, Code.BIAS_R)
+_FEATURE_CODES = (Code.ATTN, Code.RESID, Code.TC)
+_SIDES = {Code.ATTN: "attn", Code.ERR_A: "attn", Code.BIAS_A: "attn", Code.RESID: "resid", Code.ERR_R: "resid",
+          Code.BIAS_R: "resid", Code.TC: "transcoders", Code.ERR_T: "transcoders", Code.BIAS_T: "transcoders"}
 _LAYERLESS = (Code.EMB, Code.POS)
 
 
@@ -40,6 +40,12 @@ class SaeKeys:
 
     attn: dict[int, tuple[str, int]]  # layer -> (key, d_sae)
     resid: dict[int, tuple[str, int]]
+    transcoders: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+    def side(self, code: int) -> dict[int, tuple[str, int]]:
+        """The SAEs a node code belongs to (features, errors and biases); empty for components."""
+        name = _SIDES.get(Code(code))
+        return getattr(self, name) if name else {}
 
 
 class NodeSlots:
@@ -72,14 +78,14 @@ class NodeSlots:
 
     def _width(self, code: Code, layer: int) -> int:
         if code in _FEATURE_CODES:
-            table = self.saes.attn if code is Code.ATTN else self.saes.resid
+            table = self.saes.side(code)
             return table[layer][1] if layer in table else 0
-        if code in (Code.ERR_A, Code.BIAS_A):
-            return int(layer in self.saes.attn)
-        if code in (Code.ERR_R, Code.BIAS_R):
-            return int(layer in self.saes.resid)
+        if code in _SIDES:  # an SAE's error or bias
+            return int(layer in self.saes.side(code))
         if code is Code.ATTN_OUT:
             return int(layer not in self.saes.attn)
+        if code is Code.MLP:  # a leaf where no transcoder decomposes the MLP
+            return int(layer not in self.saes.transcoders)
         if code is Code.HEAD:  # heads whose scores QK attribution explains: layers with an attention SAE
             return self.n_heads if layer in self.saes.attn else 0
         return 1
@@ -115,7 +121,7 @@ class NodeSlots:
         return got.tolist()
 
     def _canonical(self, code: int, layer: int, index: int) -> NodeInfo:
-        table = self.saes.attn if code in _ATTN_SIDE else self.saes.resid if code in _RESID_SIDE else {}
+        table = self.saes.side(code)
         sae = table[layer][0] if layer in table else ""
         return NodeInfo.of(self.model, sae, code_to_ref(code, layer, index, None))
 
@@ -134,7 +140,8 @@ class NodeSlots:
 def _catalog_edges(t: EdgeTable) -> torch.Tensor:
     """Edges worth aggregating: not REST and not an SAE's encoder constant (BIAS of the target's own SAE)."""
     own_bias = (((t.src_code == Code.BIAS_A) & (t.dst_code == Code.ATTN)) |
-                ((t.src_code == Code.BIAS_R) & (t.dst_code == Code.RESID))) & (t.src_layer == t.dst_layer) & \
+                ((t.src_code == Code.BIAS_R) & (t.dst_code == Code.RESID)) |
+                ((t.src_code == Code.BIAS_T) & (t.dst_code == Code.TC))) & (t.src_layer == t.dst_layer) & \
         (t.kind != EdgeKind.QK)  # a qk pair with a decoder bias on one side is a term of a score, not a constant
     return (t.src_code != Code.REST) & ~own_bias
 

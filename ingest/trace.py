@@ -22,6 +22,7 @@ from ingest.rdfa.graph import direct_closure, direct_into, full_graph
 from ingest.rdfa.tensors import EDGE_KIND_NAMES, Code, EdgeTable, Pruning, code_to_ref
 
 Key = tuple[int, int, int, int]  # (code, layer, index, pos)
+FEATURE_CODES = (Code.ATTN, Code.RESID, Code.TC)  # the nodes a trace expands
 
 
 def _ref(key: Key) -> str:
@@ -35,17 +36,19 @@ def _start(graph, session: ModelWithSaes, feature: str | None, pos: int) -> Key:
             ref = parse_ref(feature)
         except NodeRefError as exc:
             raise UserFacingError(str(exc)) from None
-        if ref.kind not in (NodeKind.ATTN, NodeKind.RESID):
-            raise UserFacingError(f"--feature {feature}: trace starts from an SAE feature (A.. or R..)")
-        code = Code.ATTN if ref.kind is NodeKind.ATTN else Code.RESID
-        saes = session.attn if ref.kind is NodeKind.ATTN else session.resid
-        what = "attention" if ref.kind is NodeKind.ATTN else "residual"
+        kinds = {NodeKind.ATTN: (Code.ATTN, session.attn, "attention SAE"),
+                 NodeKind.RESID: (Code.RESID, session.resid, "residual SAE"),
+                 NodeKind.TRANSCODER: (Code.TC, session.transcoders, "transcoder")}
+        if ref.kind not in kinds:
+            raise UserFacingError(f"--feature {feature}: trace starts from an SAE or transcoder feature (A.., R.. or "
+                                  "T..)")
+        code, saes, what = kinds[ref.kind]
         if ref.layer not in saes:
-            raise UserFacingError(f"--feature {feature}: no {what} SAE at layer {ref.layer} "
-                                  f"(this session has {what} SAEs at layers {sorted(saes)})")
+            raise UserFacingError(f"--feature {feature}: no {what} at layer {ref.layer} "
+                                  f"(this session has {what}s at layers {sorted(saes)})")
         if ref.index >= saes[ref.layer].d_sae:
             raise UserFacingError(f"--feature {feature}: index {ref.index} is past the width of the layer-{ref.layer} "
-                                  f"{what} SAE ({saes[ref.layer].d_sae} features)")
+                                  f"{what} ({saes[ref.layer].d_sae} features)")
         hit = (n.code == code) & (n.layer == ref.layer) & (n.index == ref.index) & (n.pos == pos)
         if not hit.any():
             raise UserFacingError(f"feature {format_ref(ref.at(None))} is not active at position {pos} of this prompt")
@@ -90,9 +93,10 @@ def trace(session: ModelWithSaes, text: str, *, feature: str | None = None, pos:
         raise UserFacingError(f"--pos {pos} is outside the prompt's {len(ids)} tokens")
     pos %= len(ids)
     tokens, lengths = session.pad([ids])
-    _, cap = capture(session.lm.model, tokens, lengths)
-    # the tree reads attn_in / resid_in only (trace --qk decomposes its own scores: ingest/trace_qk.py)
-    graph = full_graph(cap, session.weights, session.attn, session.resid, Pruning(top_k=top, direct=False, qk=False))
+    _, cap = capture(session.lm.model, tokens, lengths, session.transcoders)
+    # the tree reads attn_in / resid_in / mlp_in only (trace --qk decomposes its own scores: ingest/trace_qk.py)
+    graph = full_graph(cap, session.weights, session.attn, session.resid, Pruning(top_k=top, direct=False, qk=False),
+                       session.transcoders)
     n = graph.nodes
     info = {(int(c), int(l), int(i), int(p)): (float(a), float(pr)) for c, l, i, p, a, pr in
             zip(n.code, n.layer, n.index, n.pos, n.act, n.pre)}
@@ -108,7 +112,7 @@ def trace(session: ModelWithSaes, text: str, *, feature: str | None = None, pos:
             rows = by_dst.get(node, [])
             edge_rows += rows
             nxt += _top_sources(graph.edges, rows, top)
-        frontier = [k for k in dict.fromkeys(nxt) if k[0] in (Code.ATTN, Code.RESID) and k not in expanded]
+        frontier = [k for k in dict.fromkeys(nxt) if k[0] in FEATURE_CODES and k not in expanded]
     edges = [_edge_json(graph.edges, i) for i in edge_rows]
     direct = _direct_for(session, cap, [k for k in expanded if k[0] == Code.ATTN], info, top)
     seen = dict.fromkeys([start] + expanded + [_key(graph.edges, i, "src") for i in edge_rows])
@@ -132,7 +136,7 @@ def _top_sources(table: EdgeTable, rows: list[int], top: int) -> list[Key]:
     total: dict[Key, float] = defaultdict(float)
     for i in rows:
         key = _key(table, i, "src")
-        if key[0] in (Code.ATTN, Code.RESID):
+        if key[0] in FEATURE_CODES:
             total[key] += float(table.value[i])
     return sorted(total, key=lambda k: (-abs(total[k]), k))[:top]
 
@@ -148,7 +152,8 @@ def _direct_for(session: ModelWithSaes, cap, targets: list[Key], info: dict, top
     """Exact direct attention->attention edges (all positions and heads) of the expanded attention nodes."""
     out = []
     acts = {l: steps.active_set(s, cap.z[l].flatten(-2), cap.valid) for l, s in session.attn.items()}
-    blocks = position_blocks(cap, session.weights, {l: (session.attn[l], acts[l]) for l in session.attn})
+    tc_acts = {l: (s, steps.active_set(s, cap.mlp_in[l], cap.valid)) for l, s in session.transcoders.items()}
+    blocks = position_blocks(cap, session.weights, {l: (session.attn[l], acts[l]) for l in session.attn}, tc_acts)
     for code, L, f, t in targets:
         b = torch.zeros(1, dtype=torch.long, device=cap.embed.device)
         tt = torch.tensor([t], device=b.device)

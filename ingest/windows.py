@@ -47,8 +47,8 @@ def cut_windows(batches: list, per_window: int, min_tail: int = 1) -> list[list]
 
 def node_slots(session: ModelWithSaes) -> NodeSlots:
     saes = session.saes
-    keys = SaeKeys({l: (s.key, s.weights.d_sae) for l, s in saes.attn.items()},
-                   {l: (s.key, s.weights.d_sae) for l, s in saes.resid.items()})
+    keyed = lambda bucket: {l: (s.key, s.weights.d_sae) for l, s in bucket.items()}  # noqa: E731
+    keys = SaeKeys(keyed(saes.attn), keyed(saes.resid), keyed(saes.transcoders))
     return NodeSlots(session.lm.name, session.lm.cfg.n_layers, keys, session.lm.cfg.n_heads)
 
 

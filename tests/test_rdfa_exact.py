@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from frozen import frozen_forward, grad_x_input
+from frozen import attn_leaves, edge_dict, frozen_forward, grad_x_input, leaf, with_b_o
 from tiny import random_saes, tiny_model
 
 from ingest.lens import capture, hook_names, weights_of
@@ -31,56 +31,16 @@ def setup():
     return model, attn, resid, tokens, lengths, cache, graph
 
 
-def _edge_dict(table, kind):
-    out = {}
-    for i in torch.nonzero(table.kind == kind).flatten().tolist():
-        key = tuple(int(getattr(table, c)[i]) for c in table.COLUMNS if c not in ("value", "kind"))
-        assert key not in out, f"duplicate edge {key}"
-        out[key] = float(table.value[i])
-    return out
-
-
-def _leaf(x):
-    return x.detach().clone().requires_grad_(True)
-
-
-def _attn_leaves(model, attn, cache, layers):
-    """hook_z of each layer in ``layers`` rebuilt from leaf feature activations, error and b_dec."""
-    leaves, repl = {}, {}
-    for l in layers:
-        sae = attn[l]
-        z = cache[f"blocks.{l}.attn.hook_z"]
-        acts = sae.activation(sae.pre_activation(z.flatten(-2)))
-        err = z.flatten(-2) - sae.decode(acts)
-        leaves[f"a{l}"], leaves[f"ea{l}"], leaves[f"ba{l}"] = _leaf(acts), _leaf(err), _leaf(sae.b_dec)
-        leaves[f"bo{l}"] = _leaf(model.blocks[l].attn.b_O)
-        repl[f"blocks.{l}.attn.hook_z"] = (leaves[f"a{l}"] @ sae.W_dec + leaves[f"ba{l}"] + leaves[f"ea{l}"]).view_as(z)
-    return leaves, repl
-
-
 def _component_leaves(model, attn, cache, upto):
     """Leaves for every direct-path source of resid_pre[upto]: EMB, POS, attention parts, MLP outputs."""
-    leaves, repl = _attn_leaves(model, attn, cache, range(upto))
+    leaves, repl = attn_leaves(model, attn, cache, range(upto))
     for name in ("hook_embed", "hook_pos_embed"):
-        leaves[name] = _leaf(cache[name])
+        leaves[name] = leaf(cache[name])
         repl[name] = leaves[name]
     for l in range(upto):
-        leaves[f"m{l}"] = _leaf(cache[f"blocks.{l}.hook_mlp_out"])
+        leaves[f"m{l}"] = leaf(cache[f"blocks.{l}.hook_mlp_out"])
         repl[f"blocks.{l}.hook_mlp_out"] = leaves[f"m{l}"]
     return leaves, repl
-
-
-def _with_b_o(model, leaves, repl, layers, fn):
-    """Run ``fn`` with each layer's b_O swapped for its leaf so its grad x input is measurable."""
-    saved = {l: model.blocks[l].attn.b_O for l in layers}
-    try:
-        for l in layers:
-            model.blocks[l].attn.b_O = torch.nn.Parameter(leaves[f"bo{l}"], requires_grad=True)
-            leaves[f"bo{l}"] = model.blocks[l].attn.b_O
-        return fn()
-    finally:
-        for l, p in saved.items():
-            model.blocks[l].attn.b_O = p
 
 
 def _component_expect(gx, b, s, upto):
@@ -98,12 +58,12 @@ def _component_expect(gx, b, s, upto):
 
 def test_resid_in_edges_equal_gradient_times_input(setup):
     model, attn, resid, tokens, lengths, cache, graph = setup
-    edges = _edge_dict(graph.edges, EdgeKind.RESID_IN)
+    edges = edge_dict(graph.edges, EdgeKind.RESID_IN)
     checked = 0
     for L, sae in resid.items():
         leaves, repl = _component_leaves(model, attn, cache, L)
         name = f"blocks.{L}.hook_resid_pre"
-        x = _with_b_o(model, leaves, repl, range(L),
+        x = with_b_o(model, leaves, repl, range(L),
                       lambda: frozen_forward(model, tokens, cache, repl, [name])[name])  # noqa: B023 - called now
         pre = sae.pre_activation(x)
         acts = sae.activation(pre.detach())
@@ -122,14 +82,14 @@ def test_resid_in_edges_equal_gradient_times_input(setup):
 
 def test_attn_in_edges_equal_gradient_times_input_per_head(setup):
     model, attn, resid, tokens, lengths, cache, graph = setup
-    edges = _edge_dict(graph.edges, EdgeKind.ATTN_IN)
+    edges = edge_dict(graph.edges, EdgeKind.ATTN_IN)
     H, dh = model.cfg.n_heads, model.cfg.d_head
     checked = 0
     for L, sae in attn.items():
         rsae = resid[L]
         x = cache[f"blocks.{L}.hook_resid_pre"]
         racts = rsae.activation(rsae.pre_activation(x))
-        leaves = {"a": _leaf(racts), "err": _leaf(x - rsae.decode(racts)), "bdec": _leaf(rsae.b_dec)}
+        leaves = {"a": leaf(racts), "err": leaf(x - rsae.decode(racts)), "bdec": leaf(rsae.b_dec)}
         rebuilt = leaves["a"] @ rsae.W_dec + leaves["bdec"] + leaves["err"]
         zname = f"blocks.{L}.attn.hook_z"
         z = frozen_forward(model, tokens, cache, {f"blocks.{L}.hook_resid_pre": rebuilt}, [zname])[zname]
@@ -159,14 +119,14 @@ def test_direct_edges_equal_gradient_times_input_per_head(setup):
     """Every source kind of the direct view (EMB, POS, attention features, their SAE error and bias,
     MLP outputs) at every source position, into attention features at every destination position."""
     model, attn, resid, tokens, lengths, cache, graph = setup
-    edges = _edge_dict(graph.direct, EdgeKind.DIRECT)
+    edges = edge_dict(graph.direct, EdgeKind.DIRECT)
     H, dh = model.cfg.n_heads, model.cfg.d_head
     checked = {code: 0 for code in (Code.EMB, Code.POS, Code.ATTN, Code.ERR_A, Code.BIAS_A, Code.MLP)}
     for L in (1, 2):
         sae = attn[L]
         leaves, repl = _component_leaves(model, attn, cache, L)
         zname = f"blocks.{L}.attn.hook_z"
-        z = _with_b_o(model, leaves, repl, range(L),
+        z = with_b_o(model, leaves, repl, range(L),
                       lambda: frozen_forward(model, tokens, cache, repl, [zname])[zname])  # noqa: B023 - called now
         per_head = torch.einsum("bthe,hef->bthf", z, sae.W_enc.view(H, dh, -1))
         acts = sae.activation(sae.pre_activation(z.detach().flatten(-2)))
@@ -294,7 +254,7 @@ def test_position_blocks_pad_each_group_alone_and_do_not_change_edges(setup, mon
     for kind in (EdgeKind.RESID_IN, EdgeKind.DIRECT):
         table = graph.edges if kind == EdgeKind.RESID_IN else graph.direct
         other = single.edges if kind == EdgeKind.RESID_IN else single.direct
-        want, got = _edge_dict(table, kind), _edge_dict(other, kind)
+        want, got = edge_dict(table, kind), edge_dict(other, kind)
         assert want.keys() == got.keys() and len(want) > 100
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)  # float32 matmul shapes differ
@@ -334,12 +294,12 @@ def test_step2_over_all_prompts_at_once_gives_the_per_prompt_edges(setup, monkey
     monkeypatch.setattr(steps, "BATCHED_ROWS_DOT", True)
     monkeypatch.setattr(step2, "BAND_ELEMENTS", budget)
     together = full_graph(cap, weights_of(model), attn, resid, pruning)
-    want, got = _edge_dict(per_prompt.edges, EdgeKind.ATTN_IN), _edge_dict(together.edges, EdgeKind.ATTN_IN)
+    want, got = edge_dict(per_prompt.edges, EdgeKind.ATTN_IN), edge_dict(together.edges, EdgeKind.ATTN_IN)
     assert want.keys() == got.keys() and len(want) > 100
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)
     torch.testing.assert_close(together.nodes.explained, per_prompt.nodes.explained, rtol=RTOL, atol=ATOL)
-    want, got = _edge_dict(per_prompt.direct, EdgeKind.DIRECT), _edge_dict(together.direct, EdgeKind.DIRECT)
+    want, got = edge_dict(per_prompt.direct, EdgeKind.DIRECT), edge_dict(together.direct, EdgeKind.DIRECT)
     assert want.keys() == got.keys() and len(want) > 10
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=RTOL, abs=ATOL)

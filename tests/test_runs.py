@@ -261,15 +261,16 @@ def test_a_catalog_from_before_per_run_edges_is_refused_with_a_reason(tmp_path):
 
 
 def test_a_catalog_of_an_older_format_is_refused_with_a_reason(tmp_path, neo4j_url):
-    """Format 4 keeps evidence on the edges, on both stores: a format-3 catalog's evidence table (SQLite)
-    or (:Evidence) nodes (Neo4j) would be invisible to every read, and a format-2 catalog's edge keys
-    (three edge kinds) would be misread."""
+    """Format 5 counts seven edge kinds (mlp_in) in its edge keys, on both stores: a format-4 catalog's keys
+    (six kinds) would be misread, a format-3 catalog's evidence table (SQLite) or (:Evidence) nodes (Neo4j) would
+    be invisible to every read, and a format-2 catalog's edge keys (three edge kinds) would be misread."""
     url = f"sqlite:///{tmp_path}/c.db"
     fill(url, ("r1",))
-    for old, reason in ((3, "its evidence in a table of its own"), (2, "edge keys that counted three edge kinds")):
+    for old, reason in ((4, "edge keys that counted six edge kinds"), (3, "its evidence in a table of its own"),
+                        (2, "edge keys that counted three edge kinds")):
         with sqlite3.connect(tmp_path / "c.db") as c:
             c.execute(f"PRAGMA user_version = {old}")
-        with pytest.raises(StoreError, match=f"catalog of format {old} .this version reads 4; format {old} had {reason}"):
+        with pytest.raises(StoreError, match=f"catalog of format {old} .this version reads 5; format {old} had {reason}"):
             open_store(url)
     assert open_store(f"sqlite:///{tmp_path}/new.db").counts()["edges"] == 0  # a new one is fine
     wipe_neo4j(neo4j_url)
@@ -277,8 +278,8 @@ def test_a_catalog_of_an_older_format_is_refused_with_a_reason(tmp_path, neo4j_u
     import neo4j
 
     with neo4j.GraphDatabase.driver(neo4j_url.replace("neo4j://", "bolt://"), auth=None) as d:
-        d.execute_query("MERGE (x:Dictionary {name: 'nodes'}) SET x.schema = 3")
-    with pytest.raises(StoreError, match="catalog of format 3 .this version reads 4"):
+        d.execute_query("MERGE (x:Dictionary {name: 'nodes'}) SET x.schema = 4")
+    with pytest.raises(StoreError, match="catalog of format 4 .this version reads 5"):
         open_store(neo4j_url)
     wipe_neo4j(neo4j_url)
 

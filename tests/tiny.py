@@ -52,3 +52,28 @@ def random_saes(model, seed: int = 0, d_sae: int = 24, jump_layers=()):
             for l in range(cfg.n_layers)}
     resid = {l: random_sae(NodeKind.RESID, l, cfg.d_model, d_sae, seed + 20 + l) for l in range(cfg.n_layers)}
     return attn, resid
+
+
+def random_transcoders(model, seed: int = 0, d_sae: int = 24, jump_layers=(), fire: float = 0.3) -> dict:
+    """SAELens ``Transcoder`` objects (``JumpReLUTranscoder`` at ``jump_layers``), one per layer, reading
+    blocks.L.ln2.hook_normalized and writing the MLP's output, with random weights firing roughly ``fire``."""
+    from sae_lens import JumpReLUTranscoder, JumpReLUTranscoderConfig, Transcoder, TranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    d = model.cfg.d_model
+    out = {}
+    for l in range(model.cfg.n_layers):
+        g = torch.Generator().manual_seed(seed + 30 + l)
+        jump = l in jump_layers
+        config = JumpReLUTranscoderConfig if jump else TranscoderConfig
+        cfg = config(d_in=d, d_sae=d_sae, d_out=d, apply_b_dec_to_input=False,
+                     metadata=SAEMetadata(hook_name=f"blocks.{l}.ln2.hook_normalized", model_name="tiny-random"))
+        tc = (JumpReLUTranscoder if jump else Transcoder)(cfg)
+        state = {"W_enc": torch.randn(d, d_sae, generator=g) / d ** 0.5,
+                 "b_enc": 0.1 * torch.randn(d_sae, generator=g) - 0.3 * (1 - fire),
+                 "W_dec": torch.randn(d_sae, d, generator=g) / d ** 0.5, "b_dec": 0.2 * torch.randn(d, generator=g)}
+        if jump:
+            state["threshold"] = 0.05 + 0.05 * torch.rand(d_sae, generator=g)
+        tc.load_state_dict(state)
+        out[l] = tc
+    return out

@@ -28,7 +28,9 @@ SCHEMA = [
     "CREATE TEXT INDEX stats_tokens IF NOT EXISTS FOR (s:Stats) ON (s.top_tokens)",
 ]
 
-SCHEMA_VERSION = 4  # 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles;
+# 2: edges, statistics and evidence per run; 3: six edge kinds (QK) in the edge keys, roles; 4: evidence on the
+# edges; 5: seven edge kinds (mlp_in, transcoders) in the edge keys
+SCHEMA_VERSION = 5
 
 
 class Neo4jConnection:

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS mined (key TEXT PRIMARY KEY, fingerprint TEXT NOT NUL
     result TEXT NOT NULL);
 """
 
-SCHEMA_VERSION = 4  # PRAGMA user_version; 3: six edge kinds (QK) in the edge keys; 4: evidence on the edges
+SCHEMA_VERSION = 5  # PRAGMA user_version; 3: six edge kinds (QK) in the edge keys; 4: evidence on the edges;
+# 5: seven edge kinds (mlp_in, transcoders) in the edge keys
 
 # edges.id is catalog.schema.edge_key(src, dst, kind): upserts find their edge by it. Edges (with their
 # evidence: ``ev``, EV_ROW records of its top N, prompts by prompts.id), their head sums and node statistics
@@ -53,7 +54,8 @@ SCHEMA_VERSION = 4  # PRAGMA user_version; 3: six edge kinds (QK) in the edge ke
 # and the strongest observation into it (src: node id, -1 where none); node_hist: its activation histogram.
 PAGE_SIZE = 16384
 
-FORMATS = {2: "edge keys that counted three edge kinds", 3: "its evidence in a table of its own"}
+FORMATS = {2: "edge keys that counted three edge kinds", 3: "its evidence in a table of its own",
+           4: "edge keys that counted six edge kinds"}
 
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS b_edges (id INTEGER PRIMARY KEY, n_prompts INTEGER, n_obs INTEGER, sum REAL,

@@ -1,10 +1,11 @@
 """Steps 3-5 over blocks of positions, each padded only to its own busiest position.
 
-The sources of steps 4 and 5 are every upstream component at a position: EMB, POS, and per layer
-the attention features (padded to K slots), error, bias and MLP output. Padding every position to
+The sources of steps 4 and 5 (and of transcoders' ``mlp_in``) are every upstream component at a position:
+EMB, POS, and per layer the attention features (padded to K slots), error and bias, and the MLP output (or
+its transcoder's features, error and bias). Padding every position to
 the batch's largest K would let one position that fires thousands of features (a BOS position, say)
 multiply the memory of all. So positions are grouped by their number of active attention features
-(powers of two), each group cut into blocks of at most BLOCK_ELEMENTS floats of source vectors, and
+(powers of two; transcoder features count too), each group cut into blocks of at most BLOCK_ELEMENTS floats of source vectors, and
 each block padded to its own largest K. The Python loop runs over blocks, never over features.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from catalog.ids import NodeKind
 from ingest.rdfa import steps
 from ingest.rdfa.tensors import ActiveSet, Capture, Code, EdgeKind, EdgeTable, Pruning, SourceRows, Weights
 from ingest.rdfa.types import SaeWeights
@@ -24,12 +26,14 @@ BLOCK_ELEMENTS = 1 << 26  # floats of source vectors per block (256 MB in float3
 @dataclass
 class PositionBlock:
     """Source rows of P positions: ``rows`` is [1, P, R, d] (P in place of T); position p is
-    position ``pos[p]`` of prompt ``prompt[p]``; ``rows.prefix(ends[L])`` sums to resid_pre of layer L."""
+    position ``pos[p]`` of prompt ``prompt[p]``; ``rows.prefix(ends[L])`` sums to resid_pre of layer L,
+    ``rows.prefix(mids[L])`` to resid_mid (steps.component_rows)."""
 
     prompt: torch.Tensor  # [P]
     pos: torch.Tensor  # [P]
     rows: SourceRows
     ends: list[int]
+    mids: list[int]
 
 
 def _take(act: ActiveSet, b: torch.Tensor, s: torch.Tensor) -> ActiveSet:
@@ -48,43 +52,50 @@ def _view(cap: Capture, b: torch.Tensor, s: torch.Tensor) -> Capture:
                    attn_out=at(cap.attn_out), mlp_out=at(cap.mlp_out))
 
 
-def position_blocks(cap: Capture, weights: Weights, attn: dict[int, tuple[SaeWeights, ActiveSet]]
-                    ) -> list[PositionBlock]:
+def position_blocks(cap: Capture, weights: Weights, attn: dict[int, tuple[SaeWeights, ActiveSet]],
+                    transcoders: dict[int, tuple[SaeWeights, ActiveSet]] | None = None) -> list[PositionBlock]:
     """Every valid position of the batch in exactly one block; see the module docstring."""
+    transcoders = transcoders or {}
     b, s = cap.valid.nonzero(as_tuple=True)
-    count = sum((act.mask[b, s].sum(-1) for _, act in attn.values()), torch.zeros_like(b))
+    count = sum((act.mask[b, s].sum(-1) for _, act in [*attn.values(), *transcoders.values()]), torch.zeros_like(b))
     group = torch.ceil(torch.log2(count.double() + 1)).long()
     d = cap.embed.shape[-1]
     blocks = []
     for g in torch.unique(group).tolist():
         bg, sg = b[group == g], s[group == g]
-        step = max(1, steps.sized(b.device, BLOCK_ELEMENTS) // (_n_rows(attn, bg, sg, weights.n_layers) * d))
+        n_rows = _n_rows(attn, bg, sg, weights.n_layers) + _n_rows(transcoders, bg, sg, weights.n_layers) - 2
+        step = max(1, steps.sized(b.device, BLOCK_ELEMENTS) // (n_rows * d))
         for i in range(0, bg.shape[0], step):
             pb, ps = bg[i:i + step], sg[i:i + step]
             taken = {l: (sae, _take(act, pb, ps)) for l, (sae, act) in attn.items()}
-            rows, ends = steps.component_rows(_view(cap, pb, ps), weights, taken, weights.n_layers)
-            blocks.append(PositionBlock(pb, ps, rows, ends))
+            taken_tc = {l: (sae, _take(act, pb, ps)) for l, (sae, act) in transcoders.items()}
+            rows, ends, mids = steps.component_rows(_view(cap, pb, ps), weights, taken, weights.n_layers, taken_tc)
+            blocks.append(PositionBlock(pb, ps, rows, ends, mids))
     return blocks
 
 
-def _n_rows(attn: dict[int, tuple[SaeWeights, ActiveSet]], b: torch.Tensor, s: torch.Tensor, n_layers: int) -> int:
-    """Source rows per position when positions (b, s) share one padding: EMB, POS, per layer the
-    attention output (features + error + bias, or one row without an SAE) and the MLP output."""
+def _n_rows(saes: dict[int, tuple[SaeWeights, ActiveSet]], b: torch.Tensor, s: torch.Tensor, n_layers: int) -> int:
+    """Source rows per position of one half of each layer (attention or MLP) when positions (b, s) share one
+    padding, plus EMB and POS: per layer its SAE's features + error + bias, or one row without an SAE."""
     rows = 2
     for l in range(n_layers):
-        rows += 1 + (int(attn[l][1].mask[b, s].sum(-1).max()) + 2 if l in attn else 1)
+        rows += int(saes[l][1].mask[b, s].sum(-1).max()) + 2 if l in saes else 1
     return rows
 
 
-def resid_in_by_block(blocks: list[PositionBlock], sae: SaeWeights, targets: ActiveSet, pruning: Pruning
-             ) -> tuple[EdgeTable, torch.Tensor]:
+def resid_in_by_block(blocks: list[PositionBlock], sae: SaeWeights, targets: ActiveSet, pruning: Pruning,
+                      ln2_scale: torch.Tensor | None = None) -> tuple[EdgeTable, torch.Tensor]:
     """Step 4 into every active feature of ``targets`` [B, T, K], block by block. Returns kept edges
-    and the kept sum per target [B, T, K]."""
+    and the kept sum per target [B, T, K]. A transcoder's targets (``mlp_in``) read the rows up to its layer's
+    attention output, through LN2's frozen scale ``ln2_scale`` [B, T]."""
     kept_sum = torch.zeros(targets.index.shape, device=targets.index.device)
     tables = []
+    transcoder = sae.kind is NodeKind.TRANSCODER
     for blk in blocks:
         sub = _take(targets, blk.prompt, blk.pos)
-        table, kept = steps.resid_in(blk.rows.prefix(blk.ends[sae.layer]), sae, sub, pruning)
+        rows = blk.rows.prefix((blk.mids if transcoder else blk.ends)[sae.layer])
+        scale = 1 / ln2_scale[blk.prompt, blk.pos][None] if transcoder else None  # [1, P]
+        table, kept = steps.resid_in(rows, sae, sub, pruning, scale)
         kept_sum[blk.prompt, blk.pos, :sub.K] = kept[0]
         local = table.dst_pos
         table.prompt, table.src_pos, table.dst_pos = blk.prompt[local], blk.pos[local], blk.pos[local]

@@ -6,8 +6,10 @@ at every source position, per head (``attn_in``), plus the SAE's bias node, plus
 attention->attention view (``direct``), plus the QK attribution of the scores behind those
 edges (``qk``: q_in, k_in, qk; ingest/rdfa/qk_step.py). For every layer with a residual SAE: edges into every
 active residual feature from EMB, POS, upstream attention features / errors / biases and MLP
-outputs (``resid_in``). Each target also gets a REST edge carrying what pruning removed, so the
-incoming values of every decomposed node sum to its pre-activation.
+outputs, or the features, errors and biases of their transcoders (``resid_in``). For every layer with a
+transcoder: edges into every active transcoder feature from the same components up to the layer's own
+attention output, through LN2's frozen scale (``mlp_in``). Each target also gets a REST edge carrying what
+pruning removed, so the incoming values of every decomposed node sum to its pre-activation.
 """
 
 from __future__ import annotations
@@ -24,19 +26,30 @@ from ingest.rdfa.types import SaeWeights
 
 
 def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
-               resid_saes: dict[int, SaeWeights], pruning: Pruning | None = None) -> Graph:
-    """Attribution graph of every decomposable node of the batch. See the module docstring."""
+               resid_saes: dict[int, SaeWeights], pruning: Pruning | None = None,
+               transcoders: dict[int, SaeWeights] | None = None) -> Graph:
+    """Attribution graph of every decomposable node of the batch. See the module docstring. ``cap`` holds
+    the MLP inputs and LN2 scales of the layers with a transcoder (lens.capture's ``mlp_layers``)."""
     pruning = pruning or Pruning()
+    transcoders = transcoders or {}
     check_decomposable(attn_saes, resid_saes)
     valid = cap.valid
     attn_act = {l: steps.active_set(s, cap.z[l].flatten(-2), valid) for l, s in attn_saes.items()}
     resid_act = {l: steps.active_set(s, cap.resid_pre[l], valid) for l, s in resid_saes.items()}
-    blocks = position_blocks(cap, weights, {l: (attn_saes[l], attn_act[l]) for l in attn_saes})
+    tc_act = {l: steps.active_set(s, cap.mlp_in[l], valid) for l, s in transcoders.items()}
+    blocks = position_blocks(cap, weights, {l: (attn_saes[l], attn_act[l]) for l in attn_saes},
+                             {l: (transcoders[l], tc_act[l]) for l in transcoders})
     nodes, edges, direct, qk = [], [], [], []
     for L, sae in sorted(resid_saes.items()):
         table, kept = resid_in_by_block(blocks, sae, resid_act[L], pruning)
         const = sae.encoder_constant()[resid_act[L].index]
         n, e = _close_targets(resid_act[L], Code.RESID, L, const, kept, Code.BIAS_R, EdgeKind.RESID_IN)
+        nodes.append(n)
+        edges += [table, e]
+    for L, tc in sorted(transcoders.items()):
+        table, kept = resid_in_by_block(blocks, tc, tc_act[L], pruning, cap.ln2_scale[L])
+        const = tc.encoder_constant()[tc_act[L].index]
+        n, e = _close_targets(tc_act[L], Code.TC, L, const, kept, Code.BIAS_T, EdgeKind.MLP_IN)
         nodes.append(n)
         edges += [table, e]
     for L, sae in sorted(attn_saes.items()):
@@ -111,4 +124,4 @@ def direct_closure(b, t, f, pre, kept, const, L) -> EdgeTable:
     return EdgeTable.cat([bias, rest])
 
 
-SAE_KINDS = {NodeKind.ATTN: Code.ATTN, NodeKind.RESID: Code.RESID}
+SAE_KINDS = {NodeKind.ATTN: Code.ATTN, NodeKind.RESID: Code.RESID, NodeKind.TRANSCODER: Code.TC}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from catalog.ids import NodeKind
 from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning, SourceRows
 from ingest.rdfa.types import SaeWeights
 
@@ -139,35 +140,46 @@ def _edges(b, rows: SourceRows, s, r, dst_code, dst_layer, dst_index, dst_pos, h
                      dst_index, dst_pos, head, value, full(kind))
 
 
-def component_rows(cap, weights, attn_saes: dict[int, tuple[SaeWeights, ActiveSet]], n_layers: int
-                   ) -> tuple[SourceRows, list[int]]:
+def component_rows(cap, weights, attn_saes: dict[int, tuple[SaeWeights, ActiveSet]], n_layers: int,
+                   transcoders: dict[int, tuple[SaeWeights, ActiveSet]] | None = None
+                   ) -> tuple[SourceRows, list[int], list[int]]:
     """Steps 3-4's sources at every position, ordered EMB, POS, then per layer l its attention
     output (features c_k W_dec[k] W_O, error, bias b_dec W_O + b_O; or the whole output when layer l
-    has no attention SAE) and its MLP output. ``ends[L]`` is the row count of layers < L, so
-    ``rows.prefix(ends[L])`` sums to resid_pre of layer L at every position.
+    has no attention SAE) and its MLP output (with a transcoder at l: features c_k W_dec[k], error, bias
+    b_dec; else the whole output). ``ends[L]`` is the row count of layers < L, so ``rows.prefix(ends[L])``
+    sums to resid_pre of layer L at every position; ``mids[L]`` adds layer L's attention rows (resid_mid, the
+    MLP's input before LN2).
     """
+    transcoders = transcoders or {}
     B, T, d = cap.embed.shape
     dev = cap.embed.device
     none = torch.full((B, T, 1), -1, device=dev)
     valid = cap.valid[..., None]
     codes, layers, indices, oks = [Code.EMB, Code.POS], [-1, -1], [none, none], [valid, valid]
-    ends = [2]
-    for l in range(n_layers):
-        if l in attn_saes:
-            act = attn_saes[l][1]
-            codes += [Code.ATTN] * act.K + [Code.ERR_A, Code.BIAS_A]
-            layers += [l] * (act.K + 2)
-            indices += [act.index, none, none]
-            oks += [act.mask, valid, valid]
-        else:
-            codes.append(Code.ATTN_OUT)
-            layers.append(l)
-            indices.append(none)
-            oks.append(valid)
-        codes.append(Code.MLP)
+    ends, mids = [2], []
+
+    def add_sae(code: Code, err: Code, bias: Code, l: int, act: ActiveSet) -> None:
+        codes.extend([code] * act.K + [err, bias])
+        layers.extend([l] * (act.K + 2))
+        indices.extend([act.index, none, none])
+        oks.extend([act.mask, valid, valid])
+
+    def add_leaf(code: Code, l: int) -> None:
+        codes.append(code)
         layers.append(l)
         indices.append(none)
         oks.append(valid)
+
+    for l in range(n_layers):
+        if l in attn_saes:
+            add_sae(Code.ATTN, Code.ERR_A, Code.BIAS_A, l, attn_saes[l][1])
+        else:
+            add_leaf(Code.ATTN_OUT, l)
+        mids.append(len(codes))
+        if l in transcoders:
+            add_sae(Code.TC, Code.ERR_T, Code.BIAS_T, l, transcoders[l][1])
+        else:
+            add_leaf(Code.MLP, l)
         ends.append(len(codes))
     # filled in place: building pieces and concatenating them copied every vector twice (70% of the time)
     vec = torch.empty(B, T, len(codes), d, device=dev, dtype=cap.embed.dtype)
@@ -188,32 +200,48 @@ def component_rows(cap, weights, attn_saes: dict[int, tuple[SaeWeights, ActiveSe
         else:
             vec[:, :, r] = cap.attn_out[l]
             r += 1
-        vec[:, :, r] = cap.mlp_out[l]
-        r += 1
+        if l in transcoders:
+            tc, act = transcoders[l]
+            feats = vec[:, :, r:r + act.K]  # c_k W_dec[k]: [B,T,K,d], already in the residual stream
+            torch.mul(tc.W_dec.index_select(0, act.index.flatten()).view(B, T, act.K, d), act.act[..., None], out=feats)
+            vec[:, :, r + act.K] = cap.mlp_out[l] - feats.sum(2) - tc.b_dec  # the error: the MLP output not rebuilt
+            vec[:, :, r + act.K + 1] = tc.b_dec
+            r += act.K + 2
+        else:
+            vec[:, :, r] = cap.mlp_out[l]
+            r += 1
     rows = SourceRows(vec, torch.tensor([int(c) for c in codes], device=dev),
                       torch.tensor(layers, device=dev), torch.cat(indices, 2), torch.cat(oks, 2))
-    return rows, ends
+    return rows, ends, mids
 
 
-def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pruning
-             ) -> tuple[EdgeTable, torch.Tensor]:
+def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pruning,
+             position_scale: torch.Tensor | None = None) -> tuple[EdgeTable, torch.Tensor]:
     """Step 4: edges into every active residual feature j at s from the rows at s.
 
     value[b,s,k,r] = vec[b,s,r] . W_enc[:, j]. Returns kept edges and the kept sum per target [B,T,K].
+    A transcoder (``sae.kind`` TRANSCODER) reads LN2's output, center(resid_mid) / sigma2: its edges are
+    ``mlp_in``, value[b,s,k,r] = vec[b,s,r] . center(W_enc[:, j]) * position_scale[b,s] (1 / sigma2 [B,T]).
     """
     B, T, K = targets.index.shape
     R = rows.vec.shape[2]
+    transcoder = sae.kind is NodeKind.TRANSCODER
+    code, kind = (Code.TC, EdgeKind.MLP_IN) if transcoder else (Code.RESID, EdgeKind.RESID_IN)
     kept = torch.zeros(B, T, K, device=rows.vec.device)
     tables = []
     step = max(1, sized(rows.vec.device, CHUNK_ELEMENTS) // max(1, B * T * R))  # a busy position: K x R values
     for k0 in range(0, K, step):
         enc = sae.encoder_columns(targets.index[:, :, k0:k0 + step])  # [B,T,k,d]
+        if transcoder:  # center(x) . w == x . center(w): LN2's centering moves onto the encoder column
+            enc = center(enc)
         # [B,T,k,R] (padded slots hold zero vectors), in the products' dtype, then float32
         value = (enc.to(pruning.dtype) @ rows.vec.to(pruning.dtype).transpose(-1, -2)).float()
+        if position_scale is not None:
+            value.mul_(position_scale[:, :, None, None])
         (b, s, k), r, vals, kept[:, :, k0:k0 + step] = select_edges(value, targets.mask[:, :, k0:k0 + step], pruning)
         k = k + k0
-        tables.append(_edges(b, rows, s, r, Code.RESID, sae.layer, targets.index[b, s, k], s,
-                             torch.full_like(b, -1), vals, EdgeKind.RESID_IN))
+        tables.append(_edges(b, rows, s, r, code, sae.layer, targets.index[b, s, k], s,
+                             torch.full_like(b, -1), vals, kind))
     return EdgeTable.cat(tables), kept
 
 

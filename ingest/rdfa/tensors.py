@@ -29,6 +29,9 @@ class Code(IntEnum):
     ATTN_OUT = 9
     REST = 10
     HEAD = 11  # an attention head (index: the head): target of q_in / k_in edges
+    TC = 12  # transcoder feature (reads LN2's output at its layer, writes the MLP's output)
+    ERR_T = 13  # transcoder error: MLP output - reconstruction
+    BIAS_T = 14  # transcoder bias: its decoder bias as a source; its features' encoder constant as an input
 
 
 _TO_REF = {
@@ -37,6 +40,8 @@ _TO_REF = {
     Code.BIAS_A: (NodeKind.BIAS, NodeKind.ATTN), Code.BIAS_R: (NodeKind.BIAS, NodeKind.RESID),
     Code.EMB: (NodeKind.EMB, None), Code.POS: (NodeKind.POS, None), Code.MLP: (NodeKind.MLP, None),
     Code.ATTN_OUT: (NodeKind.ATTN_OUT, None), Code.REST: (NodeKind.REST, None), Code.HEAD: (NodeKind.HEAD, None),
+    Code.TC: (NodeKind.TRANSCODER, None), Code.ERR_T: (NodeKind.ERROR, NodeKind.TRANSCODER),
+    Code.BIAS_T: (NodeKind.BIAS, NodeKind.TRANSCODER),
 }
 _LAYERLESS = {Code.EMB, Code.POS, Code.REST}
 
@@ -57,10 +62,11 @@ class EdgeKind(IntEnum):
     Q_IN = 3  # query-side node at t -> head: its share of the score
     K_IN = 4  # key-side node at s -> head
     QK = 5  # query-side node at t -> key-side node at s: one pairwise term of the score (head in ``head``)
+    MLP_IN = 6  # into a transcoder feature at s, from upstream components of the MLP's input at s
 
 
 EDGE_KIND_NAMES = {EdgeKind.ATTN_IN: "attn_in", EdgeKind.RESID_IN: "resid_in", EdgeKind.DIRECT: "direct",
-                   EdgeKind.Q_IN: "q_in", EdgeKind.K_IN: "k_in", EdgeKind.QK: "qk"}
+                   EdgeKind.Q_IN: "q_in", EdgeKind.K_IN: "k_in", EdgeKind.QK: "qk", EdgeKind.MLP_IN: "mlp_in"}
 
 
 @dataclass
@@ -76,6 +82,9 @@ class Capture:
     z: list[torch.Tensor]  # per layer [B, T, H, dh]
     attn_out: list[torch.Tensor]  # per layer [B, T, d]
     mlp_out: list[torch.Tensor]  # per layer [B, T, d]
+    # layers with a transcoder only: LN2's output (the MLP's input, hook_normalized) and LN2's sigma, frozen
+    mlp_in: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T, d]
+    ln2_scale: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T]
 
     @property
     def valid(self) -> torch.Tensor:
@@ -262,7 +271,7 @@ class Pruning:
 
 @dataclass
 class Graph:
-    """A batch's attribution graph: decomposed nodes, ``edges`` (attn_in + resid_in, partitioning
+    """A batch's attribution graph: decomposed nodes, ``edges`` (attn_in + resid_in + mlp_in, partitioning
     every node's pre-activation) and ``direct`` (the alternative attention->attention view)."""
 
     nodes: NodeTable

@@ -14,12 +14,14 @@ class SaeWeights:
     """One SAE as the maths needs it.
 
     Shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
-    For hook_z SAEs d_in = n_heads * d_head (z flattened head-major, as SAELens reshapes it).
+    For hook_z SAEs d_in = n_heads * d_head (z flattened head-major, as SAELens reshapes it). A transcoder
+    reads LN2's output and decodes into the MLP's output: d_in = d_out = d_model, and b_dec [d_out] is an
+    output bias only (SAELens refuses apply_b_dec_to_input for transcoders).
     Pre-activation: (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc. Activation: ReLU, or
     JumpReLU when ``threshold`` [d_sae] is set, or TopK (over ReLU'd pre-activations) when ``top_k``.
     """
 
-    kind: NodeKind  # ATTN (hook_z) or RESID (hook_resid_pre)
+    kind: NodeKind  # ATTN (hook_z), RESID (hook_resid_pre) or TRANSCODER (ln2.hook_normalized -> hook_mlp_out)
     layer: int
     W_enc: torch.Tensor
     b_enc: torch.Tensor
