@@ -48,7 +48,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; font-src '
 # Fields a query leaves out stay out (e.g. a direct pair has no "via"): the models describe, never pad.
 ANSWER: dict[str, Any] = {"response_model_exclude_unset": True}
 CSP_HEADER = CONTENT_SECURITY_POLICY.encode()
-NodeKindName = Literal["attn", "resid", "error", "bias", "emb", "pos", "mlp", "attn_out", "head"]
+NodeKindName = Literal["attn", "resid", "transcoder", "error", "bias", "emb", "pos", "mlp", "attn_out", "head"]
 KindQ = Annotated[list[NodeKindName] | None, Query(description="node kinds of the other end")]
 LayerQ = Annotated[list[int] | None, Query(description="layers of the other end")]
 EdgeKindQ = Annotated[list[Literal[EDGE_KINDS]] | None, Query(description="edge kinds")]  # type: ignore[valid-type]

@@ -55,6 +55,15 @@ class HistogramBin(Model):
     n: int = Field(description="activations in [low, high), over every active position of the runs")
 
 
+class InputShares(Model):
+    features: float | None = Field(description="share from SAE and transcoder features (A, R, T)")
+    errors: float | None = Field(description="share from SAE and transcoder error nodes")
+    other: float | None = Field(description="share from embeddings, biases and whole MLP or attention outputs")
+    total_abs: float = Field(description="summed |value| of the observations counted")
+    edges: int = Field(description="incoming edges counted")
+    complete: bool = Field(description="false when the node has more incoming edges than one read returns")
+
+
 class Feature(Model):
     id: str = Field(description="canonical node id, e.g. A5.44256")
     uid: str = Field(description="model|sae|id")
@@ -69,6 +78,8 @@ class Feature(Model):
     sae_flags: SaeFlags | None = None
     contexts: list[Context] = Field(default_factory=list, description="top-activating contexts, strongest first")
     histogram: list[HistogramBin] = Field(default_factory=list, description="activation histogram, 4 bins an octave")
+    inputs: InputShares | None = Field(None, description=(
+        "where its incoming |attribution| comes from (attn_in, resid_in, mlp_in): features, error nodes, the rest"))
 
 
 class TokenMatch(Model):

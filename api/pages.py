@@ -32,7 +32,7 @@ log = logging.getLogger("circuit_catalog.pages")
 HERE = FilePath(__file__).parent
 STATIC = HERE / "static"
 templates = Jinja2Templates(directory=HERE / "templates")
-NODE_KINDS = ("attn", "resid", "error", "bias", "emb", "pos", "mlp", "attn_out", "head")
+NODE_KINDS = ("attn", "resid", "transcoder", "error", "bias", "emb", "pos", "mlp", "attn_out", "head")
 ORDERS = ("abs", "sum", "mean", "count")
 MINED_CACHE = 8  # mining results kept per process (each keyed by what the catalog holds)
 

@@ -5,14 +5,16 @@ The viewer's contract, read from its code (circuit-tracer 0.5.0, ``util-cg.js`` 
 ``init-cg-link-graph.js``), and how the catalog meets it:
 
 * ``layer`` is the row and the viewer labels row ``n`` as ``L{n}``: every node of model layer L (R{L}
-  features at resid_pre, A{L} features, their errors and biases, MLP{L}, ATTN{L}) sits in row ``L``,
-  EMB and POS in row ``E``. So the labels name layers as the catalog does.
+  features at resid_pre, A{L} features, T{L} transcoder features, their errors and biases, MLP{L}, ATTN{L})
+  sits in row ``L``, EMB and POS in row ``E``. So the labels name layers as the catalog does.
 * it groups nodes by ``(layer, feature, ctx_idx)`` and calls ``feature.toString()``: ``feature`` is an
   integer, unique within a row and position. With ``schema_version`` 1 the viewer reads it as a
-  Cantor pair (x, index) and shows ``L{layer}/{index}``; x names the dictionary: ``2L`` for the
-  residual SAE of layer L, ``2L + 1`` for its attention SAE (``metadata.transcoder_list[x]`` is that
-  SAE's key, "" where absent). Component nodes have negative codes (``COMPONENT_CODE``); a REST node
-  (what pruning removed from one target) takes ``REST_BASE - target's feature``, one per target.
+  Cantor pair (x, index) and shows ``L{layer}/{index}``; x names the dictionary: ``3L`` for the
+  residual SAE of layer L, ``3L + 1`` for its attention SAE, ``3L + 2`` for its transcoder
+  (``metadata.transcoder_list[x]`` is that SAE's key, "" where absent). Transcoder features and errors carry
+  Neuronpedia's own transcoder types (``cross layer transcoder``, ``mlp reconstruction error``). Component
+  nodes have negative codes (``COMPONENT_CODE``); a REST node (what pruning removed from one target) takes
+  ``REST_BASE - target's feature``, one per target.
 * it labels the token axis only at positions holding an ``embedding`` node: an EMB node is exported
   at every position, with or without edges.
 * ``qParams.pinnedIds`` and ``clickedId`` are applied on load: the start node is both.
@@ -41,11 +43,15 @@ FEATURE_TYPE = {
     (NodeKind.EMB, None): "embedding", (NodeKind.POS, None): "position embedding",
     (NodeKind.MLP, None): "mlp output", (NodeKind.ATTN_OUT, None): "attention output",
     (NodeKind.REST, None): "pruned inputs",
+    # Neuronpedia's and circuit-tracer's names for a transcoder's nodes
+    (NodeKind.TRANSCODER, None): "cross layer transcoder", (NodeKind.ERROR, NodeKind.TRANSCODER): "mlp reconstruction error",
+    (NodeKind.BIAS, NodeKind.TRANSCODER): "transcoder bias",
 }
 COMPONENT_CODE = {
     (NodeKind.ERROR, NodeKind.RESID): -1, (NodeKind.ERROR, NodeKind.ATTN): -2,
     (NodeKind.BIAS, NodeKind.RESID): -3, (NodeKind.BIAS, NodeKind.ATTN): -4,
     (NodeKind.MLP, None): -5, (NodeKind.ATTN_OUT, None): -6, (NodeKind.EMB, None): -7, (NodeKind.POS, None): -8,
+    (NodeKind.ERROR, NodeKind.TRANSCODER): -11, (NodeKind.BIAS, NodeKind.TRANSCODER): -12,  # -9, -10: QK biases
 }
 REST_BASE = -16  # REST into a target with feature code c has code REST_BASE - c (c >= 0 for SAE features)
 QK_BIAS_TYPE = {"b_Q": "query bias", "b_K": "key bias"}
@@ -56,19 +62,22 @@ def cantor(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
+SLOT_OF_KIND = {NodeKind.RESID: 0, NodeKind.ATTN: 1, NodeKind.TRANSCODER: 2}  # in a layer's order: resid_pre, attn, MLP
+
+
 def dictionary_slot(ref: NodeRef) -> int:
-    """The slot of a feature's SAE in ``transcoder_list``: 2L (residual), 2L + 1 (attention)."""
+    """The slot of a feature's SAE in ``transcoder_list``: 3L (residual), 3L + 1 (attention), 3L + 2 (transcoder)."""
     assert ref.layer is not None
-    return 2 * ref.layer + (1 if ref.kind is NodeKind.ATTN else 0)
+    return 3 * ref.layer + SLOT_OF_KIND[ref.kind]
 
 
 def transcoder_list(saes: list[JSON]) -> list[str]:
     """SAE keys by slot (see :func:`dictionary_slot`), "" where a layer lacks that SAE. ``saes``:
-    manifest entries with ``kind`` (attn or resid), ``layer`` and ``key``."""
+    manifest entries with ``kind`` (attn, resid or transcoder), ``layer`` and ``key``."""
     keys: dict[int, str] = {}
     for sae in saes:
         kind = NodeKind(sae["kind"])
-        if kind in (NodeKind.ATTN, NodeKind.RESID):
+        if kind in SLOT_OF_KIND:
             keys[dictionary_slot(NodeRef(kind, int(sae["layer"]), 0, None))] = str(sae.get("key") or "")
     return [keys.get(i, "") for i in range(max(keys) + 1)] if keys else []
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from catalog.completeness import PARTITION_KINDS, by_layer, input_shares
 from catalog.fires_on import MAX_CONTEXTS, by_token, token_query
 from catalog.fires_on import contexts as top_contexts
 from catalog.ids import NodeKind, NodeRef, NodeRefError, format_ref, parse_ref
@@ -200,7 +201,29 @@ def feature(store: Store, ref: str, *, model: str | None = None, runs: Sequence[
     info, stats = found
     shown, histogram = top_contexts(store, info.uid, selected, contexts)
     return {**node_json(info, stats), "runs": list(selected), **sae_info(store, info), "contexts": shown,
-            "histogram": histogram}
+            "histogram": histogram, "inputs": input_shares_of(store, info, selected)}
+
+
+def input_shares_of(store: Store, node: NodeInfo, runs: tuple[str, ...] | None) -> JSON | None:
+    """The share of a decomposed node's incoming |attribution| carried by features, errors and the rest
+    (catalog.completeness), over its MAX_LIMIT strongest incoming edges (``edges``; ``complete`` False when it
+    has more); None for a node nothing is decomposed into."""
+    if not node.is_feature:
+        return None
+    q = EdgeQuery(PARTITION_KINDS, None, None, 0, "abs", MAX_LIMIT, 0, runs)
+    rows = store.neighbours(node.uid, "up", q)
+    out = {k: (rnd(v) if v is not None else None) for k, v in input_shares(
+        (parse_ref(other.ref), e) for other, e in rows).items()}
+    return {**out, "edges": len(rows), "complete": len(rows) < MAX_LIMIT}
+
+
+def completeness(store: Store, *, runs: Sequence[str] | None = None) -> JSON:
+    """Per run selection: the share of |attribution| into each layer's features (by kind) that features, errors
+    and the rest carry (catalog.completeness.by_layer), summed over every stored partition edge."""
+    selected = select_runs(store, runs)
+    rows = by_layer(store.all_edges(PARTITION_KINDS, selected), node_ref_of)
+    return {"runs": list(selected), "layers": [{k: (rnd(v) if isinstance(v, float) else v) for k, v in r.items()}
+                                               for r in rows]}
 
 
 def features_by_token(store: Store, token: str, *, runs: Sequence[str] | None = None, limit: int = 20) -> JSON:
@@ -219,7 +242,7 @@ def _in_runs(runs: Sequence[str] | None) -> str:
 def sae_info(store: Store, node: NodeInfo) -> JSON:
     """Neuronpedia link (from ingest manifests) and SAE sufficiency flags (from eval-saes runs)."""
     out: JSON = {"neuronpedia": None, "sae_flags": None}
-    if node.kind not in ("attn", "resid"):
+    if not node.is_feature:
         return out
     for run in store.runs():
         m = run.manifest

@@ -21,7 +21,7 @@ NEIGHBOUR_COLS = ["id", "kind", "edge_kind", "n_prompts", "n_obs", "sum", "mean"
 @app.command(rich_help_panel=QUERY)
 @friendly
 def upstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str] | None, typer.Option(
-        "--kind", help="node kind of the sources: attn, resid, error, bias, emb, pos, mlp")] = None,
+        "--kind", help="node kind of the sources: attn, resid, transcoder, error, bias, emb, pos, mlp")] = None,
              edge_kind: Annotated[list[str] | None, typer.Option("--edge-kind")] = None,
              layer: Annotated[list[int] | None, typer.Option("--layer")] = None,
              order: str = "abs", top: Top = 20, min_count: MinCount = 0, model: ModelSel = None,
@@ -35,7 +35,7 @@ def upstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str] 
 @app.command(rich_help_panel=QUERY)
 @friendly
 def downstream(ref: str, store: StoreOpt = DEFAULT_URL, kind: Annotated[list[str] | None, typer.Option(
-        "--kind", help="node kind of the targets: attn, resid")] = None,
+        "--kind", help="node kind of the targets: attn, resid, transcoder")] = None,
                edge_kind: Annotated[list[str] | None, typer.Option("--edge-kind")] = None,
                layer: Annotated[list[int] | None, typer.Option("--layer")] = None,
                order: str = "abs", top: Top = 20, min_count: MinCount = 0, model: ModelSel = None,
@@ -62,6 +62,18 @@ def top_features(store: StoreOpt = DEFAULT_URL, kind: str | None = None, by: str
     """Nodes with the most edges (--by degree) or the largest total |attribution| (--by total)."""
     emit(queries.top_features(open_store(store, create=False), kind=kind, by=by, limit=limit, runs=run), json_,
            ["id", "kind", "layer", "degree", "total_abs"])
+
+
+@app.command(rich_help_panel=QUERY)
+@friendly
+def completeness(store: StoreOpt = DEFAULT_URL, run: RunSel = None, json_: JsonOpt = False):
+    """Per layer and feature kind: the share of |attribution| into its features that features, SAE or
+    transcoder errors, and the rest (embeddings, biases, whole MLP outputs) carry: where a circuit is trustworthy."""
+    result = queries.completeness(open_store(store, create=False), runs=run)
+    if json_:
+        emit(result, True)
+        return
+    emit(result["layers"], False, ["kind", "layer", "targets", "features", "errors", "other"])
 
 
 @app.command(rich_help_panel=QUERY)

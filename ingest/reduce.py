@@ -24,7 +24,8 @@ from ingest.roles import ROLE_SLOTS
 from ingest.segments import bits_of, order_by, segment_count, segment_extreme, segment_sum, unique_inverse
 
 N_KINDS = len(EDGE_KINDS)
-FEEDING_KINDS = (EDGE_KINDS.index("attn_in"), EDGE_KINDS.index("resid_in"))  # what a top activation's source is read from
+# what a top activation's source is read from: the edges that partition a feature's pre-activation
+FEEDING_KINDS = (EDGE_KINDS.index("attn_in"), EDGE_KINDS.index("resid_in"), EDGE_KINDS.index("mlp_in"))
 HIST_BINS = 1 << (32 - HIST_SHIFT)  # bin codes of non-negative float32 values
 HEAD_SLOTS = 256  # heads per layer a catalog can name
 POS_LIMIT = 1 << 12  # token positions must fit the evidence tie-break key (12 bits each)
@@ -93,7 +94,7 @@ class Partial:
     top_prompt: torch.Tensor  # int64 [t]
     top_pos: torch.Tensor  # int64 [t]
     top_act: torch.Tensor  # float64 [t]
-    top_src: torch.Tensor  # int64 [t] slot of the strongest attn_in / resid_in observation into it, -1: none
+    top_src: torch.Tensor  # int64 [t] slot of the strongest attn_in / resid_in / mlp_in observation into it, -1: none
     top_src_pos: torch.Tensor  # int64 [t]
     top_head: torch.Tensor  # int64 [t]
     top_value: torch.Tensor  # float64 [t]
@@ -188,7 +189,7 @@ _TOPS = ("top_node", "top_prompt", "top_pos", "top_act", "top_src", "top_src_pos
 def _top_activations(obs: Observations, acts: Activations, prompt_rank: torch.Tensor,
                      n_slots: int) -> tuple[torch.Tensor, ...]:
     """The Partial's top_* columns: each node's TOP_ACTIVATIONS strongest activations (act descending,
-    then prompt rank, then position) and, for each, the strongest attn_in / resid_in observation into that
+    then prompt rank, then position) and, for each, the strongest attn_in / resid_in / mlp_in observation into that
     node at that prompt and position (|value| descending, then source slot, source position, head)."""
     rows = acts.node.new_zeros(0) if acts.pos is None else _top_rows(acts.node, acts.act, prompt_rank.index_select(
         0, acts.prompt), acts.pos, TOP_ACTIVATIONS)
@@ -197,7 +198,7 @@ def _top_activations(obs: Observations, acts: Activations, prompt_rank: torch.Te
     # each kept activation's key, sorted; observations into it are found by binary search
     key = (prompt * n_slots + node) * POS_LIMIT + pos
     sorted_key, by_key = torch.sort(key)
-    feeding = ((obs.kind == FEEDING_KINDS[0]) | (obs.kind == FEEDING_KINDS[1])).nonzero().squeeze(1)
+    feeding = torch.isin(obs.kind, torch.tensor(FEEDING_KINDS, device=obs.kind.device)).nonzero().squeeze(1)
     okey = (obs.prompt.index_select(0, feeding) * n_slots + obs.dst.index_select(0, feeding)) * POS_LIMIT + \
         obs.dst_pos.index_select(0, feeding)
     at = torch.searchsorted(sorted_key, okey).clamp(max=max(len(key) - 1, 0))

@@ -10,14 +10,15 @@ import torch
 
 from catalog.aggregate import WindowAggregate
 from catalog.ids import parse_ref
-from catalog.schema import NodeInfo, Prompt
+from catalog.schema import EDGE_KINDS, NodeInfo, Prompt
 from ingest.reduce import Activations, Observations
 from ingest.to_catalog import aggregate_rows
 
 MODEL, RELEASE = "toy", "rel"
-KINDS = ["attn_in", "resid_in", "direct"]
+KINDS = ["attn_in", "resid_in", "direct", "mlp_in"]
+# transcoders at layers 1 and 2 (their MLP outputs are T nodes); layer 0's MLP stays a leaf
 REFS = [f"A{l}.{i}" for l in range(3) for i in range(6)] + [f"R{l}.{i}" for l in range(3) for i in range(6)] + \
-    ["EMB", "POS", "MLP0", "MLP1", "A1.ERR", "R2.BIAS"]
+    [f"T{l}.{i}" for l in (1, 2) for i in range(4)] + ["EMB", "POS", "MLP0", "T1.ERR", "T2.BIAS", "A1.ERR", "R2.BIAS"]
 
 
 def nodes() -> list[NodeInfo]:
@@ -39,9 +40,9 @@ def random_observations(prompts: list[Prompt], seed: int, per_prompt: int = 60):
     rows = []
     for p in prompts:
         for _ in range(per_prompt):
-            dst = rng.choice([r for r in REFS if r[0] in "AR" and ".E" not in r and ".B" not in r and r[1] != "T"])
+            dst = rng.choice([r for r in REFS if r[0] in "ART" and ".E" not in r and ".B" not in r and r[1] != "T"])
             src = rng.choice(REFS)
-            kind = rng.choice(KINDS)
+            kind = "mlp_in" if dst[0] == "T" else rng.choice(KINDS[:3])
             head = rng.choice([-1, 0, 1, 2]) if kind != "resid_in" else -1
             value = round(rng.gauss(0, 1), 2) if rng.random() < 0.8 else 0.5
             rows.append((p.uid, src, dst, kind, head, rng.randrange(8), rng.randrange(8), value))
@@ -55,7 +56,7 @@ def make_batch(run: str, prompts: list[Prompt], rows, evidence_per_edge: int | N
     p_of = {p.uid: i for i, p in enumerate(prompts)}
     col = lambda f, dt=torch.long: torch.tensor([f(r) for r in rows], dtype=dt)  # noqa: E731
     obs = Observations(col(lambda r: p_of[r[0]]), col(lambda r: uid_of[r[1]]), col(lambda r: uid_of[r[2]]),
-                       col(lambda r: KINDS.index(r[3])), col(lambda r: r[4]), col(lambda r: r[5]), col(lambda r: r[6]),
+                       col(lambda r: EDGE_KINDS.index(r[3])), col(lambda r: r[4]), col(lambda r: r[5]), col(lambda r: r[6]),
                        col(lambda r: r[7], torch.float64))
     acts_rows = random_activations(prompts, len(rows))
     acts = Activations(torch.tensor([uid_of[r[1]] for r in acts_rows]), torch.tensor([p_of[r[0]] for r in acts_rows]),
@@ -76,7 +77,7 @@ def random_activations(prompts: list[Prompt], seed: int) -> list[tuple[str, str,
 
 def expected_activations(prompts: list[Prompt], rows, acts, top: int) -> dict:
     """Per feature ref: its ``top`` strongest activations (act descending, then prompt uid, then position),
-    each with the strongest attn_in / resid_in observation into it there (|value| descending, then the
+    each with the strongest attn_in / resid_in / mlp_in observation into it there (|value| descending, then the
     source's place in REFS, source position, head), and its histogram {float32 bits >> 21: count}; plain
     Python, from the rows ``make_batch`` aggregated."""
     import struct
@@ -86,7 +87,7 @@ def expected_activations(prompts: list[Prompt], rows, acts, top: int) -> dict:
         mine = sorted((a for a in acts if a[1] == ref), key=lambda a: (-a[3], a[0], a[2]))
         kept = []
         for p, _, pos, act in mine[:top]:
-            feeding = [r for r in rows if r[0] == p and r[2] == ref and r[6] == pos and r[3] in ("attn_in", "resid_in")]
+            feeding = [r for r in rows if r[0] == p and r[2] == ref and r[6] == pos and r[3] in ("attn_in", "resid_in", "mlp_in")]
             best = min(feeding, key=lambda r: (-abs(r[7]), REFS.index(r[1]), r[5], r[4]), default=None)
             token = next(q.tokens[pos] for q in prompts if q.uid == p)
             kept.append((p, pos, act, token, best[1] if best else None, best[5] if best else 0,

@@ -45,7 +45,7 @@ def test_the_schema_rejects_what_the_published_one_rejects():
 
 
 def test_nodes_sit_in_their_layers_row_with_ids_that_never_collide():
-    """Rows are the catalog's layers; feature codes are Cantor pairs (2L or 2L + 1, index); every
+    """Rows are the catalog's layers; feature codes are Cantor pairs (3L, 3L + 1 or 3L + 2, index); every
     position has an embedding node; REST sits at its target; the start node is pinned and clicked."""
     edges = [{"source": "R1.3@2", "target": "A1.3@2", "value": 0.5, "head": 0},
              {"source": "R1.3@2", "target": "A1.3@2", "value": 0.25, "head": 1},
@@ -55,30 +55,38 @@ def test_nodes_sit_in_their_layers_row_with_ids_that_never_collide():
              {"source": "EMB@0", "target": "R1.3@2", "value": 0.75, "head": None},
              {"source": "POS@0", "target": "R1.3@2", "value": 0.0625, "head": None},
              {"source": "MLP1@2", "target": "R2.3@2", "value": -1.5, "head": None},
+             {"source": "T0.3@2", "target": "R2.3@2", "value": 0.5, "head": None},
+             {"source": "T0.ERR@2", "target": "R2.3@2", "value": -0.25, "head": None},
+             {"source": "T0.BIAS@2", "target": "R2.3@2", "value": 0.125, "head": None},
              {"source": "REST", "target": "A1.3@2", "value": 0.01, "head": None}]
     saes = [{"kind": "attn", "layer": 1, "key": "r:a1"}, {"kind": "resid", "layer": 1, "key": "r:r1"},
-            {"kind": "resid", "layer": 2, "key": "r:r2"}]
+            {"kind": "resid", "layer": 2, "key": "r:r2"}, {"kind": "transcoder", "layer": 0, "key": "r:t0"}]
     graph = to_neuronpedia(prompt="x y z", tokens=["<bos>", "x", "y"], edges=edges, scan="gpt2-small", slug="t",
                            saes=saes, activations={"A1.3@2": 2.5}, clicked="A1.3@2")
     validate(graph)
     by_clerp = {f"{n['clerp'].split(' (')[0]}@{n['ctx_idx']}": n for n in graph["nodes"]}
-    # hand-computed: cantor(x, y) = (x + y)(x + y + 1) / 2 + y; R1.3 -> (2, 3) = 18, A1.3 -> (3, 3) = 24,
-    # R2.3 -> (4, 3) = 31; components: R ERR -1, A ERR -2, MLP -5, EMB -7, POS -8; REST into 24: -16 - 24
+    # hand-computed: cantor(x, y) = (x + y)(x + y + 1) / 2 + y; R1.3 -> (3, 3) = 24, A1.3 -> (4, 3) = 31,
+    # R2.3 -> (6, 3) = 48, T0.3 -> (2, 3) = 18; components: R ERR -1, A ERR -2, MLP -5, EMB -7, POS -8,
+    # T ERR -11, T BIAS -12; REST into 31: -16 - 31
     assert {k: (n["node_id"], n["layer"], n["feature"]) for k, n in by_clerp.items()} == {
-        "R1.3@2": ("1_18_2", "1", 18), "A1.3@2": ("1_24_2", "1", 24), "R2.3@2": ("2_31_2", "2", 31),
+        "R1.3@2": ("1_24_2", "1", 24), "A1.3@2": ("1_31_2", "1", 31), "R2.3@2": ("2_48_2", "2", 48),
         "R1.ERR@2": ("1_-1_2", "1", -1), "A1.ERR@2": ("1_-2_2", "1", -2), "MLP1@2": ("1_-5_2", "1", -5),
+        "T0.3@2": ("0_18_2", "0", 18), "T0.ERR@2": ("0_-11_2", "0", -11), "T0.BIAS@2": ("0_-12_2", "0", -12),
         "EMB@0": ("E_-7_0", "E", -7), "EMB@1": ("E_-7_1", "E", -7), "EMB@2": ("E_-7_2", "E", -7),
-        "POS@0": ("E_-8_0", "E", -8), "REST into A1.3@2@2": ("1_-40_2", "1", -40)}
-    assert graph["metadata"]["transcoder_list"] == ["", "", "r:r1", "r:a1", "r:r2"]
+        "POS@0": ("E_-8_0", "E", -8), "REST into A1.3@2@2": ("1_-47_2", "1", -47)}
+    assert graph["metadata"]["transcoder_list"] == ["", "", "r:t0", "r:r1", "r:a1", "", "r:r2"]
     assert graph["metadata"]["schema_version"] == 1
     assert by_clerp["A1.3@2"]["activation"] == 2.5 and by_clerp["R1.3@2"]["activation"] is None
     assert by_clerp["A1.3@2"]["feature_type"] == "attention sae feature"
     assert by_clerp["EMB@1"]["feature_type"] == "embedding"
+    assert by_clerp["T0.3@2"]["feature_type"] == "cross layer transcoder"  # Neuronpedia's transcoder node types
+    assert by_clerp["T0.ERR@2"]["feature_type"] == "mlp reconstruction error"
     links = {(link["source"], link["target"]): link["weight"] for link in graph["links"]}
-    assert links[("1_18_2", "1_24_2")] == 0.75  # heads 0 and 1 summed: 0.5 + 0.25
-    assert links[("1_-40_2", "1_24_2")] == 0.01
-    assert len(links) == 8
-    assert graph["qParams"]["clickedId"] == "1_24_2" and graph["qParams"]["pinnedIds"] == ["1_24_2"]
+    assert links[("1_24_2", "1_31_2")] == 0.75  # heads 0 and 1 summed: 0.5 + 0.25
+    assert links[("1_-47_2", "1_31_2")] == 0.01
+    assert links[("0_18_2", "2_48_2")] == 0.5
+    assert len(links) == 11
+    assert graph["qParams"]["clickedId"] == "1_31_2" and graph["qParams"]["pinnedIds"] == ["1_31_2"]
     assert graph["metadata"]["prompt_tokens"] == ["<bos>", "x", "y"] and graph["metadata"]["scan"] == "gpt2-small"
     ct_viewer.graph_models().Model(**graph)  # circuit-tracer's own graph model accepts it
 

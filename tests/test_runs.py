@@ -284,13 +284,14 @@ def test_a_catalog_of_an_older_format_is_refused_with_a_reason(tmp_path, neo4j_u
     wipe_neo4j(neo4j_url)
 
 
-def documented_cypher(source: str, target: str = "A1.2") -> list[str]:
+def documented_cypher(source: str, target: str = "A1.2", kind: str = "attn_in") -> list[str]:
     """The Cypher queries docs/catalog.md shows, with its example names swapped for this catalog's."""
     from pathlib import Path
 
     text = (Path(__file__).parent.parent / "docs" / "catalog.md").read_text()
     block = text.split("```cypher\n", 1)[1].split("```", 1)[0]
-    swap = {"'A2.250'": f"'{target}'", "'R1.4'": f"'{source}'", "'ioi-train'": "'r1'", "'ioi-test'": "'r2'"}
+    swap = {"'A2.250'": f"'{target}'", "'R1.4'": f"'{source}'", "'ioi-train'": "'r1'", "'ioi-test'": "'r2'",
+            "'attn_in'": f"'{kind}'"}
     out = []
     for part in block.split("\n\n"):
         query = "\n".join(line for line in part.splitlines() if not line.startswith("//"))
@@ -306,7 +307,7 @@ def test_the_documented_cypher_answers_as_the_queries_do(neo4j_url):
     wipe_neo4j(neo4j_url)
     store, rows = fill(neo4j_url)
     want = queries.upstream(store, "A1.2", runs=["r1"], limit=20, order="abs")
-    one_run, runs, evidence, activations, _ = documented_cypher(want[0]["id"])
+    one_run, runs, evidence, activations, _ = documented_cypher(want[0]["id"], kind=want[0]["edge_kind"])
     got = store.cypher(one_run, {}, 100, 10)
     assert [(g["s.ref"], g["r.kind"], queries.rnd(g["r.sum"]), g["r.n_prompts"]) for g in got] == \
         [(w["id"], w["edge_kind"], w["sum"], w["n_prompts"]) for w in want]
@@ -317,7 +318,8 @@ def test_the_documented_cypher_answers_as_the_queries_do(neo4j_url):
     got = store.cypher(evidence, {}, 100, 10)
     kinds = queries.edge(store, want[0]["id"], "A1.2", runs=["r1"], evidence_limit=100)["kinds"]
     assert got and [(g["src_pos"], g["dst_pos"], g["value"]) for g in got] == \
-        [(v["src_pos"], v["dst_pos"], v["value"]) for k in kinds for v in k["evidence"]]  # best first, alike
+        [(v["src_pos"], v["dst_pos"], v["value"]) for k in kinds if k["edge_kind"] == want[0]["edge_kind"]
+         for v in k["evidence"]]  # best first, alike
     got = store.cypher(activations, {}, 100, 10)
     assert [g["run"] for g in got] == [r for r in ("r1", "r2") if queries.feature(store, "A1.2", runs=[r]).get("activation")]
     assert got

@@ -76,7 +76,7 @@ def test_answers_match_an_independent_aggregation(store_url):
     expect = expected_edges(batches[0][1] + batches[1][1])
     checked = 0
     for ref in REFS:
-        if ref[0] not in "AR" or ".E" in ref or ".B" in ref or ref.startswith("ATTN"):
+        if ref[0] not in "ART" or ".E" in ref or ".B" in ref or ref.startswith("ATTN"):
             continue
         for row in queries.upstream(store, ref, order="count", limit=1000):
             e = expect[(row["id"], ref, row["edge_kind"])]
@@ -418,3 +418,38 @@ def test_an_interrupted_export_leaves_runs_that_queries_refuse(tmp_path, store_u
     fresh = open_store(f"sqlite:///{tmp_path}/fresh.db", evidence_per_edge=None)
     copy_catalog(src, fresh)
     assert [(r.run_id, r.status) for r in fresh.runs()] == [(r.run_id, r.status) for r in src.runs()]
+
+
+def test_input_shares_match_an_independent_computation(store_url):
+    """How much of each target the features explain (catalog.completeness), per layer and kind and per node:
+    |value| summed by hand over the partition observations (attn_in, resid_in, mlp_in), split by the source's
+    id (A/R/T features; .ERR errors; the rest), on both stores."""
+    batches = _batches()
+    store = _fill(store_url, batches)
+    rows = batches[0][1] + batches[1][1]
+
+    def source_class(ref: str) -> str:
+        return "errors" if ref.endswith(".ERR") else "features" if ref[0] in "ART" and ref[1].isdigit() and \
+            ".B" not in ref else "other"
+
+    by_layer: dict = {}
+    by_node: dict = {}
+    for _, src, dst, kind, *_rest, value in rows:
+        if kind not in ("attn_in", "resid_in", "mlp_in"):
+            continue
+        for key, table in (((dst[0], int(dst[1])), by_layer), (dst, by_node)):
+            cell = table.setdefault(key, {"features": 0.0, "errors": 0.0, "other": 0.0})
+            cell[source_class(src)] += abs(value)
+    kinds = {"A": "attn", "R": "resid", "T": "transcoder"}
+    got = {(kinds_row["kind"], kinds_row["layer"]): kinds_row for kinds_row in queries.completeness(store)["layers"]}
+    assert set(got) == {(kinds[k], layer) for k, layer in by_layer} and any(k == "transcoder" for k, _ in got)
+    for (k, layer), cell in by_layer.items():
+        total = sum(cell.values())
+        row = got[(kinds[k], layer)]
+        for name in ("features", "errors", "other"):
+            assert row[name] == queries.rnd(cell[name] / total), (k, layer, name)
+    for ref in ("T1.2", "A1.3", "R2.0"):
+        cell = by_node[ref]
+        inputs = queries.feature(store, ref)["inputs"]
+        assert inputs["complete"] and inputs["features"] == queries.rnd(cell["features"] / sum(cell.values()))
+        assert inputs["errors"] == queries.rnd(cell["errors"] / sum(cell.values()))

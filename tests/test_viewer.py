@@ -86,7 +86,7 @@ def _check_first_drawing(page, errors: list[str], base: str, graph: dict, which:
     nodes = {n["node_id"]: n for n in graph["nodes"]}
     start = nodes[graph["qParams"]["clickedId"]]
     ref = parse_ref(start["clerp"].split(" (")[0])
-    assert start["feature"] == cantor(2 * ref.layer + (ref.kind.value == "attn"), ref.index)
+    assert start["feature"] == cantor(3 * ref.layer + (ref.kind.value == "attn"), ref.index)
     # the header of the clicked node: the viewer decodes the Cantor pair into layer / index
     assert page.locator(".feature-detail .header-top-row, .feature-detail b").first.text_content() == \
         f"L{ref.layer}/{ref.index}"
