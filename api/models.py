@@ -288,8 +288,9 @@ class Position(Model):
 class Pair(Model):
     source: str
     target: str
-    path: str = Field(description="direct, or via_resid (through one residual feature); k_via_resid / "
-                                  "q_via_resid: into a head's key / query side through one residual feature")
+    path: str = Field(description="direct, or via_resid (through one residual feature), or via_mlp (through one "
+                                  "transcoder feature: mlp_in, then direct); k_via_resid / q_via_resid: into a "
+                                  "head's key / query side through one residual feature")
     via: list[str] | None = None
     n_prompts: int
     total: float | None
@@ -297,7 +298,8 @@ class Pair(Model):
     sign_share: float | None
     heads: dict[str, float | None]
     position: Position | None = Field(description="where the attention of the pattern reads (attention hop: "
-                                                  "the direct edge, or the resid->attn hops of via_resid)")
+                                                  "the direct edge, the resid->attn hops of via_resid, or "
+                                                  "the direct hops of via_mlp)")
     z_score: float | None
     exemplars: list[Exemplar]
 
@@ -327,7 +329,7 @@ class Hub(Model):
 class Patterns(Model):
     runs: list[str] = Field(description="the runs whose rows were summed (see catalog.runs)")
     n_prompts: int
-    pairs: list[Pair] = Field(description="V-composition (direct, via_resid), ranked by |total|")
+    pairs: list[Pair] = Field(description="V-composition (direct, via_resid, via_mlp), ranked by |total|")
     qk_pairs: list[Pair] = Field(description="K- and Q-composition into heads (k_via_resid, q_via_resid), totals "
                                              "in attention-score logits, ranked by |total|")
     chains: list[Chain]

@@ -8,6 +8,10 @@
   of f's activity are shuffled among the corpus's prompts. That shuffle's distribution is
   hypergeometric, so its mean n_k n_f / N and variance are exact, and ``z_score`` says how
   many standard deviations the observed recurrence lies above it.
+* Through an MLP (``via_mlp``, with transcoders): A_l.k -mlp_in-> T_m.j -direct-> A_L.f (l <= m < L), scored
+  and counted like via_resid (k's share of the transcoder feature's input times its attribution to f;
+  prompts where the evidence chains both hops at the transcoder feature's position), with the same null
+  and positional reading (of the attention hop); ranked among the V pairs.
 * K- and Q-composition (``qk_pairs``): A_l.k -resid_in-> R_L.j -k_in (or q_in)-> head H_L.h, scored
   like via_resid (k's share of j times j's share of the head's scores), in attention-score logits, so
   ranked apart from the V pairs; chained at the residual feature's position on the key (query) side.
@@ -131,7 +135,8 @@ def direct_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts
     return out
 
 
-VIA_PATHS = {"attn_in": "via_resid", "k_in": "k_via_resid", "q_in": "q_via_resid"}
+VIA_PATHS = {("resid_in", "attn_in"): "via_resid", ("resid_in", "k_in"): "k_via_resid",
+             ("resid_in", "q_in"): "q_via_resid", ("mlp_in", "direct"): "via_mlp"}
 
 
 def _is_head(uid: str) -> bool:
@@ -139,21 +144,23 @@ def _is_head(uid: str) -> bool:
 
 
 def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prompts: int, runs: Runs,
-                    base: dict[str, float], down_kind: str = "attn_in") -> list[JSON]:
-    """Two-hop pairs through one residual feature, scored from aggregates, counted from evidence.
+                    base: dict[str, float], down_kind: str = "attn_in", up_kind: str = "resid_in") -> list[JSON]:
+    """Two-hop pairs through one residual feature (or, ``up_kind`` mlp_in, one transcoder feature), scored
+    from aggregates, counted from evidence.
 
     The join (every attention feature into a residual feature) x (that residual feature into every
     later attention feature) has millions of rows on a corpus-sized catalog, so it runs in numpy:
     edges sorted by uid first, so the sums do not depend on the order a store returns edges in.
     ``down_kind``: attn_in (V-composition: into attention features), k_in or q_in (K-/Q-composition:
-    into heads, through the residual feature on the key or query side of their scores)."""
-    ups = sorted(store.all_edges(("resid_in",), runs), key=lambda e: (e.src, e.dst))
+    into heads, through the residual feature on the key or query side of their scores); with ``up_kind``
+    mlp_in, direct (a transcoder feature's output straight into later attention features)."""
+    ups = sorted(store.all_edges((up_kind,), runs), key=lambda e: (e.src, e.dst))
     total_in: dict[str, float] = defaultdict(float)
     for e in ups:
         total_in[e.dst] += e.sum
     ups = [e for e in ups if _is_attn_feature(e.src)]
     fed = {e.dst for e in ups}
-    into = _is_attn_feature if down_kind == "attn_in" else _is_head
+    into = _is_attn_feature if down_kind in ("attn_in", "direct") else _is_head
     downs = sorted((e for e in store.all_edges((down_kind,), runs)
                     if e.src in fed and total_in[e.src] and into(e.dst)), key=lambda e: (e.src, e.dst))
     if not ups or not downs:
@@ -206,7 +213,7 @@ def via_resid_pairs(store: Store, counts: dict[str, int], n_total: int, min_prom
             for name, (n, a) in down.roles.items():
                 roles[name] = (roles.get(name, (0, 0.0))[0] + n, roles.get(name, (0, 0.0))[1] + a)
         out.append({"source": _ref(src), "target": _ref(dst), "source_uid": src, "target_uid": dst,
-                    "path": VIA_PATHS[down_kind], "via": sorted({_ref(up.dst) for up, _ in hops}),
+                    "path": VIA_PATHS[(up_kind, down_kind)], "via": sorted({_ref(up.dst) for up, _ in hops}),
                     "n_prompts": len(prompts), "total": rnd(total), "mean": rnd(total / len(prompts)),
                     "sign_share": None, "heads": {str(h): rnd(v) for h, v in sorted(heads.items())},
                     "position": position(roles, sum(d.sum_abs for d in {id(d): d for _, d in hops}.values()), base),
@@ -274,7 +281,8 @@ def mine(store: Store, top: int = 20, min_prompts: int = 2, runs: Sequence[str] 
     counts, n_total = _prompt_counts(store, selected)
     base, writes = attention_scan(store, selected)
     pairs = (direct_pairs(store, counts, n_total, min_prompts, selected, base)
-             + via_resid_pairs(store, counts, n_total, min_prompts, selected, base))
+             + via_resid_pairs(store, counts, n_total, min_prompts, selected, base)
+             + via_resid_pairs(store, counts, n_total, min_prompts, selected, base, "direct", "mlp_in"))
     pairs.sort(key=lambda p: (-abs(p["total"] or 0), p["source"], p["target"], p["path"]))
     # K- and Q-composition: their totals are attention-score logits, so they rank apart from V's
     qk_pairs = [p for kind in ("k_in", "q_in")

@@ -6,7 +6,7 @@ Rows, in the order the residual stream is written::
     E        EMB, POS (token and position embeddings)
     3L + 1   R{L}.*  residual SAE features, error and bias at resid_pre of layer L
     3L + 2   A{L}.*  attention SAE features, error and bias of layer L; ATTN{L}
-    3L + 3   MLP{L}
+    3L + 3   MLP{L}, or T{L}.* transcoder features, error and bias (the MLP's output, decomposed)
 
 so an attention and a residual feature of one layer never share a row.
 """
@@ -28,7 +28,7 @@ def display_row(ref: NodeRef, target: NodeRef | None = None) -> int:
     if k is NodeKind.REST:
         return display_row(target) if target is not None else 0
     assert ref.layer is not None
-    if k is NodeKind.MLP:
+    if k in (NodeKind.MLP, NodeKind.TRANSCODER) or ref.sae_kind is NodeKind.TRANSCODER:
         return 3 * ref.layer + 3
     attn_side = k in (NodeKind.ATTN, NodeKind.ATTN_OUT) or ref.sae_kind is NodeKind.ATTN
     return 3 * ref.layer + (2 if attn_side else 1)

@@ -223,8 +223,10 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
               task: str = "ioi", n: Annotated[int, bounded(1, 100_000)] = 100, groups: Annotated[str | None, typer.Option(
                   help='cross-sections, e.g. "0,3;2,4" (default: the seed\'s groups for 12 layers)')] = None,
               min_recovery: float = 0.8, max_kl: Annotated[float, bounded(0)] = 0.5, store: str | None = None,
-              plot: str = "eval-saes.png", device: str | None = None, threads: Threads = 1, json_: JsonOpt = False):
-    """Splice each SAE in (no error term): IOI logit difference and KL vs clean and mean ablation; flag damage."""
+              plot: str = "eval-saes.png", device: str | None = None, threads: Threads = 1, json_: JsonOpt = False,
+              transcoders: TranscodersOpt = None):
+    """Splice each SAE (and transcoder, for its MLP) in, no error term: IOI logit difference and KL vs clean and
+    mean ablation; flag damage."""
     from ingest.evaluate import Thresholds, label_sae_rows, store_sae_eval
     from ingest.evaluate import eval_saes as run_eval
     from ingest.evaluate import plot as draw
@@ -237,7 +239,8 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
     except ValueError:
         raise ValueError(f"--groups {groups!r}: expected comma-separated layers, groups split by ';'") from None
     configure_threads(threads)
-    session = open_session(model, saes, device, decompose=False)  # splicing needs no residual SAE pairs
+    session = open_session(model, saes, device, decompose=False,  # splicing needs no residual SAE pairs
+                           transcoders=transcoders)
     result = label_sae_rows(session, run_eval(session, n=n, groups=parsed, thresholds=Thresholds(min_recovery, max_kl)))
     draw(result, plot)
     result["plot"] = plot
@@ -259,7 +262,8 @@ def eval_saes(model: Annotated[str, typer.Option()], saes: Annotated[list[str], 
 @friendly
 def spot_check(model: Annotated[str, typer.Option()], saes: Annotated[list[str], typer.Option()],
                run: Annotated[str, typer.Option()], store: StoreOpt = DEFAULT_URL,
-               n: Annotated[int, bounded(1, 100_000)] = 20, device: str | None = None, threads: Threads = 1):
+               n: Annotated[int, bounded(1, 100_000)] = 20, device: str | None = None, threads: Threads = 1,
+               transcoders: TranscodersOpt = None):
     """Causal spot-check of a run's stored edges: ablate the source, compare with DFA (frozen and not)."""
     from ingest.evaluate import spot_check as check
     from ingest.evaluate import store_spot_check
@@ -269,7 +273,7 @@ def spot_check(model: Annotated[str, typer.Option()], saes: Annotated[list[str],
     target = open_store(store, create=False)
     if target.run(run) is None:
         raise ValueError(f"no run {run!r} in {store}")
-    result = check(open_session(model, saes, device), target, run, n=n)
+    result = check(open_session(model, saes, device, transcoders=transcoders), target, run, n=n)
     store_spot_check(target, run, result)
     emit(result, True)
 

@@ -23,8 +23,10 @@ import torch
 from catalog.ids import NodeKind
 from catalog.queries import node_ref_of
 from ingest import ioi
-from ingest.lens import attn_out_hook, replay_hooks, run_with_cache, run_with_hooks, sae_hook
+from ingest.lens import attn_out_hook, mlp_out_hook, replay_hooks, run_with_cache, run_with_hooks, sae_hook
 from ingest.model_with_saes import ModelWithSaes
+from ingest.rdfa.graph import SAE_KINDS
+from ingest.rdfa.types import SaeWeights
 
 
 @dataclass
@@ -59,6 +61,21 @@ def _splice_hook(sae):
     return hook
 
 
+def _transcoder_hooks(tc, layer: int) -> list:
+    """Hooks that replace layer ``layer``'s MLP output with transcoder ``tc``'s reconstruction from the MLP's input
+    of the same forward pass (no error term)."""
+    seen = {}
+
+    def keep_input(act, hook):
+        seen["x"] = act
+        return act
+
+    def splice(act, hook):
+        return tc.decode(tc.activation(tc.pre_activation(seen["x"]))).view_as(act)
+
+    return [(sae_hook(NodeKind.TRANSCODER, layer), keep_input), (mlp_out_hook(layer), splice)]
+
+
 @torch.no_grad()
 def _metrics(session, tokens, last, io, s, hooks, clean_logp=None):
     logits = run_with_hooks(session.lm.model, tokens, hooks)
@@ -91,6 +108,15 @@ def eval_saes(session: ModelWithSaes, n: int = 100, groups: list[list[int]] | No
             abl_ld, abl_kl, _ = _metrics(session, tokens, last, io, s,
                                          [(name, lambda act, hook, m=mean: m.expand_as(act).clone())], clean_logp)
             rows.append(_row(kind, layer, ld, kl, abl_ld, abl_kl, clean_ld, th))
+    if session.transcoders:  # a transcoder stands in for its MLP: its output replaces the MLP's, from the MLP's input
+        outs = [mlp_out_hook(l) for l in session.transcoders]
+        _, abc_out = run_with_cache(session.lm.model, abc_tokens, outs)
+        for layer, tc in sorted(session.transcoders.items()):
+            ld, kl, _ = _metrics(session, tokens, last, io, s, _transcoder_hooks(tc, layer), clean_logp)
+            mean = abc_out[mlp_out_hook(layer)].mean(dim=(0, 1))
+            abl_ld, abl_kl, _ = _metrics(session, tokens, last, io, s, [
+                (mlp_out_hook(layer), lambda act, hook, m=mean: m.expand_as(act).clone())], clean_logp)
+            rows.append(_row(NodeKind.TRANSCODER, layer, ld, kl, abl_ld, abl_kl, clean_ld, th))
     cross, skipped = [], []
     for group in groups or _default_groups(session):
         lacking = [l for l in group if l not in session.attn]
@@ -126,7 +152,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, marker in (("attn", "o"), ("resid", "s")):
+    for kind, marker in (("attn", "o"), ("resid", "s"), ("transcoder", "^")):
         rows = [r for r in result["saes"] if r["kind"] == kind]
         a.plot([r["layer"] for r in rows], [r["logit_diff"] for r in rows], marker=marker, label=f"{kind} SAE spliced")
         b.plot([r["layer"] for r in rows], [r["kl"] for r in rows], marker=marker, label=f"{kind} SAE spliced")
@@ -144,8 +170,14 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _sae_of(session: ModelWithSaes, ref) -> SaeWeights | None:
+    """The session's SAE (or transcoder) of a feature ref's kind and layer; None where it has none."""
+    by_kind = {NodeKind.ATTN: session.attn, NodeKind.RESID: session.resid, NodeKind.TRANSCODER: session.transcoders}
+    return by_kind.get(ref.kind, {}).get(ref.layer)
+
+
 def _target_pre(session: ModelWithSaes, ref, cache_name: str, act: torch.Tensor) -> float:
-    sae = session.attn[ref.layer] if ref.kind is NodeKind.ATTN else session.resid[ref.layer]
+    sae = _sae_of(session, ref)
     x = act[0, ref.pos]
     return float(sae.pre_activation(x.flatten() if x.ndim == 2 else x)[ref.index])
 
@@ -153,24 +185,35 @@ def _target_pre(session: ModelWithSaes, ref, cache_name: str, act: torch.Tensor)
 @torch.no_grad()
 def ablation_effect(session: ModelWithSaes, text: str, src, dst, frozen: bool) -> float:
     """Clean minus ablated pre-activation of ``dst`` (a NodeRef with pos) when feature ``src`` (with
-    pos) is zeroed at its hook (the SAE error is kept, so nothing else changes there)."""
+    pos) is zeroed at its hook (the SAE error is kept, so nothing else changes there). A transcoder feature is
+    read from its MLP's input and zeroed in the MLP's output."""
     model = session.lm.model
     tokens = torch.tensor([session.lm.tokenizer.encode(text)], device=session.device)
     src_hook, dst_hook = sae_hook(src.kind, src.layer), sae_hook(dst.kind, dst.layer)
     _, cache = run_with_cache(model, tokens)
-    sae = session.attn[src.layer] if src.kind is NodeKind.ATTN else session.resid[src.layer]
+    sae = _sae_of(session, src)
+    transcoder = src.kind is NodeKind.TRANSCODER
+    read = {}
 
     def ablate(act, hook):
         flat = act.flatten(-2) if act.ndim == 4 else act
-        a = sae.activation(sae.pre_activation(flat[0, src.pos]))[src.index]
+        x = read["x"] if transcoder else flat[0, src.pos]
+        a = sae.activation(sae.pre_activation(x))[src.index]
         flat = flat.clone()
         flat[0, src.pos] -= a * sae.W_dec[src.index]
         return flat.view_as(act)
 
+    def keep_input(act, hook):
+        read["x"] = act[0, src.pos]
+        return act
+
     seen = {}
-    hooks = [(src_hook, ablate), (dst_hook, lambda act, hook: seen.setdefault("act", act))]
+    hooks = [(src_hook, keep_input)] if transcoder else []
+    out_hook = mlp_out_hook(src.layer) if transcoder else src_hook
+    hooks += [(out_hook, ablate), (dst_hook, lambda act, hook: seen.setdefault("act", act))]
     if frozen:  # direct effect only: patterns, LN scales and every other component output as in the clean run
-        hooks += replay_hooks(cache, keep={attn_out_hook(src.layer)} if src.kind is NodeKind.ATTN else set())
+        keep = {NodeKind.ATTN: {attn_out_hook(src.layer)}, NodeKind.TRANSCODER: {mlp_out_hook(src.layer)}}
+        hooks += replay_hooks(cache, keep=keep.get(src.kind, set()))
     run_with_hooks(model, tokens, hooks)
     return _target_pre(session, dst, dst_hook, cache[dst_hook]) - _target_pre(session, dst, dst_hook, seen["act"])
 
@@ -181,7 +224,7 @@ def dfa_value(session: ModelWithSaes, text: str, src, dst) -> float:
 
     _, graph = session.attribute([session.lm.tokenizer.encode(text)], Pruning(direct=False, qk=False))
     e = graph.edges
-    code = {NodeKind.ATTN: 0, NodeKind.RESID: 1}
+    code = SAE_KINDS
     hit = ((e.src_code == code[src.kind]) & (e.src_layer == src.layer) & (e.src_index == src.index) &
            (e.src_pos == src.pos) & (e.dst_code == code[dst.kind]) & (e.dst_layer == dst.layer) &
            (e.dst_index == dst.index) & (e.dst_pos == dst.pos))
@@ -189,10 +232,12 @@ def dfa_value(session: ModelWithSaes, text: str, src, dst) -> float:
 
 
 def spot_check(session: ModelWithSaes, store, run_id: str, n: int = 20, seed: int = 0) -> dict:
-    """Ablate the source of ``n`` stored feature->feature edges (attn_in / resid_in) of a run."""
+    """Ablate the source of ``n`` stored feature->feature edges (attn_in / resid_in / mlp_in) of a run, among
+    those whose SAEs (and transcoders) the session has loaded."""
     rng = random.Random(seed)
-    candidates = [e for e in store.all_edges(("attn_in", "resid_in"), (run_id,))
-                  if _feature(e.src) and _feature(e.dst) and e.n_prompts > 0]
+    loaded = lambda uid: _feature(uid) and _sae_of(session, node_ref_of(uid)) is not None  # noqa: E731
+    candidates = [e for e in store.all_edges(("attn_in", "resid_in", "mlp_in"), (run_id,))
+                  if loaded(e.src) and loaded(e.dst) and e.n_prompts > 0]
     rng.shuffle(candidates)
     rows = []
     for e in candidates:

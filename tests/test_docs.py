@@ -170,11 +170,13 @@ def test_the_readme_tour_works_as_written_and_says_what_it_prints(tmp_path, demo
             for k, line in enumerate(lines)}
     assert lines[0] == "source .venv/bin/activate"
 
-    # the prose: fed most by MLP1 and MLP0 (direct) and R2.189, read through heads 2 and 3 on 217 prompts, positive
+    # the prose: fed most by R2.189, read through heads 2 and 3 on 217 prompts, positive, then R2's bias, then
+    # (direct) the transcoder features T0.158 and T1.394
     upstream = json.loads(subprocess.run(["circuit-catalog", "upstream", "A2.186", "--store", "sqlite:///demo-catalog.db",
                                           "--top", "5", "--json"], cwd=cwd, env=env, capture_output=True, text=True,
                                          check=True).stdout)
-    assert {r["id"]: r["edge_kind"] for r in upstream[:3]} == {"MLP1": "direct", "R2.189": "attn_in", "MLP0": "direct"}
+    assert [(r["id"], r["edge_kind"]) for r in upstream[:4]] == \
+        [("R2.189", "attn_in"), ("R2.BIAS", "attn_in"), ("T0.158", "direct"), ("T1.394", "direct")]
     assert all(r["id"] in said["upstream"] for r in upstream)
     edge = json.loads(said["edge"])["kinds"][0]
     assert (edge["edge_kind"], set(edge["heads"]), edge["n_prompts"], edge["sign_share"]) == \
@@ -198,6 +200,42 @@ def test_the_readme_tour_works_as_written_and_says_what_it_prints(tmp_path, demo
     for c in fires["contexts"]:
         assert (c["source"]["id"], c["source"]["head"]) == ("R2.159", 2)
         assert c["source"]["pos"] == c["start"] + c["tokens"].index("After") + 1  # "After John and Mary went"
+
+
+def _json(cwd: Path, env: dict, *args: str):
+    done = subprocess.run(["circuit-catalog", *args, "--store", "sqlite:///demo-catalog.db", "--json"], cwd=cwd, env=env,
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_the_readme_circuit_through_the_mlps_is_what_the_demo_catalog_holds(tmp_path, demo_db):
+    """README "Through the MLPs": what it found (A0.10, A0.204, A0.222 and EMB -> T0.158 -> T1.394 -> A2.186 at
+    "When", heads 2 and 3 at offset 0, positive on every prompt, 216 prompts) and what it did not (a third of
+    T1.394's inputs from errors, T0.ERR the largest, and R2.189's too; 17-47% of each layer's inputs on errors)."""
+    cwd, env = sandbox(tmp_path / "mlps", demo_db)
+    text = (ROOT / "README.md").read_text().split("## Through the MLPs: transcoders", 1)[1].split("\n## ", 1)[0]
+    direct = _json(cwd, env, "upstream", "A2.186", "--edge-kind", "direct", "--top", "3")
+    assert [r["id"] for r in direct[:2]] == ["T0.158", "T1.394"]
+    chain = [("T0.158", "A2.186"), ("T1.394", "A2.186"), ("T0.158", "T1.394")] + \
+        [(a, "T0.158") for a in ("A0.10", "A0.204", "A0.222", "EMB")]
+    for src, dst in chain:
+        (kind,) = _json(cwd, env, "edge", src, dst)["kinds"]
+        assert kind["sign_share"] == 1.0 and kind["sum"] > 0 and kind["n_prompts"] in (216, 217), (src, dst)
+        assert all(v["src_token"] == v["dst_token"] == "When" for v in kind["evidence"]), (src, dst)
+        if dst == "A2.186":
+            offsets = [r for r in kind["roles"] if r["role"].startswith("offset")]
+            assert set(kind["heads"]) == {"2", "3"} and max(offsets, key=lambda r: r["share"])["role"] == "offset 0"
+    assert _json(cwd, env, "edge", "A0.10", "T0.158")["kinds"][0]["n_prompts"] == 216 and "216 prompts" in text
+    feeding = _json(cwd, env, "upstream", "T0.158", "--top", "5")
+    assert {"A0.10", "A0.204", "A0.222", "EMB"} <= {r["id"] for r in feeding}
+    into_t1 = _json(cwd, env, "upstream", "T1.394", "--top", "6")
+    assert into_t1[0]["id"] == "T0.ERR" and "T0.158" in {r["id"] for r in into_t1}
+    assert 0.3 <= _json(cwd, env, "feature", "T1.394")["inputs"]["errors"] < 0.37  # "a third"
+    assert _json(cwd, env, "upstream", "R2.189", "--top", "1")[0]["id"] == "T0.ERR"
+    errors = [r["errors"] for r in _json(cwd, env, "completeness", "--run", "demo")["layers"] if r["errors"]]
+    assert round(100 * min(errors)) == 17 and round(100 * max(errors)) == 47 and "17-47%" in text
+    for name in ("A0.10", "A0.204", "A0.222", "T0.158", "T1.394", "A2.186", "T0.ERR", "R2.189"):
+        assert f"`{name}`" in text
 
 
 def test_every_other_command_in_the_docs_runs(tmp_path, demo_db):

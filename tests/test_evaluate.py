@@ -55,6 +55,27 @@ def test_zeroed_decoder_is_flagged_and_identity_is_not(toy):
     assert result["cross_sections"][0]["logit_diff"] == pytest.approx(broken["logit_diff"], abs=1e-3)
 
 
+def test_a_transcoder_is_spliced_in_for_its_mlp(toy):
+    """eval-saes with transcoders: a transcoder that decodes to nothing is zero-ablating its MLP (compared with a
+    plain TransformerLens hook that zeroes hook_mlp_out), and the shipped toy transcoders keep the task."""
+    from ingest.lens import run_with_hooks
+
+    session = ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu", transcoder_specs=["toy-ioi"])
+    session.transcoders = {**session.transcoders, 1: _zeroed_decoder(session.transcoders[1])}
+    result = eval_saes(session, n=60, groups=[[0, 1]])
+    rows = {(r["kind"], r["layer"]): r for r in result["saes"]}
+    from ingest.evaluate import _batch, _prompts  # the same prompts eval_saes reads
+
+    tokens, last, io, s = _batch(session, _prompts(session, "ioi", 60, 0))
+    logits = run_with_hooks(session.lm.model, tokens, [("blocks.1.hook_mlp_out", lambda act, hook: torch.zeros_like(act))])
+    ar = torch.arange(len(tokens))
+    zeroed = float((logits[ar, last, io] - logits[ar, last, s]).mean())
+    assert rows[("transcoder", 1)]["logit_diff"] == pytest.approx(zeroed, abs=1e-4)
+    for layer in (0, 2):
+        kept = rows[("transcoder", layer)]
+        assert not kept["flagged"] and abs(kept["logit_diff_recovery"] - 1) < 0.1 and kept["kl"] < 0.05
+
+
 def test_frozen_ablation_equals_dfa_and_results_reach_the_catalog(toy, tmp_path):
     url = f"sqlite:///{tmp_path}/c.db"
     store = open_store(url)
@@ -67,6 +88,25 @@ def test_frozen_ablation_equals_dfa_and_results_reach_the_catalog(toy, tmp_path)
     assert result["unfrozen_correlation"] == pytest.approx(float(np.corrcoef(dfa, unfrozen)[0, 1]), abs=1e-5)
     assert result["unfrozen_mean_abs_error"] == pytest.approx(float(np.mean(np.abs(np.subtract(unfrozen, dfa)))),
                                                               rel=1e-5)
+
+
+def test_frozen_ablation_of_transcoder_features_equals_dfa(tmp_path):
+    """With transcoders, a transcoder feature zeroed in its MLP's output (read from the MLP's input) moves a later
+    feature's pre-activation by exactly its stored edge (mlp_in into transcoder features, resid_in out of them)
+    when everything else is frozen: a causal check of the transcoder edges, independent of RDFA's algebra."""
+    session = ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu", transcoder_specs=["toy-ioi"])
+    store = open_store(f"sqlite:///{tmp_path}/t.db")
+    run_job(session, "ioi:6", store, JobOptions(run="t", progress=False))
+    result = spot_check(session, store, "t", n=60)
+    rows = result["edges"]
+    assert result["n"] == 60 and result["max_abs_frozen_minus_dfa"] < 1e-4
+    from_t = [r for r in rows if r["source"].startswith("T")]
+    into_t = [r for r in rows if r["target"].startswith("T")]
+    assert len(from_t) >= 5 and len(into_t) >= 5, (len(from_t), len(into_t))
+    assert all(abs(r["frozen"] - r["dfa"]) < 1e-4 and r["dfa"] != 0 for r in from_t + into_t)
+    # a session without the run's transcoders checks only the edges it can recompute
+    plain = spot_check(ModelWithSaes.open("toy-ioi", ["toy-ioi"], "cpu"), store, "t", n=20)
+    assert plain["n"] == 20 and not any("T" in (r["source"][0], r["target"][0]) for r in plain["edges"])
 
 
 def test_eval_saes_cli_stores_flags_that_features_and_edges_show(toy, tmp_path):

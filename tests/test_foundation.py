@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny import TINY_CFG
 
+from catalog.ids import NodeKind
 from ingest.errors import LoadError
 from ingest.models import TOY_DIR, load_local_model, load_model, save_local_model
 from ingest.saes import load_sae_dir, load_saes
@@ -99,7 +100,8 @@ def test_transformer_lens_is_used_through_one_module():
 def test_help_lists_every_command_in_its_group():
     out = subprocess.run(CLI + ["--help"], capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "160"}).stdout
-    groups = {"Query the catalog": ("upstream", "downstream", "edge", "top-features", "feature", "features-on", "diff", "runs",
+    groups = {"Query the catalog": ("upstream", "downstream", "edge", "top-features", "completeness", "feature", "features-on",
+                                    "diff", "runs",
                                     "cypher", "export", "merge", "patterns", "mine"),
               "Compute (runs models)": ("make-toy", "trace", "ingest", "demo", "eval-saes", "spot-check"),
               "Serve": ("serve", "neo4j-server")}
@@ -158,6 +160,34 @@ def test_toy_loads_offline_with_its_saes():
     assert lm.cfg.normalization_type == "LNPre"
 
 
+def test_transcoders_load_under_their_own_option_and_nowhere_else(tmp_path):
+    """--transcoders toy-ioi loads three SAELens Transcoders (one per layer, keyed by their own release:id); a
+    transcoder given as an SAE, an SAE given as a transcoder, and a skip transcoder are each one clear LoadError."""
+    from sae_lens import SkipTranscoder, SkipTranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    lm = load_model("toy-ioi")
+    saes = load_saes(["toy-ioi"], lm.cfg, transcoder_specs=["toy-ioi"])
+    assert sorted(saes.transcoders) == [0, 1, 2] and len(saes.all()) == 9
+    assert saes.key_of(NodeKind.TRANSCODER, 1) == "toy-ioi:blocks.1.ln2.hook_normalized"
+    assert saes.transcoders[1].weights.W_dec.shape == (512, 64) and not saes.transcoders[1].weights.apply_b_dec_to_input
+    toy_transcoders = str(TOY_DIR / "transcoders")
+    with pytest.raises(LoadError, match="reads blocks.0.ln2.hook_normalized; pass transcoders with --transcoders"):
+        load_saes([toy_transcoders], lm.cfg)
+    with pytest.raises(LoadError, match="--transcoders .*toy-ioi-saes-folder: .* pass SAEs with --saes"):
+        load_saes(["toy-ioi"], lm.cfg, transcoder_specs=[_link(tmp_path / "toy-ioi-saes-folder", TOY_DIR / "saes")])
+    skip = SkipTranscoder(SkipTranscoderConfig(d_in=64, d_sae=8, d_out=64, apply_b_dec_to_input=False, metadata=SAEMetadata(
+        hook_name="blocks.1.ln2.hook_normalized")))
+    skip.save_model(tmp_path / "skip")
+    with pytest.raises(LoadError, match="skip connection .W_skip.: not supported"):
+        load_saes(["toy-ioi"], lm.cfg, transcoder_specs=[str(tmp_path / "skip")])
+
+
+def _link(link, target) -> str:
+    link.symlink_to(target)
+    return str(link)
+
+
 def test_mismatched_sae_is_refused_naming_both():
     from tiny import tiny_model
 
@@ -212,3 +242,16 @@ def test_shipped_toy_has_learned_ioi_and_its_saes_reconstruct():
         assert fve >= 0.8, (folder.name, float(fve))
     shipped = json.loads((TOY_DIR / "metrics.json").read_text())
     assert shipped["model"]["ioi_accuracy"] >= 0.95
+    # each transcoder, through SAELens's Transcoder forward, rebuilds its MLP's output from the MLP's input
+    pairs = {f"blocks.{l}.ln2.hook_normalized": f"blocks.{l}.hook_mlp_out" for l in range(lm.cfg.n_layers)}
+    io = collect_activations(lm.model, tok, 300, seed=4242, names=[n for pair in pairs.items() for n in pair])
+    folders = sorted((TOY_DIR / "transcoders").iterdir())
+    assert [f.name for f in folders] == sorted(pairs)
+    for folder in folders:
+        transcoder = SAE.load_from_disk(str(folder))
+        x, y = io[folder.name], io[pairs[folder.name]]
+        with torch.no_grad():
+            recon = transcoder(x)
+        fve = 1 - (recon - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+        assert type(transcoder).__name__ == "Transcoder" and fve >= 0.9, (folder.name, float(fve))
+        assert abs(float(fve) - shipped["transcoders"][folder.name]["fve"]) < 0.02  # what the docs report

@@ -291,6 +291,26 @@ def test_shards_give_the_same_catalog_as_one_process(store_url, tmp_path):
         assert sharded[key] == single[key], key
 
 
+def test_an_ingest_with_transcoders_stores_the_same_catalog_on_both_stores(tmp_path, neo4j_url):
+    """The toy model's own transcoders through the command a user runs: SQLite and a live Neo4j hold the same
+    catalog, with transcoder features, mlp_in edges into them and no MLP leaf left, and the manifest names them."""
+    import re
+
+    wipe_neo4j(neo4j_url)
+    sqlite = f"sqlite:///{tmp_path}/t.db"
+    for url in (sqlite, neo4j_url):
+        _ingest(url, "--corpus", "ioi:8:2", "--transcoders", "toy-ioi")
+    on_sqlite, on_neo4j = _catalog(sqlite), _catalog(neo4j_url)
+    assert on_sqlite == on_neo4j
+    edges = on_sqlite["edges"]
+    assert {e[2] for e in edges} >= {"mlp_in", "resid_in", "attn_in", "direct"}
+    assert any(e[2] == "mlp_in" and "|T1." in e[1] and "|T0." in e[0] for e in edges)  # MLP0 feeds MLP1, decomposed
+    assert not any(re.search(r"\|MLP\d+$", uid) for e in edges for uid in e[:2])
+    saes = open_store(sqlite).run("r").manifest["saes"]
+    assert sorted(s["layer"] for s in saes if s["kind"] == "transcoder") == [0, 1, 2]
+    wipe_neo4j(neo4j_url)
+
+
 def test_manifest_records_what_reproduces_a_run(toy, tmp_path):
     store = open_store(f"sqlite:///{tmp_path}/c.db")
     run_job(toy, "ioi:4", store, JobOptions(run="m", progress=False))

@@ -21,9 +21,9 @@ KINDS = list(EDGE_KINDS)
 REFS = [f"A{l}.{i}" for l in range(3) for i in range(12)] + [f"R{l}.{i}" for l in range(3) for i in range(12)]
 
 
-def _catalog(url: str, chain: bool = False):
+def _catalog(url: str, chain: bool = False, mlp: bool = False):
     rng = random.Random(7)
-    infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in [*REFS, "H1.2", "H1.1"]]
+    infos = [NodeInfo.of("toy", "rel", parse_ref(r)) for r in [*REFS, "H1.2", "H1.1", "T1.4", "T1.ERR"]]
     idx = {n.ref: i for i, n in enumerate(infos)}
     # the token at 9 repeats the token at 2: the planted direct pair (2 -> 9) reads a duplicate token
     prompts = [Prompt(f"m/p{i:03d}", "m", f"p{i:03d}", f"prompt {i}", [f"t{j}" for j in range(9)] + ["t2"], "t",
@@ -35,6 +35,10 @@ def _catalog(url: str, chain: bool = False):
             rows.append((p, "A0.3", "R1.4", "resid_in", -1, 4, 4, 2.0))
             rows.append((p, "R1.4", "A1.9", "attn_in", 1, 4, 8, 1.2))
             rows.append((p, "R1.4", "H1.2", "k_in", 2, 4, 8, 0.7))  # R1.4 on the key side of head 1.2's scores
+            if mlp:  # A0.8 builds the transcoder feature T1.4 at 8 (with T1.ERR's help), which A2.7 reads from 8 at 9
+                rows.append((p, "A0.8", "T1.4", "mlp_in", -1, 8, 8, 1.5))
+                rows.append((p, "T1.ERR", "T1.4", "mlp_in", -1, 8, 8, 0.5))
+                rows.append((p, "T1.4", "A2.7", "direct", 0, 8, 9, 0.8))
             if chain:  # R1.4 also on the key side of head 1.1, which writes A1.9; A1.9 feeds A2.7
                 rows.append((p, "R1.4", "H1.1", "k_in", 1, 4, 8, 0.9))
                 rows.append((p, "A1.9", "A2.7", "direct", 3, 8, 9, 1.1))
@@ -72,6 +76,24 @@ def test_planted_direct_and_via_resid_compositions_are_found_above_the_null(stor
     assert len(noise) > 10
     assert {(p["source"], p["target"]) for p in everything[:2]} == {("A0.5", "A2.7"), ("A0.3", "A1.9")}
     assert max(abs(p["total"]) for p in noise) < min(direct["total"], via["total"])
+
+
+def test_a_composition_through_an_mlp_is_found_with_its_null_and_positions(store_url):
+    """With transcoders: A0.8 -mlp_in-> T1.4 -direct-> A2.7 on the 30 even prompts is a via_mlp pair ranked
+    among the V pairs, with A0.8's share of T1.4's input (1.5 of 2.0) times T1.4's attribution to A2.7 as its
+    total, its prompts counted where both hops meet at T1.4's position, the null and where its attention
+    (the direct hop, 8 -> 9: offset 1, previous token) reads."""
+    store = _catalog(store_url, mlp=True)
+    result = mine(store, top=10, min_prompts=5)
+    pairs = {(p["source"], p["target"], p["path"]): p for p in result["pairs"]}
+    via = pairs[("A0.8", "A2.7", "via_mlp")]
+    assert via["via"] == ["T1.4"] and via["n_prompts"] == 30 and list(via["heads"]) == ["0"]
+    assert via["total"] == pytest.approx(30 * 0.8 * 1.5 / 2.0, rel=1e-6)
+    assert via["z_score"] > 3
+    assert via["position"]["offset"]["role"] == "offset 1" and via["position"]["relation"]["role"] == "previous"
+    assert [e["prompt"] for e in via["exemplars"]] == ["m/p000", "m/p002", "m/p004"]
+    everything = mine(store, 100, 1)["pairs"]
+    assert [p["source"] for p in everything if p["path"] == "via_mlp"] == ["A0.8"]  # never an error node
 
 
 def test_null_baseline_separates_recurrence_from_chance():

@@ -22,14 +22,14 @@ SHOTS = Path(__file__).parent.parent / "test-artifacts" / "screenshots"
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    """24 IOI prompts ingested with toy-ioi, and an SAE evaluation stored beside them (both through
-    the commands a user runs)."""
+    """24 IOI prompts ingested with toy-ioi and its transcoders, and an SAE evaluation stored beside them (both
+    through the commands a user runs)."""
     from cli import app
 
     url = f"sqlite:///{tmp_path_factory.mktemp('pages')}/catalog.db"
     runner = CliRunner()
-    for args in (["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--corpus", "ioi:24:5", "--store", url,
-                  "--run", "ioi", "--batch-size", "8", "--no-progress"],
+    for args in (["ingest", "--model", "toy-ioi", "--saes", "toy-ioi", "--transcoders", "toy-ioi", "--corpus", "ioi:24:5",
+                  "--store", url, "--run", "ioi", "--batch-size", "8", "--no-progress"],
                  ["eval-saes", "--model", "toy-ioi", "--saes", "toy-ioi", "--n", "16", "--store", url,
                   "--plot", str(tmp_path_factory.mktemp("plot") / "eval.png")]):
         result = runner.invoke(app, args)
@@ -234,6 +234,25 @@ def test_feature_page_shows_what_it_fires_on_and_the_home_page_searches_by_token
     for bad in ({"token": ""}, {"token": "x" * 101}):
         assert httpx.get(f"{server}/features", params=bad, timeout=30).status_code == 422
     assert httpx.get(f"{server}/features/{first}", params={"contexts": 21}, timeout=30).status_code == 422
+
+
+def test_a_transcoder_feature_page_shows_where_its_inputs_come_from(page, server):
+    """A transcoder feature that feeds the strongest layer-2 attention feature: its page, its mlp_in inputs and the
+    shares of its incoming |attribution| from features, errors and the rest equal the API's."""
+    first = api(server, "/overview")["strongest_attention"][2]["features"][0]["id"]
+    source = api(server, f"/features/{first}/upstream", kind="transcoder", limit=1)["items"][0]["id"]
+    assert source.startswith("T")
+    feature = api(server, f"/features/{source}")
+    inputs = feature["inputs"]
+    assert inputs["complete"] and abs(inputs["features"] + inputs["errors"] + inputs["other"] - 1) < 1e-5
+    page.goto(f"{server}/view/feature/{source}")
+    assert page.locator("#feature-id").inner_text().startswith(source) and "transcoder" in page.locator("h1").inner_text()
+    for name in ("features", "errors", "other"):
+        assert page.locator(f"#input-shares [data-field='{name}_share']").inner_text() == f"{100 * inputs[name]:.0f}%"
+    up = api(server, f"/features/{source}/upstream", limit=20)["items"]
+    assert up and {r["edge_kind"] for r in up} == {"mlp_in"}
+    _rows_match(page, "#upstream", up)
+    shot(page, "feature-transcoder")
 
 
 def test_patterns_page_equals_the_mining_endpoint(page, server):

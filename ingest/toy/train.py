@@ -122,20 +122,26 @@ def train_sae(x: torch.Tensor, d_sae: int, l1: float, seed: int, steps: int) -> 
     W_enc = W_dec.detach().T.clone().requires_grad_()
     b_enc = torch.zeros(d_sae, requires_grad=True)
     b_dec = x.median(dim=0).values.clone().requires_grad_()
-    params = [W_enc, b_enc, W_dec, b_dec]
-    opt = torch.optim.Adam(params, lr=2e-3)
-    scale = x.pow(2).sum(-1).mean()
+    return _fit(x, x, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, l1, steps, g,
+                scale=x.pow(2).sum(-1).mean(), subtract_b_dec=True)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, w: dict[str, torch.Tensor], l1: float, steps: int, g: torch.Generator, *,
+         scale: torch.Tensor, subtract_b_dec: bool) -> dict[str, torch.Tensor]:
+    """Adam on MSE(reconstruction, y) / ``scale`` plus L1 on activations times decoder norms (warmed up over the
+    first 30% of the steps), batches of 1024 rows; ``subtract_b_dec``: an SAE's input minus its decoder bias."""
+    W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=2e-3)
     for step in range(steps):
-        batch = x[torch.randint(0, len(x), (1024,), generator=g)]
-        acts = torch.relu((batch - b_dec) @ W_enc + b_enc)
-        recon = acts @ W_dec + b_dec
-        mse = (recon - batch).pow(2).sum(-1).mean() / scale
+        pick = torch.randint(0, len(x), (1024,), generator=g)
+        acts = torch.relu(((x[pick] - b_dec) if subtract_b_dec else x[pick]) @ W_enc + b_enc)
+        mse = (acts @ W_dec + b_dec - y[pick]).pow(2).sum(-1).mean() / scale
         sparsity = (acts * W_dec.norm(dim=1)).sum(-1).mean() / scale.sqrt()
         loss = mse + l1 * 100 * sparsity * min(1.0, step / (steps * 0.3))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {"W_enc": W_enc.detach(), "b_enc": b_enc.detach(), "W_dec": W_dec.detach(), "b_dec": b_dec.detach()}
+    return {k: v.detach() for k, v in w.items()}
 
 
 @torch.no_grad()
@@ -172,18 +178,8 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, d_sae: int, l1: float, se
     W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True) * 0.1).requires_grad_()
     b_enc = torch.zeros(d_sae, requires_grad=True)
     b_dec = y.mean(0).clone().requires_grad_()
-    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=2e-3)
-    scale = (y - y.mean(0)).pow(2).sum(-1).mean()
-    for step in range(steps):
-        pick = torch.randint(0, len(x), (1024,), generator=g)
-        acts = torch.relu(x[pick] @ W_enc + b_enc)
-        mse = (acts @ W_dec + b_dec - y[pick]).pow(2).sum(-1).mean() / scale
-        sparsity = (acts * W_dec.norm(dim=1)).sum(-1).mean() / scale.sqrt()
-        loss = mse + l1 * 100 * sparsity * min(1.0, step / (steps * 0.3))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {"W_enc": W_enc.detach(), "b_enc": b_enc.detach(), "W_dec": W_dec.detach(), "b_dec": b_dec.detach()}
+    return _fit(x, y, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, l1, steps, g,
+                scale=(y - y.mean(0)).pow(2).sum(-1).mean(), subtract_b_dec=False)
 
 
 @torch.no_grad()
