@@ -203,6 +203,23 @@ def test_every_transcoder_feature_sums_to_its_sae_lens_pre_activation(setup, pru
     nodes = graph.nodes
     tc_nodes = nodes.code == Code.TC
     assert int(tc_nodes.sum()) == len(want)
+    # and every other decomposed node still sums to its pre-activation, in both views (edges; direct for attention)
+    by_target = {name: defaultdict(float) for name in ("edges", "direct")}
+    for name in by_target:
+        t = getattr(graph, name)
+        for i in range(len(t)):
+            key = (int(t.prompt[i]), int(t.dst_code[i]), int(t.dst_layer[i]), int(t.dst_index[i]), int(t.dst_pos[i]))
+            by_target[name][key] += float(t.value[i])
+    checked = 0
+    for i in torch.nonzero(~tc_nodes).flatten().tolist():
+        b, code, L, f, t = (int(nodes.prompt[i]), int(nodes.code[i]), int(nodes.layer[i]), int(nodes.index[i]),
+                            int(nodes.pos[i]))
+        sae, hook = (attn[L], f"blocks.{L}.attn.hook_z") if code == Code.ATTN else (resid[L], f"blocks.{L}.hook_resid_pre")
+        pre = float(sae.pre_activation(cache[hook][b, t].flatten())[f])
+        for name in ("edges", "direct") if code == Code.ATTN else ("edges",):
+            assert by_target[name][(b, code, L, f, t)] == pytest.approx(pre, rel=RTOL, abs=ATOL), (name, code, L, f, t)
+            checked += 1
+    assert checked > 100
     if pruning.top_k is not None:  # pruning removed something from transcoder targets, and REST carries it
         rest = e.value[(e.src_code == Code.REST) & (e.dst_code == Code.TC)]
         assert rest.abs().max() > 1e-3
@@ -214,6 +231,8 @@ def test_the_graph_without_transcoders_keeps_mlp_leaves(setup):
     _, cap = capture(model, tokens, lengths)
     plain = full_graph(cap, weights_of(model), attn, resid, Pruning())
     assert bool((plain.edges.src_code == Code.MLP).any()) and not bool((plain.edges.kind == EdgeKind.MLP_IN).any())
+    with pytest.raises(ValueError, match=r"transcoders at layers \[0, 1, 2\] read the MLP inputs"):
+        full_graph(cap, weights_of(model), attn, resid, Pruning(), transcoders)  # a capture without them
     one = {1: transcoders[1]}
     _, cap = capture(model, tokens, lengths, one)
     partial = full_graph(cap, weights_of(model), attn, resid, Pruning(), one)

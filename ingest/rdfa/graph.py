@@ -33,6 +33,9 @@ def full_graph(cap: Capture, weights: Weights, attn_saes: dict[int, SaeWeights],
     pruning = pruning or Pruning()
     transcoders = transcoders or {}
     check_decomposable(attn_saes, resid_saes)
+    if missing := sorted(set(transcoders) - set(cap.mlp_in)):
+        raise ValueError(f"transcoders at layers {missing} read the MLP inputs there: capture them "
+                         "(ingest.lens.capture's mlp_layers)")
     valid = cap.valid
     attn_act = {l: steps.active_set(s, cap.z[l].flatten(-2), valid) for l, s in attn_saes.items()}
     resid_act = {l: steps.active_set(s, cap.resid_pre[l], valid) for l, s in resid_saes.items()}
