@@ -67,7 +67,8 @@ def test_a_transcoder_is_spliced_in_for_its_mlp(toy):
     from ingest.evaluate import _batch, _prompts  # the same prompts eval_saes reads
 
     tokens, last, io, s = _batch(session, _prompts(session, "ioi", 60, 0))
-    logits = run_with_hooks(session.lm.model, tokens, [("blocks.1.hook_mlp_out", lambda act, hook: torch.zeros_like(act))])
+    with torch.no_grad():
+        logits = run_with_hooks(session.lm.model, tokens, [("blocks.1.hook_mlp_out", lambda act, hook: torch.zeros_like(act))])
     ar = torch.arange(len(tokens))
     zeroed = float((logits[ar, last, io] - logits[ar, last, s]).mean())
     assert rows[("transcoder", 1)]["logit_diff"] == pytest.approx(zeroed, abs=1e-4)
