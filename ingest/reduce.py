@@ -198,7 +198,10 @@ def _top_activations(obs: Observations, acts: Activations, prompt_rank: torch.Te
     # each kept activation's key, sorted; observations into it are found by binary search
     key = (prompt * n_slots + node) * POS_LIMIT + pos
     sorted_key, by_key = torch.sort(key)
-    feeding = torch.isin(obs.kind, torch.tensor(FEEDING_KINDS, device=obs.kind.device)).nonzero().squeeze(1)
+    is_feeding = obs.kind == FEEDING_KINDS[0]
+    for kind in FEEDING_KINDS[1:]:  # or-ed comparisons: torch.isin took 6.3 ms for 400k observations here, these 1.3
+        is_feeding |= obs.kind == kind
+    feeding = is_feeding.nonzero().squeeze(1)
     okey = (obs.prompt.index_select(0, feeding) * n_slots + obs.dst.index_select(0, feeding)) * POS_LIMIT + \
         obs.dst_pos.index_select(0, feeding)
     at = torch.searchsorted(sorted_key, okey).clamp(max=max(len(key) - 1, 0))
