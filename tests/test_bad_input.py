@@ -91,6 +91,8 @@ def test_txt_corpus_drops_a_byte_order_mark_and_reports_undecodable_lines(tmp_pa
     ("A99.1", "no attention SAE at layer 99 (this session has attention SAEs at layers [0, 1, 2])"),
     ("R7.1", "no residual SAE at layer 7"),
     ("A2.999999999", "index 999999999 is past the width of the layer-2 attention SAE (256 features)"),
+    ("T1.5", "no transcoder at layer 1 (this session has transcoders at layers [])"),  # none loaded (no --transcoders)
+    ("MLP1", "trace starts from an SAE or transcoder feature (A.., R.. or T..)"),
 ])
 def test_trace_says_what_is_wrong_with_a_start_feature(toy, feature, message):
     with pytest.raises(UserFacingError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
