@@ -144,7 +144,8 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
     tb, tt, tk = targets.mask.nonzero(as_tuple=True)  # sorted by (prompt, position)
     if tb.numel() == 0:
         return EdgeTable.empty(), kept_sum
-    P = (rows.vec / sigma[rows.prompt, rows.pos, None]) @ centered_W_V(W_V).permute(1, 0, 2).reshape(d, H * dh)
+    P = rows.through("W_V", (W_V,), lambda: centered_W_V(W_V).permute(1, 0, 2).reshape(d, H * dh))
+    P.div_(sigma[rows.prompt, rows.pos, None])  # LN1's frozen scale: (vec / sigma) W == (vec W) / sigma
     layout = row_blocks(rows, B, T)
     padded = layout.slot_row.flatten() % (P.shape[0] + 1)  # -1 (padding) -> the zero row appended
     P = torch.cat([P, P.new_zeros(1, H * dh)]).index_select(0, padded).view(B, GROUP, -1, H, dh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,8 @@ class SaeWeights:
     threshold: torch.Tensor | None = None
     top_k: int | None = None
     _encoder_constant: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    _through: tuple[tuple, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _through: dict[str, tuple[tuple, torch.Tensor | None]] = field(default_factory=dict, init=False, repr=False,
+                                                                  compare=False)
 
     def __post_init__(self) -> None:
         # column-major (W_enc.T contiguous): RDFA reads the encoder column of every active feature, and
@@ -77,16 +79,37 @@ class SaeWeights:
             self._encoder_constant = self.b_enc - self.input_offset @ self.W_enc
         return self._encoder_constant
 
-    def decoder_through(self, W: torch.Tensor) -> torch.Tensor:
-        """W_dec @ W [d_sae, d_out], kept for the last W (an attention SAE's decoder rows through its
-        layer's W_O: every batch reads them, and K x d_in x d_model products per position cost more
-        than one d_sae x d_in x d_model product per run; 75 MB a GPT-2 layer in float32)."""
-        key = (W.data_ptr(), tuple(W.shape), W.device, W.dtype)
-        if self._through is None or self._through[0] != key:
-            self._through = (key, self.W_dec @ W)
-        return self._through[1]
+    def decoder_through(self, W: torch.Tensor, name: str = "W_O") -> torch.Tensor:
+        """W_dec @ W [d_sae, d_out], kept per ``name`` for the last W given (an attention SAE's decoder rows
+        through its layer's W_O: every batch reads them, and K x d_in x d_model products per position cost
+        more than one d_sae x d_in x d_model product per run; 75 MB a GPT-2 layer in float32)."""
+        key = _identity(W)
+        hit = self._through.get(name)
+        if hit is None or hit[0] != key or hit[1] is None:
+            self._through[name] = (key, self.W_dec @ W)
+        return self._through[name][1]  # type: ignore[return-value]
+
+    def decoder_through_when_reused(self, name: str, source: tuple[torch.Tensor, ...],
+                                    prepare: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """W_dec @ prepare() [d_sae, n], cached under ``name`` from the second request for the same
+        ``source`` on (the weights prepare() reads); None at the first. A product of the whole dictionary
+        costs as much as a few batches' rows (a GPT-2 prompt's ~3,000 rows are an eighth of d_sae), so one
+        trace never builds it, and a job builds it at its second batch."""
+        key = tuple(_identity(w) for w in source)
+        hit = self._through.get(name)
+        if hit is None or hit[0] != key:
+            self._through[name] = (key, None)
+            return None
+        if hit[1] is None:
+            self._through[name] = (key, self.W_dec @ prepare())
+        return self._through[name][1]
 
     def to(self, device) -> SaeWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SaeWeights(self.kind, self.layer, move(self.W_enc), move(self.b_enc), move(self.W_dec),
                           move(self.b_dec), self.apply_b_dec_to_input, move(self.threshold), self.top_k)
+
+
+def _identity(W: torch.Tensor) -> tuple:
+    """What a cached product of W is keyed by: its storage, shape, device, dtype and in-place version."""
+    return W.data_ptr(), tuple(W.shape), W.device, W.dtype, W._version
