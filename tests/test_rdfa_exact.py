@@ -319,6 +319,7 @@ def test_step2_over_all_prompts_at_once_gives_the_per_prompt_edges(setup, monkey
 
     model, attn, resid, tokens, lengths, _, _, _ = setup
     _, cap = capture(model, tokens, lengths)
+    monkeypatch.setattr(step2, "PROMPTS_TOGETHER", False)  # (a batch this small would go whole by itself)
     per_prompt = full_graph(cap, weights_of(model), attn, resid, pruning)
     monkeypatch.setattr(step2, "PROMPTS_TOGETHER", True)
     monkeypatch.setattr(steps, "BATCHED_ROWS_DOT", True)
@@ -398,3 +399,23 @@ def test_top_k_pruning_keeps_each_scores_largest_qk_terms(setup, min_abs):
         assert kept.keys() == {t for t, v in top.items() if v != 0 and abs(v) >= min_abs}, score
         for term, value in kept.items():
             assert value == pytest.approx(top[term], rel=1e-5, abs=1e-6)
+
+
+def test_step2_takes_a_small_batch_whole_and_a_large_one_prompt_by_prompt_on_the_cpu():
+    """The CPU's step 2 pads nothing for GPT-2-sized prompts (one band loop a prompt), but a toy batch, whose
+    bands would cost more in operators than in products, goes as one group in few bands."""
+    from ingest.rdfa import step2
+
+    def shapes(B, T, targets, blocks):
+        targets_at = torch.full((B, T), targets)
+        before = torch.zeros(B, T + 1, dtype=torch.long)
+        before[:, 1:] = torch.arange(1, T + 1) * blocks
+        return targets_at, before
+
+    toy = shapes(8, 15, 10, 2)  # 8 prompts of 15 tokens, 10 features a position, 2 blocks of rows each
+    assert step2.prompt_groups(*toy, heads=4) == [range(8)]
+    assert len(step2.band_bounds(*toy, heads=4, budget=step2.BAND_ELEMENTS)) == 1
+    gpt2 = shapes(8, 64, 38, 5)
+    assert step2.prompt_groups(*gpt2, heads=12) == [range(b, b + 1) for b in range(8)]
+    one = tuple(x[:1] for x in gpt2)
+    assert len(step2.band_bounds(*one, heads=12, budget=step2.BAND_ELEMENTS)) >= step2.MIN_BANDS

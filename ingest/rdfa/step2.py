@@ -34,6 +34,10 @@ from ingest.rdfa.types import SaeWeights
 GROUP = 8  # rows per block: a position's rows are padded to a multiple of it (~10% at GPT-2's L0)
 MIN_BANDS = 8  # causal waste ~1/(2 x bands) of the work
 BAND_ELEMENTS = 1 << 23  # floats of M per band at most (32 MB; a GPU's grows with its memory)
+# Below these a band's ~20 operators cost more than its products (a toy model's prompt: ~10^4 products a
+# layer), so small work gets fewer bands, and a small batch is taken whole even on the CPU
+MIN_BAND_WORK = 1 << 20  # floats of M a band holds at least, unless MIN_BANDS already fit
+SMALL_BATCH_WORK = 1 << 22  # a batch whose padded M is at most this goes in one group of prompts
 
 
 @dataclass
@@ -75,18 +79,21 @@ def row_blocks(rows: FlatRows, B: int, T: int) -> RowBlocks:
 def band_bounds(targets_at: torch.Tensor, before: torch.Tensor, heads: int, budget: int,
                 min_bands: int = MIN_BANDS) -> list[tuple[int, int]]:
     """Bands [t0, t1) of target positions holding about equal work: targets_at [B, T] targets per
-    position, before [B, T+1] blocks at s < t. A band's work is heads x (its busiest prompt's targets)
-    x (its busiest prompt's slots up to t1): the size of its M."""
+    position, before [B, T+1] blocks at s < t, of the B prompts one band loop takes together. A band's
+    work is B x heads x (its busiest prompt's targets) x (its busiest prompt's slots up to t1): the size
+    of its M. At least ``min_bands`` bands, fewer when each would hold under MIN_BAND_WORK."""
     B, T = targets_at.shape
     cum = torch.zeros(B, T + 1, dtype=torch.long, device=targets_at.device)
     cum[:, 1:] = targets_at.cumsum(1)
     cum_l, slots = cum.T.tolist(), (before.amax(0) * GROUP).tolist()  # [T+1][B], [T+1]
 
     def work(t0: int, t1: int) -> int:
-        return heads * max(b - a for a, b in zip(cum_l[t0], cum_l[t1])) * slots[t1]
+        return B * heads * max(b - a for a, b in zip(cum_l[t0], cum_l[t1])) * slots[t1]
 
     total = work(0, T) // 2 + 1  # the causal work, about
-    n_bands = max(min_bands, -(-total // budget))
+    n_bands = max(min(min_bands, -(-total // MIN_BAND_WORK)), -(-total // budget))
+    if n_bands == 1:
+        return [(0, T)]
     share = -(-total // n_bands)
     bounds, t0 = [], 0
     while t0 < T:
@@ -98,14 +105,20 @@ def band_bounds(targets_at: torch.Tensor, before: torch.Tensor, heads: int, budg
     return bounds
 
 
-PROMPTS_TOGETHER: bool | None = None  # one group of all prompts (None: on CUDA); else a group per prompt
+PROMPTS_TOGETHER: bool | None = None  # one group of all prompts (None: on CUDA, or a small batch); else one each
 
 
-def prompt_groups(B: int, device: torch.device) -> list[range]:
-    """The prompts each band loop covers. A GPU takes the whole batch at once (padding each band to its
-    busiest prompt: ~2x the products at GPT-2 scale, but a fixed number of kernels); the CPU goes prompt
-    by prompt, which pads nothing (the padded form was 1.5-2x slower there)."""
-    together = device.type == "cuda" if PROMPTS_TOGETHER is None else PROMPTS_TOGETHER
+def prompt_groups(targets_at: torch.Tensor, before: torch.Tensor, heads: int) -> list[range]:
+    """The prompts each band loop covers (targets_at [B, T], before [B, T+1] as band_bounds takes them). A
+    GPU takes the whole batch at once (padding each band to its busiest prompt: ~2x the products at GPT-2
+    scale, but a fixed number of kernels); the CPU goes prompt by prompt, which pads nothing (the padded
+    form was 1.5-2x slower there), unless the whole batch's padded M is small: a toy model's batch of 8
+    prompts went through ~90 band loops a layer, 2.6x slower than the step it replaced."""
+    B = targets_at.shape[0]
+    together = PROMPTS_TOGETHER
+    if together is None:
+        padded = B * heads * int(targets_at.sum(1).max()) * int(before[:, -1].max()) * GROUP
+        together = targets_at.device.type == "cuda" or padded <= SMALL_BATCH_WORK
     return [range(B)] if together else [range(b, b + 1) for b in range(B)]
 
 
@@ -156,7 +169,7 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
     targets_at = targets.mask.sum(-1)
     budget = budget or sized(dev, BAND_ELEMENTS)
     tables = []
-    for group in prompt_groups(B, dev):
+    for group in prompt_groups(targets_at, layout.before, H):
         g = slice(group.start, group.stop)
         for t0, t1 in band_bounds(targets_at[g], layout.before[g], H, budget):
             tables.append(_band(layer, group, t0, t1, kept_sum, sae.layer, pruning))
