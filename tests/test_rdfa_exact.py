@@ -27,38 +27,8 @@ def setup():
     lengths = torch.tensor([8, 6])
     _, cap = capture(model, tokens, lengths)
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hook_names(model.cfg.n_layers))
-    weights = weights_of(model)
-    first = full_graph(cap, weights, attn, resid, Pruning())
-    # a job's later batches read feature rows through the residual SAEs' cached W_dec @ W (from the second
-    # batch on): the graph every test below checks is such a batch's
-    graph = full_graph(cap, weights, attn, resid, Pruning())
-    assert all(resid[L]._through["W_V"][1] is not None for L in attn)
-    return model, attn, resid, tokens, lengths, cache, graph, first
-
-
-def test_a_first_batch_multiplies_its_rows_and_gives_the_graph_of_the_cached_products(setup):
-    *_, graph, first = setup
-    for kind in ("edges", "direct", "qk"):
-        a, b = getattr(first, kind), getattr(graph, kind)
-        assert len(a) > 100 and len(a) == len(b), kind
-        ka, kb = _by_key(a), _by_key(b)
-        assert ka.keys() == kb.keys(), kind
-        # float32 rounding of a product taken in another order, relative to the largest input of its target
-        largest: dict[tuple, float] = {}
-        target = lambda k: (k[0], *k[5:9])  # noqa: E731 - prompt, dst code, layer, index, position
-        for k, v in kb.items():
-            largest[target(k)] = max(largest.get(target(k), 0.0), abs(v))
-        worst = max(abs(ka[k] - kb[k]) / largest[target(k)] for k in kb)
-        assert worst < 1e-5, (kind, worst)
-
-
-def _by_key(table) -> dict[tuple, float]:
-    """{every column but value: value} of an EdgeTable, refusing duplicates."""
-    columns = [c for c in table.COLUMNS if c != "value"]
-    keys = zip(*(getattr(table, c).tolist() for c in columns))
-    out = dict(zip(keys, table.value.tolist()))
-    assert len(out) == len(table)
-    return out
+    graph = full_graph(cap, weights_of(model), attn, resid, Pruning())
+    return model, attn, resid, tokens, lengths, cache, graph
 
 
 def _component_leaves(model, attn, cache, upto):
@@ -87,7 +57,7 @@ def _component_expect(gx, b, s, upto):
 
 
 def test_resid_in_edges_equal_gradient_times_input(setup):
-    model, attn, resid, tokens, lengths, cache, graph, _ = setup
+    model, attn, resid, tokens, lengths, cache, graph = setup
     edges = edge_dict(graph.edges, EdgeKind.RESID_IN)
     checked = 0
     for L, sae in resid.items():
@@ -111,7 +81,7 @@ def test_resid_in_edges_equal_gradient_times_input(setup):
 
 
 def test_attn_in_edges_equal_gradient_times_input_per_head(setup):
-    model, attn, resid, tokens, lengths, cache, graph, _ = setup
+    model, attn, resid, tokens, lengths, cache, graph = setup
     edges = edge_dict(graph.edges, EdgeKind.ATTN_IN)
     H, dh = model.cfg.n_heads, model.cfg.d_head
     checked = 0
@@ -148,7 +118,7 @@ def test_attn_in_edges_equal_gradient_times_input_per_head(setup):
 def test_direct_edges_equal_gradient_times_input_per_head(setup):
     """Every source kind of the direct view (EMB, POS, attention features, their SAE error and bias,
     MLP outputs) at every source position, into attention features at every destination position."""
-    model, attn, resid, tokens, lengths, cache, graph, _ = setup
+    model, attn, resid, tokens, lengths, cache, graph = setup
     edges = edge_dict(graph.direct, EdgeKind.DIRECT)
     H, dh = model.cfg.n_heads, model.cfg.d_head
     checked = {code: 0 for code in (Code.EMB, Code.POS, Code.ATTN, Code.ERR_A, Code.BIAS_A, Code.MLP)}
@@ -195,7 +165,7 @@ def _sums_by_target(table):
                                      Pruning(top_k=3, min_abs=0.5, direct_positions=2)])
 def test_completeness_every_node(setup, pruning):
     """Incoming edges (features, error, bias, REST) sum to the pre-activation recomputed from the cache."""
-    model, attn, resid, tokens, lengths, cache, _, _ = setup
+    model, attn, resid, tokens, lengths, cache, _ = setup
     _, cap = capture(model, tokens, lengths)
     graph = full_graph(cap, weights_of(model), attn, resid, pruning)
     edge_sums, direct_sums = _sums_by_target(graph.edges), _sums_by_target(graph.direct)
@@ -218,7 +188,7 @@ def test_completeness_every_node(setup, pruning):
 
 def test_per_head_pieces_sum_to_step1_dfa_per_source_position(setup):
     """Sum over heads, features, error and bias at s of the attn_in edges = A[h,t,s] v_s,h . W_enc (step 1)."""
-    model, attn, resid, tokens, lengths, cache, graph, _ = setup
+    model, attn, resid, tokens, lengths, cache, graph = setup
     H, dh = model.cfg.n_heads, model.cfg.d_head
     L = 2
     v = cache[f"blocks.{L}.attn.hook_pattern"]  # [B,H,T,S]
@@ -241,7 +211,7 @@ def test_top_k_pruning_keeps_each_targets_largest_edges(setup, min_abs):
     """With top_k=3 every target keeps exactly the 3 largest-|value| candidate edges of the exact graph
     (sorted here in plain Python) that clear min_abs, per head, for attn_in, resid_in and the direct
     view."""
-    model, attn, resid, tokens, lengths, _, exact, _ = setup
+    model, attn, resid, tokens, lengths, _, exact = setup
     _, cap = capture(model, tokens, lengths)
     pruned = full_graph(cap, weights_of(model), attn, resid, Pruning(top_k=3, min_abs=min_abs))
 
@@ -274,7 +244,7 @@ def test_position_blocks_pad_each_group_alone_and_do_not_change_edges(setup, mon
     setup spans several paddings, and one position per block gives the same edges."""
     from ingest.rdfa import blocks, steps
 
-    model, attn, resid, tokens, lengths, _, graph, _ = setup
+    model, attn, resid, tokens, lengths, _, graph = setup
     _, cap = capture(model, tokens, lengths)
     acts = {l: steps.active_set(s, cap.z[l].flatten(-2), cap.valid) for l, s in attn.items()}
     grouped = blocks.position_blocks(cap, weights_of(model), {l: (attn[l], acts[l]) for l in attn})
@@ -317,7 +287,7 @@ def test_step2_over_all_prompts_at_once_gives_the_per_prompt_edges(setup, monkey
     same direct edges, and the same REST per node, as the CPU's prompt-by-prompt forms."""
     from ingest.rdfa import step2, steps
 
-    model, attn, resid, tokens, lengths, _, _, _ = setup
+    model, attn, resid, tokens, lengths, _, _ = setup
     _, cap = capture(model, tokens, lengths)
     monkeypatch.setattr(step2, "PROMPTS_TOGETHER", False)  # (a batch this small would go whole by itself)
     per_prompt = full_graph(cap, weights_of(model), attn, resid, pruning)
@@ -355,7 +325,7 @@ def test_reduced_precision_leaves_its_stated_error_in_rest(setup, precision, wor
     carries that dtype's rounding, and each node's REST edge (zero to float32 rounding when nothing is
     pruned) absorbs it: at most ``worst`` and, at the median node, ``typical`` of the sum of |incoming|,
     the bounds docs/rdfa.md states; and well above float32's, so the option takes effect."""
-    model, attn, resid, tokens, lengths, _, exact, _ = setup
+    model, attn, resid, tokens, lengths, _, exact = setup
     _, cap = capture(model, tokens, lengths)
     low = full_graph(cap, weights_of(model), attn, resid, Pruning(precision=precision))
     exact_share, low_share = _rest_share(exact), _rest_share(low)
@@ -377,7 +347,7 @@ def test_precision_is_checked_and_recorded_in_the_manifest():
 def test_top_k_pruning_keeps_each_scores_largest_qk_terms(setup, min_abs):
     """With top_k=3 each decomposed attention score keeps exactly the 3 largest-|value| q_in, k_in and qk
     terms of the exact graph's (sorted here in plain Python) that clear min_abs."""
-    model, attn, resid, tokens, lengths, _, exact, _ = setup
+    model, attn, resid, tokens, lengths, _, exact = setup
     _, cap = capture(model, tokens, lengths)
     pruned = full_graph(cap, weights_of(model), attn, resid, Pruning(top_k=3, min_abs=min_abs))
 

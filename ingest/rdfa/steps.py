@@ -90,13 +90,11 @@ class FlatRows:
 
     def through(self, name: str, source: tuple[torch.Tensor, ...], prepare: Callable[[], torch.Tensor]
                 ) -> torch.Tensor:
-        """vec @ W [N, n], W = prepare() [d, n] a function of the weights ``source`` alone. From a job's second
-        batch on, feature rows are read off the SAE's cached W_dec @ W (``name``) and scaled by their
-        activation, and only error and bias rows are multiplied: the rows' own product was ~11% of step 2
-        and ~20% of QK at GPT-2 scale, the cache 75 MB a layer per 768 columns."""
-        cached = self.sae.decoder_through_when_reused(name, source, prepare)
-        if cached is None:
-            return self.vec @ prepare()
+        """vec @ W [N, n], W = prepare() [d, n] a function of the weights ``source`` alone. Feature rows are
+        read off the SAE's W_dec @ W (``name``, SaeWeights.decoder_through) and scaled by their activation;
+        only error and bias rows are multiplied. The rows' own product was ~11% of step 2 and a fifth of
+        QK at GPT-2 scale."""
+        cached = self.sae.decoder_through(name, source, prepare)
         feature = self.index >= 0
         out = torch.empty(self.vec.shape[0], cached.shape[1], device=cached.device, dtype=cached.dtype)
         f, o = feature.nonzero().flatten(), (~feature).nonzero().flatten()
@@ -212,7 +210,8 @@ def component_rows(cap, weights, attn_saes: dict[int, tuple[SaeWeights, ActiveSe
         if l in attn_saes:
             sae, act = attn_saes[l]
             feats = vec[:, :, r:r + act.K]  # c_k W_dec[k] W_O: [B,T,K,d]; padded slots have c_k = 0
-            through = sae.decoder_through(W_O).index_select(0, act.index.flatten()).view(B, T, act.K, d)
+            through = sae.decoder_through("W_O", (W_O,), lambda W=W_O: W).index_select(0, act.index.flatten())
+            through = through.view(B, T, act.K, d)
             torch.mul(through, act.act[..., None], out=feats)
             bias = sae.b_dec @ W_O
             # the error through W_O: (z - sum_k c_k W_dec[k] - b_dec) W_O, by linearity

@@ -32,8 +32,8 @@ class SaeWeights:
     threshold: torch.Tensor | None = None
     top_k: int | None = None
     _encoder_constant: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    _through: dict[str, tuple[tuple, torch.Tensor | None]] = field(default_factory=dict, init=False, repr=False,
-                                                                  compare=False)
+    _through: dict[str, tuple[tuple, torch.Tensor]] = field(default_factory=dict, init=False, repr=False,
+                                                           compare=False)
 
     def __post_init__(self) -> None:
         # column-major (W_enc.T contiguous): RDFA reads the encoder column of every active feature, and
@@ -79,30 +79,19 @@ class SaeWeights:
             self._encoder_constant = self.b_enc - self.input_offset @ self.W_enc
         return self._encoder_constant
 
-    def decoder_through(self, W: torch.Tensor, name: str = "W_O") -> torch.Tensor:
-        """W_dec @ W [d_sae, d_out], kept per ``name`` for the last W given (an attention SAE's decoder rows
-        through its layer's W_O: every batch reads them, and K x d_in x d_model products per position cost
-        more than one d_sae x d_in x d_model product per run; 75 MB a GPT-2 layer in float32)."""
-        key = _identity(W)
-        hit = self._through.get(name)
-        if hit is None or hit[0] != key or hit[1] is None:
-            self._through[name] = (key, self.W_dec @ W)
-        return self._through[name][1]  # type: ignore[return-value]
-
-    def decoder_through_when_reused(self, name: str, source: tuple[torch.Tensor, ...],
-                                    prepare: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-        """W_dec @ prepare() [d_sae, n], cached under ``name`` from the second request for the same
-        ``source`` on (the weights prepare() reads); None at the first. A product of the whole dictionary
-        costs as much as a few batches' rows (a GPT-2 prompt's ~3,000 rows are an eighth of d_sae), so one
-        trace never builds it, and a job builds it at its second batch."""
+    def decoder_through(self, name: str, source: tuple[torch.Tensor, ...], prepare: Callable[[], torch.Tensor]
+                        ) -> torch.Tensor:
+        """W_dec @ prepare() [d_sae, n], kept under ``name`` while ``source`` (the weights prepare() reads) is
+        the same. A feature's row times a fixed matrix is its activation times a row of this, so every batch
+        reads it: an attention SAE's decoder rows through W_O (K x d_in x d_model products per position cost
+        more than one d_sae x d_in x d_model product per run), a residual SAE's through W_V, W_Q and W_K.
+        75 MB a GPT-2 layer per 768 columns in float32. Built at the first request, never later: a batch's
+        values must not depend on what ran before it (a resumed or sharded job gives the same catalog)."""
         key = tuple(_identity(w) for w in source)
         hit = self._through.get(name)
         if hit is None or hit[0] != key:
-            self._through[name] = (key, None)
-            return None
-        if hit[1] is None:
-            self._through[name] = (key, self.W_dec @ prepare())
-        return self._through[name][1]
+            hit = self._through[name] = (key, self.W_dec @ prepare())
+        return hit[1]
 
     def to(self, device) -> SaeWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
