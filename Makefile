@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 CHROMIUM ?= /usr/bin/chromium
 setup: $(STAMP)
 
+# --no-cache-dir: torch's CUDA build and its nvidia-* wheels are ~7 GB installed; pip's wheel cache would keep
+# another ~3.5 GB of them, and one CI run failed with "No space left on device" during this install.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev,plots]'
+	$(VENV)/bin/pip install --quiet --no-cache-dir --upgrade pip
+	$(VENV)/bin/pip install --quiet --no-cache-dir -e '.[dev,plots]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: setup
