@@ -19,7 +19,7 @@ from catalog.fires_on import top_of
 from catalog.publish import publish_folder, publish_run
 from catalog.schema import EDGE_KINDS, ROLES, TOP_ACTIVATIONS, Evidence
 from catalog.spool import Spool, load_window, window_meta
-from catalog.stores import open_store
+from catalog.stores import neo4j_publish, open_store
 from catalog.stores.base import StoreError
 from ingest.jobs import JobOptions, run_job
 from ingest.model_with_saes import ModelWithSaes
@@ -98,7 +98,9 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
 
 
-def test_a_partitioned_parallel_publish_holds_the_independent_aggregation(spooled, store_url, tmp_path):
+def test_a_partitioned_parallel_publish_holds_the_independent_aggregation(spooled, store_url, tmp_path, monkeypatch):
+    """On Neo4j the edges go in batches of 16 here, PUBLISH_WRITERS sessions at once (5,000 in production)."""
+    monkeypatch.setattr(neo4j_publish, "EDGE_CHUNK", 16)
     store = open_store(store_url, evidence_per_edge=CAP)
     folder = tmp_path / "copy"
     shutil.copytree(spooled, folder)
@@ -113,6 +115,7 @@ def test_a_partitioned_parallel_publish_holds_the_independent_aggregation(spoole
         roles[tuple(key)][role] = n
     got = {(e.src, e.dst, e.kind): e for e in store.all_edges()}
     assert got.keys() == want["edges"].keys() and report["edges_published"] == len(got)
+    assert len(got) > 20 * neo4j_publish.EDGE_CHUNK * neo4j_publish.PUBLISH_WRITERS  # many batches ran side by side
     for key, (n_prompts, n_obs, s, sq, sa, lo, hi, n_pos) in want["edges"].items():
         e = got[key]
         assert (e.n_prompts, e.n_obs, e.min, e.max, e.n_pos) == (n_prompts, n_obs, lo, hi, n_pos), key
