@@ -147,7 +147,7 @@ def main() -> None:
           f"{'prompts/s':>9} {'edges':>9} {'+QK s':>7} {'QK/attrib':>9} {'QK edges':>9} {'scores':>8} "
           f"{'p/s +QK':>8} {'ratio+QK':>8} {'added+QK':>8}" + (f" {'GiB':>6}" if device.type == "cuda" else "")
           + (f" {'ops':>8} {'ops/B1':>7}" if args.ops else "") + (f" {'gpu ops':>8} {'/B1':>5}" if args.gpu_ops else ""))
-    with torch.no_grad():  # a job's steady state: the SAEs' cached products exist from its second batch on
+    with torch.no_grad():  # the SAEs' cached products are built once, at a job's first batch: not timed here
         warm = torch.randint(0, d_vocab, (1, 8), device=device)
         _, warm_cap = capture(model, warm, torch.full((1,), 8, device=device))
         for _ in range(2):

@@ -115,7 +115,7 @@ def test_a_partitioned_parallel_publish_holds_the_independent_aggregation(spoole
         roles[tuple(key)][role] = n
     got = {(e.src, e.dst, e.kind): e for e in store.all_edges()}
     assert got.keys() == want["edges"].keys() and report["edges_published"] == len(got)
-    assert len(got) > 20 * neo4j_publish.EDGE_CHUNK * neo4j_publish.PUBLISH_WRITERS  # many batches ran side by side
+    assert len(got) > 20 * neo4j_publish.EDGE_CHUNK * neo4j_publish.PUBLISH_WRITERS  # on Neo4j: many more batches than writers
     for key, (n_prompts, n_obs, s, sq, sa, lo, hi, n_pos) in want["edges"].items():
         e = got[key]
         assert (e.n_prompts, e.n_obs, e.min, e.max, e.n_pos) == (n_prompts, n_obs, lo, hi, n_pos), key

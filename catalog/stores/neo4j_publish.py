@@ -176,9 +176,8 @@ class Neo4jPublish(Neo4jWrites):
             with self.driver.session(database=self.database) as session:
                 session.execute_write(_run_query, PUBLISH_EDGES, params)
 
-        chunks = [slice(i, min(i + EDGE_CHUNK, len(rows.keys))) for i in range(0, len(rows.keys), EDGE_CHUNK)]
         with ThreadPoolExecutor(PUBLISH_WRITERS, thread_name_prefix="publish") as pool:
-            batches = [pool.submit(create, chunk) for chunk in chunks]
+            batches = [pool.submit(create, chunk) for chunk in _chunks(len(rows.keys), EDGE_CHUNK)]
             try:
                 for batch in batches:
                     batch.result()

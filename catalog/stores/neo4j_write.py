@@ -488,9 +488,9 @@ def stat_list_params(acts: StatLists, rows: np.ndarray) -> JSON:
             **_slices(acts.hist, acts.hist_start[rows], acts.hist_width[rows], "goff"),
             "top_tokens": [acts.token_text[r] for r in np.asarray(rows).tolist()]}
 
-def _chunks(n: int) -> Iterator[slice]:
-    for i in range(0, n, CHUNK):
-        yield slice(i, min(i + CHUNK, n))
+def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
 
 def _dense(edge_keys: np.ndarray, item_keys: np.ndarray, index: np.ndarray,
            *values: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
