@@ -21,7 +21,15 @@ import torch
 
 from catalog.schema import EDGE_KINDS, HIST_SHIFT, TOP_ACTIVATIONS
 from ingest.roles import ROLE_SLOTS
-from ingest.segments import bits_of, order_by, segment_count, segment_extreme, segment_sum, unique_inverse
+from ingest.segments import (
+    bits_of,
+    dense_unique_inverse,
+    order_by,
+    segment_count,
+    segment_extreme,
+    segment_sum,
+    unique_inverse,
+)
 
 N_KINDS = len(EDGE_KINDS)
 # what a top activation's source is read from: the edges that partition a feature's pre-activation
@@ -130,7 +138,7 @@ def reduce_batch(obs: Observations, acts: Activations, prompt_rank: torch.Tensor
     role_code = obs.role_code if obs.role_code is not None else inv.new_zeros(0)
     role_edge, role, rinv = _pairs(inv.index_select(0, role_row), role_code, m, ROLE_SLOTS)
     keep = top_evidence(inv, m, obs.value, prompt_rank.index_select(0, obs.prompt), obs.src_pos, obs.dst_pos,
-                        obs.head, cap)
+                        obs.head, cap, contend=True)
     nodes, ninv = unique_inverse(acts.node, bits_of(n_slots))
     act = acts.act.double()
     a = len(nodes)
@@ -244,22 +252,53 @@ def _histogram(node: torch.Tensor, bin_code: torch.Tensor, n: torch.Tensor, n_sl
 
 
 def top_evidence(group: torch.Tensor, n_groups: int, value: torch.Tensor, rank: torch.Tensor,
-                 src_pos: torch.Tensor, dst_pos: torch.Tensor, head: torch.Tensor, cap: int | None) -> torch.Tensor:
+                 src_pos: torch.Tensor, dst_pos: torch.Tensor, head: torch.Tensor, cap: int | None,
+                 contend: bool = False) -> torch.Tensor:
     """Row indices of the top-``cap`` rows of each group, grouped by group ascending. ``group`` [n]:
     each row's dense group (edge) in [0, n_groups); ``value`` [n] float32 or float64. Order within a
     group: |value| descending, then prompt rank, source position, destination position, head (-1
     first): the total order of ``catalog.schema.Evidence.rank_key``, so the rows kept never depend on
     input order. |value| is sorted as the bit pattern of a non-negative float (which orders like the
-    float): 31 bits where every value is a float32 (RDFA's are), 63 otherwise."""
+    float): 31 bits where every value is a float32 (RDFA's are), 63 otherwise. ``contend``: leave out the
+    rows that cannot be kept before sorting (``_contenders``); for raw observations, not for rows that were
+    kept already (a merge's partials each hold their edges' top rows, and the filter keeps ~90% of those)."""
+    rows = _contenders(group, value, n_groups, cap) if contend else None  # sort only the rows that can be kept
+    if rows is not None:
+        group, value, rank, src_pos, dst_pos, head = (x.index_select(0, rows) for x in (group, value, rank, src_pos,
+                                                                                         dst_pos, head))
     tie = (rank << 32) | (src_pos << 20) | (dst_pos << 8) | (head + 1)
     desc, value_bits = _descending(value)
     order = order_by([(group, bits_of(n_groups - 1)), (desc, value_bits), (tie, bits_of(tie))])
     if cap is None:
         return order
-    counts = segment_count(group, n_groups)
+    counts = segment_count(group, n_groups)  # of the rows sorted
     first = torch.cumsum(counts, 0) - counts
     within = torch.arange(len(order), device=group.device) - first.index_select(0, group.index_select(0, order))
-    return order[within < cap]
+    keep = order[within < cap]
+    return keep if rows is None else rows.index_select(0, keep)
+
+
+CONTEND_ROWS = 1 << 14  # below this the sort is cheap and the filter's table is not worth it
+
+
+def _contenders(group: torch.Tensor, value: torch.Tensor, n_groups: int, cap: int | None) -> torch.Tensor | None:
+    """Row indices [c] (ascending) of the rows that can be among their group's top ``cap`` by |value|, or None
+    (every row) where filtering would not pay: most rows in groups of at most ``cap`` rows, which keep all.
+    Each group's rows are dealt into ``cap`` classes by row number; the class maxima are |values| of ``cap``
+    distinct rows, so the smallest of them is at most the group's cap-th largest |value|, and a row below it
+    has ``cap`` rows ahead of it in the evidence order. Rows at the bound stay (the order breaks ties); a
+    group with an empty class has bound 0 and keeps every row. A GPT-2-shaped prompt keeps 402k of 877k
+    observations, and the evidence sort of those takes half the time of all."""
+    if cap is None or len(group) <= CONTEND_ROWS:
+        return None
+    counts = segment_count(group, n_groups)
+    if int(counts[counts > cap].sum()) * 2 < len(group):
+        return None
+    absval = value.abs()
+    deal = torch.arange(len(group), device=group.device) % cap
+    largest = segment_extreme(group * cap + deal, absval, n_groups * cap, "amax")  # 0 for an empty class
+    bound = largest.view(n_groups, cap).amin(1)
+    return (~(absval < bound.index_select(0, group))).nonzero().squeeze(1)  # NaN compares False: kept
 
 
 def _descending(value: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -274,6 +313,10 @@ def _descending(value: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _pairs(edge: torch.Tensor, sub: torch.Tensor, m: int, slots: int) -> tuple[torch.Tensor, ...]:
     """Distinct (edge, sub) pairs, sorted, of rows naming an edge row in [0, m) and a sub-index in
     [0, slots): (edge [k], sub [k], each row's place among them [n])."""
+    used = int(sub.max()) + 1 if len(sub) else 1  # heads a layer has, roles seen: fewer than the slots
+    if m * used <= 4 * len(sub) + (1 << 20):  # a table of every (edge, sub) is about as long as the rows
+        pairs, inv = dense_unique_inverse(edge * used + sub, m * used)
+        return pairs // used, pairs % used, inv
     pairs, inv = unique_inverse(edge * slots + sub, bits_of(m * slots - 1))
     return pairs // slots, pairs % slots, inv
 

@@ -58,6 +58,16 @@ def _torch_unique_inverse(key: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
     return s[first], inverse
 
 
+def dense_unique_inverse(code: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """unique_inverse of codes in [0, size) by marking them in a table of ``size`` flags instead of sorting:
+    O(rows + size), for codes whose range is not much larger than their count (a GPT-2-shaped prompt's
+    (edge, head) rows: 10 ms where the sort took 47 on the 2-core VM). code: int64 [n]."""
+    seen = torch.zeros(size, dtype=torch.bool, device=code.device)
+    seen[code] = True
+    place = seen.cumsum(0) - 1  # each code's place among the distinct codes
+    return seen.nonzero().squeeze(1), place.index_select(0, code)
+
+
 def bits_of(x: torch.Tensor | int) -> int:
     """Bits that hold every value of a non-negative int64 column, or an int (at least 1)."""
     top = x if isinstance(x, int) else (int(x.max()) if len(x) else 0)

@@ -12,7 +12,17 @@ from dataclasses import fields
 import pytest
 import torch
 
-from ingest.reduce import Activations, Observations, _distinct_prompts, merge, reduce_batch, top_evidence
+import ingest.reduce as reduce_module
+from ingest.reduce import (
+    Activations,
+    Observations,
+    _contenders,
+    _distinct_prompts,
+    _pairs,
+    merge,
+    reduce_batch,
+    top_evidence,
+)
 
 
 def _rows(seed: int, n: int, n_groups: int, float32: bool):
@@ -40,15 +50,45 @@ def _reference(group, vals, rank, sp, dp, head, cap):
 
 @pytest.mark.parametrize("float32", [True, False])
 @pytest.mark.parametrize("cap", [None, 1, 3])
-def test_evidence_order_is_a_plain_sort_by_group_then_abs_value_then_the_tie_key(float32, cap):
+@pytest.mark.parametrize("contend", [False, True])
+def test_evidence_order_is_a_plain_sort_by_group_then_abs_value_then_the_tie_key(float32, cap, contend, monkeypatch):
+    """``contend``: the rows that cannot be kept are left out before the sort (``_contenders``), as a
+    GPT-2-shaped batch's are, here at every size."""
+    if contend:
+        monkeypatch.setattr(reduce_module, "CONTEND_ROWS", 0)
     for seed in range(25):
         n_groups = [1, 7, 300][seed % 3]
         cols = _rows(seed, 400, n_groups, float32)
         t = [torch.tensor(c, dtype=torch.float64 if k == 1 else torch.long) for k, c in enumerate(cols)]
-        got = top_evidence(t[0], n_groups, *t[1:], cap).tolist()
+        got = top_evidence(t[0], n_groups, *t[1:], cap, contend=contend).tolist()
         want = _reference(*cols, cap)
         # rows equal on every key are interchangeable: compare what the rows hold, not their indices
         assert [tuple(c[i] for c in cols) for i in got] == [tuple(c[i] for c in cols) for i in want]
+
+
+def test_the_contenders_leave_out_rows_and_keep_every_row_of_each_groups_top(monkeypatch):
+    """Where most rows are in groups larger than the cap, the filter leaves rows out, and every row of each
+    group's top ``cap`` in the plain sort is among those it keeps."""
+    monkeypatch.setattr(reduce_module, "CONTEND_ROWS", 0)
+    for seed in range(20):
+        cols = _rows(seed, 500, 4, float32=True)
+        t = [torch.tensor(c, dtype=torch.float64 if k == 1 else torch.long) for k, c in enumerate(cols)]
+        rows = _contenders(t[0], t[1], 4, 3)
+        assert rows is not None and len(rows) < 500
+        assert set(_reference(*cols, 3)) <= set(rows.tolist())
+    few = torch.arange(40) % 20  # two rows a group, cap 3: every group keeps all, nothing to filter
+    assert _contenders(few, torch.ones(40), 20, 3) is None
+
+
+@pytest.mark.parametrize("m", [50, 1 << 21])  # a table of every (edge, sub); too wide for one: the sort
+def test_edge_sub_pairs_are_the_sorted_distinct_pairs_and_each_rows_place(m):
+    rng = random.Random(m)
+    edge = [rng.randrange(m) if rng.random() < 0.2 else rng.randrange(5) for _ in range(3000)]
+    sub = [rng.randrange(12) for _ in range(3000)]
+    pair_edge, pair_sub, place = _pairs(torch.tensor(edge), torch.tensor(sub), m, 256)
+    want = sorted(set(zip(edge, sub, strict=True)))
+    assert list(zip(pair_edge.tolist(), pair_sub.tolist(), strict=True)) == want
+    assert place.tolist() == [want.index(p) for p in zip(edge, sub, strict=True)]
 
 
 def test_distinct_prompts_dense_and_sorted_paths_count_like_sets():
@@ -100,7 +140,6 @@ def test_a_window_is_the_same_whatever_batches_it_was_cut_into():
 def test_the_torch_paths_cuda_takes_reduce_and_merge_alike(monkeypatch):
     """CI has no GPU: run reduce_batch and merge once through numpy (the CPU path) and once through
     torch's own sorts and scatters (what CUDA tensors take), and compare every column."""
-    import ingest.reduce as reduce_module
     from ingest import segments
 
     n_slots, rank = 9, torch.tensor([3, 0, 5, 1, 4, 2])
@@ -127,7 +166,6 @@ def test_top_activations_their_strongest_source_and_histograms_match_plain_pytho
     """Each node's top activations (act descending, then prompt rank, then position), the strongest attn_in /
     resid_in observation into each (|value| descending, then source slot, source position, head), and the
     (node, bin) counts of every activation, spelled out in plain Python; for one batch and for merged ones."""
-    import ingest.reduce as reduce_module
 
     monkeypatch.setattr(reduce_module, "TOP_ACTIVATIONS", cap)
     n_slots, rank = 9, torch.tensor([3, 0, 5, 1, 4, 2])
