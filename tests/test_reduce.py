@@ -137,6 +137,27 @@ def test_a_window_is_the_same_whatever_batches_it_was_cut_into():
                 assert torch.equal(a, b), f.name
 
 
+def test_a_batch_reduces_alike_with_and_without_the_evidence_filter(monkeypatch):
+    """reduce_batch leaves out the observations that cannot be kept before the evidence sort (on GPT-2-shaped
+    batches): forced at this size, every column equals the reduction that sorts every observation."""
+    n_slots, rank = 3, torch.tensor([3, 0, 5, 1, 4, 2])  # 240 observations of 27 edge keys: ~9 an edge
+    obs, acts = _batch(5, range(0, 3), n_slots)
+    every = reduce_batch(obs, acts, rank, n_slots, 2)
+    monkeypatch.setattr(reduce_module, "CONTEND_ROWS", 0)
+    left: list[int] = []
+
+    def counted(group, value, n_groups, cap):
+        rows = _contenders(group, value, n_groups, cap)
+        left.append(len(group) - (len(group) if rows is None else len(rows)))
+        return rows
+
+    monkeypatch.setattr(reduce_module, "_contenders", counted)
+    filtered = reduce_batch(obs, acts, rank, n_slots, 2)
+    assert left and left[0] > 0  # observations were left out of the sort
+    for f in fields(every):
+        assert torch.equal(getattr(every, f.name), getattr(filtered, f.name)), f.name
+
+
 def test_the_torch_paths_cuda_takes_reduce_and_merge_alike(monkeypatch):
     """CI has no GPU: run reduce_batch and merge once through numpy (the CPU path) and once through
     torch's own sorts and scatters (what CUDA tensors take), and compare every column."""
@@ -144,6 +165,7 @@ def test_the_torch_paths_cuda_takes_reduce_and_merge_alike(monkeypatch):
 
     n_slots, rank = 9, torch.tensor([3, 0, 5, 1, 4, 2])
     batches = [_batch(s, range(k, k + 2), n_slots) for s, k in ((1, 0), (2, 2), (3, 4))]
+    monkeypatch.setattr(reduce_module, "CONTEND_ROWS", 0)  # the evidence filter's scatter too
 
     def window():
         return merge([reduce_batch(o, a, rank, n_slots, 4) for o, a in batches], rank, 4)
