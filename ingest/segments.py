@@ -3,7 +3,7 @@
 The device reduction (``ingest.reduce``) is made of these: unique edge keys with their inverse,
 per-head and per-role rows, the evidence order, sums and extrema per group. On CUDA, torch's own
 kernels are the fast path (its sorts are radix sorts). On the CPU some of torch's are not: on the
-2-core VM, torch.sort of 357k int64 keys took 15.5 ms where numpy 2's SIMD sort of the same keys
+2-core VM, torch.sort of 357k int64 keys took 15.5 ms where numpy 2's sort of the same keys
 packed with their row numbers took 5 ms (catalog.lexsort), and scatter_reduce's amax 4.9 ms where
 numpy's maximum.at took 1.5 ms. CPU tensors are handed to numpy without a copy.
 """
