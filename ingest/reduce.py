@@ -289,7 +289,7 @@ def _contenders(group: torch.Tensor, value: torch.Tensor, n_groups: int, cap: in
     has ``cap`` rows ahead of it in the evidence order. Rows at the bound stay (the order breaks ties); a
     group with an empty class has bound 0 and keeps every row. A GPT-2-shaped prompt keeps 402k of 877k
     observations, and the evidence sort of those takes half the time of all."""
-    if cap is None or len(group) <= CONTEND_ROWS:
+    if cap is None or len(group) <= CONTEND_ROWS or n_groups * cap > 4 * len(group):  # the table: bounded by the rows
         return None
     counts = segment_count(group, n_groups)
     if int(counts[counts > cap].sum()) * 2 < len(group):
