@@ -156,6 +156,14 @@ def test_a_batch_reduces_alike_with_and_without_the_evidence_filter(monkeypatch)
     assert left and left[0] > 0  # observations were left out of the sort
     for f in fields(every):
         assert torch.equal(getattr(every, f.name), getattr(filtered, f.name)), f.name
+    # the filter's class maxima through torch's scatter, as CUDA tensors take it
+    from ingest import segments
+
+    monkeypatch.setattr(reduce_module, "segment_extreme", segments._torch_extreme)
+    as_on_cuda = reduce_batch(obs, acts, rank, n_slots, 2)
+    assert left[-1] > 0
+    for f in fields(every):
+        assert torch.equal(getattr(every, f.name), getattr(as_on_cuda, f.name)), f.name
 
 
 def test_the_torch_paths_cuda_takes_reduce_and_merge_alike(monkeypatch):
@@ -165,7 +173,6 @@ def test_the_torch_paths_cuda_takes_reduce_and_merge_alike(monkeypatch):
 
     n_slots, rank = 9, torch.tensor([3, 0, 5, 1, 4, 2])
     batches = [_batch(s, range(k, k + 2), n_slots) for s, k in ((1, 0), (2, 2), (3, 4))]
-    monkeypatch.setattr(reduce_module, "CONTEND_ROWS", 0)  # the evidence filter's scatter too
 
     def window():
         return merge([reduce_batch(o, a, rank, n_slots, 4) for o, a in batches], rank, 4)
