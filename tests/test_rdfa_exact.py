@@ -11,6 +11,7 @@ import torch
 from frozen import attn_leaves, edge_dict, frozen_forward, grad_x_input, leaf, with_b_o
 from tiny import random_saes, tiny_model
 
+from catalog.ids import NodeKind
 from ingest.lens import capture, hook_names, weights_of
 from ingest.rdfa.graph import full_graph
 from ingest.rdfa.tensors import Code, EdgeKind, Pruning
@@ -277,6 +278,138 @@ def test_rows_dot_equals_a_plain_product_whatever_the_counts(monkeypatch, batche
     want = torch.stack([vec[int(s)] @ q[m] for m, s in enumerate(loc)])
     torch.testing.assert_close(rows_dot(vec, loc, q), want, rtol=1e-5, atol=1e-6)
     assert rows_dot(vec, loc[:0], q[:0]).shape == (0, 9)
+
+
+def test_rows_dot_top_is_exact_wherever_a_top_value_or_min_abs_can_be():
+    """rows_dot_top against per-query products sorted in plain Python: every value among its query's top 3
+    and at least its at_least (what step 5 may keep) is exact; the rest is exact or 0, and some is 0 (rows were skipped); a zero
+    query, and one whose at_least is infinite (a zero attention scale), give nothing wrong."""
+    from ingest.rdfa import steps
+
+    g = torch.Generator().manual_seed(5)
+    # norms spread over two orders of magnitude, as error rows against small feature rows
+    vec = torch.randn(6, 200, 16, generator=g) * torch.logspace(-1.5, 0.5, 200)[torch.randperm(200, generator=g)][:, None]
+    loc = torch.cat([torch.full((40,), 1), torch.full((3,), 2), torch.arange(3, 6)]).sort().values
+    q = torch.randn(loc.shape[0], 16, generator=g)
+    q[5] = 0
+    at_least = torch.rand(loc.shape[0], generator=g) * 0.5
+    at_least[7] = torch.inf
+    got = steps.rows_dot_top(vec, loc, q, 3, at_least)
+    skipped = 0
+    for m, s in enumerate(loc.tolist()):
+        want = [float(vec[s, r].double() @ q[m].double()) for r in range(200)]
+        third = sorted((abs(v) for v in want), reverse=True)[2]
+        for r, w in enumerate(want):
+            if abs(w) >= third and abs(w) >= at_least[m]:
+                assert float(got[m, r]) == pytest.approx(w, rel=1e-5, abs=1e-5), (m, r)
+            else:
+                assert float(got[m, r]) in (0.0, pytest.approx(w, rel=1e-5, abs=1e-5)), (m, r)
+                skipped += float(got[m, r]) == 0.0 and w != 0.0
+    assert skipped > 1000  # of 46 x 200 products
+
+
+@pytest.mark.parametrize("min_abs", [0.0, 0.3])
+def test_step2_bounds_keep_each_lone_targets_top_edges(monkeypatch, min_abs):
+    """One target a position, so no other target's floor lets a block through: attn_in with its bounds
+    keeps exactly the top 3 (and >= min_abs) per-head edges of value = A[h,t,s] (center(vec)/sigma_s) W_V[h] .
+    W_enc[h-slice, f], computed here by that definition in float64, and skips blocks doing it."""
+    from ingest.rdfa import step2
+    from ingest.rdfa.steps import FlatRows
+    from ingest.rdfa.tensors import ActiveSet
+    from ingest.rdfa.types import SaeWeights
+
+    g = torch.Generator().manual_seed(11)
+    T, d, H, dh, n_rows, d_sae = 7, 16, 2, 8, 21, 10
+    spread = torch.logspace(-2, 0.5, n_rows)  # row norms over 2.5 orders of magnitude
+    vec = torch.randn(T, n_rows, d, generator=g) * spread[torch.randperm(n_rows, generator=g)][:, None]
+    pos = torch.arange(T).repeat_interleave(n_rows)
+    minus = torch.full((T * n_rows,), -1)
+    resid = SaeWeights(NodeKind.RESID, 0, torch.randn(d, 4, generator=g), torch.zeros(4), torch.randn(4, d, generator=g),
+                       torch.zeros(d))
+    rows = FlatRows(vec.view(-1, d), torch.zeros_like(pos), pos, torch.full_like(pos, int(Code.ERR_R)), minus, minus,
+                    torch.zeros(T * n_rows), resid)
+    sigma = torch.rand(1, T, generator=g) + 0.5
+    scores = torch.randn(1, H, T, T, generator=g) * 2
+    pattern = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -torch.inf).softmax(-1)
+    W_V = torch.randn(H, d, dh, generator=g)
+    sae = SaeWeights(NodeKind.ATTN, 0, torch.randn(H * dh, d_sae, generator=g), torch.zeros(d_sae),
+                     torch.randn(d_sae, H * dh, generator=g), torch.zeros(H * dh))
+    feature = torch.randint(0, d_sae, (1, T, 1), generator=g)
+    targets = ActiveSet(feature, torch.ones(1, T, 1), torch.ones(1, T, 1), torch.ones(1, T, 1, dtype=torch.bool))
+    monkeypatch.setattr(step2, "BOUND_FIRST", 1)
+    skipped, needed_blocks = [0], step2._needed_blocks
+
+    def counting(layer, group, t0, t1, mb, *rest):
+        blocks = needed_blocks(layer, group, t0, t1, mb, *rest)
+        skipped[0] += blocks.shape[0] * blocks.shape[1] * mb - int((blocks < mb).sum())
+        return blocks
+
+    monkeypatch.setattr(step2, "_needed_blocks", counting)
+    table, _ = step2.attn_in(rows, sigma, pattern, W_V, sae, targets, Pruning(top_k=3, min_abs=min_abs), budget=64)
+    assert skipped[0] > 0
+    centered = (vec - vec.mean(-1, keepdim=True)).double() / sigma[0, :, None, None].double()  # [T, rows, d]
+    want = {}
+    for t in range(T):
+        f = int(feature[0, t, 0])
+        cands = []
+        for h in range(H):
+            w = W_V[h].double() @ sae.W_enc[h * dh:(h + 1) * dh, f].double()  # [d]
+            for s in range(t + 1):
+                for r in range(n_rows):
+                    cands.append(((s, h), float(pattern[0, h, t, s]) * float(centered[s, r] @ w)))
+        top = sorted(cands, key=lambda c: -abs(c[1]))[:3]
+        want[t] = sorted((v, s_h) for s_h, v in top if v != 0 and abs(v) >= min_abs)
+    for t in range(T):  # (FlatRows carry no row id: a position's rows are told apart by their values)
+        kept = sorted((float(v), (int(s), int(h))) for v, s, h, dst in zip(table.value, table.src_pos, table.head,
+                                                                         table.dst_pos) if int(dst) == t)
+        assert [s_h for _, s_h in kept] == [s_h for _, s_h in want[t]], t
+        assert [v for v, _ in kept] == pytest.approx([v for v, _ in want[t]], rel=1e-5, abs=1e-6), t
+
+
+@pytest.mark.parametrize("min_abs", [0.0, 0.05])
+def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min_abs):
+    """Step 2 computes only the blocks whose Cauchy-Schwarz bound reaches some target's floor and step 5 only
+    such rows (ingest/rdfa/step2.py, steps.rows_dot_top): made to bite on the tiny model (first passes of one
+    block and three rows), they skip work, and the graph keeps the dense computation's edges, values and
+    REST, target by target."""
+    from ingest.rdfa import step2, steps
+
+    model, attn, resid, tokens, lengths, _, _ = setup
+    _, cap = capture(model, tokens, lengths)
+    pruning = Pruning(top_k=3, min_abs=min_abs, direct_positions=2)
+    plain_rows = steps.rows_dot
+    with monkeypatch.context() as dense:
+        dense.setattr(step2, "BOUNDED", False)
+        dense.setattr(steps, "rows_dot_top", lambda vec, loc, q, top, at_least: plain_rows(vec, loc, q))
+        want = full_graph(cap, weights_of(model), attn, resid, pruning)
+    monkeypatch.setattr(step2, "BOUND_FIRST", 1)
+    monkeypatch.setattr(steps, "FIRST_ROWS", 3)
+    skipped = {"blocks": 0, "rows": 0}
+    needed_blocks, rows_dot_top = step2._needed_blocks, steps.rows_dot_top
+
+    def counting_blocks(layer, group, t0, t1, mb, *rest):
+        blocks = needed_blocks(layer, group, t0, t1, mb, *rest)
+        skipped["blocks"] += blocks.shape[0] * blocks.shape[1] * mb - int((blocks < mb).sum())
+        return blocks
+
+    def counting_rows(vec, loc, q, top, at_least):
+        out = rows_dot_top(vec, loc, q, top, at_least)
+        skipped["rows"] += int(((out == 0) & (plain_rows(vec, loc, q) != 0)).sum())
+        return out
+
+    monkeypatch.setattr(step2, "_needed_blocks", counting_blocks)
+    monkeypatch.setattr(steps, "rows_dot_top", counting_rows)
+    got = full_graph(cap, weights_of(model), attn, resid, pruning)
+    assert skipped["blocks"] > 0 and skipped["rows"] > 0, skipped
+    for kind in (EdgeKind.ATTN_IN, EdgeKind.RESID_IN):
+        w, g = edge_dict(want.edges, kind), edge_dict(got.edges, kind)
+        assert w.keys() == g.keys() and len(w) > 100
+        assert all(g[k] == pytest.approx(v, rel=1e-6, abs=1e-7) for k, v in w.items())
+    w, g = edge_dict(want.direct, EdgeKind.DIRECT), edge_dict(got.direct, EdgeKind.DIRECT)
+    assert w.keys() == g.keys() and len(w) > 50
+    for k, v in w.items():  # products of a few rows against all of them: float32 matmul shapes differ
+        assert g[k] == pytest.approx(v, rel=RTOL, abs=ATOL)
+    torch.testing.assert_close(got.nodes.explained, want.nodes.explained, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("budget", [64, 1 << 20], ids=["many bands", "few bands"])

@@ -139,8 +139,14 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
         n, p = chosen // P, chosen % P
         rows = blk.rows.prefix(blk.ends[sae.layer])
         query = pairs.query.view(N * P, -1).index_select(0, chosen)  # [M, d] (chosen = n * P + p)
-        v = steps.rows_dot(rows.vec[0].to(pruning.dtype), loc, query.to(pruning.dtype))
-        v = v.float().mul_(pairs.scale.flatten()[chosen, None])  # [M, R]
+        scale = pairs.scale.flatten()[chosen]  # [M]
+        vec, query = rows.vec[0].to(pruning.dtype), query.to(pruning.dtype)
+        if pruning.top_k is None:
+            v = steps.rows_dot(vec, loc, query)
+        else:  # only what can be among a pair's top_k and reach min_abs is exact (the rest may be 0)
+            at_least = torch.where(scale != 0, pruning.min_abs / scale.abs(), torch.inf)  # scale 0: all values 0
+            v = steps.rows_dot_top(vec, loc, query, pruning.top_k, at_least)
+        v = v.float().mul_(scale[:, None])  # [M, R]
         k = min(n_cand, v.shape[1])
         r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
         val[n, p, :k] = v.gather(1, r)
