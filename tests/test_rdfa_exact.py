@@ -366,17 +366,18 @@ def test_step2_bounds_keep_each_lone_targets_top_edges(monkeypatch, min_abs):
         assert [v for v, _ in kept] == pytest.approx([v for v, _ in want[t]], rel=1e-5, abs=1e-6), t
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("min_abs", [0.0, 0.05])
-def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min_abs):
+def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min_abs, precision):
     """Step 2 computes only the blocks whose Cauchy-Schwarz bound reaches some target's floor and step 5 only
     such rows (ingest/rdfa/step2.py, steps.rows_dot_top): made to bite on the tiny model (first passes of one
     block and three rows), they skip work, and the graph keeps the dense computation's edges, values and
-    REST, target by target."""
+    REST, target by target; in bfloat16 too, whose rounding the bounds' slack covers."""
     from ingest.rdfa import step2, steps
 
     model, attn, resid, tokens, lengths, _, _ = setup
     _, cap = capture(model, tokens, lengths)
-    pruning = Pruning(top_k=3, min_abs=min_abs, direct_positions=2)
+    pruning = Pruning(top_k=3, min_abs=min_abs, direct_positions=2, precision=precision)
     plain_rows = steps.rows_dot
     with monkeypatch.context() as dense:
         dense.setattr(step2, "BOUNDED", False)

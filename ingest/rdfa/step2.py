@@ -5,7 +5,7 @@ prompt (prompt_groups).
 value[h, target (b,t,f), row (b,s,r)] = A[b,h,t,s] * M[h, target, row],
 M = (center(vec_r) / sigma[b,s]) W_V[h] . W_enc[h-slice, f]; each target keeps its top_k |value|.
 
-Three ideas keep it cheap:
+Four ideas keep it cheap:
 - **Blocks of rows.** The source rows of each position (its active features, error, bias) are laid
   out in blocks of GROUP rows, padded per position, so every block lies at one source position and
   A is constant over it. The top_k values of a target lie in the top_k blocks by the block's largest
@@ -15,10 +15,11 @@ Three ideas keep it cheap:
 - **Prompts padded, not looped (GPU).** One batched matmul [H, B, n, dh] x [H, B, dh, m] per band: each
   prompt's targets in the band and its rows up to the band's last position, padded to the busiest.
 - **Bounds skip most blocks** (with top_k): |value| <= A[b,h,t,s] * |E[h, f]| * max |P| over the block, by
-  Cauchy-Schwarz. A first pass takes each target's BOUND_FIRST blocks of largest bound and computes them
-  exactly: their top_k-th |value| (or min_abs, if larger) is a floor that the target's kept edges reach.
-  Only blocks whose bound reaches some target's floor enter M (the band's union, per prompt and head):
-  ~19% of them on the GPT-2-shaped fixture. Every edge kept without the bound is still kept.
+  Cauchy-Schwarz. A first pass computes, for the targets at each band position, that position's
+  BOUND_FIRST blocks of largest A * max |P| exactly: a target's top_k-th |value| there (or min_abs, if
+  larger) is a floor that its kept edges reach. Only blocks whose bound reaches some target's floor enter M
+  (the band's union, per prompt and head): about a fifth on the GPT-2-shaped fixture. Every edge kept
+  without the bounds is still kept.
 - **Bands of target positions** for causality (a target reads rows at s <= t only), their bounds set
   so that bands hold about equal work: at least MIN_BANDS, more when the work exceeds the device's
   budget (``steps.sized``), so the kernels launched per batch do not grow with the batch.
@@ -44,7 +45,7 @@ BAND_ELEMENTS = 1 << 23  # floats of M per band at most (32 MB; a GPU's grows wi
 MIN_BAND_WORK = 1 << 20  # floats of M a band holds at least, unless MIN_BANDS already fit
 SMALL_BATCH_WORK = 1 << 22  # a batch whose padded M is at most this goes in one group of prompts
 BOUNDED = True  # skip the blocks whose Cauchy-Schwarz bound is below every target's floor (with top_k)
-BOUND_FIRST = 8  # blocks per target computed first, whose top_k-th |value| is the target's floor
+BOUND_FIRST = 8  # blocks per band position computed first: their top_k-th |value| is a target's floor
 # the bound's slack for float rounding (the bound, the floor and the values are rounded differently):
 # float32 products carry ~1e-6 relative error at d_head 64, bfloat16 / float16 inputs up to ~2^-8 each
 BOUND_SLACK = {torch.float32: 1 + 1e-4, torch.bfloat16: 1.03, torch.float16: 1.01}
