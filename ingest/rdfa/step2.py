@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ingest.rdfa.steps import FlatRows, _flat_edges, centered_W_V, select_edges, sized
+from ingest.rdfa.steps import BOUND_SLACK, FlatRows, _flat_edges, centered_W_V, select_edges, sized
 from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning
 from ingest.rdfa.types import SaeWeights
 
@@ -46,9 +46,6 @@ MIN_BAND_WORK = 1 << 20  # floats of M a band holds at least, unless MIN_BANDS a
 SMALL_BATCH_WORK = 1 << 22  # a batch whose padded M is at most this goes in one group of prompts
 BOUNDED = True  # skip the blocks whose Cauchy-Schwarz bound is below every target's floor (with top_k)
 BOUND_FIRST = 8  # blocks per band position computed first: their top_k-th |value| is a target's floor
-# the bound's slack for float rounding (the bound, the floor and the values are rounded differently):
-# float32 products carry ~1e-6 relative error at d_head 64, bfloat16 / float16 inputs up to ~2^-8 each
-BOUND_SLACK = {torch.float32: 1 + 1e-4, torch.bfloat16: 1.03, torch.float16: 1.01}
 
 
 @dataclass
@@ -267,7 +264,7 @@ def _needed_blocks(layer: Layer, group: range, t0: int, t1: int, mb: int, tgt: t
     max |P[h, b, ., j]|. Each band position's BOUND_FIRST blocks of largest key are computed exactly for its
     targets (in float32): a target's top_k-th |value| there is a floor that its kept edges reach, and so
     is min_abs. A block holds no kept edge of the targets at t when key < min over them of floor /
-    |E[h, n]| (with BOUND_SLACK); the union over the band's positions is what step 2 computes. All of it is
+    |E[h, n]| (with steps.BOUND_SLACK); the union over the band's positions is what step 2 computes. All of it is
     per band position, not per target: ~40x less than the targets' own bounds at GPT-2's L0.
     ``tgt``, ``ok`` [B, n]: the band's targets and which are real."""
     H, B_all, _, NB1, dh = layer.P.shape

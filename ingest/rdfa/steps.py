@@ -344,9 +344,10 @@ def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Ten
 
 BATCHED_ROWS_DOT: bool | None = None  # rows_dot_batched: None = on CUDA only (slower on CPU)
 FIRST_ROWS = 32  # rows_dot_top: rows of largest norm computed first at each position, for the floors
-# float rounding between a product, its Cauchy-Schwarz bound and the floor: ~1e-6 relative in float32 at
-# d_model 768; bfloat16 / float16 inputs carry up to 2^-9 / 2^-12 each
-ROWS_SLACK = {torch.float32: 1 + 1e-4, torch.bfloat16: 1.03, torch.float16: 1.01}
+# the slack of every Cauchy-Schwarz bound (here and in step 2) for float rounding between a product, its bound
+# and the floor, all rounded differently: ~1e-6 relative in float32 at d_model 768 (d_head 64: less);
+# bfloat16 / float16 inputs carry up to 2^-9 / 2^-12 each
+BOUND_SLACK = {torch.float32: 1 + 1e-4, torch.bfloat16: 1.03, torch.float16: 1.01}
 
 
 def rows_dot_top(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, top: int, at_least: torch.Tensor
@@ -362,7 +363,7 @@ def rows_dot_top(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, top: int
     S, R, _ = vec.shape
     if R <= 2 * FIRST_ROWS or top > FIRST_ROWS or (vec.is_cuda if BATCHED_ROWS_DOT is None else BATCHED_ROWS_DOT):
         return rows_dot(vec, loc, q)
-    slack = ROWS_SLACK[q.dtype]
+    slack = BOUND_SLACK[q.dtype]
     norms, order = torch.linalg.vector_norm(vec, dim=-1).float().sort(dim=1, descending=True)  # [S, R]
     # a row of position s may be needed by query m when norms[s, r] >= floor[m] / (|q[m]| slack)
     q_norm = torch.linalg.vector_norm(q, dim=-1).float() * slack
