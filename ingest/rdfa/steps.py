@@ -19,6 +19,12 @@ from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning, S
 from ingest.rdfa.types import SaeWeights
 
 CHUNK_ELEMENTS = 1 << 24  # floats per intermediate block (64 MB in float32)
+BOUNDED = True  # steps 4 and 5 multiply only the rows whose Cauchy-Schwarz bound can reach a kept edge (top_k)
+FIRST_ROWS = 32  # rows of largest norm multiplied first at each position, for the floors (steps 4 and 5)
+# the slack of every Cauchy-Schwarz bound (here and in step 2) for float rounding between a product, its bound
+# and the floor, all rounded differently: ~1e-6 relative in float32 at d_model 768 (d_head 64: less);
+# bfloat16 / float16 inputs carry up to 2^-9 / 2^-12 each
+BOUND_SLACK = {torch.float32: 1 + 1e-4, torch.bfloat16: 1.03, torch.float16: 1.01}
 
 
 def device_free_bytes(device: torch.device) -> int | None:
@@ -237,12 +243,15 @@ def component_rows(cap, weights, attn_saes: dict[int, tuple[SaeWeights, ActiveSe
 
 
 def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pruning,
-             position_scale: torch.Tensor | None = None) -> tuple[EdgeTable, torch.Tensor]:
+             position_scale: torch.Tensor | None = None,
+             by_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[EdgeTable, torch.Tensor]:
     """Step 4: edges into every active residual feature j at s from the rows at s.
 
     value[b,s,k,r] = vec[b,s,r] . W_enc[:, j]. Returns kept edges and the kept sum per target [B,T,K].
     A transcoder (``sae.kind`` TRANSCODER) reads LN2's output, center(resid_mid) / sigma2: its edges are
     ``mlp_in``, value[b,s,k,r] = vec[b,s,r] . center(W_enc[:, j]) * position_scale[b,s] (1 / sigma2 [B,T]).
+    With top_k, only the rows that can hold a kept edge are multiplied (:func:`bounded_values`; ``by_norm``:
+    the rows' norms [B,T,R] sorted descending and their order, when the caller has them).
     """
     B, T, K = targets.index.shape
     R = rows.vec.shape[2]
@@ -250,20 +259,62 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
     code, kind = (Code.TC, EdgeKind.MLP_IN) if transcoder else (Code.RESID, EdgeKind.RESID_IN)
     kept = torch.zeros(B, T, K, device=rows.vec.device)
     tables = []
+    bounded = BOUNDED and pruning.top_k is not None and pruning.top_k <= FIRST_ROWS and R > 2 * FIRST_ROWS
+    if bounded:
+        norms, order = by_norm if by_norm is not None else torch.linalg.vector_norm(rows.vec, dim=-1).sort(
+            dim=-1, descending=True)  # [B, T, R]
+        scale = position_scale.abs() if position_scale is not None else torch.ones(B, T, device=rows.vec.device)
+        at_least = torch.where(scale > 0, pruning.min_abs / scale, torch.inf)  # min_abs before the scale
     step = max(1, sized(rows.vec.device, CHUNK_ELEMENTS) // max(1, B * T * R))  # a busy position: K x R values
     for k0 in range(0, K, step):
         enc = sae.encoder_columns(targets.index[:, :, k0:k0 + step])  # [B,T,k,d]
         if transcoder:  # center(x) . w == x . center(w): LN2's centering moves onto the encoder column
             enc = center(enc)
-        # [B,T,k,R] (padded slots hold zero vectors), in the products' dtype, then float32
-        value = (enc.to(pruning.dtype) @ rows.vec.to(pruning.dtype).transpose(-1, -2)).float()
+        mask = targets.mask[:, :, k0:k0 + step]
+        if bounded:  # [B,T,k,n] of the rows order[..., :n] (in the products' dtype, then float32)
+            value, row_of = bounded_values(enc, rows.vec, norms, order, mask, at_least, pruning)
+        else:  # [B,T,k,R] (padded slots hold zero vectors)
+            value = (enc.to(pruning.dtype) @ rows.vec.to(pruning.dtype).transpose(-1, -2)).float()
         if position_scale is not None:
             value.mul_(position_scale[:, :, None, None])
-        (b, s, k), r, vals, kept[:, :, k0:k0 + step] = select_edges(value, targets.mask[:, :, k0:k0 + step], pruning)
+        (b, s, k), r, vals, kept[:, :, k0:k0 + step] = select_edges(value, mask, pruning)
+        if bounded:
+            r = row_of[b, s, r]
         k = k + k0
         tables.append(_edges(b, rows, s, r, code, sae.layer, targets.index[b, s, k], s,
                              torch.full_like(b, -1), vals, kind))
     return EdgeTable.cat(tables), kept
+
+
+def bounded_values(enc: torch.Tensor, vec: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
+                   mask: torch.Tensor, at_least: torch.Tensor, pruning: Pruning) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4's values for the rows that may hold a kept edge: enc [B,T,k,d] (the targets' encoder columns),
+    vec [B,T,R,d], their norms sorted descending with the rows' ``order`` [B,T,R], mask [B,T,k] (real
+    targets), at_least [B,T] (min_abs in the units of the products). Returns value [B,T,k,n] = enc .
+    vec[order[..., :n]] and order[..., :n] [B,T,n].
+
+    |enc . vec_r| <= |enc| |vec_r| (Cauchy-Schwarz): the FIRST_ROWS rows of largest norm at each position
+    are multiplied first; a target's top_k-th |value| among them (or at_least, if larger) is a floor that
+    its kept edges reach, so a row whose norm is below every target's floor / |enc| holds none. The block
+    then multiplies the longest such prefix of its positions' sorted rows (on the GPT-2-shaped fixture, a
+    quarter of the rows; every position's targets share its rows, so a prefix per block is one batched
+    product)."""
+    B, T, _, _ = vec.shape
+    dtype, slack = pruning.dtype, BOUND_SLACK[pruning.dtype]
+    at = torch.arange(B, device=vec.device)[:, None, None], torch.arange(T, device=vec.device)[None, :, None]
+    low = enc.to(dtype)
+    first = (low @ vec[(*at, order[..., :FIRST_ROWS])].to(dtype).transpose(-1, -2)).float()  # [B,T,k,FIRST_ROWS]
+    floor = first.abs().topk(pruning.top_k, dim=-1).values[..., -1] / slack  # [B,T,k]
+    limit = torch.maximum(floor, at_least[..., None]) / (torch.linalg.vector_norm(enc, dim=-1).float() * slack)
+    limit = torch.where(mask, torch.nan_to_num(limit, nan=torch.inf), torch.inf)  # 0 / 0: a zero column
+    need = int((norms >= limit.amin(-1, keepdim=True)).sum(-1).max())  # rows at or above the lowest limit
+    if need > FIRST_ROWS:
+        rest = (low @ vec[(*at, order[..., FIRST_ROWS:need])].to(dtype).transpose(-1, -2)).float()
+        first = torch.cat([first, rest], -1)
+    # candidates back in row order, as the dense product has them, so that equal values (common in bfloat16)
+    # tie in top_k the same way
+    rows, by_row = order[..., :max(need, FIRST_ROWS)].sort(dim=-1)
+    return first.gather(-1, by_row[:, :, None, :].expand_as(first)), rows
 
 
 @dataclass
@@ -343,48 +394,56 @@ def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Ten
 
 
 BATCHED_ROWS_DOT: bool | None = None  # rows_dot_batched: None = on CUDA only (slower on CPU)
-FIRST_ROWS = 32  # rows_dot_top: rows of largest norm computed first at each position, for the floors
-# the slack of every Cauchy-Schwarz bound (here and in step 2) for float rounding between a product, its bound
-# and the floor, all rounded differently: ~1e-6 relative in float32 at d_model 768 (d_head 64: less);
-# bfloat16 / float16 inputs carry up to 2^-9 / 2^-12 each
-BOUND_SLACK = {torch.float32: 1 + 1e-4, torch.bfloat16: 1.03, torch.float16: 1.01}
 
 
-def rows_dot_top(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, top: int, at_least: torch.Tensor
-                 ) -> torch.Tensor:
-    """:func:`rows_dot`, exact where it matters: out[m, r] is vec[loc[m], r] . q[m] wherever that |value| is
-    at least ``at_least[m]`` [M] and among the ``top`` largest of row m; elsewhere it may be 0.
+def rows_dot_top(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, top: int, at_least: torch.Tensor,
+                 by_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest |vec[loc[m], r] . q[m]| of each query m, where it matters: returns value, row
+    [M, min(top, R)], value[m, i] = vec[loc[m], row[m, i]] . q[m] (sorted by |value|, descending), holding
+    every row whose |value| is among the ``top`` largest of row m and at least ``at_least[m]`` [M] (what
+    step 5 may keep). vec [S, R, d], loc [M] sorted ascending, q [M, d]; ``by_norm``: vec's row norms [S, R]
+    sorted descending and their order, when the caller has them.
 
     Why: step 5 keeps a target's top_k edges above min_abs, and most rows cannot be among them. |vec[s, r] .
     q| <= |vec[s, r]| |q| (Cauchy-Schwarz), so at each position the FIRST_ROWS rows of largest norm are
     computed first; the ``top``-th largest |value| among them (or ``at_least``, if larger) is a floor for
     its query, and only the rows whose bound reaches some query's floor follow (on the GPT-2-shaped fixture,
-    about a third of the products). On CUDA, or with few rows, the plain products."""
+    about a third of the products). Each position's top values are chosen among its rows in row order, so
+    equal values (common in bfloat16) tie as in the plain products. On CUDA, or with few rows, the top of
+    the plain products (:func:`rows_dot`)."""
     S, R, _ = vec.shape
+    top = min(top, R)
     if R <= 2 * FIRST_ROWS or top > FIRST_ROWS or (vec.is_cuda if BATCHED_ROWS_DOT is None else BATCHED_ROWS_DOT):
-        return rows_dot(vec, loc, q)
+        value = rows_dot(vec, loc, q)
+        row = value.abs().topk(top, dim=1).indices
+        return value.gather(1, row), row
     slack = BOUND_SLACK[q.dtype]
-    norms, order = torch.linalg.vector_norm(vec, dim=-1).float().sort(dim=1, descending=True)  # [S, R]
+    norms, order = by_norm if by_norm is not None else torch.linalg.vector_norm(vec.float(), dim=-1).sort(
+        dim=1, descending=True)  # [S, R]
     # a row of position s may be needed by query m when norms[s, r] >= floor[m] / (|q[m]| slack)
     q_norm = torch.linalg.vector_norm(q, dim=-1).float() * slack
     uniq, counts = torch.unique_consecutive(loc, return_counts=True)
-    out = torch.zeros(q.shape[0], R, device=q.device, dtype=q.dtype)
+    value = torch.empty(q.shape[0], top, device=q.device, dtype=q.dtype)
+    row = torch.empty(q.shape[0], top, device=q.device, dtype=torch.long)
     start = 0
     for k, c in zip(uniq.tolist(), counts.tolist()):
         queries, rows, stop = q[start:start + c], vec[k], start + c
-        first = order[k, :FIRST_ROWS]
-        values = queries @ rows[first].T  # [c, FIRST_ROWS]
-        out[start:stop].index_copy_(1, first, values)
+        cols = order[k, :FIRST_ROWS]
+        values = queries @ rows[cols].T  # [c, FIRST_ROWS]
         floor = values.abs().topk(top, dim=1).values[:, -1].float() / slack
         limit = torch.maximum(floor, at_least[start:stop]) / q_norm[start:stop]  # [c]; 0 / 0: a zero query
         limit = torch.nan_to_num(limit, nan=torch.inf)
         # rows of norm >= limit: a prefix of the sorted norms, as long as the neediest query's
         need = int(torch.searchsorted(-norms[k], -limit.min(), right=True))
         if need > FIRST_ROWS:
-            rest = order[k, FIRST_ROWS:need]
-            out[start:stop].index_copy_(1, rest, queries @ rows[rest].T)
+            cols = order[k, :need]
+            values = torch.cat([values, queries @ rows[cols[FIRST_ROWS:]].T], 1)
+        cols, by_row = cols.sort()
+        values = values.index_select(1, by_row)
+        best = values.abs().topk(top, dim=1).indices
+        value[start:stop], row[start:stop] = values.gather(1, best), cols[best]
         start = stop
-    return out
+    return value, row
 
 
 def rows_dot_batched(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
