@@ -374,7 +374,7 @@ def test_step2_bounds_keep_each_lone_targets_top_edges(monkeypatch, min_abs):
 @pytest.mark.parametrize("min_abs", [0.0, 0.05])
 def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min_abs, precision):
     """Step 2 computes only the blocks whose Cauchy-Schwarz bound reaches some target's floor, steps 4 and 5
-    only such rows (ingest/rdfa/step2.py, steps.bounded_values, steps.rows_dot_top): made to bite on the tiny
+    only such rows (ingest/rdfa/step2.py, steps.bounded_values): made to bite on the tiny
     model (first passes of one block and three rows), they skip work, and the graph keeps the dense
     computation's edges, values and REST, target by target; in bfloat16 too, whose rounding the bounds' slack
     covers."""
@@ -392,7 +392,7 @@ def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min
     monkeypatch.setattr(step2, "BOUND_FIRST", 1)
     monkeypatch.setattr(steps, "FIRST_ROWS", 3)
     skipped = {"blocks": 0, "rows": 0, "step 4 rows": 0}
-    needed_blocks, rows_dot_top, bounded_values = step2._needed_blocks, steps.rows_dot_top, steps.bounded_values
+    needed_blocks, rows_dot_top, resid_in = step2._needed_blocks, steps.rows_dot_top, steps.resid_in
 
     def counting_blocks(layer, group, t0, t1, mb, *rest):
         blocks = needed_blocks(layer, group, t0, t1, mb, *rest)
@@ -405,14 +405,16 @@ def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min
         skipped["rows"] += q.shape[0] * vec.shape[1] - flops.get_total_flops() // (2 * q.shape[1])
         return out
 
-    def counting_step4(enc, vec, *rest):
-        value, rows = bounded_values(enc, vec, *rest)
-        skipped["step 4 rows"] += math.prod(vec.shape[:2]) * (vec.shape[2] - rows.shape[-1])
-        return value, rows
+    def counting_step4(rows, sae, targets, *rest):
+        with FlopCounterMode(display=False) as flops:
+            out = resid_in(rows, sae, targets, *rest)
+        dense = math.prod(targets.index.shape) * rows.vec.shape[2]  # every target against every row
+        skipped["step 4 rows"] += dense - flops.get_total_flops() // (2 * rows.vec.shape[3])
+        return out
 
     monkeypatch.setattr(step2, "_needed_blocks", counting_blocks)
     monkeypatch.setattr(steps, "rows_dot_top", counting_rows)
-    monkeypatch.setattr(steps, "bounded_values", counting_step4)
+    monkeypatch.setattr(steps, "resid_in", counting_step4)
     got = full_graph(cap, weights_of(model), attn, resid, pruning)
     assert min(skipped.values()) > 0, skipped
     for kind in (EdgeKind.ATTN_IN, EdgeKind.RESID_IN):

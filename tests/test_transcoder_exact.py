@@ -7,6 +7,7 @@ saved in SAELens's on-disk format and loaded by ingest.saes."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from frozen import attn_leaves, edge_dict, frozen_forward, grad_x_input, leaf, with_b_o
 from tiny import random_saes, random_transcoders, tiny_model
 
+from catalog.ids import NodeKind
 from ingest.lens import capture, hook_names, weights_of
 from ingest.rdfa.graph import full_graph
 from ingest.rdfa.tensors import Code, EdgeKind, Pruning
@@ -246,6 +248,8 @@ def test_mlp_in_bounds_skip_rows_yet_keep_every_edge(setup, monkeypatch, min_abs
     """mlp_in's values carry LN2's scale (1 / sigma2 per position), which its Cauchy-Schwarz bound must carry
     too (steps.bounded_values): made to bite (a first pass of three rows), it skips rows, and the graph keeps
     the dense computation's mlp_in edges and values, and every node's REST."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from ingest.rdfa import steps
 
     model, attn, resid, _, transcoders, tokens, lengths, _, _ = setup
@@ -256,16 +260,19 @@ def test_mlp_in_bounds_skip_rows_yet_keep_every_edge(setup, monkeypatch, min_abs
         want = full_graph(cap, weights_of(model), attn, resid, pruning, transcoders)
     monkeypatch.setattr(steps, "FIRST_ROWS", 3)
     skipped = []
-    bounded_values = steps.bounded_values
+    resid_in = steps.resid_in
 
-    def counting(enc, vec, *rest):
-        value, rows = bounded_values(enc, vec, *rest)
-        skipped.append(vec.shape[2] - rows.shape[-1])
-        return value, rows
+    def counting(rows, sae, targets, *rest):  # mlp_in's products against those of every target and row
+        with FlopCounterMode(display=False) as flops:
+            out = resid_in(rows, sae, targets, *rest)
+        if sae.kind is NodeKind.TRANSCODER:
+            dense = math.prod(targets.index.shape) * rows.vec.shape[2]
+            skipped.append(dense - flops.get_total_flops() // (2 * rows.vec.shape[3]))
+        return out
 
-    monkeypatch.setattr(steps, "bounded_values", counting)
+    monkeypatch.setattr(steps, "resid_in", counting)
     got = full_graph(cap, weights_of(model), attn, resid, pruning, transcoders)
-    assert sum(skipped) > 0, skipped
+    assert skipped and sum(skipped) > 0, skipped
     w, g = edge_dict(want.edges, EdgeKind.MLP_IN), edge_dict(got.edges, EdgeKind.MLP_IN)
     assert w.keys() == g.keys() and len(w) > 30
     for key, value in w.items():  # a few rows multiplied first, then the rest: other matmul shapes

@@ -158,7 +158,7 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
         else:  # only what can be among a pair's top_k and reach min_abs is computed
             at_least = torch.where(scale != 0, pruning.min_abs / scale.abs(), torch.inf)  # scale 0: all values 0
             v, r = steps.rows_dot_top(vec, loc, query, pruning.top_k, at_least, blk.rows_by_norm(vec.shape[1]))
-            v, k = v.float().mul_(scale[:, None]), r.shape[1]
+            v, k = v.mul_(scale[:, None]), r.shape[1]
         val[n, p, :k] = v
         code[n, p, :k], layer[n, p, :k], index[n, p, :k] = rows.code[r], rows.layer[r], rows.index[0, loc[:, None], r]
     # s > t carries zero attention, padded feature slots are zero vectors: both give exact zeros, dropped

@@ -272,7 +272,8 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
             enc = center(enc)
         mask = targets.mask[:, :, k0:k0 + step]
         if bounded:  # [B,T,k,n] of the rows order[..., :n] (in the products' dtype, then float32)
-            value, row_of = bounded_values(enc, rows.vec, norms, order, mask, at_least, pruning)
+            value, row_of = bounded_values(enc.to(pruning.dtype), rows.vec, norms, order, at_least[..., None],
+                                           pruning.top_k, mask)
         else:  # [B,T,k,R] (padded slots hold zero vectors)
             value = (enc.to(pruning.dtype) @ rows.vec.to(pruning.dtype).transpose(-1, -2)).float()
         if position_scale is not None:
@@ -287,32 +288,33 @@ def resid_in(rows: SourceRows, sae: SaeWeights, targets: ActiveSet, pruning: Pru
 
 
 def bounded_values(enc: torch.Tensor, vec: torch.Tensor, norms: torch.Tensor, order: torch.Tensor,
-                   mask: torch.Tensor, at_least: torch.Tensor, pruning: Pruning) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4's values for the rows that may hold a kept edge: enc [B,T,k,d] (the targets' encoder columns),
-    vec [B,T,R,d], their norms sorted descending with the rows' ``order`` [B,T,R], mask [B,T,k] (real
-    targets), at_least [B,T] (min_abs in the units of the products). Returns value [B,T,k,n] = enc .
-    vec[order[..., :n]] and order[..., :n] [B,T,n].
+                   at_least: torch.Tensor, top: int, mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The products of steps 4 and 5 that may be among a target's ``top`` |values| at least ``at_least``:
+    enc [B,T,k,d] (the targets' vectors at each position, in the products' dtype), vec [B,T,R,d] (the rows
+    there), their norms [B,T,R] sorted descending with the rows' ``order``, at_least [B,T,k] (broadcastable),
+    mask [B,T,k] (real targets; all when None). Returns value [B,T,k,n] = enc . vec[rows] in float32 and
+    rows [B,T,n], in row order, so that equal values (common in bfloat16) tie in a top-k as in the dense
+    product.
 
     |enc . vec_r| <= |enc| |vec_r| (Cauchy-Schwarz): the FIRST_ROWS rows of largest norm at each position
-    are multiplied first; a target's top_k-th |value| among them (or at_least, if larger) is a floor that
-    its kept edges reach, so a row whose norm is below every target's floor / |enc| holds none. The block
-    then multiplies the longest such prefix of its positions' sorted rows (on the GPT-2-shaped fixture, a
-    quarter of the rows; every position's targets share its rows, so a prefix per block is one batched
-    product)."""
+    are multiplied first; a target's ``top``-th |value| among them (or at_least, if larger) is a floor that
+    its kept edges reach, so a row whose norm is below every target's floor / |enc| holds none. Then the
+    longest such prefix of the positions' norm-sorted rows is multiplied: one batched product (on the
+    GPT-2-shaped fixture, a quarter of step 4's rows and a third of step 5's products)."""
     B, T, _, _ = vec.shape
-    dtype, slack = pruning.dtype, BOUND_SLACK[pruning.dtype]
+    slack = BOUND_SLACK[enc.dtype]
     at = torch.arange(B, device=vec.device)[:, None, None], torch.arange(T, device=vec.device)[None, :, None]
-    low = enc.to(dtype)
-    first = (low @ vec[(*at, order[..., :FIRST_ROWS])].to(dtype).transpose(-1, -2)).float()  # [B,T,k,FIRST_ROWS]
-    floor = first.abs().topk(pruning.top_k, dim=-1).values[..., -1] / slack  # [B,T,k]
-    limit = torch.maximum(floor, at_least[..., None]) / (torch.linalg.vector_norm(enc, dim=-1).float() * slack)
-    limit = torch.where(mask, torch.nan_to_num(limit, nan=torch.inf), torch.inf)  # 0 / 0: a zero column
+    first = (enc @ vec[(*at, order[..., :FIRST_ROWS])].to(enc.dtype).transpose(-1, -2)).float()  # [B,T,k,F]
+    floor = first.abs().topk(top, dim=-1).values[..., -1] / slack  # [B,T,k]
+    limit = torch.maximum(floor, at_least) / (torch.linalg.vector_norm(enc, dim=-1).float() * slack)
+    limit = torch.nan_to_num(limit, nan=torch.inf)  # 0 / 0: a zero vector, whose values are all 0
+    if mask is not None:
+        limit = torch.where(mask, limit, torch.inf)
     need = int((norms >= limit.amin(-1, keepdim=True)).sum(-1).max())  # rows at or above the lowest limit
     if need > FIRST_ROWS:
-        rest = (low @ vec[(*at, order[..., FIRST_ROWS:need])].to(dtype).transpose(-1, -2)).float()
+        rest = (enc @ vec[(*at, order[..., FIRST_ROWS:need])].to(enc.dtype).transpose(-1, -2)).float()
         first = torch.cat([first, rest], -1)
-    # candidates back in row order, as the dense product has them, so that equal values (common in bfloat16)
-    # tie in top_k the same way
     rows, by_row = order[..., :max(need, FIRST_ROWS)].sort(dim=-1)
     return first.gather(-1, by_row[:, :, None, :].expand_as(first)), rows
 
@@ -398,48 +400,32 @@ BATCHED_ROWS_DOT: bool | None = None  # rows_dot_batched: None = on CUDA only (s
 
 def rows_dot_top(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, top: int, at_least: torch.Tensor,
                  by_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``top`` largest |vec[loc[m], r] . q[m]| of each query m, where it matters: returns value, row
-    [M, min(top, R)], value[m, i] = vec[loc[m], row[m, i]] . q[m] (sorted by |value|, descending), holding
-    every row whose |value| is among the ``top`` largest of row m and at least ``at_least[m]`` [M] (what
-    step 5 may keep). vec [S, R, d], loc [M] sorted ascending, q [M, d]; ``by_norm``: vec's row norms [S, R]
-    sorted descending and their order, when the caller has them.
+    """The ``top`` largest |vec[loc[m], r] . q[m]| of each query m, where it matters: returns value (float32),
+    row [M, min(top, R)], value[m, i] = vec[loc[m], row[m, i]] . q[m] (sorted by |value|, descending),
+    holding every row whose |value| is among the ``top`` largest of row m and at least ``at_least[m]`` [M]
+    (what step 5 may keep). vec [S, R, d], loc [M] sorted ascending, q [M, d]; ``by_norm``: vec's row norms
+    [S, R] sorted descending and their order, when the caller has them.
 
-    Why: step 5 keeps a target's top_k edges above min_abs, and most rows cannot be among them. |vec[s, r] .
-    q| <= |vec[s, r]| |q| (Cauchy-Schwarz), so at each position the FIRST_ROWS rows of largest norm are
-    computed first; the ``top``-th largest |value| among them (or ``at_least``, if larger) is a floor for
-    its query, and only the rows whose bound reaches some query's floor follow (on the GPT-2-shaped fixture,
-    about a third of the products). Each position's top values are chosen among its rows in row order, so
-    equal values (common in bfloat16) tie as in the plain products. On CUDA, or with few rows, the top of
-    the plain products (:func:`rows_dot`)."""
+    Step 5 keeps a target's top_k edges above min_abs, and most rows cannot be among them: each position's
+    queries go through :func:`bounded_values` (a Cauchy-Schwarz bound; on the GPT-2-shaped fixture about a
+    third of the products). On CUDA, or with few rows, the top of the plain products (:func:`rows_dot`)."""
     S, R, _ = vec.shape
     top = min(top, R)
     if R <= 2 * FIRST_ROWS or top > FIRST_ROWS or (vec.is_cuda if BATCHED_ROWS_DOT is None else BATCHED_ROWS_DOT):
-        value = rows_dot(vec, loc, q)
+        value = rows_dot(vec, loc, q).float()
         row = value.abs().topk(top, dim=1).indices
         return value.gather(1, row), row
-    slack = BOUND_SLACK[q.dtype]
     norms, order = by_norm if by_norm is not None else torch.linalg.vector_norm(vec.float(), dim=-1).sort(
         dim=1, descending=True)  # [S, R]
-    # a row of position s may be needed by query m when norms[s, r] >= floor[m] / (|q[m]| slack)
-    q_norm = torch.linalg.vector_norm(q, dim=-1).float() * slack
     uniq, counts = torch.unique_consecutive(loc, return_counts=True)
-    value = torch.empty(q.shape[0], top, device=q.device, dtype=q.dtype)
+    value = torch.empty(q.shape[0], top, device=q.device)
     row = torch.empty(q.shape[0], top, device=q.device, dtype=torch.long)
     start = 0
-    for k, c in zip(uniq.tolist(), counts.tolist()):
-        queries, rows, stop = q[start:start + c], vec[k], start + c
-        cols = order[k, :FIRST_ROWS]
-        values = queries @ rows[cols].T  # [c, FIRST_ROWS]
-        floor = values.abs().topk(top, dim=1).values[:, -1].float() / slack
-        limit = torch.maximum(floor, at_least[start:stop]) / q_norm[start:stop]  # [c]; 0 / 0: a zero query
-        limit = torch.nan_to_num(limit, nan=torch.inf)
-        # rows of norm >= limit: a prefix of the sorted norms, as long as the neediest query's
-        need = int(torch.searchsorted(-norms[k], -limit.min(), right=True))
-        if need > FIRST_ROWS:
-            cols = order[k, :need]
-            values = torch.cat([values, queries @ rows[cols[FIRST_ROWS:]].T], 1)
-        cols, by_row = cols.sort()
-        values = values.index_select(1, by_row)
+    for k, c in zip(uniq.tolist(), counts.tolist()):  # one position and the queries that chose it
+        stop = start + c
+        values, cols = bounded_values(q[None, None, start:stop], vec[None, None, k], norms[None, None, k],
+                                      order[None, None, k], at_least[None, None, start:stop], top)
+        values, cols = values[0, 0], cols[0, 0]  # [c, n], [n]
         best = values.abs().topk(top, dim=1).indices
         value[start:stop], row[start:stop] = values.gather(1, best), cols[best]
         start = stop
