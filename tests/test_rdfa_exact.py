@@ -281,14 +281,18 @@ def test_rows_dot_equals_a_plain_product_whatever_the_counts(monkeypatch, batche
     assert rows_dot(vec, loc[:0], q[:0]).shape == (0, 9)
 
 
-def test_rows_dot_top_keeps_every_top_value_that_reaches_at_least():
+@pytest.mark.parametrize("split", [1000, 4], ids=["one group", "queries grouped by need"])
+def test_rows_dot_top_keeps_every_top_value_that_reaches_at_least(monkeypatch, split):
     """rows_dot_top against per-query products sorted in plain Python: every row among its query's top 3
     and at least its at_least (what step 5 may keep) is returned, every returned value is its row's exact
     product, sorted by |value|; a zero query, and one whose at_least is infinite (a zero attention scale),
-    give nothing wrong; and the bound skipped products (counted by torch's FLOP counter)."""
+    give nothing wrong; and the bound skipped products (counted by torch's FLOP counter). Also with a busy
+    position's queries multiplied in groups by the rows each needs (steps._query_groups)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ingest.rdfa import steps
+
+    monkeypatch.setattr(steps, "SPLIT_QUERIES", split)
 
     g = torch.Generator().manual_seed(5)
     # norms spread over two orders of magnitude, as error rows against small feature rows
@@ -310,6 +314,62 @@ def test_rows_dot_top_keeps_every_top_value_that_reaches_at_least():
             assert v == pytest.approx(want[r], rel=1e-5, abs=1e-5), (m, r)
         assert value[m].abs().tolist() == sorted(value[m].abs().tolist(), reverse=True)
     assert flops.get_total_flops() < 0.6 * 2 * 46 * 200 * 16  # the plain products of 46 queries x 200 rows
+
+
+def test_rows_dot_top_parts_keeps_every_row_its_target_may_keep(monkeypatch):
+    """Step 5's products over several blocks with each query's floor taken from its target's pairs
+    (steps.TargetsOf), against plain Python: for every target, each of its top 3 values over all its pairs (|A/sigma
+    x product|, at least min_abs) is returned by its pair with the exact product; returned values are their rows'
+    exact products; and the shared floor skips more products than each pair's own (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ingest.rdfa import steps
+
+    monkeypatch.setattr(steps, "SPLIT_QUERIES", 4)
+    monkeypatch.setattr(steps, "FIRST_ROWS", 3)  # a first pass of three rows: the floors decide what else runs
+    g = torch.Generator().manual_seed(7)
+    N, P, d, top, min_abs = 60, 2, 3, 3, 0.05  # d 3: products come near their bounds, so a loose floor shows
+    blocks = [(5, 150), (4, 90)]  # (positions, rows) of two blocks
+    vecs = [torch.randn(S, R, d, generator=g) * torch.logspace(-1.5, 0.5, R)[torch.randperm(R, generator=g)][:, None]
+            for S, R in blocks]
+    block = torch.randint(0, 2, (N, P), generator=g)
+    pos = torch.stack([torch.randint(0, blocks[int(b)][0], (), generator=g) for b in block.flatten()]).view(N, P)
+    source = torch.randn(N * P, d, generator=g)
+    scale = torch.rand(N * P, generator=g) * torch.tensor([1.0, 0.2]).repeat(N)  # a strong and a weak pair
+    scale[3] = 0
+    pairs = torch.arange(N * P)
+    parts, order = [], []
+    for i, vec in enumerate(vecs):  # the queries of each block, by position
+        mine = pairs[block.flatten() == i]
+        mine = mine[torch.argsort(pos.flatten()[mine], stable=True)]
+        norms, by_norm = torch.linalg.vector_norm(vec, dim=-1).sort(dim=1, descending=True)
+        parts.append(steps.RowsPart(vec, norms, by_norm, pos.flatten()[mine]))
+        order.append(mine)
+    chosen = torch.cat(order)
+    at_least = torch.where(scale[chosen] != 0, min_abs / scale[chosen].abs(), torch.inf)
+
+    def run(targets):
+        with FlopCounterMode(display=False) as flops:
+            out = steps.rows_dot_top_parts(parts, source, chosen, top, at_least, targets)
+        return out, flops.get_total_flops()
+
+    (value, row), shared = run(steps.TargetsOf(chosen, P, N, scale[chosen]))
+    _, own = run(None)
+    assert shared < own
+    got = {int(m): (value[i].tolist(), row[i].tolist()) for i, m in enumerate(chosen)}
+    for n in range(N):
+        cands = []
+        for p in range(P):
+            m = n * P + p
+            vec = vecs[int(block[n, p])][int(pos[n, p])]
+            exact = [float(vec[r].double() @ source[m].double()) for r in range(vec.shape[0])]
+            for v, r in zip(*got[m]):
+                assert v == pytest.approx(exact[r], rel=1e-5, abs=1e-5), (n, p, r)
+            cands += [(abs(float(scale[m]) * e), m, r) for r, e in enumerate(exact)]
+        cands.sort(reverse=True)
+        for size, m, r in cands[:top]:
+            if size >= min_abs and size > 0:
+                assert r in got[m][1], (n, m, r)
 
 
 @pytest.mark.parametrize("min_abs", [0.0, 0.3])
@@ -391,18 +451,20 @@ def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min
         want = full_graph(cap, weights_of(model), attn, resid, pruning)
     monkeypatch.setattr(step2, "BOUND_FIRST", 1)
     monkeypatch.setattr(steps, "FIRST_ROWS", 3)
+    monkeypatch.setattr(steps, "SPLIT_QUERIES", 4)  # busy positions' queries in groups by the rows they need
     skipped = {"blocks": 0, "rows": 0, "step 4 rows": 0}
-    needed_blocks, rows_dot_top, resid_in = step2._needed_blocks, steps.rows_dot_top, steps.resid_in
+    needed_blocks, rows_dot_top_parts, resid_in = step2._needed_blocks, steps.rows_dot_top_parts, steps.resid_in
 
     def counting_blocks(layer, group, t0, t1, mb, *rest):
         blocks = needed_blocks(layer, group, t0, t1, mb, *rest)
         skipped["blocks"] += blocks.shape[0] * blocks.shape[1] * mb - int((blocks < mb).sum())
         return blocks
 
-    def counting_rows(vec, loc, q, *rest):
+    def counting_rows(parts, source, *rest):
         with FlopCounterMode(display=False) as flops:
-            out = rows_dot_top(vec, loc, q, *rest)
-        skipped["rows"] += q.shape[0] * vec.shape[1] - flops.get_total_flops() // (2 * q.shape[1])
+            out = rows_dot_top_parts(parts, source, *rest)
+        dense = sum(part.loc.shape[0] * part.vec.shape[1] for part in parts)  # every query against every row
+        skipped["rows"] += dense - flops.get_total_flops() // (2 * source.shape[1])
         return out
 
     def counting_step4(rows, sae, targets, *rest):
@@ -413,7 +475,7 @@ def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min
         return out
 
     monkeypatch.setattr(step2, "_needed_blocks", counting_blocks)
-    monkeypatch.setattr(steps, "rows_dot_top", counting_rows)
+    monkeypatch.setattr(steps, "rows_dot_top_parts", counting_rows)
     monkeypatch.setattr(steps, "resid_in", counting_step4)
     got = full_graph(cap, weights_of(model), attn, resid, pruning)
     assert min(skipped.values()) > 0, skipped

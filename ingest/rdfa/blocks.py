@@ -138,6 +138,7 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
     pair_block = block_of[tb[:, None], pairs.pos].flatten()
     order = torch.argsort(pair_block, stable=True)
     ends = torch.searchsorted(pair_block[order], torch.arange(-1, len(blocks), device=dev), right=True).tolist()
+    bounded = []  # (block, its rows, its pairs, their positions there) of the blocks whose products are bounded
     for i, blk in enumerate(blocks):
         chosen = order[ends[i]:ends[i + 1]]
         if chosen.numel() == 0:
@@ -145,22 +146,35 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
         loc = local_of[tb[chosen // P], pairs.pos.flatten()[chosen]]
         by_position = torch.argsort(loc, stable=True)  # rows_dot takes each position's queries together
         chosen, loc = chosen[by_position], loc[by_position]
-        n, p = chosen // P, chosen % P
         rows = blk.rows.prefix(blk.ends[sae.layer])
+        if pruning.top_k is not None and steps.BOUNDED and steps.bounds_rows(rows.vec.shape[2], pruning.top_k, dev):
+            bounded.append((blk, rows, chosen, loc))
+            continue
+        n, p = chosen // P, chosen % P
         query = pairs.query.view(N * P, -1).index_select(0, chosen)  # [M, d] (chosen = n * P + p)
-        scale = pairs.scale.flatten()[chosen]  # [M]
-        vec, query = rows.vec[0].to(pruning.dtype), query.to(pruning.dtype)
-        if pruning.top_k is None or not steps.BOUNDED:
-            v = steps.rows_dot(vec, loc, query).float().mul_(scale[:, None])  # [M, R]
-            k = min(n_cand, v.shape[1])
-            r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
-            v = v.gather(1, r)
-        else:  # only what can be among a pair's top_k and reach min_abs is computed
-            at_least = torch.where(scale != 0, pruning.min_abs / scale.abs(), torch.inf)  # scale 0: all values 0
-            v, r = steps.rows_dot_top(vec, loc, query, pruning.top_k, at_least, blk.rows_by_norm(vec.shape[1]))
-            v, k = v.mul_(scale[:, None]), r.shape[1]
-        val[n, p, :k] = v
+        v = steps.rows_dot(rows.vec[0].to(pruning.dtype), loc, query.to(pruning.dtype)).float()  # [M, R]
+        v.mul_(pairs.scale.flatten()[chosen, None])
+        k = min(n_cand, v.shape[1])
+        r = v.abs().topk(k, dim=-1).indices if k < v.shape[1] else torch.arange(k, device=dev).expand(len(n), k)
+        val[n, p, :k] = v.gather(1, r)
         code[n, p, :k], layer[n, p, :k], index[n, p, :k] = rows.code[r], rows.layer[r], rows.index[0, loc[:, None], r]
+    if bounded:  # only what can be among a pair's top_k and reach min_abs is computed, every block at once
+        chosen = torch.cat([c for _, _, c, _ in bounded])
+        scale = pairs.scale.flatten()[chosen]  # [M]
+        at_least = torch.where(scale != 0, pruning.min_abs / scale.abs(), torch.inf)  # scale 0: all values 0
+        parts = [steps.RowsPart(rows.vec[0].to(pruning.dtype), *blk.rows_by_norm(rows.vec.shape[2]), loc)
+                 for blk, rows, _, loc in bounded]
+        v, r = steps.rows_dot_top_parts(parts, pairs.query.view(N * P, -1).to(pruning.dtype), chosen,
+                                        pruning.top_k, at_least, steps.TargetsOf(chosen, P, N, scale))
+        v.mul_(scale[:, None])
+        n, p, k, first = chosen // P, chosen % P, r.shape[1], 0
+        val[n, p, :k] = v
+        for _, rows, c, loc in bounded:
+            m = slice(first, first + c.shape[0])
+            r_m = r[m]
+            code[n[m], p[m], :k], layer[n[m], p[m], :k] = rows.code[r_m], rows.layer[r_m]
+            index[n[m], p[m], :k] = rows.index[0, loc[:, None], r_m]
+            first += c.shape[0]
     # s > t carries zero attention, padded feature slots are zero vectors: both give exact zeros, dropped
     (n,), j, vals, kept = steps.select_edges(val.reshape(N, -1), torch.ones_like(tb, dtype=torch.bool), pruning)
     p, c = j // n_cand, j % n_cand

@@ -3,7 +3,8 @@
 Each returns an EdgeTable of kept edges (pruned per target) and, per target, the sum of what was
 kept, so the caller can add the bias and REST edges that make every node's inputs sum to its
 pre-activation. Step 2 (``attn_in``) is ingest/rdfa/step2.py. Python loops run over the prompts of a
-batch, memory blocks and (step 5) heads and selected source positions; never over features. On CUDA,
+batch, memory blocks and (step 5) heads, buckets of positions and the positions that need rows past the
+first pass; never over features. On CUDA,
 step 5's row products take their batched form (rows_dot_batched) and blocks grow with free memory (sized).
 """
 
@@ -299,20 +300,44 @@ def bounded_values(enc: torch.Tensor, vec: torch.Tensor, norms: torch.Tensor, or
 
     |enc . vec_r| <= |enc| |vec_r| (Cauchy-Schwarz): the FIRST_ROWS rows of largest norm at each position
     are multiplied first; a target's ``top``-th |value| among them (or at_least, if larger) is a floor that
-    its kept edges reach, so a row whose norm is below every target's floor / |enc| holds none. Then the
-    longest such prefix of the positions' norm-sorted rows is multiplied: one batched product (on the
-    GPT-2-shaped fixture, a quarter of step 4's rows and a third of step 5's products)."""
+    its kept edges reach, so a row whose norm is below every target's floor / |enc| holds none
+    (:func:`first_rows`). Then the longest such prefix of the positions' norm-sorted rows is multiplied: one
+    batched product (on the GPT-2-shaped fixture, a quarter of step 4's rows; step 5 goes through
+    :func:`rows_dot_top_parts`, which shares the two passes)."""
+    first, limit = first_rows(enc, vec, order, at_least, top, mask)
+    need = int((norms >= limit.amin(-1, keepdim=True)).sum(-1).max())  # rows at or above the lowest limit
+    return rows_up_to(enc, vec, order, first, need)
+
+
+def first_rows(enc: torch.Tensor, vec: torch.Tensor, order: torch.Tensor, at_least: torch.Tensor, top: int,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass of :func:`bounded_values` (same arguments): the products of each position's FIRST_ROWS
+    rows of largest norm, first [B,T,k,F] (float32), and each target's limit [B,T,k]: no row whose norm is
+    below it holds one of the target's kept edges (inf for a masked target or a zero vector)."""
     B, T, _, _ = vec.shape
-    slack = BOUND_SLACK[enc.dtype]
     at = torch.arange(B, device=vec.device)[:, None, None], torch.arange(T, device=vec.device)[None, :, None]
     first = (enc @ vec[(*at, order[..., :FIRST_ROWS])].to(enc.dtype).transpose(-1, -2)).float()  # [B,T,k,F]
-    floor = first.abs().topk(top, dim=-1).values[..., -1] / slack  # [B,T,k]
+    return first, _limits(first, enc, at_least, top, mask)
+
+
+def _limits(first: torch.Tensor, enc: torch.Tensor, at_least: torch.Tensor, top: int,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """Each target's limit [...] from its first-pass values ``first`` [..., F] and its vector ``enc`` [..., d]
+    (:func:`first_rows`)."""
+    slack = BOUND_SLACK[enc.dtype]
+    floor = first.abs().topk(top, dim=-1).values[..., -1] / slack
     limit = torch.maximum(floor, at_least) / (torch.linalg.vector_norm(enc, dim=-1).float() * slack)
     limit = torch.nan_to_num(limit, nan=torch.inf)  # 0 / 0: a zero vector, whose values are all 0
-    if mask is not None:
-        limit = torch.where(mask, limit, torch.inf)
-    need = int((norms >= limit.amin(-1, keepdim=True)).sum(-1).max())  # rows at or above the lowest limit
+    return limit if mask is None else torch.where(mask, limit, torch.inf)
+
+
+def rows_up_to(enc: torch.Tensor, vec: torch.Tensor, order: torch.Tensor, first: torch.Tensor, need: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bounded_values`' result from its first pass ``first`` [B,T,k,F]: the products of the rows
+    order[..., F:need] added, then every row in row order: value [B,T,k,max(need, F)], rows [B,T,max(need, F)]."""
     if need > FIRST_ROWS:
+        B, T, _, _ = vec.shape
+        at = torch.arange(B, device=vec.device)[:, None, None], torch.arange(T, device=vec.device)[None, :, None]
         rest = (enc @ vec[(*at, order[..., FIRST_ROWS:need])].to(enc.dtype).transpose(-1, -2)).float()
         first = torch.cat([first, rest], -1)
     rows, by_row = order[..., :max(need, FIRST_ROWS)].sort(dim=-1)
@@ -406,30 +431,157 @@ def rows_dot_top(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, top: int
     (what step 5 may keep). vec [S, R, d], loc [M] sorted ascending, q [M, d]; ``by_norm``: vec's row norms
     [S, R] sorted descending and their order, when the caller has them.
 
-    Step 5 keeps a target's top_k edges above min_abs, and most rows cannot be among them: each position's
-    queries go through :func:`bounded_values` (a Cauchy-Schwarz bound; on the GPT-2-shaped fixture about a
-    third of the products). On CUDA, or with few rows, the top of the plain products (:func:`rows_dot`)."""
+    Step 5 keeps a target's top_k edges above min_abs, and most rows cannot be among them: with a
+    Cauchy-Schwarz bound (:func:`rows_dot_top_parts`; on the GPT-2-shaped fixture about a fifth of the
+    products). On CUDA, or with few rows, the top of the plain products (:func:`rows_dot`)."""
     S, R, _ = vec.shape
-    top = min(top, R)
-    if R <= 2 * FIRST_ROWS or top > FIRST_ROWS or (vec.is_cuda if BATCHED_ROWS_DOT is None else BATCHED_ROWS_DOT):
+    if not bounds_rows(R, top, vec.device):
         value = rows_dot(vec, loc, q).float()
-        row = value.abs().topk(top, dim=1).indices
+        row = value.abs().topk(min(top, R), dim=1).indices
         return value.gather(1, row), row
     norms, order = by_norm if by_norm is not None else torch.linalg.vector_norm(vec.float(), dim=-1).sort(
         dim=1, descending=True)  # [S, R]
-    uniq, counts = torch.unique_consecutive(loc, return_counts=True)
-    value = torch.empty(q.shape[0], top, device=q.device)
-    row = torch.empty(q.shape[0], top, device=q.device, dtype=torch.long)
-    start = 0
-    for k, c in zip(uniq.tolist(), counts.tolist()):  # one position and the queries that chose it
-        stop = start + c
-        values, cols = bounded_values(q[None, None, start:stop], vec[None, None, k], norms[None, None, k],
-                                      order[None, None, k], at_least[None, None, start:stop], top)
-        values, cols = values[0, 0], cols[0, 0]  # [c, n], [n]
-        best = values.abs().topk(top, dim=1).indices
-        value[start:stop], row[start:stop] = values.gather(1, best), cols[best]
-        start = stop
+    return rows_dot_top_parts([RowsPart(vec, norms, order, loc)], q, torch.arange(q.shape[0], device=q.device),
+                              top, at_least)
+
+
+def bounds_rows(R: int, top: int, device: torch.device) -> bool:
+    """Whether step 5's products of R rows a position go through :func:`rows_dot_top_parts` (on the CPU, with a
+    top of at most FIRST_ROWS and rows enough for the first pass to leave some out)."""
+    return R > 2 * FIRST_ROWS and top <= FIRST_ROWS and not (
+        device.type == "cuda" if BATCHED_ROWS_DOT is None else BATCHED_ROWS_DOT)
+
+
+@dataclass
+class RowsPart:
+    """One block's rows for :func:`rows_dot_top_parts`: vec [S, R, d], their norms [S, R] sorted descending and
+    their ``order`` [S, R] (PositionBlock.rows_by_norm), and the position of each of the part's queries, loc
+    [M_i] sorted ascending."""
+
+    vec: torch.Tensor
+    norms: torch.Tensor
+    order: torch.Tensor
+    loc: torch.Tensor
+
+
+def rows_dot_top_parts(parts: list[RowsPart], source: torch.Tensor, index: torch.Tensor, top: int,
+                       at_least: torch.Tensor, targets: TargetsOf | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rows_dot_top` over the blocks of a layer at once: query m is source[index[m]] ([Q, d], in the
+    products' dtype; ``index`` [M] takes the parts' queries in their order) at position loc[m] of its part;
+    at_least [M]. Returns value (float32), row [M, top], ``top`` <= FIRST_ROWS < every part's R.
+
+    Each position's FIRST_ROWS rows of largest norm are multiplied first and a query needs only the rows whose
+    norm reaches its limit (:func:`first_rows`): at ~10 queries a position most positions need nothing more
+    (on the GPT-2-shaped fixture, 3 in 4), and one call a position was mostly operator overhead. So the first
+    pass is batched over every chosen position of the layer, positions bucketed by their count of queries
+    (powers of two, queries padded to the bucket's largest), and only the positions that need more rows go one
+    by one, their queries in groups by need (:func:`_query_groups`).
+
+    With ``targets`` (the step-5 target of each query, which keeps its ``top`` largest values over all of its
+    queries), a query's floor is its target's ``top``-th largest first-pass value over them all, rather than
+    its own: no row below it can be among the target's kept edges either, and the rows a target's weaker pair
+    needs shrink (the values returned for such a query need not be its own top, only hold every row that can
+    be among its target's)."""
+    dev, d = source.device, source.shape[1]
+    M = index.shape[0]
+    value = torch.empty(M, top, device=dev)
+    row = torch.empty(M, top, device=dev, dtype=torch.long)
+    if M == 0:
+        return value, row
+    # every chosen position: its part, its position there, its count of queries and the first of them
+    part_of, loc_of, counts = [], [], []
+    for i, part in enumerate(parts):
+        uniq, count = torch.unique_consecutive(part.loc, return_counts=True)
+        part_of.append(torch.full_like(uniq, i))
+        loc_of.append(uniq)
+        counts.append(count)
+    part_at, loc_at, count = torch.cat(part_of), torch.cat(loc_of), torch.cat(counts)
+    start = torch.cumsum(count, 0) - count
+    firsts = torch.cat([part.vec[uniq[:, None], part.order[uniq, :FIRST_ROWS]].to(source.dtype)
+                        for part, uniq in zip(parts, loc_of)])  # [U, F, d]: each position's first rows
+    first_order = torch.cat([part.order[uniq, :FIRST_ROWS] for part, uniq in zip(parts, loc_of)])  # [U, F]
+    next_norm = torch.cat([part.norms[uniq, FIRST_ROWS] for part, uniq in zip(parts, loc_of)])  # [U]
+    by_row_rows, by_row = first_order.sort(dim=1)  # row order, so that equal values tie as in the dense product
+    bucket = torch.ceil(torch.log2(count.double())).long()
+    buckets = []
+    for g in torch.unique(bucket).tolist():  # the first pass, a bucket of positions at a time
+        members = (bucket == g).nonzero().flatten()  # [Ug]
+        C = int(count[members].max())
+        slot = start[members, None] + torch.arange(C, device=dev)  # [Ug, C]
+        real = torch.arange(C, device=dev) < count[members, None]
+        slot = torch.where(real, slot, 0)  # padding reads query 0, whose values are never used
+        enc = source.index_select(0, index[slot.flatten()]).view(-1, C, d)  # [Ug, C, d]
+        first = torch.bmm(enc, firsts[members].transpose(1, 2)).float()  # [Ug, C, F]
+        in_row_order = first.gather(2, by_row[members, None, :].expand_as(first))
+        best = in_row_order.abs().topk(top, dim=2).indices  # [Ug, C, top]
+        taken = slot[real]
+        value[taken] = in_row_order.gather(2, best)[real]
+        row[taken] = by_row_rows[members, None, :].expand(-1, C, -1).gather(2, best)[real]
+        buckets.append((members, slot, real, enc, first))
+    if targets is not None:
+        at_least = torch.maximum(at_least, targets.floor(value) / BOUND_SLACK[source.dtype])
+    later = []  # (position, its queries [1, 1, c, d], first [1, 1, c, F], limit [c]) of those needing more rows
+    for members, slot, real, enc, first in buckets:
+        limit = _limits(first, enc, at_least[slot], top, real)  # [Ug, C]
+        # a position whose next row reaches some query's limit: rows past the first pass may hold kept edges
+        for j in (next_norm[members] >= limit.amin(1)).nonzero().flatten().tolist():
+            u, c = int(members[j]), int(count[members[j]])
+            later.append((u, enc[j:j + 1, :c][None], first[j:j + 1, :c][None], limit[j, :c]))
+    for u, enc, first, limit in later:  # the positions that need rows past the first pass
+        part, k, s0 = parts[int(part_at[u])], int(loc_at[u]), int(start[u])
+        rows_k, order_k = part.vec[None, None, k], part.order[None, None, k]
+        for group, need in _query_groups(part.norms[k], limit):  # queries [c_g] (None: all) and rows they need
+            values, cols = rows_up_to(enc if group is None else enc[:, :, group], rows_k, order_k,
+                                      first if group is None else first[:, :, group], need)
+            values, cols = values[0, 0], cols[0, 0]  # [c_g, n], [n]
+            best = values.abs().topk(top, dim=1).indices
+            at = slice(s0, s0 + enc.shape[2]) if group is None else group + s0
+            value[at], row[at] = values.gather(1, best), cols[best]
     return value, row
+
+
+@dataclass
+class TargetsOf:
+    """The step-5 target of each query of :func:`rows_dot_top_parts`: query m is pair ``pair[m]`` = n * P + p of
+    target n (P pairs a target, N targets), and its values count scaled by ``scale`` [M] (A / sigma)."""
+
+    pair: torch.Tensor
+    P: int
+    N: int
+    scale: torch.Tensor
+
+    def floor(self, value: torch.Tensor) -> torch.Tensor:
+        """Each query's floor before its scale [M] from first-pass values ``value`` [M, top] (each query's
+        largest): its target's top-th largest |scale * value| over all of its queries, / |scale| (inf where the
+        scale is 0: every value of that query is 0)."""
+        top = value.shape[1]
+        scaled = torch.zeros(self.N * self.P, top, device=value.device)
+        scaled[self.pair] = (value * self.scale[:, None]).abs_()
+        floor = scaled.view(self.N, self.P * top).topk(top, dim=1).values[:, -1]  # [N]
+        scale = self.scale.abs()
+        return torch.where(scale > 0, floor[self.pair // self.P] / scale, torch.inf)
+
+
+SPLIT_QUERIES = 64  # a position chosen by at least this many queries multiplies them in groups by the rows they need
+QUERY_GROUPS = 4  # at most this many groups (each costs ~10 operators), besides those the first pass settles
+
+
+def _query_groups(norms: torch.Tensor, limit: torch.Tensor) -> list[tuple[torch.Tensor | None, int]]:
+    """The queries of one position in groups, each with the number of norm-sorted rows it multiplies: norms [R]
+    descending, limit [c] (first_rows). A query needs the rows whose norm reaches its limit, and at a busy
+    position (a BOS-like one that most targets attend to, with thousands of rows) these range from the first
+    pass alone to most rows: one prefix for all was ~2x the products of a prefix per query on the GPT-2-shaped
+    fixture. So queries sorted by need go in QUERY_GROUPS parts of equal size, leaving out those that need no
+    more than the first pass (whose top the first pass settles). Returns (query indices or None for all, rows
+    needed)."""
+    need = torch.searchsorted(-norms, -limit, right=True)  # rows whose norm >= limit [c]
+    most = int(need.max())
+    if limit.shape[0] < SPLIT_QUERIES or most <= FIRST_ROWS:
+        return [(None, most)]
+    need, by_need = need.sort()
+    settled = int(torch.searchsorted(need, FIRST_ROWS, right=True))  # need <= FIRST_ROWS: the first pass is all
+    cuts = [settled] + [settled + (need.shape[0] - settled) * (i + 1) // QUERY_GROUPS for i in range(QUERY_GROUPS)]
+    return [(by_need[a:b], int(need[b - 1])) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def rows_dot_batched(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
