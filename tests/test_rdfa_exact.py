@@ -452,12 +452,17 @@ def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min
     monkeypatch.setattr(step2, "BOUND_FIRST", 1)
     monkeypatch.setattr(steps, "FIRST_ROWS", 3)
     monkeypatch.setattr(steps, "SPLIT_QUERIES", 4)  # busy positions' queries in groups by the rows they need
+    monkeypatch.setattr(step2, "MIN_BAND_WORK", 1)  # several bands a prompt, which share its thresholds
     skipped = {"blocks": 0, "rows": 0, "step 4 rows": 0}
+    shared = {"bands": 0}
     needed_blocks, rows_dot_top_parts, resid_in = step2._needed_blocks, steps.rows_dot_top_parts, steps.resid_in
 
-    def counting_blocks(layer, group, t0, t1, mb, *rest):
-        blocks = needed_blocks(layer, group, t0, t1, mb, *rest)
+    def counting_blocks(layer, group, t0, t1, mb, tgt, ok, pruning, bounds=None):
+        blocks = needed_blocks(layer, group, t0, t1, mb, tgt, ok, pruning, bounds)
         skipped["blocks"] += blocks.shape[0] * blocks.shape[1] * mb - int((blocks < mb).sum())
+        if bounds is not None:  # the prompts' thresholds, computed once, choose what the band's own first pass does
+            shared["bands"] += 1
+            assert torch.equal(blocks, needed_blocks(layer, group, t0, t1, mb, tgt, ok, pruning)), (t0, t1)
         return blocks
 
     def counting_rows(parts, source, *rest):
@@ -478,7 +483,7 @@ def test_bounds_skip_blocks_and_rows_yet_keep_every_edge(setup, monkeypatch, min
     monkeypatch.setattr(steps, "rows_dot_top_parts", counting_rows)
     monkeypatch.setattr(steps, "resid_in", counting_step4)
     got = full_graph(cap, weights_of(model), attn, resid, pruning)
-    assert min(skipped.values()) > 0, skipped
+    assert min(skipped.values()) > 0 and shared["bands"] > 10, (skipped, shared)
     for kind in (EdgeKind.ATTN_IN, EdgeKind.RESID_IN):
         w, g = edge_dict(want.edges, kind), edge_dict(got.edges, kind)
         assert w.keys() == g.keys() and len(w) > 100

@@ -151,7 +151,7 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
             bounded.append((blk, rows, chosen, loc))
             continue
         n, p = chosen // P, chosen % P
-        query = pairs.query.view(N * P, -1).index_select(0, chosen)  # [M, d] (chosen = n * P + p)
+        query = pairs.query.index_select(0, pairs.query_row.flatten()[chosen])  # [M, d] (chosen = n * P + p)
         v = steps.rows_dot(rows.vec[0].to(pruning.dtype), loc, query.to(pruning.dtype)).float()  # [M, R]
         v.mul_(pairs.scale.flatten()[chosen, None])
         k = min(n_cand, v.shape[1])
@@ -164,7 +164,7 @@ def direct_by_block(blocks: list[PositionBlock], pairs: steps.DirectPairs, sae: 
         at_least = torch.where(scale != 0, pruning.min_abs / scale.abs(), torch.inf)  # scale 0: all values 0
         parts = [steps.RowsPart(rows.vec[0].to(pruning.dtype), *blk.rows_by_norm(rows.vec.shape[2]), loc)
                  for blk, rows, _, loc in bounded]
-        v, r = steps.rows_dot_top_parts(parts, pairs.query.view(N * P, -1).to(pruning.dtype), chosen,
+        v, r = steps.rows_dot_top_parts(parts, pairs.query.to(pruning.dtype), pairs.query_row.flatten()[chosen],
                                         pruning.top_k, at_least, steps.TargetsOf(chosen, P, N, scale))
         v.mul_(scale[:, None])
         n, p, k, first = chosen // P, chosen % P, r.shape[1], 0

@@ -19,7 +19,8 @@ Four ideas keep it cheap:
   BOUND_FIRST blocks of largest A * max |P| exactly: a target's top_k-th |value| there (or min_abs, if
   larger) is a floor that its kept edges reach. Only blocks whose bound reaches some target's floor enter M
   (the band's union, per prompt and head): about a fifth on the GPT-2-shaped fixture. Every edge kept
-  without the bounds is still kept.
+  without the bounds is still kept. The positions' floors are computed once for all bands of a group of
+  prompts when they fit (_group_bounds; on the CPU they mostly do), so a band only takes a union.
 - **Bands of target positions** for causality (a target reads rows at s <= t only), their bounds set
   so that bands hold about equal work: at least MIN_BANDS, more when the work exceeds the device's
   budget (``steps.sized``), so the kernels launched per batch do not grow with the batch.
@@ -189,42 +190,71 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
     tables = []
     for group in prompt_groups(targets_at, layout.before, H):
         g = slice(group.start, group.stop)
+        bounds = _group_bounds(layer, group, pruning, budget) if layer.P_norm is not None else None
         for t0, t1 in band_bounds(targets_at[g], layout.before[g], H, budget):
-            tables.append(_band(layer, group, t0, t1, kept_sum, sae.layer, pruning))
+            tables.append(_band(layer, group, t0, t1, kept_sum, sae.layer, pruning, bounds))
     return EdgeTable.cat(tables), kept_sum
 
 
-def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, L: int, pruning: Pruning
-          ) -> EdgeTable | None:
+def _band_targets(layer: Layer, group: range, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets at t0 <= t < t1 of prompts ``group``, padded per prompt: tgt [B, n] (indices into the
+    layer's targets) and ok [B, n] (which are real)."""
+    T, dev = layer.A.shape[2], layer.P.device
+    first = torch.arange(group.start, group.stop, device=dev) * T
+    t_key = layer.tb * T + layer.tt
+    start, end = torch.searchsorted(t_key, first + t0), torch.searchsorted(t_key, first + t1)
+    n = int((end - start).max())
+    tgt = start[:, None] + torch.arange(n, device=dev)  # [B, n]
+    ok = tgt < end[:, None]
+    return torch.where(ok, tgt, 0), ok
+
+
+def _group_bounds(layer: Layer, group: range, pruning: Pruning, budget: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`_thresholds` of every position of prompts ``group`` at once, when its first pass fits in four
+    times ``budget`` floats (on the CPU, prompt by prompt, it mostly does: 90 of 96 prompt-layers at GPT-2's
+    B8x64): each band then takes only a union of blocks, instead of ~25 operators a band for its own first
+    pass. None: each band computes its own."""
+    tgt, ok = _band_targets(layer, group, 0, layer.A.shape[2])
+    if tgt.shape[1] == 0:
+        return None
+    B, dh = len(group), layer.P.shape[-1]
+    T = layer.A.shape[2]
+    at = (torch.arange(B, device=tgt.device)[:, None] * T + layer.tt[tgt])[ok]  # each target's (prompt, position)
+    widest = int(torch.bincount(at, minlength=B * T).max())  # the most targets at one position
+    if B * T * min(BOUND_FIRST, layer.P.shape[0] * layer.P.shape[3]) * widest * max(dh, GROUP) > 4 * budget:
+        return None
+    return _thresholds(layer, group, 0, T, tgt, ok, pruning)
+
+
+
+def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, L: int, pruning: Pruning,
+          bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> EdgeTable | None:
     """The kept edges into the targets at t0 <= t < t1 of prompts ``group``; their kept sums go into
-    ``kept_sum`` [B, T, K]."""
+    ``kept_sum`` [B, T, K]. ``bounds``: the group's :func:`_group_bounds`, if computed."""
     H, _, _, _, dh = layer.P.shape
     B, T = len(group), layer.A.shape[2]
     dev = layer.P.device
     g = slice(group.start, group.stop)
-    first = torch.arange(group.start, group.stop, device=dev) * T
-    t_key = layer.tb * T + layer.tt
-    start, end = torch.searchsorted(t_key, first + t0), torch.searchsorted(t_key, first + t1)
-    n, mb = int((end - start).max()), max(1, int(layer.layout.before[g, t1].max()))
+    tgt, ok = _band_targets(layer, group, t0, t1)
+    n, mb = tgt.shape[1], max(1, int(layer.layout.before[g, t1].max()))
     if n == 0:
         return None
-    tgt = start[:, None] + torch.arange(n, device=dev)  # [B, n]
-    ok = tgt < end[:, None]
-    tgt = torch.where(ok, tgt, 0)
     space = Workspace.get(dev)
     Eb = layer.E.index_select(1, tgt.flatten()).view(H, B, n, dh)
-    tt = layer.tt[tgt]
-    A_t = layer.A[g].gather(2, tt[:, None, :, None].expand(B, H, n, T + 1))  # A[b, h, t of each target, :]
+    # A[b, h, t of each target, s of each block] is A (contiguous [B, H, T, T+1]) at a_row + s: [B, n, H]
+    prompt_head = torch.arange(group.start, group.stop, device=dev)[:, None, None] * H + torch.arange(H, device=dev)
+    a_row = (prompt_head * T + layer.tt[tgt][:, :, None]) * (T + 1)
     if layer.P_norm is None:  # every block below mb; the block of slot u of head h is u
         blocks, U = None, mb
         Pb = space.take("rows", (H, B, GROUP, mb, dh), layer.P.dtype).copy_(layer.P[:, g, :, :mb])
-        A_blk = A_t.gather(3, layer.layout.block_pos[g, None, None, :mb].expand(B, H, n, mb))  # [B, H, n, mb]
+        pos = layer.layout.block_pos[g, None, None, :mb]  # [B, 1, 1, mb]
     else:  # only the blocks some target's floor needs: blocks [B, H, U] (NB: the padding block)
-        blocks = _needed_blocks(layer, group, t0, t1, mb, tgt, ok, pruning)
+        blocks = _needed_blocks(layer, group, t0, t1, mb, tgt, ok, pruning, bounds)
         U = blocks.shape[2]
         Pb = _gather_blocks(layer, group, blocks, space)
-        pos = layer.block_pos[g].gather(1, blocks.view(B, H * U)).view(B, H, 1, U)
-        A_blk = A_t.gather(3, pos.expand(B, H, n, U))  # [B, H, n, U]
+        pos = layer.block_pos[g].gather(1, blocks.view(B, H * U)).view(B, 1, H, U)
+    A_blk = torch.take(layer.A, a_row[..., None] + pos).view(B * n, H * U)  # one flat gather, [B, n, H, U]
     width = GROUP * U
     dtype = layer.P.dtype  # the products' (Pruning.precision); scores and values below are float32
     M = torch.matmul(Eb, Pb.view(H, B, width, dh).transpose(2, 3),
@@ -232,7 +262,6 @@ def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, 
     # |M| of each block's largest entry [H, B, n, U]: |M| then a max over slots (1.4x faster than max and min)
     slots = torch.abs(M, out=space.take("abs", M.shape, dtype)).view(H, B, n, GROUP, U)
     largest = torch.amax(slots, dim=3, out=space.take("largest", (H, B, n, U), dtype))
-    A_blk = A_blk.permute(0, 2, 1, 3).reshape(B * n, H * U)
     score = largest.permute(1, 2, 0, 3).reshape(B * n, H * U) * A_blk  # each block's largest |value|
     if pruning.top_k is not None and pruning.top_k < H * U:
         blk = score.topk(pruning.top_k, dim=1).indices  # [B*n, kb]: (head, slot) = divmod(blk, U)
@@ -255,35 +284,50 @@ def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, 
 
 
 def _needed_blocks(layer: Layer, group: range, t0: int, t1: int, mb: int, tgt: torch.Tensor, ok: torch.Tensor,
-                   pruning: Pruning) -> torch.Tensor:
+                   pruning: Pruning, bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The blocks below ``mb`` that may hold a kept edge of some target of the band, per prompt and head:
-    [B, H, U] in ascending order, padded with the all-padding block NB.
+    [B, H, U] in ascending order, padded with the all-padding block NB: the union over the band's positions of
+    the blocks whose key reaches the position's threshold (:func:`_thresholds`, or the group's ``bounds``).
+    ``tgt``, ``ok`` [B, n]: the band's targets and which are real."""
+    key, threshold = (_thresholds(layer, group, t0, t1, tgt, ok, pruning) if bounds is None
+                      else (bounds[0][:, :, t0:t1], bounds[1][:, :, t0:t1]))
+    union = (key[..., :mb] >= threshold[..., None]).any(2)  # [B, H, mb]
+    U = max(1, int(union.sum(-1).max()))
+    ids = torch.where(union, torch.arange(mb, device=union.device), layer.P.shape[3] - 1)
+    return ids.sort(dim=-1).values[..., :U].contiguous()
+
+
+def _thresholds(layer: Layer, group: range, t0: int, t1: int, tgt: torch.Tensor, ok: torch.Tensor,
+                pruning: Pruning) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's key and each position's threshold, for positions t0 <= t < t1 of prompts ``group`` and
+    the blocks below the last one's: key [B, H, Tb, mb], threshold [B, H, Tb]. A block holds no kept edge of
+    the targets at t when its key is below t's threshold.
 
     |value| of an entry of block j into target n at t <= key[b, h, t, j] * |E[h, n]|, key = A[b, h, t, s_j] *
-    max |P[h, b, ., j]|. Each band position's BOUND_FIRST blocks of largest key are computed exactly for its
+    max |P[h, b, ., j]|. Each position's BOUND_FIRST blocks of largest key are computed exactly for its
     targets (in float32): a target's top_k-th |value| there is a floor that its kept edges reach, and so
-    is min_abs. A block holds no kept edge of the targets at t when key < min over them of floor /
-    |E[h, n]| (with steps.BOUND_SLACK); the union over the band's positions is what step 2 computes. All of it is
-    per band position, not per target: ~40x less than the targets' own bounds at GPT-2's L0.
-    ``tgt``, ``ok`` [B, n]: the band's targets and which are real."""
+    is min_abs. The threshold is the min over the position's targets of floor / |E[h, n]| (with
+    steps.BOUND_SLACK). All of it is per position, not per target: ~40x less than the targets' own bounds at
+    GPT-2's L0. ``tgt``, ``ok`` [B, n]: the targets of those positions and which are real."""
     H, B_all, _, NB1, dh = layer.P.shape
     B, n = tgt.shape
     Tb = t1 - t0
     dev = tgt.device
     g = slice(group.start, group.stop)
+    mb = max(1, int(layer.layout.before[g, t1].max()))
     pos = layer.layout.block_pos[g, None, None, :mb].expand(B, H, Tb, mb)
     key = layer.A[g, :, t0:t1].gather(3, pos).mul_(layer.P_norm[:, g, None, :mb].permute(1, 0, 2, 3))  # [B,H,Tb,mb]
     k1 = min(BOUND_FIRST, H * mb)
     top = key.permute(0, 2, 1, 3).reshape(B * Tb, H * mb).topk(k1, dim=1).indices  # [B*Tb, k1]
     h1, j1 = top // mb, top % mb
     # those blocks' entries into every target at their position: [B*Tb*k1, w, G], w the most targets at a position
-    at = (torch.arange(B, device=dev)[:, None] * Tb + layer.tt[tgt] - t0).flatten()  # [B*n] band position of each
+    at = (torch.arange(B, device=dev)[:, None] * Tb + layer.tt[tgt] - t0).flatten()  # [B*n] position of each
     count = torch.bincount(at[ok.flatten()], minlength=B * Tb)
     w = max(1, int(count.max()))
     real = ok.flatten().nonzero().flatten()
     at = at[real]  # sorted: prompt-major, each prompt's targets by position
     rank = torch.arange(at.shape[0], device=dev) - torch.searchsorted(at, at)
-    seat = torch.full((B * Tb, w), -1, dtype=torch.long, device=dev)  # the targets at each band position
+    seat = torch.full((B * Tb, w), -1, dtype=torch.long, device=dev)  # the targets at each position
     seat[at, rank] = tgt.flatten()[real]
     E1 = layer.E[h1[:, :, None], seat.clamp(min=0)[:, None, :]].float()  # [B*Tb, k1, w, dh]
     prompt = (torch.arange(B, device=dev) + group.start).repeat_interleave(Tb)[:, None]  # [B*Tb, 1]
@@ -301,11 +345,7 @@ def _needed_blocks(layer: Layer, group: range, t0: int, t1: int, mb: int, tgt: t
     E_norm = layer.E_norm[:, seat.clamp(min=0)].permute(1, 0, 2)  # [B*Tb, H, w]
     needy = (seat >= 0)[:, None, :] & (E_norm > 0)  # a zero encoder slice gives zero values: nothing to keep
     ratio = torch.where(needy, floor[:, None, :] / (E_norm * slack), torch.inf)
-    threshold = ratio.amin(2).view(B, Tb, H).permute(0, 2, 1)  # [B, H, Tb]
-    union = (key >= threshold[..., None]).any(2)  # [B, H, mb]
-    U = max(1, int(union.sum(-1).max()))
-    ids = torch.where(union, torch.arange(mb, device=dev), NB1 - 1)
-    return ids.sort(dim=-1).values[..., :U].contiguous()
+    return key, ratio.amin(2).view(B, Tb, H).permute(0, 2, 1)  # [B, H, Tb]
 
 
 def _gather_blocks(layer: Layer, group: range, blocks: torch.Tensor, space: Workspace) -> torch.Tensor:

@@ -346,13 +346,15 @@ def rows_up_to(enc: torch.Tensor, vec: torch.Tensor, order: torch.Tensor, first:
 
 @dataclass
 class DirectPairs:
-    """Step 5's selected (source position, head) pairs of N targets: P pairs each, [N, P]; ``query``
-    [N, P, d] = center(W_V[h] W_enc[h-slice, f]); ``scale`` = A[b,h,t,s] / sigma[b,s]."""
+    """Step 5's selected (source position, head) pairs of N targets: P pairs each, [N, P]; the query of pair
+    (n, p) is row ``query_row[n, p]`` of ``query`` [N * P, d], center(W_V[h] W_enc[h-slice, f]) (rows in head
+    order); ``scale`` = A[b,h,t,s] / sigma[b,s]."""
 
     head: torch.Tensor
     pos: torch.Tensor
     scale: torch.Tensor
     query: torch.Tensor
+    query_row: torch.Tensor
 
 
 def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Tensor, W_V, b_V, sae: SaeWeights,
@@ -393,12 +395,18 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
         pairs = score.topk(n_pairs, dim=-1).indices[ok.flatten()]
         real = sel[ok]
         h[real], s[real] = pairs // S, pairs % S
-    q = torch.empty(N, n_pairs, d, device=dev)
-    for head in range(H):  # each selected pair's query through its own head only
-        n_idx, p_idx = (h == head).nonzero(as_tuple=True)
-        q[n_idx, p_idx] = E[n_idx, head] @ W_Vc[head].T
+    # each selected pair's query through its own head only, written head by head into consecutive rows (a
+    # scatter of [N * P, d] back into pair order cost as much as the products)
+    by_head = torch.argsort(h.flatten(), stable=True)
+    q = torch.empty(N * n_pairs, d, device=dev)
+    start = 0
+    for head, c in enumerate(torch.bincount(h.flatten(), minlength=H).tolist()):
+        torch.mm(E[by_head[start:start + c] // n_pairs, head], W_Vc[head].T, out=q[start:start + c])
+        start += c
+    query_row = torch.empty_like(by_head)
+    query_row[by_head] = torch.arange(N * n_pairs, device=dev)
     scale = pattern[tb[:, None], h, tt[:, None], s] / sigma[tb[:, None], s]  # [N,P]
-    return DirectPairs(h, s, scale, q)
+    return DirectPairs(h, s, scale, q, query_row.view(N, n_pairs))
 
 
 def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
