@@ -282,12 +282,13 @@ def test_rows_dot_equals_a_plain_product_whatever_the_counts(monkeypatch, batche
 
 
 @pytest.mark.parametrize("split", [1000, 4], ids=["one group", "queries grouped by need"])
-def test_rows_dot_top_keeps_every_top_value_that_reaches_at_least(monkeypatch, split):
-    """rows_dot_top against per-query products sorted in plain Python: every row among its query's top 3
-    and at least its at_least (what step 5 may keep) is returned, every returned value is its row's exact
-    product, sorted by |value|; a zero query, and one whose at_least is infinite (a zero attention scale),
-    give nothing wrong; and the bound skipped products (counted by torch's FLOP counter). Also with a busy
-    position's queries multiplied in groups by the rows each needs (steps._query_groups)."""
+def test_rows_dot_top_parts_keeps_every_top_value_that_reaches_at_least(monkeypatch, split):
+    """Step 5's bounded row products (steps.rows_dot_top_parts, one block) against per-query products sorted
+    in plain Python: every row among its query's top 3 and at least its at_least (what step 5 may keep) is
+    returned, every returned value is its row's exact product, sorted by |value|; a zero query, and one whose
+    at_least is infinite (a zero attention scale), give nothing wrong; and the bound skipped products (counted
+    by torch's FLOP counter). Also with a busy position's queries multiplied in groups by the rows each needs
+    (steps._query_groups)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ingest.rdfa import steps
@@ -302,8 +303,10 @@ def test_rows_dot_top_keeps_every_top_value_that_reaches_at_least(monkeypatch, s
     q[5] = 0
     at_least = torch.rand(loc.shape[0], generator=g) * 0.5
     at_least[7] = torch.inf
+    norms, order = torch.linalg.vector_norm(vec, dim=-1).sort(dim=1, descending=True)
     with FlopCounterMode(display=False) as flops:
-        value, row = steps.rows_dot_top(vec, loc, q, 3, at_least)
+        value, row = steps.rows_dot_top_parts([steps.RowsPart(vec, norms, order, loc)], q, torch.arange(46), 3,
+                                              at_least)
     assert value.shape == row.shape == (46, 3)
     for m, s in enumerate(loc.tolist()):
         want = [float(vec[s, r].double() @ q[m].double()) for r in range(200)]

@@ -227,7 +227,6 @@ def _group_bounds(layer: Layer, group: range, pruning: Pruning, budget: int
     return _thresholds(layer, group, 0, T, tgt, ok, pruning)
 
 
-
 def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, L: int, pruning: Pruning,
           bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> EdgeTable | None:
     """The kept edges into the targets at t0 <= t < t1 of prompts ``group``; their kept sums go into

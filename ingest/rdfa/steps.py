@@ -431,28 +431,6 @@ def rows_dot(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> torch.Ten
 BATCHED_ROWS_DOT: bool | None = None  # rows_dot_batched: None = on CUDA only (slower on CPU)
 
 
-def rows_dot_top(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, top: int, at_least: torch.Tensor,
-                 by_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``top`` largest |vec[loc[m], r] . q[m]| of each query m, where it matters: returns value (float32),
-    row [M, min(top, R)], value[m, i] = vec[loc[m], row[m, i]] . q[m] (sorted by |value|, descending),
-    holding every row whose |value| is among the ``top`` largest of row m and at least ``at_least[m]`` [M]
-    (what step 5 may keep). vec [S, R, d], loc [M] sorted ascending, q [M, d]; ``by_norm``: vec's row norms
-    [S, R] sorted descending and their order, when the caller has them.
-
-    Step 5 keeps a target's top_k edges above min_abs, and most rows cannot be among them: with a
-    Cauchy-Schwarz bound (:func:`rows_dot_top_parts`; on the GPT-2-shaped fixture about a fifth of the
-    products). On CUDA, or with few rows, the top of the plain products (:func:`rows_dot`)."""
-    S, R, _ = vec.shape
-    if not bounds_rows(R, top, vec.device):
-        value = rows_dot(vec, loc, q).float()
-        row = value.abs().topk(min(top, R), dim=1).indices
-        return value.gather(1, row), row
-    norms, order = by_norm if by_norm is not None else torch.linalg.vector_norm(vec.float(), dim=-1).sort(
-        dim=1, descending=True)  # [S, R]
-    return rows_dot_top_parts([RowsPart(vec, norms, order, loc)], q, torch.arange(q.shape[0], device=q.device),
-                              top, at_least)
-
-
 def bounds_rows(R: int, top: int, device: torch.device) -> bool:
     """Whether step 5's products of R rows a position go through :func:`rows_dot_top_parts` (on the CPU, with a
     top of at most FIRST_ROWS and rows enough for the first pass to leave some out)."""
@@ -474,9 +452,12 @@ class RowsPart:
 
 def rows_dot_top_parts(parts: list[RowsPart], source: torch.Tensor, index: torch.Tensor, top: int,
                        at_least: torch.Tensor, targets: TargetsOf | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rows_dot_top` over the blocks of a layer at once: query m is source[index[m]] ([Q, d], in the
-    products' dtype; ``index`` [M] takes the parts' queries in their order) at position loc[m] of its part;
-    at_least [M]. Returns value (float32), row [M, top], ``top`` <= FIRST_ROWS < every part's R.
+    """Step 5's row products where they matter, over the blocks of a layer at once: query m is source[index[m]]
+    ([Q, d], in the products' dtype; ``index`` [M] takes the parts' queries in their order) at position
+    loc[m] of its part, at_least [M]. Returns value (float32), row [M, top] (``top`` <= FIRST_ROWS < every
+    part's R): value[m, i] = vec[loc[m], row[m, i]] . source[index[m]], sorted by |value| descending, holding
+    every row whose |value| is among the ``top`` largest of query m and at least at_least[m] (what step 5 may
+    keep; with ``targets``, below).
 
     Each position's FIRST_ROWS rows of largest norm are multiplied first and a query needs only the rows whose
     norm reaches its limit (:func:`first_rows`): at ~10 queries a position most positions need nothing more
