@@ -46,7 +46,7 @@ BAND_ELEMENTS = 1 << 23  # floats of M per band at most (32 MB; a GPU's grows wi
 MIN_BAND_WORK = 1 << 20  # floats of M a band holds at least, unless MIN_BANDS already fit
 SMALL_BATCH_WORK = 1 << 22  # a batch whose padded M is at most this goes in one group of prompts
 BOUNDED = True  # skip the blocks whose Cauchy-Schwarz bound is below every target's floor (with top_k)
-BOUND_FIRST = 8  # blocks per band position computed first: their top_k-th |value| is a target's floor
+BOUND_FIRST = 16  # blocks per band position computed first: their top_k-th |value| is a target's floor
 
 
 @dataclass
@@ -85,12 +85,11 @@ def row_blocks(rows: FlatRows, B: int, T: int) -> RowBlocks:
     return RowBlocks(slot_row, block_pos, before)
 
 
-def band_bounds(targets_at: torch.Tensor, before: torch.Tensor, heads: int, budget: int,
-                min_bands: int = MIN_BANDS) -> list[tuple[int, int]]:
+def band_bounds(targets_at: torch.Tensor, before: torch.Tensor, heads: int, budget: int) -> list[tuple[int, int]]:
     """Bands [t0, t1) of target positions holding about equal work: targets_at [B, T] targets per
     position, before [B, T+1] blocks at s < t, of the B prompts one band loop takes together. A band's
     work is B x heads x (its busiest prompt's targets) x (its busiest prompt's slots up to t1): the size
-    of its M. At least ``min_bands`` bands, fewer when each would hold under MIN_BAND_WORK."""
+    of its M. At least MIN_BANDS bands, fewer when each would hold under MIN_BAND_WORK."""
     B, T = targets_at.shape
     cum = torch.zeros(B, T + 1, dtype=torch.long, device=targets_at.device)
     cum[:, 1:] = targets_at.cumsum(1)
@@ -100,7 +99,7 @@ def band_bounds(targets_at: torch.Tensor, before: torch.Tensor, heads: int, budg
         return B * heads * max(b - a for a, b in zip(cum_l[t0], cum_l[t1])) * slots[t1]
 
     total = work(0, T) // 2 + 1  # the causal work, about
-    n_bands = max(min(min_bands, -(-total // MIN_BAND_WORK)), -(-total // budget))
+    n_bands = max(min(MIN_BANDS, -(-total // MIN_BAND_WORK)), -(-total // budget))
     if n_bands == 1:
         return [(0, T)]
     share = -(-total // n_bands)
@@ -151,6 +150,7 @@ class Layer:
     P_norm: torch.Tensor | None = None
     E_norm: torch.Tensor | None = None
     block_pos: torch.Tensor | None = None
+    first_at: list[int] | None = None  # [B*T]: how many targets lie at flat positions b * T + t <= each (attn_in)
 
 
 def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: torch.Tensor,
@@ -187,26 +187,38 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
         layer.block_pos = torch.nn.functional.pad(layout.block_pos, (0, 1), value=T)
     targets_at = targets.mask.sum(-1)
     budget = budget or sized(dev, BAND_ELEMENTS)
-    tables = []
+    layer.first_at = torch.cumsum(targets_at.flatten(), 0).tolist()
+    kept = torch.zeros(tb.shape[0], device=dev)  # each target's kept sum
+    found = []
     for group in prompt_groups(targets_at, layout.before, H):
         g = slice(group.start, group.stop)
         bounds = _group_bounds(layer, group, pruning, budget) if layer.P_norm is not None else None
-        for t0, t1 in band_bounds(targets_at[g], layout.before[g], H, budget):
-            tables.append(_band(layer, group, t0, t1, kept_sum, sae.layer, pruning, bounds))
-    return EdgeTable.cat(tables), kept_sum
+        found += [_band(layer, group, t0, t1, kept, pruning, bounds)
+                  for t0, t1 in band_bounds(targets_at[g], layout.before[g], H, budget)]
+    kept_sum[tb, tt, tk] = kept
+    # the bands' edges: built once a layer (per band, its dozen gathers and fills were ~15% of the step)
+    r, target, head, value = (torch.cat(column) for column in zip(*found))
+    return _flat_edges(rows, r, Code.ATTN, sae.layer, tf[target], tt[target], head, value, EdgeKind.ATTN_IN), kept_sum
 
 
-def _band_targets(layer: Layer, group: range, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _band_targets(layer: Layer, group: range, t0: int, t1: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
     """The targets at t0 <= t < t1 of prompts ``group``, padded per prompt: tgt [B, n] (indices into the
-    layer's targets) and ok [B, n] (which are real)."""
+    layer's targets) and ok [B, n] (which are real); for one prompt also their span (start, end): they are the
+    layer's targets start <= i < end (sorted by prompt and position), so a band reads them as views."""
     T, dev = layer.A.shape[2], layer.P.device
+    if len(group) == 1:
+        at = group.start * T
+        start, end = (layer.first_at[at + t - 1] if at + t > 0 else 0 for t in (t0, t1))
+        return (torch.arange(start, end, device=dev)[None], torch.ones(1, end - start, dtype=torch.bool, device=dev),
+                (start, end))
     first = torch.arange(group.start, group.stop, device=dev) * T
     t_key = layer.tb * T + layer.tt
     start, end = torch.searchsorted(t_key, first + t0), torch.searchsorted(t_key, first + t1)
     n = int((end - start).max())
     tgt = start[:, None] + torch.arange(n, device=dev)  # [B, n]
     ok = tgt < end[:, None]
-    return torch.where(ok, tgt, 0), ok
+    return torch.where(ok, tgt, 0), ok, None
 
 
 def _group_bounds(layer: Layer, group: range, pruning: Pruning, budget: int
@@ -215,7 +227,7 @@ def _group_bounds(layer: Layer, group: range, pruning: Pruning, budget: int
     times ``budget`` floats (on the CPU, prompt by prompt, it mostly does: 90 of 96 prompt-layers at GPT-2's
     B8x64): each band then takes only a union of blocks, instead of ~25 operators a band for its own first
     pass. None: each band computes its own."""
-    tgt, ok = _band_targets(layer, group, 0, layer.A.shape[2])
+    tgt, ok, _ = _band_targets(layer, group, 0, layer.A.shape[2])
     if tgt.shape[1] == 0:
         return None
     B, dh = len(group), layer.P.shape[-1]
@@ -227,23 +239,28 @@ def _group_bounds(layer: Layer, group: range, pruning: Pruning, budget: int
     return _thresholds(layer, group, 0, T, tgt, ok, pruning)
 
 
-def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, L: int, pruning: Pruning,
-          bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> EdgeTable | None:
-    """The kept edges into the targets at t0 <= t < t1 of prompts ``group``; their kept sums go into
-    ``kept_sum`` [B, T, K]. ``bounds``: the group's :func:`_group_bounds`, if computed."""
+def _band(layer: Layer, group: range, t0: int, t1: int, kept: torch.Tensor, pruning: Pruning,
+          bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """The kept edges into the targets at t0 <= t < t1 of prompts ``group``: (row, target, head, value) [n_e]
+    (target: an index into the layer's targets); their kept sums go into ``kept`` [Nt]. ``bounds``: the group's
+    :func:`_group_bounds`, if computed."""
     H, _, _, _, dh = layer.P.shape
     B, T = len(group), layer.A.shape[2]
     dev = layer.P.device
     g = slice(group.start, group.stop)
-    tgt, ok = _band_targets(layer, group, t0, t1)
+    tgt, ok, span = _band_targets(layer, group, t0, t1)
     n, mb = tgt.shape[1], max(1, int(layer.layout.before[g, t1].max()))
     if n == 0:
-        return None
+        none = torch.zeros(0, dtype=torch.long, device=dev)
+        return none, none, none, torch.zeros(0, device=dev)
     space = Workspace.get(dev)
-    Eb = layer.E.index_select(1, tgt.flatten()).view(H, B, n, dh)
+    if span is None:
+        Eb, t_of = layer.E.index_select(1, tgt.flatten()).view(H, B, n, dh), layer.tt[tgt]
+    else:  # one prompt's targets: a slice, no copy
+        Eb, t_of = layer.E[:, None, span[0]:span[1]], layer.tt[None, span[0]:span[1]]
     # A[b, h, t of each target, s of each block] is A (contiguous [B, H, T, T+1]) at a_row + s: [B, n, H]
     prompt_head = torch.arange(group.start, group.stop, device=dev)[:, None, None] * H + torch.arange(H, device=dev)
-    a_row = (prompt_head * T + layer.tt[tgt][:, :, None]) * (T + 1)
+    a_row = (prompt_head * T + t_of[:, :, None]) * (T + 1)
     if layer.P_norm is None:  # every block below mb; the block of slot u of head h is u
         blocks, U = None, mb
         Pb = space.take("rows", (H, B, GROUP, mb, dh), layer.P.dtype).copy_(layer.P[:, g, :, :mb])
@@ -271,15 +288,16 @@ def _band(layer: Layer, group: range, t0: int, t1: int, kept_sum: torch.Tensor, 
     base = ((h * B + row // n) * n + row % n) * width + u  # slot 0 of the block in M
     entries = base[:, :, None] + torch.arange(GROUP, device=dev) * U  # [B*n, kb, G]
     cand = M.view(-1)[entries] * A_blk.gather(1, blk)[:, :, None]
-    (i,), c, vals, kept = select_edges(cand.flatten(1), ok.flatten(), pruning)
+    (i,), c, vals, kept_band = select_edges(cand.flatten(1), ok.flatten(), pruning)
     c_blk, c_slot = c // GROUP, c % GROUP
     b_i, h_i, u_i = i // n, h[i, c_blk], u[i, c_blk]
     j = u_i if blocks is None else blocks[b_i, h_i, u_i]
     r = layer.layout.slot_row[b_i + group.start, c_slot, j]
-    target = tgt.flatten()[i]
-    real = tgt.flatten()[ok.flatten()]
-    kept_sum[layer.tb[real], layer.tt[real], layer.tk[real]] = kept[ok.flatten()]
-    return _flat_edges(layer.rows, r, Code.ATTN, L, layer.tf[target], layer.tt[target], h_i, vals, EdgeKind.ATTN_IN)
+    if span is None:
+        kept[tgt[ok]] = kept_band[ok.flatten()]
+        return r, tgt.flatten()[i], h_i, vals
+    kept[span[0]:span[1]] = kept_band
+    return r, i + span[0], h_i, vals
 
 
 def _needed_blocks(layer: Layer, group: range, t0: int, t1: int, mb: int, tgt: torch.Tensor, ok: torch.Tensor,
