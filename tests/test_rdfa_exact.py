@@ -208,6 +208,40 @@ def test_per_head_pieces_sum_to_step1_dfa_per_source_position(setup):
         assert got == pytest.approx(float(want.detach()), rel=RTOL, abs=ATOL)
 
 
+def test_direct_pairs_are_each_targets_largest_step1_dfa(setup):
+    """Step 5's (head, source position) pairs of each target are its direct_positions largest |step-1 DFA|,
+    A[h,t,s] v_s,h . W_enc[h-slice, f] over s <= t, recomputed here from TransformerLens's cache."""
+    from ingest.rdfa import steps
+
+    model, attn, _, tokens, lengths, cache, _ = setup
+    H, dh = model.cfg.n_heads, model.cfg.d_head
+    _, cap = capture(model, tokens, lengths)
+    weights = weights_of(model)
+    compared = 0
+    for L in range(model.cfg.n_layers):
+        act = steps.active_set(attn[L], cap.z[L].flatten(-2), cap.valid)
+        b, t, k = act.mask.nonzero(as_tuple=True)
+        f = act.index[b, t, k]
+        pairs = steps.direct_pairs(cap.resid_pre[L], cap.ln1_scale[L], cap.pattern[L], weights.W_V[L], weights.b_V[L],
+                                   attn[L], b, t, f, Pruning(top_k=3, direct_positions=2))
+        x = cache[f"blocks.{L}.hook_resid_pre"]
+        xc = (x - x.mean(-1, keepdim=True)) / cache[f"blocks.{L}.ln1.hook_scale"]
+        v = torch.einsum("bsd,hde->bshe", xc, model.blocks[L].attn.W_V) + model.blocks[L].attn.b_V  # [B,S,H,dh]
+        W = attn[L].W_enc.view(H, dh, -1)
+        pattern = cache[f"blocks.{L}.attn.hook_pattern"]  # [B,H,T,S]
+        for n in range(len(b)):
+            bn, tn, fn = int(b[n]), int(t[n]), int(f[n])
+            dfa = {(h, s): abs(float(pattern[bn, h, tn, s] * (v[bn, s, h] @ W[h, :, fn])))
+                   for h in range(H) for s in range(tn + 1)}
+            ranked = sorted(dfa.values(), reverse=True)
+            if len(ranked) > 2 and ranked[1] - ranked[2] <= 1e-4 * ranked[1]:
+                continue  # a near tie for second place: either pair is right
+            want = set(sorted(dfa, key=lambda hs: -dfa[hs])[:2])
+            assert {(int(pairs.head[n, p]), int(pairs.pos[n, p])) for p in range(2)} == want, (L, n)
+            compared += 1
+    assert compared > 100
+
+
 @pytest.mark.parametrize("min_abs", [0.0, 0.5])
 def test_top_k_pruning_keeps_each_targets_largest_edges(setup, min_abs):
     """With top_k=3 every target keeps exactly the 3 largest-|value| candidate edges of the exact graph
