@@ -43,25 +43,33 @@ def sized(device: torch.device, elements: int) -> int:
 
 
 def active_set(sae: SaeWeights, x: torch.Tensor, valid: torch.Tensor) -> ActiveSet:
-    """Encode ``x`` [B, T, d_in]; keep the nonzero features of each valid position, padded to K (slots
+    """Encode ``x`` [B, T, d_in]; keep the nonzero features of each valid position [B, T], padded to K (slots
     in feature order, real ones first)."""
     pre = sae.pre_activation(x)
-    act = sae.activation(pre) * valid[..., None]
-    return pack_active(pre, act)
+    fires = sae.fires(pre)
+    if fires is None:  # a top-k SAE: its activations, then where they are nonzero
+        act = sae.activation(pre)
+        return pack_active(pre, act != 0, act, valid)
+    return pack_active(pre, fires, pre, valid)
 
 
-def pack_active(pre: torch.Tensor, act: torch.Tensor) -> ActiveSet:
-    """The nonzero entries of ``act`` [B, T, d_sae] packed into K slots per position. One nonzero and
-    a scatter: a top-K over d_sae (K the busiest position's count) cost ~10x more at GPT-2 width."""
-    B, T, _ = act.shape
-    b, t, f = (act != 0).nonzero(as_tuple=True)  # sorted by (b, t, f)
+def pack_active(pre: torch.Tensor, fires: torch.Tensor, act: torch.Tensor, valid: torch.Tensor) -> ActiveSet:
+    """The entries where ``fires`` [B, T, d_sae] at valid positions [B, T], packed into K slots per position,
+    with their activations from ``act`` [B, T, d_sae] (or anything equal to it there: a ReLU's pre-activations).
+    One nonzero and a scatter: a top-K over d_sae (K the busiest position's count) cost ~10x more at GPT-2
+    width; and no pass over [B, T, d_sae] masks the padding (a batch has little): the entries are filtered."""
+    B, T, _ = fires.shape
+    b, t, f = fires.nonzero(as_tuple=True)  # sorted by (b, t, f)
+    if not bool(valid.all()):
+        real = valid[b, t]
+        b, t, f = b[real], t[real], f[real]
     position = b * T + t
     counts = torch.bincount(position, minlength=B * T)
     K = max(1, int(counts.max())) if counts.numel() else 1
-    slot = torch.arange(position.shape[0], device=act.device) - (torch.cumsum(counts, 0) - counts)[position]
-    index = torch.zeros(B, T, K, dtype=torch.long, device=act.device)
+    slot = torch.arange(position.shape[0], device=fires.device) - (torch.cumsum(counts, 0) - counts)[position]
+    index = torch.zeros(B, T, K, dtype=torch.long, device=fires.device)
     index[b, t, slot] = f
-    mask = torch.zeros(B, T, K, dtype=torch.bool, device=act.device)
+    mask = torch.zeros(B, T, K, dtype=torch.bool, device=fires.device)
     mask[b, t, slot] = True
     return ActiveSet(index, act.gather(-1, index) * mask, pre.gather(-1, index), mask)
 

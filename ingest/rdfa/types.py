@@ -68,6 +68,16 @@ class SaeWeights:
             acts = torch.zeros_like(acts).scatter_(-1, idx, vals)
         return acts
 
+    def fires(self, pre: torch.Tensor) -> torch.Tensor | None:
+        """Where :meth:`activation` of ``pre`` [..., d_sae] is nonzero, as a bool tensor, for the SAEs whose
+        activation there equals the pre-activation (ReLU, JumpReLU): without building the activations (two
+        passes over [B, T, d_sae] at GPT-2 width). None for a top-k SAE."""
+        if self.top_k is not None:
+            return None
+        if self.threshold is None:
+            return pre > 0
+        return (pre > self.threshold) & (pre != 0)
+
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """[..., d_sae] -> [..., d_in]."""
         return acts @ self.W_dec + self.b_dec
