@@ -226,7 +226,7 @@ def test_direct_pairs_are_each_targets_largest_step1_dfa(setup):
                                    attn[L], b, t, f, Pruning(top_k=3, direct_positions=2))
         x = cache[f"blocks.{L}.hook_resid_pre"]
         xc = (x - x.mean(-1, keepdim=True)) / cache[f"blocks.{L}.ln1.hook_scale"]
-        v = torch.einsum("bsd,hde->bshe", xc, model.blocks[L].attn.W_V) + model.blocks[L].attn.b_V  # [B,S,H,dh]
+        v = (torch.einsum("bsd,hde->bshe", xc, model.blocks[L].attn.W_V) + model.blocks[L].attn.b_V).detach()  # [B,S,H,dh]
         W = attn[L].W_enc.view(H, dh, -1)
         pattern = cache[f"blocks.{L}.attn.hook_pattern"]  # [B,H,T,S]
         for n in range(len(b)):
