@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ingest.rdfa.steps import BOUND_SLACK, FlatRows, _flat_edges, centered_W_V, select_edges, sized
+from ingest.rdfa.steps import BOUND_SLACK, FlatRows, _flat_edges, centered_W_V, heads_first, select_edges, sized
 from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning
 from ingest.rdfa.types import SaeWeights
 
@@ -174,11 +174,11 @@ def attn_in(rows: FlatRows, sigma: torch.Tensor, pattern: torch.Tensor, W_V: tor
     P.div_(sigma[rows.prompt, rows.pos, None])  # LN1's frozen scale: (vec / sigma) W == (vec W) / sigma
     layout = row_blocks(rows, B, T)
     slot_row = torch.nn.functional.pad(layout.slot_row, (0, 1), value=-1)  # block NB: all padding
-    padded = slot_row.flatten() % (P.shape[0] + 1)  # -1 (padding) -> the zero row appended
-    P = torch.cat([P, P.new_zeros(1, H * dh)]).index_select(0, padded).view(B, GROUP, -1, H, dh)
-    P = P.permute(3, 0, 1, 2, 4).contiguous()  # [H, B, G, NB + 1, dh]
+    space = Workspace.get(dev)
+    P = heads_first(P.view(-1, H, dh), slot_row.flatten(), space.take("P", (H, slot_row.numel(), dh), P.dtype))
+    P = P.view(H, B, GROUP, -1, dh)
     tf = targets.index[tb, tt, tk]
-    E = sae.encoder_columns(tf).view(-1, H, dh).transpose(0, 1).contiguous()
+    E = heads_first(sae.W_enc.T.view(-1, H, dh), tf, space.take("E", (H, tf.shape[0], dh), sae.W_enc.dtype))
     layer = Layer(rows, layout, P.to(pruning.dtype), E.to(pruning.dtype), torch.nn.functional.pad(pattern, (0, 1)),
                   tb, tt, tk, tf)
     if BOUNDED and pruning.top_k is not None:

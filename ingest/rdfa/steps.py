@@ -84,6 +84,16 @@ def centered_W_V(W_V: torch.Tensor) -> torch.Tensor:
     return W_V - W_V.mean(1, keepdim=True)
 
 
+def heads_first(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[h, i] = x[index[i], h], zero where index[i] < 0: x [N, H, dh], index [M] -> out [H, M, dh], head by
+    head. A gather of whole rows then a permuted copy was ~2x slower on the CPU (two passes over fresh memory)."""
+    padding = index < 0
+    at = index.clamp(min=0)
+    for h in range(x.shape[1]):
+        torch.index_select(x[:, h], 0, at, out=out[h])
+    return out.index_fill_(1, padding.nonzero().flatten(), 0)
+
+
 @dataclass
 class FlatRows:
     """Source vectors of step 2 as a ragged list sorted by (prompt, position): no padding, so a position
@@ -377,12 +387,11 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
     n_pairs = S * H if pruning.direct_positions is None else min(S * H, pruning.direct_positions)
     W_Vc = centered_W_V(W_V)
     v = ((cap_resid / sigma[..., None]) @ W_Vc.permute(1, 0, 2).reshape(d, H * dh)).view(B, S, H, dh)
-    v = (v + b_V).permute(0, 2, 1, 3)  # [B,H,S,dh]
-    E = sae.encoder_columns(tf).view(N, H, dh)
+    v_low = (v + b_V).permute(2, 0, 1, 3).to(pruning.dtype)  # [H, B, S, dh]
+    enc = sae.W_enc.T.view(-1, H, dh)  # [d_sae, H, dh]: each feature's encoder column by head
     h = torch.empty(N, n_pairs, dtype=torch.long, device=dev)
     s = torch.empty_like(h)
     # targets padded per prompt, [B, n]: every prompt's step-1 DFA in one matmul per chunk of columns
-    v_low = v.to(pruning.dtype)
     count = torch.bincount(tb, minlength=B)
     first = torch.cumsum(count, 0) - count
     widest = int(count.max()) if N else 0
@@ -392,15 +401,17 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
         ok = column[None, :] < count[:, None]
         sel = torch.where(ok, first[:, None] + column, 0)  # [B, c]
         c = column.shape[0]
-        E_sel = E.view(N, H * dh).index_select(0, sel.flatten()).view(B, c, H, dh).transpose(1, 2)  # [B,H,c,dh]
-        dfa = (E_sel.to(pruning.dtype) @ v_low.transpose(2, 3)).float()  # [B, H, c, S]
+        E_sel = heads_first(enc, tf[sel.flatten()], enc.new_empty(H, B * c, dh)).view(H, B, c, dh)
+        dfa = (E_sel.to(pruning.dtype) @ v_low.transpose(2, 3)).float().abs_()  # |v . W_enc| [H, B, c, S]
         # A[b, h, t of each target, :]: rows of the pattern viewed [B*H*S, S]
         at = ((torch.arange(B, device=dev)[:, None, None] * H + torch.arange(H, device=dev)[:, None]) * S
               + tt[sel][:, None, :])  # [B, H, c]
-        dfa.mul_(pattern.reshape(B * H * S, S).index_select(0, at.flatten()).view(B, H, c, S)).abs_()
-        dfa.masked_fill_(torch.arange(S, device=dev) > tt[sel][:, None, :, None], -1.0)  # s > t: never chosen
-        score = dfa.permute(0, 2, 1, 3).reshape(B * c, H * S)
-        pairs = score.topk(n_pairs, dim=-1).indices[ok.flatten()]
+        A_sel = pattern.reshape(B * H * S, S).index_select(0, at.flatten()).view(B, H, c, S)
+        later = (torch.arange(S, device=dev) > tt[sel][..., None]).float().neg_()[:, :, None, :]  # -1: s > t
+        # |A v . W_enc| (A >= 0), -1 at s > t (never chosen), in the top-k's layout [B, c, H, S]: one pass
+        score = torch.addcmul(later, dfa.permute(1, 2, 0, 3), A_sel.transpose(1, 2),
+                              out=torch.empty(B, c, H, S, device=dev))
+        pairs = score.view(B * c, H * S).topk(n_pairs, dim=-1).indices[ok.flatten()]
         real = sel[ok]
         h[real], s[real] = pairs // S, pairs % S
     # a pair's query, center(W_V[h] W_enc[h-slice, f]), depends on its (head, feature) alone, and features recur
@@ -412,7 +423,7 @@ def direct_pairs(cap_resid: torch.Tensor, sigma: torch.Tensor, pattern: torch.Te
     q = torch.empty(distinct.shape[0], d, device=dev)
     start = 0
     for head, c in enumerate(torch.bincount(distinct // sae.d_sae, minlength=H).tolist()):
-        torch.mm(E[some_target[start:start + c], head], W_Vc[head].T, out=q[start:start + c])
+        torch.mm(enc[tf[some_target[start:start + c]], head], W_Vc[head].T, out=q[start:start + c])
         start += c
     scale = pattern[tb[:, None], h, tt[:, None], s] / sigma[tb[:, None], s]  # [N,P]
     return DirectPairs(h, s, scale, q, query_row.view(N, n_pairs))
@@ -610,5 +621,6 @@ def rows_dot_batched(vec: torch.Tensor, loc: torch.Tensor, q: torch.Tensor) -> t
 def attn_constant(sae: SaeWeights, b_V: torch.Tensor) -> torch.Tensor:
     """Step 1's bias node: b_enc - b_dec.W_enc plus the b_V term (zero once b_V is folded), [d_sae]."""
     H, dh = b_V.shape
-    return sae.encoder_constant() + (b_V.reshape(1, H * dh) @ sae.W_enc)[0]
+    # kept with the SAE: a d_in x d_sae product of fixed weights each layer and batch was ~1% of a GPT-2 graph
+    return sae.cached("attn_constant", (b_V,), lambda: sae.encoder_constant() + (b_V.reshape(1, H * dh) @ sae.W_enc)[0])
 

@@ -97,10 +97,15 @@ class SaeWeights:
         more than one d_sae x d_in x d_model product per run), a residual SAE's through W_V, W_Q and W_K.
         75 MB a GPT-2 layer per 768 columns in float32. Built at the first request, never later: a batch's
         values must not depend on what ran before it (a resumed or sharded job gives the same catalog)."""
+        return self.cached(name, source, lambda: self.W_dec @ prepare())
+
+    def cached(self, name: str, source: tuple[torch.Tensor, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute(), a function of this SAE and the weights ``source`` alone, kept under ``name`` while they are
+        the same (see :meth:`decoder_through`)."""
         key = tuple(_identity(w) for w in source)
         hit = self._through.get(name)
         if hit is None or hit[0] != key:
-            hit = self._through[name] = (key, self.W_dec @ prepare())
+            hit = self._through[name] = (key, compute())
         return hit[1]
 
     def to(self, device) -> SaeWeights:
