@@ -530,14 +530,16 @@ def rows_dot_top_parts(parts: list[RowsPart], source: torch.Tensor, index: torch
     if targets is not None:
         at_least = torch.maximum(at_least, targets.floor(value) / BOUND_SLACK[source.dtype])
     later = []  # (position, its queries [1, 1, c, d], first [1, 1, c, F], limit [c]) of those needing more rows
+    counts, parts_at, locs_at, starts = count.tolist(), part_at.tolist(), loc_at.tolist(), start.tolist()  # one sync
     for members, slot, real, enc, first in buckets:
         limit = _limits(first, enc, at_least[slot], top, real)  # [Ug, C]
         # a position whose next row reaches some query's limit: rows past the first pass may hold kept edges
+        member = members.tolist()
         for j in (next_norm[members] >= limit.amin(1)).nonzero().flatten().tolist():
-            u, c = int(members[j]), int(count[members[j]])
-            later.append((u, enc[j:j + 1, :c][None], first[j:j + 1, :c][None], limit[j, :c]))
+            u = member[j]
+            later.append((u, enc[j:j + 1, :counts[u]][None], first[j:j + 1, :counts[u]][None], limit[j, :counts[u]]))
     for u, enc, first, limit in later:  # the positions that need rows past the first pass
-        part, k, s0 = parts[int(part_at[u])], int(loc_at[u]), int(start[u])
+        part, k, s0 = parts[parts_at[u]], locs_at[u], starts[u]
         rows_k, order_k = part.vec[None, None, k], part.order[None, None, k]
         for group, need in _query_groups(part.norms[k], limit):  # queries [c_g] (None: all) and rows they need
             values, cols = rows_up_to(enc if group is None else enc[:, :, group], rows_k, order_k,
