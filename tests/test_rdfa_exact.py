@@ -315,6 +315,25 @@ def test_rows_dot_equals_a_plain_product_whatever_the_counts(monkeypatch, batche
     assert rows_dot(vec, loc[:0], q[:0]).shape == (0, 9)
 
 
+def test_gather_rows_equals_advanced_indexing_on_views_and_copies():
+    """gather_rows reads rows by flat number from the memory under its argument: a prefix of rows (what steps 4 and 5
+    pass), a slice starting past the storage's first row, broadcast index tensors, and a layout whose rows are not
+    whole (a transposed view), which falls back to plain indexing. Each against torch's own advanced indexing."""
+    from ingest.rdfa.steps import gather_rows
+
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(3, 7, 11, 16, generator=g)
+    prefix = full[:, 2:, :6]  # [3, 5, 6, 16]: rows whole, strides multiples of 16, offset into the storage
+    b = torch.tensor([2, 0, 1])[:, None, None]
+    t = torch.tensor([[4, 0], [1, 3], [2, 2]])[:, :, None]
+    r = torch.randint(0, 6, (3, 2, 5), generator=g)
+    assert torch.equal(gather_rows(prefix, b, t, r), prefix[b, t, r])
+    assert torch.equal(gather_rows(full[1], t[..., 0], r[:, :, 0]), full[1][t[..., 0], r[:, :, 0]])
+    crossed = full[0].transpose(1, 2)  # [7, 16, 11]: a row's 11 floats are 16 apart
+    i, j = torch.tensor([[6], [0]]), torch.tensor([[15, 3, 0]])
+    assert torch.equal(gather_rows(crossed, i, j), crossed[i, j])
+
+
 @pytest.mark.parametrize("split", [1000, 4], ids=["one group", "queries grouped by need"])
 def test_rows_dot_top_parts_keeps_every_top_value_that_reaches_at_least(monkeypatch, split):
     """Step 5's bounded row products (steps.rows_dot_top_parts, one block) against per-query products sorted

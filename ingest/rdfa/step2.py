@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ingest.rdfa.steps import BOUND_SLACK, FlatRows, _flat_edges, centered_W_V, heads_first, select_edges, sized
+from ingest.rdfa.steps import BOUND_SLACK, FlatRows, _flat_edges, centered_W_V, gather_rows, heads_first, select_edges, sized
 from ingest.rdfa.tensors import ActiveSet, Code, EdgeKind, EdgeTable, Pruning
 from ingest.rdfa.types import SaeWeights
 
@@ -368,10 +368,10 @@ def _thresholds(layer: Layer, group: range, t0: int, t1: int, tgt: torch.Tensor,
     rank = torch.arange(at.shape[0], device=dev) - torch.searchsorted(at, at)
     seat = torch.full((B * Tb, w), -1, dtype=torch.long, device=dev)  # the targets at each position
     seat[at, rank] = tgt.flatten()[real]
-    E1 = layer.E[h1[:, :, None], seat.clamp(min=0)[:, None, :]].float()  # [B*Tb, k1, w, dh]
+    E1 = gather_rows(layer.E, h1[:, :, None], seat.clamp(min=0)[:, None, :]).float()  # [B*Tb, k1, w, dh]
     prompt = (torch.arange(B, device=dev) + group.start).repeat_interleave(Tb)[:, None]  # [B*Tb, 1]
     rows = ((h1 * B_all + prompt) * GROUP)[..., None] + torch.arange(GROUP, device=dev)  # [B*Tb, k1, G]
-    P1 = layer.P.view(-1, NB1, dh)[rows, j1[..., None]].float()  # [B*Tb, k1, G, dh]
+    P1 = gather_rows(layer.P.view(-1, NB1, dh), rows, j1[..., None]).float()  # [B*Tb, k1, G, dh]
     A1 = layer.A[g, :, t0:t1].permute(0, 2, 1, 3).reshape(B * Tb, H, -1)[
         torch.arange(B * Tb, device=dev)[:, None], h1, layer.layout.block_pos[prompt, j1]]  # [B*Tb, k1]
     values = (E1 @ P1.transpose(2, 3)).abs_().mul_(A1[:, :, None, None])  # [B*Tb, k1, w, G]
