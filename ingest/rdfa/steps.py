@@ -98,10 +98,11 @@ def gather_rows(x: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
     """x[index] for x [..., d] whose rows lie whole in memory (the last axis contiguous, every other stride a multiple
     of d: a prefix of a block's rows, say) and one index tensor per leading axis (broadcast together): [*shape, d].
     By flat row number and index_select, which copies whole rows: advanced indexing with two or three index tensors
-    was 2-3x slower on the CPU for the same rows (steps 2, 4 and 5 gather ~10^9 floats of rows a GPT-2 batch)."""
+    was 2-3x slower on the CPU for the same rows (steps 2, 4 and 5 gather ~10^9 floats of rows a GPT-2 batch).
+    The indices are the callers' own, in range by construction: only the flat row number is bounds-checked."""
     d = x.shape[-1]
     row_strides = [s // d for s in x.stride()[:-1]]
-    if x.stride(-1) != 1 or any(s % d for s in x.stride()[:-1]):
+    if x.numel() == 0 or x.stride(-1) != 1 or any(s % d for s in x.stride()[:-1]):
         return x[index]
     flat = sum(i * s for i, s in zip(index, row_strides))
     span = 1 + sum((n - 1) * s for n, s in zip(x.shape[:-1], row_strides))  # rows from the first to the last
